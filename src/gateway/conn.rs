@@ -1,0 +1,509 @@
+//! One public HTTP/1.1 client connection on one core: read a head, route
+//! it, read its body, send it through a tunnel, write the response; repeat
+//! while keep-alive holds. Pipelined requests are answered in order
+//! because they are served one after another. The tunnel upgrade at
+//! `tunnel_path` leaves this loop for [`super::tunnel::run_tunnel`].
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+
+use super::core::{CoreCtx, ProxyRequest, ProxyResponse};
+use super::error::{error_kind, error_reply, ProxyError};
+use super::forward::{build_request_meta, write_response_head};
+use super::tunnel::run_tunnel;
+use crate::auth::UpgradeRequest;
+use crate::http::{self, BodyKind, ChunkedDecoder, ChunkedStep, RequestHead};
+use crate::protocol::features::{Features, FEATURES_HEADER, TUNNELS_HEADER};
+
+/// Bodies at most this large are copied behind the head so the response
+/// leaves in one write; larger ones go as a second write without a copy.
+const COALESCE_BODY: usize = 16 * 1024;
+
+enum ReadOutcome {
+    Data,
+    Eof,
+    TimedOut,
+}
+
+async fn read_more<S: AsyncReadRent>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    deadline: Option<Instant>,
+) -> ReadOutcome {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(16 * 1024);
+    }
+    let b = std::mem::take(buf);
+    let (res, b) = match deadline {
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            match monoio::time::timeout(left, io.read(b)).await {
+                Ok(r) => r,
+                Err(_) => return ReadOutcome::TimedOut,
+            }
+        }
+        None => io.read(b).await,
+    };
+    *buf = b;
+    match res {
+        Ok(0) | Err(_) => ReadOutcome::Eof,
+        Ok(_) => ReadOutcome::Data,
+    }
+}
+
+fn deadline(d: Option<Duration>) -> Option<Instant> {
+    d.map(|d| Instant::now() + d)
+}
+
+/// Serves one client connection until it closes.
+pub async fn serve_conn<S>(ctx: Rc<CoreCtx>, mut io: S, peer: SocketAddr, conn_id: u64, tls: bool)
+where
+    S: AsyncReadRent + AsyncWriteRent + Splitable + 'static,
+    S::OwnedRead: AsyncReadRent + 'static,
+    S::OwnedWrite: AsyncWriteRent + 'static,
+{
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut out: Vec<u8> = Vec::with_capacity(4 * 1024);
+    loop {
+        // 1. The head: idle keep-alive wait for its first byte, then
+        // header_timeout for the rest.
+        let mut head_deadline: Option<Option<Instant>> = None;
+        let head = loop {
+            match http::parse_request_head(&buf, &ctx.settings.head_limits) {
+                Ok(Some(h)) => break h,
+                Ok(None) => {}
+                Err(e) => {
+                    let err = ProxyError::Head(e);
+                    tracing::info!(%peer, error = %err, "request refused");
+                    let _ = write_error(&mut io, &mut out, &err, false, true).await;
+                    return;
+                }
+            }
+            let dl = if buf.is_empty() {
+                deadline(ctx.settings.keepalive_timeout)
+            } else {
+                *head_deadline.get_or_insert_with(|| deadline(ctx.settings.header_timeout))
+            };
+            match read_more(&mut io, &mut buf, dl).await {
+                ReadOutcome::Data => {}
+                ReadOutcome::Eof => return,
+                ReadOutcome::TimedOut if buf.is_empty() => return,
+                ReadOutcome::TimedOut => {
+                    let err = ProxyError::HeadTimeout;
+                    tracing::info!(%peer, error = %err, "request refused");
+                    let _ = write_error(&mut io, &mut out, &err, false, true).await;
+                    return;
+                }
+            }
+        };
+        let head_buf = buf.split_to(head.head_len).freeze();
+        let target = &head_buf[head.target.clone()];
+        let (raw_path, _) = split_target(target);
+        let is_head = head.method(&head_buf) == "HEAD";
+
+        // 2. The tunnel upgrade leaves the HTTP loop.
+        if raw_path == ctx.settings.tunnel_path.as_bytes() && head.upgrade {
+            accept_tunnel(ctx, io, &head, &head_buf, buf, peer).await;
+            return;
+        }
+        if head.upgrade && is_websocket_upgrade(&head, &head_buf) {
+            let err = ProxyError::UpgradeRefused;
+            tracing::info!(%peer, error = %err, "request refused");
+            let _ = write_error(&mut io, &mut out, &err, is_head, true).await;
+            return;
+        }
+        if raw_path == b"/health" && matches!(head.method(&head_buf), "GET" | "HEAD") {
+            let body = format!(
+                "{{\"status\":\"ok\",\"tunnels\":{}}}",
+                ctx.shared.tunnel_count()
+            );
+            out.clear();
+            out.extend_from_slice(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncache-control: no-store\r\n",
+            );
+            push_header_num(&mut out, "content-length", body.len());
+            if !head.keep_alive {
+                out.extend_from_slice(b"connection: close\r\n");
+            }
+            out.extend_from_slice(b"\r\n");
+            if !is_head {
+                out.extend_from_slice(body.as_bytes());
+            }
+            if !write_out(&mut io, &mut out).await || !head.keep_alive || has_body(&head) {
+                return;
+            }
+            continue;
+        }
+
+        // 3. Route, read the body, proxy.
+        let keep_alive = head.keep_alive;
+        let result = proxy_one(
+            &ctx, &mut io, &mut buf, &mut out, &head, &head_buf, peer, conn_id, tls,
+        )
+        .await;
+        let (resp, body_read) = match result {
+            Ok(r) => (Ok(r), true),
+            Err((e, body_read)) => (Err(e), body_read),
+        };
+        let ok = match resp {
+            Ok(r) => {
+                let close = !keep_alive;
+                write_response(&mut io, &mut out, r, is_head, close).await
+            }
+            Err(e) => {
+                let reply = error_reply(&e);
+                let close = reply.close || (!body_read && has_body(&head)) || !keep_alive;
+                let path = String::from_utf8_lossy(raw_path);
+                if reply.status >= 500 {
+                    tracing::warn!(%peer, %path, error = %e, kind = error_kind(&e), status = reply.status, "request failed");
+                } else {
+                    tracing::info!(%peer, %path, error = %e, kind = error_kind(&e), status = reply.status, "request refused");
+                }
+                write_error(&mut io, &mut out, &e, is_head, close).await && !close
+            }
+        };
+        if !ok || !keep_alive {
+            return;
+        }
+    }
+}
+
+fn has_body(head: &RequestHead) -> bool {
+    !matches!(head.body, BodyKind::None | BodyKind::ContentLength(0))
+}
+
+fn is_websocket_upgrade(head: &RequestHead, buf: &[u8]) -> bool {
+    head.headers.iter().any(|h| {
+        buf[h.name.clone()].eq_ignore_ascii_case(b"upgrade")
+            && http::headers::token_list_contains(&buf[h.value.clone()], "websocket")
+    })
+}
+
+/// Splits a request-target into raw path and raw query (without `?`).
+/// Absolute-form (`http://host/p?q`) yields its path.
+pub fn split_target(target: &[u8]) -> (&[u8], &[u8]) {
+    let mut t = target;
+    if !t.starts_with(b"/") {
+        if let Some(i) = find(t, b"://") {
+            let rest = &t[i + 3..];
+            t = match rest.iter().position(|b| *b == b'/' || *b == b'?') {
+                Some(j) => &rest[j..],
+                None => b"/",
+            };
+        }
+    }
+    match t.iter().position(|b| *b == b'?') {
+        Some(i) => (&t[..i], &t[i + 1..]),
+        None => (t, &[]),
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+type ProxyOutcome = Result<ProxyResponse, (ProxyError, bool)>;
+
+#[allow(clippy::too_many_arguments)]
+async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
+    ctx: &CoreCtx,
+    io: &mut S,
+    buf: &mut BytesMut,
+    out: &mut Vec<u8>,
+    head: &RequestHead,
+    head_buf: &Bytes,
+    peer: SocketAddr,
+    conn_id: u64,
+    tls: bool,
+) -> ProxyOutcome {
+    let target = &head_buf[head.target.clone()];
+    let (raw_path, raw_query) = split_target(target);
+    let path = percent_encoding::percent_decode(raw_path).decode_utf8_lossy();
+    if has_dot_segment(&path) {
+        return Err((ProxyError::BadRequest("dot-segment in path"), false));
+    }
+    let Some(route) = ctx.routes.lookup(&path) else {
+        return Err((ProxyError::NoRoute(path.into_owned()), false));
+    };
+    let identity = route.identity.clone();
+    if !ctx.has_tunnel(&identity) {
+        return Err((ProxyError::NoTunnel(identity.to_string()), false));
+    }
+    let max = ctx.settings.max_body_size;
+    if let BodyKind::ContentLength(n) = head.body {
+        if n > max as u64 {
+            return Err((ProxyError::BodyTooLarge(max), false));
+        }
+    }
+    if head.expect_continue && has_body(head) {
+        out.clear();
+        out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+        if !write_out(io, out).await {
+            return Err((ProxyError::BadRequest("client went away"), false));
+        }
+    }
+    let body = read_body(io, buf, &head.body, max, ctx.settings.header_timeout)
+        .await
+        .map_err(|e| (e, false))?;
+    let chunked = matches!(head.body, BodyKind::Chunked);
+    let meta = build_request_meta(
+        head,
+        head_buf,
+        &path,
+        raw_path,
+        raw_query,
+        peer,
+        tls,
+        chunked.then_some(body.len()),
+        ctx.settings.trust_forwarded,
+    );
+    ctx.dispatch(&identity, ProxyRequest { meta, body }, conn_id)
+        .await
+        .map_err(|e| (e, true))
+}
+
+fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|s| s == "." || s == "..")
+}
+
+/// Reads a whole request body (Content-Length or chunked) up to `max`.
+async fn read_body<S: AsyncReadRent>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    kind: &BodyKind,
+    max: usize,
+    idle: Option<Duration>,
+) -> Result<Bytes, ProxyError> {
+    match *kind {
+        BodyKind::None | BodyKind::ContentLength(0) => Ok(Bytes::new()),
+        BodyKind::ContentLength(n) => {
+            let n = n as usize;
+            if buf.len() < n {
+                buf.reserve(n - buf.len());
+            }
+            while buf.len() < n {
+                match read_more(io, buf, deadline(idle)).await {
+                    ReadOutcome::Data => {}
+                    ReadOutcome::Eof => return Err(ProxyError::BadRequest("body truncated")),
+                    ReadOutcome::TimedOut => return Err(ProxyError::BodyTimeout),
+                }
+            }
+            // Zero copy: the body is a slice of the read buffer.
+            Ok(buf.split_to(n).freeze())
+        }
+        BodyKind::Chunked => {
+            let mut dec = ChunkedDecoder::new(16 * 1024);
+            // The chunks are joined into one buffer: a whole-message ANPX
+            // frame needs the body contiguous.
+            let mut body = BytesMut::new();
+            loop {
+                match dec.decode(buf) {
+                    Ok(ChunkedStep::Data(d)) => {
+                        if body.len() + d.len() > max {
+                            return Err(ProxyError::BodyTooLarge(max));
+                        }
+                        body.extend_from_slice(&d);
+                    }
+                    Ok(ChunkedStep::Done) => return Ok(body.freeze()),
+                    Ok(ChunkedStep::NeedMore) => match read_more(io, buf, deadline(idle)).await {
+                        ReadOutcome::Data => {}
+                        ReadOutcome::Eof => {
+                            return Err(ProxyError::BadRequest("chunked body truncated"))
+                        }
+                        ReadOutcome::TimedOut => return Err(ProxyError::BodyTimeout),
+                    },
+                    Err(_) => return Err(ProxyError::BadRequest("invalid chunked body")),
+                }
+            }
+        }
+    }
+}
+
+async fn write_out<S: AsyncWriteRent>(io: &mut S, out: &mut Vec<u8>) -> bool {
+    let v = std::mem::take(out);
+    let (res, mut v) = io.write_all(v).await;
+    v.clear();
+    *out = v;
+    res.is_ok()
+}
+
+fn push_header_num(out: &mut Vec<u8>, name: &str, n: usize) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(itoa_buf(n).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn itoa_buf(n: usize) -> String {
+    n.to_string()
+}
+
+async fn write_response<S: AsyncWriteRent>(
+    io: &mut S,
+    out: &mut Vec<u8>,
+    resp: ProxyResponse,
+    is_head: bool,
+    close: bool,
+) -> bool {
+    out.clear();
+    let send_body = write_response_head(out, &resp.meta, resp.body.len(), is_head, close);
+    if !send_body || resp.body.is_empty() {
+        return write_out(io, out).await;
+    }
+    if resp.body.len() <= COALESCE_BODY {
+        out.extend_from_slice(&resp.body);
+        return write_out(io, out).await;
+    }
+    if !write_out(io, out).await {
+        return false;
+    }
+    let (res, _) = io.write_all(resp.body).await;
+    res.is_ok()
+}
+
+/// Writes the gateway's own error reply; false if the write failed.
+async fn write_error<S: AsyncWriteRent>(
+    io: &mut S,
+    out: &mut Vec<u8>,
+    err: &ProxyError,
+    is_head: bool,
+    close: bool,
+) -> bool {
+    let r = error_reply(err);
+    out.clear();
+    http::headers::write_status_line(out, r.status, http::headers::reason_phrase(r.status));
+    out.extend_from_slice(b"content-type: application/json\r\n");
+    push_header_num(out, "content-length", r.body.len());
+    if let Some(s) = r.retry_after {
+        push_header_num(out, "retry-after", s as usize);
+    }
+    if close || r.close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !is_head {
+        out.extend_from_slice(r.body.as_bytes());
+    }
+    write_out(io, out).await
+}
+
+/// Authenticates a tunnel upgrade and, on success, runs the tunnel.
+async fn accept_tunnel<S>(
+    ctx: Rc<CoreCtx>,
+    mut io: S,
+    head: &RequestHead,
+    head_buf: &Bytes,
+    leftover: BytesMut,
+    peer: SocketAddr,
+) where
+    S: AsyncReadRent + AsyncWriteRent + Splitable + 'static,
+    S::OwnedRead: AsyncReadRent + 'static,
+    S::OwnedWrite: AsyncWriteRent + 'static,
+{
+    let mut out = Vec::with_capacity(512);
+    let headers: Vec<(&str, &[u8])> = head
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                std::str::from_utf8(&head_buf[h.name.clone()]).unwrap_or(""),
+                &head_buf[h.value.clone()],
+            )
+        })
+        .collect();
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    };
+    let method = head.method(head_buf);
+    let accept = match crate::ws::handshake::server_accept_key(&headers, method) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "tunnel upgrade refused: bad handshake");
+            refuse(&mut io, &mut out, 400, "bad_handshake", &e.to_string()).await;
+            return;
+        }
+    };
+    let req = UpgradeRequest {
+        method,
+        target: std::str::from_utf8(&head_buf[head.target.clone()]).unwrap_or(""),
+        host: head
+            .host
+            .clone()
+            .and_then(|r| std::str::from_utf8(&head_buf[r]).ok()),
+        authorization: get("authorization"),
+        peer,
+    };
+    let identity = match ctx.shared.auth.authenticate(&req).await {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!(%peer, reason = e.reason(), error = %e, "tunnel upgrade refused");
+            refuse(&mut io, &mut out, e.status(), e.reason(), &e.to_string()).await;
+            return;
+        }
+    };
+    if ctx.routes.prefixes_of(&identity.name).next().is_none() {
+        let e = crate::auth::AuthError::NoRoutes(identity.name.to_string());
+        tracing::warn!(%peer, reason = e.reason(), error = %e, "tunnel upgrade refused");
+        refuse(&mut io, &mut out, e.status(), e.reason(), &e.to_string()).await;
+        return;
+    }
+    let features = get(FEATURES_HEADER)
+        .map(Features::parse)
+        .unwrap_or_default()
+        .intersect(Features::SUPPORTED);
+    let feat = features.to_header_value();
+    let tunnels = ctx.shared.workers.to_string();
+    let mut extra: Vec<(&str, &str)> = vec![(TUNNELS_HEADER, tunnels.as_str())];
+    if !feat.is_empty() {
+        extra.push((FEATURES_HEADER, feat.as_str()));
+    }
+    crate::ws::handshake::write_101(&mut out, &accept, &extra);
+    run_tunnel(ctx, io, leftover, identity.name, features, peer, out).await;
+}
+
+async fn refuse<S: AsyncWriteRent>(
+    io: &mut S,
+    out: &mut Vec<u8>,
+    status: u16,
+    reason: &str,
+    message: &str,
+) {
+    let body = serde_json::json!({ "error": reason, "message": message }).to_string();
+    out.clear();
+    http::headers::write_status_line(out, status, http::headers::reason_phrase(status));
+    out.extend_from_slice(b"content-type: application/json\r\nconnection: close\r\n");
+    push_header_num(out, "content-length", body.len());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+    write_out(io, out).await;
+    let _ = io.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_target_forms() {
+        assert_eq!(split_target(b"/a/b?x=1&y"), (&b"/a/b"[..], &b"x=1&y"[..]));
+        assert_eq!(split_target(b"/a"), (&b"/a"[..], &b""[..]));
+        assert_eq!(split_target(b"http://h:1/p?q"), (&b"/p"[..], &b"q"[..]));
+        assert_eq!(split_target(b"http://h:1"), (&b"/"[..], &b""[..]));
+        assert_eq!(split_target(b"*"), (&b"*"[..], &b""[..]));
+    }
+
+    #[test]
+    fn dot_segments() {
+        assert!(has_dot_segment("/a/../b"));
+        assert!(has_dot_segment("/a/./b"));
+        assert!(has_dot_segment("/a/.."));
+        assert!(!has_dot_segment("/a/..b/.c"));
+    }
+}

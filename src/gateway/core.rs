@@ -1,0 +1,282 @@
+//! Per-core state and request dispatch.
+//!
+//! [`CoreCtx`] is everything a request touches, owned by one runtime: the
+//! route table copy, this core's tunnels and their in-flight tables, the
+//! request-id sequence. No locks or atomics here on the request path.
+//! [`Shared`] is the cross-core part, touched only on rare events: a tunnel
+//! joining or leaving, and the counted fallback when this core has no
+//! tunnel for a route (`cross_core_dispatch_total`).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_channel::{mpsc as xmpsc, oneshot as xoneshot};
+
+use super::error::ProxyError;
+use super::routes::{IdentityName, RouteTable};
+use super::tunnel::Tunnel;
+use crate::auth::Authenticator;
+use crate::config::{secs, Config};
+use crate::protocol::anpx::{RequestMeta, ResponseMeta};
+
+/// A request ready for a tunnel. `Send`: it may cross to another core.
+#[derive(Debug)]
+pub struct ProxyRequest {
+    pub meta: RequestMeta,
+    pub body: Bytes,
+}
+
+/// A whole response from the receiver.
+#[derive(Debug)]
+pub struct ProxyResponse {
+    pub meta: ResponseMeta,
+    pub body: Bytes,
+}
+
+pub type ProxyResult = Result<ProxyResponse, ProxyError>;
+
+/// A request handed to another core because this one has no tunnel for it.
+pub struct CrossRequest {
+    pub identity: IdentityName,
+    pub req: ProxyRequest,
+    pub reply: xoneshot::Sender<ProxyResult>,
+}
+
+/// Process-wide counters (cold path or per-event, never per byte).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub cross_core_dispatch_total: AtomicU64,
+    pub connections: AtomicUsize,
+    pub tunnels: AtomicUsize,
+}
+
+/// State shared by all cores. Locked only on tunnel join/leave and on the
+/// counted cross-core fallback.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub auth: Authenticator,
+    pub routes: Arc<RouteTable>,
+    /// identity → cores holding at least one of its tunnels (with counts).
+    tunnel_cores: Mutex<HashMap<IdentityName, Vec<usize>>>,
+    pub inboxes: Vec<xmpsc::UnboundedSender<CrossRequest>>,
+    pub counters: Counters,
+    pub workers: usize,
+}
+
+impl Shared {
+    pub fn new(
+        config: Arc<Config>,
+        auth: Authenticator,
+        routes: Arc<RouteTable>,
+        inboxes: Vec<xmpsc::UnboundedSender<CrossRequest>>,
+    ) -> Self {
+        let workers = inboxes.len();
+        Self {
+            config,
+            auth,
+            routes,
+            tunnel_cores: Mutex::new(HashMap::new()),
+            inboxes,
+            counters: Counters::default(),
+            workers,
+        }
+    }
+
+    fn tunnel_joined(&self, identity: &IdentityName, core: usize) {
+        let mut map = self.tunnel_cores.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(identity.clone()).or_default().push(core);
+        self.counters.tunnels.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn tunnel_left(&self, identity: &IdentityName, core: usize) {
+        let mut map = self.tunnel_cores.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = map.get_mut(identity) {
+            if let Some(i) = v.iter().position(|c| *c == core) {
+                v.swap_remove(i);
+            }
+            if v.is_empty() {
+                map.remove(identity);
+            }
+        }
+        self.counters.tunnels.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A core other than `not` with a tunnel for `identity`, spread by `hint`.
+    fn remote_core(&self, identity: &str, not: usize, hint: u64) -> Option<usize> {
+        let map = self.tunnel_cores.lock().unwrap_or_else(|e| e.into_inner());
+        let cores = map.get(identity)?;
+        let others: Vec<usize> = cores.iter().copied().filter(|c| *c != not).collect();
+        (!others.is_empty()).then(|| others[(hint as usize) % others.len()])
+    }
+
+    /// Total tunnels per identity (for logs and `/health`).
+    pub fn tunnel_count(&self) -> usize {
+        self.counters.tunnels.load(Ordering::Relaxed)
+    }
+}
+
+/// Limits and timeouts read once into plain values for the hot path.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub timeout: Duration,
+    pub keepalive_timeout: Option<Duration>,
+    pub header_timeout: Option<Duration>,
+    pub max_body_size: usize,
+    pub chunk_size: usize,
+    pub max_inflight_per_tunnel: usize,
+    pub ping_interval: Option<Duration>,
+    pub tunnel_path: String,
+    pub trust_forwarded: bool,
+    pub head_limits: crate::http::Limits,
+}
+
+impl Settings {
+    pub fn from_config(c: &Config) -> Self {
+        let g = &c.gateway;
+        Self {
+            timeout: secs(g.timeout).unwrap_or(Duration::from_secs(30)),
+            keepalive_timeout: secs(g.keepalive_timeout),
+            header_timeout: secs(g.header_timeout),
+            max_body_size: g.max_body_size,
+            chunk_size: g.chunk_size,
+            max_inflight_per_tunnel: g.max_inflight_per_tunnel,
+            ping_interval: secs(g.ping_interval),
+            tunnel_path: g.tunnel_path.clone(),
+            trust_forwarded: g.trust_forwarded,
+            head_limits: crate::http::Limits {
+                max_request_line: g.max_request_line,
+                max_head: g.max_head_size,
+                max_headers: g.max_headers,
+            },
+        }
+    }
+}
+
+/// One core's world.
+pub struct CoreCtx {
+    pub index: usize,
+    pub shared: Arc<Shared>,
+    pub settings: Settings,
+    pub routes: Arc<RouteTable>,
+    tunnels: RefCell<HashMap<IdentityName, Vec<Rc<Tunnel>>>>,
+    seq: Cell<u64>,
+    next_tunnel_id: Cell<u64>,
+}
+
+impl CoreCtx {
+    pub fn new(index: usize, shared: Arc<Shared>) -> Self {
+        let settings = Settings::from_config(&shared.config);
+        let routes = shared.routes.clone();
+        Self {
+            index,
+            shared,
+            settings,
+            routes,
+            tunnels: RefCell::new(HashMap::new()),
+            seq: Cell::new(0),
+            next_tunnel_id: Cell::new(0),
+        }
+    }
+
+    /// A request id unique in the process: core index in the top 16 bits.
+    pub fn next_request_id(&self) -> u64 {
+        let s = self.seq.get().wrapping_add(1) & ((1 << 48) - 1);
+        self.seq.set(s);
+        ((self.index as u64) << 48) | s
+    }
+
+    pub fn next_tunnel_id(&self) -> u64 {
+        let s = self.next_tunnel_id.get() + 1;
+        self.next_tunnel_id.set(s);
+        ((self.index as u64) << 48) | s
+    }
+
+    pub fn register_tunnel(&self, t: Rc<Tunnel>) {
+        // Global first: once the receiver sees the 101 every core can route.
+        self.shared.tunnel_joined(&t.identity, self.index);
+        self.tunnels
+            .borrow_mut()
+            .entry(t.identity.clone())
+            .or_default()
+            .push(t);
+    }
+
+    pub fn unregister_tunnel(&self, t: &Rc<Tunnel>) {
+        let mut map = self.tunnels.borrow_mut();
+        if let Some(v) = map.get_mut(&t.identity) {
+            if let Some(i) = v.iter().position(|x| Rc::ptr_eq(x, t)) {
+                v.remove(i);
+                self.shared.tunnel_left(&t.identity, self.index);
+            }
+            if v.is_empty() {
+                map.remove(&t.identity);
+            }
+        }
+    }
+
+    /// A local tunnel for `identity`; a client connection sticks to one by
+    /// hash of its id.
+    fn local_tunnel(&self, identity: &str, hint: u64) -> Option<Rc<Tunnel>> {
+        let map = self.tunnels.borrow();
+        let v = map.get(identity)?;
+        (!v.is_empty()).then(|| v[(hint as usize) % v.len()].clone())
+    }
+
+    /// Is any tunnel for `identity` connected anywhere? Local check first;
+    /// the global map only when this core has none.
+    pub fn has_tunnel(&self, identity: &str) -> bool {
+        self.tunnels.borrow().contains_key(identity)
+            || self.shared.remote_core(identity, self.index, 0).is_some()
+    }
+
+    /// Sends `req` through a tunnel of `identity` and waits for the answer
+    /// (bounded by `timeout`).
+    pub async fn dispatch(
+        &self,
+        identity: &IdentityName,
+        req: ProxyRequest,
+        hint: u64,
+    ) -> ProxyResult {
+        if let Some(t) = self.local_tunnel(identity, hint) {
+            return t.call(self, req).await;
+        }
+        // Rare path: no tunnel on this core. Counted; crosses a channel.
+        let Some(core) = self.shared.remote_core(identity, self.index, hint) else {
+            return Err(ProxyError::NoTunnel(identity.to_string()));
+        };
+        self.shared
+            .counters
+            .cross_core_dispatch_total
+            .fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = xoneshot::channel();
+        let msg = CrossRequest {
+            identity: identity.clone(),
+            req,
+            reply: tx,
+        };
+        if self.shared.inboxes[core].unbounded_send(msg).is_err() {
+            return Err(ProxyError::NoTunnel(identity.to_string()));
+        }
+        rx.await.unwrap_or(Err(ProxyError::TunnelClosed))
+    }
+
+    /// Serves requests handed over by other cores.
+    pub async fn run_inbox(self: Rc<Self>, mut rx: xmpsc::UnboundedReceiver<CrossRequest>) {
+        use futures_util::StreamExt;
+        while let Some(m) = rx.next().await {
+            let ctx = self.clone();
+            monoio::spawn(async move {
+                let res = match ctx.local_tunnel(&m.identity, 0) {
+                    Some(t) => t.call(&ctx, m.req).await,
+                    None => Err(ProxyError::NoTunnel(m.identity.to_string())),
+                };
+                let _ = m.reply.send(res);
+            });
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! What a proxy changes on the way through (RFC 9110 §7.6): hop-by-hop
+//! headers out, `X-Forwarded-*` and `Forwarded` in; and the response head
+//! written back to the client. Pure functions over buffers.
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::http::{self, RequestHead};
+use crate::protocol::anpx::{latin1_to_string, string_to_latin1, RequestMeta, ResponseMeta};
+
+fn is_forwarding_header(name: &[u8]) -> bool {
+    [
+        &b"x-forwarded-for"[..],
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"forwarded",
+    ]
+    .iter()
+    .any(|n| name.eq_ignore_ascii_case(n))
+}
+
+fn forwarded_for(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    }
+}
+
+/// Builds the ANPX request meta from a parsed head. `chunked_len`: the
+/// dechunked body length when the client sent chunked (the app then gets
+/// a `Content-Length`).
+#[allow(clippy::too_many_arguments)]
+pub fn build_request_meta(
+    head: &RequestHead,
+    buf: &[u8],
+    path: &str,
+    _raw_path: &[u8],
+    raw_query: &[u8],
+    peer: SocketAddr,
+    tls: bool,
+    chunked_len: Option<usize>,
+    trust_forwarded: bool,
+) -> RequestMeta {
+    let proto = if tls { "https" } else { "http" };
+    // Names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
+    let mut conn_named: Vec<&[u8]> = Vec::new();
+    for h in &head.headers {
+        if buf[h.name.clone()].eq_ignore_ascii_case(b"connection") {
+            conn_named.extend(http::headers::connection_tokens(&buf[h.value.clone()]));
+        }
+    }
+    let mut list: Vec<(String, String)> = Vec::with_capacity(head.headers.len() + 4);
+    let mut prior_xff: Option<String> = None;
+    let mut prior_fwd: Option<String> = None;
+    let mut host: Option<String> = None;
+    let mut have_proto = false;
+    let mut have_fhost = false;
+    for h in &head.headers {
+        let name = &buf[h.name.clone()];
+        let value = &buf[h.value.clone()];
+        let name_s = std::str::from_utf8(name).unwrap_or_default();
+        if http::headers::is_hop_by_hop(name_s)
+            || name.eq_ignore_ascii_case(b"expect")
+            || conn_named.iter().any(|c| c.eq_ignore_ascii_case(name))
+        {
+            continue;
+        }
+        if chunked_len.is_some() && name.eq_ignore_ascii_case(b"content-length") {
+            continue;
+        }
+        if is_forwarding_header(name) {
+            if !trust_forwarded {
+                continue;
+            }
+            let v = latin1_to_string(value);
+            if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+                prior_xff = Some(match prior_xff {
+                    Some(p) => format!("{p}, {v}"),
+                    None => v,
+                });
+                continue;
+            }
+            if name.eq_ignore_ascii_case(b"forwarded") {
+                prior_fwd = Some(match prior_fwd {
+                    Some(p) => format!("{p}, {v}"),
+                    None => v,
+                });
+                continue;
+            }
+            have_proto |= name.eq_ignore_ascii_case(b"x-forwarded-proto");
+            have_fhost |= name.eq_ignore_ascii_case(b"x-forwarded-host");
+        }
+        if name.eq_ignore_ascii_case(b"host") {
+            host = Some(latin1_to_string(value));
+        }
+        list.push((name_s.to_owned(), latin1_to_string(value)));
+    }
+    if let Some(n) = chunked_len {
+        list.push(("content-length".into(), n.to_string()));
+    }
+    let ip = peer.ip().to_canonical();
+    let ip_s = ip.to_string();
+    list.push((
+        "x-forwarded-for".into(),
+        match prior_xff {
+            Some(p) => format!("{p}, {ip_s}"),
+            None => ip_s,
+        },
+    ));
+    if !have_proto {
+        list.push(("x-forwarded-proto".into(), proto.into()));
+    }
+    if let (Some(h), false) = (&host, have_fhost) {
+        list.push(("x-forwarded-host".into(), h.clone()));
+    }
+    let mut fwd = format!("for={}", forwarded_for(ip));
+    if let Some(h) = &host {
+        if h.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b';' && b != b',')
+        {
+            fwd.push_str(";host=");
+            fwd.push_str(h);
+        } else {
+            fwd.push_str(&format!(";host={:?}", h));
+        }
+    }
+    fwd.push_str(";proto=");
+    fwd.push_str(proto);
+    list.push((
+        "forwarded".into(),
+        match prior_fwd {
+            Some(p) => format!("{p}, {fwd}"),
+            None => fwd,
+        },
+    ));
+
+    // The flat v1 map: lower-case names, duplicates joined (RFC 9110 §5.3).
+    let mut headers: Vec<(String, String)> = Vec::with_capacity(list.len());
+    for (n, v) in &list {
+        let lower = n.to_ascii_lowercase();
+        match headers.iter_mut().find(|(k, _)| *k == lower) {
+            Some((_, existing)) => {
+                existing.push_str(", ");
+                existing.push_str(v);
+            }
+            None => headers.push((lower, v.clone())),
+        }
+    }
+    let target = &buf[head.target.clone()];
+    RequestMeta {
+        method: head.method(buf).to_owned(),
+        path: path.to_owned(),
+        headers,
+        query: parse_query(raw_query),
+        raw_target: Some(latin1_to_string(origin_form(target))),
+        header_list: Some(list),
+    }
+}
+
+/// The origin-form part of a target (absolute-form loses scheme+authority).
+fn origin_form(target: &[u8]) -> &[u8] {
+    if target.starts_with(b"/") || target == b"*" {
+        return target;
+    }
+    if let Some(i) = target.windows(3).position(|w| w == b"://") {
+        let rest = &target[i + 3..];
+        return match rest.iter().position(|b| *b == b'/' || *b == b'?') {
+            Some(j) if rest[j] == b'/' => &rest[j..],
+            _ => b"/",
+        };
+    }
+    target
+}
+
+/// `a=1&a=2&b=%20x` → decoded pairs in order (`+` is a space, as form
+/// decoding does; the reference's `query` map is built the same way).
+pub fn parse_query(q: &[u8]) -> Vec<(String, String)> {
+    let dec = |s: &[u8]| {
+        let plus: Vec<u8> = s
+            .iter()
+            .map(|b| if *b == b'+' { b' ' } else { *b })
+            .collect();
+        percent_encoding::percent_decode(&plus)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    q.split(|b| *b == b'&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.iter().position(|b| *b == b'=') {
+            Some(i) => (dec(&p[..i]), dec(&p[i + 1..])),
+            None => (dec(p), String::new()),
+        })
+        .collect()
+}
+
+fn valid_field_value(v: &[u8]) -> bool {
+    !v.iter().any(|b| matches!(b, b'\r' | b'\n' | 0))
+}
+
+fn valid_field_name(n: &[u8]) -> bool {
+    !n.is_empty()
+        && n.iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b))
+}
+
+/// Writes the status line and headers of a proxied response. Returns
+/// whether a body follows. Headers from the receiver are re-validated: a
+/// name or value that could split the response is dropped.
+pub fn write_response_head(
+    out: &mut Vec<u8>,
+    meta: &ResponseMeta,
+    body_len: usize,
+    is_head: bool,
+    close: bool,
+) -> bool {
+    let status = meta.status;
+    let reason = if !meta.reason.is_empty()
+        && meta
+            .reason
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80)
+    {
+        meta.reason.as_str()
+    } else {
+        http::headers::reason_phrase(status)
+    };
+    http::headers::write_status_line(out, status, reason);
+    let no_body_status = status == 204 || status == 304 || (100..200).contains(&status);
+    // HEAD and 304 keep the app's Content-Length: it describes the
+    // representation, not this (empty) message.
+    let keep_cl = is_head || status == 304;
+    let pairs: Box<dyn Iterator<Item = (&str, &str)>> = match &meta.header_list {
+        Some(l) => Box::new(l.iter().map(|(n, v)| (n.as_str(), v.as_str()))),
+        None => Box::new(meta.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()))),
+    };
+    for (name, value) in pairs {
+        if http::headers::is_hop_by_hop(name)
+            || (name.eq_ignore_ascii_case("content-length") && !keep_cl)
+            || !valid_field_name(name.as_bytes())
+        {
+            continue;
+        }
+        let value: Vec<u8> = if meta.header_list.is_some() {
+            match string_to_latin1(value) {
+                Some(v) => v,
+                None => value.as_bytes().to_vec(),
+            }
+        } else {
+            value.as_bytes().to_vec()
+        };
+        if !valid_field_value(&value) {
+            continue;
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(&value);
+        out.extend_from_slice(b"\r\n");
+    }
+    let send_body = !is_head && !no_body_status;
+    if send_body {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(body_len.to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    send_body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_pairs_keep_order_and_duplicates() {
+        let q = parse_query(b"a=1&a=2&b=%20x%2Fy&c=%E4%B8%AD&empty=&flag&p=a+b");
+        assert_eq!(
+            q,
+            vec![
+                ("a".into(), "1".into()),
+                ("a".into(), "2".into()),
+                ("b".into(), " x/y".into()),
+                ("c".into(), "中".into()),
+                ("empty".into(), "".into()),
+                ("flag".into(), "".into()),
+                ("p".into(), "a b".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn response_head_drops_splitting_values_and_hop_by_hop() {
+        let meta = ResponseMeta {
+            status: 200,
+            reason: "OK".into(),
+            headers: vec![],
+            header_list: Some(vec![
+                ("Set-Cookie".into(), "a=1".into()),
+                ("Set-Cookie".into(), "b=2".into()),
+                ("X-Bad".into(), "x\r\nInjected: 1".into()),
+                ("Connection".into(), "keep-alive".into()),
+                ("Transfer-Encoding".into(), "chunked".into()),
+                ("Content-Length".into(), "999".into()),
+            ]),
+        };
+        let mut out = Vec::new();
+        assert!(write_response_head(&mut out, &meta, 3, false, false));
+        let s = String::from_utf8(out).unwrap();
+        assert_eq!(
+            s,
+            "HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\ncontent-length: 3\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn head_and_304_keep_content_length_204_has_none() {
+        let mut meta = ResponseMeta {
+            status: 200,
+            reason: "OK".into(),
+            headers: vec![("content-length".into(), "42".into())],
+            header_list: None,
+        };
+        let mut out = Vec::new();
+        assert!(!write_response_head(&mut out, &meta, 0, true, false));
+        assert!(String::from_utf8_lossy(&out).contains("content-length: 42\r\n"));
+        meta.status = 204;
+        out.clear();
+        assert!(!write_response_head(&mut out, &meta, 0, false, false));
+        assert!(!String::from_utf8_lossy(&out).contains("content-length"));
+    }
+}

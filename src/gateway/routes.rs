@@ -1,0 +1,134 @@
+//! The route table: path prefix → identity, matched by longest
+//! **path-segment** prefix (`/alice` owns `/alice` and `/alice/x`, never
+//! `/alicex`). Each core holds its own copy; lookups are lock-free and
+//! allocation-free: one hash probe per path segment.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Who owns a prefix: the identity name (token name or DID).
+pub type IdentityName = Arc<str>;
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The prefix as configured (normalised: no trailing `/`, `""` = root).
+    pub prefix: Arc<str>,
+    pub identity: IdentityName,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    by_prefix: HashMap<Arc<str>, Route>,
+}
+
+/// Normalises a configured prefix: trailing `/` and a final `/ad.json`
+/// (DESIGN.md: a `proxy_path` ending in `/ad.json` serves its parent).
+pub fn normalize_prefix(p: &str) -> &str {
+    let p = p.strip_suffix("/ad.json").unwrap_or(p);
+    p.trim_end_matches('/')
+}
+
+impl RouteTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `prefix` for `identity`; returns the previous owner if any.
+    pub fn insert(&mut self, prefix: &str, identity: IdentityName) -> Option<IdentityName> {
+        let key: Arc<str> = normalize_prefix(prefix).into();
+        let route = Route {
+            prefix: key.clone(),
+            identity,
+        };
+        self.by_prefix.insert(key, route).map(|r| r.identity)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_prefix.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_prefix.is_empty()
+    }
+
+    /// The route owning `path` (already percent-decoded, without query).
+    pub fn lookup(&self, path: &str) -> Option<&Route> {
+        let mut p = path.trim_end_matches('/');
+        loop {
+            if let Some(r) = self.by_prefix.get(p) {
+                return Some(r);
+            }
+            match p.rfind('/') {
+                Some(i) => p = &p[..i],
+                None => return None,
+            }
+        }
+    }
+
+    /// Prefixes owned by `identity`.
+    pub fn prefixes_of<'a>(&'a self, identity: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.by_prefix
+            .values()
+            .filter(move |r| &*r.identity == identity)
+            .map(|r| &*r.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(entries: &[(&str, &str)]) -> RouteTable {
+        let mut t = RouteTable::new();
+        for (p, id) in entries {
+            t.insert(p, (*id).into());
+        }
+        t
+    }
+
+    fn owner<'a>(t: &'a RouteTable, path: &str) -> Option<&'a str> {
+        t.lookup(path).map(|r| &*r.identity)
+    }
+
+    #[test]
+    fn longest_segment_prefix_wins() {
+        let t = table(&[("/alice", "a"), ("/alice/deep/", "d"), ("/bob/", "b")]);
+        assert_eq!(owner(&t, "/alice"), Some("a"));
+        assert_eq!(owner(&t, "/alice/"), Some("a"));
+        assert_eq!(owner(&t, "/alice/x/y"), Some("a"));
+        assert_eq!(owner(&t, "/alice/deep"), Some("d"));
+        assert_eq!(owner(&t, "/alice/deep/er"), Some("d"));
+        assert_eq!(owner(&t, "/alice/deeper"), Some("a"));
+        assert_eq!(owner(&t, "/alicex"), None);
+        assert_eq!(owner(&t, "/bob"), Some("b"));
+        assert_eq!(owner(&t, "/"), None);
+        assert_eq!(owner(&t, ""), None);
+    }
+
+    #[test]
+    fn root_prefix_catches_all() {
+        let t = table(&[("/", "root"), ("/a", "a")]);
+        assert_eq!(owner(&t, "/zzz/q"), Some("root"));
+        assert_eq!(owner(&t, "/"), Some("root"));
+        assert_eq!(owner(&t, "/a/b"), Some("a"));
+    }
+
+    #[test]
+    fn ad_json_serves_parent() {
+        let t = table(&[("/agents/alice/ad.json", "alice")]);
+        assert_eq!(owner(&t, "/agents/alice/ad.json"), Some("alice"));
+        assert_eq!(owner(&t, "/agents/alice/tools/x"), Some("alice"));
+        assert_eq!(owner(&t, "/agents/bob"), None);
+    }
+
+    #[test]
+    fn ten_thousand_routes() {
+        let mut t = RouteTable::new();
+        for i in 0..10_000 {
+            t.insert(&format!("/agents/a{i}/"), format!("id{i}").into());
+        }
+        assert_eq!(owner(&t, "/agents/a9999/x/y/z"), Some("id9999"));
+        assert_eq!(owner(&t, "/agents/a10000/x"), None);
+        assert_eq!(t.len(), 10_000);
+    }
+}

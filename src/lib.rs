@@ -1,0 +1,13 @@
+//! anp-proxy: a thread-per-core gateway that gives HTTP services inside
+//! private networks a public address, through WebSocket tunnels that the
+//! private side (the receiver) opens. See `docs/ARCHITECTURE.md`.
+
+pub mod auth;
+pub mod config;
+pub mod gateway;
+pub mod http;
+pub mod logging;
+pub mod net;
+pub mod protocol;
+pub mod receiver;
+pub mod ws;

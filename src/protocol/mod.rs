@@ -1,0 +1,5 @@
+//! The tunnel's wire protocol: ANPX v1 frames (PROTOCOL.md §2–5) and the
+//! negotiated extensions (§7). Sans-IO: bytes in, typed values out.
+
+pub mod anpx;
+pub mod features;

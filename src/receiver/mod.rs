@@ -1,0 +1,149 @@
+//! The private receiver: keeps `tunnels` WebSocket tunnels open to the
+//! gateway (spread over one monoio runtime per core), turns each ANPX
+//! request into an HTTP call to the local app, and sends the response back
+//! with the same `request_id` (DESIGN.md, "Receiver").
+
+pub mod tunnel;
+pub mod upstream;
+pub mod url;
+
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use local_sync::semaphore::Semaphore;
+
+use self::tunnel::{run_slot, CoreRx};
+use self::upstream::Upstream;
+use crate::config::{secs, Config};
+
+/// How many tunnels to keep: configured, or learnt from the gateway's 101.
+pub struct TunnelCount {
+    value: AtomicUsize,
+    waiters: Mutex<Vec<futures_channel::oneshot::Sender<()>>>,
+}
+
+impl TunnelCount {
+    fn new(configured: usize) -> Self {
+        Self {
+            value: AtomicUsize::new(configured),
+            waiters: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The gateway said how many it wants (ignored if configured).
+    pub fn offer(&self, n: usize) {
+        if self
+            .value
+            .compare_exchange(0, n, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            for tx in w.drain(..) {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    pub async fn get(&self) -> usize {
+        loop {
+            let v = self.value.load(Ordering::Acquire);
+            if v > 0 {
+                return v;
+            }
+            let (tx, rx) = futures_channel::oneshot::channel();
+            self.waiters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(tx);
+            if self.value.load(Ordering::Acquire) > 0 {
+                continue;
+            }
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Most tunnel slots a receiver starts when the gateway decides.
+const MAX_TUNNELS: usize = 64;
+
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let r = cfg.receiver.clone();
+    let gateway = url::parse(&r.gateway_url, ("ws", "wss")).context("receiver.gateway_url")?;
+    let upstream = url::parse(&r.upstream, ("http", "https")).context("receiver.upstream")?;
+    if gateway.tls {
+        anyhow::bail!(
+            "receiver.gateway_url: wss:// needs TLS support, which this build does not have yet"
+        );
+    }
+    if upstream.tls {
+        anyhow::bail!("receiver.upstream: https:// upstreams are not supported; the app is called over plain HTTP");
+    }
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let slots = if r.tunnels > 0 {
+        r.tunnels
+    } else {
+        MAX_TUNNELS
+    };
+    let threads = cores.min(slots).min(r.max_concurrent).max(1);
+    let count = Arc::new(TunnelCount::new(r.tunnels));
+    tracing::info!(gateway = %r.gateway_url, upstream = %r.upstream, tunnels = r.tunnels, threads, "receiver starting");
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let gateway = gateway.clone();
+        let upstream = upstream.clone();
+        let r = r.clone();
+        let count = count.clone();
+        // max_concurrent split over cores; the sum is exactly the limit.
+        let permits = r.max_concurrent / threads + usize::from(t < r.max_concurrent % threads);
+        let h = std::thread::Builder::new()
+            .name(format!("anp-rx-{t}"))
+            .spawn(move || {
+                let mut rt = match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                    .enable_timer()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot build runtime");
+                        std::process::exit(1);
+                    }
+                };
+                rt.block_on(async move {
+                    let ctx = Rc::new(CoreRx {
+                        gateway,
+                        token: r.token.clone(),
+                        upstream: Upstream::new(upstream, permits.max(1), r.max_body_size),
+                        permits: Rc::new(Semaphore::new(permits)),
+                        chunk_size: r.chunk_size,
+                        ping_interval: secs(r.ping_interval),
+                        upstream_timeout: secs(r.upstream_timeout),
+                        max_body: r.max_body_size,
+                        reconnect_max: secs(r.reconnect_max_delay)
+                            .unwrap_or(std::time::Duration::from_secs(30)),
+                        count,
+                    });
+                    let mut tasks = Vec::new();
+                    let mut i = t;
+                    while i < slots {
+                        tasks.push(monoio::spawn(run_slot(ctx.clone(), i)));
+                        i += threads;
+                    }
+                    for task in tasks {
+                        task.await;
+                    }
+                    // All slots ended (more threads than tunnels): idle.
+                    std::future::pending::<()>().await;
+                });
+            })
+            .context("cannot spawn receiver thread")?;
+        handles.push(h);
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
