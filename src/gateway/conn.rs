@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 
-use super::core::{CoreCtx, ProxyRequest, ProxyResponse};
+use super::core::{CoreCtx, CoreMsg, ProxyRequest, ProxyResponse, TunnelHandoff};
 use super::error::{error_kind, error_reply, ProxyError};
 use super::forward::{build_request_meta, write_response_head};
 use super::tunnel::run_tunnel;
@@ -59,10 +59,30 @@ fn deadline(d: Option<Duration>) -> Option<Instant> {
     d.map(|d| Instant::now() + d)
 }
 
+/// A client transport whose socket can be handed to another core's runtime
+/// (plain TCP can; a TLS session keeps its state on this core).
+pub trait Movable: Sized {
+    const MOVABLE: bool;
+    fn into_owned_fd(self) -> Result<std::os::fd::OwnedFd, Self>;
+}
+
+impl Movable for monoio::net::TcpStream {
+    const MOVABLE: bool = true;
+    fn into_owned_fd(self) -> Result<std::os::fd::OwnedFd, Self> {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        // into_raw_fd deregisters the socket from this runtime and gives up
+        // ownership without closing it; it panics only if the stream was
+        // split (it is not: the whole stream is ours here).
+        let fd = self.into_raw_fd();
+        // SAFETY: `fd` is an open socket that nothing else owns any more.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    }
+}
+
 /// Serves one client connection until it closes.
 pub async fn serve_conn<S>(ctx: Rc<CoreCtx>, mut io: S, peer: SocketAddr, conn_id: u64, tls: bool)
 where
-    S: AsyncReadRent + AsyncWriteRent + Splitable + 'static,
+    S: AsyncReadRent + AsyncWriteRent + Splitable + Movable + 'static,
     S::OwnedRead: AsyncReadRent + 'static,
     S::OwnedWrite: AsyncWriteRent + 'static,
 {
@@ -283,7 +303,9 @@ async fn read_body<S: AsyncReadRent>(
         BodyKind::ContentLength(n) => {
             let n = n as usize;
             if buf.len() < n {
-                buf.reserve(n - buf.len());
+                // Grow with the data, not with the claim: a client that
+                // announces 64 MiB and sends nothing costs 1 MiB at most.
+                buf.reserve((n - buf.len()).min(1 << 20));
             }
             while buf.len() < n {
                 match read_more(io, buf, deadline(idle)).await {
@@ -400,7 +422,7 @@ async fn accept_tunnel<S>(
     leftover: BytesMut,
     peer: SocketAddr,
 ) where
-    S: AsyncReadRent + AsyncWriteRent + Splitable + 'static,
+    S: AsyncReadRent + AsyncWriteRent + Splitable + Movable + 'static,
     S::OwnedRead: AsyncReadRent + 'static,
     S::OwnedWrite: AsyncWriteRent + 'static,
 {
@@ -465,6 +487,35 @@ async fn accept_tunnel<S>(
         extra.push((FEATURES_HEADER, feat.as_str()));
     }
     crate::ws::handshake::write_101(&mut out, &accept, &extra);
+    // Tunnels are sharded by core: this one goes where its identity has the
+    // fewest, so requests on every core find a local tunnel.
+    let target = ctx
+        .shared
+        .place_tunnel(&identity.name, ctx.index, S::MOVABLE);
+    if target != ctx.index {
+        if let Ok(fd) = io.into_owned_fd() {
+            let h = TunnelHandoff {
+                fd,
+                leftover,
+                identity: identity.name.clone(),
+                features,
+                peer,
+                handshake: out,
+            };
+            ctx.shared
+                .counters
+                .tunnel_handoffs_total
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(%peer, identity = %identity.name, from = ctx.index, to = target, "tunnel handed to another core");
+            if ctx.shared.inboxes[target]
+                .unbounded_send(CoreMsg::Tunnel(h))
+                .is_err()
+            {
+                tracing::error!(%peer, "core inbox closed; tunnel dropped");
+            }
+        }
+        return;
+    }
     run_tunnel(ctx, io, leftover, identity.name, features, peer, out).await;
 }
 

@@ -47,10 +47,29 @@ pub struct CrossRequest {
     pub reply: xoneshot::Sender<ProxyResult>,
 }
 
+/// An accepted, authenticated tunnel moved to the core that lacks one for
+/// its identity (DESIGN.md: tunnels are sharded by core). The socket moves
+/// as a plain fd; the target core registers it, then sends the 101.
+pub struct TunnelHandoff {
+    pub fd: std::os::fd::OwnedFd,
+    pub leftover: bytes::BytesMut,
+    pub identity: IdentityName,
+    pub features: crate::protocol::features::Features,
+    pub peer: std::net::SocketAddr,
+    pub handshake: Vec<u8>,
+}
+
+/// What one core's inbox carries (rare events only).
+pub enum CoreMsg {
+    Request(CrossRequest),
+    Tunnel(TunnelHandoff),
+}
+
 /// Process-wide counters (cold path or per-event, never per byte).
 #[derive(Debug, Default)]
 pub struct Counters {
     pub cross_core_dispatch_total: AtomicU64,
+    pub tunnel_handoffs_total: AtomicU64,
     pub connections: AtomicUsize,
     pub tunnels: AtomicUsize,
 }
@@ -61,9 +80,9 @@ pub struct Shared {
     pub config: Arc<Config>,
     pub auth: Authenticator,
     pub routes: Arc<RouteTable>,
-    /// identity → cores holding at least one of its tunnels (with counts).
+    /// identity → tunnels per core (index = core).
     tunnel_cores: Mutex<HashMap<IdentityName, Vec<usize>>>,
-    pub inboxes: Vec<xmpsc::UnboundedSender<CrossRequest>>,
+    pub inboxes: Vec<xmpsc::UnboundedSender<CoreMsg>>,
     pub counters: Counters,
     pub workers: usize,
 }
@@ -73,7 +92,7 @@ impl Shared {
         config: Arc<Config>,
         auth: Authenticator,
         routes: Arc<RouteTable>,
-        inboxes: Vec<xmpsc::UnboundedSender<CrossRequest>>,
+        inboxes: Vec<xmpsc::UnboundedSender<CoreMsg>>,
     ) -> Self {
         let workers = inboxes.len();
         Self {
@@ -87,19 +106,32 @@ impl Shared {
         }
     }
 
-    fn tunnel_joined(&self, identity: &IdentityName, core: usize) {
+    /// Chooses the core a new tunnel of `identity` should live on: the one
+    /// with the fewest tunnels of that identity, preferring `here` on a tie
+    /// (or always `here` when the connection cannot move). Counts it there.
+    pub fn place_tunnel(&self, identity: &IdentityName, here: usize, movable: bool) -> usize {
         let mut map = self.tunnel_cores.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(identity.clone()).or_default().push(core);
+        let counts = map
+            .entry(identity.clone())
+            .or_insert_with(|| vec![0; self.workers]);
+        let mut best = here;
+        if movable {
+            for (core, n) in counts.iter().enumerate() {
+                if *n < counts[best] {
+                    best = core;
+                }
+            }
+        }
+        counts[best] += 1;
         self.counters.tunnels.fetch_add(1, Ordering::Relaxed);
+        best
     }
 
     fn tunnel_left(&self, identity: &IdentityName, core: usize) {
         let mut map = self.tunnel_cores.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(v) = map.get_mut(identity) {
-            if let Some(i) = v.iter().position(|c| *c == core) {
-                v.swap_remove(i);
-            }
-            if v.is_empty() {
+            v[core] = v[core].saturating_sub(1);
+            if v.iter().all(|n| *n == 0) {
                 map.remove(identity);
             }
         }
@@ -109,9 +141,21 @@ impl Shared {
     /// A core other than `not` with a tunnel for `identity`, spread by `hint`.
     fn remote_core(&self, identity: &str, not: usize, hint: u64) -> Option<usize> {
         let map = self.tunnel_cores.lock().unwrap_or_else(|e| e.into_inner());
-        let cores = map.get(identity)?;
-        let others: Vec<usize> = cores.iter().copied().filter(|c| *c != not).collect();
-        (!others.is_empty()).then(|| others[(hint as usize) % others.len()])
+        let counts = map.get(identity)?;
+        let n = counts
+            .iter()
+            .enumerate()
+            .filter(|(c, k)| *c != not && **k > 0)
+            .count();
+        if n == 0 {
+            return None;
+        }
+        counts
+            .iter()
+            .enumerate()
+            .filter(|(c, k)| *c != not && **k > 0)
+            .nth((hint as usize) % n)
+            .map(|(c, _)| c)
     }
 
     /// Total tunnels per identity (for logs and `/health`).
@@ -196,9 +240,8 @@ impl CoreCtx {
         ((self.index as u64) << 48) | s
     }
 
+    /// Adds a tunnel already counted by [`Shared::place_tunnel`].
     pub fn register_tunnel(&self, t: Rc<Tunnel>) {
-        // Global first: once the receiver sees the 101 every core can route.
-        self.shared.tunnel_joined(&t.identity, self.index);
         self.tunnels
             .borrow_mut()
             .entry(t.identity.clone())
@@ -254,29 +297,67 @@ impl CoreCtx {
             .cross_core_dispatch_total
             .fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = xoneshot::channel();
-        let msg = CrossRequest {
+        let msg = CoreMsg::Request(CrossRequest {
             identity: identity.clone(),
             req,
             reply: tx,
-        };
+        });
         if self.shared.inboxes[core].unbounded_send(msg).is_err() {
             return Err(ProxyError::NoTunnel(identity.to_string()));
         }
         rx.await.unwrap_or(Err(ProxyError::TunnelClosed))
     }
 
-    /// Serves requests handed over by other cores.
-    pub async fn run_inbox(self: Rc<Self>, mut rx: xmpsc::UnboundedReceiver<CrossRequest>) {
+    /// Serves what other cores hand over: requests for tunnels that live
+    /// here, and tunnels placed here.
+    pub async fn run_inbox(self: Rc<Self>, mut rx: xmpsc::UnboundedReceiver<CoreMsg>) {
         use futures_util::StreamExt;
         while let Some(m) = rx.next().await {
             let ctx = self.clone();
-            monoio::spawn(async move {
-                let res = match ctx.local_tunnel(&m.identity, 0) {
-                    Some(t) => t.call(&ctx, m.req).await,
-                    None => Err(ProxyError::NoTunnel(m.identity.to_string())),
-                };
-                let _ = m.reply.send(res);
-            });
+            match m {
+                CoreMsg::Request(m) => {
+                    let Some(t) = ctx.local_tunnel(&m.identity, 0) else {
+                        // A tunnel placed here but not yet registered, or
+                        // just gone: pass it on once to a core that has one.
+                        match ctx.shared.remote_core(&m.identity, ctx.index, 0) {
+                            Some(core) => {
+                                let _ =
+                                    ctx.shared.inboxes[core].unbounded_send(CoreMsg::Request(m));
+                            }
+                            None => {
+                                let _ = m
+                                    .reply
+                                    .send(Err(ProxyError::NoTunnel(m.identity.to_string())));
+                            }
+                        }
+                        continue;
+                    };
+                    monoio::spawn(async move {
+                        let res = t.call(&ctx, m.req).await;
+                        let _ = m.reply.send(res);
+                    });
+                }
+                CoreMsg::Tunnel(h) => {
+                    let std = std::net::TcpStream::from(h.fd);
+                    match monoio::net::TcpStream::from_std(std) {
+                        Ok(io) => {
+                            monoio::spawn(super::tunnel::run_tunnel(
+                                ctx,
+                                io,
+                                h.leftover,
+                                h.identity,
+                                h.features,
+                                h.peer,
+                                h.handshake,
+                            ));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "handed-over tunnel could not be registered");
+                            ctx.shared.tunnel_left(&h.identity, ctx.index);
+                        }
+                    }
+                }
+            }
         }
     }
 }

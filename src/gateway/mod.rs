@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
-use self::core::{CoreCtx, CrossRequest, Shared};
+use self::core::{CoreCtx, CoreMsg, Shared};
 use self::routes::RouteTable;
 use crate::auth::{Authenticator, TokenAuth};
 use crate::config::Config;
@@ -59,7 +59,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
     let mut inboxes = Vec::with_capacity(workers);
     let mut inbox_rx = Vec::with_capacity(workers);
     for _ in 0..workers {
-        let (tx, rx) = futures_channel::mpsc::unbounded::<CrossRequest>();
+        let (tx, rx) = futures_channel::mpsc::unbounded::<CoreMsg>();
         inboxes.push(tx);
         inbox_rx.push(rx);
     }
@@ -118,7 +118,7 @@ async fn worker_main(
     index: usize,
     shared: Arc<Shared>,
     listener: std::net::TcpListener,
-    inbox: futures_channel::mpsc::UnboundedReceiver<CrossRequest>,
+    inbox: futures_channel::mpsc::UnboundedReceiver<CoreMsg>,
 ) {
     let ctx = Rc::new(CoreCtx::new(index, shared.clone()));
     monoio::spawn(ctx.clone().run_inbox(inbox));
