@@ -134,10 +134,83 @@ impl Default for GatewayConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub tokens: Vec<TokenEntry>,
+    /// Accept ANP DID-WBA proofs (`DIDWba` header, RFC 9421 signatures).
+    pub did_wba_enabled: bool,
+    /// Offline DID documents: `DIR/example.com/user/alice/did.json`
+    /// (relative to the config file). Empty: not used.
+    pub did_documents_dir: String,
+    /// Fetch documents from here instead of `https://{domain}`. Empty: not used.
+    pub resolver_base_url: String,
+    /// Public domain names a DID-WBA proof may be made for; empty = the
+    /// upgrade request's Host without port.
+    pub service_domains: Vec<String>,
+    /// Oldest accepted proof timestamp, seconds in the past.
+    pub timestamp_window_past: u64,
+    /// Furthest accepted proof timestamp, seconds in the future.
+    pub timestamp_window_future: u64,
+    /// Live one-time nonces remembered; when full, new proofs are refused.
+    pub nonce_cache_size: usize,
+    /// Let document fetches reach private, loopback or link-local addresses.
+    pub allow_private_resolver_targets: bool,
+    /// Seconds a fetched document is reused.
+    pub document_cache_ttl: f64,
+    /// Seconds a failed fetch is remembered.
+    pub document_negative_cache_ttl: f64,
+    /// Most documents (and failures) cached.
+    pub document_cache_size: usize,
+    /// Largest DID document, bytes.
+    pub document_max_size: usize,
+    /// Seconds a document fetch may take in all.
+    pub resolver_timeout: f64,
+    /// Routes of DID identities (until the registry owns them).
+    pub dids: Vec<DidEntry>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            tokens: Vec::new(),
+            did_wba_enabled: true,
+            did_documents_dir: String::new(),
+            resolver_base_url: String::new(),
+            service_domains: Vec::new(),
+            timestamp_window_past: 300,
+            timestamp_window_future: 60,
+            nonce_cache_size: 100_000,
+            allow_private_resolver_targets: false,
+            document_cache_ttl: 300.0,
+            document_negative_cache_ttl: 30.0,
+            document_cache_size: 10_000,
+            document_max_size: 64 * 1024,
+            resolver_timeout: 5.0,
+            dids: Vec::new(),
+        }
+    }
+}
+
+/// Path prefixes a DID identity serves: `[[gateway.auth.dids]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DidEntry {
+    pub did: String,
+    #[serde(default)]
+    pub paths: Vec<String>,
+}
+
+/// How a receiver proves its DID on the upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+pub enum AuthScheme {
+    /// `Authorization: DIDWba …`
+    #[default]
+    #[serde(rename = "didwba")]
+    DidWba,
+    /// RFC 9421 `Signature-Input` / `Signature`.
+    #[serde(rename = "http-signatures")]
+    HttpSignatures,
 }
 
 /// A shared-secret identity: `Authorization: Bearer <token>` on the upgrade.
@@ -183,6 +256,13 @@ pub struct ReceiverConfig {
     pub max_body_size: usize,
     /// Ceiling of the reconnect backoff, seconds.
     pub reconnect_max_delay: f64,
+    /// DID document of this receiver's DID (relative to the config file);
+    /// with `private_key`, the tunnel proves the DID instead of `token`.
+    pub did_document: String,
+    /// PKCS#8 PEM private key of one of the document's `authentication` keys.
+    pub private_key: String,
+    /// `didwba` (Authorization: DIDWba) or `http-signatures` (RFC 9421).
+    pub auth_scheme: AuthScheme,
 }
 
 impl Default for ReceiverConfig {
@@ -198,6 +278,9 @@ impl Default for ReceiverConfig {
             chunk_size: 64 * 1024,
             max_body_size: 64 * 1024 * 1024,
             reconnect_max_delay: 30.0,
+            did_document: String::new(),
+            private_key: String::new(),
+            auth_scheme: AuthScheme::DidWba,
         }
     }
 }
@@ -210,6 +293,8 @@ impl fmt::Debug for ReceiverConfig {
             .field("token", &"<redacted>")
             .field("tunnels", &self.tunnels)
             .field("max_concurrent", &self.max_concurrent)
+            .field("did_document", &self.did_document)
+            .field("auth_scheme", &self.auth_scheme)
             .finish_non_exhaustive()
     }
 }
@@ -301,7 +386,64 @@ impl Config {
                 }
             }
         }
+        let a = &g.auth;
+        let mut dids = std::collections::HashSet::new();
+        for d in &a.dids {
+            if let Err(e) = crate::auth::didwba::did::parse(&d.did) {
+                return Err(bad("gateway.auth.dids.did", e.to_string()));
+            }
+            if !dids.insert(d.did.as_str()) {
+                return Err(bad(
+                    "gateway.auth.dids.did",
+                    format!("`{}` appears twice", d.did),
+                ));
+            }
+            for p in &d.paths {
+                if !p.starts_with('/') {
+                    return Err(bad(
+                        "gateway.auth.dids.paths",
+                        format!("`{p}` of `{}` must start with `/`", d.did),
+                    ));
+                }
+            }
+        }
+        let base = &a.resolver_base_url;
+        if !base.is_empty() && !base.starts_with("http://") && !base.starts_with("https://") {
+            return Err(bad(
+                "gateway.auth.resolver_base_url",
+                "must start with http:// or https://".into(),
+            ));
+        }
+        for (key, v) in [
+            ("gateway.auth.nonce_cache_size", a.nonce_cache_size),
+            ("gateway.auth.document_max_size", a.document_max_size),
+            ("gateway.auth.document_cache_size", a.document_cache_size),
+        ] {
+            if v == 0 {
+                return Err(bad(key, "must be > 0".into()));
+            }
+        }
+        for (key, v) in [
+            ("gateway.auth.document_cache_ttl", a.document_cache_ttl),
+            (
+                "gateway.auth.document_negative_cache_ttl",
+                a.document_negative_cache_ttl,
+            ),
+        ] {
+            if v.is_nan() || v < 0.0 {
+                return Err(bad(key, "must be >= 0".into()));
+            }
+        }
+        if a.resolver_timeout.is_nan() || a.resolver_timeout <= 0.0 {
+            return Err(bad("gateway.auth.resolver_timeout", "must be > 0".into()));
+        }
         let r = &self.receiver;
+        if r.did_document.is_empty() != r.private_key.is_empty() {
+            return Err(bad(
+                "receiver.private_key",
+                "`did_document` and `private_key` go together".into(),
+            ));
+        }
         if r.max_concurrent == 0 {
             return Err(bad("receiver.max_concurrent", "must be > 0".into()));
         }

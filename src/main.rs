@@ -31,10 +31,70 @@ enum Cmd {
     Receiver,
     /// Validate the config file and exit.
     Check,
+    /// DID-WBA identities.
+    Did {
+        #[command(subcommand)]
+        cmd: DidCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DidCmd {
+    /// Create a key and DID document: writes DIR/did.json and
+    /// DIR/key-1_private.pem (PKCS#8 PEM), as the ANP SDKs load them.
+    New {
+        /// The DID, e.g. did:wba:example.com:agents:alice
+        did: String,
+        /// Directory to write into (created if missing; files are never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// An Ed25519 Multikey (anp 1.x) instead of secp256k1 (agent-connect).
+        #[arg(long)]
+        ed25519: bool,
+        /// Append anp's key-bound segment (`e1_…` / `k1_…`) to the DID.
+        #[arg(long)]
+        key_bound: bool,
+    },
+}
+
+fn did_command(cmd: DidCmd) -> ExitCode {
+    use anp_proxy::auth::didwba::create::{create, KeyKind};
+    match cmd {
+        DidCmd::New {
+            did,
+            out,
+            ed25519,
+            key_bound,
+        } => {
+            let kind = if ed25519 {
+                KeyKind::Ed25519
+            } else {
+                KeyKind::Secp256k1
+            };
+            match create(&did, &out, kind, key_bound) {
+                Ok(c) => {
+                    println!("{}", c.did);
+                    eprintln!(
+                        "anp-proxy: wrote {} and {}",
+                        c.document.display(),
+                        c.private_key.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("anp-proxy: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Cmd::Did { cmd }) = cli.cmd {
+        return did_command(cmd);
+    }
     let cfg = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -49,6 +109,7 @@ fn main() -> ExitCode {
             println!("{}: ok", cli.config.display());
             return ExitCode::SUCCESS;
         }
+        Some(Cmd::Did { .. }) => unreachable!("handled before loading the config"),
         None => cfg.mode,
     };
     let _log = anp_proxy::logging::init(&cfg.logging, &cfg.base_dir, cfg.debug);

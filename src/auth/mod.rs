@@ -2,16 +2,19 @@
 //!
 //! The gateway hands the upgrade request's facts to [`Authenticator`] and
 //! gets an [`Identity`] or an [`AuthError`] that names the reason (401 for
-//! a bad proof, 403 for a valid identity without routes). Today: shared
-//! tokens (`Authorization: Bearer …`, compared in constant time). DID-WBA
-//! adds a variant here, not a new code path in the gateway.
+//! a bad proof, 403 for a valid identity without routes). Schemes: shared
+//! tokens (`Authorization: Bearer …`, compared in constant time) and ANP
+//! DID-WBA (`Authorization: DIDWba …` or RFC 9421 signatures, [`didwba`]),
+//! whose identity name is the DID itself.
 //! Never honours the reference's unsigned `{"type":"authentication"}`.
 
+pub mod didwba;
 pub mod token;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+pub use didwba::{DidAuth, DidAuthError};
 pub use token::TokenAuth;
 
 /// The facts of an upgrade request that identity schemes look at.
@@ -22,11 +25,17 @@ pub struct UpgradeRequest<'a> {
     pub host: Option<&'a str>,
     pub authorization: Option<&'a [u8]>,
     pub peer: SocketAddr,
+    /// Every header of the request, in order (RFC 9421 signs some).
+    pub headers: &'a [(&'a str, &'a [u8])],
+    /// The connection is TLS (`wss`), not plain (`ws`).
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdentityKind {
     Token,
+    /// A `did:wba` DID; the identity's name is the DID.
+    Did,
 }
 
 /// A proven identity: the name its routes are registered under.
@@ -46,6 +55,8 @@ pub enum AuthError {
     UnknownToken,
     #[error("identity `{0}` owns no routes")]
     NoRoutes(String),
+    #[error(transparent)]
+    Did(#[from] DidAuthError),
 }
 
 impl AuthError {
@@ -54,6 +65,7 @@ impl AuthError {
     pub fn status(&self) -> u16 {
         match self {
             AuthError::NoRoutes(_) => 403,
+            AuthError::Did(e) => e.status(),
             _ => 401,
         }
     }
@@ -65,6 +77,7 @@ impl AuthError {
             AuthError::UnsupportedScheme => "unsupported_scheme",
             AuthError::UnknownToken => "unknown_token",
             AuthError::NoRoutes(_) => "no_routes",
+            AuthError::Did(e) => e.reason(),
         }
     }
 }
@@ -73,22 +86,59 @@ impl AuthError {
 #[derive(Debug, Default)]
 pub struct Authenticator {
     pub tokens: TokenAuth,
+    /// `None` when `did_wba_enabled = false`.
+    pub did: Option<DidAuth>,
 }
 
 impl Authenticator {
     pub fn new(tokens: TokenAuth) -> Self {
-        Self { tokens }
+        Self { tokens, did: None }
+    }
+
+    pub fn with_did(mut self, did: DidAuth) -> Self {
+        self.did = Some(did);
+        self
     }
 
     /// Proves the identity behind an upgrade request. Async so schemes that
-    /// fetch documents (DID-WBA) fit the same seam.
-    pub async fn authenticate(&self, req: &UpgradeRequest<'_>) -> Result<Identity, AuthError> {
-        let value = req.authorization.ok_or(AuthError::Missing)?;
-        let (scheme, rest) = split_scheme(value);
-        if scheme.eq_ignore_ascii_case(b"bearer") {
-            return self.tokens.verify(rest);
+    /// fetch documents (DID-WBA) fit the same seam. `owns_routes` answers
+    /// "does this identity own any route?"; DID-WBA asks it before any
+    /// document fetch, so a DID without routes costs no network.
+    ///
+    /// Order (as anp's verifier): `Authorization: Bearer` → RFC 9421
+    /// `Signature-Input`/`Signature` → `Authorization: DIDWba`.
+    pub async fn authenticate(
+        &self,
+        req: &UpgradeRequest<'_>,
+        owns_routes: &dyn Fn(&str) -> bool,
+    ) -> Result<Identity, AuthError> {
+        if let Some(value) = req.authorization {
+            let (scheme, rest) = split_scheme(value);
+            if scheme.eq_ignore_ascii_case(b"bearer") {
+                return self.tokens.verify(rest);
+            }
         }
-        Err(AuthError::UnsupportedScheme)
+        if didwba::verify::carries_did_proof(req.headers) {
+            let Some(did) = &self.did else {
+                return Err(AuthError::UnsupportedScheme);
+            };
+            let dreq = didwba::DidRequest {
+                method: req.method,
+                target: req.target,
+                host: req.host,
+                tls: req.tls,
+                headers: req.headers,
+            };
+            let name = did.authenticate(&dreq, owns_routes).await?;
+            return Ok(Identity {
+                name: name.into(),
+                kind: IdentityKind::Did,
+            });
+        }
+        match req.authorization {
+            None => Err(AuthError::Missing),
+            Some(_) => Err(AuthError::UnsupportedScheme),
+        }
     }
 }
 

@@ -127,7 +127,7 @@ where
 
         // 2. The tunnel upgrade leaves the HTTP loop.
         if raw_path == ctx.settings.tunnel_path.as_bytes() && head.upgrade {
-            accept_tunnel(ctx, io, &head, &head_buf, buf, peer).await;
+            accept_tunnel(ctx, io, &head, &head_buf, buf, peer, tls).await;
             return;
         }
         if head.upgrade && is_websocket_upgrade(&head, &head_buf) {
@@ -421,6 +421,7 @@ async fn accept_tunnel<S>(
     head_buf: &Bytes,
     leftover: BytesMut,
     peer: SocketAddr,
+    tls: bool,
 ) where
     S: AsyncReadRent + AsyncWriteRent + Splitable + Movable + 'static,
     S::OwnedRead: AsyncReadRent + 'static,
@@ -461,8 +462,11 @@ async fn accept_tunnel<S>(
             .and_then(|r| std::str::from_utf8(&head_buf[r]).ok()),
         authorization: get("authorization"),
         peer,
+        headers: &headers,
+        tls,
     };
-    let identity = match ctx.shared.auth.authenticate(&req).await {
+    let owns_routes = |name: &str| ctx.routes.prefixes_of(name).next().is_some();
+    let identity = match ctx.shared.auth.authenticate(&req, &owns_routes).await {
         Ok(id) => id,
         Err(e) => {
             tracing::warn!(%peer, reason = e.reason(), error = %e, "tunnel upgrade refused");

@@ -19,7 +19,7 @@ use anyhow::Context as _;
 
 use self::core::{CoreCtx, CoreMsg, Shared};
 use self::routes::RouteTable;
-use crate::auth::{Authenticator, TokenAuth};
+use crate::auth::{Authenticator, DidAuth, TokenAuth};
 use crate::config::Config;
 
 /// A running gateway's facts, for callers that embed it.
@@ -33,9 +33,22 @@ pub struct Started {
 /// Builds the route table from the configured identities.
 pub fn build_routes(cfg: &Config) -> RouteTable {
     let mut t = RouteTable::new();
-    for tok in &cfg.gateway.auth.tokens {
-        let id: Arc<str> = tok.name.as_str().into();
-        for p in &tok.paths {
+    let tokens = cfg
+        .gateway
+        .auth
+        .tokens
+        .iter()
+        .map(|t| (t.name.as_str(), &t.paths));
+    // A DID identity's name is the DID itself.
+    let dids = cfg
+        .gateway
+        .auth
+        .dids
+        .iter()
+        .map(|d| (d.did.as_str(), &d.paths));
+    for (name, paths) in tokens.chain(dids) {
+        let id: Arc<str> = name.into();
+        for p in paths {
             if let Some(prev) = t.insert(p, id.clone()) {
                 if prev != id {
                     tracing::warn!(path = %p, previous = %prev, now = %id, "prefix owned twice; last wins");
@@ -55,7 +68,10 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
     let (addr, listeners) = crate::net::bind_workers(addr, workers)
         .with_context(|| format!("cannot listen on {addr}"))?;
     let routes = Arc::new(build_routes(&cfg));
-    let auth = Authenticator::new(TokenAuth::new(&cfg.gateway.auth.tokens));
+    let mut auth = Authenticator::new(TokenAuth::new(&cfg.gateway.auth.tokens));
+    if cfg.gateway.auth.did_wba_enabled {
+        auth = auth.with_did(DidAuth::from_config(&cfg.gateway.auth, &cfg.base_dir));
+    }
     let mut inboxes = Vec::with_capacity(workers);
     let mut inbox_rx = Vec::with_capacity(workers);
     for _ in 0..workers {

@@ -80,6 +80,17 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     if upstream.tls {
         anyhow::bail!("receiver.upstream: https:// upstreams are not supported; the app is called over plain HTTP");
     }
+    let did = if r.did_document.is_empty() {
+        None
+    } else {
+        let signer = crate::auth::didwba::DidSigner::load(
+            &cfg.base_dir.join(&r.did_document),
+            &cfg.base_dir.join(&r.private_key),
+        )
+        .context("receiver.did_document / receiver.private_key")?;
+        tracing::info!(did = signer.did(), scheme = ?r.auth_scheme, "receiver proves its DID on the upgrade");
+        Some(Arc::new(signer))
+    };
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -97,6 +108,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let upstream = upstream.clone();
         let r = r.clone();
         let count = count.clone();
+        let did = did.clone();
         // max_concurrent split over cores; the sum is exactly the limit.
         let permits = r.max_concurrent / threads + usize::from(t < r.max_concurrent % threads);
         let h = std::thread::Builder::new()
@@ -116,6 +128,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                     let ctx = Rc::new(CoreRx {
                         gateway,
                         token: r.token.clone(),
+                        did,
+                        auth_scheme: r.auth_scheme,
                         upstream: Upstream::new(upstream, permits.max(1), r.max_body_size),
                         permits: Rc::new(Semaphore::new(permits)),
                         chunk_size: r.chunk_size,

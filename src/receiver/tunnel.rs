@@ -15,6 +15,8 @@ use monoio::net::TcpStream;
 use super::upstream::Upstream;
 use super::url::Url;
 use super::TunnelCount;
+use crate::auth::didwba::{self, DidSigner};
+use crate::config::AuthScheme;
 use crate::protocol::anpx::{self, FrameType, Message, MetaRef, Reassembler, RequestMeta};
 use crate::protocol::features::{Features, FEATURES_HEADER, TUNNELS_HEADER};
 use crate::ws::conn::{run_writer, ConnError, OutTx, Outgoing, WsReader};
@@ -24,6 +26,9 @@ use crate::ws::{self, Decoder, Event, Role};
 pub struct CoreRx {
     pub gateway: Url,
     pub token: String,
+    /// When set, the tunnel proves this DID instead of sending `token`.
+    pub did: Option<std::sync::Arc<DidSigner>>,
+    pub auth_scheme: AuthScheme,
     pub upstream: Upstream,
     pub permits: Rc<Semaphore>,
     pub chunk_size: usize,
@@ -82,6 +87,33 @@ pub async fn run_slot(ctx: Rc<CoreRx>, index: usize) {
     }
 }
 
+/// The upgrade's proof of identity: a bearer token, or a DID-WBA proof
+/// with a fresh nonce and time for this attempt (`service` = the gateway
+/// URL's host without port; `@target-uri` = the ws URL as dialled).
+fn auth_headers(ctx: &CoreRx, host: &str) -> Vec<(&'static str, String)> {
+    let Some(signer) = &ctx.did else {
+        return vec![("Authorization", format!("Bearer {}", ctx.token))];
+    };
+    let nonce = didwba::sign::fresh_nonce();
+    let now = didwba::time::now_unix();
+    match ctx.auth_scheme {
+        AuthScheme::DidWba => vec![(
+            "Authorization",
+            signer.didwba_header(
+                ctx.gateway.host_name(),
+                &nonce,
+                &didwba::time::format_utc(now),
+            ),
+        )],
+        AuthScheme::HttpSignatures => {
+            let scheme = if ctx.gateway.tls { "wss" } else { "ws" };
+            let uri = format!("{scheme}://{host}{}", ctx.gateway.path);
+            let (input, sig) = signer.http_signature("GET", &uri, host, now, &nonce);
+            vec![("Signature-Input", input), ("Signature", sig)]
+        }
+    }
+}
+
 async fn connect_and_serve(ctx: &Rc<CoreRx>, index: usize) -> Result<(), TunnelError> {
     let addr = ctx.gateway.authority();
     let connect = TcpStream::connect(addr.as_str());
@@ -92,19 +124,12 @@ async fn connect_and_serve(ctx: &Rc<CoreRx>, index: usize) -> Result<(), TunnelE
     };
     let _ = io.set_nodelay(true);
     let key = ws::client_key();
-    let auth = format!("Bearer {}", ctx.token);
-    let feats = Features::SUPPORTED.to_header_value();
-    let mut req = Vec::with_capacity(512);
-    ws::write_client_request(
-        &mut req,
-        &ctx.gateway.host_header(),
-        &ctx.gateway.path,
-        &key,
-        &[
-            ("Authorization", auth.as_str()),
-            (FEATURES_HEADER, feats.as_str()),
-        ],
-    );
+    let host = ctx.gateway.host_header();
+    let mut headers = auth_headers(ctx, &host);
+    headers.push((FEATURES_HEADER, Features::SUPPORTED.to_header_value()));
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let mut req = Vec::with_capacity(1024);
+    ws::write_client_request(&mut req, &host, &ctx.gateway.path, &key, &headers);
     let (r, _) = io.write_all(req).await;
     r.map_err(|e| TunnelError::Handshake(e.to_string()))?;
 

@@ -1,0 +1,103 @@
+//! ANP DID-WBA identity (DESIGN.md, "Identity and routes"): a receiver
+//! proves a `did:wba` DID on the tunnel upgrade, with either scheme the
+//! ANP SDKs speak —
+//!
+//! - `Authorization: DIDWba …` (agent-connect 0.3.7, anp 1.0.7
+//!   `legacy_didwba`): [`header`];
+//! - RFC 9421 `Signature-Input` / `Signature` (anp 1.0.7 default): [`sigs`].
+//!
+//! Layout: [`verify`] is the sans-IO verifier (cheap checks first, then the
+//! document checks); [`resolve`] fetches documents (dir, base URL or HTTPS,
+//! with limits and caches); [`DidAuth`] joins them for the gateway.
+//! [`sign`] is the receiver's side and [`create`] is `anp-proxy did new`.
+//! Never runs on the request path: only on tunnel upgrades.
+
+pub mod binding;
+pub mod create;
+pub mod did;
+pub mod document;
+pub mod error;
+pub mod header;
+pub mod keys;
+pub mod nonce;
+pub mod resolve;
+pub mod sign;
+pub mod sigs;
+pub mod time;
+pub mod verify;
+
+use std::path::Path;
+use std::time::Duration;
+
+pub use error::DidAuthError;
+pub use resolve::{Resolver, ResolverConfig, Source};
+pub use sign::{DidSigner, SigningKey};
+pub use verify::{DidRequest, Verifier, VerifierConfig};
+
+use crate::config::AuthConfig;
+
+/// The gateway's DID-WBA verifier and document resolver.
+#[derive(Debug)]
+pub struct DidAuth {
+    pub verifier: Verifier,
+    pub resolver: Resolver,
+}
+
+impl DidAuth {
+    pub fn new(verifier: VerifierConfig, resolver: ResolverConfig) -> Self {
+        Self {
+            verifier: Verifier::new(verifier),
+            resolver: Resolver::new(resolver),
+        }
+    }
+
+    /// From `[gateway.auth]`; relative paths resolve from `base_dir`.
+    pub fn from_config(a: &AuthConfig, base_dir: &Path) -> Self {
+        let source = if !a.did_documents_dir.is_empty() {
+            Source::Dir(base_dir.join(&a.did_documents_dir))
+        } else if !a.resolver_base_url.is_empty() {
+            Source::BaseUrl(a.resolver_base_url.clone())
+        } else {
+            Source::Https
+        };
+        let secs = |v: f64| Duration::from_secs_f64(v.max(0.0));
+        Self::new(
+            VerifierConfig {
+                service_domains: a
+                    .service_domains
+                    .iter()
+                    .map(|d| d.trim().to_ascii_lowercase())
+                    .collect(),
+                window_past: a.timestamp_window_past,
+                window_future: a.timestamp_window_future,
+                nonce_cache_size: a.nonce_cache_size,
+            },
+            ResolverConfig {
+                source,
+                connect_timeout: secs(a.resolver_timeout.min(3.0)),
+                timeout: secs(a.resolver_timeout),
+                max_size: a.document_max_size,
+                allow_private: a.allow_private_resolver_targets,
+                cache_ttl: secs(a.document_cache_ttl),
+                negative_ttl: secs(a.document_negative_cache_ttl),
+                cache_size: a.document_cache_size,
+            },
+        )
+    }
+
+    /// Verifies the DID-WBA proof of an upgrade and returns the DID.
+    /// `owns_routes` is asked before any document is fetched.
+    pub async fn authenticate(
+        &self,
+        req: &DidRequest<'_>,
+        owns_routes: &dyn Fn(&str) -> bool,
+    ) -> Result<String, DidAuthError> {
+        let now = time::now_unix();
+        let pre = self.verifier.precheck(req, now, owns_routes)?;
+        let doc = self.resolver.resolve(pre.did()).await?;
+        // The fetch may have taken a while: judge the nonce at the time it
+        // is recorded.
+        self.verifier.finish(&pre, req, &doc, time::now_unix())?;
+        Ok(pre.did().did.to_owned())
+    }
+}
