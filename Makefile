@@ -44,3 +44,34 @@ demo: release
 
 clean:
 	$(CARGO) clean
+
+# --- Benchmarks and profiling (issue #4; benches/README.md, perf/README.md) ---
+.PHONY: bench bench-quick bench-deps bench-micro flamegraph perf-stat
+
+# direct vs nginx vs anp-proxy, interleaved; writes bench-results/latest.{json,svg}.
+bench:
+	$(CARGO) build --release --bin anp-proxy --bin anp-loadgen --bin anp-bench-app
+	python3 benches/bench.py
+
+# The same in under 2 minutes (fewer cells, shorter runs).
+bench-quick:
+	$(CARGO) build --release --bin anp-proxy --bin anp-loadgen --bin anp-bench-app
+	python3 benches/bench.py --quick
+
+# nginx (comparison target) and wrk from Debian packages; run as root.
+bench-deps:
+	apt-get update && (apt-get install -y nginx-light wrk || apt-get install -y nginx wrk)
+
+# Criterion micro-benches: ANPX codec, WebSocket framing, route lookup.
+bench-micro:
+	$(CARGO) bench --bench anpx --bench ws --bench routes
+
+# Flamegraph of the gateway under load: perf/flamegraph.sh [gateway|receiver].
+flamegraph:
+	$(CARGO) build --release --bin anp-proxy --bin anp-loadgen --bin anp-bench-app
+	./perf/flamegraph.sh gateway
+
+# Context switches and syscalls per request: perf/stat.sh.
+perf-stat:
+	$(CARGO) build --release --bin anp-proxy --bin anp-loadgen --bin anp-bench-app
+	./perf/stat.sh gateway

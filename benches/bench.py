@@ -1,0 +1,668 @@
+#!/usr/bin/env python3
+"""`make bench` / `make bench-quick`: anp-proxy against a direct connection
+and nginx, interleaved, on one machine (issue #4, DESIGN.md "Performance").
+
+Usage: python3 benches/bench.py [--quick] [--out DIR] [--workers N]
+
+Starts everything itself on free loopback ports and stops it on exit:
+  * anp-bench-app (the origin; same for every target),
+  * nginx as a one-hop reverse proxy with upstream keep-alive, when an nginx
+    binary exists (own prefix and config under a temp dir, never the system
+    service), otherwise the run says it skipped it,
+  * anp-proxy gateway + receiver (client -> gateway -> tunnel -> receiver -> app).
+Then, for every cell of the matrix, runs anp-loadgen against each target in
+turn (A B C A B C ...) so that machine drift hits all of them alike, and
+reports the median over repetitions. Memory: RSS of gateway and receiver at
+idle, peak under load, and with 10,000 idle keep-alive client connections.
+
+Writes DIR/latest.json and DIR/latest.svg (DIR defaults to bench-results/).
+Numbers are reported, never asserted. Python 3 standard library only.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import chart  # noqa: E402  (benches/chart.py)
+
+BIN = os.path.join(ROOT, "target", "release")
+TOKEN = "bench-token-123"
+
+# Targets the report is relative to (the proxy under test).
+ANP = "anp-proxy"
+
+# Reported targets (issue #4); printed next to the numbers, never asserted.
+GOALS = {
+    "rps_vs_nginx_1k_64": 1.0,
+    "rps_vs_direct_1k_64": 0.6,
+    "fixed_p99_vs_nginx": 1.5,
+    "idle_conn_kib": 16.0,
+}
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Procs:
+    """Every process the bench started; all are stopped on exit."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, name, argv, cwd):
+        out = open(os.path.join(cwd, name + ".out"), "w+")
+        err = open(os.path.join(cwd, name + ".err"), "w")
+        p = subprocess.Popen(argv, stdout=out, stderr=err, cwd=cwd, start_new_session=True)
+        p.name, p.out_path, p.err_path = name, out.name, err.name
+        self.procs.append(p)
+        return p
+
+    def stop_all(self):
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.time() + 5
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def wait_for_line(proc, pattern, timeout=15.0, count=1):
+    """The `count`-th stdout line of `proc` matching `pattern` (regex)."""
+    rx = re.compile(pattern)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with open(proc.out_path) as f:
+            hits = [m for m in (rx.search(line) for line in f) if m]
+        if len(hits) >= count:
+            return hits[count - 1]
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    with open(proc.err_path) as f:
+        err = f.read()[-2000:]
+    raise RuntimeError(f"{proc.name}: no line matching {pattern!r} (exit {proc.poll()}); stderr:\n{err}")
+
+
+def free_port():
+    """A port that was free a moment ago (only nginx needs this: it cannot
+    report a port it picked itself)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raise_fd_limit():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def rss_kib(pid):
+    """(VmRSS, VmHWM) in KiB from /proc/PID/status."""
+    vals = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    k, v = line.split(":", 1)
+                    vals[k] = int(v.split()[0])
+    except FileNotFoundError:
+        return (0, 0)
+    return (vals.get("VmRSS", 0), vals.get("VmHWM", 0))
+
+
+def tree_rss_kib(pid):
+    """RSS of `pid` plus its children (nginx master + workers)."""
+    total = rss_kib(pid)[0]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        kids = []
+    return total + sum(rss_kib(k)[0] for k in kids)
+
+
+def machine_info(workers):
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+
+    def cmd(argv):
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+
+    nginx = find_nginx()
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "os": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_at_start": os.getloadavg()[0],
+        "mem_total_kib": int(open("/proc/meminfo").readline().split()[1]),
+        "rustc": cmd(["rustc", "--version"]),
+        "git_commit": cmd(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]),
+        "nginx": (subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip() if nginx else None),
+        "gateway_workers": workers,
+        "io_driver_note": "monoio FusionDriver: io_uring when the kernel allows it, else epoll",
+    }
+
+
+def find_nginx():
+    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
+
+
+NGINX_CONF = """
+worker_processes {workers};
+worker_rlimit_nofile {nofile};
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 16384; multi_accept on; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 600s;
+    upstream app {{
+        server 127.0.0.1:{app_port};
+        keepalive 512;
+        keepalive_requests 100000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffer_size 16k;
+            proxy_buffers 64 16k;
+            proxy_max_temp_file_size 0;
+        }}
+    }}
+}}
+"""
+
+GATEWAY_CONF = """[logging]
+level = "error"
+[gateway]
+host = "127.0.0.1"
+port = 0
+workers = {workers}
+keepalive_timeout = 600.0
+max_connections = 20000
+[[gateway.auth.tokens]]
+name = "bench"
+token = "{token}"
+paths = ["/"]
+"""
+
+RECEIVER_CONF = """[logging]
+level = "warn"
+[receiver]
+gateway_url = "ws://127.0.0.1:{gw_port}/ws"
+upstream = "http://127.0.0.1:{app_port}"
+token = "{token}"
+tunnels = 0
+max_concurrent = 1024
+"""
+
+
+class Bench:
+    def __init__(self, args, tmp):
+        self.args = args
+        self.tmp = tmp
+        self.procs = Procs()
+        self.targets = {}  # name -> base URL
+        self.mem_samples = []  # filled by the sampler during anp-proxy runs
+
+    # -- starting -----------------------------------------------------------
+
+    def start(self):
+        a = self.args
+        app = self.procs.start("app", [f"{BIN}/anp-bench-app", "--threads", str(a.app_threads)], self.tmp)
+        app_port = int(wait_for_line(app, r"listening on http://127\.0\.0\.1:(\d+)").group(1))
+        self.app = app
+        self.targets["direct"] = f"http://127.0.0.1:{app_port}"
+
+        nginx = find_nginx()
+        if nginx and not a.no_nginx:
+            port = free_port()
+            ndir = os.path.join(self.tmp, "nginx")
+            os.makedirs(ndir, exist_ok=True)
+            conf = os.path.join(ndir, "nginx.conf")
+            with open(conf, "w") as f:
+                f.write(NGINX_CONF.format(workers=a.workers, nofile=a.nofile, dir=ndir, app_port=app_port, port=port))
+            self.nginx = self.procs.start("nginx", [nginx, "-p", ndir, "-c", conf], self.tmp)
+            wait_port(port, self.nginx)
+            self.targets["nginx"] = f"http://127.0.0.1:{port}"
+        else:
+            self.nginx = None
+            why = "--no-nginx given" if a.no_nginx else "no nginx binary found (make bench-deps installs it)"
+            log(f"SKIPPED nginx target: {why}")
+
+        gw_conf = os.path.join(self.tmp, "gateway.toml")
+        with open(gw_conf, "w") as f:
+            f.write(GATEWAY_CONF.format(workers=a.workers, token=TOKEN))
+        self.gateway = self.procs.start("gateway", [f"{BIN}/anp-proxy", "gateway", "--config", gw_conf], self.tmp)
+        m = wait_for_line(self.gateway, r"listening on http://127\.0\.0\.1:(\d+) .*?(\d+) workers")
+        gw_port = int(m.group(1))
+        rx_conf = os.path.join(self.tmp, "receiver.toml")
+        with open(rx_conf, "w") as f:
+            f.write(RECEIVER_CONF.format(gw_port=gw_port, app_port=app_port, token=TOKEN))
+        self.receiver = self.procs.start("receiver", [f"{BIN}/anp-proxy", "receiver", "--config", rx_conf], self.tmp)
+        # tunnels = 0: one tunnel per gateway worker; wait for all of them.
+        wait_for_line(self.receiver, r"tunnel \d+ connected", count=int(m.group(2)))
+        self.targets[ANP] = f"http://127.0.0.1:{gw_port}"
+        log("targets: " + ", ".join(f"{k}={v}" for k, v in self.targets.items()))
+
+    def tunnels_reconnected(self):
+        with open(self.receiver.out_path) as f:
+            return sum(1 for line in f if "connected" in line)
+
+    # -- load ---------------------------------------------------------------
+
+    def loadgen(self, target, body, conns, duration, warmup, rate=None, sample=False):
+        argv = [
+            f"{BIN}/anp-loadgen", "--json", "--url", f"{self.targets[target]}/bytes/{body}",
+            "-c", str(conns), "-d", str(duration), "--warmup", str(warmup),
+            "-t", str(self.args.loadgen_threads), "--timeout", "10",
+        ]
+        if rate:
+            argv += ["--rate", f"{rate:.0f}"]
+        if self.args.req_body:
+            argv += ["--req-body", str(self.args.req_body)]
+        stop = threading.Event()
+        peak = {"gateway": 0, "receiver": 0}
+        sampler = None
+        if sample:
+            def run():
+                while not stop.wait(0.25):
+                    peak["gateway"] = max(peak["gateway"], rss_kib(self.gateway.pid)[0])
+                    peak["receiver"] = max(peak["receiver"], rss_kib(self.receiver.pid)[0])
+            sampler = threading.Thread(target=run, daemon=True)
+            sampler.start()
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=duration + warmup + 60)
+        stop.set()
+        if sampler:
+            sampler.join()
+        if p.returncode != 0 or not p.stdout.strip():
+            raise RuntimeError(f"anp-loadgen failed ({p.returncode}): {p.stderr[-1000:]}")
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        if sample:
+            r["rss_peak_kib"] = peak
+        return r
+
+    def cell(self, mode, body, conns, duration, warmup, reps, rate=None):
+        """All targets, interleaved, `reps` times; the median run of each."""
+        per = {t: [] for t in self.targets}
+        for rep in range(reps):
+            for t in self.targets:
+                r = self.loadgen(t, body, conns, duration, warmup, rate=rate, sample=(t == ANP))
+                per[t].append(r)
+                log(f"  [{mode} {fmt_bytes(body)} c={conns} rep {rep + 1}/{reps}] {t:9s} "
+                    f"{r['rps']:9.0f} rps  p50 {r['p50_us']:6d}us  p99 {r['p99_us']:6d}us  errors {r['errors']}")
+        out = []
+        for t, runs in per.items():
+            out.append(summarise(t, mode, body, conns, runs, rate))
+        return out
+
+    # -- memory -------------------------------------------------------------
+
+    def idle_connections(self, target, pids, n, measure):
+        """RSS growth of `pids` while `n` keep-alive client connections sit
+        idle on `target`. Returns a dict, KiB."""
+        before = sum(measure(p) for p in pids)
+        argv = [f"{BIN}/anp-loadgen", "--url", f"{self.targets[target]}/bytes/2", "--idle", str(n),
+                "--hold", "120", "--timeout", "20", "-t", "2"]
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            line = p.stdout.readline()
+            m = re.search(r"ok=(\d+) failed=(\d+)", line or "")
+            if not m:
+                raise RuntimeError(f"idle loadgen: {line!r} {p.stderr.read()[-500:]}")
+            ok, failed = int(m.group(1)), int(m.group(2))
+            time.sleep(1.0)  # let the server settle (buffers shrink, tasks park)
+            after = sum(measure(p_) for p_ in pids)
+        finally:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(10)
+        detail = line.split("failed=", 1)[1].split(" ", 1)[1].strip() if " ok2xx=" in line else ""
+        return {
+            "connections": ok,
+            "failed": failed,
+            "detail": detail,
+            "rss_before_kib": before,
+            "rss_after_kib": after,
+            "per_connection_kib": round((after - before) / ok, 2) if ok else None,
+        }
+
+
+def wait_port(port, proc, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    raise RuntimeError(f"{proc.name} did not open port {port}: " + open(proc.err_path).read()[-1000:])
+
+
+def summarise(target, mode, body, conns, runs, rate):
+    """The median run by rps (closed) or by p99 (fixed rate), with the
+    spread of the repetitions."""
+    key = (lambda r: r["rps"]) if mode == "closed" else (lambda r: r["p99_us"])
+    ordered = sorted(runs, key=key)
+    med = ordered[len(ordered) // 2]
+    return {
+        "target": target,
+        "mode": mode,
+        "body_bytes": body,
+        "connections": conns,
+        "target_rate": rate,
+        "rps": round(med["rps"], 1),
+        "p50_us": med["p50_us"],
+        "p90_us": med["p90_us"],
+        "p99_us": med["p99_us"],
+        "p999_us": med["p999_us"],
+        "max_us": med["max_us"],
+        "errors": med["errors"],
+        "errors_by_kind": med["errors_by_kind"],
+        "bad_statuses": med.get("bad_statuses", {}),
+        "mb_per_s": round(med["mb_per_s"], 2),
+        "reps": len(runs),
+        "rps_all": [round(r["rps"], 1) for r in runs],
+        "p99_all": [r["p99_us"] for r in runs],
+        "errors_all": [r["errors"] for r in runs],
+        "rss_peak_kib": med.get("rss_peak_kib"),
+    }
+
+
+def fmt_bytes(n):
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}MiB"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n >> 10}KiB"
+    return f"{n}B"
+
+
+def find(runs, target, mode, body, conns, rate=None):
+    for r in runs:
+        if (r["target"], r["mode"], r["body_bytes"], r["connections"]) == (target, mode, body, conns) and (
+            rate is None or r.get("target_rate") == rate
+        ):
+            return r
+    return None
+
+
+def ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
+def add_ratios(runs):
+    for r in runs:
+        if r["target"] != ANP:
+            continue
+        key = (r["mode"], r["body_bytes"], r["connections"], r.get("target_rate"))
+        d = find(runs, "direct", *key)
+        n = find(runs, "nginx", *key)
+        r["rps_vs_direct"] = ratio(r["rps"], d and d["rps"])
+        r["rps_vs_nginx"] = ratio(r["rps"], n and n["rps"])
+        r["p99_vs_direct"] = ratio(r["p99_us"], d and d["p99_us"])
+        r["p99_vs_nginx"] = ratio(r["p99_us"], n and n["p99_us"])
+
+
+def table(report):
+    runs = report["runs"]
+    targets = [t for t in ("direct", "nginx", ANP) if any(r["target"] == t for r in runs)]
+    lines = []
+    hdr = f"{'mode':10s} {'body':>6s} {'conns':>5s} {'target':9s} {'rps':>9s} {'MB/s':>8s} {'p50us':>7s} {'p99us':>7s} {'p99.9us':>8s} {'errors':>6s}  {'xnginx':>6s} {'xdirect':>7s}"
+    lines.append(hdr)
+    lines.append("-" * len(hdr))
+    cells = []
+    for r in runs:
+        c = (r["mode"], r["body_bytes"], r["connections"], r.get("target_rate"))
+        if c not in cells:
+            cells.append(c)
+    for mode, body, conns, rate in cells:
+        for t in targets:
+            r = find(runs, t, mode, body, conns, rate)
+            if not r:
+                continue
+            if mode == "closed":
+                xn, xd = r.get("rps_vs_nginx"), r.get("rps_vs_direct")
+            else:
+                xn, xd = r.get("p99_vs_nginx"), r.get("p99_vs_direct")
+            fx = lambda x: f"{x:.2f}" if x is not None else ""
+            label = mode if mode == "closed" else f"rate{r['target_rate']:.0f}"
+            lines.append(
+                f"{label:10s} {fmt_bytes(body):>6s} {conns:5d} {t:9s} {r['rps']:9.0f} {r['mb_per_s']:8.1f} "
+                f"{r['p50_us']:7d} {r['p99_us']:7d} {r['p999_us']:8d} {r['errors']:6d}  {fx(xn):>6s} {fx(xd):>7s}"
+                + ("  (below the rate: saturated)" if rate and r["rps"] < 0.97 * rate else "")
+            )
+        lines.append("")
+    lines.append("ratios: closed rows = anp-proxy rps / other rps; fixed-rate rows = anp-proxy p99 / other p99")
+    mem = report.get("memory", {})
+    if mem:
+        lines.append("")
+        lines.append("memory (KiB)               gateway   receiver")
+        for k in ("idle", "after_idle_test", "under_load_peak", "hwm_at_end"):
+            v = mem.get(k)
+            if v:
+                lines.append(f"  {k:24s} {v['gateway']:8d} {v['receiver']:10d}")
+        for name in ("idle_connections_gateway", "idle_connections_nginx"):
+            v = mem.get(name)
+            if v:
+                lines.append(
+                    f"  {name}: {v['connections']} conns ({v['failed']} failed): "
+                    f"{v['rss_before_kib']} -> {v['rss_after_kib']} KiB = {v['per_connection_kib']} KiB/conn"
+                    + (f"  [{v['detail']}]" if v.get("detail") else "")
+                )
+    goals = report.get("goals")
+    if goals:
+        lines.append("")
+        lines.append("targets (reported, never asserted):")
+        for g in goals:
+            lines.append(f"  {g['name']:44s} goal {g['goal']:<6} measured {g['measured']}  -> {g['verdict']}")
+    return "\n".join(lines)
+
+
+def goals(report):
+    runs = report["runs"]
+    out = []
+
+    def add(name, goal, measured, ok, run=None):
+        if measured is None:
+            verdict = "n/a"
+        elif run and (run.get("errors") or (run.get("target_rate") and run["rps"] < 0.97 * run["target_rate"])):
+            # A p99 over the few requests that got through means nothing.
+            verdict = f"missed ({run.get('errors')} errors, {run['rps']:.0f} rps)"
+        else:
+            verdict = "met" if ok(measured) else "missed"
+        out.append({"name": name, "goal": goal, "measured": measured, "verdict": verdict})
+
+    a = find(runs, ANP, "closed", 1024, 64) or {}
+    add("rps anp-proxy/nginx, 1 KiB, 64 conns  >=", GOALS["rps_vs_nginx_1k_64"], a.get("rps_vs_nginx"),
+        lambda m: m >= GOALS["rps_vs_nginx_1k_64"], a)
+    add("rps anp-proxy/direct, 1 KiB, 64 conns >=", GOALS["rps_vs_direct_1k_64"], a.get("rps_vs_direct"),
+        lambda m: m >= GOALS["rps_vs_direct_1k_64"], a)
+    # The lowest fixed rate: the one no target should be saturated at.
+    fr = sorted((r for r in runs if r["target"] == ANP and r["mode"] == "fixed-rate"), key=lambda r: r["target_rate"])
+    f = fr[0] if fr else {}
+    add("fixed-rate p99 anp-proxy/nginx        <=", GOALS["fixed_p99_vs_nginx"], f.get("p99_vs_nginx"),
+        lambda m: m <= GOALS["fixed_p99_vs_nginx"], f)
+    ic = report.get("memory", {}).get("idle_connections_gateway") or {}
+    add("gateway KiB per idle connection       <=", GOALS["idle_conn_kib"], ic.get("per_connection_kib"),
+        lambda m: m <= GOALS["idle_conn_kib"])
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer cells, shorter runs (< 2 minutes)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench-results"))
+    ap.add_argument("--workers", type=int, default=2, help="gateway workers = nginx worker_processes")
+    ap.add_argument("--app-threads", type=int, default=2)
+    ap.add_argument("--loadgen-threads", type=int, default=2)
+    ap.add_argument("--req-body", type=int, default=0, help="request body bytes (POST)")
+    ap.add_argument("--idle-conns", type=int, default=10000)
+    ap.add_argument("--no-nginx", action="store_true")
+    args = ap.parse_args()
+    args.nofile = raise_fd_limit()
+
+    if args.quick:
+        bodies, conns_list, duration, warmup, reps, fixed_secs = [1024, 65536], [64], 2, 0.5, 2, 3
+    else:
+        bodies, conns_list, duration, warmup, reps, fixed_secs = [128, 1024, 65536, 1 << 20], [64, 256], 5, 1, 3, 10
+
+    for b in ("anp-proxy", "anp-loadgen", "anp-bench-app"):
+        if not os.access(f"{BIN}/{b}", os.X_OK):
+            sys.exit(f"missing {BIN}/{b}: run `cargo build --release --bins` first")
+
+    t0 = time.time()
+    tmp = tempfile.mkdtemp(prefix="anp-bench-")
+    bench = Bench(args, tmp)
+    report = {"machine": machine_info(args.workers), "settings": {
+        "quick": args.quick, "duration_s": duration, "warmup_s": warmup, "reps": reps,
+        "loadgen_threads": args.loadgen_threads, "app_threads": args.app_threads,
+        "req_body_bytes": args.req_body, "fd_limit": args.nofile,
+        "note": "all processes share the same cores; medians of interleaved repetitions",
+    }, "runs": [], "memory": {}, "skipped": []}
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        bench.start()
+        if "nginx" not in bench.targets:
+            report["skipped"].append("nginx: " + ("--no-nginx" if args.no_nginx else "not installed"))
+        gw, rx = bench.gateway.pid, bench.receiver.pid
+        time.sleep(0.5)
+        mem = report["memory"]
+        mem["idle"] = {"gateway": rss_kib(gw)[0], "receiver": rss_kib(rx)[0]}
+        log(f"memory idle: gateway {mem['idle']['gateway']} KiB, receiver {mem['idle']['receiver']} KiB")
+
+        # Idle keep-alive connections first, while the allocator is fresh.
+        if args.idle_conns:
+            log(f"memory: {args.idle_conns} idle keep-alive connections on the gateway ...")
+            mem["idle_connections_gateway"] = bench.idle_connections(ANP, [gw], args.idle_conns, lambda p: rss_kib(p)[0])
+            log(f"  {mem['idle_connections_gateway']}")
+            if bench.nginx:
+                log(f"memory: {args.idle_conns} idle keep-alive connections on nginx ...")
+                mem["idle_connections_nginx"] = bench.idle_connections(
+                    "nginx", [bench.nginx.pid], args.idle_conns, tree_rss_kib)
+                log(f"  {mem['idle_connections_nginx']}")
+            time.sleep(0.5)
+            mem["after_idle_test"] = {"gateway": rss_kib(gw)[0], "receiver": rss_kib(rx)[0]}
+
+        for body in bodies:
+            for conns in conns_list:
+                log(f"cell: closed, {fmt_bytes(body)}, {conns} connections")
+                report["runs"] += bench.cell("closed", body, conns, duration, warmup, reps)
+
+        # Fixed rate at 50% of direct's max (issue #4). On a small machine
+        # that can exceed what nginx sustains at all, which makes its p99
+        # a queueing figure; then a second run at 50% of nginx's max gives
+        # the comparison the latency goal is judged on.
+        d = find(report["runs"], "direct", "closed", 1024, 64)
+        n = find(report["runs"], "nginx", "closed", 1024, 64)
+        rates = [(round(0.5 * d["rps"]) if d and d["rps"] > 0 else 1000, "50% of direct's max")]
+        if n and n["rps"] > 0 and 0.5 * n["rps"] < 0.9 * rates[0][0]:
+            rates.append((round(0.5 * n["rps"]), "50% of nginx's max"))
+        for rate, why in rates:
+            log(f"cell: fixed rate {rate} req/s ({why} at 1 KiB / 64 conns)")
+            for r in bench.cell("fixed-rate", 1024, 64, fixed_secs, warmup, reps, rate=rate):
+                r["rate_basis"] = why
+                report["runs"].append(r)
+
+        peaks = [r["rss_peak_kib"] for r in report["runs"] if r.get("rss_peak_kib")]
+        mem["under_load_peak"] = {
+            "gateway": max((p["gateway"] for p in peaks), default=0),
+            "receiver": max((p["receiver"] for p in peaks), default=0),
+        }
+        mem["hwm_at_end"] = {"gateway": rss_kib(gw)[1], "receiver": rss_kib(rx)[1]}
+        mem["under_load_by_cell"] = [
+            {"body_bytes": r["body_bytes"], "connections": r["connections"], "mode": r["mode"], **r["rss_peak_kib"]}
+            for r in report["runs"] if r.get("rss_peak_kib")
+        ]
+        report["tunnel_connects"] = bench.tunnels_reconnected()
+        for name, p in (("gateway", bench.gateway), ("receiver", bench.receiver), ("app", bench.app)):
+            if p.poll() is not None:
+                report["skipped"].append(f"{name} exited early with {p.returncode}")
+    except KeyboardInterrupt:
+        log("interrupted; stopping everything")
+        bench.procs.stop_all()
+        sys.exit(130)
+    finally:
+        bench.procs.stop_all()
+        report["elapsed_s"] = round(time.time() - t0, 1)
+        logs = os.path.join(args.out, "logs")
+        os.makedirs(logs, exist_ok=True)
+        for f in os.listdir(tmp):
+            if f.endswith((".out", ".err")):
+                shutil.copy(os.path.join(tmp, f), logs)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    add_ratios(report["runs"])
+    report["goals"] = goals(report)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "latest.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(args.out, "latest.svg"), "w") as f:
+        f.write(chart.render(report))
+    m = report["machine"]
+    print(f"\nanp-proxy bench ({'quick' if args.quick else 'full'}) — {m['cpu_model']}, {m['cores']} cores, "
+          f"kernel {m['kernel']}, {m['date']}, {report['elapsed_s']}s")
+    if report["tunnel_connects"] > args.workers:
+        print(f"note: the receiver connected {report['tunnel_connects']} times for {args.workers} tunnels "
+              "(tunnels dropped and reconnected during the run; see logs/receiver.err)")
+    for s in report["skipped"]:
+        print(f"SKIPPED/NOTE: {s}")
+    print(table(report))
+    print(f"\nwrote {os.path.join(args.out, 'latest.json')} and latest.svg")
+
+
+if __name__ == "__main__":
+    main()
