@@ -504,12 +504,53 @@ mod tests {
                 "[[gateway.auth.tokens]]\nname='a'\ntoken='short'\n",
                 "gateway.auth.tokens.token",
             ),
+            (
+                "[[gateway.auth.dids]]\ndid='did:web:a.example'\n",
+                "gateway.auth.dids.did",
+            ),
+            (
+                "[[gateway.auth.dids]]\ndid='did:wba:a.example'\npaths=['a']\n",
+                "gateway.auth.dids.paths",
+            ),
+            (
+                "[gateway.auth]\nresolver_base_url='ftp://x'\n",
+                "gateway.auth.resolver_base_url",
+            ),
+            (
+                "[gateway.auth]\nnonce_cache_size=0\n",
+                "gateway.auth.nonce_cache_size",
+            ),
+            (
+                "[receiver]\ndid_document='d.json'\n",
+                "receiver.private_key",
+            ),
         ] {
             let msg = Config::parse(text, Path::new("x.toml"))
                 .unwrap_err()
                 .to_string();
             assert!(msg.contains(key), "{text}: {msg}");
         }
+    }
+
+    #[test]
+    fn did_keys_parse_with_their_defaults() {
+        let c = Config::parse(
+            "[gateway.auth]\nservice_domains=['gw.example']\n[[gateway.auth.dids]]\ndid='did:wba:a.example:x'\npaths=['/x']\n[receiver]\ndid_document='id/did.json'\nprivate_key='id/key-1_private.pem'\nauth_scheme='http-signatures'\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        let a = &c.gateway.auth;
+        assert!(a.did_wba_enabled);
+        assert_eq!(
+            (a.timestamp_window_past, a.timestamp_window_future),
+            (300, 60)
+        );
+        assert_eq!(a.document_max_size, 65536);
+        assert!(!a.allow_private_resolver_targets);
+        assert_eq!(a.dids[0].paths, ["/x"]);
+        assert_eq!(c.receiver.auth_scheme, AuthScheme::HttpSignatures);
+        let bad = Config::parse("[receiver]\nauth_scheme='jwt'\n", Path::new("x.toml"));
+        assert!(bad.is_err(), "unknown auth_scheme must be refused");
     }
 
     #[test]

@@ -3,7 +3,7 @@ helper for tests/interop_didwba.rs and for regenerating the known-answer
 vectors in tests/data/didwba/. Every command prints one JSON object.
 
   create  --sdk agent-connect|anp --profile e1|k1|plain --host H --path a,b --out DIR [--p256-auth]
-  headers --mode agent-connect|anp-legacy|anp-http --doc F --key F --url URL [--keyid ID]
+  headers --mode agent-connect|anp-legacy|anp-http --doc F --key F --url URL [--keyid ID] [--offset S]
   verify  --doc F --url URL --domain D --headers JSON
   vectors --out FILE
 """
@@ -57,17 +57,30 @@ def headers(args):
     from anp.authentication.did_wba_authenticator import DIDWbaAuthHeader
 
     if args.mode == "anp-legacy":
-        return DIDWbaAuthHeader(args.doc, args.key, auth_mode="legacy_didwba").get_auth_header(
-            args.url, force_new=True
-        )
-    if args.keyid:
+        client = DIDWbaAuthHeader(args.doc, args.key, auth_mode="legacy_didwba")
+        if args.offset:
+            from datetime import datetime, timedelta, timezone
+            from anp.authentication.did_wba import generate_auth_header
+
+            with open(args.doc) as f:
+                doc = json.load(f)
+            ts = (datetime.now(timezone.utc) + timedelta(seconds=args.offset)).strftime(
+                "%Y-%m-%dT%H:%M:%SZ"
+            )
+            domain = client._get_domain(args.url)
+            return {"Authorization": generate_auth_header(doc, domain, client._sign_callback, timestamp=ts)}
+        return client.get_auth_header(args.url, force_new=True)
+    if args.keyid or args.offset:
         from anp.authentication.http_signatures import generate_http_signature_headers
 
         client = DIDWbaAuthHeader(args.doc, args.key)
         with open(args.doc) as f:
             doc = json.load(f)
+        import time
+
+        created = int(time.time()) + args.offset if args.offset else None
         return generate_http_signature_headers(
-            doc, args.url, "GET", client._sign_callback, keyid=args.keyid
+            doc, args.url, "GET", client._sign_callback, keyid=args.keyid, created=created
         )
     return DIDWbaAuthHeader(args.doc, args.key).get_auth_header(args.url, force_new=True)
 
@@ -243,6 +256,7 @@ def main():
     h.add_argument("--key", required=True)
     h.add_argument("--url", required=True)
     h.add_argument("--keyid")
+    h.add_argument("--offset", type=int, default=0, help="seconds added to the proof's time")
     v = sub.add_parser("verify")
     v.add_argument("--doc", required=True)
     v.add_argument("--url", required=True)

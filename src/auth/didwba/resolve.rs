@@ -296,3 +296,50 @@ pub fn fetch_blocking(url: &str, cfg: &ResolverConfig) -> Result<Vec<u8>, DidAut
     }
     Ok(buf)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_public_addresses_pass() {
+        for a in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(!is_public(a.parse().unwrap()), "{a} must be refused");
+        }
+        for a in ["93.184.216.34", "1.1.1.1", "2606:4700::1111"] {
+            assert!(is_public(a.parse().unwrap()), "{a} must pass");
+        }
+    }
+
+    #[test]
+    fn guarded_resolver_refuses_loopback_unless_allowed() {
+        let refused = Arc::new(AtomicBool::new(false));
+        let r = GuardedResolver {
+            allow_private: false,
+            refused: refused.clone(),
+        };
+        assert!(ureq::Resolver::resolve(&r, "127.0.0.1:80").is_err());
+        assert!(refused.load(Ordering::Relaxed));
+        let r = GuardedResolver {
+            allow_private: true,
+            refused: Arc::new(AtomicBool::new(false)),
+        };
+        assert_eq!(
+            ureq::Resolver::resolve(&r, "127.0.0.1:80").unwrap().len(),
+            1
+        );
+    }
+}
