@@ -37,3 +37,56 @@ pub fn bind_workers(addr: SocketAddr, n: usize) -> io::Result<(SocketAddr, Vec<T
     }
     Ok((actual, all))
 }
+
+/// Reads into the spare capacity of `buf`, after the bytes it holds.
+///
+/// monoio's `IoBufMut` for `BytesMut` writes at the *start* of the buffer
+/// (its `write_ptr` is `as_mut_ptr()`), so reading a non-empty buffer
+/// directly would overwrite what is there; a `SliceMut` over `len..cap`
+/// appends instead. The caller reserves capacity first.
+pub async fn read_append<R: monoio::io::AsyncReadRent>(
+    io: &mut R,
+    buf: bytes::BytesMut,
+) -> (io::Result<usize>, bytes::BytesMut) {
+    use monoio::buf::IoBufMut;
+    let len = buf.len();
+    let cap = buf.capacity();
+    debug_assert!(cap > len, "read_append needs spare capacity");
+    let (res, slice) = io.read(buf.slice_mut(len..cap)).await;
+    (res, slice.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[monoio::test_all(timer_enabled = true)]
+    async fn read_append_keeps_what_the_buffer_held() {
+        use monoio::io::AsyncWriteRentExt;
+        let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = local_sync::oneshot::channel::<()>();
+        monoio::spawn(async move {
+            let mut c = monoio::net::TcpStream::connect(addr).await.unwrap();
+            let (r, _) = c.write_all(b"hello ".to_vec()).await;
+            r.unwrap();
+            let _ = rx.await;
+            let (r, _) = c.write_all(b"world".to_vec()).await;
+            r.unwrap();
+        });
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = bytes::BytesMut::with_capacity(64);
+        while buf.len() < 6 {
+            let (r, b) = read_append(&mut s, buf).await;
+            r.unwrap();
+            buf = b;
+        }
+        tx.send(()).unwrap();
+        while buf.len() < 11 {
+            let (r, b) = read_append(&mut s, buf).await;
+            assert!(r.unwrap() > 0);
+            buf = b;
+        }
+        assert_eq!(&buf[..], b"hello world");
+    }
+}

@@ -41,12 +41,12 @@ async fn read_more<S: AsyncReadRent>(
     let (res, b) = match deadline {
         Some(d) => {
             let left = d.saturating_duration_since(Instant::now());
-            match monoio::time::timeout(left, io.read(b)).await {
+            match monoio::time::timeout(left, crate::net::read_append(io, b)).await {
                 Ok(r) => r,
                 Err(_) => return ReadOutcome::TimedOut,
             }
         }
-        None => io.read(b).await,
+        None => crate::net::read_append(io, b).await,
     };
     *buf = b;
     match res {

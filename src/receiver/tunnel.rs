@@ -199,7 +199,7 @@ async fn read_some<S: AsyncReadRent>(
     }
     let b = std::mem::take(buf);
     let left = deadline.saturating_duration_since(Instant::now());
-    let (res, b) = monoio::time::timeout(left, io.read(b))
+    let (res, b) = monoio::time::timeout(left, crate::net::read_append(io, b))
         .await
         .map_err(|_| TunnelError::Timeout)?;
     *buf = b;

@@ -160,7 +160,7 @@ async fn read_more<S: AsyncReadRent>(io: &mut S, buf: &mut BytesMut) -> io::Resu
         buf.reserve(64 * 1024);
     }
     let b = std::mem::take(buf);
-    let (res, b) = io.read(b).await;
+    let (res, b) = crate::net::read_append(io, b).await;
     *buf = b;
     match res? {
         0 => Ok(Read::Eof),
@@ -395,5 +395,24 @@ mod tests {
         assert!(String::from_utf8_lossy(&out).contains("content-length: 3\r\n"));
         let mut out = Vec::new();
         assert!(write_request_head(&mut out, &meta(Some("/x y")), 0, "up").is_err());
+    }
+}
+
+#[cfg(test)]
+mod split_tests {
+    use crate::http;
+
+    #[test]
+    fn response_head_prefixes_are_incomplete_not_errors() {
+        let full = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\r\n\r\nhi";
+        let limits = http::Limits::default();
+        for i in 0..full.len() - 2 {
+            let r = http::parse_response_head(&full[..i], &limits, false);
+            assert!(
+                matches!(r, Ok(None) | Ok(Some(_))),
+                "prefix {i}: {:?}",
+                r.err()
+            );
+        }
     }
 }

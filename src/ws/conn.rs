@@ -79,11 +79,14 @@ impl<R: AsyncReadRent> WsReader<R> {
             }
             let buf = std::mem::take(&mut self.buf);
             let (res, buf) = match self.idle {
-                Some(d) => match monoio::time::timeout(d, self.io.read(buf)).await {
-                    Ok(r) => r,
-                    Err(_) => return Err(ConnError::Idle(d)),
-                },
-                None => self.io.read(buf).await,
+                Some(d) => {
+                    match monoio::time::timeout(d, crate::net::read_append(&mut self.io, buf)).await
+                    {
+                        Ok(r) => r,
+                        Err(_) => return Err(ConnError::Idle(d)),
+                    }
+                }
+                None => crate::net::read_append(&mut self.io, buf).await,
             };
             self.buf = buf;
             match res {
