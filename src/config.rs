@@ -3,8 +3,9 @@
 //! the file; secrets never print (see `Debug` of [`TokenEntry`]).
 //!
 //! A `config.toml` written for the Python reference deployment must load:
-//! `[gateway.tls] tls_verify_mode` is a synonym of `verify_mode`, and
-//! `[logging] format` is accepted.
+//! `[gateway.tls] tls_verify_mode` is a synonym of `verify_mode`,
+//! `[logging] format` is accepted, and a `[gateway.database]` holding MySQL
+//! keys but no `backend` means MySQL.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -82,10 +83,24 @@ pub struct GatewayConfig {
     /// Runtimes (one per core); 0 = one per CPU.
     pub workers: usize,
     pub tunnel_path: String,
+    /// A second port (same host) that accepts only tunnel upgrades, with
+    /// its own TLS settings (`[gateway.tunnel_tls]`); absent = tunnels use
+    /// the public port; 0 = any free port (printed at start). When set, the
+    /// public port refuses tunnel upgrades.
+    pub tunnel_port: Option<u16>,
+    /// HTTPS and WSS on the public port (and on the tunnel port unless
+    /// `[gateway.tunnel_tls]` is written).
+    pub tls: TlsConfig,
+    /// TLS of the tunnel port, a whole table of its own (nothing is
+    /// inherited from `[gateway.tls]`); absent = `[gateway.tls]`.
+    pub tunnel_tls: Option<TlsConfig>,
     /// Seconds to wait for a response before answering 504.
     pub timeout: f64,
     /// Seconds an idle client keep-alive connection is kept.
     pub keepalive_timeout: f64,
+    /// Longest pause, in seconds, between pieces of a streamed response
+    /// body (SSE, long downloads) before the client connection is closed.
+    pub stream_idle_timeout: f64,
     /// Seconds allowed to receive a whole request head (408 after).
     pub header_timeout: f64,
     /// Client connections per process (excess are closed at accept).
@@ -108,6 +123,7 @@ pub struct GatewayConfig {
     /// Keep client-supplied X-Forwarded-* / Forwarded and append to them.
     pub trust_forwarded: bool,
     pub auth: AuthConfig,
+    pub database: DatabaseConfig,
 }
 
 impl Default for GatewayConfig {
@@ -117,8 +133,12 @@ impl Default for GatewayConfig {
             port: 8089,
             workers: 0,
             tunnel_path: "/ws".into(),
+            tunnel_port: None,
+            tls: TlsConfig::default(),
+            tunnel_tls: None,
             timeout: 30.0,
             keepalive_timeout: 60.0,
+            stream_idle_timeout: 300.0,
             header_timeout: 10.0,
             max_connections: 10_000,
             max_body_size: 64 * 1024 * 1024,
@@ -130,6 +150,7 @@ impl Default for GatewayConfig {
             max_inflight_per_tunnel: 4096,
             trust_forwarded: false,
             auth: AuthConfig::default(),
+            database: DatabaseConfig::default(),
         }
     }
 }
@@ -201,6 +222,99 @@ pub struct DidEntry {
     pub paths: Vec<String>,
 }
 
+/// Where the route registry (the `did_proxy_path` table) lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DbBackend {
+    /// An embedded SQLite file at `path`.
+    Sqlite,
+    /// A MySQL / MariaDB server (`host`, `port`, `user`, …).
+    Mysql,
+}
+
+/// `[gateway.database]`: the route registry.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Absent: `mysql` when any MySQL key is written (the reference's
+    /// config), else `sqlite`. Read it through [`DatabaseConfig::backend`].
+    pub backend: Option<DbBackend>,
+    /// SQLite file, relative to the config file; created on first start.
+    pub path: String,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    /// Secret: never printed. `ANP_DB_PASSWORD` overrides it.
+    pub password: String,
+    pub database: String,
+    pub charset: String,
+    /// Seconds to wait for a TCP connection to the server.
+    pub connect_timeout: f64,
+    pub min_connections: usize,
+    pub max_connections: usize,
+    /// Seconds between re-reads of the table by the gateway.
+    pub poll_interval: f64,
+}
+
+/// Keys that only mean something to MySQL: their presence without
+/// `backend` selects MySQL.
+const MYSQL_KEYS: &[&str] = &[
+    "host",
+    "port",
+    "user",
+    "password",
+    "database",
+    "charset",
+    "connect_timeout",
+    "min_connections",
+    "max_connections",
+];
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            backend: None,
+            path: "data/anp-proxy.db".into(),
+            host: "127.0.0.1".into(),
+            port: 3306,
+            user: "root".into(),
+            password: String::new(),
+            database: "anp_proxy".into(),
+            charset: "utf8mb4".into(),
+            connect_timeout: 10.0,
+            min_connections: 1,
+            max_connections: 10,
+            poll_interval: 2.0,
+        }
+    }
+}
+
+impl DatabaseConfig {
+    pub fn backend(&self) -> DbBackend {
+        self.backend.unwrap_or(DbBackend::Sqlite)
+    }
+
+    /// The MySQL password: `ANP_DB_PASSWORD` when set, else `password`.
+    pub fn effective_password(&self) -> String {
+        std::env::var("ANP_DB_PASSWORD").unwrap_or_else(|_| self.password.clone())
+    }
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("backend", &self.backend())
+            .field("path", &self.path)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("database", &self.database)
+            .field("poll_interval", &self.poll_interval)
+            .finish_non_exhaustive()
+    }
+}
+
 /// How a receiver proves its DID on the upgrade.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 pub enum AuthScheme {
@@ -263,6 +377,14 @@ pub struct ReceiverConfig {
     pub private_key: String,
     /// `didwba` (Authorization: DIDWba) or `http-signatures` (RFC 9421).
     pub auth_scheme: AuthScheme,
+    /// PEM CA certificate(s) the gateway's certificate must chain to
+    /// (`wss://`); empty = the system's trust store.
+    pub ca_file: String,
+    /// PEM client certificate chain presented to the gateway (mTLS); with
+    /// `key_file`. Empty = none.
+    pub cert_file: String,
+    /// PEM private key of `cert_file`.
+    pub key_file: String,
 }
 
 impl Default for ReceiverConfig {
@@ -281,6 +403,9 @@ impl Default for ReceiverConfig {
             did_document: String::new(),
             private_key: String::new(),
             auth_scheme: AuthScheme::DidWba,
+            ca_file: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
         }
     }
 }
@@ -295,7 +420,58 @@ impl fmt::Debug for ReceiverConfig {
             .field("max_concurrent", &self.max_concurrent)
             .field("did_document", &self.did_document)
             .field("auth_scheme", &self.auth_scheme)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
             .finish_non_exhaustive()
+    }
+}
+
+/// Client certificates a TLS listener asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    /// None asked for.
+    #[default]
+    None,
+    /// Asked for; a client without one is let in, a bad one is refused.
+    Optional,
+    /// A certificate chaining to `ca_file` is required.
+    Required,
+}
+
+/// `[gateway.tls]` / `[gateway.tunnel_tls]`: a TLS listener (rustls).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    pub enabled: bool,
+    /// PEM certificate chain, leaf first (relative to the config file).
+    pub cert_file: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `cert_file`.
+    pub key_file: String,
+    /// PEM CA certificate(s) client certificates must chain to.
+    pub ca_file: String,
+    /// `none`, `optional` or `required`; the reference's `tls_verify_mode`
+    /// is the same key.
+    #[serde(alias = "tls_verify_mode")]
+    pub verify_mode: VerifyMode,
+}
+
+impl TlsConfig {
+    /// What is missing for this table to be usable: (key suffix, why).
+    fn check(&self) -> Option<(usize, &'static str)> {
+        if !self.enabled {
+            return None;
+        }
+        if self.cert_file.is_empty() {
+            return Some((0, "is required when TLS is enabled"));
+        }
+        if self.key_file.is_empty() {
+            return Some((1, "is required when TLS is enabled"));
+        }
+        if self.verify_mode != VerifyMode::None && self.ca_file.is_empty() {
+            return Some((2, "is required when verify_mode is optional or required"));
+        }
+        None
     }
 }
 
@@ -322,10 +498,13 @@ impl Config {
 
     /// Parses and validates TOML text; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string().trim_end().replace('\n', " | "),
         })?;
+        if cfg.gateway.database.backend.is_none() && has_mysql_keys(text) {
+            cfg.gateway.database.backend = Some(DbBackend::Mysql);
+        }
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -437,6 +616,35 @@ impl Config {
         if a.resolver_timeout.is_nan() || a.resolver_timeout <= 0.0 {
             return Err(bad("gateway.auth.resolver_timeout", "must be > 0".into()));
         }
+        let d = &g.database;
+        if d.backend() == DbBackend::Sqlite && d.path.is_empty() {
+            return Err(bad("gateway.database.path", "must not be empty".into()));
+        }
+        if d.charset.is_empty()
+            || !d
+                .charset
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(bad(
+                "gateway.database.charset",
+                format!("`{}` is not a charset name", d.charset),
+            ));
+        }
+        if d.max_connections == 0 || d.min_connections > d.max_connections {
+            return Err(bad(
+                "gateway.database.max_connections",
+                "must be > 0 and >= min_connections".into(),
+            ));
+        }
+        for (key, v) in [
+            ("gateway.database.connect_timeout", d.connect_timeout),
+            ("gateway.database.poll_interval", d.poll_interval),
+        ] {
+            if v.is_nan() || v <= 0.0 {
+                return Err(bad(key, "must be > 0".into()));
+            }
+        }
         let r = &self.receiver;
         if r.did_document.is_empty() != r.private_key.is_empty() {
             return Err(bad(
@@ -453,7 +661,49 @@ impl Config {
                 format!("{} is outside 1024..=16777216", r.chunk_size),
             ));
         }
+        const TLS_KEYS: [[&str; 3]; 2] = [
+            [
+                "gateway.tls.cert_file",
+                "gateway.tls.key_file",
+                "gateway.tls.ca_file",
+            ],
+            [
+                "gateway.tunnel_tls.cert_file",
+                "gateway.tunnel_tls.key_file",
+                "gateway.tunnel_tls.ca_file",
+            ],
+        ];
+        for (t, keys) in [Some(&g.tls), g.tunnel_tls.as_ref()].iter().zip(TLS_KEYS) {
+            if let Some((i, why)) = t.and_then(TlsConfig::check) {
+                return Err(bad(keys[i], why.into()));
+            }
+        }
+        if g.tunnel_tls.is_some() && g.tunnel_port.is_none() {
+            return Err(bad(
+                "gateway.tunnel_tls",
+                "needs `gateway.tunnel_port` (a listener of its own)".into(),
+            ));
+        }
+        if g.tunnel_port.is_some_and(|p| p != 0 && p == g.port) {
+            return Err(bad(
+                "gateway.tunnel_port",
+                "must differ from `gateway.port` (leave it out for tunnels on the public port)"
+                    .into(),
+            ));
+        }
+        if r.cert_file.is_empty() != r.key_file.is_empty() {
+            return Err(bad(
+                "receiver.key_file",
+                "`cert_file` and `key_file` go together".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// The SQLite registry file: `[gateway.database] path` from the config
+    /// file's directory.
+    pub fn database_path(&self) -> PathBuf {
+        self.base_dir.join(&self.gateway.database.path)
     }
 
     /// Worker runtimes to start: `workers`, or one per CPU when 0.
@@ -465,6 +715,17 @@ impl Config {
             n => n,
         }
     }
+}
+
+/// Does `[gateway.database]` in `text` hold any MySQL-only key?
+fn has_mysql_keys(text: &str) -> bool {
+    let Ok(v) = text.parse::<toml::Table>() else {
+        return false;
+    };
+    v.get("gateway")
+        .and_then(|g| g.get("database"))
+        .and_then(|d| d.as_table())
+        .is_some_and(|d| MYSQL_KEYS.iter().any(|k| d.contains_key(*k)))
 }
 
 #[cfg(test)]
@@ -482,6 +743,44 @@ mod tests {
         let err = Config::parse("[gateway]\nprot = 1\n", Path::new("x.toml")).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("prot") && msg.contains("x.toml"), "{msg}");
+    }
+
+    #[test]
+    fn tls_keys_parse_and_the_reference_synonym_is_accepted() {
+        let c = Config::parse(
+            "[gateway]\ntunnel_port = 8443\n[gateway.tls]\nenabled = true\ncert_file = 'c.pem'\nkey_file = 'k.pem'\nca_file = 'ca.pem'\ntls_verify_mode = 'optional'\n[gateway.tunnel_tls]\nenabled = true\ncert_file = 'c.pem'\nkey_file = 'k.pem'\nca_file = 'ca.pem'\nverify_mode = 'required'\n[receiver]\nca_file = 'ca.pem'\ncert_file = 'rc.pem'\nkey_file = 'rk.pem'\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.gateway.tls.verify_mode, VerifyMode::Optional);
+        assert_eq!(c.gateway.tunnel_port, Some(8443));
+        let t = c.gateway.tunnel_tls.as_ref().unwrap();
+        assert_eq!(t.verify_mode, VerifyMode::Required);
+        assert_eq!(c.receiver.ca_file, "ca.pem");
+        let d = Config::default();
+        assert!(!d.gateway.tls.enabled && d.gateway.tunnel_port.is_none());
+        assert_eq!(d.gateway.tls.verify_mode, VerifyMode::None);
+        for (text, key) in [
+            ("[gateway.tls]\nenabled = true\n", "gateway.tls.cert_file"),
+            (
+                "[gateway.tls]\nenabled = true\ncert_file='c'\nkey_file='k'\nverify_mode='required'\n",
+                "gateway.tls.ca_file",
+            ),
+            (
+                "[gateway]\ntunnel_port = 1\n[gateway.tunnel_tls]\nenabled = true\ncert_file = 'c'\n",
+                "gateway.tunnel_tls.key_file",
+            ),
+            ("[gateway.tunnel_tls]\n", "gateway.tunnel_tls"),
+            ("[gateway]\nport = 9\ntunnel_port = 9\n", "gateway.tunnel_port"),
+            ("[receiver]\ncert_file = 'c'\n", "receiver.key_file"),
+            ("[gateway.tls]\nverify_mode = 'sometimes'\n", "verify_mode"),
+            ("[gateway.tls]\ncertfile = 'c'\n", "certfile"),
+        ] {
+            let msg = Config::parse(text, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains(key), "{text}: {msg}");
+        }
     }
 
     #[test]
@@ -551,6 +850,48 @@ mod tests {
         assert_eq!(c.receiver.auth_scheme, AuthScheme::HttpSignatures);
         let bad = Config::parse("[receiver]\nauth_scheme='jwt'\n", Path::new("x.toml"));
         assert!(bad.is_err(), "unknown auth_scheme must be refused");
+    }
+
+    #[test]
+    fn database_backend_follows_its_keys() {
+        let c = Config::parse("", Path::new("x")).unwrap();
+        assert_eq!(c.gateway.database.backend(), DbBackend::Sqlite);
+        assert_eq!(c.gateway.database.path, "data/anp-proxy.db");
+        assert_eq!(c.gateway.database.poll_interval, 2.0);
+        // The Python reference's section: MySQL keys, no `backend`.
+        let text = "[gateway.database]\nhost='db'\nport=3306\nuser='anp'\npassword='pw-secret-1'\ndatabase='anp'\ncharset='utf8mb4'\nconnect_timeout=10\nmin_connections=1\nmax_connections=10\n";
+        let c = Config::parse(text, Path::new("x")).unwrap();
+        let d = &c.gateway.database;
+        assert_eq!(d.backend(), DbBackend::Mysql);
+        assert_eq!((d.host.as_str(), d.user.as_str()), ("db", "anp"));
+        assert!(!format!("{c:?}").contains("pw-secret-1"));
+        let c = Config::parse(
+            "[gateway.database]\nbackend='sqlite'\nhost='db'\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.gateway.database.backend(), DbBackend::Sqlite);
+        for (text, key) in [
+            ("[gateway.database]\nbackend='pg'\n", "backend"),
+            ("[gateway.database]\nhostname='x'\n", "hostname"),
+            (
+                "[gateway.database]\npoll_interval=0\n",
+                "gateway.database.poll_interval",
+            ),
+            (
+                "[gateway.database]\nmin_connections=5\nmax_connections=2\n",
+                "gateway.database.max_connections",
+            ),
+            (
+                "[gateway.database]\ncharset='utf8; DROP'\n",
+                "gateway.database.charset",
+            ),
+        ] {
+            let msg = Config::parse(text, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains(key), "{text}: {msg}");
+        }
     }
 
     #[test]

@@ -10,4 +10,6 @@ pub mod logging;
 pub mod net;
 pub mod protocol;
 pub mod receiver;
+pub mod registry;
+pub mod tls;
 pub mod ws;

@@ -36,6 +36,76 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DidCmd,
     },
+    /// The route registry (`[gateway.database]`): which identity serves
+    /// which path prefix. Running gateways pick changes up within
+    /// `poll_interval`.
+    Routes {
+        #[command(subcommand)]
+        cmd: RoutesCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum RoutesCmd {
+    /// Register PATH for DID (a did:wba DID, or a token identity's name).
+    /// A PATH ending in /ad.json serves its parent prefix.
+    Add { did: String, path: String },
+    /// Remove PATH (or the rows of DID serving the same prefix).
+    Remove { did: String, path: String },
+    /// Print every row as `did<TAB>path`.
+    List,
+}
+
+fn routes_command(cfg: &Config, cmd: RoutesCmd) -> ExitCode {
+    use anp_proxy::registry::{Added, Registry};
+    let mut reg = match Registry::open(cfg) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("anp-proxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let res = match cmd {
+        RoutesCmd::Add { did, path } => {
+            // A prefix the config gives to another identity would be
+            // ignored by the gateway: refuse it here, naming the owner.
+            let fixed = anp_proxy::gateway::build_routes(cfg);
+            match fixed.owner(&path) {
+                Some(owner) if **owner != *did => {
+                    eprintln!("anp-proxy: path `{path}` is already owned by `{owner}` (in the config file)");
+                    return ExitCode::FAILURE;
+                }
+                _ => {}
+            }
+            reg.add(&did, &path).map(|a| match a {
+                Added::New => eprintln!("anp-proxy: added {did} {path}"),
+                Added::Already => eprintln!("anp-proxy: {did} already has {path}"),
+            })
+        }
+        RoutesCmd::Remove { did, path } => match reg.remove(&did, &path) {
+            Ok(0) => {
+                eprintln!("anp-proxy: no route {path} for {did}");
+                return ExitCode::FAILURE;
+            }
+            Ok(n) => {
+                eprintln!("anp-proxy: removed {n} route(s) of {did}");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
+        RoutesCmd::List => reg.list_all().map(|rows| {
+            for (did, path) in rows {
+                println!("{did}\t{path}");
+            }
+        }),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("anp-proxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -109,6 +179,7 @@ fn main() -> ExitCode {
             println!("{}: ok", cli.config.display());
             return ExitCode::SUCCESS;
         }
+        Some(Cmd::Routes { cmd }) => return routes_command(&cfg, cmd),
         Some(Cmd::Did { .. }) => unreachable!("handled before loading the config"),
         None => cfg.mode,
     };

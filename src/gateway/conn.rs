@@ -11,13 +11,16 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 
-use super::core::{CoreCtx, CoreMsg, ProxyRequest, ProxyResponse, TunnelHandoff};
+use super::core::{CoreCtx, CoreMsg, ProxyRequest, TunnelHandoff};
 use super::error::{error_kind, error_reply, ProxyError};
-use super::forward::{build_request_meta, write_response_head};
+use super::forward::{build_request_meta, write_response_head, Framing};
 use super::tunnel::run_tunnel;
+use super::tunnel::{BodyEvent, RespBody, RespHead, Tunnel};
 use crate::auth::UpgradeRequest;
 use crate::http::{self, BodyKind, ChunkedDecoder, ChunkedStep, RequestHead};
+use crate::protocol::anpx::ResponseMeta;
 use crate::protocol::features::{Features, FEATURES_HEADER, TUNNELS_HEADER};
+use crate::protocol::stream;
 
 /// Bodies at most this large are copied behind the head so the response
 /// leaves in one write; larger ones go as a second write without a copy.
@@ -79,9 +82,25 @@ impl Movable for monoio::net::TcpStream {
     }
 }
 
+/// What a listener serves: both (the default), or, with `tunnel_port`,
+/// public requests on one port and tunnel upgrades on the other (so the
+/// tunnel port's client-certificate rules cannot be bypassed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepts {
+    All,
+    Requests,
+    Tunnels,
+}
+
 /// Serves one client connection until it closes.
-pub async fn serve_conn<S>(ctx: Rc<CoreCtx>, mut io: S, peer: SocketAddr, conn_id: u64, tls: bool)
-where
+pub async fn serve_conn<S>(
+    ctx: Rc<CoreCtx>,
+    mut io: S,
+    peer: SocketAddr,
+    conn_id: u64,
+    tls: bool,
+    accepts: Accepts,
+) where
     S: AsyncReadRent + AsyncWriteRent + Splitable + Movable + 'static,
     S::OwnedRead: AsyncReadRent + 'static,
     S::OwnedWrite: AsyncWriteRent + 'static,
@@ -126,8 +145,18 @@ where
         let is_head = head.method(&head_buf) == "HEAD";
 
         // 2. The tunnel upgrade leaves the HTTP loop.
-        if raw_path == ctx.settings.tunnel_path.as_bytes() && head.upgrade {
+        if accepts != Accepts::Requests
+            && raw_path == ctx.settings.tunnel_path.as_bytes()
+            && head.upgrade
+        {
             accept_tunnel(ctx, io, &head, &head_buf, buf, peer, tls).await;
+            return;
+        }
+        if accepts == Accepts::Tunnels {
+            // The tunnel port serves nothing else.
+            let err = ProxyError::NoRoute(String::from_utf8_lossy(raw_path).into_owned());
+            tracing::info!(%peer, error = %err, "request on the tunnel port refused");
+            let _ = write_error(&mut io, &mut out, &err, is_head, true).await;
             return;
         }
         if head.upgrade && is_websocket_upgrade(&head, &head_buf) {
@@ -171,8 +200,17 @@ where
         };
         let ok = match resp {
             Ok(r) => {
-                let close = !keep_alive;
-                write_response(&mut io, &mut out, r, is_head, close).await
+                let http10 = head.version_minor == 0;
+                write_response(
+                    &mut io,
+                    &mut out,
+                    r,
+                    is_head,
+                    keep_alive,
+                    http10,
+                    &ctx.settings,
+                )
+                .await
             }
             Err(e) => {
                 let reply = error_reply(&e);
@@ -226,7 +264,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-type ProxyOutcome = Result<ProxyResponse, (ProxyError, bool)>;
+type ProxyOutcome = Result<RespHead, (ProxyError, bool)>;
 
 #[allow(clippy::too_many_arguments)]
 async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
@@ -246,7 +284,8 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
     if has_dot_segment(&path) {
         return Err((ProxyError::BadRequest("dot-segment in path"), false));
     }
-    let Some(route) = ctx.routes.lookup(&path) else {
+    let routes = ctx.routes();
+    let Some(route) = routes.lookup(&path) else {
         return Err((ProxyError::NoRoute(path.into_owned()), false));
     };
     let identity = route.identity.clone();
@@ -266,6 +305,22 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
             return Err((ProxyError::BadRequest("client went away"), false));
         }
     }
+    // A `stream` tunnel on this core: the body goes up as it arrives.
+    if let Some(t) = ctx
+        .local_tunnel(&identity, conn_id)
+        .filter(|t| t.features.stream)
+    {
+        let target = Target {
+            path: &path,
+            raw_path,
+            raw_query,
+            peer,
+            tls,
+        };
+        return stream_request(ctx, io, buf, head, head_buf, &target, t).await;
+    }
+    // Otherwise the whole body first (plain v1 peer, or the rare cross-core
+    // path, which needs a `Send` request).
     let body = read_body(io, buf, &head.body, max, ctx.settings.header_timeout)
         .await
         .map_err(|e| (e, false))?;
@@ -282,6 +337,171 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
         ctx.settings.trust_forwarded,
     );
     ctx.dispatch(&identity, ProxyRequest { meta, body }, conn_id)
+        .await
+        .map(|r| RespHead {
+            meta: r.meta,
+            body: RespBody::Full(r.body),
+        })
+        .map_err(|e| (e, true))
+}
+
+/// Where a request came from and what it asked for.
+struct Target<'a> {
+    path: &'a str,
+    raw_path: &'a [u8],
+    raw_query: &'a [u8],
+    peer: SocketAddr,
+    tls: bool,
+}
+
+/// Sends a request to a `stream` tunnel, its body piece by piece as it
+/// arrives from the client (bounded by the tunnel's credit window), then
+/// waits for the response head. A client that goes away mid-upload aborts
+/// the request at the receiver (`cancel`).
+async fn stream_request<S: AsyncReadRent>(
+    ctx: &CoreCtx,
+    io: &mut S,
+    buf: &mut BytesMut,
+    head: &RequestHead,
+    head_buf: &Bytes,
+    target: &Target<'_>,
+    tunnel: Rc<Tunnel>,
+) -> ProxyOutcome {
+    let max = ctx.settings.max_body_size;
+    let idle = ctx.settings.header_timeout;
+    let piece = stream::piece_size(ctx.settings.chunk_size, "0123456789abcdef", 0);
+    let mut dec = ChunkedDecoder::new(16 * 1024);
+    // What of the body is already here decides between one message and a
+    // stream.
+    let mut first = BytesMut::new();
+    let mut left = 0usize; // Content-Length bytes still to read
+    let complete = match head.body {
+        BodyKind::None => true,
+        BodyKind::ContentLength(n) => {
+            let n = n as usize;
+            let take = buf.len().min(n);
+            first.extend_from_slice(&buf.split_to(take));
+            left = n - take;
+            left == 0
+        }
+        BodyKind::Chunked => loop {
+            match dec.decode(buf) {
+                Ok(ChunkedStep::Data(d)) => {
+                    if first.len() + d.len() > max {
+                        return Err((ProxyError::BodyTooLarge(max), false));
+                    }
+                    first.extend_from_slice(&d);
+                }
+                Ok(ChunkedStep::Done) => break true,
+                Ok(ChunkedStep::NeedMore) => break false,
+                Err(_) => return Err((ProxyError::BadRequest("invalid chunked body"), false)),
+            }
+        },
+    };
+    let chunked = matches!(head.body, BodyKind::Chunked);
+    let meta = build_request_meta(
+        head,
+        head_buf,
+        target.path,
+        target.raw_path,
+        target.raw_query,
+        target.peer,
+        target.tls,
+        (chunked && complete).then_some(first.len()),
+        ctx.settings.trust_forwarded,
+    );
+    let mut first = first.freeze();
+    if complete {
+        let (_up, mut waiter) = tunnel
+            .start(ctx, meta, first, true)
+            .map_err(|e| (e, false))?;
+        return waiter
+            .wait(ctx.settings.timeout)
+            .await
+            .map_err(|e| (e, true));
+    }
+    let rest = if first.len() > piece {
+        first.split_off(piece)
+    } else {
+        Bytes::new()
+    };
+    let mut sent = first.len() + rest.len();
+    let (mut up, mut waiter) = tunnel
+        .start(ctx, meta, first, false)
+        .map_err(|e| (e, false))?;
+    let mut pending = rest;
+    let failed = 'upload: loop {
+        // Forward what is decoded but not yet sent, a piece at a time.
+        while !pending.is_empty() {
+            let p = pending.split_to(pending.len().min(piece));
+            if let Err(e) = up.send(p, false).await {
+                break 'upload Some(e);
+            }
+        }
+        // Then the next bytes from the client.
+        let step: Result<Option<Bytes>, ProxyError> = match head.body {
+            BodyKind::ContentLength(_) => {
+                if left == 0 {
+                    Ok(None)
+                } else if !buf.is_empty() {
+                    let p = buf.split_to(buf.len().min(left).min(piece)).freeze();
+                    left -= p.len();
+                    Ok(Some(p))
+                } else {
+                    match read_more(io, buf, deadline(idle)).await {
+                        ReadOutcome::Data => continue,
+                        ReadOutcome::Eof => {
+                            Err(ProxyError::BadRequest("client went away mid-body"))
+                        }
+                        ReadOutcome::TimedOut => Err(ProxyError::BodyTimeout),
+                    }
+                }
+            }
+            _ => match dec.decode(buf) {
+                Ok(ChunkedStep::Data(d)) => Ok(Some(d)),
+                Ok(ChunkedStep::Done) => Ok(None),
+                Ok(ChunkedStep::NeedMore) => match read_more(io, buf, deadline(idle)).await {
+                    ReadOutcome::Data => continue,
+                    ReadOutcome::Eof => Err(ProxyError::BadRequest("client went away mid-body")),
+                    ReadOutcome::TimedOut => Err(ProxyError::BodyTimeout),
+                },
+                Err(_) => Err(ProxyError::BadRequest("invalid chunked body")),
+            },
+        };
+        match step {
+            Ok(Some(p)) => {
+                sent += p.len();
+                if sent > max {
+                    break Some(ProxyError::BodyTooLarge(max));
+                }
+                let last = matches!(head.body, BodyKind::ContentLength(_)) && left == 0;
+                if p.len() > piece {
+                    pending = p;
+                    continue;
+                }
+                if let Err(e) = up.send(p, last).await {
+                    break Some(e);
+                }
+                if last {
+                    break None;
+                }
+            }
+            Ok(None) => {
+                if let Err(e) = up.send(Bytes::new(), true).await {
+                    break Some(e);
+                }
+                break None;
+            }
+            Err(e) => break Some(e),
+        }
+    };
+    if let Some(e) = failed {
+        tracing::info!(peer = %target.peer, error = %e, "upload aborted");
+        up.abort(&e.to_string());
+        return Err((e, false));
+    }
+    waiter
+        .wait(ctx.settings.timeout)
         .await
         .map_err(|e| (e, true))
 }
@@ -364,27 +584,149 @@ fn itoa_buf(n: usize) -> String {
     n.to_string()
 }
 
+/// Writes a proxied response; true if the connection can serve another
+/// request. A streamed body is written as it arrives, returning credit to
+/// the tunnel as each piece reaches the client; if it fails midway the
+/// connection is closed without the final chunk, so the client sees it.
 async fn write_response<S: AsyncWriteRent>(
     io: &mut S,
     out: &mut Vec<u8>,
-    resp: ProxyResponse,
+    resp: RespHead,
     is_head: bool,
-    close: bool,
+    keep_alive: bool,
+    http10: bool,
+    settings: &super::core::Settings,
 ) -> bool {
     out.clear();
-    let send_body = write_response_head(out, &resp.meta, resp.body.len(), is_head, close);
-    if !send_body || resp.body.is_empty() {
-        return write_out(io, out).await;
-    }
-    if resp.body.len() <= COALESCE_BODY {
-        out.extend_from_slice(&resp.body);
-        return write_out(io, out).await;
-    }
+    let status = resp.meta.status;
+    let no_body = is_head || status == 204 || status == 304 || (100..200).contains(&status);
+    let mut stream = match resp.body {
+        RespBody::Full(body) => {
+            let framing = if no_body {
+                Framing::None
+            } else {
+                Framing::Length(body.len() as u64)
+            };
+            write_response_head(out, &resp.meta, framing, !keep_alive);
+            if no_body || body.is_empty() {
+                return write_out(io, out).await && keep_alive;
+            }
+            if body.len() <= COALESCE_BODY {
+                out.extend_from_slice(&body);
+                return write_out(io, out).await && keep_alive;
+            }
+            if !write_out(io, out).await {
+                return false;
+            }
+            let (res, _) = io.write_all(body).await;
+            return res.is_ok() && keep_alive;
+        }
+        RespBody::Stream(s) => s,
+    };
+    let framing = if no_body {
+        Framing::None
+    } else if let Some(n) = app_content_length(&resp.meta) {
+        Framing::Length(n)
+    } else if !http10 {
+        Framing::Chunked
+    } else {
+        Framing::Close
+    };
+    let close = !keep_alive || framing == Framing::Close;
+    write_response_head(out, &resp.meta, framing, close);
     if !write_out(io, out).await {
         return false;
     }
-    let (res, _) = io.write_all(resp.body).await;
-    res.is_ok()
+    let mut sent: u64 = 0;
+    loop {
+        let ev = match monoio::time::timeout(settings.stream_idle_timeout, stream.next()).await {
+            Ok(ev) => ev,
+            Err(_) => {
+                tracing::info!("response stream idle too long; closing");
+                return false;
+            }
+        };
+        match ev {
+            BodyEvent::Data(d) => {
+                if no_body || d.is_empty() {
+                    stream.consumed(d.len());
+                    continue;
+                }
+                let n = d.len();
+                sent += n as u64;
+                if let Framing::Length(total) = framing {
+                    if sent > total {
+                        tracing::warn!("receiver sent more than its Content-Length; closing");
+                        return false;
+                    }
+                }
+                out.clear();
+                if framing == Framing::Chunked {
+                    out.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+                }
+                if n <= COALESCE_BODY {
+                    out.extend_from_slice(&d);
+                    if framing == Framing::Chunked {
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    if !write_out(io, out).await {
+                        return false;
+                    }
+                } else {
+                    if !out.is_empty() && !write_out(io, out).await {
+                        return false;
+                    }
+                    let (res, _) = io.write_all(d).await;
+                    if res.is_err() {
+                        return false;
+                    }
+                    if framing == Framing::Chunked {
+                        out.extend_from_slice(b"\r\n");
+                        if !write_out(io, out).await {
+                            return false;
+                        }
+                    }
+                }
+                stream.consumed(n);
+            }
+            BodyEvent::End => {
+                return match framing {
+                    Framing::Chunked => {
+                        out.clear();
+                        out.extend_from_slice(http::LAST_CHUNK);
+                        write_out(io, out).await && !close
+                    }
+                    Framing::Length(total) => sent == total && !close,
+                    Framing::None => !close,
+                    Framing::Close => false,
+                };
+            }
+            BodyEvent::Failed(e) => {
+                tracing::warn!(error = %e, "response failed mid-body; closing the client connection");
+                return false;
+            }
+        }
+    }
+}
+
+/// The app's Content-Length, when it sent a valid one.
+fn app_content_length(meta: &ResponseMeta) -> Option<u64> {
+    let list = meta.header_list.as_ref().unwrap_or(&meta.headers);
+    let mut found = None;
+    for (n, v) in list {
+        if n.eq_ignore_ascii_case("content-length") {
+            let v = v.trim();
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let n: u64 = v.parse().ok()?;
+            if found.is_some_and(|f| f != n) {
+                return None;
+            }
+            found = Some(n);
+        }
+    }
+    found
 }
 
 /// Writes the gateway's own error reply; false if the write failed.
@@ -465,7 +807,7 @@ async fn accept_tunnel<S>(
         headers: &headers,
         tls,
     };
-    let owns_routes = |name: &str| ctx.routes.prefixes_of(name).next().is_some();
+    let owns_routes = |name: &str| ctx.routes().prefixes_of(name).next().is_some();
     let identity = match ctx.shared.auth.authenticate(&req, &owns_routes).await {
         Ok(id) => id,
         Err(e) => {
@@ -474,7 +816,7 @@ async fn accept_tunnel<S>(
             return;
         }
     };
-    if ctx.routes.prefixes_of(&identity.name).next().is_none() {
+    if ctx.routes().prefixes_of(&identity.name).next().is_none() {
         let e = crate::auth::AuthError::NoRoutes(identity.name.to_string());
         tracing::warn!(%peer, reason = e.reason(), error = %e, "tunnel upgrade refused");
         refuse(&mut io, &mut out, e.status(), e.reason(), &e.to_string()).await;

@@ -1,7 +1,8 @@
 //! Per-core state and request dispatch.
 //!
 //! [`CoreCtx`] is everything a request touches, owned by one runtime: the
-//! route table copy, this core's tunnels and their in-flight tables, the
+//! route table copy (replaced whole when the registry changes,
+//! [`CoreMsg::Routes`]), this core's tunnels and their in-flight tables, the
 //! request-id sequence. No locks or atomics here on the request path.
 //! [`Shared`] is the cross-core part, touched only on rare events: a tunnel
 //! joining or leaving, and the counted fallback when this core has no
@@ -63,6 +64,8 @@ pub struct TunnelHandoff {
 pub enum CoreMsg {
     Request(CrossRequest),
     Tunnel(TunnelHandoff),
+    /// A new route table from the registry poller (`registry::reload`).
+    Routes(Arc<RouteTable>),
 }
 
 /// Process-wide counters (cold path or per-event, never per byte).
@@ -79,7 +82,9 @@ pub struct Counters {
 pub struct Shared {
     pub config: Arc<Config>,
     pub auth: Authenticator,
-    pub routes: Arc<RouteTable>,
+    /// The route table in force; cores copy it at start, then follow
+    /// [`CoreMsg::Routes`]. Locked only on those rare events.
+    routes: Mutex<Arc<RouteTable>>,
     /// identity → tunnels per core (index = core).
     tunnel_cores: Mutex<HashMap<IdentityName, Vec<usize>>>,
     pub inboxes: Vec<xmpsc::UnboundedSender<CoreMsg>>,
@@ -98,12 +103,31 @@ impl Shared {
         Self {
             config,
             auth,
-            routes,
+            routes: Mutex::new(routes),
             tunnel_cores: Mutex::new(HashMap::new()),
             inboxes,
             counters: Counters::default(),
             workers,
         }
+    }
+
+    /// The route table in force (cold path: core start, reloads).
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.routes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Makes `routes` the table in force and sends it to every core.
+    /// False when no core is listening any more.
+    pub fn publish_routes(&self, routes: Arc<RouteTable>) -> bool {
+        *self.routes.lock().unwrap_or_else(|e| e.into_inner()) = routes.clone();
+        let mut delivered = false;
+        for tx in &self.inboxes {
+            delivered |= tx.unbounded_send(CoreMsg::Routes(routes.clone())).is_ok();
+        }
+        delivered
     }
 
     /// Chooses the core a new tunnel of `identity` should live on: the one
@@ -174,6 +198,8 @@ pub struct Settings {
     pub chunk_size: usize,
     pub max_inflight_per_tunnel: usize,
     pub ping_interval: Option<Duration>,
+    /// Longest pause inside a streamed response body.
+    pub stream_idle_timeout: Duration,
     pub tunnel_path: String,
     pub trust_forwarded: bool,
     pub head_limits: crate::http::Limits,
@@ -190,6 +216,7 @@ impl Settings {
             chunk_size: g.chunk_size,
             max_inflight_per_tunnel: g.max_inflight_per_tunnel,
             ping_interval: secs(g.ping_interval),
+            stream_idle_timeout: secs(g.stream_idle_timeout).unwrap_or(Duration::from_secs(3600)),
             tunnel_path: g.tunnel_path.clone(),
             trust_forwarded: g.trust_forwarded,
             head_limits: crate::http::Limits {
@@ -206,7 +233,8 @@ pub struct CoreCtx {
     pub index: usize,
     pub shared: Arc<Shared>,
     pub settings: Settings,
-    pub routes: Arc<RouteTable>,
+    /// This core's own copy: `Rc`, so taking it costs no atomic.
+    routes: RefCell<Rc<RouteTable>>,
     tunnels: RefCell<HashMap<IdentityName, Vec<Rc<Tunnel>>>>,
     seq: Cell<u64>,
     next_tunnel_id: Cell<u64>,
@@ -215,7 +243,7 @@ pub struct CoreCtx {
 impl CoreCtx {
     pub fn new(index: usize, shared: Arc<Shared>) -> Self {
         let settings = Settings::from_config(&shared.config);
-        let routes = shared.routes.clone();
+        let routes = RefCell::new(Rc::new(RouteTable::clone(&shared.routes())));
         Self {
             index,
             shared,
@@ -225,6 +253,19 @@ impl CoreCtx {
             seq: Cell::new(0),
             next_tunnel_id: Cell::new(0),
         }
+    }
+
+    /// The route table in force on this core. Hold the `Rc` for as long as
+    /// a borrowed [`super::routes::Route`] is used; a reload replaces the
+    /// table, never mutates it.
+    pub fn routes(&self) -> Rc<RouteTable> {
+        self.routes.borrow().clone()
+    }
+
+    /// Installs a new table (rare: a registry change). Copied once per
+    /// core so lookups never touch a shared refcount.
+    fn set_routes(&self, routes: &RouteTable) {
+        *self.routes.borrow_mut() = Rc::new(routes.clone());
     }
 
     /// A request id unique in the process: core index in the top 16 bits.
@@ -264,7 +305,7 @@ impl CoreCtx {
 
     /// A local tunnel for `identity`; a client connection sticks to one by
     /// hash of its id.
-    fn local_tunnel(&self, identity: &str, hint: u64) -> Option<Rc<Tunnel>> {
+    pub fn local_tunnel(&self, identity: &str, hint: u64) -> Option<Rc<Tunnel>> {
         let map = self.tunnels.borrow();
         let v = map.get(identity)?;
         (!v.is_empty()).then(|| v[(hint as usize) % v.len()].clone())
@@ -309,7 +350,7 @@ impl CoreCtx {
     }
 
     /// Serves what other cores hand over: requests for tunnels that live
-    /// here, and tunnels placed here.
+    /// here, tunnels placed here, and new route tables.
     pub async fn run_inbox(self: Rc<Self>, mut rx: xmpsc::UnboundedReceiver<CoreMsg>) {
         use futures_util::StreamExt;
         while let Some(m) = rx.next().await {
@@ -336,6 +377,12 @@ impl CoreCtx {
                         let res = t.call(&ctx, m.req).await;
                         let _ = m.reply.send(res);
                     });
+                }
+                CoreMsg::Routes(t) => {
+                    // Tunnels stay; an identity left without routes gets
+                    // no requests (404) until it has some again.
+                    ctx.set_routes(&t);
+                    tracing::debug!(core = ctx.index, routes = t.len(), "route table replaced");
                 }
                 CoreMsg::Tunnel(h) => {
                     let std = std::net::TcpStream::from(h.fd);

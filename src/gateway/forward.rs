@@ -202,16 +202,23 @@ fn valid_field_name(n: &[u8]) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b))
 }
 
-/// Writes the status line and headers of a proxied response. Returns
-/// whether a body follows. Headers from the receiver are re-validated: a
-/// name or value that could split the response is dropped.
-pub fn write_response_head(
-    out: &mut Vec<u8>,
-    meta: &ResponseMeta,
-    body_len: usize,
-    is_head: bool,
-    close: bool,
-) -> bool {
+/// How a response body is delimited towards the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (HEAD, 1xx, 204, 304): the app's Content-Length, if any, is
+    /// kept for HEAD and 304, where it describes the representation.
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (HTTP/1.0 client, unknown length).
+    Close,
+}
+
+/// Writes the status line and headers of a proxied response. Headers from
+/// the receiver are re-validated: a name or value that could split the
+/// response is dropped; hop-by-hop headers and the app's framing headers
+/// are replaced by ours.
+pub fn write_response_head(out: &mut Vec<u8>, meta: &ResponseMeta, framing: Framing, close: bool) {
     let status = meta.status;
     let reason = if !meta.reason.is_empty()
         && meta
@@ -224,10 +231,7 @@ pub fn write_response_head(
         http::headers::reason_phrase(status)
     };
     http::headers::write_status_line(out, status, reason);
-    let no_body_status = status == 204 || status == 304 || (100..200).contains(&status);
-    // HEAD and 304 keep the app's Content-Length: it describes the
-    // representation, not this (empty) message.
-    let keep_cl = is_head || status == 304;
+    let keep_cl = framing == Framing::None && status != 204;
     let pairs: Box<dyn Iterator<Item = (&str, &str)>> = match &meta.header_list {
         Some(l) => Box::new(l.iter().map(|(n, v)| (n.as_str(), v.as_str()))),
         None => Box::new(meta.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()))),
@@ -255,17 +259,19 @@ pub fn write_response_head(
         out.extend_from_slice(&value);
         out.extend_from_slice(b"\r\n");
     }
-    let send_body = !is_head && !no_body_status;
-    if send_body {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(body_len.to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
+    match framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::None | Framing::Close => {}
     }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    send_body
 }
 
 #[cfg(test)]
@@ -305,7 +311,7 @@ mod tests {
             ]),
         };
         let mut out = Vec::new();
-        assert!(write_response_head(&mut out, &meta, 3, false, false));
+        write_response_head(&mut out, &meta, Framing::Length(3), false);
         let s = String::from_utf8(out).unwrap();
         assert_eq!(
             s,
@@ -322,11 +328,17 @@ mod tests {
             header_list: None,
         };
         let mut out = Vec::new();
-        assert!(!write_response_head(&mut out, &meta, 0, true, false));
+        write_response_head(&mut out, &meta, Framing::None, false);
         assert!(String::from_utf8_lossy(&out).contains("content-length: 42\r\n"));
         meta.status = 204;
         out.clear();
-        assert!(!write_response_head(&mut out, &meta, 0, false, false));
+        write_response_head(&mut out, &meta, Framing::None, false);
         assert!(!String::from_utf8_lossy(&out).contains("content-length"));
+        meta.status = 200;
+        out.clear();
+        write_response_head(&mut out, &meta, Framing::Chunked, true);
+        let s = String::from_utf8_lossy(&out);
+        assert!(s.contains("transfer-encoding: chunked\r\n") && !s.contains("content-length"));
+        assert!(s.ends_with("connection: close\r\n\r\n"));
     }
 }

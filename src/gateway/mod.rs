@@ -2,6 +2,7 @@
 //! its own `SO_REUSEPORT` listener, serving HTTP/1.1 clients and accepting
 //! receiver tunnels at `tunnel_path` (DESIGN.md, "Data path").
 
+pub mod accept;
 pub mod conn;
 pub mod core;
 pub mod error;
@@ -12,7 +13,6 @@ pub mod tunnel;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -25,6 +25,10 @@ use crate::config::Config;
 /// A running gateway's facts, for callers that embed it.
 pub struct Started {
     pub addr: SocketAddr,
+    /// The public port speaks HTTPS/WSS.
+    pub tls: bool,
+    /// The tunnel-only port (`tunnel_port`) and whether it speaks TLS.
+    pub tunnel: Option<(SocketAddr, bool)>,
     pub workers: usize,
     pub threads: Vec<std::thread::JoinHandle<()>>,
     pub shared: Arc<Shared>,
@@ -63,11 +67,14 @@ pub fn build_routes(cfg: &Config) -> RouteTable {
 pub fn start(cfg: Config) -> anyhow::Result<Started> {
     let cfg = Arc::new(cfg);
     let workers = cfg.gateway_workers();
-    let addr = crate::net::resolve(&cfg.gateway.host, cfg.gateway.port)
-        .with_context(|| format!("gateway.host `{}`", cfg.gateway.host))?;
-    let (addr, listeners) = crate::net::bind_workers(addr, workers)
-        .with_context(|| format!("cannot listen on {addr}"))?;
-    let routes = Arc::new(build_routes(&cfg));
+    let bound = accept::bind(&cfg, workers)?;
+    let addr = bound.addr;
+    // The registry is read here, before any runtime starts (blocking), then
+    // by its poller thread; never on a core.
+    let mut registry = crate::registry::Registry::open(&cfg).context("route registry")?;
+    let rows = registry.list_all().context("route registry")?;
+    let routes = Arc::new(crate::registry::reload::route_table(&cfg, &rows));
+    tracing::info!(registry = %registry.describe(), rows = rows.len(), routes = routes.len(), "routes loaded");
     let mut auth = Authenticator::new(TokenAuth::new(&cfg.gateway.auth.tokens));
     if cfg.gateway.auth.did_wba_enabled {
         auth = auth.with_did(DidAuth::from_config(&cfg.gateway.auth, &cfg.base_dir));
@@ -80,8 +87,14 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
         inbox_rx.push(rx);
     }
     let shared = Arc::new(Shared::new(cfg.clone(), auth, routes, inboxes));
+    let poller_shared = Arc::downgrade(&shared);
+    crate::registry::reload::spawn_poller(registry, cfg.clone(), rows, move |t| {
+        poller_shared.upgrade().is_some_and(|s| s.publish_routes(t))
+    })
+    .context("cannot spawn registry thread")?;
     let mut threads = Vec::with_capacity(workers);
-    for (index, (listener, rx)) in listeners.into_iter().zip(inbox_rx).enumerate() {
+    let (tls, tunnel) = (bound.tls, bound.tunnel);
+    for (index, (listeners, rx)) in bound.per_worker.into_iter().zip(inbox_rx).enumerate() {
         let shared = shared.clone();
         let h = std::thread::Builder::new()
             .name(format!("anp-gw-{index}"))
@@ -96,13 +109,15 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
                         std::process::exit(1);
                     }
                 };
-                rt.block_on(worker_main(index, shared, listener, rx));
+                rt.block_on(worker_main(index, shared, listeners, rx));
             })
             .context("cannot spawn worker thread")?;
         threads.push(h);
     }
     Ok(Started {
         addr,
+        tls,
+        tunnel,
         workers,
         threads,
         shared,
@@ -120,9 +135,20 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout();
     let _ = writeln!(
         stdout,
-        "anp-proxy gateway listening on http://{} (tunnel path {}, {} workers)",
-        started.addr, tunnel_path, started.workers
+        "anp-proxy gateway listening on {}://{} (tunnel path {}, {} workers)",
+        if started.tls { "https" } else { "http" },
+        started.addr,
+        tunnel_path,
+        started.workers
     );
+    if let Some((taddr, ttls)) = started.tunnel {
+        tracing::info!(addr = %taddr, tls = ttls, "tunnel port listening");
+        let scheme = if ttls { "wss" } else { "ws" };
+        let _ = writeln!(
+            stdout,
+            "anp-proxy gateway tunnels on {scheme}://{taddr}{tunnel_path}"
+        );
+    }
     let _ = stdout.flush();
     for t in started.threads {
         let _ = t.join();
@@ -133,47 +159,19 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 async fn worker_main(
     index: usize,
     shared: Arc<Shared>,
-    listener: std::net::TcpListener,
+    listeners: Vec<accept::Listener>,
     inbox: futures_channel::mpsc::UnboundedReceiver<CoreMsg>,
 ) {
     let ctx = Rc::new(CoreCtx::new(index, shared.clone()));
     monoio::spawn(ctx.clone().run_inbox(inbox));
-    let listener = match monoio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot register listener");
-            return;
-        }
-    };
-    let max = shared.config.gateway.max_connections;
-    let mut seq: u64 = 0;
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                monoio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let counters = &ctx.shared.counters;
-        if counters.connections.fetch_add(1, Ordering::Relaxed) >= max {
-            counters.connections.fetch_sub(1, Ordering::Relaxed);
-            tracing::warn!(%peer, max_connections = max, "connection refused: max_connections reached");
-            drop(stream);
-            continue;
-        }
-        let _ = stream.set_nodelay(true);
-        seq += 1;
-        let conn_id = ((index as u64) << 48) | seq;
-        let ctx = ctx.clone();
-        monoio::spawn(async move {
-            conn::serve_conn(ctx.clone(), stream, peer, conn_id, false).await;
-            ctx.shared
-                .counters
-                .connections
-                .fetch_sub(1, Ordering::Relaxed);
-        });
+    // The public port and, with `tunnel_port`, the tunnel port: one accept
+    // loop each, numbering connections from one sequence.
+    let seq = Rc::new(std::cell::Cell::new(0u64));
+    let mut loops: Vec<_> = listeners
+        .into_iter()
+        .map(|l| monoio::spawn(accept::accept_loop(ctx.clone(), l, seq.clone())))
+        .collect();
+    while let Some(l) = loops.pop() {
+        l.await;
     }
 }

@@ -43,6 +43,13 @@ impl RouteTable {
         self.by_prefix.insert(key, route).map(|r| r.identity)
     }
 
+    /// Who owns exactly `prefix` (after normalisation), if anyone.
+    pub fn owner(&self, prefix: &str) -> Option<&IdentityName> {
+        self.by_prefix
+            .get(normalize_prefix(prefix))
+            .map(|r| &r.identity)
+    }
+
     pub fn len(&self) -> usize {
         self.by_prefix.len()
     }

@@ -2,25 +2,75 @@
 //! queue, and the reader task that pairs ANPX responses with waiting
 //! requests by `request_id`. Many requests share a tunnel at once.
 //!
-//! A response that names an unknown request, or fails reassembly, is
+//! With a `stream` peer (PROTOCOL.md §7) a request body goes up as it
+//! arrives ([`Uploader`]) within a per-request credit window, and a response
+//! is handed to the client connection as soon as its chunk 0 (the meta)
+//! arrives; its body follows through a [`BodyStream`] whose consumer returns
+//! credit as it writes to the client. A slow client therefore stalls only
+//! its own request, and memory per request stays within one window.
+//! With a plain v1 peer, messages are reassembled whole.
+//!
+//! A response that names an unknown request, or fails to decode, is
 //! refused and logged; nothing reaches the wrong client.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use local_sync::mpsc::unbounded;
 use local_sync::oneshot;
+use local_sync::semaphore::Semaphore;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Splitable};
 
 use super::core::{CoreCtx, ProxyRequest, ProxyResponse, ProxyResult};
 use super::error::ProxyError;
 use super::routes::IdentityName;
-use crate::protocol::anpx::{self, FrameType, Message, MetaRef, Reassembler};
+use crate::protocol::anpx::{
+    self, FrameType, Message, MetaRef, Reassembler, RequestMeta, ResponseMeta,
+};
 use crate::protocol::features::Features;
+use crate::protocol::stream::{self, Incoming, StreamEncoder, DEFAULT_WINDOW};
 use crate::ws::conn::{run_writer, ConnError, OutTx, Outgoing, WsReader};
-use crate::ws::frame::{Decoder, Event, Role};
+use crate::ws::{Decoder, Event, Role};
+
+/// A response head, and how its body arrives.
+#[derive(Debug)]
+pub struct RespHead {
+    pub meta: ResponseMeta,
+    pub body: RespBody,
+}
+
+#[derive(Debug)]
+pub enum RespBody {
+    Full(Bytes),
+    Stream(BodyStream),
+}
+
+/// One step of a streamed response body.
+#[derive(Debug)]
+pub enum BodyEvent {
+    Data(Bytes),
+    End,
+    Failed(ProxyError),
+}
+
+type HeadTx = oneshot::Sender<Result<RespHead, ProxyError>>;
+type HeadRx = oneshot::Receiver<Result<RespHead, ProxyError>>;
+
+struct Entry {
+    /// Until the head is delivered.
+    head: Option<HeadTx>,
+    /// While a streamed body is delivered.
+    body: Option<unbounded::Tx<BodyEvent>>,
+    next_idx: u32,
+    /// Response bytes delivered but not yet credited back.
+    unacked: usize,
+    /// Upload window: credit the receiver returned for the request body.
+    upload: Rc<Semaphore>,
+}
 
 pub struct Tunnel {
     pub id: u64,
@@ -28,7 +78,7 @@ pub struct Tunnel {
     pub features: Features,
     pub peer: SocketAddr,
     out: OutTx,
-    inflight: RefCell<HashMap<u64, oneshot::Sender<ProxyResult>>>,
+    inflight: RefCell<HashMap<u64, Entry>>,
     closed: Cell<bool>,
 }
 
@@ -49,9 +99,38 @@ pub fn parse_request_id(s: &str) -> Option<u64> {
     u64::from_str_radix(s, 16).ok()
 }
 
+/// The sending half of a request in flight: streams the body up.
+pub struct Uploader {
+    tunnel: Rc<Tunnel>,
+    id: u64,
+    rid: [u8; 16],
+    enc: StreamEncoder,
+    window: Rc<Semaphore>,
+    wait: Duration,
+    done: bool,
+}
+
+/// The receiving half: waits for the response head.
+pub struct Waiter {
+    tunnel: Rc<Tunnel>,
+    id: u64,
+    rx: Option<HeadRx>,
+}
+
 impl Tunnel {
-    /// Sends one request and waits for its response, bounded by `timeout`.
-    pub async fn call(&self, ctx: &CoreCtx, mut req: ProxyRequest) -> ProxyResult {
+    /// Meta JSON for this peer: plain v1 peers never see keys they did not
+    /// negotiate.
+    fn meta_json(&self, meta: &mut RequestMeta) -> Vec<u8> {
+        if !self.features.exact {
+            meta.raw_target = None;
+            meta.header_list = None;
+        }
+        let mut json = Vec::with_capacity(512);
+        meta.to_json(&mut json);
+        json
+    }
+
+    fn admit(&self, ctx: &CoreCtx) -> Result<(u64, HeadRx, Rc<Semaphore>), ProxyError> {
         if self.closed.get() {
             return Err(ProxyError::TunnelClosed);
         }
@@ -59,60 +138,254 @@ impl Tunnel {
         if self.inflight.borrow().len() >= limit {
             return Err(ProxyError::TunnelBusy(limit));
         }
-        if !self.features.exact {
-            // Plain v1 peer: never send keys it did not negotiate.
-            req.meta.raw_target = None;
-            req.meta.header_list = None;
-        }
         let id = ctx.next_request_id();
-        let mut idbuf = [0u8; 16];
-        let rid = format_request_id(id, &mut idbuf);
-        let mut json = Vec::with_capacity(512);
-        req.meta.to_json(&mut json);
-        let mut frames = Vec::with_capacity(1);
-        anpx::encode_message(
-            FrameType::Request,
-            rid,
-            Some(MetaRef::Request(&json)),
-            &req.body,
-            ctx.settings.chunk_size,
-            &mut frames,
-        );
         let (tx, rx) = oneshot::channel();
-        self.inflight.borrow_mut().insert(id, tx);
-        for f in frames {
-            if self.out.send(Outgoing::Binary(f)).is_err() {
-                self.inflight.borrow_mut().remove(&id);
-                return Err(ProxyError::TunnelClosed);
+        let upload = Rc::new(Semaphore::new(DEFAULT_WINDOW));
+        self.inflight.borrow_mut().insert(
+            id,
+            Entry {
+                head: Some(tx),
+                body: None,
+                next_idx: 0,
+                unacked: 0,
+                upload: upload.clone(),
+            },
+        );
+        Ok((id, rx, upload))
+    }
+
+    /// Starts a request. With `complete` the whole body is `first` and the
+    /// message goes at once; otherwise (only for `stream` peers) chunk 0
+    /// goes now and the [`Uploader`] sends the rest.
+    pub fn start(
+        self: &Rc<Self>,
+        ctx: &CoreCtx,
+        mut meta: RequestMeta,
+        first: Bytes,
+        complete: bool,
+    ) -> Result<(Uploader, Waiter), ProxyError> {
+        debug_assert!(complete || self.features.stream);
+        let (id, rx, window) = self.admit(ctx)?;
+        let mut rid = [0u8; 16];
+        let json = self.meta_json(&mut meta);
+        let mut enc = StreamEncoder::new(FrameType::Request);
+        let rids = format_request_id(id, &mut rid).to_owned();
+        let sent = if complete {
+            let mut frames = Vec::with_capacity(1);
+            anpx::encode_message(
+                FrameType::Request,
+                &rids,
+                Some(MetaRef::Request(&json)),
+                &first,
+                ctx.settings.chunk_size,
+                &mut frames,
+            );
+            frames
+                .into_iter()
+                .all(|f| self.out.send(Outgoing::Binary(f)).is_ok())
+        } else {
+            // The first piece was taken within one window by the caller.
+            let f = enc.head(&rids, MetaRef::Request(&json), &first, false);
+            if let Ok(p) = window.try_acquire_many(first.len() as u32) {
+                p.forget();
             }
+            self.out.send(Outgoing::Binary(f)).is_ok()
+        };
+        if !sent {
+            self.inflight.borrow_mut().remove(&id);
+            return Err(ProxyError::TunnelClosed);
         }
-        match monoio::time::timeout(ctx.settings.timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(ProxyError::TunnelClosed),
-            Err(_) => {
-                self.inflight.borrow_mut().remove(&id);
-                Err(ProxyError::Timeout)
+        Ok((
+            Uploader {
+                tunnel: self.clone(),
+                id,
+                rid,
+                enc,
+                window,
+                wait: ctx.settings.timeout,
+                done: complete,
+            },
+            Waiter {
+                tunnel: self.clone(),
+                id,
+                rx: Some(rx),
+            },
+        ))
+    }
+
+    /// Sends a whole request and collects the whole response (the cross-
+    /// core path, and callers that need the body in one piece).
+    pub async fn call(self: &Rc<Self>, ctx: &CoreCtx, req: ProxyRequest) -> ProxyResult {
+        let (_up, mut waiter) = self.start(ctx, req.meta, req.body, true)?;
+        let head = waiter.wait(ctx.settings.timeout).await?;
+        match head.body {
+            RespBody::Full(body) => Ok(ProxyResponse {
+                meta: head.meta,
+                body,
+            }),
+            RespBody::Stream(mut s) => {
+                let mut body = BytesMut::new();
+                loop {
+                    let ev = monoio::time::timeout(ctx.settings.timeout, s.next())
+                        .await
+                        .map_err(|_| ProxyError::Timeout)?;
+                    match ev {
+                        BodyEvent::Data(d) => {
+                            if body.len() + d.len() > ctx.settings.max_body_size {
+                                return Err(ProxyError::BadResponse(
+                                    "response body over max_body_size".into(),
+                                ));
+                            }
+                            s.consumed(d.len());
+                            body.extend_from_slice(&d);
+                        }
+                        BodyEvent::End => {
+                            return Ok(ProxyResponse {
+                                meta: head.meta,
+                                body: body.freeze(),
+                            })
+                        }
+                        BodyEvent::Failed(e) => return Err(e),
+                    }
+                }
             }
         }
     }
 
-    fn complete(&self, request_id: &str, result: ProxyResult) -> bool {
-        let Some(id) = parse_request_id(request_id) else {
-            return false;
-        };
-        match self.inflight.borrow_mut().remove(&id) {
-            Some(tx) => {
-                let _ = tx.send(result);
-                true
-            }
-            None => false,
+    /// Forgets a request; tells a `cancel` peer the client went away.
+    fn cancel(&self, id: u64, why: &str) {
+        if self.inflight.borrow_mut().remove(&id).is_some()
+            && self.features.cancel
+            && !self.closed.get()
+        {
+            let mut rid = [0u8; 16];
+            let f = anpx::encode_error(format_request_id(id, &mut rid), why);
+            let _ = self.out.send(Outgoing::Binary(f));
         }
+    }
+
+    fn send_credit(&self, id: u64, n: usize) {
+        if let Some(e) = self.inflight.borrow_mut().get_mut(&id) {
+            e.unacked = e.unacked.saturating_sub(n);
+        }
+        let mut rid = [0u8; 16];
+        let m = stream::credit_message(format_request_id(id, &mut rid), n);
+        let _ = self.out.send(Outgoing::Text(m));
     }
 
     fn close(&self) {
         self.closed.set(true);
-        // Dropping the senders fails every waiting request with 502.
-        self.inflight.borrow_mut().clear();
+        // Dropping the senders fails every waiting request with 502;
+        // closing the windows wakes blocked uploads.
+        for (_, e) in self.inflight.borrow_mut().drain() {
+            e.upload.close();
+            if let Some(tx) = e.body {
+                let _ = tx.send(BodyEvent::Failed(ProxyError::TunnelClosed));
+            }
+        }
+    }
+}
+
+impl Uploader {
+    /// Sends the next body piece once the window allows it.
+    pub async fn send(&mut self, piece: Bytes, last: bool) -> Result<(), ProxyError> {
+        debug_assert!(!self.done);
+        let n = piece.len().min(DEFAULT_WINDOW) as u32;
+        if n > 0 {
+            match monoio::time::timeout(self.wait, self.window.acquire_many(n)).await {
+                Ok(Ok(p)) => p.forget(),
+                Ok(Err(_)) => return Err(ProxyError::TunnelClosed),
+                Err(_) => return Err(ProxyError::Timeout),
+            }
+        }
+        let rid = std::str::from_utf8(&self.rid).unwrap_or_default();
+        let f = self.enc.body(rid, &piece, last);
+        if self.tunnel.closed.get() || self.tunnel.out.send(Outgoing::Binary(f)).is_err() {
+            return Err(ProxyError::TunnelClosed);
+        }
+        self.done = last;
+        Ok(())
+    }
+
+    /// The client failed mid-upload: abort the request at the receiver.
+    pub fn abort(mut self, why: &str) {
+        self.done = true;
+        self.tunnel.cancel(self.id, why);
+    }
+}
+
+impl Waiter {
+    /// Waits for the response head, at most `timeout`.
+    pub async fn wait(&mut self, timeout: Duration) -> Result<RespHead, ProxyError> {
+        let Some(rx) = self.rx.take() else {
+            return Err(ProxyError::TunnelClosed);
+        };
+        match monoio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ProxyError::TunnelClosed),
+            Err(_) => {
+                self.tunnel.cancel(self.id, "gateway timeout");
+                Err(ProxyError::Timeout)
+            }
+        }
+    }
+}
+
+/// A streamed response body on its way to the client.
+pub struct BodyStream {
+    rx: unbounded::Rx<BodyEvent>,
+    tunnel: Rc<Tunnel>,
+    id: u64,
+    consumed: usize,
+    finished: bool,
+}
+
+impl std::fmt::Debug for BodyStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyStream")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BodyStream {
+    pub async fn next(&mut self) -> BodyEvent {
+        let ev = self
+            .rx
+            .recv()
+            .await
+            .unwrap_or(BodyEvent::Failed(ProxyError::TunnelClosed));
+        if !matches!(ev, BodyEvent::Data(_)) {
+            self.finished = true;
+        }
+        ev
+    }
+
+    /// `n` bytes reached the client: return credit in batches of a
+    /// quarter window (one control message per 64 KiB).
+    pub fn consumed(&mut self, n: usize) {
+        self.consumed += n;
+        if self.consumed >= DEFAULT_WINDOW / 4 && !self.finished {
+            self.tunnel.send_credit(self.id, self.consumed);
+            self.consumed = 0;
+        }
+    }
+}
+
+impl Drop for BodyStream {
+    fn drop(&mut self) {
+        if !self.finished {
+            // The client went away (or the write failed) mid-body.
+            self.tunnel.cancel(self.id, "client went away");
+        }
     }
 }
 
@@ -131,7 +404,7 @@ pub async fn run_tunnel<S>(
     S::OwnedWrite: AsyncWriteRent + 'static,
 {
     let (r, w) = io.into_split();
-    let (out, rx) = local_sync::mpsc::unbounded::channel();
+    let (out, rx) = unbounded::channel();
     monoio::spawn(async move {
         if let Err(e) = run_writer(w, rx, Role::Server).await {
             tracing::debug!(error = %e, "tunnel writer ended");
@@ -167,7 +440,7 @@ pub async fn run_tunnel<S>(
         });
     }
     let chunk = ctx.settings.chunk_size;
-    let limits = crate::ws::frame::Limits {
+    let limits = crate::ws::Limits {
         // Receivers may use a chunk size of their own up to 1 MiB.
         max_frame_payload: chunk.max(1 << 20) + 1024,
         max_message: chunk.max(1 << 20) + 1024,
@@ -181,8 +454,24 @@ pub async fn run_tunnel<S>(
     });
     let why = loop {
         match reader.next().await {
-            Ok(Event::Binary(msg)) => on_frame(&tunnel, &mut reasm, msg),
-            Ok(Event::Text(_)) | Ok(Event::Pong(_)) => {} // activity only (PROTOCOL.md §6)
+            Ok(Event::Binary(msg)) => {
+                if features.stream {
+                    on_stream_frame(&tunnel, msg);
+                } else {
+                    on_frame(&tunnel, &mut reasm, msg);
+                }
+            }
+            Ok(Event::Text(t)) => {
+                // Credit for an upload; anything else is activity only (§6).
+                if let Some((rid, n)) = stream::parse_credit(&t) {
+                    if let Some(e) = parse_request_id(&rid)
+                        .and_then(|id| tunnel.inflight.borrow().get(&id).map(|e| e.upload.clone()))
+                    {
+                        e.add_permits(n.min(DEFAULT_WINDOW));
+                    }
+                }
+            }
+            Ok(Event::Pong(_)) => {}
             Ok(Event::Ping(p)) => {
                 let _ = out.send(Outgoing::Pong(p));
             }
@@ -208,6 +497,27 @@ pub async fn run_tunnel<S>(
         reason = %why, "tunnel disconnected");
 }
 
+fn deliver_head(tunnel: &Tunnel, request_id: &str, result: Result<RespHead, ProxyError>) -> bool {
+    let Some(id) = parse_request_id(request_id) else {
+        return false;
+    };
+    let mut map = tunnel.inflight.borrow_mut();
+    let Some(e) = map.get_mut(&id) else {
+        return false;
+    };
+    match e.head.take() {
+        Some(tx) => {
+            let _ = tx.send(result);
+            if e.body.is_none() {
+                map.remove(&id);
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+/// Plain v1 peer: whole messages through the reassembler.
 fn on_frame(tunnel: &Tunnel, reasm: &mut Reassembler, msg: Bytes) {
     match reasm.push(msg) {
         Ok(None) => {}
@@ -216,7 +526,11 @@ fn on_frame(tunnel: &Tunnel, reasm: &mut Reassembler, msg: Bytes) {
             meta,
             body,
         })) => {
-            if !tunnel.complete(&request_id, Ok(ProxyResponse { meta, body })) {
+            let head = RespHead {
+                meta,
+                body: RespBody::Full(body),
+            };
+            if !deliver_head(tunnel, &request_id, Ok(head)) {
                 tracing::warn!(tunnel = tunnel.id, %request_id, "response for unknown request refused");
             }
         }
@@ -225,7 +539,7 @@ fn on_frame(tunnel: &Tunnel, reasm: &mut Reassembler, msg: Bytes) {
             message,
         })) => {
             tracing::info!(tunnel = tunnel.id, %request_id, %message, "receiver error frame");
-            if !tunnel.complete(&request_id, Err(ProxyError::Receiver(message))) {
+            if !deliver_head(tunnel, &request_id, Err(ProxyError::Receiver(message))) {
                 tracing::warn!(tunnel = tunnel.id, %request_id, "error frame for unknown request refused");
             }
         }
@@ -235,7 +549,145 @@ fn on_frame(tunnel: &Tunnel, reasm: &mut Reassembler, msg: Bytes) {
         Err(e) => {
             tracing::warn!(tunnel = tunnel.id, error = %e, "invalid ANPX frame refused");
             if let Some(rid) = e.request_id() {
-                tunnel.complete(rid, Err(ProxyError::BadResponse(e.to_string())));
+                deliver_head(tunnel, rid, Err(ProxyError::BadResponse(e.to_string())));
+            }
+        }
+    }
+}
+
+/// `stream` peer: heads go to the client at once, bodies as they come.
+fn on_stream_frame(tunnel: &Rc<Tunnel>, msg: Bytes) {
+    let inc = match stream::classify(&msg, FrameType::Response) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!(tunnel = tunnel.id, error = %e, "invalid ANPX frame refused");
+            return;
+        }
+    };
+    let parse_meta =
+        |m: &[u8]| ResponseMeta::from_json(m).map_err(|e| ProxyError::BadResponse(e.to_string()));
+    match inc {
+        Incoming::Whole {
+            request_id,
+            meta,
+            body,
+        } => {
+            let r = parse_meta(&meta).map(|meta| RespHead {
+                meta,
+                body: RespBody::Full(body),
+            });
+            if !deliver_head(tunnel, &request_id, r) {
+                tracing::warn!(tunnel = tunnel.id, %request_id, "response for unknown request refused");
+            }
+        }
+        Incoming::Start {
+            request_id,
+            meta,
+            body,
+            last,
+        } => {
+            let Some(id) = parse_request_id(&request_id) else {
+                tracing::warn!(tunnel = tunnel.id, %request_id, "response for unknown request refused");
+                return;
+            };
+            let meta = match parse_meta(&meta) {
+                Ok(m) => m,
+                Err(e) => {
+                    deliver_head(tunnel, &request_id, Err(e));
+                    return;
+                }
+            };
+            let (tx, rx) = unbounded::channel();
+            {
+                let mut map = tunnel.inflight.borrow_mut();
+                let Some(e) = map.get_mut(&id).filter(|e| e.head.is_some()) else {
+                    tracing::warn!(tunnel = tunnel.id, %request_id, "response for unknown request refused");
+                    return;
+                };
+                e.next_idx = 1;
+                e.unacked = body.len();
+                if !body.is_empty() {
+                    let _ = tx.send(BodyEvent::Data(body));
+                }
+                if last {
+                    let _ = tx.send(BodyEvent::End);
+                } else {
+                    e.body = Some(tx);
+                }
+            }
+            let stream = BodyStream {
+                rx,
+                tunnel: tunnel.clone(),
+                id,
+                consumed: 0,
+                finished: false,
+            };
+            deliver_head(
+                tunnel,
+                &request_id,
+                Ok(RespHead {
+                    meta,
+                    body: RespBody::Stream(stream),
+                }),
+            );
+        }
+        Incoming::More {
+            request_id,
+            idx,
+            body,
+            last,
+        } => {
+            let Some(id) = parse_request_id(&request_id) else {
+                return;
+            };
+            let mut map = tunnel.inflight.borrow_mut();
+            let Some(e) = map.get_mut(&id) else {
+                tracing::debug!(tunnel = tunnel.id, %request_id, "chunk for a finished request dropped");
+                return;
+            };
+            let Some(tx) = e.body.as_ref() else {
+                return;
+            };
+            e.unacked += body.len();
+            // A receiver must stay within the window it was given.
+            let fault = if idx != e.next_idx {
+                Some("chunk out of order")
+            } else if e.unacked > DEFAULT_WINDOW + 2 * (1 << 20) {
+                Some("receiver exceeded its flow-control window")
+            } else {
+                None
+            };
+            if let Some(why) = fault {
+                tracing::warn!(tunnel = tunnel.id, %request_id, why, "response refused");
+                let _ = tx.send(BodyEvent::Failed(ProxyError::BadResponse(why.into())));
+                map.remove(&id);
+                return;
+            }
+            e.next_idx += 1;
+            if !body.is_empty() {
+                let _ = tx.send(BodyEvent::Data(body));
+            }
+            if last {
+                let _ = tx.send(BodyEvent::End);
+                map.remove(&id);
+            }
+        }
+        Incoming::Error {
+            request_id,
+            message,
+        } => {
+            tracing::info!(tunnel = tunnel.id, %request_id, %message, "receiver error frame");
+            let Some(id) = parse_request_id(&request_id) else {
+                return;
+            };
+            let mut map = tunnel.inflight.borrow_mut();
+            if let Some(mut e) = map.remove(&id) {
+                e.upload.close();
+                if let Some(tx) = e.head.take() {
+                    let _ = tx.send(Err(ProxyError::Receiver(message)));
+                } else if let Some(tx) = e.body.take() {
+                    let _ = tx.send(BodyEvent::Failed(ProxyError::Receiver(message)));
+                }
             }
         }
     }

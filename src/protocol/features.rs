@@ -11,18 +11,31 @@ pub const TUNNELS_HEADER: &str = "X-ANPX-Tunnels";
 pub struct Features {
     /// `raw_target` and `header_list` in meta JSON.
     pub exact: bool,
+    /// Bodies travel as they arrive, with per-request credit.
+    pub stream: bool,
+    /// A gateway error frame for a live request = the client went away.
+    pub cancel: bool,
 }
 
 impl Features {
     /// What this build implements.
-    pub const SUPPORTED: Features = Features { exact: true };
+    pub const SUPPORTED: Features = Features {
+        exact: true,
+        stream: true,
+        cancel: true,
+    };
 
     /// Parses a comma-separated token list; unknown tokens are ignored.
     pub fn parse(value: &[u8]) -> Features {
         let mut f = Features::default();
         for tok in value.split(|b| *b == b',') {
-            if tok.trim_ascii().eq_ignore_ascii_case(b"exact") {
+            let tok = tok.trim_ascii();
+            if tok.eq_ignore_ascii_case(b"exact") {
                 f.exact = true;
+            } else if tok.eq_ignore_ascii_case(b"stream") {
+                f.stream = true;
+            } else if tok.eq_ignore_ascii_case(b"cancel") {
+                f.cancel = true;
             }
         }
         f
@@ -32,6 +45,8 @@ impl Features {
     pub fn intersect(self, other: Features) -> Features {
         Features {
             exact: self.exact && other.exact,
+            stream: self.stream && other.stream,
+            cancel: self.cancel && other.cancel,
         }
     }
 
@@ -40,6 +55,12 @@ impl Features {
         let mut v = Vec::new();
         if self.exact {
             v.push("exact");
+        }
+        if self.stream {
+            v.push("stream");
+        }
+        if self.cancel {
+            v.push("cancel");
         }
         v.join(", ")
     }
@@ -51,13 +72,18 @@ mod tests {
 
     #[test]
     fn parse_and_intersect() {
-        assert!(Features::parse(b"stream, EXACT ,cancel").exact);
+        let f = Features::parse(b"stream, EXACT ,cancel");
+        assert!(f.exact && f.stream && f.cancel);
         assert!(!Features::parse(b"stream,exactly").exact);
         assert!(!Features::parse(b"").exact);
         assert_eq!(
             Features::SUPPORTED.intersect(Features::default()),
             Features::default()
         );
-        assert_eq!(Features::SUPPORTED.to_header_value(), "exact");
+        assert_eq!(
+            Features::SUPPORTED.to_header_value(),
+            "exact, stream, cancel"
+        );
+        assert!(!Features::parse(b"exact").stream);
     }
 }

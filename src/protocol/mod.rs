@@ -3,3 +3,4 @@
 
 pub mod anpx;
 pub mod features;
+pub mod stream;

@@ -3,6 +3,7 @@
 //! request into an HTTP call to the local app, and sends the response back
 //! with the same `request_id` (DESIGN.md, "Receiver").
 
+pub mod sink;
 pub mod tunnel;
 pub mod upstream;
 pub mod url;
@@ -72,11 +73,19 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let r = cfg.receiver.clone();
     let gateway = url::parse(&r.gateway_url, ("ws", "wss")).context("receiver.gateway_url")?;
     let upstream = url::parse(&r.upstream, ("http", "https")).context("receiver.upstream")?;
-    if gateway.tls {
-        anyhow::bail!(
-            "receiver.gateway_url: wss:// needs TLS support, which this build does not have yet"
-        );
-    }
+    // wss://: one client configuration for every core (an Arc), built
+    // before any tunnel so a bad file stops the start with its key named.
+    let tls = if gateway.tls {
+        let cfg = crate::tls::client::client_config(&r, &cfg.base_dir)?;
+        let dialer = crate::tls::client::Dialer::new(cfg, gateway.host_name())
+            .context("receiver.gateway_url: host is not a valid TLS server name")?;
+        Some(dialer)
+    } else {
+        if !r.ca_file.is_empty() || !r.cert_file.is_empty() {
+            tracing::warn!("receiver.ca_file / cert_file are ignored: gateway_url is not wss://");
+        }
+        None
+    };
     if upstream.tls {
         anyhow::bail!("receiver.upstream: https:// upstreams are not supported; the app is called over plain HTTP");
     }
@@ -109,6 +118,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let r = r.clone();
         let count = count.clone();
         let did = did.clone();
+        let tls = tls.clone();
         // max_concurrent split over cores; the sum is exactly the limit.
         let permits = r.max_concurrent / threads + usize::from(t < r.max_concurrent % threads);
         let h = std::thread::Builder::new()
@@ -127,10 +137,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 rt.block_on(async move {
                     let ctx = Rc::new(CoreRx {
                         gateway,
+                        tls,
                         token: r.token.clone(),
                         did,
                         auth_scheme: r.auth_scheme,
-                        upstream: Upstream::new(upstream, permits.max(1), r.max_body_size),
+                        upstream: Upstream::new(upstream, permits.max(1)),
                         permits: Rc::new(Semaphore::new(permits)),
                         chunk_size: r.chunk_size,
                         ping_interval: secs(r.ping_interval),

@@ -3,28 +3,35 @@
 //! exponential backoff and jitter. Says in its log why a connection was
 //! refused.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use local_sync::semaphore::Semaphore;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, Splitable};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
 
-use super::upstream::Upstream;
+use super::sink::ResponseSink;
+use super::upstream::{ReqBody, ReqEvent, Upstream, UpstreamError};
 use super::url::Url;
 use super::TunnelCount;
 use crate::auth::didwba::{self, DidSigner};
 use crate::config::AuthScheme;
-use crate::protocol::anpx::{self, FrameType, Message, MetaRef, Reassembler, RequestMeta};
+use crate::protocol::anpx::{self, FrameType, Message, Reassembler, RequestMeta};
 use crate::protocol::features::{Features, FEATURES_HEADER, TUNNELS_HEADER};
+use crate::protocol::stream::{self, Incoming, DEFAULT_WINDOW};
+use crate::tls::client::GatewayStream;
 use crate::ws::conn::{run_writer, ConnError, OutTx, Outgoing, WsReader};
 use crate::ws::{self, Decoder, Event, Role};
 
 /// Everything one receiver core shares among its tunnel slots.
 pub struct CoreRx {
     pub gateway: Url,
+    /// Set for `wss://`: the TLS connector and the gateway's server name.
+    pub tls: Option<crate::tls::client::Dialer>,
     pub token: String,
     /// When set, the tunnel proves this DID instead of sending `token`.
     pub did: Option<std::sync::Arc<DidSigner>>,
@@ -54,6 +61,8 @@ enum TunnelError {
     Ended(String),
     #[error("timed out during the handshake")]
     Timeout,
+    #[error("{0}")]
+    Tls(#[from] crate::tls::client::HandshakeError),
 }
 
 /// Keeps tunnel `index` up forever.
@@ -117,12 +126,19 @@ fn auth_headers(ctx: &CoreRx, host: &str) -> Vec<(&'static str, String)> {
 async fn connect_and_serve(ctx: &Rc<CoreRx>, index: usize) -> Result<(), TunnelError> {
     let addr = ctx.gateway.authority();
     let connect = TcpStream::connect(addr.as_str());
-    let mut io = match monoio::time::timeout(Duration::from_secs(10), connect).await {
+    let io = match monoio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(TunnelError::Connect { addr, source }),
         Err(_) => return Err(TunnelError::Timeout),
     };
     let _ = io.set_nodelay(true);
+    let mut io = match &ctx.tls {
+        None => GatewayStream::Plain(io),
+        Some(d) => match monoio::time::timeout(Duration::from_secs(10), d.handshake(io)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(TunnelError::Timeout),
+        },
+    };
     let key = ws::client_key();
     let host = ctx.gateway.host_header();
     let mut headers = auth_headers(ctx, &host);
@@ -186,7 +202,7 @@ async fn connect_and_serve(ctx: &Rc<CoreRx>, index: usize) -> Result<(), TunnelE
         );
         let _ = out.flush();
     }
-    serve(ctx, io, buf, index).await
+    serve(ctx, io, buf, index, features).await
 }
 
 async fn read_some<S: AsyncReadRent>(
@@ -212,12 +228,18 @@ async fn read_some<S: AsyncReadRent>(
     }
 }
 
-async fn serve(
+async fn serve<S>(
     ctx: &Rc<CoreRx>,
-    io: TcpStream,
+    io: S,
     leftover: BytesMut,
     index: usize,
-) -> Result<(), TunnelError> {
+    features: Features,
+) -> Result<(), TunnelError>
+where
+    S: Splitable,
+    S::OwnedRead: AsyncReadRent + 'static,
+    S::OwnedWrite: AsyncWriteRent + 'static,
+{
     let (r, w) = io.into_split();
     let (out, rx) = local_sync::mpsc::unbounded::channel();
     monoio::spawn(async move {
@@ -248,39 +270,59 @@ async fn serve(
         max_message_size: ctx.max_body + 64 * 1024,
         max_assemblies: 4096,
     });
+    let reqs: Reqs = Rc::new(RefCell::new(HashMap::new()));
     let result = loop {
         match reader.next().await {
-            Ok(Event::Binary(msg)) => match reasm.push(msg) {
-                Ok(Some(Message::Request {
-                    request_id,
-                    meta,
-                    body,
-                })) => {
-                    let ctx = ctx.clone();
-                    let out = out.clone();
-                    monoio::spawn(handle_request(ctx, out, request_id, meta, body));
+            Ok(Event::Binary(msg)) => {
+                if features.stream {
+                    on_stream_frame(ctx, &out, &reqs, features, index, msg);
+                    continue;
                 }
-                Ok(Some(Message::Error {
-                    request_id,
-                    message,
-                })) => {
-                    tracing::debug!(tunnel = index, %request_id, %message, "gateway error frame");
-                }
-                Ok(Some(Message::Response { request_id, .. })) => {
-                    tracing::warn!(tunnel = index, %request_id, "gateway sent a response frame; refused");
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(tunnel = index, error = %e, "invalid ANPX frame refused");
-                    if let Some(rid) = e.request_id() {
-                        let _ = out.send(Outgoing::Binary(anpx::encode_error(rid, &e.to_string())));
+                match reasm.push(msg) {
+                    Ok(Some(Message::Request {
+                        request_id,
+                        meta,
+                        body,
+                    })) => start_request(
+                        ctx,
+                        &out,
+                        &reqs,
+                        features,
+                        request_id,
+                        meta,
+                        ReqBody::Full(body),
+                    ),
+                    Ok(Some(Message::Error {
+                        request_id,
+                        message,
+                    })) => {
+                        tracing::debug!(tunnel = index, %request_id, %message, "gateway error frame");
+                    }
+                    Ok(Some(Message::Response { request_id, .. })) => {
+                        tracing::warn!(tunnel = index, %request_id, "gateway sent a response frame; refused");
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(tunnel = index, error = %e, "invalid ANPX frame refused");
+                        if let Some(rid) = e.request_id() {
+                            let _ =
+                                out.send(Outgoing::Binary(anpx::encode_error(rid, &e.to_string())));
+                        }
                     }
                 }
-            },
+            }
             Ok(Event::Ping(p)) => {
                 let _ = out.send(Outgoing::Pong(p));
             }
-            Ok(Event::Text(_)) | Ok(Event::Pong(_)) => {}
+            Ok(Event::Text(t)) => {
+                // Credit for a response body (`stream`); else activity only.
+                if let Some((rid, n)) = stream::parse_credit(&t) {
+                    if let Some(r) = reqs.borrow().get(rid.as_str()) {
+                        r.window.add_permits(n.min(DEFAULT_WINDOW));
+                    }
+                }
+            }
+            Ok(Event::Pong(_)) => {}
             Ok(Event::Close { code, reason }) => {
                 let _ = out.send(Outgoing::Close(1000, String::new()));
                 break Err(TunnelError::Ended(format!(
@@ -295,7 +337,189 @@ async fn serve(
         }
     };
     alive.set(false);
+    // Dropping the entries cancels the upstream calls still running: their
+    // responses have nowhere to go.
+    reqs.borrow_mut().clear();
     result
+}
+
+/// A request this tunnel is serving.
+struct RxReq {
+    /// Where streamed body pieces go, until the last one.
+    body: Option<local_sync::mpsc::unbounded::Tx<ReqEvent>>,
+    next_idx: u32,
+    /// Dropped or fired: the upstream call is abandoned.
+    cancel: Option<local_sync::oneshot::Sender<()>>,
+    /// Credit the gateway returned for the response body.
+    window: Rc<Semaphore>,
+}
+
+type Reqs = Rc<RefCell<HashMap<String, RxReq>>>;
+
+/// `stream` gateway: requests start at chunk 0; bodies follow.
+fn on_stream_frame(
+    ctx: &Rc<CoreRx>,
+    out: &OutTx,
+    reqs: &Reqs,
+    features: Features,
+    index: usize,
+    msg: Bytes,
+) {
+    let inc = match stream::classify(&msg, FrameType::Request) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!(tunnel = index, error = %e, "invalid ANPX frame refused");
+            return;
+        }
+    };
+    let parse = |request_id: &str, m: &[u8]| match RequestMeta::from_json(m) {
+        Ok(meta) => Some(meta),
+        Err(e) => {
+            tracing::warn!(tunnel = index, %request_id, error = %e, "invalid request meta refused");
+            let _ = out.send(Outgoing::Binary(anpx::encode_error(
+                request_id,
+                &e.to_string(),
+            )));
+            None
+        }
+    };
+    match inc {
+        Incoming::Whole {
+            request_id,
+            meta,
+            body,
+        } => {
+            if let Some(meta) = parse(&request_id, &meta) {
+                start_request(
+                    ctx,
+                    out,
+                    reqs,
+                    features,
+                    request_id,
+                    meta,
+                    ReqBody::Full(body),
+                );
+            }
+        }
+        Incoming::Start {
+            request_id,
+            meta,
+            body,
+            last,
+        } => {
+            let Some(meta) = parse(&request_id, &meta) else {
+                return;
+            };
+            if last {
+                start_request(
+                    ctx,
+                    out,
+                    reqs,
+                    features,
+                    request_id,
+                    meta,
+                    ReqBody::Full(body),
+                );
+                return;
+            }
+            let (tx, rx) = local_sync::mpsc::unbounded::channel();
+            if !body.is_empty() {
+                let _ = tx.send(ReqEvent::Data(body));
+            }
+            start_request(
+                ctx,
+                out,
+                reqs,
+                features,
+                request_id.clone(),
+                meta,
+                ReqBody::Stream(rx),
+            );
+            if let Some(r) = reqs.borrow_mut().get_mut(&request_id) {
+                r.body = Some(tx);
+                r.next_idx = 1;
+            }
+        }
+        Incoming::More {
+            request_id,
+            idx,
+            body,
+            last,
+        } => {
+            let mut map = reqs.borrow_mut();
+            let Some(r) = map.get_mut(&request_id) else {
+                return; // finished or cancelled: late pieces are dropped
+            };
+            let Some(tx) = r.body.as_ref() else {
+                return;
+            };
+            if idx != r.next_idx {
+                tracing::warn!(tunnel = index, %request_id, idx, "request chunk out of order; aborted");
+                map.remove(&request_id);
+                return;
+            }
+            r.next_idx += 1;
+            if !body.is_empty() {
+                let _ = tx.send(ReqEvent::Data(body));
+            }
+            if last {
+                let _ = tx.send(ReqEvent::End);
+                r.body = None;
+            }
+        }
+        Incoming::Error {
+            request_id,
+            message,
+        } => {
+            // `cancel`: the client went away; abort the upstream call.
+            if let Some(mut r) = reqs.borrow_mut().remove(&request_id) {
+                tracing::info!(tunnel = index, %request_id, %message, "request cancelled by the gateway");
+                if let Some(c) = r.cancel.take() {
+                    let _ = c.send(());
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_request(
+    ctx: &Rc<CoreRx>,
+    out: &OutTx,
+    reqs: &Reqs,
+    features: Features,
+    request_id: String,
+    meta: RequestMeta,
+    body: ReqBody,
+) {
+    let (cancel_tx, cancel_rx) = local_sync::oneshot::channel();
+    let window = Rc::new(Semaphore::new(DEFAULT_WINDOW));
+    reqs.borrow_mut().insert(
+        request_id.clone(),
+        RxReq {
+            body: None,
+            next_idx: 0,
+            cancel: Some(cancel_tx),
+            window: window.clone(),
+        },
+    );
+    let sink = ResponseSink::new(
+        out.clone(),
+        request_id,
+        features.stream,
+        window,
+        ctx.chunk_size,
+        ctx.max_body,
+    );
+    monoio::spawn(handle_request(
+        ctx.clone(),
+        out.clone(),
+        reqs.clone(),
+        meta,
+        body,
+        sink,
+        cancel_rx,
+    ));
 }
 
 /// Calls the app for one request and sends the response (or an error
@@ -303,43 +527,43 @@ async fn serve(
 async fn handle_request(
     ctx: Rc<CoreRx>,
     out: OutTx,
-    request_id: String,
+    reqs: Reqs,
     meta: RequestMeta,
-    body: Bytes,
+    body: ReqBody,
+    mut sink: ResponseSink,
+    cancel: local_sync::oneshot::Receiver<()>,
 ) {
-    // Never more than max_concurrent upstream calls at once; excess waits.
-    let _permit = match ctx.permits.clone().acquire_owned().await {
-        Ok(p) => p,
-        Err(_) => return,
-    };
-    let call = ctx.upstream.call(&meta, &body);
-    let res = match ctx.upstream_timeout {
-        Some(d) => match monoio::time::timeout(d, call).await {
-            Ok(r) => r,
-            Err(_) => Err(super::upstream::UpstreamError::Timeout(d)),
-        },
-        None => call.await,
-    };
-    match res {
-        Ok((rmeta, rbody)) => {
-            let mut json = Vec::with_capacity(512);
-            rmeta.to_json(&mut json);
-            let mut frames = Vec::with_capacity(1);
-            anpx::encode_message(
-                FrameType::Response,
-                &request_id,
-                Some(MetaRef::Response(&json)),
-                &rbody,
-                ctx.chunk_size,
-                &mut frames,
-            );
-            for f in frames {
-                if out.send(Outgoing::Binary(f)).is_err() {
-                    return;
-                }
-            }
+    let request_id = sink.request_id().to_owned();
+    let work = async {
+        // Never more than max_concurrent upstream calls at once; excess waits.
+        let _permit = ctx
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| UpstreamError::TunnelGone)?;
+        let mut credit = |n: usize| {
+            let _ = out.send(Outgoing::Text(stream::credit_message(&request_id, n)));
+        };
+        let call = ctx.upstream.call(&meta, body, &mut sink, &mut credit);
+        match ctx.upstream_timeout {
+            Some(d) => match monoio::time::timeout(d, call).await {
+                Ok(r) => r,
+                Err(_) => Err(UpstreamError::Timeout(d)),
+            },
+            None => call.await,
         }
-        Err(e) => {
+    };
+    let result = monoio::select! {
+        r = work => Some(r),
+        _ = cancel => None,
+    };
+    match result {
+        Some(Ok(())) => {}
+        Some(Err(UpstreamError::TunnelGone)) | None => {
+            tracing::debug!(%request_id, "upstream call abandoned");
+        }
+        Some(Err(e)) => {
             tracing::warn!(%request_id, method = %meta.method, path = %meta.path, error = %e, "upstream call failed");
             let _ = out.send(Outgoing::Binary(anpx::encode_error(
                 &request_id,
@@ -347,4 +571,5 @@ async fn handle_request(
             )));
         }
     }
+    reqs.borrow_mut().remove(&request_id);
 }

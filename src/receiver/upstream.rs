@@ -11,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
+use super::sink::ResponseSink;
 use super::url::Url;
 use crate::http::{self, ChunkedDecoder, ChunkedStep, ResponseBody};
 use crate::protocol::anpx::{latin1_to_string, string_to_latin1, RequestMeta, ResponseMeta};
@@ -31,13 +32,16 @@ pub enum UpstreamError {
     BadRequest(&'static str),
     #[error("upstream did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("request aborted before its body was complete")]
+    Aborted,
+    #[error("tunnel to the gateway is gone")]
+    TunnelGone,
 }
 
 pub struct Upstream {
     url: Url,
     idle: RefCell<Vec<TcpStream>>,
     max_idle: usize,
-    max_body: usize,
     limits: http::Limits,
 }
 
@@ -94,7 +98,7 @@ fn request_target(meta: &RequestMeta) -> Result<Vec<u8>, UpstreamError> {
 pub fn write_request_head(
     out: &mut Vec<u8>,
     meta: &RequestMeta,
-    body_len: usize,
+    body: BodyLen,
     upstream_host: &str,
 ) -> Result<(), UpstreamError> {
     if !is_token(meta.method.as_bytes()) {
@@ -141,10 +145,16 @@ pub fn write_request_head(
         out.extend_from_slice(upstream_host.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if body_len > 0 || had_cl || matches!(meta.method.as_str(), "POST" | "PUT" | "PATCH") {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(body_len.to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
+    match body {
+        BodyLen::Known(n)
+            if n > 0 || had_cl || matches!(meta.method.as_str(), "POST" | "PUT" | "PATCH") =>
+        {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        BodyLen::Known(_) => {}
+        BodyLen::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
     Ok(())
@@ -169,12 +179,11 @@ async fn read_more<S: AsyncReadRent>(io: &mut S, buf: &mut BytesMut) -> io::Resu
 }
 
 impl Upstream {
-    pub fn new(url: Url, max_idle: usize, max_body: usize) -> Self {
+    pub fn new(url: Url, max_idle: usize) -> Self {
         Self {
             url,
             idle: RefCell::new(Vec::new()),
             max_idle,
-            max_body,
             limits: http::Limits {
                 max_request_line: 64 * 1024,
                 max_head: 256 * 1024,
@@ -192,40 +201,114 @@ impl Upstream {
         Ok(s)
     }
 
-    /// Calls the app once; a pooled connection that turns out stale
-    /// (closed before any response byte) is retried on a fresh one.
+    /// Calls the app and sends the response to `sink` as it is read. A
+    /// pooled connection that turns out stale (closed before any response
+    /// byte) is retried once on a fresh one, when the body can be replayed.
+    /// `credit(n)` is called as request body bytes reach the app.
     pub async fn call(
         &self,
         meta: &RequestMeta,
-        body: &Bytes,
-    ) -> Result<(ResponseMeta, Bytes), UpstreamError> {
-        let mut head = Vec::with_capacity(1024);
-        write_request_head(&mut head, meta, body.len(), &self.url.host_header())?;
-        let head = Bytes::from(head);
+        body: ReqBody,
+        sink: &mut ResponseSink,
+        credit: &mut dyn FnMut(usize),
+    ) -> Result<(), UpstreamError> {
         let is_head = meta.method == "HEAD";
-        let pooled = self.idle.borrow_mut().pop();
-        if let Some(conn) = pooled {
-            match self.exchange(conn, &head, body, is_head).await {
-                Err(Attempt::Stale) => {}
-                Err(Attempt::Failed(e)) => return Err(e),
-                Ok(r) => return Ok(r),
+        let host = self.url.host_header();
+        match body {
+            ReqBody::Full(body) => {
+                let mut head = Vec::with_capacity(1024);
+                write_request_head(&mut head, meta, BodyLen::Known(body.len()), &host)?;
+                let head = Bytes::from(head);
+                let pooled = self.idle.borrow_mut().pop();
+                if let Some(mut conn) = pooled {
+                    match self.send_full(&mut conn, &head, &body).await {
+                        Ok(()) => match self.read_response(conn, is_head, sink).await {
+                            Err(Attempt::Stale) => {}
+                            Err(Attempt::Failed(e)) => return Err(e),
+                            Ok(()) => return Ok(()),
+                        },
+                        Err(Attempt::Stale) => {}
+                        Err(Attempt::Failed(e)) => return Err(e),
+                    }
+                }
+                let mut conn = self.connect().await?;
+                self.send_full(&mut conn, &head, &body)
+                    .await
+                    .map_err(Attempt::into_error)?;
+                self.read_response(conn, is_head, sink)
+                    .await
+                    .map_err(Attempt::into_error)
             }
-        }
-        let conn = self.connect().await?;
-        match self.exchange(conn, &head, body, is_head).await {
-            Ok(r) => Ok(r),
-            Err(Attempt::Stale) => Err(UpstreamError::Closed),
-            Err(Attempt::Failed(e)) => Err(e),
+            ReqBody::Stream(mut rx) => {
+                // A streamed body cannot be replayed: one attempt.
+                let len = declared_length(meta);
+                let framing = match len {
+                    Some(n) => BodyLen::Known(n),
+                    None => BodyLen::Chunked,
+                };
+                let mut head = Vec::with_capacity(1024);
+                write_request_head(&mut head, meta, framing, &host)?;
+                let pooled = self.idle.borrow_mut().pop();
+                let mut conn = match pooled {
+                    Some(c) => c,
+                    None => self.connect().await?,
+                };
+                let (r, _) = conn.write_all(head).await;
+                r?;
+                let mut sent = 0usize;
+                loop {
+                    match rx.recv().await {
+                        Some(ReqEvent::Data(d)) => {
+                            let n = d.len();
+                            if n == 0 {
+                                continue;
+                            }
+                            sent += n;
+                            if len.is_some_and(|l| sent > l) {
+                                return Err(UpstreamError::BadRequest(
+                                    "request body longer than its Content-Length",
+                                ));
+                            }
+                            if framing == BodyLen::Chunked {
+                                let (r, _) =
+                                    conn.write_all(format!("{n:x}\r\n").into_bytes()).await;
+                                r?;
+                            }
+                            let (r, _) = conn.write_all(d).await;
+                            r?;
+                            if framing == BodyLen::Chunked {
+                                let (r, _) = conn.write_all(&b"\r\n"[..]).await;
+                                r?;
+                            }
+                            credit(n);
+                        }
+                        Some(ReqEvent::End) => break,
+                        // The tunnel or the client went away mid-upload:
+                        // dropping the connection aborts the app's request.
+                        None => return Err(UpstreamError::Aborted),
+                    }
+                }
+                if framing == BodyLen::Chunked {
+                    let (r, _) = conn.write_all(http::LAST_CHUNK).await;
+                    r?;
+                } else if len.is_some_and(|l| sent != l) {
+                    return Err(UpstreamError::BadRequest(
+                        "request body shorter than its Content-Length",
+                    ));
+                }
+                self.read_response(conn, is_head, sink)
+                    .await
+                    .map_err(Attempt::into_error)
+            }
         }
     }
 
-    async fn exchange(
+    async fn send_full(
         &self,
-        mut conn: TcpStream,
+        conn: &mut TcpStream,
         head: &Bytes,
         body: &Bytes,
-        is_head: bool,
-    ) -> Result<(ResponseMeta, Bytes), Attempt> {
+    ) -> Result<(), Attempt> {
         // Head and body as two writes: the body is a refcounted slice of
         // the tunnel frame, sent without a copy.
         let (r, _) = conn.write_all(head.clone()).await;
@@ -234,6 +317,18 @@ impl Upstream {
             let (r, _) = conn.write_all(body.clone()).await;
             r.map_err(|e| Attempt::Failed(e.into()))?;
         }
+        Ok(())
+    }
+
+    /// Reads the app's response and passes it on as it arrives: the head
+    /// at once (with whatever body is already buffered), then the body.
+    async fn read_response(
+        &self,
+        mut conn: TcpStream,
+        is_head: bool,
+        sink: &mut ResponseSink,
+    ) -> Result<(), Attempt> {
+        let failed = |e: UpstreamError| Attempt::Failed(e);
         let mut buf = BytesMut::with_capacity(16 * 1024);
         let resp = loop {
             match http::parse_response_head(&buf, &self.limits, is_head) {
@@ -244,86 +339,129 @@ impl Upstream {
                 }
                 Ok(Some(h)) => break h,
                 Ok(None) => {}
-                Err(e) => return Err(Attempt::Failed(UpstreamError::BadResponse(e.to_string()))),
+                Err(e) => return Err(failed(UpstreamError::BadResponse(e.to_string()))),
             }
             let empty = buf.is_empty();
             match read_more(&mut conn, &mut buf).await {
                 Ok(Read::Data) => {}
                 Ok(Read::Eof) | Err(_) if empty => return Err(Attempt::Stale),
-                Ok(Read::Eof) => return Err(Attempt::Failed(UpstreamError::Closed)),
-                Err(e) => return Err(Attempt::Failed(e.into())),
+                Ok(Read::Eof) => return Err(failed(UpstreamError::Closed)),
+                Err(e) => return Err(failed(e.into())),
             }
         };
         let head_bytes = buf.split_to(resp.head_len).freeze();
+        let meta = response_meta(&resp, &head_bytes);
         let mut keep = resp.keep_alive;
-        let body = match resp.body {
-            ResponseBody::None => Bytes::new(),
+        match resp.body {
+            ResponseBody::None => sink.head(meta, Bytes::new(), true).await.map_err(failed)?,
             ResponseBody::ContentLength(n) => {
                 let n = n as usize;
-                if n > self.max_body {
-                    return Err(Attempt::Failed(UpstreamError::TooLarge(self.max_body)));
-                }
-                if buf.capacity() < n {
-                    buf.reserve(n - buf.len());
-                }
-                while buf.len() < n {
-                    match read_more(&mut conn, &mut buf).await {
-                        Ok(Read::Data) => {}
-                        Ok(Read::Eof) => return Err(Attempt::Failed(UpstreamError::Closed)),
-                        Err(e) => return Err(Attempt::Failed(e.into())),
+                if buf.len() >= n {
+                    let body = buf.split_to(n).freeze();
+                    sink.head(meta, body, true).await.map_err(failed)?;
+                } else {
+                    let mut left = n - buf.len();
+                    sink.head(meta, buf.split().freeze(), false)
+                        .await
+                        .map_err(failed)?;
+                    while left > 0 {
+                        match read_more(&mut conn, &mut buf).await {
+                            Ok(Read::Data) => {}
+                            Ok(Read::Eof) => return Err(failed(UpstreamError::Closed)),
+                            Err(e) => return Err(failed(e.into())),
+                        }
+                        let take = buf.len().min(left);
+                        left -= take;
+                        sink.data(buf.split_to(take).freeze())
+                            .await
+                            .map_err(failed)?;
                     }
+                    sink.end().await.map_err(failed)?;
                 }
-                buf.split_to(n).freeze()
             }
             ResponseBody::Chunked => {
                 let mut dec = ChunkedDecoder::new(64 * 1024);
-                let mut out = BytesMut::new();
-                loop {
+                let mut first = BytesMut::new();
+                // Decode what is buffered: a small response is often whole.
+                let done = loop {
                     match dec.decode(&mut buf) {
-                        Ok(ChunkedStep::Data(d)) => {
-                            if out.len() + d.len() > self.max_body {
-                                return Err(Attempt::Failed(UpstreamError::TooLarge(
-                                    self.max_body,
-                                )));
+                        Ok(ChunkedStep::Data(d)) => first.extend_from_slice(&d),
+                        Ok(ChunkedStep::Done) => break true,
+                        Ok(ChunkedStep::NeedMore) => break false,
+                        Err(e) => return Err(failed(UpstreamError::BadResponse(e.to_string()))),
+                    }
+                };
+                sink.head(meta, first.freeze(), done)
+                    .await
+                    .map_err(failed)?;
+                if !done {
+                    loop {
+                        match dec.decode(&mut buf) {
+                            Ok(ChunkedStep::Data(d)) => sink.data(d).await.map_err(failed)?,
+                            Ok(ChunkedStep::Done) => break,
+                            Ok(ChunkedStep::NeedMore) => match read_more(&mut conn, &mut buf).await
+                            {
+                                Ok(Read::Data) => {}
+                                Ok(Read::Eof) => return Err(failed(UpstreamError::Closed)),
+                                Err(e) => return Err(failed(e.into())),
+                            },
+                            Err(e) => {
+                                return Err(failed(UpstreamError::BadResponse(e.to_string())))
                             }
-                            out.extend_from_slice(&d);
-                        }
-                        Ok(ChunkedStep::Done) => break,
-                        Ok(ChunkedStep::NeedMore) => match read_more(&mut conn, &mut buf).await {
-                            Ok(Read::Data) => {}
-                            Ok(Read::Eof) => return Err(Attempt::Failed(UpstreamError::Closed)),
-                            Err(e) => return Err(Attempt::Failed(e.into())),
-                        },
-                        Err(e) => {
-                            return Err(Attempt::Failed(UpstreamError::BadResponse(e.to_string())))
                         }
                     }
+                    sink.end().await.map_err(failed)?;
                 }
-                out.freeze()
             }
             ResponseBody::UntilClose => {
                 keep = false;
+                sink.head(meta, buf.split().freeze(), false)
+                    .await
+                    .map_err(failed)?;
                 loop {
-                    if buf.len() > self.max_body {
-                        return Err(Attempt::Failed(UpstreamError::TooLarge(self.max_body)));
-                    }
                     match read_more(&mut conn, &mut buf).await {
-                        Ok(Read::Data) => {}
+                        Ok(Read::Data) => sink.data(buf.split().freeze()).await.map_err(failed)?,
                         Ok(Read::Eof) => break,
-                        Err(e) => return Err(Attempt::Failed(e.into())),
+                        Err(e) => return Err(failed(e.into())),
                     }
                 }
-                std::mem::take(&mut buf).freeze()
+                sink.end().await.map_err(failed)?;
             }
-        };
+        }
         if keep && buf.is_empty() {
             let mut idle = self.idle.borrow_mut();
             if idle.len() < self.max_idle {
                 idle.push(conn);
             }
         }
-        Ok((response_meta(&resp, &head_bytes), body))
+        Ok(())
     }
+}
+
+/// A request body as the receiver gets it from the gateway.
+pub enum ReqBody {
+    Full(Bytes),
+    Stream(local_sync::mpsc::unbounded::Rx<ReqEvent>),
+}
+
+pub enum ReqEvent {
+    Data(Bytes),
+    End,
+}
+
+/// How the upstream request body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLen {
+    Known(usize),
+    Chunked,
+}
+
+/// The Content-Length the client declared, as forwarded in the meta.
+fn declared_length(meta: &RequestMeta) -> Option<usize> {
+    let list = meta.header_list.as_ref().unwrap_or(&meta.headers);
+    list.iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
 }
 
 enum Attempt {
@@ -332,13 +470,26 @@ enum Attempt {
     Failed(UpstreamError),
 }
 
+impl Attempt {
+    fn into_error(self) -> UpstreamError {
+        match self {
+            Attempt::Stale => UpstreamError::Closed,
+            Attempt::Failed(e) => e,
+        }
+    }
+}
+
 /// ANPX response meta: the flat v1 map and the exact header list.
 fn response_meta(resp: &http::ResponseHead, buf: &[u8]) -> ResponseMeta {
     let mut list = Vec::with_capacity(resp.headers.len());
     let mut flat: Vec<(String, String)> = Vec::with_capacity(resp.headers.len());
     for h in &resp.headers {
         let name = String::from_utf8_lossy(&buf[h.name.clone()]).into_owned();
-        if http::headers::is_hop_by_hop(&name) {
+        // With both Content-Length and Transfer-Encoding the length is
+        // wrong (RFC 9112 §6.3): it must not travel on.
+        if http::headers::is_hop_by_hop(&name)
+            || (resp.content_length_ignored && name.eq_ignore_ascii_case("content-length"))
+        {
             continue;
         }
         let value = latin1_to_string(&buf[h.value.clone()]);
@@ -378,7 +529,7 @@ mod tests {
     #[test]
     fn plain_v1_target_is_reencoded() {
         let mut out = Vec::new();
-        write_request_head(&mut out, &meta(None), 0, "up:1").unwrap();
+        write_request_head(&mut out, &meta(None), BodyLen::Known(0), "up:1").unwrap();
         let s = String::from_utf8(out).unwrap();
         assert!(
             s.starts_with("GET /a%20b/%E4%B8%AD?q=1%202&q=%26 HTTP/1.1\r\n"),
@@ -390,11 +541,19 @@ mod tests {
     #[test]
     fn exact_target_wins_and_controls_are_refused() {
         let mut out = Vec::new();
-        write_request_head(&mut out, &meta(Some("/x?a=%20&a")), 3, "up:1").unwrap();
+        write_request_head(
+            &mut out,
+            &meta(Some("/x?a=%20&a")),
+            BodyLen::Known(3),
+            "up:1",
+        )
+        .unwrap();
         assert!(out.starts_with(b"GET /x?a=%20&a HTTP/1.1\r\n"));
         assert!(String::from_utf8_lossy(&out).contains("content-length: 3\r\n"));
         let mut out = Vec::new();
-        assert!(write_request_head(&mut out, &meta(Some("/x y")), 0, "up").is_err());
+        assert!(
+            write_request_head(&mut out, &meta(Some("/x y")), BodyLen::Known(0), "up").is_err()
+        );
     }
 }
 

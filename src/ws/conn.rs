@@ -25,6 +25,8 @@ pub enum Outgoing {
     Binary(BytesMut),
     /// Bytes written as they are (the 101 response head).
     Raw(Vec<u8>),
+    /// A text message (JSON control message, PROTOCOL.md §6).
+    Text(Vec<u8>),
     Ping(Bytes),
     Pong(Bytes),
     /// Close handshake; the writer stops after sending it.
@@ -126,6 +128,7 @@ pub async fn run_writer<W: AsyncWriteRent>(mut io: W, mut rx: OutRx, role: Role)
 fn encode_outgoing(batch: &mut BytesMut, role: Role, m: Outgoing) -> bool {
     let (op, payload): (OpCode, &[u8]) = match &m {
         Outgoing::Binary(b) => (OpCode::Binary, b),
+        Outgoing::Text(b) => (OpCode::Text, b),
         Outgoing::Ping(b) => (OpCode::Ping, b),
         Outgoing::Pong(b) => (OpCode::Pong, b),
         Outgoing::Raw(b) => {

@@ -1,0 +1,312 @@
+//! The `stream` extension (PROTOCOL.md §7), sans-IO: a message is sent as
+//! it is produced — chunk 0 carries the meta (and the first body bytes),
+//! later chunks carry body bytes, the last has `final_chunk = 1`, and no
+//! frame carries `chunk_tot`. A message that is complete when its head is
+//! sent still goes as one unchunked frame.
+//!
+//! Flow control rides on WebSocket text control messages (§6 lets a peer
+//! ignore them; they are only sent to a peer that negotiated `stream`):
+//! `{"type":"credit","request_id":"…","bytes":N}` returns N bytes of
+//! window for that request's body to its sender. Each side starts with
+//! [`DEFAULT_WINDOW`] bytes per request and direction, so a slow consumer
+//! costs at most one window of memory and never stalls other requests.
+
+use bytes::{Bytes, BytesMut};
+
+use super::anpx::{self, ChunkInfo, DecodeError, FrameType, MetaRef};
+
+/// Body bytes a sender may have in flight per request before credit.
+pub const DEFAULT_WINDOW: usize = 256 * 1024;
+
+/// Room for the frame header and TLV heads around a body piece.
+const FRAME_OVERHEAD: usize = 128;
+
+/// Body bytes that fit in one frame of `chunk_size` after `meta_len` bytes
+/// of meta (at least 1 KiB, so a huge meta still lets the body move).
+pub fn piece_size(chunk_size: usize, request_id: &str, meta_len: usize) -> usize {
+    chunk_size
+        .saturating_sub(FRAME_OVERHEAD + request_id.len() + meta_len)
+        .max(1024)
+}
+
+/// Writes the frames of one streamed message, in order.
+#[derive(Debug)]
+pub struct StreamEncoder {
+    ty: FrameType,
+    next_idx: u32,
+}
+
+impl StreamEncoder {
+    pub fn new(ty: FrameType) -> Self {
+        Self { ty, next_idx: 0 }
+    }
+
+    /// Chunk 0: the meta and the first body bytes.
+    pub fn head(
+        &mut self,
+        request_id: &str,
+        meta: MetaRef<'_>,
+        body: &[u8],
+        last: bool,
+    ) -> BytesMut {
+        debug_assert_eq!(self.next_idx, 0);
+        self.frame(request_id, Some(meta), body, last)
+    }
+
+    /// The next chunk of body bytes.
+    pub fn body(&mut self, request_id: &str, body: &[u8], last: bool) -> BytesMut {
+        self.frame(request_id, None, body, last)
+    }
+
+    fn frame(
+        &mut self,
+        request_id: &str,
+        meta: Option<MetaRef<'_>>,
+        body: &[u8],
+        last: bool,
+    ) -> BytesMut {
+        let chunk = ChunkInfo {
+            idx: self.next_idx,
+            tot: None,
+            final_chunk: last,
+        };
+        self.next_idx += 1;
+        let mut out =
+            BytesMut::with_capacity(anpx::frame_len(request_id, meta, body.len(), Some(chunk)));
+        anpx::encode_frame(self.ty, request_id, meta, body, Some(chunk), &mut out);
+        out
+    }
+}
+
+/// What one frame means to a streaming consumer.
+#[derive(Debug)]
+pub enum Incoming {
+    /// An unchunked message: meta and whole body.
+    Whole {
+        request_id: String,
+        meta: Bytes,
+        body: Bytes,
+    },
+    /// Chunk 0 of a streamed message.
+    Start {
+        request_id: String,
+        meta: Bytes,
+        body: Bytes,
+        last: bool,
+    },
+    /// A later chunk.
+    More {
+        request_id: String,
+        idx: u32,
+        body: Bytes,
+        last: bool,
+    },
+    /// An error frame (under `cancel`, from the gateway: client went away).
+    Error { request_id: String, message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("frame without request_id")]
+    MissingRequestId,
+    #[error("chunk 0 of request {0} carries no meta")]
+    MissingMeta(String),
+    #[error("frame of type {0:?} where {1:?} was expected")]
+    WrongType(FrameType, FrameType),
+}
+
+/// Classifies one WebSocket binary message of a `stream` peer. Body and
+/// meta are zero-copy slices of `msg`.
+pub fn classify(msg: &Bytes, expect: FrameType) -> Result<Incoming, StreamError> {
+    let f = anpx::decode_frame(msg)?;
+    let request_id = f
+        .request_id
+        .ok_or(StreamError::MissingRequestId)?
+        .to_owned();
+    let slice = |s: Option<&[u8]>| s.map(|s| msg.slice_ref(s)).unwrap_or_default();
+    if f.ty == FrameType::Error {
+        let message = String::from_utf8_lossy(f.body.unwrap_or_default()).into_owned();
+        return Ok(Incoming::Error {
+            request_id,
+            message,
+        });
+    }
+    if f.ty != expect {
+        return Err(StreamError::WrongType(f.ty, expect));
+    }
+    let meta = match expect {
+        FrameType::Request => f.http_meta,
+        _ => f.resp_meta,
+    };
+    let body = slice(f.body);
+    if !f.chunked {
+        let meta = meta.ok_or_else(|| StreamError::MissingMeta(request_id.clone()))?;
+        return Ok(Incoming::Whole {
+            request_id,
+            meta: msg.slice_ref(meta),
+            body,
+        });
+    }
+    let idx = f.chunk_idx.unwrap_or(0);
+    if idx == 0 {
+        let meta = meta.ok_or_else(|| StreamError::MissingMeta(request_id.clone()))?;
+        return Ok(Incoming::Start {
+            request_id,
+            meta: msg.slice_ref(meta),
+            body,
+            last: f.final_chunk,
+        });
+    }
+    Ok(Incoming::More {
+        request_id,
+        idx,
+        body,
+        last: f.final_chunk,
+    })
+}
+
+/// A credit control message (WebSocket text).
+pub fn credit_message(request_id: &str, bytes: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(64 + request_id.len());
+    v.extend_from_slice(b"{\"type\":\"credit\",\"request_id\":");
+    v.extend_from_slice(
+        serde_json::to_string(request_id)
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    v.extend_from_slice(b",\"bytes\":");
+    v.extend_from_slice(bytes.to_string().as_bytes());
+    v.push(b'}');
+    v
+}
+
+#[derive(serde::Deserialize)]
+struct Control {
+    #[serde(rename = "type")]
+    ty: String,
+    #[serde(default)]
+    request_id: String,
+    #[serde(default)]
+    bytes: u64,
+}
+
+/// Parses a credit message; other control messages (heartbeats, …) → None.
+pub fn parse_credit(text: &[u8]) -> Option<(String, usize)> {
+    let c: Control = serde_json::from_slice(text).ok()?;
+    (c.ty == "credit" && !c.request_id.is_empty())
+        .then(|| (c.request_id, usize::try_from(c.bytes).unwrap_or(usize::MAX)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_frames_classify_in_order() {
+        let mut enc = StreamEncoder::new(FrameType::Response);
+        let f0 = enc.head("r1", MetaRef::Response(b"{\"status\":200}"), b"ab", false);
+        let f1 = enc.body("r1", b"cd", false);
+        let f2 = enc.body("r1", b"", true);
+        match classify(&f0.freeze(), FrameType::Response).unwrap() {
+            Incoming::Start {
+                request_id,
+                meta,
+                body,
+                last,
+            } => {
+                assert_eq!(
+                    (request_id.as_str(), &meta[..], &body[..], last),
+                    ("r1", &b"{\"status\":200}"[..], &b"ab"[..], false)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match classify(&f1.freeze(), FrameType::Response).unwrap() {
+            Incoming::More {
+                idx, body, last, ..
+            } => assert_eq!((idx, &body[..], last), (1, &b"cd"[..], false)),
+            other => panic!("{other:?}"),
+        }
+        match classify(&f2.freeze(), FrameType::Response).unwrap() {
+            Incoming::More {
+                idx, body, last, ..
+            } => assert_eq!((idx, body.len(), last), (2, 0, true)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn streamed_frames_never_carry_chunk_tot_and_decode_as_v1() {
+        let mut enc = StreamEncoder::new(FrameType::Request);
+        let meta = br#"{"method":"GET","path":"/a","headers":{},"query":{}}"#;
+        let f0 = enc.head("x", MetaRef::Request(meta), b"12", false).freeze();
+        let f1 = enc.body("x", b"34", true).freeze();
+        let d = anpx::decode_frame(&f0).unwrap();
+        assert!(d.chunked && d.chunk_tot.is_none() && !d.final_chunk);
+        // A plain reassembler reads a streamed message too.
+        let mut r = anpx::Reassembler::new(anpx::Limits {
+            max_message_size: 1 << 20,
+            max_assemblies: 4,
+        });
+        assert!(r.push(f0).unwrap().is_none());
+        match r.push(f1).unwrap() {
+            Some(anpx::Message::Request { meta, body, .. }) => {
+                assert_eq!((meta.path.as_str(), &body[..]), ("/a", &b"1234"[..]))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn wrong_type_and_missing_meta_are_refused() {
+        let mut enc = StreamEncoder::new(FrameType::Request);
+        let f = enc.head("x", MetaRef::Request(b"{}"), b"", true).freeze();
+        assert!(matches!(
+            classify(&f, FrameType::Response),
+            Err(StreamError::WrongType(..))
+        ));
+        let mut out = BytesMut::new();
+        anpx::encode_frame(
+            FrameType::Response,
+            "y",
+            None,
+            b"z",
+            Some(ChunkInfo {
+                idx: 0,
+                tot: None,
+                final_chunk: false,
+            }),
+            &mut out,
+        );
+        assert!(matches!(
+            classify(&out.freeze(), FrameType::Response),
+            Err(StreamError::MissingMeta(_))
+        ));
+    }
+
+    #[test]
+    fn credit_round_trip() {
+        let m = credit_message("a\"b", 4096);
+        assert_eq!(parse_credit(&m), Some(("a\"b".to_owned(), 4096)));
+        assert_eq!(parse_credit(b"{\"type\":\"heartbeat\"}"), None);
+        assert_eq!(parse_credit(b"not json"), None);
+    }
+
+    #[test]
+    fn piece_size_leaves_room_for_meta() {
+        let p = piece_size(65536, "0123456789abcdef", 500);
+        let f = anpx::frame_len(
+            "0123456789abcdef",
+            Some(MetaRef::Request(&[b'x'; 500])),
+            p,
+            Some(ChunkInfo {
+                idx: 0,
+                tot: None,
+                final_chunk: true,
+            }),
+        );
+        assert!(f <= 65536, "{f}");
+    }
+}

@@ -1,0 +1,149 @@
+//! Where the receiver sends one response: to a `stream` gateway as it is
+//! read from the app (chunk 0 with the meta as soon as the head is known,
+//! then body pieces within the per-request credit window), or to a plain
+//! v1 gateway as one whole message (buffered up to `max_body_size`).
+
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use local_sync::semaphore::Semaphore;
+
+use super::upstream::UpstreamError;
+use crate::protocol::anpx::{self, FrameType, MetaRef, ResponseMeta};
+use crate::protocol::stream::{self, StreamEncoder};
+use crate::ws::conn::{OutTx, Outgoing};
+
+pub struct ResponseSink {
+    out: OutTx,
+    request_id: String,
+    stream: bool,
+    window: Rc<Semaphore>,
+    chunk_size: usize,
+    max_body: usize,
+    enc: StreamEncoder,
+    /// Plain v1: the head and body so far.
+    held: Option<(ResponseMeta, BytesMut)>,
+    /// Something was sent: a failure now must end the response visibly.
+    started: bool,
+}
+
+impl ResponseSink {
+    pub fn new(
+        out: OutTx,
+        request_id: String,
+        stream: bool,
+        window: Rc<Semaphore>,
+        chunk_size: usize,
+        max_body: usize,
+    ) -> Self {
+        Self {
+            out,
+            request_id,
+            stream,
+            window,
+            chunk_size,
+            max_body,
+            enc: StreamEncoder::new(FrameType::Response),
+            held: None,
+            started: false,
+        }
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    fn send(&mut self, f: BytesMut) -> Result<(), UpstreamError> {
+        self.started = true;
+        self.out
+            .send(Outgoing::Binary(f))
+            .map_err(|_| UpstreamError::TunnelGone)
+    }
+
+    async fn take_window(&self, n: usize) -> Result<(), UpstreamError> {
+        if n == 0 {
+            return Ok(());
+        }
+        match self.window.acquire_many(n as u32).await {
+            Ok(p) => {
+                p.forget();
+                Ok(())
+            }
+            Err(_) => Err(UpstreamError::TunnelGone),
+        }
+    }
+
+    /// The response head, with the body bytes read so far; `complete`
+    /// when that is the whole body.
+    pub async fn head(
+        &mut self,
+        meta: ResponseMeta,
+        body: Bytes,
+        complete: bool,
+    ) -> Result<(), UpstreamError> {
+        let mut json = Vec::with_capacity(512);
+        if complete {
+            meta.to_json(&mut json);
+            let mut frames = Vec::with_capacity(1);
+            anpx::encode_message(
+                FrameType::Response,
+                &self.request_id,
+                Some(MetaRef::Response(&json)),
+                &body,
+                self.chunk_size,
+                &mut frames,
+            );
+            for f in frames {
+                self.send(f)?;
+            }
+            return Ok(());
+        }
+        if !self.stream {
+            if body.len() > self.max_body {
+                return Err(UpstreamError::TooLarge(self.max_body));
+            }
+            self.held = Some((meta, BytesMut::from(&body[..])));
+            return Ok(());
+        }
+        meta.to_json(&mut json);
+        let first =
+            stream::piece_size(self.chunk_size, &self.request_id, json.len()).min(body.len());
+        self.take_window(first).await?;
+        let f = self.enc.head(
+            &self.request_id,
+            MetaRef::Response(&json),
+            &body[..first],
+            false,
+        );
+        self.send(f)?;
+        self.data(body.slice(first..)).await
+    }
+
+    /// More body bytes.
+    pub async fn data(&mut self, mut body: Bytes) -> Result<(), UpstreamError> {
+        if let Some((_, held)) = self.held.as_mut() {
+            if held.len() + body.len() > self.max_body {
+                return Err(UpstreamError::TooLarge(self.max_body));
+            }
+            held.extend_from_slice(&body);
+            return Ok(());
+        }
+        let piece = stream::piece_size(self.chunk_size, &self.request_id, 0);
+        while !body.is_empty() {
+            let p = body.split_to(body.len().min(piece));
+            self.take_window(p.len()).await?;
+            let f = self.enc.body(&self.request_id, &p, false);
+            self.send(f)?;
+        }
+        Ok(())
+    }
+
+    /// The body is complete.
+    pub async fn end(&mut self) -> Result<(), UpstreamError> {
+        if let Some((meta, body)) = self.held.take() {
+            return self.head(meta, body.freeze(), true).await;
+        }
+        let f = self.enc.body(&self.request_id, &[], true);
+        self.send(f)
+    }
+}

@@ -1,0 +1,146 @@
+//! The route registry (DESIGN.md, "Identity and routes"): the
+//! `did_proxy_path` table mapping an identity to the path prefixes it
+//! serves, in an embedded SQLite file (default) or a MySQL / MariaDB server
+//! shared by several gateways (`[gateway.database] backend`).
+//!
+//! A row's `did` is an identity name: a DID, or the `name` of a
+//! `[[gateway.auth.tokens]]` entry, so token identities can take routes from
+//! the registry too. A `proxy_path` ending in `/ad.json` serves its parent
+//! prefix (`routes::normalize_prefix`).
+//!
+//! Every call here blocks on a database: never call it on a monoio
+//! runtime's thread. The gateway reads the table on its own thread
+//! ([`reload`]) and hands cores finished route tables.
+
+pub mod error;
+pub mod mysql;
+pub mod reload;
+pub mod sqlite;
+
+pub use error::RegistryError;
+
+use crate::config::{Config, DbBackend};
+use crate::gateway::routes::normalize_prefix;
+
+/// One row: `(did, proxy_path)`.
+pub type Row = (String, String);
+
+/// What one database must do; [`Registry`] adds the rules on top.
+pub trait Backend: Send {
+    /// For logs: which database, without secrets.
+    fn describe(&self) -> String;
+    /// Every row, ordered by `did`, then `proxy_path`.
+    fn list_all(&mut self) -> Result<Vec<Row>, RegistryError>;
+    fn routes_of(&mut self, did: &str) -> Result<Vec<Row>, RegistryError>;
+    /// The `did` of the row holding exactly `path`.
+    fn owner_of(&mut self, path: &str) -> Result<Option<String>, RegistryError>;
+    /// Inserts unless `path` exists; true when a row was added.
+    fn insert(&mut self, did: &str, path: &str) -> Result<bool, RegistryError>;
+    /// Deletes the exact row; how many went.
+    fn delete(&mut self, did: &str, path: &str) -> Result<u64, RegistryError>;
+}
+
+/// What [`Registry::add`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Added {
+    New,
+    /// The same identity already had exactly this path.
+    Already,
+}
+
+/// The route registry over one backend.
+pub struct Registry {
+    backend: Box<dyn Backend>,
+}
+
+impl Registry {
+    /// Opens the backend `[gateway.database]` names, creating the table
+    /// (and, for SQLite, the file and its directory) when missing.
+    pub fn open(cfg: &Config) -> Result<Self, RegistryError> {
+        let db = &cfg.gateway.database;
+        let backend: Box<dyn Backend> = match db.backend() {
+            DbBackend::Sqlite => Box::new(sqlite::SqliteRegistry::open(&cfg.database_path())?),
+            DbBackend::Mysql => Box::new(mysql::MysqlRegistry::open(db)?),
+        };
+        Ok(Self { backend })
+    }
+
+    pub fn from_backend(backend: Box<dyn Backend>) -> Self {
+        Self { backend }
+    }
+
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// Every `(did, proxy_path)`, ordered by `did`, then `proxy_path`.
+    pub fn list_all(&mut self) -> Result<Vec<Row>, RegistryError> {
+        self.backend.list_all()
+    }
+
+    /// The paths registered for `did`, ordered.
+    pub fn routes_of(&mut self, did: &str) -> Result<Vec<String>, RegistryError> {
+        Ok(self
+            .backend
+            .routes_of(did)?
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect())
+    }
+
+    /// Registers `path` for `did`. Refuses a path that is not absolute, or
+    /// whose prefix (after `normalize_prefix`) another identity holds.
+    pub fn add(&mut self, did: &str, path: &str) -> Result<Added, RegistryError> {
+        check(did, path)?;
+        let prefix = normalize_prefix(path);
+        // The table's UNIQUE(proxy_path) only sees exact strings; `/a`,
+        // `/a/` and `/a/ad.json` are one prefix.
+        for (owner, p) in self.backend.list_all()? {
+            if owner != did && normalize_prefix(&p) == prefix {
+                return Err(RegistryError::Owned { path: p, owner });
+            }
+        }
+        if self.backend.insert(did, path)? {
+            return Ok(Added::New);
+        }
+        match self.backend.owner_of(path)? {
+            Some(owner) if owner != did => Err(RegistryError::Owned {
+                path: path.to_owned(),
+                owner,
+            }),
+            _ => Ok(Added::Already),
+        }
+    }
+
+    /// Removes `path` from `did`: the exact row, or else the rows of `did`
+    /// serving the same prefix (`/a/` removes `/a/ad.json`). How many went.
+    pub fn remove(&mut self, did: &str, path: &str) -> Result<u64, RegistryError> {
+        let n = self.backend.delete(did, path)?;
+        if n > 0 {
+            return Ok(n);
+        }
+        let prefix = normalize_prefix(path);
+        let mut n = 0;
+        for (_, p) in self.backend.routes_of(did)? {
+            if normalize_prefix(&p) == prefix {
+                n += self.backend.delete(did, &p)?;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// What the table can hold: VARCHAR(255) counts characters on MySQL.
+fn check(did: &str, path: &str) -> Result<(), RegistryError> {
+    let fits = |s: &str| !s.is_empty() && s.chars().count() <= 255;
+    if !fits(did) {
+        return Err(RegistryError::TooLong { what: "did" });
+    }
+    if !path.starts_with('/') {
+        return Err(RegistryError::NotAbsolute(path.to_owned()));
+    }
+    if !fits(path) {
+        return Err(RegistryError::TooLong { what: "path" });
+    }
+    Ok(())
+}

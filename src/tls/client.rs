@@ -1,0 +1,180 @@
+//! The receiver's side: a `rustls::ClientConfig` that trusts `[receiver]
+//! ca_file` (or the system trust store) and presents `cert_file` when set,
+//! and [`GatewayStream`], the one stream type a tunnel runs on whether the
+//! gateway URL is `ws://` or `wss://`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, Split};
+use monoio::net::TcpStream;
+use monoio::BufResult;
+use monoio_rustls::{ClientTlsStream, TlsConnector};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, RootCertStore};
+
+use super::{describe, handshake_rustls_error, load_certs, load_key, provider, TlsSetupError};
+use crate::config::ReceiverConfig;
+
+/// Builds the receiver's TLS configuration (relative paths from
+/// `base_dir`).
+///
+/// Trust: `ca_file` when set, else the operating system's store
+/// (rustls-native-certs: `/etc/ssl/certs` and friends, `SSL_CERT_FILE`),
+/// so an operator's own CA installed system-wide works without a key in
+/// our config. We do not bundle webpki-roots: a gateway behind a private
+/// CA is the common case, and a compiled-in list would silently go stale.
+pub fn client_config(
+    r: &ReceiverConfig,
+    base_dir: &Path,
+) -> Result<Arc<ClientConfig>, TlsSetupError> {
+    let mut roots = RootCertStore::empty();
+    if r.ca_file.is_empty() {
+        let found = rustls_native_certs::load_native_certs();
+        let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            let why = found
+                .errors
+                .first()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "it is empty".into());
+            return Err(TlsSetupError::NoSystemRoots(why));
+        }
+    } else {
+        for c in load_certs("receiver.ca_file", &base_dir.join(&r.ca_file))? {
+            roots.add(c).map_err(|source| TlsSetupError::Rustls {
+                key: "receiver.ca_file",
+                source,
+            })?;
+        }
+    }
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsSetupError::Rustls {
+            key: "receiver",
+            source,
+        })?
+        .with_root_certificates(roots);
+    let mut cfg = if r.cert_file.is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        let certs = load_certs("receiver.cert_file", &base_dir.join(&r.cert_file))?;
+        let key = load_key("receiver.key_file", &base_dir.join(&r.key_file))?;
+        builder
+            .with_client_auth_cert(certs, key)
+            .map_err(|source| TlsSetupError::Rustls {
+                key: "receiver.key_file",
+                source,
+            })?
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// What a receiver needs to dial `wss://`: the connector and the name the
+/// gateway's certificate must carry (SNI; an IP address is checked
+/// against the certificate's IP SANs).
+#[derive(Clone)]
+pub struct Dialer {
+    pub connector: TlsConnector,
+    pub server_name: ServerName<'static>,
+}
+
+impl Dialer {
+    pub fn new(
+        cfg: Arc<ClientConfig>,
+        host_name: &str,
+    ) -> Result<Self, rustls::pki_types::InvalidDnsNameError> {
+        Ok(Self {
+            connector: TlsConnector::from(cfg),
+            server_name: ServerName::try_from(host_name.to_owned())?,
+        })
+    }
+
+    /// The client handshake on a connected socket.
+    pub async fn handshake(&self, tcp: TcpStream) -> Result<GatewayStream, HandshakeError> {
+        match self.connector.connect(self.server_name.clone(), tcp).await {
+            Ok(s) => Ok(GatewayStream::Tls(Box::new(s))),
+            Err(e) => Err(HandshakeError::from_tls(&e)),
+        }
+    }
+}
+
+/// Why the TLS handshake with the gateway failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The gateway's certificate does not chain to our roots, names
+    /// another host, or has expired.
+    #[error("gateway certificate not trusted: {0}")]
+    Untrusted(String),
+    #[error("TLS handshake with the gateway failed: {0}")]
+    Other(String),
+}
+
+impl HandshakeError {
+    fn from_tls(e: &monoio_rustls::TlsError) -> Self {
+        match handshake_rustls_error(e) {
+            Some(rustls::Error::InvalidCertificate(c)) => Self::Untrusted(format!("{c:?}")),
+            _ => Self::Other(describe(e)),
+        }
+    }
+}
+
+/// The stream of one tunnel: plain TCP (`ws://`) or TLS (`wss://`).
+pub enum GatewayStream {
+    Plain(TcpStream),
+    // Boxed: the TLS stream carries two 16 KiB buffer headers and the
+    // session; the enum stays small either way.
+    Tls(Box<ClientTlsStream<TcpStream>>),
+}
+
+// SAFETY: both variants are `Split` (TcpStream is; monoio-rustls's stream
+// is when its IO is), and the enum adds no state shared between halves.
+unsafe impl Split for GatewayStream {}
+
+impl AsyncReadRent for GatewayStream {
+    async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            GatewayStream::Plain(s) => s.read(buf).await,
+            GatewayStream::Tls(s) => s.read(buf).await,
+        }
+    }
+
+    async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            GatewayStream::Plain(s) => s.readv(buf).await,
+            GatewayStream::Tls(s) => s.readv(buf).await,
+        }
+    }
+}
+
+impl AsyncWriteRent for GatewayStream {
+    async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            GatewayStream::Plain(s) => s.write(buf).await,
+            GatewayStream::Tls(s) => s.write(buf).await,
+        }
+    }
+
+    async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            GatewayStream::Plain(s) => s.writev(buf).await,
+            GatewayStream::Tls(s) => s.writev(buf).await,
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            GatewayStream::Plain(s) => s.flush().await,
+            GatewayStream::Tls(s) => s.flush().await,
+        }
+    }
+
+    async fn shutdown(&mut self) -> std::io::Result<()> {
+        match self {
+            GatewayStream::Plain(s) => s.shutdown().await,
+            GatewayStream::Tls(s) => s.shutdown().await,
+        }
+    }
+}

@@ -1,0 +1,517 @@
+//! The local HTTP app the receiver forwards to: a small HTTP/1.1 server on
+//! `std::net`, one thread per connection, keep-alive, `Content-Length` and
+//! chunked request bodies. What it answers is driven by request headers, so a
+//! test (or anyone trying a request by hand through the proxy) can ask for a
+//! status, a body size, chunked encoding, several `Set-Cookie`s or a held
+//! response without changing this code:
+//!
+//! | request header | effect |
+//! |---|---|
+//! | (none) | 200, body = request body, `X-Echo-*` headers describe the request |
+//! | `X-Test-Status: N`, `X-Test-Reason: text` | that status line |
+//! | `X-Test-Body-Len: N` | a deterministic body of N bytes ([`pattern_body`]) |
+//! | `X-Test-Chunked: 1` | the body goes out with `Transfer-Encoding: chunked` |
+//! | `X-Test-Set-Cookies: N` | N `Set-Cookie: c{i}=v{i}; Path=/` plus three `X-Dup` |
+//! | `X-Test-Hold: NAME` | record arrival, block until [`App::release`] or the connection dies |
+//!
+//! Echo headers, present on every response: `X-Echo-Method`, `X-Echo-Target`
+//! (hex of the raw request-target), `X-Echo-Headers` (hex of the header lines
+//! exactly as received, CRLF-separated), `X-Echo-Body-Len`,
+//! `X-Echo-Body-Sha256`. Every request is also logged for [`App::requests`].
+//!
+//! It never sleeps to synchronise: held requests wait on a `Condvar`; the
+//! periodic wake-up in [`hold`] only exists to notice a dead connection.
+
+use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long a test waits for something the app should see (hang guard only).
+pub const APP_WAIT: Duration = Duration::from_secs(30);
+/// Longest time a held request stays held if nobody releases it.
+const MAX_HOLD: Duration = Duration::from_secs(120);
+/// Largest head the app accepts (the gateway's own limit is lower).
+const MAX_HEAD: usize = 1 << 20;
+
+/// Byte `i` of every generated body: deterministic, not periodic in 256.
+pub fn pattern_byte(i: usize) -> u8 {
+    ((i * 31 + 7) % 251) as u8
+}
+
+/// The body the app sends for `X-Test-Body-Len: n`.
+pub fn pattern_body(n: usize) -> Vec<u8> {
+    (0..n).map(pattern_byte).collect()
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// One request as the app received it.
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    pub method: String,
+    /// The raw request-target bytes.
+    pub target: Vec<u8>,
+    /// Header lines in order, names as sent (case kept), values raw.
+    pub headers: Vec<(String, String)>,
+    /// The header block exactly as received (lines joined by CRLF).
+    pub raw_headers: Vec<u8>,
+    pub body_len: usize,
+    pub body_sha256: String,
+    /// Whether the body came chunked.
+    pub chunked: bool,
+}
+
+impl RecordedRequest {
+    /// First value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn headers_all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    arrived: HashSet<String>,
+    released: HashSet<String>,
+    log: Vec<RecordedRequest>,
+}
+
+struct State {
+    shared: Mutex<Shared>,
+    changed: Condvar,
+}
+
+/// A running test app. It lives until the test process ends (threads are
+/// detached); every test makes its own.
+pub struct App {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+}
+
+impl App {
+    pub fn start() -> App {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("test app: bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("test app: local_addr");
+        let state = Arc::new(State {
+            shared: Mutex::new(Shared::default()),
+            changed: Condvar::new(),
+        });
+        let st = state.clone();
+        thread::Builder::new()
+            .name(format!("app-accept-{}", addr.port()))
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else { continue };
+                    let st = st.clone();
+                    let _ = thread::Builder::new()
+                        .name("app-conn".into())
+                        .stack_size(256 * 1024)
+                        .spawn(move || {
+                            let _ = serve_connection(stream, &st);
+                        });
+                }
+            })
+            .expect("test app: spawn accept thread");
+        App { addr, state }
+    }
+
+    /// Every request received so far, in arrival order (of completed bodies).
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.state.shared.lock().unwrap().log.clone()
+    }
+
+    /// Requests whose raw target starts with `prefix`.
+    pub fn requests_to(&self, prefix: &str) -> Vec<RecordedRequest> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.target.starts_with(prefix.as_bytes()))
+            .collect()
+    }
+
+    /// Blocks until a request with `X-Test-Hold: name` has reached the app.
+    pub fn wait_arrived(&self, name: &str) {
+        let deadline = Instant::now() + APP_WAIT;
+        let mut g = self.state.shared.lock().unwrap();
+        while !g.arrived.contains(name) {
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "test app: expected held request {name:?} to arrive within {APP_WAIT:?}, it did not"
+            );
+            g = self
+                .state
+                .changed
+                .wait_timeout(g, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    pub fn has_arrived(&self, name: &str) -> bool {
+        self.state.shared.lock().unwrap().arrived.contains(name)
+    }
+
+    /// Lets the held request `name` answer.
+    pub fn release(&self, name: &str) {
+        self.state
+            .shared
+            .lock()
+            .unwrap()
+            .released
+            .insert(name.to_string());
+        self.state.changed.notify_all();
+    }
+}
+
+struct Head {
+    method: String,
+    target: Vec<u8>,
+    headers: Vec<(String, String)>,
+    raw_headers: Vec<u8>,
+}
+
+impl Head {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim())
+    }
+}
+
+fn bad(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// Reads one CRLF- (or LF-) terminated line, without the terminator.
+/// `Ok(None)` on a clean EOF before any byte.
+fn read_line(r: &mut impl BufRead, limit: &mut usize) -> io::Result<Option<Vec<u8>>> {
+    let mut line = Vec::new();
+    let n = r
+        .by_ref()
+        .take(*limit as u64 + 1)
+        .read_until(b'\n', &mut line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if n > *limit {
+        return Err(bad("head too large"));
+    }
+    *limit -= n;
+    if line.last() != Some(&b'\n') {
+        return Err(bad("eof inside a line"));
+    }
+    line.pop();
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    Ok(Some(line))
+}
+
+fn read_head(r: &mut impl BufRead) -> io::Result<Option<Head>> {
+    let mut limit = MAX_HEAD;
+    let request_line = loop {
+        match read_line(r, &mut limit)? {
+            None => return Ok(None),
+            Some(l) if l.is_empty() => continue, // RFC 9112 §2.2: ignore leading empty lines
+            Some(l) => break l,
+        }
+    };
+    let mut parts = request_line.splitn(3, |b| *b == b' ');
+    let method = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+    let target = parts
+        .next()
+        .ok_or_else(|| bad("no request-target"))?
+        .to_vec();
+    let _version = parts.next().ok_or_else(|| bad("no version"))?;
+    let mut headers = Vec::new();
+    let mut raw_headers = Vec::new();
+    loop {
+        let line = read_line(r, &mut limit)?.ok_or_else(|| bad("eof in head"))?;
+        if line.is_empty() {
+            break;
+        }
+        if !raw_headers.is_empty() {
+            raw_headers.extend_from_slice(b"\r\n");
+        }
+        raw_headers.extend_from_slice(&line);
+        let colon = line
+            .iter()
+            .position(|b| *b == b':')
+            .ok_or_else(|| bad("header without colon"))?;
+        let name = String::from_utf8_lossy(&line[..colon]).into_owned();
+        let value = String::from_utf8_lossy(&line[colon + 1..])
+            .trim()
+            .to_string();
+        headers.push((name, value));
+    }
+    Ok(Some(Head {
+        method,
+        target,
+        headers,
+        raw_headers,
+    }))
+}
+
+fn read_chunked(r: &mut impl BufRead) -> io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut limit = 4096;
+        let line = read_line(r, &mut limit)?.ok_or_else(|| bad("eof in chunk size"))?;
+        let size_txt = String::from_utf8_lossy(&line);
+        let size_txt = size_txt.split(';').next().unwrap_or("").trim().to_string();
+        let size = usize::from_str_radix(&size_txt, 16)
+            .map_err(|_| bad(format!("bad chunk size {size_txt:?}")))?;
+        if size == 0 {
+            // trailer section
+            loop {
+                let mut limit = MAX_HEAD;
+                let t = read_line(r, &mut limit)?.ok_or_else(|| bad("eof in trailers"))?;
+                if t.is_empty() {
+                    return Ok(body);
+                }
+            }
+        }
+        let start = body.len();
+        body.resize(start + size, 0);
+        r.read_exact(&mut body[start..])?;
+        let mut crlf = [0u8; 2];
+        r.read_exact(&mut crlf)?;
+        if &crlf != b"\r\n" {
+            return Err(bad("chunk not followed by CRLF"));
+        }
+    }
+}
+
+fn serve_connection(stream: TcpStream, st: &State) -> io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    loop {
+        let Some(head) = read_head(&mut reader)? else {
+            return Ok(());
+        };
+        if head
+            .get("expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+        {
+            writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        }
+        let chunked = head.get("transfer-encoding").is_some_and(|v| {
+            v.to_ascii_lowercase()
+                .split(',')
+                .any(|t| t.trim() == "chunked")
+        });
+        let body = if chunked {
+            read_chunked(&mut reader)?
+        } else {
+            let len: usize = match head.get("content-length") {
+                Some(v) => v
+                    .parse()
+                    .map_err(|_| bad(format!("bad content-length {v:?}")))?,
+                None => 0,
+            };
+            let mut b = vec![0u8; len];
+            reader.read_exact(&mut b)?;
+            b
+        };
+        let body_sha = sha256_hex(&body);
+        st.shared.lock().unwrap().log.push(RecordedRequest {
+            method: head.method.clone(),
+            target: head.target.clone(),
+            headers: head.headers.clone(),
+            raw_headers: head.raw_headers.clone(),
+            body_len: body.len(),
+            body_sha256: body_sha.clone(),
+            chunked,
+        });
+
+        if let Some(name) = head.get("x-test-hold") {
+            if !hold(st, name, &writer) {
+                return Ok(()); // connection died while held
+            }
+        }
+
+        let close = head.get("connection").is_some_and(|v| {
+            v.to_ascii_lowercase()
+                .split(',')
+                .any(|t| t.trim() == "close")
+        });
+        let response = build_response(&head, body, &body_sha, close)?;
+        writer.write_all(&response)?;
+        writer.flush()?;
+        if close {
+            let _ = writer.shutdown(Shutdown::Write);
+            return Ok(());
+        }
+    }
+}
+
+/// Records that `name` arrived, then waits for [`App::release`]. Returns
+/// false if the peer closed the connection meanwhile.
+fn hold(st: &State, name: &str, conn: &TcpStream) -> bool {
+    let mut g = st.shared.lock().unwrap();
+    g.arrived.insert(name.to_string());
+    st.changed.notify_all();
+    let deadline = Instant::now() + MAX_HOLD;
+    while !g.released.contains(name) {
+        if Instant::now() >= deadline || peer_closed(conn) {
+            return false;
+        }
+        // Wakes on release; the 100 ms bound is only there to look at the socket.
+        g = st
+            .changed
+            .wait_timeout(g, Duration::from_millis(100))
+            .unwrap()
+            .0;
+    }
+    true
+}
+
+/// True when the peer has closed (or reset) the connection.
+fn peer_closed(conn: &TcpStream) -> bool {
+    if conn.set_nonblocking(true).is_err() {
+        return true;
+    }
+    let mut b = [0u8; 1];
+    let r = conn.peek(&mut b);
+    let _ = conn.set_nonblocking(false);
+    match r {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+        Err(_) => true,
+    }
+}
+
+pub fn reason_for(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        203 => "Non-Authoritative Information",
+        204 => "No Content",
+        206 => "Partial Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        304 => "Not Modified",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        410 => "Gone",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        418 => "I'm a teapot",
+        422 => "Unprocessable Content",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Unknown",
+    }
+}
+
+fn build_response(head: &Head, echo: Vec<u8>, echo_sha: &str, close: bool) -> io::Result<Vec<u8>> {
+    let status: u16 = match head.get("x-test-status") {
+        Some(v) => v
+            .parse()
+            .map_err(|_| bad(format!("bad X-Test-Status {v:?}")))?,
+        None => 200,
+    };
+    let reason = head
+        .get("x-test-reason")
+        .map(str::to_string)
+        .unwrap_or_else(|| reason_for(status).to_string());
+    let echo_len = echo.len();
+    let body = match head.get("x-test-body-len") {
+        Some(v) => pattern_body(
+            v.parse()
+                .map_err(|_| bad(format!("bad X-Test-Body-Len {v:?}")))?,
+        ),
+        None => echo,
+    };
+    let chunked = head.get("x-test-chunked") == Some("1");
+    let no_body_status = status == 204 || status == 304;
+    let is_head = head.method == "HEAD";
+
+    let mut out = Vec::with_capacity(body.len() + 1024);
+    out.extend_from_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+    let mut h = |name: &str, value: &str| {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    };
+    h("X-Echo-Method", &head.method);
+    h("X-Echo-Target", &hex::encode(&head.target));
+    h("X-Echo-Headers", &hex::encode(&head.raw_headers));
+    h("X-Echo-Body-Len", &echo_len.to_string());
+    h("X-Echo-Body-Sha256", echo_sha);
+    if let Some(n) = head.get("x-test-set-cookies") {
+        let n: usize = n.parse().map_err(|_| bad("bad X-Test-Set-Cookies"))?;
+        for i in 0..n {
+            h("Set-Cookie", &format!("c{i}=v{i}; Path=/"));
+        }
+        h("X-Dup", "first");
+        h("X-Dup", "second");
+        h("X-Dup", "third");
+    }
+    if close {
+        h("Connection", "close");
+    }
+    if no_body_status {
+        // RFC 9110 §15.3.5 / §15.4.5: no content, no framing needed.
+    } else if chunked {
+        h("Transfer-Encoding", "chunked");
+    } else {
+        h("Content-Length", &body.len().to_string());
+    }
+    out.extend_from_slice(b"\r\n");
+    if no_body_status || is_head {
+        return Ok(out);
+    }
+    if chunked {
+        // Uneven chunk sizes, so a proxy that re-chunks or passes through is exercised.
+        let sizes = [1usize, 7, 4096, 8191, 65_536, 100_000];
+        let mut pos = 0;
+        let mut k = 0;
+        while pos < body.len() {
+            let n = sizes[k % sizes.len()].min(body.len() - pos);
+            out.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+            out.extend_from_slice(&body[pos..pos + n]);
+            out.extend_from_slice(b"\r\n");
+            pos += n;
+            k += 1;
+        }
+        out.extend_from_slice(b"0\r\n\r\n");
+    } else {
+        out.extend_from_slice(&body);
+    }
+    Ok(out)
+}

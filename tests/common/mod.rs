@@ -1,0 +1,36 @@
+//! Shared pieces of the end-to-end tests: the local test [`app`], a raw
+//! HTTP/1.1 [`client`], and [`procs`] to run the real binary.
+#![allow(dead_code)]
+
+pub mod app;
+pub mod client;
+pub mod procs;
+
+#[allow(unused_imports)]
+pub use app::App;
+#[allow(unused_imports)]
+pub use client::{Conn, Response};
+#[allow(unused_imports)]
+pub use procs::{Gateway, GatewayConfig, Receiver, ALICE_TOKEN, BOB_TOKEN};
+
+/// The usual arrangement: one app, one gateway, one alice receiver with
+/// `tunnels` tunnels, all connected.
+pub struct Setup {
+    pub app: App,
+    pub gw: Gateway,
+    pub rx: Receiver,
+}
+
+impl Setup {
+    pub fn new() -> Setup {
+        Setup::with(&GatewayConfig::default(), 1)
+    }
+
+    pub fn with(cfg: &GatewayConfig, tunnels: u32) -> Setup {
+        let app = App::start();
+        let gw = Gateway::start(cfg);
+        let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, tunnels);
+        rx.wait_connected(tunnels.max(1) as usize);
+        Setup { app, gw, rx }
+    }
+}
