@@ -122,6 +122,12 @@ pub struct GatewayConfig {
     pub max_inflight_per_tunnel: usize,
     /// Keep client-supplied X-Forwarded-* / Forwarded and append to them.
     pub trust_forwarded: bool,
+    /// Serve `/stats` and `/metrics` on `admin_host:admin_port`.
+    pub admin_enabled: bool,
+    /// Address of the admin listener (keep it on loopback).
+    pub admin_host: String,
+    /// Port of the admin listener; 0 picks a free one (printed at start).
+    pub admin_port: u16,
     pub auth: AuthConfig,
     pub database: DatabaseConfig,
 }
@@ -149,6 +155,11 @@ impl Default for GatewayConfig {
             max_headers: 100,
             max_inflight_per_tunnel: 4096,
             trust_forwarded: false,
+            admin_enabled: true,
+            admin_host: "127.0.0.1".into(),
+            // Absent key: a free port, printed at start (so several gateways
+            // on one machine never collide); the shipped file says 8090.
+            admin_port: 0,
             auth: AuthConfig::default(),
             database: DatabaseConfig::default(),
         }

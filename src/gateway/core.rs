@@ -182,6 +182,14 @@ impl Shared {
             .map(|(c, _)| c)
     }
 
+    /// identity → tunnels per core (admin listener; cold path).
+    pub fn tunnels_by_identity(&self) -> Vec<(IdentityName, Vec<usize>)> {
+        let map = self.tunnel_cores.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = map.iter().map(|(k, c)| (k.clone(), c.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
     /// Total tunnels per identity (for logs and `/health`).
     pub fn tunnel_count(&self) -> usize {
         self.counters.tunnels.load(Ordering::Relaxed)

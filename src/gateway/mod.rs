@@ -3,6 +3,7 @@
 //! receiver tunnels at `tunnel_path` (DESIGN.md, "Data path").
 
 pub mod accept;
+pub mod admin;
 pub mod conn;
 pub mod core;
 pub mod error;
@@ -128,6 +129,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     let tunnel_path = cfg.gateway.tunnel_path.clone();
     let tokens = cfg.gateway.auth.tokens.len();
+    let admin = cfg.clone();
     let started = start(cfg)?;
     tracing::info!(addr = %started.addr, workers = started.workers, tokens,
         driver = if monoio::utils::detect_uring() { "io_uring" } else { "legacy (epoll)" },
@@ -148,6 +150,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             stdout,
             "anp-proxy gateway tunnels on {scheme}://{taddr}{tunnel_path}"
         );
+    }
+    if admin.gateway.admin_enabled {
+        let addr = crate::net::resolve(&admin.gateway.admin_host, admin.gateway.admin_port)
+            .with_context(|| format!("gateway.admin_host `{}`", admin.gateway.admin_host))?;
+        let local = admin::start(started.shared.clone(), addr)
+            .with_context(|| format!("cannot listen on {addr} (gateway.admin_port)"))?;
+        tracing::info!(addr = %local, "admin listening (/stats, /metrics)");
+        let _ = writeln!(stdout, "anp-proxy admin listening on http://{local}");
     }
     let _ = stdout.flush();
     for t in started.threads {
