@@ -304,7 +304,7 @@ class Bench:
         argv = [
             f"{BIN}/anp-loadgen", "--json", "--url", f"{self.targets[target]}/bytes/{body}",
             "-c", str(conns), "-d", str(duration), "--warmup", str(warmup),
-            "-t", str(self.args.loadgen_threads), "--timeout", "10",
+            "-t", str(self.args.loadgen_threads), "--timeout", "5",
         ]
         if rate:
             argv += ["--rate", f"{rate:.0f}"]
@@ -554,7 +554,7 @@ def main():
     if args.quick:
         bodies, conns_list, duration, warmup, reps, fixed_secs = [1024, 65536], [64], 2, 0.5, 2, 3
     else:
-        bodies, conns_list, duration, warmup, reps, fixed_secs = [128, 1024, 65536, 1 << 20], [64, 256], 5, 1, 3, 10
+        bodies, conns_list, duration, warmup, reps, fixed_secs = [128, 1024, 65536, 1 << 20], [64, 256], 5, 1, 3, 8
 
     for b in ("anp-proxy", "anp-loadgen", "anp-bench-app"):
         if not os.access(f"{BIN}/{b}", os.X_OK):

@@ -42,9 +42,11 @@ inferno-flamegraph --title "anp-proxy $WHICH, ${BODY} B, $CONNS connections (cpu
     <"$OUT/flamegraph-$WHICH.folded" >"$OUT/flamegraph-$WHICH.svg"
 echo "wrote $OUT/flamegraph-$WHICH.svg and .folded"
 
+# The summaries below end pipes early (head): no pipefail from here on.
+set +o pipefail
 TOTAL=$(awk '{s+=$NF} END {print s}' "$OUT/flamegraph-$WHICH.folded")
 echo
-echo "top 15 leaf functions (self time), of $TOTAL samples:"
+echo "top 15 leaf functions (self time; weights are cpu-clock ns, total $TOTAL):"
 awk '{n=$NF; $NF=""; sub(/ $/,""); k=split($0,f,";"); leaf[f[k]]+=n} END {for (l in leaf) print leaf[l], l}' \
     "$OUT/flamegraph-$WHICH.folded" | sort -rn | head -15 |
     awk -v t="$TOTAL" '{c=$1; $1=""; printf "%6d %5.1f%% %s\n", c, 100*c/t, $0}'
