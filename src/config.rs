@@ -786,6 +786,10 @@ mod tests {
             ("[receiver]\ncert_file = 'c'\n", "receiver.key_file"),
             ("[gateway.tls]\nverify_mode = 'sometimes'\n", "verify_mode"),
             ("[gateway.tls]\ncertfile = 'c'\n", "certfile"),
+            (
+                "[gateway.tls]\nverify_mode = 'none'\ntls_verify_mode = 'none'\n",
+                "verify_mode",
+            ),
         ] {
             let msg = Config::parse(text, Path::new("x.toml"))
                 .unwrap_err()

@@ -224,7 +224,10 @@ async fn read_some<S: AsyncReadRent>(
             "gateway closed the connection".into(),
         )),
         Ok(_) => Ok(()),
-        Err(e) => Err(TunnelError::Handshake(e.to_string())),
+        Err(e) => Err(match crate::tls::client::HandshakeError::from_io(&e) {
+            Some(t) => TunnelError::Tls(t),
+            None => TunnelError::Handshake(e.to_string()),
+        }),
     }
 }
 

@@ -108,6 +108,11 @@ pub enum HandshakeError {
     /// another host, or has expired.
     #[error("gateway certificate not trusted: {0}")]
     Untrusted(String),
+    /// The gateway asks for a client certificate we lack, or does not
+    /// trust ours (TLS 1.3 says so only after our handshake finished, on
+    /// the first read).
+    #[error("gateway refused our client certificate ({0}); see receiver.cert_file / key_file")]
+    ClientCertRefused(String),
     #[error("TLS handshake with the gateway failed: {0}")]
     Other(String),
 }
@@ -116,7 +121,31 @@ impl HandshakeError {
     fn from_tls(e: &monoio_rustls::TlsError) -> Self {
         match handshake_rustls_error(e) {
             Some(rustls::Error::InvalidCertificate(c)) => Self::Untrusted(format!("{c:?}")),
-            _ => Self::Other(describe(e)),
+            Some(r) => Self::from_rustls(r).unwrap_or_else(|| Self::Other(describe(e))),
+            None => Self::Other(describe(e)),
+        }
+    }
+
+    /// A read error after the handshake that is really the gateway
+    /// refusing our certificate; `None` for anything else.
+    pub fn from_io(e: &std::io::Error) -> Option<Self> {
+        Self::from_rustls(super::rustls_error(e)?)
+    }
+
+    fn from_rustls(r: &rustls::Error) -> Option<Self> {
+        use rustls::AlertDescription as A;
+        match r {
+            rustls::Error::AlertReceived(
+                a @ (A::CertificateRequired
+                | A::BadCertificate
+                | A::UnknownCA
+                | A::CertificateExpired
+                | A::CertificateRevoked
+                | A::CertificateUnknown
+                | A::UnsupportedCertificate
+                | A::AccessDenied),
+            ) => Some(Self::ClientCertRefused(format!("alert {a:?}"))),
+            _ => None,
         }
     }
 }

@@ -1,0 +1,638 @@
+//! TLS end to end on the real binary (DESIGN.md, "TLS"; issue #3 item 4):
+//! an HTTPS request through a WSS tunnel; a receiver that does not trust
+//! the gateway's certificate never connects; `verify_mode = "required"`
+//! refuses a receiver without a client certificate and admits one signed
+//! by the CA, while public clients on the other port need none.
+//!
+//! A throwaway PKI is made per test with rcgen. Ports are 0; readiness and
+//! refusals are read from the processes' stdout and stderr; no sleeps (the
+//! timeouts below only bound a failing test).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_anp-proxy");
+const WAIT: Duration = Duration::from_secs(30);
+const TOKEN: &str = "tls-test-token-1";
+
+// ---- a throwaway PKI ------------------------------------------------------
+
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = p.self_signed(&key).unwrap();
+        Ca { cert, key }
+    }
+
+    /// Writes `NAME.pem` (the CA) into `dir`.
+    fn write(&self, dir: &Path, name: &str) -> PathBuf {
+        let p = dir.join(format!("{name}.pem"));
+        std::fs::write(&p, self.cert.pem()).unwrap();
+        p
+    }
+
+    /// Issues a leaf for `sans` with `eku`; writes NAME.crt / NAME.key.
+    fn issue(
+        &self,
+        dir: &Path,
+        name: &str,
+        sans: &[&str],
+        eku: ExtendedKeyUsagePurpose,
+    ) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().unwrap();
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let mut p = CertificateParams::new(sans).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.extended_key_usages = vec![eku];
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        let (c, k) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: PathBuf,
+    client: (PathBuf, PathBuf),
+    /// Another CA: its root trusts nothing the gateway has.
+    other_ca: PathBuf,
+    /// A client certificate from the other CA.
+    stranger: (PathBuf, PathBuf),
+}
+
+fn pki() -> Pki {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new("anp-proxy test CA");
+    let other = Ca::new("someone else's CA");
+    // The gateway's configs name these by relative path (resolved from
+    // the config file's directory).
+    ca.issue(
+        d,
+        "server",
+        &["127.0.0.1", "localhost"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    Pki {
+        ca: ca.write(d, "ca"),
+        client: ca.issue(
+            d,
+            "client",
+            &["receiver.test"],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ),
+        other_ca: other.write(d, "other-ca"),
+        stranger: other.issue(
+            d,
+            "stranger",
+            &["receiver.test"],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ),
+        dir,
+    }
+}
+
+// ---- processes ------------------------------------------------------------
+
+/// A child process whose stdout and stderr lines arrive on channels.
+struct Proc {
+    child: Child,
+    out: mpsc::Receiver<String>,
+    err: mpsc::Receiver<String>,
+    /// Every line seen so far (for failure messages).
+    seen: Vec<String>,
+}
+
+impl Proc {
+    fn start(mode: &str, config: &Path) -> Proc {
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(config)
+            .arg(mode)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start anp-proxy");
+        let out = lines(child.stdout.take().unwrap());
+        let err = lines(child.stderr.take().unwrap());
+        Proc {
+            child,
+            out,
+            err,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a stdout line containing `needle`.
+    fn stdout_line(&mut self, needle: &str) -> String {
+        wait_line(&self.out, needle, &mut self.seen)
+    }
+
+    /// Waits for a stderr (log) line containing every one of `needles`.
+    fn log_line(&mut self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.err.recv_timeout(left) {
+                Ok(l) => {
+                    let hit = needles.iter().all(|n| l.contains(n));
+                    self.seen.push(l.clone());
+                    if hit {
+                        return l;
+                    }
+                }
+                Err(_) => panic!(
+                    "expected a log line with {needles:?}; saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Stdout lines printed so far, without waiting.
+    fn stdout_so_far(&mut self) -> Vec<String> {
+        self.out.try_iter().collect()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lines<R: Read + Send + 'static>(r: R) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(r).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_line(rx: &mpsc::Receiver<String>, needle: &str, seen: &mut Vec<String>) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                seen.push(l.clone());
+                if l.contains(needle) {
+                    return l;
+                }
+            }
+            Err(_) => panic!("expected a line with {needle:?}; saw:\n{}", seen.join("\n")),
+        }
+    }
+}
+
+/// The address after `scheme://` in a ready line, up to the next space or
+/// path.
+fn addr_after(line: &str, scheme: &str) -> String {
+    let rest = &line[line.find(scheme).expect("scheme in line") + scheme.len()..];
+    rest.split([' ', '/']).next().unwrap().to_owned()
+}
+
+fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// `[gateway]` with one token identity owning `/svc`, one worker, TLS as
+/// given in `extra` (whole tables).
+fn gateway_config(extra: &str) -> String {
+    format!(
+        "[gateway]\nhost = \"127.0.0.1\"\nport = 0\nworkers = 1\n{extra}\n\
+         [[gateway.auth.tokens]]\nname = \"svc\"\ntoken = \"{TOKEN}\"\npaths = [\"/svc\"]\n"
+    )
+}
+
+fn receiver_config(url: &str, upstream: &str, extra: &str) -> String {
+    format!(
+        "[receiver]\ngateway_url = \"{url}\"\nupstream = \"{upstream}\"\ntoken = \"{TOKEN}\"\n\
+         tunnels = 1\nreconnect_max_delay = 0.5\n{extra}\n"
+    )
+}
+
+fn toml_path(p: &Path) -> String {
+    p.display().to_string().replace('\\', "/")
+}
+
+// ---- the app behind the receiver ------------------------------------------
+
+/// A tiny HTTP/1.1 app on a std thread: answers every request with
+/// `app saw METHOD PATH`, keep-alive.
+fn app() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            std::thread::spawn(move || serve_app(s));
+        }
+    });
+    format!("http://{addr}")
+}
+
+fn serve_app(mut s: TcpStream) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        while buf.len() < end + len {
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..end + len);
+        let mut first = head.lines().next().unwrap_or("").split(' ');
+        let (method, target) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+        let body = if target.contains("big") {
+            // Large enough to span many TLS records and ANPX chunks.
+            big_body()
+        } else if len > 0 {
+            format!("app saw {method} {target} with {len} bytes")
+        } else {
+            format!("app saw {method} {target}")
+        };
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        if s.write_all(resp.as_bytes()).is_err() || s.write_all(body.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn big_body() -> String {
+    (0..200_000).map(|i| format!("{:09}\n", i)).collect()
+}
+
+// ---- an HTTPS client that trusts the test CA ------------------------------
+
+fn https_agent(ca: &Path, client: Option<&(PathBuf, PathBuf)>) -> ureq::Agent {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let b = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let cfg = match client {
+        None => b.with_no_client_auth(),
+        Some((c, k)) => {
+            let certs = CertificateDer::pem_file_iter(c)
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            b.with_client_auth_cert(certs, PrivateKeyDer::from_pem_file(k).unwrap())
+                .unwrap()
+        }
+    };
+    ureq::AgentBuilder::new()
+        .tls_config(Arc::new(cfg))
+        .timeout(WAIT)
+        .build()
+}
+
+fn get(agent: &ureq::Agent, url: &str) -> (u16, String) {
+    match agent.get(url).call() {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(e) => panic!("GET {url}: {e}"),
+    }
+}
+
+// ---- the tests --------------------------------------------------------------
+
+#[test]
+fn https_request_through_a_wss_tunnel() {
+    let pki = pki();
+    let d = pki.dir.path();
+    let gw_cfg = write_config(
+        d,
+        "gateway.toml",
+        &gateway_config("[gateway.tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n"),
+    );
+    let mut gw = Proc::start("gateway", &gw_cfg);
+    let ready = gw.stdout_line("anp-proxy gateway listening on");
+    assert!(
+        ready.starts_with("anp-proxy gateway listening on https://127.0.0.1:")
+            && ready.ends_with("(tunnel path /ws, 1 workers)"),
+        "{ready}"
+    );
+    let addr = addr_after(&ready, "https://");
+
+    let upstream = app();
+    let rx_cfg = write_config(
+        d,
+        "receiver.toml",
+        &receiver_config(
+            &format!("wss://{addr}/ws"),
+            &upstream,
+            &format!("ca_file = \"{}\"", toml_path(&pki.ca)),
+        ),
+    );
+    let mut rx = Proc::start("receiver", &rx_cfg);
+    let line = rx.stdout_line("anp-proxy receiver tunnel 0 connected to");
+    assert!(line.ends_with(&format!("wss://{addr}/ws")), "{line}");
+
+    let agent = https_agent(&pki.ca, None);
+    let (status, body) = get(&agent, &format!("https://{addr}/svc/hello?x=1"));
+    assert_eq!((status, body.as_str()), (200, "app saw GET /svc/hello?x=1"));
+    // Keep-alive over the same TLS session, and a path nobody owns.
+    let (status, body) = get(&agent, &format!("https://{addr}/svc/again"));
+    assert_eq!((status, body.as_str()), (200, "app saw GET /svc/again"));
+    let (status, _) = get(&agent, &format!("https://{addr}/nobody"));
+    assert_eq!(status, 404);
+    // Big bodies both ways: the split TLS stream reads and writes at once.
+    let upload = vec![b'u'; 3 * 1024 * 1024 + 17];
+    let r = agent
+        .post(&format!("https://{addr}/svc/upload"))
+        .send_bytes(&upload)
+        .unwrap();
+    assert_eq!(
+        r.into_string().unwrap(),
+        format!("app saw POST /svc/upload with {} bytes", upload.len())
+    );
+    let (status, body) = get(&agent, &format!("https://{addr}/svc/big"));
+    assert_eq!(status, 200);
+    assert!(
+        body == big_body(),
+        "big response differs ({} bytes)",
+        body.len()
+    );
+    // Concurrent clients share the one tunnel.
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let agent = https_agent(&pki.ca, None);
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                for i in 0..5 {
+                    let (status, body) = get(&agent, &format!("https://{addr}/svc/c{t}/{i}"));
+                    assert_eq!((status, body), (200, format!("app saw GET /svc/c{t}/{i}")));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // Plain HTTP on the TLS port is not served.
+    let mut plain = TcpStream::connect(&addr).unwrap();
+    plain.set_read_timeout(Some(WAIT)).unwrap();
+    plain
+        .write_all(b"GET /svc/hello HTTP/1.1\r\nhost: x\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = plain.read_to_end(&mut got);
+    assert!(!got.starts_with(b"HTTP/1.1 200"), "plain HTTP was served");
+    gw.log_line(&["TLS handshake failed"]);
+}
+
+#[test]
+fn receiver_refuses_a_gateway_certificate_it_does_not_trust() {
+    let pki = pki();
+    let d = pki.dir.path();
+    let gw_cfg = write_config(
+        d,
+        "gateway.toml",
+        &gateway_config(
+            "[gateway.tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n",
+        ),
+    );
+    let mut gw = Proc::start("gateway", &gw_cfg);
+    let addr = addr_after(
+        &gw.stdout_line("anp-proxy gateway listening on"),
+        "https://",
+    );
+    let rx_cfg = write_config(
+        d,
+        "receiver.toml",
+        &receiver_config(
+            &format!("wss://{addr}/ws"),
+            &app(),
+            &format!("ca_file = \"{}\"", toml_path(&pki.other_ca)),
+        ),
+    );
+    let mut rx = Proc::start("receiver", &rx_cfg);
+    let line = rx.log_line(&["tunnel down", "gateway certificate not trusted"]);
+    assert!(line.contains("UnknownIssuer"), "{line}");
+    // It retries with backoff, and fails the same way again.
+    rx.log_line(&["reconnecting"]);
+    rx.log_line(&["gateway certificate not trusted"]);
+    assert!(
+        rx.stdout_so_far().is_empty(),
+        "the receiver must not connect"
+    );
+    // The gateway saw the client's alert.
+    gw.log_line(&["TLS handshake failed"]);
+}
+
+#[test]
+fn required_client_certificates_on_the_tunnel_port_only() {
+    let pki = pki();
+    let d = pki.dir.path();
+    let gw_cfg = write_config(
+        d,
+        "gateway.toml",
+        &gateway_config(
+            "tunnel_port = 0\n\
+             [gateway.tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n\
+             [gateway.tunnel_tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n\
+             ca_file = \"ca.pem\"\nverify_mode = \"required\"\n",
+        ),
+    );
+    let mut gw = Proc::start("gateway", &gw_cfg);
+    let public = addr_after(
+        &gw.stdout_line("anp-proxy gateway listening on"),
+        "https://",
+    );
+    let tline = gw.stdout_line("anp-proxy gateway tunnels on");
+    assert!(
+        tline.starts_with("anp-proxy gateway tunnels on wss://127.0.0.1:")
+            && tline.ends_with("/ws"),
+        "{tline}"
+    );
+    let tunnel = addr_after(&tline, "wss://");
+    assert_ne!(public, tunnel);
+    let upstream = app();
+    let ca = format!("ca_file = \"{}\"\n", toml_path(&pki.ca));
+
+    // No client certificate: refused in the handshake, retried, never up.
+    let cfg = write_config(
+        d,
+        "rx-nocert.toml",
+        &receiver_config(&format!("wss://{tunnel}/ws"), &upstream, &ca),
+    );
+    let mut nocert = Proc::start("receiver", &cfg);
+    let l = nocert.log_line(&["tunnel down", "CertificateRequired"]);
+    assert!(l.contains("gateway refused our client certificate"), "{l}");
+    gw.log_line(&["TLS handshake failed", "peer sent no certificates"]);
+    assert!(nocert.stdout_so_far().is_empty());
+    drop(nocert);
+
+    // A certificate from another CA: refused too.
+    let cfg = write_config(
+        d,
+        "rx-stranger.toml",
+        &receiver_config(
+            &format!("wss://{tunnel}/ws"),
+            &upstream,
+            &format!(
+                "{ca}cert_file = \"{}\"\nkey_file = \"{}\"\n",
+                toml_path(&pki.stranger.0),
+                toml_path(&pki.stranger.1)
+            ),
+        ),
+    );
+    let mut stranger = Proc::start("receiver", &cfg);
+    stranger.log_line(&[
+        "tunnel down",
+        "gateway refused our client certificate",
+        "UnknownCA",
+    ]);
+    gw.log_line(&["TLS handshake failed", "UnknownIssuer"]);
+    assert!(stranger.stdout_so_far().is_empty());
+    drop(stranger);
+
+    // The public port takes no tunnels when a tunnel port exists, even
+    // from a receiver with a good certificate.
+    let with_cert = format!(
+        "{ca}cert_file = \"{}\"\nkey_file = \"{}\"\n",
+        toml_path(&pki.client.0),
+        toml_path(&pki.client.1)
+    );
+    let cfg = write_config(
+        d,
+        "rx-public.toml",
+        &receiver_config(&format!("wss://{public}/ws"), &upstream, &with_cert),
+    );
+    let mut wrong_port = Proc::start("receiver", &cfg);
+    wrong_port.log_line(&["tunnel refused", "501"]);
+    assert!(wrong_port.stdout_so_far().is_empty());
+    drop(wrong_port);
+
+    // A certificate signed by the CA: connected (token auth on top).
+    let cfg = write_config(
+        d,
+        "rx-cert.toml",
+        &receiver_config(&format!("wss://{tunnel}/ws"), &upstream, &with_cert),
+    );
+    let mut rx = Proc::start("receiver", &cfg);
+    rx.stdout_line(&format!(
+        "anp-proxy receiver tunnel 0 connected to wss://{tunnel}/ws"
+    ));
+
+    // Public clients need no certificate on the public port.
+    let agent = https_agent(&pki.ca, None);
+    let (status, body) = get(&agent, &format!("https://{public}/svc/x"));
+    assert_eq!((status, body.as_str()), (200, "app saw GET /svc/x"));
+    // The tunnel port serves nothing but tunnels.
+    let agent = https_agent(&pki.ca, Some(&pki.client));
+    let (status, _) = get(&agent, &format!("https://{tunnel}/svc/x"));
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn required_on_the_main_port_with_the_reference_key_and_a_wrong_token() {
+    let pki = pki();
+    let d = pki.dir.path();
+    let gw_cfg = write_config(
+        d,
+        "gateway.toml",
+        &gateway_config(
+            "[gateway.tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n\
+             ca_file = \"ca.pem\"\ntls_verify_mode = \"required\"\n",
+        ),
+    );
+    let mut gw = Proc::start("gateway", &gw_cfg);
+    let addr = addr_after(
+        &gw.stdout_line("anp-proxy gateway listening on"),
+        "https://",
+    );
+    let upstream = app();
+    let with_cert = format!(
+        "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        toml_path(&pki.ca),
+        toml_path(&pki.client.0),
+        toml_path(&pki.client.1)
+    );
+    // A good certificate does not replace the token: a wrong one is refused.
+    let bad_token = receiver_config(&format!("wss://{addr}/ws"), &upstream, &with_cert)
+        .replace(TOKEN, "not-the-token-9");
+    let cfg = write_config(d, "rx-badtoken.toml", &bad_token);
+    let mut bad = Proc::start("receiver", &cfg);
+    bad.log_line(&["tunnel refused", "401"]);
+    drop(bad);
+
+    let cfg = write_config(
+        d,
+        "rx.toml",
+        &receiver_config(&format!("wss://{addr}/ws"), &upstream, &with_cert),
+    );
+    let mut rx = Proc::start("receiver", &cfg);
+    rx.stdout_line("anp-proxy receiver tunnel 0 connected to wss://");
+    let agent = https_agent(&pki.ca, Some(&pki.client));
+    let (status, body) = get(&agent, &format!("https://{addr}/svc/y"));
+    assert_eq!((status, body.as_str()), (200, "app saw GET /svc/y"));
+}
