@@ -208,7 +208,8 @@ async fn conn(mut s: TcpStream, body: Bytes) {
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(8192);
         }
-        let (res, b) = s.read(buf).await;
+        // Append after what is buffered: monoio reads a BytesMut at its start.
+        let (res, b) = anp_proxy::net::read_append(&mut s, buf).await;
         buf = b;
         match res {
             Ok(0) | Err(_) => return,
