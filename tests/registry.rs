@@ -1,0 +1,502 @@
+//! The route registry on both backends: one set of tests, run against an
+//! embedded SQLite file and against a real MariaDB server that
+//! `tests/db/setup_mariadb.sh` installs (Debian package) and starts.
+//! Without it the MySQL tests fail; `ANP_SKIP_MYSQL=1` skips them on
+//! purpose. The end-to-end tests run the real binary: gateway, receiver and
+//! `anp-proxy routes …`, and watch a change reach a connected tunnel.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anp_proxy::config::Config;
+use anp_proxy::registry::{Added, Registry, RegistryError};
+
+const BIN: &str = env!("CARGO_BIN_EXE_anp-proxy");
+
+// ---------------------------------------------------------------- backends
+
+/// The MariaDB server's facts (`key=value` lines from the setup script).
+fn mariadb() -> Option<&'static HashMap<String, String>> {
+    static FACTS: OnceLock<Result<HashMap<String, String>, String>> = OnceLock::new();
+    if std::env::var("ANP_SKIP_MYSQL").is_ok_and(|v| v == "1") {
+        eprintln!("ANP_SKIP_MYSQL=1: MySQL test skipped");
+        return None;
+    }
+    let facts = FACTS.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/db/setup_mariadb.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{} failed ({}):\n{}",
+                script.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let facts: HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        eprintln!("MariaDB {} on port {}", facts["version"], facts["port"]);
+        Ok(facts)
+    });
+    match facts {
+        Ok(f) => Some(f),
+        Err(e) => panic!(
+            "MySQL tests need a MariaDB server and could not get one \
+             (set ANP_SKIP_MYSQL=1 to skip them on purpose):\n{e}"
+        ),
+    }
+}
+
+/// A `[gateway.database]` section for a fresh, empty database of its own.
+fn mysql_section(name: &str) -> Option<String> {
+    use ::mysql::prelude::Queryable;
+    let f = mariadb()?;
+    let db = format!("anp_t_{name}");
+    let url = format!(
+        "mysql://{}:{}@{}:{}",
+        f["user"], f["password"], f["host"], f["port"]
+    );
+    let mut conn = ::mysql::Conn::new(::mysql::Opts::from_url(&url).unwrap()).expect("connect");
+    conn.query_drop(format!("DROP DATABASE IF EXISTS {db}"))
+        .unwrap();
+    conn.query_drop(format!("CREATE DATABASE {db} CHARACTER SET utf8mb4"))
+        .unwrap();
+    // MySQL keys without `backend`, as the Python reference writes them.
+    Some(format!(
+        "[gateway.database]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\npassword = \"{}\"\ndatabase = \"{db}\"\ncharset = \"utf8mb4\"\nconnect_timeout = 5\nmin_connections = 1\nmax_connections = 4\n",
+        f["host"], f["port"], f["user"], f["password"]
+    ))
+}
+
+fn sqlite_section() -> Option<String> {
+    Some("[gateway.database]\nbackend = \"sqlite\"\npath = \"db/routes.db\"\n".into())
+}
+
+/// A config file in its own directory (the SQLite file goes there too).
+struct Setup {
+    dir: tempfile::TempDir,
+    cfg_path: PathBuf,
+}
+
+impl Setup {
+    fn new(text: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg_path = dir.path().join("gateway.toml");
+        std::fs::write(&cfg_path, text).unwrap();
+        Setup { dir, cfg_path }
+    }
+
+    fn config(&self) -> Config {
+        Config::load(&self.cfg_path).unwrap()
+    }
+
+    fn registry(&self) -> Registry {
+        Registry::open(&self.config()).unwrap()
+    }
+}
+
+// ------------------------------------------------- registry tests, written once
+
+fn add_list_remove(s: &Setup) {
+    let mut r = s.registry();
+    assert!(r.list_all().unwrap().is_empty());
+    let alice = "did:wba:a.example:agents:alice";
+    let bob = "did:wba:b.example:agents:bob";
+    assert_eq!(r.add(alice, "/agents/alice").unwrap(), Added::New);
+    assert_eq!(r.add(bob, "/agents/bob/").unwrap(), Added::New);
+    assert_eq!(r.add(alice, "/tools/alice").unwrap(), Added::New);
+    assert_eq!(
+        r.list_all().unwrap(),
+        [
+            (alice.to_owned(), "/agents/alice".to_owned()),
+            (alice.to_owned(), "/tools/alice".to_owned()),
+            (bob.to_owned(), "/agents/bob/".to_owned()),
+        ]
+    );
+    assert_eq!(
+        r.routes_of(alice).unwrap(),
+        ["/agents/alice", "/tools/alice"]
+    );
+    assert_eq!(
+        r.routes_of("did:wba:nobody.example").unwrap(),
+        Vec::<String>::new()
+    );
+    // Another identity cannot remove a row it does not own.
+    assert_eq!(r.remove(bob, "/agents/alice").unwrap(), 0);
+    assert_eq!(r.remove(alice, "/agents/alice").unwrap(), 1);
+    assert_eq!(r.remove(alice, "/agents/alice").unwrap(), 0);
+    assert_eq!(r.routes_of(alice).unwrap(), ["/tools/alice"]);
+    // A second handle (another process in real life) sees the same rows.
+    let mut again = s.registry();
+    assert_eq!(again.list_all().unwrap().len(), 2);
+    // Case matters on both backends.
+    assert_eq!(r.add(alice, "/Agents/Bob").unwrap(), Added::New);
+}
+
+fn duplicate_is_refused_with_owner(s: &Setup) {
+    let mut r = s.registry();
+    let alice = "did:wba:a.example:alice";
+    let bob = "did:wba:b.example:bob";
+    assert_eq!(r.add(alice, "/a").unwrap(), Added::New);
+    assert_eq!(r.add(alice, "/a").unwrap(), Added::Already);
+    for p in ["/a", "/a/", "/a/ad.json"] {
+        match r.add(bob, p) {
+            Err(RegistryError::Owned { owner, .. }) => assert_eq!(owner, alice, "{p}"),
+            other => panic!("{p}: {other:?}"),
+        }
+    }
+    let err = r.add(bob, "/a").unwrap_err();
+    assert!(err.is_refusal());
+    assert!(err.to_string().contains(alice), "{err}");
+    assert!(matches!(
+        r.add(bob, "relative/path"),
+        Err(RegistryError::NotAbsolute(_))
+    ));
+    assert!(matches!(
+        r.add(bob, &format!("/{}", "x".repeat(255))),
+        Err(RegistryError::TooLong { what: "path" })
+    ));
+    assert!(matches!(
+        r.add("", "/b"),
+        Err(RegistryError::TooLong { what: "did" })
+    ));
+    assert_eq!(r.list_all().unwrap().len(), 1);
+}
+
+fn ad_json_serves_parent(s: &Setup) {
+    let mut r = s.registry();
+    let alice = "did:wba:a.example:agents:alice";
+    r.add(alice, "/agents/alice/ad.json").unwrap();
+    let cfg = s.config();
+    let t = anp_proxy::registry::reload::route_table(&cfg, &r.list_all().unwrap());
+    let owner = |p: &str| t.lookup(p).map(|x| x.identity.to_string());
+    assert_eq!(owner("/agents/alice/ad.json").as_deref(), Some(alice));
+    assert_eq!(owner("/agents/alice/tools/x").as_deref(), Some(alice));
+    assert_eq!(owner("/agents/alicex"), None);
+    // Removing by the parent prefix removes the ad.json row.
+    assert_eq!(r.remove(alice, "/agents/alice/").unwrap(), 1);
+    assert!(r.list_all().unwrap().is_empty());
+}
+
+fn unicode_path_round_trips(s: &Setup) {
+    let mut r = s.registry();
+    let did = "did:wba:例え.example:agents:café";
+    let paths = ["/agents/café/ad.json", "/智能体/😀", "/ü/ß"];
+    for p in paths {
+        assert_eq!(r.add(did, p).unwrap(), Added::New, "{p}");
+    }
+    let mut want: Vec<(String, String)> = paths
+        .iter()
+        .map(|p| (did.to_owned(), p.to_string()))
+        .collect();
+    want.sort();
+    let mut got = s.registry().list_all().unwrap();
+    got.sort();
+    assert_eq!(got, want);
+    // 255 characters fit even when each takes 4 bytes.
+    let long = format!("/{}", "😀".repeat(254));
+    assert_eq!(r.add(did, &long).unwrap(), Added::New);
+    assert!(r.routes_of(did).unwrap().contains(&long));
+    assert_eq!(r.remove(did, "/智能体/😀").unwrap(), 1);
+}
+
+fn routes_cli(s: &Setup) {
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["routes"])
+            .args(args)
+            .arg("--config")
+            .arg(&s.cfg_path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let alice = "did:wba:a.example:alice";
+    assert!(run(&["add", alice, "/alice/ad.json"]).0);
+    assert!(run(&["add", "demo-token", "/t"]).0);
+    let (ok, _, err) = run(&["add", "did:wba:b.example:bob", "/alice"]);
+    assert!(!ok && err.contains(alice), "{err}");
+    let (ok, _, err) = run(&["add", alice, "alice2"]);
+    assert!(!ok && err.contains("must start with `/`"), "{err}");
+    // A prefix the config gives to a token identity.
+    let (ok, _, err) = run(&["add", alice, "/fixed/"]);
+    assert!(!ok && err.contains("`fixed-owner`"), "{err}");
+    let (ok, out, _) = run(&["list"]);
+    assert!(ok);
+    assert_eq!(out, format!("demo-token\t/t\n{alice}\t/alice/ad.json\n"));
+    assert!(run(&["remove", alice, "/alice/ad.json"]).0);
+    assert!(!run(&["remove", alice, "/alice/ad.json"]).0);
+    assert_eq!(run(&["list"]).1, "demo-token\t/t\n");
+}
+
+/// Every test's config: one token identity with a path in the file, one
+/// (`live`) whose routes all come from the registry; port 0, two cores.
+const FIXED: &str = "[logging]\nlevel = \"warn\"\n[gateway]\nport = 0\nworkers = 2\n[[gateway.auth.tokens]]\nname = \"fixed-owner\"\ntoken = \"fixed-owner-token\"\npaths = [\"/fixed\"]\n[[gateway.auth.tokens]]\nname = \"live\"\ntoken = \"live-token-123\"\n";
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[test]
+                fn $name() {
+                    let s = super::Setup::new(&format!(
+                        "{}{}",
+                        super::FIXED,
+                        super::sqlite_section().unwrap()
+                    ));
+                    super::$name(&s);
+                }
+            )*
+        }
+        mod mariadb {
+            $(
+                #[test]
+                fn $name() {
+                    let Some(db) = super::mysql_section(stringify!($name)) else { return };
+                    let s = super::Setup::new(&format!("{}{}", super::FIXED, db));
+                    super::$name(&s);
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    add_list_remove,
+    duplicate_is_refused_with_owner,
+    ad_json_serves_parent,
+    unicode_path_round_trips,
+    routes_cli,
+    live_change_reaches_connected_tunnel,
+);
+
+#[test]
+fn sqlite_file_is_created_relative_to_the_config() {
+    let s = Setup::new("[gateway.database]\npath = \"nested/dir/r.db\"\n");
+    s.registry().add("did:wba:a.example", "/a").unwrap();
+    assert!(s.dir.path().join("nested/dir/r.db").is_file());
+}
+
+// ------------------------------------------------------------ end to end
+
+/// Kills the child when the test ends, however it ends.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `anp-proxy ARGS` and waits (at most 30 s) for a stdout line
+/// containing `needle`; returns the process and that line.
+fn start(args: &[&OsStr], needle: &str) -> (Proc, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let needle = needle.to_owned();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if !sent && line.contains(&needle) {
+                let _ = tx.send(line);
+                sent = true;
+            }
+        }
+    });
+    let proc = Proc(child);
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("no `{:?}` line from {args:?}", args));
+    (proc, line)
+}
+
+/// The local app: answers every request `200 app:<target>`, keep-alive.
+fn start_app() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            std::thread::spawn(move || serve_app(s));
+        }
+    });
+    addr
+}
+
+fn serve_app(s: TcpStream) {
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    loop {
+        let mut first = String::new();
+        if r.read_line(&mut first).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            if h == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        if r.read_exact(&mut body).is_err() {
+            return;
+        }
+        let target = first.split(' ').nth(1).unwrap_or("").to_owned();
+        let body = format!("app:{target}");
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{body}",
+            body.len()
+        );
+        if w.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// One GET through the gateway: (status, body). Waits on the response.
+fn get(gw: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(gw).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_owned();
+    (status, body)
+}
+
+/// Requests `path` until its status is `want`; how long that took. Fails
+/// after 10 s (hang guard; the promise is 5 s).
+fn until_status(gw: SocketAddr, path: &str, want: u16) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let (status, _) = get(gw, path);
+        if status == want {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{path}: still {status} after 10 s, want {want}"
+        );
+    }
+}
+
+fn live_change_reaches_connected_tunnel(s: &Setup) {
+    // The token identity has no path in the config: all its routes come
+    // from the registry, under the token's name.
+    let routes = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("routes")
+            .args(args)
+            .arg("--config")
+            .arg(&s.cfg_path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "routes {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    routes(&["add", "live", "/first"]);
+    let (_gw, line) = start(
+        &[
+            OsStr::new("gateway"),
+            OsStr::new("--config"),
+            s.cfg_path.as_os_str(),
+        ],
+        "anp-proxy gateway listening on http://",
+    );
+    let gw: SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let app = start_app();
+    let rcfg = s.dir.path().join("receiver.toml");
+    std::fs::write(
+        &rcfg,
+        format!(
+            "mode = \"receiver\"\n[logging]\nlevel = \"warn\"\n[receiver]\ngateway_url = \"ws://{gw}/ws\"\nupstream = \"http://{app}\"\ntoken = \"live-token-123\"\nreconnect_max_delay = 1\n"
+        ),
+    )
+    .unwrap();
+    let (_rx, _) = start(
+        &[
+            OsStr::new("receiver"),
+            OsStr::new("--config"),
+            rcfg.as_os_str(),
+        ],
+        "anp-proxy receiver tunnel",
+    );
+    // A new tunnel got the registry's route at once.
+    let (status, body) = get(gw, "/first/x");
+    assert_eq!((status, body.as_str()), (200, "app:/first/x"));
+    assert_eq!(get(gw, "/live/x").0, 404);
+
+    routes(&["add", "live", "/live/ad.json"]);
+    let took = until_status(gw, "/live/x", 200);
+    assert!(took <= Duration::from_secs(5), "add took {took:?}");
+    assert_eq!(get(gw, "/live/ad.json"), (200, "app:/live/ad.json".into()));
+
+    routes(&["remove", "live", "/live/ad.json"]);
+    let took = until_status(gw, "/live/x", 404);
+    assert!(took <= Duration::from_secs(5), "remove took {took:?}");
+
+    // Every route gone: the tunnel stays connected but serves nothing.
+    routes(&["remove", "live", "/first"]);
+    until_status(gw, "/first/x", 404);
+    routes(&["add", "live", "/first"]);
+    let took = until_status(gw, "/first/x", 200);
+    assert!(took <= Duration::from_secs(5), "re-add took {took:?}");
+}
