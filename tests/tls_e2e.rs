@@ -368,16 +368,21 @@ fn get(agent: &ureq::Agent, url: &str) -> (u16, String) {
 fn https_request_through_a_wss_tunnel() {
     let pki = pki();
     let d = pki.dir.path();
+    // Two workers and two tunnels: a TLS tunnel stays on the core that
+    // accepted it, so requests reach it from the other core too.
     let gw_cfg = write_config(
         d,
         "gateway.toml",
-        &gateway_config("[gateway.tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n"),
+        &gateway_config(
+            "[gateway.tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n",
+        )
+        .replace("workers = 1", "workers = 2"),
     );
     let mut gw = Proc::start("gateway", &gw_cfg);
     let ready = gw.stdout_line("anp-proxy gateway listening on");
     assert!(
         ready.starts_with("anp-proxy gateway listening on https://127.0.0.1:")
-            && ready.ends_with("(tunnel path /ws, 1 workers)"),
+            && ready.ends_with("(tunnel path /ws, 2 workers)"),
         "{ready}"
     );
     let addr = addr_after(&ready, "https://");
@@ -390,11 +395,19 @@ fn https_request_through_a_wss_tunnel() {
             &format!("wss://{addr}/ws"),
             &upstream,
             &format!("ca_file = \"{}\"", toml_path(&pki.ca)),
-        ),
+        )
+        .replace("tunnels = 1", "tunnels = 2"),
     );
     let mut rx = Proc::start("receiver", &rx_cfg);
-    let line = rx.stdout_line("anp-proxy receiver tunnel 0 connected to");
-    assert!(line.ends_with(&format!("wss://{addr}/ws")), "{line}");
+    // Both tunnels, in whichever order they come up.
+    let mut up = [false; 2];
+    while !up.iter().all(|u| *u) {
+        let line = rx.stdout_line("connected to");
+        assert!(line.ends_with(&format!("wss://{addr}/ws")), "{line}");
+        for (i, u) in up.iter_mut().enumerate() {
+            *u |= line.starts_with(&format!("anp-proxy receiver tunnel {i} connected to"));
+        }
+    }
 
     let agent = https_agent(&pki.ca, None);
     let (status, body) = get(&agent, &format!("https://{addr}/svc/hello?x=1"));
