@@ -268,6 +268,43 @@ impl Gateway {
         Gateway { addr, proc }
     }
 
+    /// Starts a gateway with its admin listener on an ephemeral port
+    /// (`admin_port = 0` appended to `[gateway]`); returns it with the
+    /// admin address from `anp-proxy admin listening on http://…`. The two
+    /// start-up lines may come in either order.
+    pub fn start_with_admin(cfg: &GatewayConfig) -> (Gateway, SocketAddr) {
+        let mut cfg = cfg.clone();
+        cfg.extra_gateway_toml += "admin_port = 0\n";
+        let mut proc = Proc::spawn("gateway", "gateway", &cfg.to_toml());
+        let (mut public, mut admin) = (None, None);
+        while public.is_none() || admin.is_none() {
+            let line = proc.wait_line(
+                "`anp-proxy gateway listening on http://…` and `anp-proxy admin listening on http://…`",
+                |l| l.contains(" listening on http://"),
+            );
+            let addr_txt = line
+                .split("listening on http://")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or("");
+            let addr: SocketAddr = addr_txt
+                .parse()
+                .unwrap_or_else(|e| panic!("gateway: expected a socket address in {line:?}: {e}"));
+            if line.contains("anp-proxy admin listening") {
+                admin = Some(addr);
+            } else if line.contains("anp-proxy gateway listening") {
+                public = Some(addr);
+            }
+        }
+        (
+            Gateway {
+                addr: public.unwrap(),
+                proc,
+            },
+            admin.unwrap(),
+        )
+    }
+
     pub fn start_default() -> Gateway {
         Gateway::start(&GatewayConfig::default())
     }
