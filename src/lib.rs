@@ -8,6 +8,7 @@ pub mod gateway;
 pub mod http;
 pub mod logging;
 pub mod net;
+pub mod pool;
 pub mod protocol;
 pub mod receiver;
 pub mod registry;

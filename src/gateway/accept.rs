@@ -133,12 +133,17 @@ pub async fn accept_loop(ctx: Rc<CoreCtx>, l: Listener, seq: Rc<Cell<u64>>) {
             match tls {
                 None => conn::serve_conn(ctx.clone(), stream, peer, conn_id, false, accepts).await,
                 Some(acceptor) => {
-                    // The handshake shares the head's deadline: a client
-                    // that stalls it holds a connection slot no longer.
-                    let limit = ctx.settings.header_timeout;
-                    if let Some(s) = tls_server::accept(&acceptor, stream, peer, limit).await {
-                        conn::serve_conn(ctx.clone(), s, peer, conn_id, true, accepts).await;
-                    }
+                    // Boxed: a TLS session's state is large and would
+                    // otherwise size every plain connection's task too.
+                    Box::pin(async {
+                        // The handshake shares the head's deadline: a client
+                        // that stalls it holds a connection slot no longer.
+                        let limit = ctx.settings.header_timeout;
+                        if let Some(s) = tls_server::accept(&acceptor, stream, peer, limit).await {
+                            conn::serve_conn(ctx.clone(), s, peer, conn_id, true, accepts).await;
+                        }
+                    })
+                    .await
                 }
             }
             ctx.shared

@@ -67,6 +67,13 @@ fn deadline(d: Option<Duration>) -> Option<Instant> {
 pub trait Movable: Sized {
     const MOVABLE: bool;
     fn into_owned_fd(self) -> Result<std::os::fd::OwnedFd, Self>;
+
+    /// Waits until the socket has something to read, holding no buffer
+    /// (an idle keep-alive connection then costs no read buffer).
+    /// Transports that buffer internally (TLS) return at once.
+    fn wait_readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> {
+        std::future::ready(Ok(()))
+    }
 }
 
 impl Movable for monoio::net::TcpStream {
@@ -79,6 +86,10 @@ impl Movable for monoio::net::TcpStream {
         let fd = self.into_raw_fd();
         // SAFETY: `fd` is an open socket that nothing else owns any more.
         Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    }
+
+    fn wait_readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> {
+        self.readable(false)
     }
 }
 
@@ -105,13 +116,30 @@ pub async fn serve_conn<S>(
     S::OwnedRead: AsyncReadRent + 'static,
     S::OwnedWrite: AsyncWriteRent + 'static,
 {
-    let mut buf = BytesMut::with_capacity(8 * 1024);
-    let mut out: Vec<u8> = Vec::with_capacity(4 * 1024);
+    // Buffers are lent by the core's pool while a request is worked on and
+    // given back while the connection idles.
+    let mut buf = BytesMut::new();
+    let mut out: Vec<u8> = Vec::new();
     loop {
-        // 1. The head: idle keep-alive wait for its first byte, then
-        // header_timeout for the rest.
+        // 1. The head: idle keep-alive wait for its first byte (no buffer
+        // held), then header_timeout for the rest.
         let mut head_deadline: Option<Option<Instant>> = None;
         let head = loop {
+            if buf.is_empty() && head_deadline.is_none() {
+                ctx.pool.give_read(std::mem::take(&mut buf));
+                ctx.pool.give_write(std::mem::take(&mut out));
+                let idle = io.wait_readable();
+                let ready = match ctx.settings.keepalive_timeout {
+                    Some(d) => matches!(monoio::time::timeout(d, idle).await, Ok(Ok(()))),
+                    None => idle.await.is_ok(),
+                };
+                if !ready {
+                    return;
+                }
+                buf = ctx.pool.take_read();
+                out = ctx.pool.take_write();
+                head_deadline = Some(deadline(ctx.settings.header_timeout));
+            }
             match http::parse_request_head(&buf, &ctx.settings.head_limits) {
                 Ok(Some(h)) => break h,
                 Ok(None) => {}
@@ -122,11 +150,7 @@ pub async fn serve_conn<S>(
                     return;
                 }
             }
-            let dl = if buf.is_empty() {
-                deadline(ctx.settings.keepalive_timeout)
-            } else {
-                *head_deadline.get_or_insert_with(|| deadline(ctx.settings.header_timeout))
-            };
+            let dl = *head_deadline.get_or_insert_with(|| deadline(ctx.settings.header_timeout));
             match read_more(&mut io, &mut buf, dl).await {
                 ReadOutcome::Data => {}
                 ReadOutcome::Eof => return,
@@ -149,7 +173,7 @@ pub async fn serve_conn<S>(
             && raw_path == ctx.settings.tunnel_path.as_bytes()
             && head.upgrade
         {
-            accept_tunnel(ctx, io, &head, &head_buf, buf, peer, tls).await;
+            Box::pin(accept_tunnel(ctx, io, &head, &head_buf, buf, peer, tls)).await;
             return;
         }
         if accepts == Accepts::Tunnels {
@@ -188,42 +212,47 @@ pub async fn serve_conn<S>(
             continue;
         }
 
-        // 3. Route, read the body, proxy.
+        // 3. Route, read the body, proxy. Boxed: one allocation per
+        // request keeps this (large) state out of the connection task, so
+        // an idle keep-alive connection costs about 1 KiB, not 11 KiB.
         let keep_alive = head.keep_alive;
-        let result = proxy_one(
-            &ctx, &mut io, &mut buf, &mut out, &head, &head_buf, peer, conn_id, tls,
-        )
-        .await;
-        let (resp, body_read) = match result {
-            Ok(r) => (Ok(r), true),
-            Err((e, body_read)) => (Err(e), body_read),
-        };
-        let ok = match resp {
-            Ok(r) => {
-                let http10 = head.version_minor == 0;
-                write_response(
-                    &mut io,
-                    &mut out,
-                    r,
-                    is_head,
-                    keep_alive,
-                    http10,
-                    &ctx.settings,
-                )
-                .await
-            }
-            Err(e) => {
-                let reply = error_reply(&e);
-                let close = reply.close || (!body_read && has_body(&head)) || !keep_alive;
-                let path = String::from_utf8_lossy(raw_path);
-                if reply.status >= 500 {
-                    tracing::warn!(%peer, %path, error = %e, kind = error_kind(&e), status = reply.status, "request failed");
-                } else {
-                    tracing::info!(%peer, %path, error = %e, kind = error_kind(&e), status = reply.status, "request refused");
+        let ok = Box::pin(async {
+            let result = proxy_one(
+                &ctx, &mut io, &mut buf, &mut out, &head, &head_buf, peer, conn_id, tls,
+            )
+            .await;
+            let (resp, body_read) = match result {
+                Ok(r) => (Ok(r), true),
+                Err((e, body_read)) => (Err(e), body_read),
+            };
+            match resp {
+                Ok(r) => {
+                    let http10 = head.version_minor == 0;
+                    write_response(
+                        &mut io,
+                        &mut out,
+                        r,
+                        is_head,
+                        keep_alive,
+                        http10,
+                        &ctx.settings,
+                    )
+                    .await
                 }
-                write_error(&mut io, &mut out, &e, is_head, close).await && !close
+                Err(e) => {
+                    let reply = error_reply(&e);
+                    let close = reply.close || (!body_read && has_body(&head)) || !keep_alive;
+                    let path = String::from_utf8_lossy(raw_path);
+                    if reply.status >= 500 {
+                        tracing::warn!(%peer, %path, error = %e, kind = error_kind(&e), status = reply.status, "request failed");
+                    } else {
+                        tracing::info!(%peer, %path, error = %e, kind = error_kind(&e), status = reply.status, "request refused");
+                    }
+                    write_error(&mut io, &mut out, &e, is_head, close).await && !close
+                }
             }
-        };
+        })
+        .await;
         if !ok || !keep_alive {
             return;
         }
@@ -809,6 +838,15 @@ async fn accept_tunnel<S>(
     };
     let owns_routes = |name: &str| ctx.routes().prefixes_of(name).next().is_some();
     let identity = match ctx.shared.auth.authenticate(&req, &owns_routes).await {
+        // A route registered since the last poll applies to a new tunnel
+        // at once: read the registry, then decide again (a DID proof
+        // refused for want of routes has not spent its nonce).
+        Err(e) if e.is_no_routes() && ctx.refresh_routes().await => {
+            ctx.shared.auth.authenticate(&req, &owns_routes).await
+        }
+        r => r,
+    };
+    let identity = match identity {
         Ok(id) => id,
         Err(e) => {
             tracing::warn!(%peer, reason = e.reason(), error = %e, "tunnel upgrade refused");
@@ -816,7 +854,9 @@ async fn accept_tunnel<S>(
             return;
         }
     };
-    if ctx.routes().prefixes_of(&identity.name).next().is_none() {
+    let owned =
+        owns_routes(&identity.name) || (ctx.refresh_routes().await && owns_routes(&identity.name));
+    if !owned {
         let e = crate::auth::AuthError::NoRoutes(identity.name.to_string());
         tracing::warn!(%peer, reason = e.reason(), error = %e, "tunnel upgrade refused");
         refuse(&mut io, &mut out, e.status(), e.reason(), &e.to_string()).await;

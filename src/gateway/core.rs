@@ -12,7 +12,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,6 +24,7 @@ use super::tunnel::Tunnel;
 use crate::auth::Authenticator;
 use crate::config::{secs, Config};
 use crate::protocol::anpx::{RequestMeta, ResponseMeta};
+use crate::registry::reload::{RefreshRequest, RoutesUpdate};
 
 /// A request ready for a tunnel. `Send`: it may cross to another core.
 #[derive(Debug)]
@@ -65,7 +66,7 @@ pub enum CoreMsg {
     Request(CrossRequest),
     Tunnel(TunnelHandoff),
     /// A new route table from the registry poller (`registry::reload`).
-    Routes(Arc<RouteTable>),
+    Routes(RoutesUpdate),
 }
 
 /// Process-wide counters (cold path or per-event, never per byte).
@@ -84,7 +85,10 @@ pub struct Shared {
     pub auth: Authenticator,
     /// The route table in force; cores copy it at start, then follow
     /// [`CoreMsg::Routes`]. Locked only on those rare events.
-    routes: Mutex<Arc<RouteTable>>,
+    routes: Mutex<RoutesUpdate>,
+    /// The registry thread's "read now" queue (none in embedders that
+    /// start no registry).
+    registry_refresh: OnceLock<std::sync::mpsc::Sender<RefreshRequest>>,
     /// identity → tunnels per core (index = core).
     tunnel_cores: Mutex<HashMap<IdentityName, Vec<usize>>>,
     pub inboxes: Vec<xmpsc::UnboundedSender<CoreMsg>>,
@@ -103,7 +107,11 @@ impl Shared {
         Self {
             config,
             auth,
-            routes: Mutex::new(routes),
+            routes: Mutex::new(RoutesUpdate {
+                generation: 0,
+                table: routes,
+            }),
+            registry_refresh: OnceLock::new(),
             tunnel_cores: Mutex::new(HashMap::new()),
             inboxes,
             counters: Counters::default(),
@@ -112,7 +120,7 @@ impl Shared {
     }
 
     /// The route table in force (cold path: core start, reloads).
-    pub fn routes(&self) -> Arc<RouteTable> {
+    pub fn routes(&self) -> RoutesUpdate {
         self.routes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -121,13 +129,18 @@ impl Shared {
 
     /// Makes `routes` the table in force and sends it to every core.
     /// False when no core is listening any more.
-    pub fn publish_routes(&self, routes: Arc<RouteTable>) -> bool {
+    pub fn publish_routes(&self, routes: RoutesUpdate) -> bool {
         *self.routes.lock().unwrap_or_else(|e| e.into_inner()) = routes.clone();
         let mut delivered = false;
         for tx in &self.inboxes {
             delivered |= tx.unbounded_send(CoreMsg::Routes(routes.clone())).is_ok();
         }
         delivered
+    }
+
+    /// Connects cores to the registry thread's "read now" queue (once).
+    pub fn set_registry_refresh(&self, tx: std::sync::mpsc::Sender<RefreshRequest>) {
+        let _ = self.registry_refresh.set(tx);
     }
 
     /// Chooses the core a new tunnel of `identity` should live on: the one
@@ -243,7 +256,11 @@ pub struct CoreCtx {
     pub settings: Settings,
     /// This core's own copy: `Rc`, so taking it costs no atomic.
     routes: RefCell<Rc<RouteTable>>,
+    /// Generation of `routes` ([`RoutesUpdate`]): older ones are ignored.
+    routes_generation: Cell<u64>,
     tunnels: RefCell<HashMap<IdentityName, Vec<Rc<Tunnel>>>>,
+    /// Read and write buffers lent to connections while they work.
+    pub pool: crate::pool::BufPool,
     seq: Cell<u64>,
     next_tunnel_id: Cell<u64>,
 }
@@ -251,13 +268,17 @@ pub struct CoreCtx {
 impl CoreCtx {
     pub fn new(index: usize, shared: Arc<Shared>) -> Self {
         let settings = Settings::from_config(&shared.config);
-        let routes = RefCell::new(Rc::new(RouteTable::clone(&shared.routes())));
+        let first = shared.routes();
+        let routes = RefCell::new(Rc::new(RouteTable::clone(&first.table)));
+        let routes_generation = Cell::new(first.generation);
         Self {
             index,
             shared,
             settings,
             routes,
+            routes_generation,
             tunnels: RefCell::new(HashMap::new()),
+            pool: crate::pool::BufPool::new(4 * 1024, 4096),
             seq: Cell::new(0),
             next_tunnel_id: Cell::new(0),
         }
@@ -270,10 +291,35 @@ impl CoreCtx {
         self.routes.borrow().clone()
     }
 
-    /// Installs a new table (rare: a registry change). Copied once per
-    /// core so lookups never touch a shared refcount.
-    fn set_routes(&self, routes: &RouteTable) {
-        *self.routes.borrow_mut() = Rc::new(routes.clone());
+    /// Installs a newer table (rare: a registry change); false when `u` is
+    /// not newer than the one in force. Copied once per core so lookups
+    /// never touch a shared refcount.
+    fn set_routes(&self, u: &RoutesUpdate) -> bool {
+        if u.generation <= self.routes_generation.get() {
+            return false;
+        }
+        self.routes_generation.set(u.generation);
+        *self.routes.borrow_mut() = Rc::new(RouteTable::clone(&u.table));
+        true
+    }
+
+    /// Asks the registry thread to read the table now (a new tunnel's
+    /// identity has no route in this core's copy) and installs what it
+    /// answers. True when the table in force changed, so the caller may
+    /// decide again. Never blocks the core: the read runs on the registry
+    /// thread, coalesced and rate-limited there; waits at most 5 s.
+    pub async fn refresh_routes(&self) -> bool {
+        let Some(tx) = self.shared.registry_refresh.get() else {
+            return false;
+        };
+        let (reply, answer) = xoneshot::channel();
+        if tx.send(reply).is_err() {
+            return false;
+        }
+        match monoio::time::timeout(Duration::from_secs(5), answer).await {
+            Ok(Ok(u)) => self.set_routes(&u),
+            _ => false,
+        }
     }
 
     /// A request id unique in the process: core index in the top 16 bits.
@@ -386,11 +432,17 @@ impl CoreCtx {
                         let _ = m.reply.send(res);
                     });
                 }
-                CoreMsg::Routes(t) => {
+                CoreMsg::Routes(u) => {
                     // Tunnels stay; an identity left without routes gets
                     // no requests (404) until it has some again.
-                    ctx.set_routes(&t);
-                    tracing::debug!(core = ctx.index, routes = t.len(), "route table replaced");
+                    if ctx.set_routes(&u) {
+                        tracing::debug!(
+                            core = ctx.index,
+                            generation = u.generation,
+                            routes = u.table.len(),
+                            "route table replaced"
+                        );
+                    }
                 }
                 CoreMsg::Tunnel(h) => {
                     let std = std::net::TcpStream::from(h.fd);

@@ -22,7 +22,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use local_sync::mpsc::unbounded;
 use local_sync::oneshot;
-use local_sync::semaphore::Semaphore;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Splitable};
 
 use super::core::{CoreCtx, ProxyRequest, ProxyResponse, ProxyResult};
@@ -32,7 +31,7 @@ use crate::protocol::anpx::{
     self, FrameType, Message, MetaRef, Reassembler, RequestMeta, ResponseMeta,
 };
 use crate::protocol::features::Features;
-use crate::protocol::stream::{self, Incoming, StreamEncoder, DEFAULT_WINDOW};
+use crate::protocol::stream::{self, Incoming, StreamEncoder, Window, DEFAULT_WINDOW};
 use crate::ws::conn::{run_writer, ConnError, OutTx, Outgoing, WsReader};
 use crate::ws::{Decoder, Event, Role};
 
@@ -69,7 +68,7 @@ struct Entry {
     /// Response bytes delivered but not yet credited back.
     unacked: usize,
     /// Upload window: credit the receiver returned for the request body.
-    upload: Rc<Semaphore>,
+    upload: Rc<Window>,
 }
 
 pub struct Tunnel {
@@ -105,7 +104,7 @@ pub struct Uploader {
     id: u64,
     rid: [u8; 16],
     enc: StreamEncoder,
-    window: Rc<Semaphore>,
+    window: Rc<Window>,
     wait: Duration,
     done: bool,
 }
@@ -130,7 +129,7 @@ impl Tunnel {
         json
     }
 
-    fn admit(&self, ctx: &CoreCtx) -> Result<(u64, HeadRx, Rc<Semaphore>), ProxyError> {
+    fn admit(&self, ctx: &CoreCtx) -> Result<(u64, HeadRx, Rc<Window>), ProxyError> {
         if self.closed.get() {
             return Err(ProxyError::TunnelClosed);
         }
@@ -140,7 +139,7 @@ impl Tunnel {
         }
         let id = ctx.next_request_id();
         let (tx, rx) = oneshot::channel();
-        let upload = Rc::new(Semaphore::new(DEFAULT_WINDOW));
+        let upload = Rc::new(Window::new(DEFAULT_WINDOW));
         self.inflight.borrow_mut().insert(
             id,
             Entry {
@@ -186,9 +185,7 @@ impl Tunnel {
         } else {
             // The first piece was taken within one window by the caller.
             let f = enc.head(&rids, MetaRef::Request(&json), &first, false);
-            if let Ok(p) = window.try_acquire_many(first.len() as u32) {
-                p.forget();
-            }
+            window.take_now(first.len());
             self.out.send(Outgoing::Binary(f)).is_ok()
         };
         if !sent {
@@ -290,10 +287,10 @@ impl Uploader {
     /// Sends the next body piece once the window allows it.
     pub async fn send(&mut self, piece: Bytes, last: bool) -> Result<(), ProxyError> {
         debug_assert!(!self.done);
-        let n = piece.len().min(DEFAULT_WINDOW) as u32;
+        let n = piece.len().min(DEFAULT_WINDOW);
         if n > 0 {
-            match monoio::time::timeout(self.wait, self.window.acquire_many(n)).await {
-                Ok(Ok(p)) => p.forget(),
+            match monoio::time::timeout(self.wait, self.window.take(n)).await {
+                Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(ProxyError::TunnelClosed),
                 Err(_) => return Err(ProxyError::Timeout),
             }
@@ -467,7 +464,7 @@ pub async fn run_tunnel<S>(
                     if let Some(e) = parse_request_id(&rid)
                         .and_then(|id| tunnel.inflight.borrow().get(&id).map(|e| e.upload.clone()))
                     {
-                        e.add_permits(n.min(DEFAULT_WINDOW));
+                        e.add(n.min(DEFAULT_WINDOW));
                     }
                 }
             }

@@ -310,3 +310,90 @@ mod tests {
         assert!(f <= 65536, "{f}");
     }
 }
+
+/// A per-request credit window: bytes a sender may still send. One sender
+/// waits on it at a time. (A counter and a waker: `local_sync`'s semaphore
+/// panics when a partly granted `acquire_many` is dropped, which is exactly
+/// what a cancelled request does.)
+#[derive(Debug)]
+pub struct Window {
+    avail: std::cell::Cell<usize>,
+    closed: std::cell::Cell<bool>,
+    waker: std::cell::RefCell<Option<std::task::Waker>>,
+}
+
+/// The window was closed: the request or its tunnel is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowClosed;
+
+impl Window {
+    pub fn new(bytes: usize) -> Self {
+        Self {
+            avail: std::cell::Cell::new(bytes),
+            closed: std::cell::Cell::new(false),
+            waker: std::cell::RefCell::new(None),
+        }
+    }
+
+    /// Waits until `n` bytes of window are free and takes them.
+    pub async fn take(&self, n: usize) -> Result<(), WindowClosed> {
+        std::future::poll_fn(|cx| {
+            if self.closed.get() {
+                return std::task::Poll::Ready(Err(WindowClosed));
+            }
+            let a = self.avail.get();
+            if a >= n {
+                self.avail.set(a - n);
+                return std::task::Poll::Ready(Ok(()));
+            }
+            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await
+    }
+
+    /// Takes up to `n` bytes without waiting; returns how many.
+    pub fn take_now(&self, n: usize) -> usize {
+        let t = self.avail.get().min(n);
+        self.avail.set(self.avail.get() - t);
+        t
+    }
+
+    /// Credit returned by the consumer.
+    pub fn add(&self, n: usize) {
+        self.avail.set(self.avail.get().saturating_add(n));
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    pub fn close(&self) {
+        self.closed.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    #[monoio::test(timer_enabled = true)]
+    async fn waits_for_credit_and_survives_cancellation() {
+        let w = std::rc::Rc::new(Window::new(10));
+        w.take(6).await.unwrap();
+        // A wait that is dropped before it is granted leaves no trace.
+        let r = monoio::time::timeout(std::time::Duration::from_millis(5), w.take(6)).await;
+        assert!(r.is_err());
+        assert_eq!(w.take_now(100), 4);
+        let w2 = w.clone();
+        let t = monoio::spawn(async move { w2.take(5).await });
+        w.add(5);
+        assert_eq!(t.await, Ok(()));
+        let w3 = w.clone();
+        let t = monoio::spawn(async move { w3.take(1).await });
+        w.close();
+        assert_eq!(t.await, Err(WindowClosed));
+    }
+}

@@ -6,18 +6,17 @@
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
-use local_sync::semaphore::Semaphore;
 
 use super::upstream::UpstreamError;
 use crate::protocol::anpx::{self, FrameType, MetaRef, ResponseMeta};
-use crate::protocol::stream::{self, StreamEncoder};
+use crate::protocol::stream::{self, StreamEncoder, Window};
 use crate::ws::conn::{OutTx, Outgoing};
 
 pub struct ResponseSink {
     out: OutTx,
     request_id: String,
     stream: bool,
-    window: Rc<Semaphore>,
+    window: Rc<Window>,
     chunk_size: usize,
     max_body: usize,
     enc: StreamEncoder,
@@ -32,7 +31,7 @@ impl ResponseSink {
         out: OutTx,
         request_id: String,
         stream: bool,
-        window: Rc<Semaphore>,
+        window: Rc<Window>,
         chunk_size: usize,
         max_body: usize,
     ) -> Self {
@@ -64,13 +63,10 @@ impl ResponseSink {
         if n == 0 {
             return Ok(());
         }
-        match self.window.acquire_many(n as u32).await {
-            Ok(p) => {
-                p.forget();
-                Ok(())
-            }
-            Err(_) => Err(UpstreamError::TunnelGone),
-        }
+        self.window
+            .take(n)
+            .await
+            .map_err(|_| UpstreamError::TunnelGone)
     }
 
     /// The response head, with the body bytes read so far; `complete`

@@ -22,7 +22,7 @@ use crate::auth::didwba::{self, DidSigner};
 use crate::config::AuthScheme;
 use crate::protocol::anpx::{self, FrameType, Message, Reassembler, RequestMeta};
 use crate::protocol::features::{Features, FEATURES_HEADER, TUNNELS_HEADER};
-use crate::protocol::stream::{self, Incoming, DEFAULT_WINDOW};
+use crate::protocol::stream::{self, Incoming, Window, DEFAULT_WINDOW};
 use crate::tls::client::GatewayStream;
 use crate::ws::conn::{run_writer, ConnError, OutTx, Outgoing, WsReader};
 use crate::ws::{self, Decoder, Event, Role};
@@ -321,7 +321,7 @@ where
                 // Credit for a response body (`stream`); else activity only.
                 if let Some((rid, n)) = stream::parse_credit(&t) {
                     if let Some(r) = reqs.borrow().get(rid.as_str()) {
-                        r.window.add_permits(n.min(DEFAULT_WINDOW));
+                        r.window.add(n.min(DEFAULT_WINDOW));
                     }
                 }
             }
@@ -354,7 +354,7 @@ struct RxReq {
     /// Dropped or fired: the upstream call is abandoned.
     cancel: Option<local_sync::oneshot::Sender<()>>,
     /// Credit the gateway returned for the response body.
-    window: Rc<Semaphore>,
+    window: Rc<Window>,
 }
 
 type Reqs = Rc<RefCell<HashMap<String, RxReq>>>;
@@ -496,7 +496,7 @@ fn start_request(
     body: ReqBody,
 ) {
     let (cancel_tx, cancel_rx) = local_sync::oneshot::channel();
-    let window = Rc::new(Semaphore::new(DEFAULT_WINDOW));
+    let window = Rc::new(Window::new(DEFAULT_WINDOW));
     reqs.borrow_mut().insert(
         request_id.clone(),
         RxReq {

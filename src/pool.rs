@@ -1,0 +1,90 @@
+//! Per-core buffer pools: read buffers and response-head buffers handed
+//! to a connection while it works on a request and taken back while it
+//! idles, so an idle keep-alive connection holds no buffer and a busy one
+//! does not allocate per request. `Rc`-owned by one core: no locks.
+
+use std::cell::RefCell;
+
+use bytes::BytesMut;
+
+/// Buffers larger than this are not kept (a big body grew them).
+const KEEP_MAX: usize = 64 * 1024;
+
+pub struct BufPool {
+    reads: RefCell<Vec<BytesMut>>,
+    writes: RefCell<Vec<Vec<u8>>>,
+    read_size: usize,
+    cap: usize,
+}
+
+impl BufPool {
+    /// `cap` buffers of each kind are kept at most.
+    pub fn new(read_size: usize, cap: usize) -> Self {
+        Self {
+            reads: RefCell::new(Vec::new()),
+            writes: RefCell::new(Vec::new()),
+            read_size,
+            cap,
+        }
+    }
+
+    pub fn take_read(&self) -> BytesMut {
+        self.reads
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| BytesMut::with_capacity(self.read_size))
+    }
+
+    /// Returns an empty read buffer; one still sharing its storage with
+    /// frozen slices, or grown large, is dropped instead.
+    pub fn give_read(&self, mut b: BytesMut) {
+        debug_assert!(b.is_empty());
+        b.clear();
+        // `try_reclaim` succeeds only if no `Bytes` still points into it.
+        if b.capacity() <= KEEP_MAX && b.try_reclaim(self.read_size) {
+            let mut v = self.reads.borrow_mut();
+            if v.len() < self.cap {
+                v.push(b);
+            }
+        }
+    }
+
+    pub fn take_write(&self) -> Vec<u8> {
+        self.writes.borrow_mut().pop().unwrap_or_default()
+    }
+
+    pub fn give_write(&self, mut b: Vec<u8>) {
+        b.clear();
+        if b.capacity() > 0 && b.capacity() <= KEEP_MAX {
+            let mut v = self.writes.borrow_mut();
+            if v.len() < self.cap {
+                v.push(b);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_come_back_unless_shared_or_large() {
+        let p = BufPool::new(4096, 2);
+        let mut b = p.take_read();
+        b.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        let head = b.split().freeze();
+        p.give_read(b); // storage still shared with `head`: not pooled
+        assert_eq!(p.reads.borrow().len(), 0);
+        drop(head);
+        let b = p.take_read();
+        p.give_read(b);
+        assert_eq!(p.reads.borrow().len(), 1);
+        let mut w = p.take_write();
+        w.extend_from_slice(&[0; 100]);
+        p.give_write(w);
+        assert_eq!(p.writes.borrow().len(), 1);
+        p.give_write(Vec::with_capacity(KEEP_MAX + 1));
+        assert_eq!(p.writes.borrow().len(), 1);
+    }
+}
