@@ -185,6 +185,16 @@ impl Reassembler {
             if asm.final_idx.is_some() {
                 return Err(inconsistent("final_chunk on two chunks"));
             }
+            // A last index of u32::MAX means 2^32 chunks, which chunk_tot
+            // (a u32, PROTOCOL.md §3) cannot count; refusing it here also
+            // keeps `final_idx + 1` below from overflowing.
+            if idx == u32::MAX {
+                return Err(ReassemblyError::ChunkOutOfRange {
+                    request_id: err_id(),
+                    idx,
+                    total: u32::MAX,
+                });
+            }
             asm.final_idx = Some(idx);
         }
         if let (Some(tot), Some(fin)) = (asm.tot, asm.final_idx) {
@@ -447,6 +457,30 @@ mod tests {
                 total: 2
             }
         );
+        assert!(r.is_empty());
+    }
+
+    /// Found by `fuzz/fuzz_targets/anpx_reassemble.rs` (regression input
+    /// `fuzz/seeds/anpx_reassemble/regress-final-chunk-u32-max`): a final
+    /// chunk at index u32::MAX overflowed `final_idx + 1` (a panic with
+    /// overflow checks, as in debug builds), with or without chunk_tot.
+    #[test]
+    fn final_chunk_at_u32_max_is_out_of_range() {
+        for tot in [None, Some(3), Some(u32::MAX)] {
+            let mut r = Reassembler::new(LIMITS);
+            let e = r
+                .push(chunk("m", u32::MAX, tot, true, true, b"tail"))
+                .unwrap_err();
+            assert_eq!(e.kind(), "chunk out of range", "chunk_tot {tot:?}");
+            assert!(r.is_empty());
+        }
+        // chunk_tot first, then the final chunk at u32::MAX.
+        let mut r = Reassembler::new(LIMITS);
+        assert_eq!(r.push(chunk("m", 0, Some(3), false, true, b"a")), Ok(None));
+        let e = r
+            .push(chunk("m", u32::MAX, Some(3), true, false, b"b"))
+            .unwrap_err();
+        assert_eq!(e.kind(), "chunk out of range");
         assert!(r.is_empty());
     }
 
