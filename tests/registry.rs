@@ -286,6 +286,7 @@ on_both_backends!(
     unicode_path_round_trips,
     routes_cli,
     live_change_reaches_connected_tunnel,
+    new_tunnel_sees_a_change_at_once,
 );
 
 #[test]
@@ -499,4 +500,55 @@ fn live_change_reaches_connected_tunnel(s: &Setup) {
     routes(&["add", "live", "/first"]);
     let took = until_status(gw, "/first/x", 200);
     assert!(took <= Duration::from_secs(5), "re-add took {took:?}");
+}
+
+fn new_tunnel_sees_a_change_at_once(s: &Setup) {
+    // A poll every 60 s: only the gateway's read-on-miss can let the
+    // tunnel in within the test's time.
+    let mut text = std::fs::read_to_string(&s.cfg_path).unwrap();
+    text.push_str("poll_interval = 60\n");
+    std::fs::write(&s.cfg_path, text).unwrap();
+    let (_gw, line) = start(
+        &[
+            OsStr::new("gateway"),
+            OsStr::new("--config"),
+            s.cfg_path.as_os_str(),
+        ],
+        "anp-proxy gateway listening on http://",
+    );
+    let gw: SocketAddr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let out = Command::new(BIN)
+        .args(["routes", "add", "live", "/late"])
+        .arg("--config")
+        .arg(&s.cfg_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let t0 = Instant::now();
+    let app = start_app();
+    let rcfg = s.dir.path().join("receiver.toml");
+    std::fs::write(
+        &rcfg,
+        format!(
+            "mode = \"receiver\"\n[logging]\nlevel = \"warn\"\n[receiver]\ngateway_url = \"ws://{gw}/ws\"\nupstream = \"http://{app}\"\ntoken = \"live-token-123\"\n"
+        ),
+    )
+    .unwrap();
+    let (_rx, _) = start(
+        &[
+            OsStr::new("receiver"),
+            OsStr::new("--config"),
+            rcfg.as_os_str(),
+        ],
+        "anp-proxy receiver tunnel",
+    );
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(5), "tunnel took {took:?}");
+    assert_eq!(get(gw, "/late/x"), (200, "app:/late/x".into()));
 }

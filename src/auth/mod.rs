@@ -70,6 +70,15 @@ impl AuthError {
         }
     }
 
+    /// The identity is proven (or its proof not yet checked) but owns no
+    /// route: worth asking the registry again before refusing.
+    pub fn is_no_routes(&self) -> bool {
+        matches!(
+            self,
+            AuthError::NoRoutes(_) | AuthError::Did(DidAuthError::NoRoutes(_))
+        )
+    }
+
     /// Stable reason name for the JSON body, logs and metrics.
     pub fn reason(&self) -> &'static str {
         match self {

@@ -88,10 +88,17 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
         inbox_rx.push(rx);
     }
     let shared = Arc::new(Shared::new(cfg.clone(), auth, routes, inboxes));
+    let (refresh_tx, refresh_rx) = std::sync::mpsc::channel();
+    shared.set_registry_refresh(refresh_tx);
     let poller_shared = Arc::downgrade(&shared);
-    crate::registry::reload::spawn_poller(registry, cfg.clone(), rows, move |t| {
-        poller_shared.upgrade().is_some_and(|s| s.publish_routes(t))
-    })
+    crate::registry::reload::spawn_poller(
+        registry,
+        cfg.clone(),
+        rows,
+        shared.routes().table,
+        refresh_rx,
+        move |u| poller_shared.upgrade().is_some_and(|s| s.publish_routes(u)),
+    )
     .context("cannot spawn registry thread")?;
     let mut threads = Vec::with_capacity(workers);
     let (tls, tunnel) = (bound.tls, bound.tunnel);

@@ -4,15 +4,37 @@
 //! and the registry's rows. [`spawn_poller`] runs on its own thread (the
 //! database calls block): every `poll_interval` it re-reads the table and,
 //! only when the rows changed, builds a new table and hands it to
-//! `publish` (the gateway sends it to every core's inbox). A failed read
-//! keeps the table in force and is logged.
+//! `publish` (the gateway sends it to every core's inbox), numbered (a
+//! [`RoutesUpdate`]). A failed read keeps the table in force and is logged.
+//!
+//! A core whose table gives a new tunnel's identity no route asks for a
+//! read at once ([`RefreshRequest`]), so a change applies to new tunnels
+//! without waiting for the next poll. Such reads are coalesced and at most
+//! one per [`MIN_REFRESH_GAP`], so unauthenticated upgrades cannot turn
+//! into a database load.
 
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{Registry, Row};
 use crate::config::{secs, Config};
 use crate::gateway::routes::{IdentityName, RouteTable};
+
+/// A route table and its number: cores keep the highest number they have
+/// seen, so a late message never brings an older table back.
+#[derive(Debug, Clone)]
+pub struct RoutesUpdate {
+    pub generation: u64,
+    pub table: Arc<RouteTable>,
+}
+
+/// A core's "read the registry now"; answered with the table in force
+/// after that read.
+pub type RefreshRequest = futures_channel::oneshot::Sender<RoutesUpdate>;
+
+/// Least time between two reads asked for by cores.
+pub const MIN_REFRESH_GAP: Duration = Duration::from_millis(250);
 
 /// The route table of `cfg`'s identities plus `rows`. A row's `did` is an
 /// identity name (a DID or a token's `name`). Where a registry row and the
@@ -42,52 +64,103 @@ pub fn route_table(cfg: &Config, rows: &[Row]) -> RouteTable {
     t
 }
 
-/// Starts the poller thread. `rows` is what the table held when the
-/// gateway built its first route table. The thread ends when `publish`
-/// returns false (no core is listening any more).
+/// Starts the poller thread. `first` is the table the gateway started
+/// with (generation 0), built from `rows`. The thread ends when every
+/// sender of `refresh` is gone (the gateway's `Shared` dropped) or
+/// `publish` returns false (no core is listening any more).
 pub fn spawn_poller(
-    mut registry: Registry,
+    registry: Registry,
     cfg: Arc<Config>,
-    mut rows: Vec<Row>,
-    publish: impl Fn(Arc<RouteTable>) -> bool + Send + 'static,
+    rows: Vec<Row>,
+    first: Arc<RouteTable>,
+    refresh: Receiver<RefreshRequest>,
+    publish: impl Fn(RoutesUpdate) -> bool + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let every = secs(cfg.gateway.database.poll_interval).unwrap_or(Duration::from_secs(2));
+    let mut p = Poller {
+        registry,
+        cfg,
+        rows,
+        current: RoutesUpdate {
+            generation: 0,
+            table: first,
+        },
+        failing: false,
+    };
     std::thread::Builder::new()
         .name("anp-registry".into())
         .spawn(move || {
-            let mut failing = false;
+            let mut next_poll = Instant::now() + every;
+            let mut last_read = Instant::now();
             loop {
-                std::thread::sleep(every);
-                let now = match registry.list_all() {
-                    Ok(r) => r,
-                    Err(e) => {
-                        // Once per outage, not once per poll.
-                        if !failing {
-                            tracing::warn!(error = %e, "route registry unreadable; routes kept");
-                        }
-                        failing = true;
-                        continue;
-                    }
+                let wait = next_poll.saturating_duration_since(Instant::now());
+                let mut waiters = match refresh.recv_timeout(wait) {
+                    Ok(w) => vec![w],
+                    Err(RecvTimeoutError::Timeout) => Vec::new(),
+                    Err(RecvTimeoutError::Disconnected) => return,
                 };
-                if failing {
-                    tracing::info!("route registry readable again");
-                    failing = false;
+                if waiters.is_empty() {
+                    next_poll = Instant::now() + every;
+                } else {
+                    let since = last_read.elapsed();
+                    if since < MIN_REFRESH_GAP {
+                        std::thread::sleep(MIN_REFRESH_GAP - since);
+                    }
+                    waiters.extend(refresh.try_iter());
                 }
-                if now == rows {
-                    continue;
-                }
-                let table = Arc::new(route_table(&cfg, &now));
-                tracing::info!(
-                    rows = now.len(),
-                    routes = table.len(),
-                    "route registry changed"
-                );
-                rows = now;
-                if !publish(table) {
+                last_read = Instant::now();
+                if p.read() && !publish(p.current.clone()) {
                     return;
+                }
+                for w in waiters {
+                    let _ = w.send(p.current.clone());
                 }
             }
         })
+}
+
+struct Poller {
+    registry: Registry,
+    cfg: Arc<Config>,
+    rows: Vec<Row>,
+    current: RoutesUpdate,
+    failing: bool,
+}
+
+impl Poller {
+    /// Reads the rows; true when they changed (`current` is then new).
+    fn read(&mut self) -> bool {
+        let now = match self.registry.list_all() {
+            Ok(r) => r,
+            Err(e) => {
+                // Once per outage, not once per poll.
+                if !self.failing {
+                    tracing::warn!(error = %e, "route registry unreadable; routes kept");
+                }
+                self.failing = true;
+                return false;
+            }
+        };
+        if self.failing {
+            tracing::info!("route registry readable again");
+            self.failing = false;
+        }
+        if now == self.rows {
+            return false;
+        }
+        let table = Arc::new(route_table(&self.cfg, &now));
+        tracing::info!(
+            rows = now.len(),
+            routes = table.len(),
+            "route registry changed"
+        );
+        self.rows = now;
+        self.current = RoutesUpdate {
+            generation: self.current.generation + 1,
+            table,
+        };
+        true
+    }
 }
 
 #[cfg(test)]
