@@ -414,15 +414,25 @@ fn get(gw: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// Requests `path` until its status is `want`; how long that took. Fails
-/// after 10 s (hang guard; the promise is 5 s).
+/// Requests `path` until its status is `want` on 8 requests in a row
+/// (new connections, spread over the cores by `SO_REUSEPORT`: each core
+/// installs a new table on its own); how long until the first of them.
+/// Fails after 10 s (hang guard; the promise is 5 s).
 fn until_status(gw: SocketAddr, path: &str, want: u16) -> Duration {
     let t0 = Instant::now();
+    let mut first_ok: Option<Duration> = None;
+    let mut in_a_row = 0;
     loop {
         let (status, _) = get(gw, path);
         if status == want {
-            return t0.elapsed();
+            first_ok.get_or_insert(t0.elapsed());
+            in_a_row += 1;
+            if in_a_row == 8 {
+                return first_ok.unwrap();
+            }
+            continue;
         }
+        (first_ok, in_a_row) = (None, 0);
         assert!(
             t0.elapsed() < Duration::from_secs(10),
             "{path}: still {status} after 10 s, want {want}"
@@ -488,7 +498,10 @@ fn live_change_reaches_connected_tunnel(s: &Setup) {
     routes(&["add", "live", "/live/ad.json"]);
     let took = until_status(gw, "/live/x", 200);
     assert!(took <= Duration::from_secs(5), "add took {took:?}");
-    assert_eq!(get(gw, "/live/ad.json"), (200, "app:/live/ad.json".into()));
+    // Every core installs the table on its own; each must within 5 s.
+    let took = until_status(gw, "/live/ad.json", 200);
+    assert!(took <= Duration::from_secs(5), "add took {took:?}");
+    assert_eq!(get(gw, "/live/tools").1, "app:/live/tools");
 
     routes(&["remove", "live", "/live/ad.json"]);
     let took = until_status(gw, "/live/x", 404);
@@ -550,5 +563,7 @@ fn new_tunnel_sees_a_change_at_once(s: &Setup) {
     );
     let took = t0.elapsed();
     assert!(took < Duration::from_secs(5), "tunnel took {took:?}");
-    assert_eq!(get(gw, "/late/x"), (200, "app:/late/x".into()));
+    // The other core follows through its inbox, within 5 s.
+    let took = until_status(gw, "/late/x", 200);
+    assert!(took <= Duration::from_secs(5), "route took {took:?}");
 }
