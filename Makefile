@@ -75,3 +75,15 @@ flamegraph:
 perf-stat:
 	$(CARGO) build --release --bin anp-proxy --bin anp-loadgen --bin anp-bench-app
 	./perf/stat.sh gateway
+
+# --- Fuzzing (issue #6; fuzz/README.md) ---
+.PHONY: fuzz-smoke fuzz
+
+# Every cargo-fuzz target for FUZZ_SECONDS (default 30) from its seeds;
+# fails if any crashes. Stable toolchain + RUSTC_BOOTSTRAP=1; installs cargo-fuzz.
+fuzz-smoke:
+	./scripts/fuzz-smoke.sh
+
+# The same, 10 minutes per target unless FUZZ_SECONDS says otherwise.
+fuzz:
+	FUZZ_SECONDS=$${FUZZ_SECONDS:-600} ./scripts/fuzz-smoke.sh
