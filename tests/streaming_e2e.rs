@@ -586,28 +586,7 @@ fn no_cross_core_dispatch_with_a_tunnel_per_core() {
     let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 2);
     rx.wait_connected(2);
 
-    let run = |conns: usize, per_conn: usize| {
-        let addr = gw.addr;
-        let handles: Vec<_> = (0..conns)
-            .map(|k| {
-                thread::spawn(move || {
-                    let mut c = HttpConn::connect(addr);
-                    for i in 0..per_conn {
-                        c.send_head("GET", &format!("/alice/download?id=x&len=16&seed={k}"), &[]);
-                        let h = c
-                            .read_head("GET")
-                            .unwrap_or_else(|e| panic!("conn {k} request {i}: {e}"));
-                        assert_eq!(h.status, 200, "conn {k} request {i}");
-                        let b = c.body_bytes().expect("body");
-                        assert_eq!(b.len(), 16);
-                    }
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().expect("all requests answered");
-        }
-    };
+    let run = |conns: usize, per_conn: usize| small_requests(gw.addr, conns, per_conn);
     run(10, 20); // warm-up
     let s0 = stats(admin);
     let tunnels = find_u64(&s0, "tunnels");
@@ -615,6 +594,13 @@ fn no_cross_core_dispatch_with_a_tunnel_per_core() {
         tunnels,
         Some(2),
         "admin /stats should count 2 tunnels: {s0}"
+    );
+    // One tunnel on each core: the gateway placed them, whatever core
+    // SO_REUSEPORT accepted them on.
+    assert_eq!(
+        s0["tunnels_by_identity"]["alice"],
+        serde_json::json!([1, 1]),
+        "expected alice's 2 tunnels spread one per core: {s0}"
     );
     let before = find_u64(&s0, "cross_core_dispatch_total")
         .unwrap_or_else(|| panic!("admin /stats has no cross_core_dispatch_total: {s0}"));
@@ -632,6 +618,54 @@ fn no_cross_core_dispatch_with_a_tunnel_per_core() {
         after - before
     );
     assert_eq!(before, 0, "cross-core dispatch already during warm-up");
+}
+
+/// `conns` new client connections, `per_conn` small requests each.
+fn small_requests(addr: std::net::SocketAddr, conns: usize, per_conn: usize) {
+    let handles: Vec<_> = (0..conns)
+        .map(|k| {
+            thread::spawn(move || {
+                let mut c = HttpConn::connect(addr);
+                for i in 0..per_conn {
+                    c.send_head("GET", &format!("/alice/download?id=x&len=16&seed={k}"), &[]);
+                    let h = c
+                        .read_head("GET")
+                        .unwrap_or_else(|e| panic!("conn {k} request {i}: {e}"));
+                    assert_eq!(h.status, 200, "conn {k} request {i}");
+                    let b = c.body_bytes().expect("body");
+                    assert_eq!(b.len(), 16);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("all requests answered");
+    }
+}
+
+/// The control for the test above: with one tunnel and two cores, the core
+/// without it must cross (and count) — so a zero there means something.
+#[test]
+fn a_core_without_a_tunnel_crosses_and_counts_it() {
+    let cfg = GatewayConfig {
+        workers: 2,
+        ..GatewayConfig::default()
+    };
+    let app = StreamApp::start();
+    let (gw, admin) = Gateway::start_with_admin(&cfg);
+    let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 1);
+    rx.wait_connected(1);
+    // 50 fresh connections: SO_REUSEPORT puts some on each core (all on
+    // one core has probability 2^-49).
+    small_requests(gw.addr, 50, 4);
+    let s = stats(admin);
+    let crossed = find_u64(&s, "cross_core_dispatch_total").unwrap();
+    println!("cross-core with one tunnel for two cores: {crossed} of 200 requests");
+    assert!(
+        crossed > 0 && crossed < 200,
+        "expected some (not all) of 200 requests to cross cores, got {crossed}: {s}"
+    );
+    drop(app);
 }
 
 // ---------------------------------------------------------------- plain v1 fallback
