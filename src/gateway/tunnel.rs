@@ -168,12 +168,14 @@ impl Tunnel {
         let mut rid = [0u8; 16];
         let json = self.meta_json(&mut meta);
         let mut enc = StreamEncoder::new(FrameType::Request);
-        let rids = format_request_id(id, &mut rid).to_owned();
+        format_request_id(id, &mut rid);
+        // On the stack: no allocation per request for the id.
+        let rids = std::str::from_utf8(&rid).unwrap_or_default();
         let sent = if complete {
             let mut frames = Vec::with_capacity(1);
             anpx::encode_message(
                 FrameType::Request,
-                &rids,
+                rids,
                 Some(MetaRef::Request(&json)),
                 &first,
                 ctx.settings.chunk_size,
@@ -184,7 +186,7 @@ impl Tunnel {
                 .all(|f| self.out.send(Outgoing::Binary(f)).is_ok())
         } else {
             // The first piece was taken within one window by the caller.
-            let f = enc.head(&rids, MetaRef::Request(&json), &first, false);
+            let f = enc.head(rids, MetaRef::Request(&json), &first, false);
             window.take_now(first.len());
             self.out.send(Outgoing::Binary(f)).is_ok()
         };

@@ -391,6 +391,12 @@ fn on_stream_frame(
             request_id,
             meta,
             body,
+        }
+        | Incoming::Start {
+            request_id,
+            meta,
+            body,
+            last: true,
         } => {
             if let Some(meta) = parse(&request_id, &meta) {
                 start_request(
@@ -408,23 +414,11 @@ fn on_stream_frame(
             request_id,
             meta,
             body,
-            last,
+            last: false,
         } => {
             let Some(meta) = parse(&request_id, &meta) else {
                 return;
             };
-            if last {
-                start_request(
-                    ctx,
-                    out,
-                    reqs,
-                    features,
-                    request_id,
-                    meta,
-                    ReqBody::Full(body),
-                );
-                return;
-            }
             let (tx, rx) = local_sync::mpsc::unbounded::channel();
             if !body.is_empty() {
                 let _ = tx.send(ReqEvent::Data(body));
@@ -458,7 +452,13 @@ fn on_stream_frame(
             };
             if idx != r.next_idx {
                 tracing::warn!(tunnel = index, %request_id, idx, "request chunk out of order; aborted");
+                // Dropping the entry abandons the upstream call; the error
+                // frame lets the gateway answer 502 now rather than 504.
                 map.remove(&request_id);
+                let _ = out.send(Outgoing::Binary(anpx::encode_error(
+                    &request_id,
+                    "request chunk out of order",
+                )));
                 return;
             }
             r.next_idx += 1;
