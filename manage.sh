@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# manage.sh start|stop|status|restart|logs [gateway|receiver] — run anp-proxy
-# as a background service from this directory. The pid file and the log
-# live under ./run/ (override with ANP_RUN_DIR); the config is ./config.toml
-# (override with ANP_CONFIG).
+# manage.sh start|stop|status|restart|reload|logs [gateway|receiver] — run
+# anp-proxy as a background service from this directory. The pid file and
+# the log live under ./run/ (override with ANP_RUN_DIR); the config is
+# ./config.toml (override with ANP_CONFIG).
+#   stop     SIGTERM: the gateway drains (finishes requests in flight within
+#            shutdown_grace, closes tunnels with 1001), then exits.
+#   restart  gateway: starts the new process on the same port first
+#            (SO_REUSEPORT), then drains the old one: no refused connection.
+#   reload   SIGHUP: routes, tokens and certificates, no connection dropped.
 set -euo pipefail
 cd "$(dirname "$0")"
 cmd=${1:-status}
@@ -16,27 +21,65 @@ mkdir -p "$RUN_DIR"
 
 running() { [ -f "$PID" ] && kill -0 "$(cat "$PID")" 2>/dev/null; }
 
-start() {
-  if running; then echo "$role already running (pid $(cat "$PID"))"; return 0; fi
-  [ -x "$BIN" ] || cargo build --release
+# Seconds `stop` waits for a drain before SIGKILL (shutdown_grace is 30).
+STOP_WAIT=${ANP_STOP_WAIT:-40}
+
+# Starts a process and waits for its ready line; prints its pid.
+launch() {
+  [ -x "$BIN" ] || cargo build --release >&2
   "$BIN" check --config "$CONFIG" >/dev/null
+  touch "$LOG"
+  local from; from=$(($(wc -l <"$LOG") + 1))
   nohup "$BIN" "$role" --config "$CONFIG" >>"$LOG" 2>&1 &
-  echo $! >"$PID"
-  for _ in $(seq 1 50); do
-    if grep -q "listening on\|connected to" "$LOG" 2>/dev/null || ! running; then break; fi
+  local p=$!
+  for _ in $(seq 1 100); do
+    if tail -n "+$from" "$LOG" | grep -q "listening on\|connected to" || ! kill -0 "$p" 2>/dev/null; then break; fi
     sleep 0.1
   done
-  if running; then echo "$role started (pid $(cat "$PID")), log: $LOG"; else echo "$role failed to start; see $LOG" >&2; tail -n 20 "$LOG" >&2; exit 1; fi
+  if ! kill -0 "$p" 2>/dev/null; then
+    echo "$role failed to start; see $LOG" >&2; tail -n 20 "$LOG" >&2; return 1
+  fi
+  echo "$p"
+}
+
+start() {
+  if running; then echo "$role already running (pid $(cat "$PID"))"; return 0; fi
+  local p; p=$(launch) || exit 1
+  echo "$p" >"$PID"
+  echo "$role started (pid $p), log: $LOG"
+}
+
+# SIGTERM and wait for the drain; SIGKILL after STOP_WAIT seconds.
+term_and_wait() {
+  local p=$1
+  kill -TERM "$p" 2>/dev/null || return 0
+  for _ in $(seq 1 $((STOP_WAIT * 10))); do kill -0 "$p" 2>/dev/null || return 0; sleep 0.1; done
+  echo "$role (pid $p) still running after ${STOP_WAIT}s: SIGKILL" >&2
+  kill -KILL "$p" 2>/dev/null || true
 }
 
 stop() {
   if ! running; then echo "$role not running"; rm -f "$PID"; return 0; fi
-  local p; p=$(cat "$PID")
-  kill -TERM "$p"
-  for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-  kill -0 "$p" 2>/dev/null && kill -KILL "$p"
+  term_and_wait "$(cat "$PID")"
   rm -f "$PID"
   echo "$role stopped"
+}
+
+# Gateway: the successor binds the same port (SO_REUSEPORT) before the old
+# process drains, so no connection is refused; receivers follow on 1001.
+restart() {
+  if [ "$role" != gateway ] || ! running; then stop; start; return; fi
+  local old; old=$(cat "$PID")
+  local new; new=$(launch) || exit 1
+  echo "$new" >"$PID"
+  term_and_wait "$old"
+  echo "$role restarted (pid $old -> $new), log: $LOG"
+}
+
+reload() {
+  if ! running; then echo "$role not running" >&2; exit 3; fi
+  kill -HUP "$(cat "$PID")"
+  echo "$role: reload requested (see $LOG for 'anp-proxy reloaded' or 'reload failed')"
 }
 
 status() {
@@ -55,8 +98,9 @@ status() {
 case "$cmd" in
   start) start ;;
   stop) stop ;;
-  restart) stop; start ;;
+  restart) restart ;;
+  reload) reload ;;
   status) status ;;
   logs) tail -n 100 -f "$LOG" ;;
-  *) echo "usage: $0 start|stop|status|restart|logs [gateway|receiver]" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|restart|reload|logs [gateway|receiver]" >&2; exit 2 ;;
 esac

@@ -122,6 +122,13 @@ pub struct GatewayConfig {
     pub max_inflight_per_tunnel: usize,
     /// Keep client-supplied X-Forwarded-* / Forwarded and append to them.
     pub trust_forwarded: bool,
+    /// Seconds a SIGTERM/SIGINT drain waits for in-flight requests before
+    /// the process exits anyway.
+    pub shutdown_grace: f64,
+    /// Seconds a request for an identity with no tunnel connected waits for
+    /// one (a receiver reconnecting, a gateway just started) before 503;
+    /// 0 = answer 503 at once.
+    pub no_tunnel_wait: f64,
     /// Serve `/stats` and `/metrics` on `admin_host:admin_port`.
     pub admin_enabled: bool,
     /// Address of the admin listener (keep it on loopback).
@@ -155,6 +162,8 @@ impl Default for GatewayConfig {
             max_headers: 100,
             max_inflight_per_tunnel: 4096,
             trust_forwarded: false,
+            shutdown_grace: 30.0,
+            no_tunnel_wait: 2.0,
             admin_enabled: true,
             admin_host: "127.0.0.1".into(),
             // Absent key: a free port, printed at start (so several gateways

@@ -185,7 +185,7 @@ fn main() -> ExitCode {
     };
     let _log = anp_proxy::logging::init(&cfg.logging, &cfg.base_dir, cfg.debug);
     let res = match mode {
-        Mode::Gateway => anp_proxy::gateway::run(cfg),
+        Mode::Gateway => anp_proxy::gateway::run(cfg, &cli.config),
         Mode::Receiver => anp_proxy::receiver::run(cfg),
     };
     match res {

@@ -94,14 +94,24 @@ impl AuthError {
 /// All configured identity schemes.
 #[derive(Debug, Default)]
 pub struct Authenticator {
-    pub tokens: TokenAuth,
+    /// Replaced whole on SIGHUP; read on upgrades only (a cold path).
+    tokens: std::sync::RwLock<Arc<TokenAuth>>,
     /// `None` when `did_wba_enabled = false`.
     pub did: Option<DidAuth>,
 }
 
 impl Authenticator {
     pub fn new(tokens: TokenAuth) -> Self {
-        Self { tokens, did: None }
+        Self {
+            tokens: std::sync::RwLock::new(Arc::new(tokens)),
+            did: None,
+        }
+    }
+
+    /// Makes `tokens` the shared secrets in force (SIGHUP). Tunnels already
+    /// up stay up.
+    pub fn set_tokens(&self, tokens: TokenAuth) {
+        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tokens);
     }
 
     pub fn with_did(mut self, did: DidAuth) -> Self {
@@ -124,7 +134,12 @@ impl Authenticator {
         if let Some(value) = req.authorization {
             let (scheme, rest) = split_scheme(value);
             if scheme.eq_ignore_ascii_case(b"bearer") {
-                return self.tokens.verify(rest);
+                let tokens = self
+                    .tokens
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                return tokens.verify(rest);
             }
         }
         if didwba::verify::carries_did_proof(req.headers) {

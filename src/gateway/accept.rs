@@ -21,8 +21,30 @@ use crate::tls::server::{self as tls_server, Section};
 /// One worker's socket on one port, and how to serve what it accepts.
 pub struct Listener {
     pub socket: std::net::TcpListener,
-    pub tls: Option<TlsAcceptor>,
+    /// The tunnel port (TLS from [`Acceptors::tunnel`]) or the public one.
+    pub tunnel_port: bool,
     pub accepts: Accepts,
+}
+
+/// The TLS acceptors of the two ports (`None`: plain TCP). Each core holds
+/// a copy; SIGHUP sends new ones ([`super::core::CoreMsg::Tls`]), which
+/// apply to connections accepted after it.
+#[derive(Clone, Default)]
+pub struct Acceptors {
+    pub public: Option<TlsAcceptor>,
+    pub tunnel: Option<TlsAcceptor>,
+}
+
+/// Loads the certificates and keys of both ports (failing on a bad file).
+pub fn load_acceptors(cfg: &Config) -> anyhow::Result<Acceptors> {
+    let g = &cfg.gateway;
+    let public = acceptor(Section::Gateway, &g.tls, cfg)?;
+    let tunnel = match (&g.tunnel_port, &g.tunnel_tls) {
+        (None, _) => None,
+        (Some(_), Some(t)) => acceptor(Section::Tunnel, t, cfg)?,
+        (Some(_), None) => public.clone(),
+    };
+    Ok(Acceptors { public, tunnel })
 }
 
 /// Everything bound at start: the addresses to print and, per worker, its
@@ -33,6 +55,7 @@ pub struct Bound {
     /// The tunnel port's address and whether it speaks TLS.
     pub tunnel: Option<(SocketAddr, bool)>,
     pub per_worker: Vec<Vec<Listener>>,
+    pub acceptors: Acceptors,
 }
 
 fn acceptor(section: Section, t: &TlsConfig, cfg: &Config) -> anyhow::Result<Option<TlsAcceptor>> {
@@ -47,7 +70,7 @@ fn acceptor(section: Section, t: &TlsConfig, cfg: &Config) -> anyhow::Result<Opt
 /// `workers` sockets on each port.
 pub fn bind(cfg: &Config, workers: usize) -> anyhow::Result<Bound> {
     let g = &cfg.gateway;
-    let public_tls = acceptor(Section::Gateway, &g.tls, cfg)?;
+    let acceptors = load_acceptors(cfg)?;
     let addr = crate::net::resolve(&g.host, g.port)
         .with_context(|| format!("gateway.host `{}`", g.host))?;
     let (addr, public) = crate::net::bind_workers(addr, workers)
@@ -62,18 +85,13 @@ pub fn bind(cfg: &Config, workers: usize) -> anyhow::Result<Bound> {
         .map(|socket| {
             vec![Listener {
                 socket,
-                tls: public_tls.clone(),
+                tunnel_port: false,
                 accepts: public_accepts,
             }]
         })
         .collect();
     let mut tunnel = None;
     if let Some(port) = g.tunnel_port {
-        let (section, t) = match &g.tunnel_tls {
-            Some(t) => (Section::Tunnel, t),
-            None => (Section::Gateway, &g.tls),
-        };
-        let tls = acceptor(section, t, cfg)?;
         let taddr = crate::net::resolve(&g.host, port)
             .with_context(|| format!("gateway.host `{}`", g.host))?;
         let (taddr, sockets) = crate::net::bind_workers(taddr, workers)
@@ -81,22 +99,23 @@ pub fn bind(cfg: &Config, workers: usize) -> anyhow::Result<Bound> {
         for (w, socket) in per_worker.iter_mut().zip(sockets) {
             w.push(Listener {
                 socket,
-                tls: tls.clone(),
+                tunnel_port: true,
                 accepts: Accepts::Tunnels,
             });
         }
-        tunnel = Some((taddr, tls.is_some()));
+        tunnel = Some((taddr, acceptors.tunnel.is_some()));
     }
     Ok(Bound {
         addr,
-        tls: public_tls.is_some(),
+        tls: acceptors.public.is_some(),
         tunnel,
         per_worker,
+        acceptors,
     })
 }
 
-/// Accepts on one listener of core `ctx.index` forever. `seq` numbers
-/// connections on this core across its listeners.
+/// Accepts on one listener of core `ctx.index` until the gateway drains.
+/// `seq` numbers connections on this core across its listeners.
 pub async fn accept_loop(ctx: Rc<CoreCtx>, l: Listener, seq: Rc<Cell<u64>>) {
     let listener = match monoio::net::TcpListener::from_std(l.socket) {
         Ok(x) => x,
@@ -105,51 +124,115 @@ pub async fn accept_loop(ctx: Rc<CoreCtx>, l: Listener, seq: Rc<Cell<u64>>) {
             return;
         }
     };
-    let max = ctx.shared.config.gateway.max_connections;
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
+        let accepted = monoio::select! {
+            r = listener.accept() => r,
+            _ = ctx.draining.wait() => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => admit(&ctx, l.tunnel_port, l.accepts, &seq, stream, peer),
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
                 monoio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
             }
-        };
-        let counters = &ctx.shared.counters;
-        if counters.connections.fetch_add(1, Ordering::Relaxed) >= max {
-            counters.connections.fetch_sub(1, Ordering::Relaxed);
-            tracing::warn!(%peer, max_connections = max, "connection refused: max_connections reached");
-            drop(stream);
-            continue;
         }
-        let _ = stream.set_nodelay(true);
-        seq.set(seq.get() + 1);
-        let conn_id = ((ctx.index as u64) << 48) | seq.get();
-        let ctx = ctx.clone();
-        let tls = l.tls.clone();
-        let accepts = l.accepts;
-        monoio::spawn(async move {
-            match tls {
-                None => conn::serve_conn(ctx.clone(), stream, peer, conn_id, false, accepts).await,
-                Some(acceptor) => {
-                    // Boxed: a TLS session's state is large and would
-                    // otherwise size every plain connection's task too.
-                    Box::pin(async {
-                        // The handshake shares the head's deadline: a client
-                        // that stalls it holds a connection slot no longer.
-                        let limit = ctx.settings.header_timeout;
-                        if let Some(s) = tls_server::accept(&acceptor, stream, peer, limit).await {
-                            conn::serve_conn(ctx.clone(), s, peer, conn_id, true, accepts).await;
-                        }
-                    })
-                    .await
-                }
-            }
-            ctx.shared
-                .counters
-                .connections
-                .fetch_sub(1, Ordering::Relaxed);
-        });
     }
+    // Draining: take what the kernel already queued for this socket, so
+    // closing it refuses nobody who got a SYN-ACK from us (a successor
+    // gateway on the same port takes new connections; with
+    // net.ipv4.tcp_migrate_req = 1 the kernel also moves half-open ones).
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    let mut swept = 0usize;
+    loop {
+        // SAFETY: accept4 on a listening fd we own; a returned fd is ours.
+        let nfd = unsafe {
+            libc::accept4(
+                fd,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        };
+        if nfd < 0 {
+            break;
+        }
+        // SAFETY: nfd was just returned by accept4 and is owned by nobody else.
+        let std = unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(nfd) };
+        let Ok(peer) = std.peer_addr() else { continue };
+        match monoio::net::TcpStream::from_std(std) {
+            Ok(stream) => {
+                swept += 1;
+                admit(&ctx, l.tunnel_port, l.accepts, &seq, stream, peer);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot register a swept connection"),
+        }
+    }
+    // shutdown(2), not only close: a cancelled io_uring accept may still
+    // hold the file, which would keep the socket listening (and queueing
+    // connections nobody accepts). Shutdown stops it listening at once.
+    // SAFETY: shutdown on a socket fd we own.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    drop(listener);
+    tracing::info!(
+        core = ctx.index,
+        tunnel_port = l.tunnel_port,
+        swept,
+        "listener closed (draining)"
+    );
+}
+
+/// Counts an accepted connection against `max_connections` and serves it
+/// on this core.
+fn admit(
+    ctx: &Rc<CoreCtx>,
+    tunnel_port: bool,
+    accepts: Accepts,
+    seq: &Cell<u64>,
+    stream: monoio::net::TcpStream,
+    peer: SocketAddr,
+) {
+    let max = ctx.shared.config.gateway.max_connections;
+    let counters = &ctx.shared.counters;
+    if counters.connections.fetch_add(1, Ordering::Relaxed) >= max {
+        counters.connections.fetch_sub(1, Ordering::Relaxed);
+        tracing::warn!(%peer, max_connections = max, "connection refused: max_connections reached");
+        drop(stream);
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    ctx.last_accept.set(std::time::Instant::now());
+    seq.set(seq.get() + 1);
+    let conn_id = ((ctx.index as u64) << 48) | seq.get();
+    let ctx = ctx.clone();
+    let tls = {
+        let a = ctx.acceptors.borrow();
+        if tunnel_port {
+            a.tunnel.clone()
+        } else {
+            a.public.clone()
+        }
+    };
+    monoio::spawn(async move {
+        match tls {
+            None => conn::serve_conn(ctx.clone(), stream, peer, conn_id, false, accepts).await,
+            Some(acceptor) => {
+                // Boxed: a TLS session's state is large and would
+                // otherwise size every plain connection's task too.
+                Box::pin(async {
+                    // The handshake shares the head's deadline: a client
+                    // that stalls it holds a connection slot no longer.
+                    let limit = ctx.settings.header_timeout;
+                    if let Some(s) = tls_server::accept(&acceptor, stream, peer, limit).await {
+                        conn::serve_conn(ctx.clone(), s, peer, conn_id, true, accepts).await;
+                    }
+                })
+                .await
+            }
+        }
+        ctx.shared
+            .counters
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+    });
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 
-use super::core::{CoreCtx, CoreMsg, ProxyRequest, TunnelHandoff};
+use super::core::{Busy, CoreCtx, CoreMsg, ProxyRequest, TunnelHandoff};
 use super::error::{error_kind, error_reply, ProxyError};
 use super::forward::{build_request_meta, write_response_head, Framing};
 use super::tunnel::run_tunnel;
@@ -120,6 +120,8 @@ pub async fn serve_conn<S>(
     // given back while the connection idles.
     let mut buf = BytesMut::new();
     let mut out: Vec<u8> = Vec::new();
+    // Set while a request is worked on; a drain waits for none.
+    let mut busy: Option<Busy> = None;
     loop {
         // 1. The head: idle keep-alive wait for its first byte (no buffer
         // held), then header_timeout for the rest.
@@ -128,6 +130,7 @@ pub async fn serve_conn<S>(
             if buf.is_empty() && head_deadline.is_none() {
                 ctx.pool.give_read(std::mem::take(&mut buf));
                 ctx.pool.give_write(std::mem::take(&mut out));
+                drop(busy.take());
                 let idle = io.wait_readable();
                 let ready = match ctx.settings.keepalive_timeout {
                     Some(d) => matches!(monoio::time::timeout(d, idle).await, Ok(Ok(()))),
@@ -138,6 +141,7 @@ pub async fn serve_conn<S>(
                 }
                 buf = ctx.pool.take_read();
                 out = ctx.pool.take_write();
+                busy = Some(Busy::new(&ctx));
                 head_deadline = Some(deadline(ctx.settings.header_timeout));
             }
             match http::parse_request_head(&buf, &ctx.settings.head_limits) {
@@ -173,6 +177,7 @@ pub async fn serve_conn<S>(
             && raw_path == ctx.settings.tunnel_path.as_bytes()
             && head.upgrade
         {
+            drop(busy);
             Box::pin(accept_tunnel(ctx, io, &head, &head_buf, buf, peer, tls)).await;
             return;
         }
@@ -225,6 +230,8 @@ pub async fn serve_conn<S>(
                 Ok(r) => (Ok(r), true),
                 Err((e, body_read)) => (Err(e), body_read),
             };
+            // A draining gateway answers what it has and closes.
+            let keep_alive = keep_alive && !ctx.draining.is_set();
             match resp {
                 Ok(r) => {
                     let http10 = head.version_minor == 0;
@@ -318,7 +325,7 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
         return Err((ProxyError::NoRoute(path.into_owned()), false));
     };
     let identity = route.identity.clone();
-    if !ctx.has_tunnel(&identity) {
+    if !ctx.wait_for_tunnel(&identity).await {
         return Err((ProxyError::NoTunnel(identity.to_string()), false));
     }
     let max = ctx.settings.max_body_size;

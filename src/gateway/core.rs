@@ -24,7 +24,7 @@ use super::tunnel::Tunnel;
 use crate::auth::Authenticator;
 use crate::config::{secs, Config};
 use crate::protocol::anpx::{RequestMeta, ResponseMeta};
-use crate::registry::reload::{RefreshRequest, RoutesUpdate};
+use crate::registry::reload::{PollerMsg, RoutesUpdate};
 
 /// A request ready for a tunnel. `Send`: it may cross to another core.
 #[derive(Debug)]
@@ -67,6 +67,14 @@ pub enum CoreMsg {
     Tunnel(TunnelHandoff),
     /// A new route table from the registry poller (`registry::reload`).
     Routes(RoutesUpdate),
+    /// SIGTERM/SIGINT, phase 1: stop accepting and finish what is in
+    /// flight; the sender learns when this core is idle.
+    Drain(std::sync::mpsc::Sender<usize>),
+    /// Phase 2, once every core is idle (a request may cross cores): close
+    /// this core's tunnels with 1001; the sender learns when they are gone.
+    CloseTunnels(std::sync::mpsc::Sender<usize>),
+    /// SIGHUP: new TLS acceptors for the listeners (certificates reloaded).
+    Tls(super::accept::Acceptors),
 }
 
 /// Process-wide counters (cold path or per-event, never per byte).
@@ -88,7 +96,7 @@ pub struct Shared {
     routes: Mutex<RoutesUpdate>,
     /// The registry thread's "read now" queue (none in embedders that
     /// start no registry).
-    registry_refresh: OnceLock<std::sync::mpsc::Sender<RefreshRequest>>,
+    registry_refresh: OnceLock<std::sync::mpsc::Sender<PollerMsg>>,
     /// identity → tunnels per core (index = core).
     tunnel_cores: Mutex<HashMap<IdentityName, Vec<usize>>>,
     pub inboxes: Vec<xmpsc::UnboundedSender<CoreMsg>>,
@@ -139,8 +147,16 @@ impl Shared {
     }
 
     /// Connects cores to the registry thread's "read now" queue (once).
-    pub fn set_registry_refresh(&self, tx: std::sync::mpsc::Sender<RefreshRequest>) {
+    pub fn set_registry_refresh(&self, tx: std::sync::mpsc::Sender<PollerMsg>) {
         let _ = self.registry_refresh.set(tx);
+    }
+
+    /// SIGHUP: the registry thread rebuilds the route table with `cfg`'s
+    /// own identities and publishes it to every core.
+    pub fn reload_routes(&self, cfg: Arc<Config>) -> bool {
+        self.registry_refresh
+            .get()
+            .is_some_and(|tx| tx.send(PollerMsg::Reload(cfg)).is_ok())
     }
 
     /// Chooses the core a new tunnel of `identity` should live on: the one
@@ -224,6 +240,8 @@ pub struct Settings {
     pub tunnel_path: String,
     pub trust_forwarded: bool,
     pub head_limits: crate::http::Limits,
+    pub shutdown_grace: Duration,
+    pub no_tunnel_wait: Option<Duration>,
 }
 
 impl Settings {
@@ -245,6 +263,8 @@ impl Settings {
                 max_head: g.max_head_size,
                 max_headers: g.max_headers,
             },
+            shutdown_grace: Duration::from_secs_f64(g.shutdown_grace.max(0.0)),
+            no_tunnel_wait: secs(g.no_tunnel_wait),
         }
     }
 }
@@ -263,10 +283,71 @@ pub struct CoreCtx {
     pub pool: crate::pool::BufPool,
     seq: Cell<u64>,
     next_tunnel_id: Cell<u64>,
+    /// Raised once when the gateway drains (SIGTERM/SIGINT).
+    pub draining: Flag,
+    /// Client connections working on a request (not idle): a drain waits
+    /// for them. A plain `Cell`: only this core touches it.
+    pub busy: Cell<usize>,
+    /// The listeners' TLS acceptors in force (replaced on SIGHUP).
+    pub acceptors: RefCell<super::accept::Acceptors>,
+    /// When this core last accepted a connection: a drain gives one just
+    /// accepted (its request not yet read) a moment to send it.
+    pub last_accept: Cell<std::time::Instant>,
+}
+
+/// A one-way latch a few tasks can wait on (accept loops, the drain).
+#[derive(Default)]
+pub struct Flag {
+    set: Cell<bool>,
+    wakers: RefCell<Vec<std::task::Waker>>,
+}
+
+impl Flag {
+    pub fn is_set(&self) -> bool {
+        self.set.get()
+    }
+
+    pub fn raise(&self) {
+        self.set.set(true);
+        for w in self.wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Completes once the flag is raised.
+    pub fn wait(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.set.get() {
+                return std::task::Poll::Ready(());
+            }
+            let mut w = self.wakers.borrow_mut();
+            if !w.iter().any(|x| x.will_wake(cx.waker())) {
+                w.push(cx.waker().clone());
+            }
+            std::task::Poll::Pending
+        })
+    }
+}
+
+/// Marks a client connection busy (counted in [`CoreCtx::busy`]) while it
+/// works on a request; a drain waits until none is.
+pub struct Busy(Rc<CoreCtx>);
+
+impl Busy {
+    pub fn new(ctx: &Rc<CoreCtx>) -> Self {
+        ctx.busy.set(ctx.busy.get() + 1);
+        Self(ctx.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.set(self.0.busy.get() - 1);
+    }
 }
 
 impl CoreCtx {
-    pub fn new(index: usize, shared: Arc<Shared>) -> Self {
+    pub fn new(index: usize, shared: Arc<Shared>, acceptors: super::accept::Acceptors) -> Self {
         let settings = Settings::from_config(&shared.config);
         let first = shared.routes();
         let routes = RefCell::new(Rc::new(RouteTable::clone(&first.table)));
@@ -281,6 +362,10 @@ impl CoreCtx {
             pool: crate::pool::BufPool::new(4 * 1024, 4096),
             seq: Cell::new(0),
             next_tunnel_id: Cell::new(0),
+            draining: Flag::default(),
+            busy: Cell::new(0),
+            acceptors: RefCell::new(acceptors),
+            last_accept: Cell::new(std::time::Instant::now()),
         }
     }
 
@@ -313,7 +398,7 @@ impl CoreCtx {
             return false;
         };
         let (reply, answer) = xoneshot::channel();
-        if tx.send(reply).is_err() {
+        if tx.send(PollerMsg::Refresh(reply)).is_err() {
             return false;
         }
         match monoio::time::timeout(Duration::from_secs(5), answer).await {
@@ -370,6 +455,84 @@ impl CoreCtx {
     pub fn has_tunnel(&self, identity: &str) -> bool {
         self.tunnels.borrow().contains_key(identity)
             || self.shared.remote_core(identity, self.index, 0).is_some()
+    }
+
+    /// [`Self::has_tunnel`], waiting up to `no_tunnel_wait` for one to
+    /// connect (a receiver reconnecting, or this gateway just started or
+    /// taking over from a draining one). Cold path: only requests for an
+    /// identity with no tunnel anywhere get here, and they poll.
+    pub async fn wait_for_tunnel(&self, identity: &str) -> bool {
+        if self.has_tunnel(identity) {
+            return true;
+        }
+        let Some(wait) = self.settings.no_tunnel_wait else {
+            return false;
+        };
+        let until = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < until {
+            monoio::time::sleep(Duration::from_millis(20)).await;
+            if self.has_tunnel(identity) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Requests in flight on this core's tunnels.
+    fn tunnel_inflight(&self) -> usize {
+        self.tunnels
+            .borrow()
+            .values()
+            .flatten()
+            .map(|t| t.inflight_len())
+            .sum()
+    }
+
+    /// Phase 1 of the drain of this core: accept loops stop (they watch
+    /// `draining`), then requests in flight finish within `shutdown_grace`.
+    /// Polls: it runs once per process life.
+    async fn drain(self: Rc<Self>, done: std::sync::mpsc::Sender<usize>) {
+        self.draining.raise();
+        let until = std::time::Instant::now() + self.settings.shutdown_grace;
+        // Idle: no request being worked on, none in flight on a tunnel here,
+        // and no connection accepted in the last FRESH (its first request
+        // may still be on the wire).
+        const FRESH: Duration = Duration::from_millis(500);
+        let idle = |c: &Self| {
+            c.busy.get() == 0 && c.tunnel_inflight() == 0 && c.last_accept.get().elapsed() > FRESH
+        };
+        while !idle(&self) && std::time::Instant::now() < until {
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !idle(&self) {
+            tracing::warn!(
+                core = self.index,
+                busy = self.busy.get(),
+                tunnel_inflight = self.tunnel_inflight(),
+                "shutdown_grace over; closing with requests in flight"
+            );
+        }
+        let _ = done.send(self.index);
+    }
+
+    /// Phase 2: every tunnel here is closed with 1001 so its receiver
+    /// reconnects (to a successor gateway, if one listens).
+    async fn close_tunnels(self: Rc<Self>, done: std::sync::mpsc::Sender<usize>) {
+        let tunnels: Vec<Rc<Tunnel>> = self.tunnels.borrow().values().flatten().cloned().collect();
+        for t in &tunnels {
+            t.going_away();
+        }
+        // The receivers answer the close; give them a moment, not forever.
+        let until = std::time::Instant::now() + Duration::from_secs(2);
+        while !self.tunnels.borrow().is_empty() && std::time::Instant::now() < until {
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::info!(
+            core = self.index,
+            tunnels_closed = tunnels.len(),
+            "core drained"
+        );
+        let _ = done.send(self.index);
     }
 
     /// Sends `req` through a tunnel of `identity` and waits for the answer
@@ -443,6 +606,16 @@ impl CoreCtx {
                             "route table replaced"
                         );
                     }
+                }
+                CoreMsg::Drain(done) => {
+                    monoio::spawn(ctx.drain(done));
+                }
+                CoreMsg::CloseTunnels(done) => {
+                    monoio::spawn(ctx.close_tunnels(done));
+                }
+                CoreMsg::Tls(a) => {
+                    *ctx.acceptors.borrow_mut() = a;
+                    tracing::debug!(core = ctx.index, "TLS acceptors replaced");
                 }
                 CoreMsg::Tunnel(h) => {
                     let std = std::net::TcpStream::from(h.fd);

@@ -104,6 +104,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
     let (tls, tunnel) = (bound.tls, bound.tunnel);
     for (index, (listeners, rx)) in bound.per_worker.into_iter().zip(inbox_rx).enumerate() {
         let shared = shared.clone();
+        let acceptors = bound.acceptors.clone();
         let h = std::thread::Builder::new()
             .name(format!("anp-gw-{index}"))
             .spawn(move || {
@@ -117,7 +118,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
                         std::process::exit(1);
                     }
                 };
-                rt.block_on(worker_main(index, shared, listeners, rx));
+                rt.block_on(worker_main(index, shared, acceptors, listeners, rx));
             })
             .context("cannot spawn worker thread")?;
         threads.push(h);
@@ -132,8 +133,10 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
     })
 }
 
-/// Runs the gateway in the foreground until its workers end.
-pub fn run(cfg: Config) -> anyhow::Result<()> {
+/// Runs the gateway in the foreground until a signal ends it: SIGTERM or
+/// SIGINT drain it (a second one exits at once), SIGHUP reloads
+/// `config_path` (routes, tokens, certificates).
+pub fn run(cfg: Config, config_path: &std::path::Path) -> anyhow::Result<()> {
     let tunnel_path = cfg.gateway.tunnel_path.clone();
     let tokens = cfg.gateway.auth.tokens.len();
     let admin = cfg.clone();
@@ -167,19 +170,123 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let _ = writeln!(stdout, "anp-proxy admin listening on http://{local}");
     }
     let _ = stdout.flush();
-    for t in started.threads {
-        let _ = t.join();
+    serve_signals(&started.shared, config_path)
+}
+
+/// The main thread's life after start: waits for signals.
+fn serve_signals(shared: &Arc<Shared>, config_path: &std::path::Path) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("cannot install signal handlers")?;
+    let mut draining = false;
+    for sig in signals.forever() {
+        match sig {
+            SIGHUP => reload(shared, config_path),
+            _ if draining => {
+                tracing::warn!(signal = sig, "second signal while draining: exiting now");
+                std::process::exit(1);
+            }
+            _ => {
+                draining = true;
+                drain(shared.clone());
+            }
+        }
     }
     Ok(())
+}
+
+/// Starts the drain on every core; a thread runs its two phases (every
+/// core idle, then every tunnel closed) and exits the process, at the
+/// latest when `shutdown_grace` and a margin are over.
+fn drain(shared: Arc<Shared>) {
+    let grace = self::core::Settings::from_config(&shared.config).shutdown_grace;
+    tracing::info!(grace = ?grace, "draining: accepting no more connections");
+    let _ = std::thread::Builder::new()
+        .name("anp-drain".into())
+        .spawn(move || {
+            let until = std::time::Instant::now() + grace + std::time::Duration::from_secs(5);
+            let phase = |msg: fn(std::sync::mpsc::Sender<usize>) -> CoreMsg| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let cores = shared
+                    .inboxes
+                    .iter()
+                    .filter(|i| i.unbounded_send(msg(tx.clone())).is_ok())
+                    .count();
+                let mut done = 0;
+                while done < cores {
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    match rx.recv_timeout(left) {
+                        Ok(_) => done += 1,
+                        Err(_) => break,
+                    }
+                }
+                (done, cores)
+            };
+            let idle = phase(CoreMsg::Drain);
+            let closed = phase(CoreMsg::CloseTunnels);
+            tracing::info!(
+                cores_idle = idle.0,
+                cores_closed = closed.0,
+                cores = idle.1,
+                "drained; exiting"
+            );
+            let _ = std::io::stdout().flush();
+            std::process::exit(0);
+        });
+}
+
+/// SIGHUP: re-reads the config file; routes, tokens and TLS certificates
+/// take effect without dropping a connection. Other keys need a restart.
+/// A file that does not load changes nothing (logged).
+fn reload(shared: &Shared, path: &std::path::Path) {
+    // One stdout line per SIGHUP, for operators and scripts to wait on.
+    let failed = |why: String| {
+        tracing::error!(error = %why, "reload failed; configuration kept");
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "anp-proxy reload failed: {why}");
+        let _ = out.flush();
+    };
+    let cfg = match Config::load(path) {
+        Ok(c) => Arc::new(c),
+        Err(e) => return failed(e.to_string()),
+    };
+    let acceptors = match accept::load_acceptors(&cfg) {
+        Ok(a) => a,
+        Err(e) => return failed(format!("{e:#}")),
+    };
+    let old = &shared.config.gateway;
+    if cfg.gateway.tls.enabled != old.tls.enabled
+        || cfg.gateway.tunnel_tls.as_ref().map(|t| t.enabled)
+            != old.tunnel_tls.as_ref().map(|t| t.enabled)
+    {
+        return failed("turning TLS on or off needs a restart".into());
+    }
+    shared
+        .auth
+        .set_tokens(TokenAuth::new(&cfg.gateway.auth.tokens));
+    for inbox in &shared.inboxes {
+        let _ = inbox.unbounded_send(CoreMsg::Tls(acceptors.clone()));
+    }
+    let routes = shared.reload_routes(cfg.clone());
+    tracing::info!(
+        tokens = cfg.gateway.auth.tokens.len(),
+        dids = cfg.gateway.auth.dids.len(),
+        routes_reloaded = routes,
+        "configuration reloaded (routes, tokens, certificates)"
+    );
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "anp-proxy reloaded {}", path.display());
+    let _ = out.flush();
 }
 
 async fn worker_main(
     index: usize,
     shared: Arc<Shared>,
+    acceptors: accept::Acceptors,
     listeners: Vec<accept::Listener>,
     inbox: futures_channel::mpsc::UnboundedReceiver<CoreMsg>,
 ) {
-    let ctx = Rc::new(CoreCtx::new(index, shared.clone()));
+    let ctx = Rc::new(CoreCtx::new(index, shared.clone(), acceptors));
     monoio::spawn(ctx.clone().run_inbox(inbox));
     // The public port and, with `tunnel_port`, the tunnel port: one accept
     // loop each, numbering connections from one sequence.
@@ -191,4 +298,7 @@ async fn worker_main(
     while let Some(l) = loops.pop() {
         l.await;
     }
+    // The listeners closed (a drain): connections and tunnels still run on
+    // this runtime until the drain thread ends the process.
+    std::future::pending::<()>().await;
 }

@@ -272,6 +272,21 @@ impl Tunnel {
         let _ = self.out.send(Outgoing::Text(m));
     }
 
+    /// Requests in flight here (a drain waits for none).
+    pub fn inflight_len(&self) -> usize {
+        self.inflight.borrow().len()
+    }
+
+    /// Drain: admit nothing more and close the WebSocket with 1001 (going
+    /// away), so the receiver reconnects, to a successor gateway if one
+    /// listens on the port.
+    pub fn going_away(&self) {
+        self.closed.set(true);
+        let _ = self
+            .out
+            .send(Outgoing::Close(1001, "gateway shutting down".into()));
+    }
+
     fn close(&self) {
         self.closed.set(true);
         // Dropping the senders fails every waiting request with 502;

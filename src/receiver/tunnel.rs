@@ -59,6 +59,8 @@ enum TunnelError {
     Handshake(String),
     #[error("tunnel ended: {0}")]
     Ended(String),
+    #[error("gateway going away (1001 {0})")]
+    GoingAway(String),
     #[error("timed out during the handshake")]
     Timeout,
     #[error("{0}")]
@@ -80,6 +82,15 @@ pub async fn run_slot(ctx: Rc<CoreRx>, index: usize) {
         let started = Instant::now();
         match connect_and_serve(&ctx, index).await {
             Ok(()) => {}
+            Err(e @ TunnelError::GoingAway(_)) => {
+                // A draining gateway: reconnect at once (a successor on the
+                // same port takes the tunnel), spread over 100 ms.
+                tracing::info!(tunnel = index, error = %e, "tunnel closed by the gateway");
+                delay = base;
+                let pause = Duration::from_millis(rand::random::<u64>() % 100);
+                monoio::time::sleep(pause).await;
+                continue;
+            }
             Err(e @ TunnelError::Refused { .. }) => {
                 tracing::error!(tunnel = index, error = %e, "tunnel refused")
             }
@@ -328,6 +339,9 @@ where
             Ok(Event::Pong(_)) => {}
             Ok(Event::Close { code, reason }) => {
                 let _ = out.send(Outgoing::Close(1000, String::new()));
+                if code == Some(1001) {
+                    break Err(TunnelError::GoingAway(reason.to_string()));
+                }
                 break Err(TunnelError::Ended(format!(
                     "gateway closed ({code:?} {reason})"
                 )));

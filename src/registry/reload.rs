@@ -33,6 +33,13 @@ pub struct RoutesUpdate {
 /// after that read.
 pub type RefreshRequest = futures_channel::oneshot::Sender<RoutesUpdate>;
 
+/// What the poller thread is asked: a read now, or (SIGHUP) a new config
+/// whose own identities' paths are merged with the rows from now on.
+pub enum PollerMsg {
+    Refresh(RefreshRequest),
+    Reload(Arc<Config>),
+}
+
 /// Least time between two reads asked for by cores.
 pub const MIN_REFRESH_GAP: Duration = Duration::from_millis(250);
 
@@ -73,7 +80,7 @@ pub fn spawn_poller(
     cfg: Arc<Config>,
     rows: Vec<Row>,
     first: Arc<RouteTable>,
-    refresh: Receiver<RefreshRequest>,
+    refresh: Receiver<PollerMsg>,
     publish: impl Fn(RoutesUpdate) -> bool + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let every = secs(cfg.gateway.database.poll_interval).unwrap_or(Duration::from_secs(2));
@@ -94,22 +101,34 @@ pub fn spawn_poller(
             let mut last_read = Instant::now();
             loop {
                 let wait = next_poll.saturating_duration_since(Instant::now());
-                let mut waiters = match refresh.recv_timeout(wait) {
-                    Ok(w) => vec![w],
+                let mut msgs = match refresh.recv_timeout(wait) {
+                    Ok(m) => vec![m],
                     Err(RecvTimeoutError::Timeout) => Vec::new(),
                     Err(RecvTimeoutError::Disconnected) => return,
                 };
-                if waiters.is_empty() {
+                if msgs.is_empty() {
                     next_poll = Instant::now() + every;
                 } else {
                     let since = last_read.elapsed();
                     if since < MIN_REFRESH_GAP {
                         std::thread::sleep(MIN_REFRESH_GAP - since);
                     }
-                    waiters.extend(refresh.try_iter());
+                    msgs.extend(refresh.try_iter());
+                }
+                let mut waiters = Vec::new();
+                let mut reconfigured = false;
+                for m in msgs {
+                    match m {
+                        PollerMsg::Refresh(w) => waiters.push(w),
+                        PollerMsg::Reload(cfg) => {
+                            p.cfg = cfg;
+                            reconfigured = true;
+                        }
+                    }
                 }
                 last_read = Instant::now();
-                if p.read() && !publish(p.current.clone()) {
+                let changed = p.read() || (reconfigured && p.rebuild());
+                if changed && !publish(p.current.clone()) {
                     return;
                 }
                 for w in waiters {
@@ -148,13 +167,19 @@ impl Poller {
         if now == self.rows {
             return false;
         }
-        let table = Arc::new(route_table(&self.cfg, &now));
-        tracing::info!(
-            rows = now.len(),
-            routes = table.len(),
-            "route registry changed"
-        );
+        tracing::info!(rows = now.len(), "route registry changed");
         self.rows = now;
+        self.rebuild()
+    }
+
+    /// A new table from the rows in hand and the config (after a reload).
+    fn rebuild(&mut self) -> bool {
+        let table = Arc::new(route_table(&self.cfg, &self.rows));
+        tracing::info!(
+            rows = self.rows.len(),
+            routes = table.len(),
+            "route table rebuilt"
+        );
         self.current = RoutesUpdate {
             generation: self.current.generation + 1,
             table,

@@ -199,7 +199,7 @@ impl Proc {
 
     /// Waits for a stdout line satisfying `pred`; panics with `what` on
     /// timeout or if the process exits first.
-    fn wait_line(&mut self, what: &str, mut pred: impl FnMut(&str) -> bool) -> String {
+    pub fn wait_line(&mut self, what: &str, mut pred: impl FnMut(&str) -> bool) -> String {
         let deadline = Instant::now() + START_WAIT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -303,6 +303,46 @@ impl Gateway {
             },
             admin.unwrap(),
         )
+    }
+
+    /// Starts a gateway from a whole config text (e.g. [`GatewayConfig::to_toml`]
+    /// with a fixed `port`), waiting for its ready line.
+    pub fn start_toml(toml: &str) -> Gateway {
+        let mut proc = Proc::spawn("gateway", "gateway", toml);
+        let line = proc.wait_line(
+            "the line `anp-proxy gateway listening on http://…`",
+            |l| l.contains("anp-proxy gateway listening on http://"),
+        );
+        let addr_txt = line
+            .split("listening on http://")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or("");
+        let addr: SocketAddr = addr_txt
+            .parse()
+            .unwrap_or_else(|e| panic!("gateway: expected a socket address in {line:?}: {e}"));
+        Gateway { addr, proc }
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGTERM`) to the gateway process.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.proc.child.id() as i32, sig) };
+        assert_eq!(rc, 0, "kill({sig}) on the gateway failed");
+    }
+
+    /// Waits (up to `within`) for the process to exit; its status.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let until = Instant::now() + within;
+        loop {
+            if let Some(s) = self.proc.exited() {
+                return Some(s);
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn start_default() -> Gateway {
