@@ -38,6 +38,8 @@ pub struct ProxyRequest {
 pub struct ProxyResponse {
     pub meta: ResponseMeta,
     pub body: Bytes,
+    /// The ANPX `request_id` it travelled under (access log).
+    pub request_id: u64,
 }
 
 pub type ProxyResult = Result<ProxyResponse, ProxyError>;
@@ -67,6 +69,8 @@ pub enum CoreMsg {
     Tunnel(TunnelHandoff),
     /// A new route table from the registry poller (`registry::reload`).
     Routes(RoutesUpdate),
+    /// The admin thread asks for this core's metrics (`gateway/metrics.rs`).
+    Metrics(std::sync::mpsc::Sender<super::metrics::Snapshot>),
 }
 
 /// Process-wide counters (cold path or per-event, never per byte).
@@ -93,6 +97,8 @@ pub struct Shared {
     tunnel_cores: Mutex<HashMap<IdentityName, Vec<usize>>>,
     pub inboxes: Vec<xmpsc::UnboundedSender<CoreMsg>>,
     pub counters: Counters,
+    /// Access-log sink and auth failure counts (`gateway/observe.rs`).
+    pub obs: super::observe::SharedObs,
     pub workers: usize,
 }
 
@@ -115,6 +121,7 @@ impl Shared {
             tunnel_cores: Mutex::new(HashMap::new()),
             inboxes,
             counters: Counters::default(),
+            obs: Default::default(),
             workers,
         }
     }
@@ -263,6 +270,8 @@ pub struct CoreCtx {
     pub pool: crate::pool::BufPool,
     seq: Cell<u64>,
     next_tunnel_id: Cell<u64>,
+    /// Request metrics and access log of this core.
+    pub obs: super::observe::CoreObs,
 }
 
 impl CoreCtx {
@@ -271,6 +280,7 @@ impl CoreCtx {
         let first = shared.routes();
         let routes = RefCell::new(Rc::new(RouteTable::clone(&first.table)));
         let routes_generation = Cell::new(first.generation);
+        let obs = super::observe::CoreObs::new(&shared.obs);
         Self {
             index,
             shared,
@@ -281,6 +291,7 @@ impl CoreCtx {
             pool: crate::pool::BufPool::new(4 * 1024, 4096),
             seq: Cell::new(0),
             next_tunnel_id: Cell::new(0),
+            obs,
         }
     }
 
@@ -431,6 +442,9 @@ impl CoreCtx {
                         let res = t.call(&ctx, m.req).await;
                         let _ = m.reply.send(res);
                     });
+                }
+                CoreMsg::Metrics(reply) => {
+                    let _ = reply.send(ctx.obs.metrics.snapshot(ctx.index));
                 }
                 CoreMsg::Routes(u) => {
                     // Tunnels stay; an identity left without routes gets

@@ -8,6 +8,8 @@ pub mod conn;
 pub mod core;
 pub mod error;
 pub mod forward;
+pub mod metrics;
+pub mod observe;
 pub mod routes;
 pub mod tunnel;
 
@@ -88,6 +90,12 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
         inbox_rx.push(rx);
     }
     let shared = Arc::new(Shared::new(cfg.clone(), auth, routes, inboxes));
+    // Before the cores start: each takes its own handle at start.
+    if let Some(sink) = crate::access_log::AccessSink::open(&cfg.logging, &cfg.base_dir)
+        .context("access log (logging.log_dir)")?
+    {
+        shared.obs.set_access_log(sink);
+    }
     let (refresh_tx, refresh_rx) = std::sync::mpsc::channel();
     shared.set_registry_refresh(refresh_tx);
     let poller_shared = Arc::downgrade(&shared);
