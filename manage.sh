@@ -89,9 +89,36 @@ status() {
   if command -v ss >/dev/null; then
     echo "listening:"; ss -ltnp 2>/dev/null | grep "pid=$p," | awk '{print "  " $4}' | sort -u
   fi
-  if [ "$role" = gateway ]; then
-    local addr; addr=$(grep -o 'listening on http://[^ ]*' "$LOG" | tail -n 1 | sed 's/listening on //')
-    [ -n "$addr" ] && command -v curl >/dev/null && echo "health: $(curl -s "$addr/health" || echo unreachable)"
+  if [ "$role" = gateway ] && command -v curl >/dev/null; then
+    # The ready lines the gateway printed last (the log is appended to).
+    local addr admin
+    addr=$(grep -o 'gateway listening on https\?://[^ ]*' "$LOG" | tail -n 1 | sed 's/.*listening on //')
+    admin=$(grep -o 'admin listening on http://[^ ]*' "$LOG" | tail -n 1 | sed 's/.*listening on //')
+    [ -n "$addr" ] && echo "health: $(curl -sk --max-time 5 "$addr/health" || echo unreachable)"
+    if [ -n "$admin" ]; then
+      local stats; stats=$(curl -s --max-time 5 "$admin/stats" || true)
+      if [ -z "$stats" ]; then echo "admin: $admin unreachable"; else show_stats "$stats"; fi
+    fi
+  fi
+}
+
+# Tunnels per identity (and a few totals) from the admin /stats JSON.
+show_stats() {
+  if command -v python3 >/dev/null; then
+    python3 -c '
+import json, sys
+s = json.loads(sys.argv[1])
+print("tunnels: %d" % s.get("tunnels", 0))
+for ident, cores in sorted(s.get("tunnels_by_identity", {}).items()):
+    print("  %s: %d (per core: %s)" % (ident, sum(cores), " ".join(map(str, cores))))
+lat = s.get("latency_ms", {})
+print("requests: %s, in flight: %s, p50/p90/p99: %s/%s/%s ms" % (s.get("requests_total"), s.get("in_flight"), lat.get("p50"), lat.get("p90"), lat.get("p99")))
+fails = s.get("auth_failures") or {}
+if fails:
+    print("refused tunnel upgrades: " + ", ".join("%s %d" % kv for kv in sorted(fails.items())))
+' "$1" 2>/dev/null || echo "stats: $1"
+  else
+    echo "stats: $1"
   fi
 }
 

@@ -63,6 +63,24 @@ pub struct LoggingConfig {
     /// Accepted for compatibility with the reference's config; only `text`
     /// and `json` are meaningful.
     pub format: String,
+    /// One JSON line per HTTP request (`access.log` in `log_dir`, else
+    /// stdout); `false` costs nothing on the request path.
+    pub access_log: bool,
+    /// When files in `log_dir` are rotated: daily or past `max_size`.
+    pub rotation: Rotation,
+    /// Bytes a log file may reach before it is rotated (`rotation = "size"`).
+    pub max_size: u64,
+    /// Rotated files kept per log, beside the one being written.
+    pub backup_count: usize,
+}
+
+/// `[logging] rotation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Rotation {
+    #[default]
+    Daily,
+    Size,
 }
 
 impl Default for LoggingConfig {
@@ -71,6 +89,10 @@ impl Default for LoggingConfig {
             level: "info".into(),
             log_dir: String::new(),
             format: "text".into(),
+            access_log: true,
+            rotation: Rotation::Daily,
+            max_size: 100 * 1024 * 1024,
+            backup_count: 7,
         }
     }
 }
@@ -535,6 +557,12 @@ impl Config {
             key,
             message,
         };
+        if self.logging.max_size < 4096 {
+            return Err(bad(
+                "logging.max_size",
+                "must be at least 4096 bytes".into(),
+            ));
+        }
         let g = &self.gateway;
         if !g.tunnel_path.starts_with('/') {
             return Err(bad("gateway.tunnel_path", "must start with `/`".into()));

@@ -2,6 +2,7 @@
 //! private networks a public address, through WebSocket tunnels that the
 //! private side (the receiver) opens. See `docs/ARCHITECTURE.md`.
 
+pub mod access_log;
 pub mod auth;
 pub mod config;
 pub mod gateway;

@@ -138,6 +138,10 @@ fn sigterm_drains_in_flight_requests_then_closes_tunnels_with_1001() {
         .wait_exit(WAIT)
         .expect("the gateway to exit after draining");
     assert!(status.success(), "drain exits 0, got {status}");
+    // Its access line was written before the exit (access log on stdout).
+    gw.proc.wait_line("the access line of /alice/slow", |l| {
+        l.starts_with('{') && l.contains("\"/alice/slow\"")
+    });
     assert!(
         idle.is_closed_by_peer(),
         "idle keep-alive connections end with the process"

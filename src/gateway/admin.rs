@@ -1,7 +1,9 @@
 //! The admin listener (loopback by default, never the public port):
 //! `GET /stats` (JSON) and `GET /metrics` (Prometheus text). It runs on a
 //! plain thread of its own: reading counters is a cold path and must never
-//! take time from the request cores.
+//! take time from the request cores. Request metrics live on each core
+//! (`gateway/metrics.rs`); a scrape asks every core for a snapshot through
+//! its inbox (`CoreMsg::Metrics`) and waits at most [`CORE_WAIT`] in all.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -9,7 +11,35 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::core::Shared;
+use super::core::{CoreMsg, Shared};
+use super::metrics::Totals;
+
+/// Longest wait for the cores' snapshots in one scrape; a core that has
+/// not answered by then is left out (`anp_metrics_cores`, `/stats`
+/// `cores_answered`).
+pub const CORE_WAIT: Duration = Duration::from_secs(2);
+
+/// Asks every core for its counters and adds them up.
+pub fn collect(shared: &Shared) -> Totals {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut asked = 0;
+    for inbox in &shared.inboxes {
+        if inbox.unbounded_send(CoreMsg::Metrics(tx.clone())).is_ok() {
+            asked += 1;
+        }
+    }
+    drop(tx);
+    let mut totals = Totals::new(shared.workers);
+    let deadline = std::time::Instant::now() + CORE_WAIT;
+    for _ in 0..asked {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(snap) => totals.add(&snap),
+            Err(_) => break,
+        }
+    }
+    totals
+}
 
 /// Binds the admin listener; the thread serves until the process exits.
 pub fn start(shared: Arc<Shared>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
@@ -70,6 +100,26 @@ fn respond(conn: &mut TcpStream, status: u16, ctype: &str, body: &str) -> std::i
 /// `/stats`: totals and tunnels per identity and core.
 pub fn stats_json(shared: &Shared) -> String {
     let c = &shared.counters;
+    let t = collect(shared);
+    let routes: serde_json::Map<String, serde_json::Value> = t
+        .routes
+        .iter()
+        .map(|(route, counts)| {
+            let by_class: serde_json::Map<String, serde_json::Value> = super::metrics::CLASSES
+                .iter()
+                .zip(counts)
+                .map(|(k, n)| (k.to_string(), serde_json::json!(n)))
+                .collect();
+            (route.clone(), serde_json::Value::Object(by_class))
+        })
+        .collect();
+    let auth: serde_json::Map<String, serde_json::Value> = shared
+        .obs
+        .auth_failures
+        .snapshot()
+        .into_iter()
+        .map(|(k, n)| (k.to_string(), serde_json::json!(n)))
+        .collect();
     let per_identity: serde_json::Map<String, serde_json::Value> = shared
         .tunnels_by_identity()
         .into_iter()
@@ -82,6 +132,19 @@ pub fn stats_json(shared: &Shared) -> String {
         "tunnels_by_identity": per_identity,
         "cross_core_dispatch_total": c.cross_core_dispatch_total.load(Ordering::Relaxed),
         "tunnel_handoffs_total": c.tunnel_handoffs_total.load(Ordering::Relaxed),
+        "requests_total": t.requests_total(),
+        "requests_by_route": routes,
+        "in_flight": t.in_flight,
+        "bytes_in_total": t.bytes_in,
+        "bytes_out_total": t.bytes_out,
+        "latency_ms": {
+            "p50": t.quantile_ms(0.5),
+            "p90": t.quantile_ms(0.9),
+            "p99": t.quantile_ms(0.99),
+        },
+        "auth_failures": auth,
+        "access_log_dropped_batches": shared.obs.access_log().map(|a| a.dropped_batches()),
+        "cores_answered": t.cores_answered,
     })
     .to_string()
 }
@@ -128,5 +191,24 @@ pub fn metrics_text(shared: &Shared) -> String {
             );
         }
     }
+    super::metrics::render_prometheus(
+        &mut s,
+        &collect(shared),
+        &shared.obs.auth_failures.snapshot(),
+    );
+    if let Some(a) = shared.obs.access_log() {
+        gauge_line(
+            &mut s,
+            "anp_access_log_dropped_batches_total",
+            "Access-log batches dropped because the writer thread fell behind.",
+            "counter",
+            a.dropped_batches(),
+        );
+    }
     s
+}
+
+fn gauge_line(s: &mut String, name: &str, help: &str, kind: &str, v: u64) {
+    use std::fmt::Write as _;
+    let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
 }

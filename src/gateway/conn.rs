@@ -14,6 +14,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use super::core::{Busy, CoreCtx, CoreMsg, ProxyRequest, TunnelHandoff};
 use super::error::{error_kind, error_reply, ProxyError};
 use super::forward::{build_request_meta, write_response_head, Framing};
+use super::observe::Exchange;
 use super::tunnel::run_tunnel;
 use super::tunnel::{BodyEvent, RespBody, RespHead, Tunnel};
 use crate::auth::UpgradeRequest;
@@ -126,6 +127,8 @@ pub async fn serve_conn<S>(
         // 1. The head: idle keep-alive wait for its first byte (no buffer
         // held), then header_timeout for the rest.
         let mut head_deadline: Option<Option<Instant>> = None;
+        // When this request's first byte was read (metrics, access log).
+        let mut started = Instant::now();
         let head = loop {
             if buf.is_empty() && head_deadline.is_none() {
                 ctx.pool.give_read(std::mem::take(&mut buf));
@@ -139,6 +142,7 @@ pub async fn serve_conn<S>(
                 if !ready {
                     return;
                 }
+                started = Instant::now();
                 buf = ctx.pool.take_read();
                 out = ctx.pool.take_write();
                 busy = Some(Busy::new(&ctx));
@@ -150,7 +154,9 @@ pub async fn serve_conn<S>(
                 Err(e) => {
                     let err = ProxyError::Head(e);
                     tracing::info!(%peer, error = %err, "request refused");
-                    let _ = write_error(&mut io, &mut out, &err, false, true).await;
+                    let w = write_error(&mut io, &mut out, &err, false, true).await;
+                    ctx.obs
+                        .refused(started, peer, w.status, buf.len() as u64, w.bytes);
                     return;
                 }
             }
@@ -162,7 +168,9 @@ pub async fn serve_conn<S>(
                 ReadOutcome::TimedOut => {
                     let err = ProxyError::HeadTimeout;
                     tracing::info!(%peer, error = %err, "request refused");
-                    let _ = write_error(&mut io, &mut out, &err, false, true).await;
+                    let w = write_error(&mut io, &mut out, &err, false, true).await;
+                    ctx.obs
+                        .refused(started, peer, w.status, buf.len() as u64, w.bytes);
                     return;
                 }
             }
@@ -181,17 +189,24 @@ pub async fn serve_conn<S>(
             Box::pin(accept_tunnel(ctx, io, &head, &head_buf, buf, peer, tls)).await;
             return;
         }
+        // Every request from here on is counted and access-logged.
+        let method = head.method(&head_buf);
+        let mut ex = ctx.obs.begin(started, head.head_len);
         if accepts == Accepts::Tunnels {
             // The tunnel port serves nothing else.
             let err = ProxyError::NoRoute(String::from_utf8_lossy(raw_path).into_owned());
             tracing::info!(%peer, error = %err, "request on the tunnel port refused");
-            let _ = write_error(&mut io, &mut out, &err, is_head, true).await;
+            let w = write_error(&mut io, &mut out, &err, is_head, true).await;
+            ex.bytes_out += w.bytes;
+            ctx.obs.finish(ex, peer, method, raw_path, w.status);
             return;
         }
         if head.upgrade && is_websocket_upgrade(&head, &head_buf) {
             let err = ProxyError::UpgradeRefused;
             tracing::info!(%peer, error = %err, "request refused");
-            let _ = write_error(&mut io, &mut out, &err, is_head, true).await;
+            let w = write_error(&mut io, &mut out, &err, is_head, true).await;
+            ex.bytes_out += w.bytes;
+            ctx.obs.finish(ex, peer, method, raw_path, w.status);
             return;
         }
         if raw_path == b"/health" && matches!(head.method(&head_buf), "GET" | "HEAD") {
@@ -211,7 +226,10 @@ pub async fn serve_conn<S>(
             if !is_head {
                 out.extend_from_slice(body.as_bytes());
             }
-            if !write_out(&mut io, &mut out).await || !head.keep_alive || has_body(&head) {
+            ex.bytes_out += out.len() as u64;
+            let written = write_out(&mut io, &mut out).await;
+            ctx.obs.finish(ex, peer, method, raw_path, 200);
+            if !written || !head.keep_alive || has_body(&head) {
                 return;
             }
             continue;
@@ -223,7 +241,7 @@ pub async fn serve_conn<S>(
         let keep_alive = head.keep_alive;
         let ok = Box::pin(async {
             let result = proxy_one(
-                &ctx, &mut io, &mut buf, &mut out, &head, &head_buf, peer, conn_id, tls,
+                &ctx, &mut io, &mut buf, &mut out, &head, &head_buf, peer, conn_id, tls, &mut ex,
             )
             .await;
             let (resp, body_read) = match result {
@@ -232,10 +250,11 @@ pub async fn serve_conn<S>(
             };
             // A draining gateway answers what it has and closes.
             let keep_alive = keep_alive && !ctx.draining.is_set();
-            match resp {
+            let (ok, status) = match resp {
                 Ok(r) => {
                     let http10 = head.version_minor == 0;
-                    write_response(
+                    let status = r.meta.status;
+                    let ok = write_response(
                         &mut io,
                         &mut out,
                         r,
@@ -243,8 +262,10 @@ pub async fn serve_conn<S>(
                         keep_alive,
                         http10,
                         &ctx.settings,
+                        &mut ex.bytes_out,
                     )
-                    .await
+                    .await;
+                    (ok, status)
                 }
                 Err(e) => {
                     let reply = error_reply(&e);
@@ -255,9 +276,13 @@ pub async fn serve_conn<S>(
                     } else {
                         tracing::info!(%peer, %path, error = %e, kind = error_kind(&e), status = reply.status, "request refused");
                     }
-                    write_error(&mut io, &mut out, &e, is_head, close).await && !close
+                    let w = write_error(&mut io, &mut out, &e, is_head, close).await;
+                    ex.bytes_out += w.bytes;
+                    (w.ok && !close, w.status)
                 }
-            }
+            };
+            ctx.obs.finish(ex, peer, method, raw_path, status);
+            ok
         })
         .await;
         if !ok || !keep_alive {
@@ -313,6 +338,7 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
     peer: SocketAddr,
     conn_id: u64,
     tls: bool,
+    ex: &mut Exchange<'_>,
 ) -> ProxyOutcome {
     let target = &head_buf[head.target.clone()];
     let (raw_path, raw_query) = split_target(target);
@@ -324,6 +350,7 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
     let Some(route) = routes.lookup(&path) else {
         return Err((ProxyError::NoRoute(path.into_owned()), false));
     };
+    ex.set_route(route);
     let identity = route.identity.clone();
     if !ctx.wait_for_tunnel(&identity).await {
         return Err((ProxyError::NoTunnel(identity.to_string()), false));
@@ -337,6 +364,7 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
     if head.expect_continue && has_body(head) {
         out.clear();
         out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+        ex.bytes_out += out.len() as u64;
         if !write_out(io, out).await {
             return Err((ProxyError::BadRequest("client went away"), false));
         }
@@ -353,13 +381,14 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
             peer,
             tls,
         };
-        return stream_request(ctx, io, buf, head, head_buf, &target, t).await;
+        return stream_request(ctx, io, buf, head, head_buf, &target, t, ex).await;
     }
     // Otherwise the whole body first (plain v1 peer, or the rare cross-core
     // path, which needs a `Send` request).
     let body = read_body(io, buf, &head.body, max, ctx.settings.header_timeout)
         .await
         .map_err(|e| (e, false))?;
+    ex.bytes_in += body.len() as u64;
     let chunked = matches!(head.body, BodyKind::Chunked);
     let meta = build_request_meta(
         head,
@@ -374,9 +403,12 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
     );
     ctx.dispatch(&identity, ProxyRequest { meta, body }, conn_id)
         .await
-        .map(|r| RespHead {
-            meta: r.meta,
-            body: RespBody::Full(r.body),
+        .map(|r| {
+            ex.request_id = Some(r.request_id);
+            RespHead {
+                meta: r.meta,
+                body: RespBody::Full(r.body),
+            }
         })
         .map_err(|e| (e, true))
 }
@@ -394,6 +426,7 @@ struct Target<'a> {
 /// arrives from the client (bounded by the tunnel's credit window), then
 /// waits for the response head. A client that goes away mid-upload aborts
 /// the request at the receiver (`cancel`).
+#[allow(clippy::too_many_arguments)]
 async fn stream_request<S: AsyncReadRent>(
     ctx: &CoreCtx,
     io: &mut S,
@@ -402,6 +435,7 @@ async fn stream_request<S: AsyncReadRent>(
     head_buf: &Bytes,
     target: &Target<'_>,
     tunnel: Rc<Tunnel>,
+    ex: &mut Exchange<'_>,
 ) -> ProxyOutcome {
     let max = ctx.settings.max_body_size;
     let idle = ctx.settings.header_timeout;
@@ -448,9 +482,11 @@ async fn stream_request<S: AsyncReadRent>(
     );
     let mut first = first.freeze();
     if complete {
+        ex.bytes_in += first.len() as u64;
         let (_up, mut waiter) = tunnel
             .start(ctx, meta, first, true)
             .map_err(|e| (e, false))?;
+        ex.request_id = Some(waiter.request_id());
         return waiter
             .wait(ctx.settings.timeout)
             .await
@@ -465,6 +501,7 @@ async fn stream_request<S: AsyncReadRent>(
     let (mut up, mut waiter) = tunnel
         .start(ctx, meta, first, false)
         .map_err(|e| (e, false))?;
+    ex.request_id = Some(waiter.request_id());
     let mut pending = rest;
     let failed = 'upload: loop {
         // Forward what is decoded but not yet sent, a piece at a time.
@@ -531,6 +568,7 @@ async fn stream_request<S: AsyncReadRent>(
             Err(e) => break Some(e),
         }
     };
+    ex.bytes_in += sent as u64;
     if let Some(e) = failed {
         tracing::info!(peer = %target.peer, error = %e, "upload aborted");
         up.abort(&e.to_string());
@@ -609,6 +647,12 @@ async fn write_out<S: AsyncWriteRent>(io: &mut S, out: &mut Vec<u8>) -> bool {
     res.is_ok()
 }
 
+/// [`write_out`], adding the bytes handed to the socket to `sent`.
+async fn write_counted<S: AsyncWriteRent>(io: &mut S, out: &mut Vec<u8>, sent: &mut u64) -> bool {
+    *sent += out.len() as u64;
+    write_out(io, out).await
+}
+
 fn push_header_num(out: &mut Vec<u8>, name: &str, n: usize) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
@@ -624,6 +668,8 @@ fn itoa_buf(n: usize) -> String {
 /// request. A streamed body is written as it arrives, returning credit to
 /// the tunnel as each piece reaches the client; if it fails midway the
 /// connection is closed without the final chunk, so the client sees it.
+/// Bytes handed to the socket are added to `sent_total`.
+#[allow(clippy::too_many_arguments)]
 async fn write_response<S: AsyncWriteRent>(
     io: &mut S,
     out: &mut Vec<u8>,
@@ -632,6 +678,7 @@ async fn write_response<S: AsyncWriteRent>(
     keep_alive: bool,
     http10: bool,
     settings: &super::core::Settings,
+    sent_total: &mut u64,
 ) -> bool {
     out.clear();
     let status = resp.meta.status;
@@ -645,15 +692,16 @@ async fn write_response<S: AsyncWriteRent>(
             };
             write_response_head(out, &resp.meta, framing, !keep_alive);
             if no_body || body.is_empty() {
-                return write_out(io, out).await && keep_alive;
+                return write_counted(io, out, sent_total).await && keep_alive;
             }
             if body.len() <= COALESCE_BODY {
                 out.extend_from_slice(&body);
-                return write_out(io, out).await && keep_alive;
+                return write_counted(io, out, sent_total).await && keep_alive;
             }
-            if !write_out(io, out).await {
+            if !write_counted(io, out, sent_total).await {
                 return false;
             }
+            *sent_total += body.len() as u64;
             let (res, _) = io.write_all(body).await;
             return res.is_ok() && keep_alive;
         }
@@ -670,7 +718,7 @@ async fn write_response<S: AsyncWriteRent>(
     };
     let close = !keep_alive || framing == Framing::Close;
     write_response_head(out, &resp.meta, framing, close);
-    if !write_out(io, out).await {
+    if !write_counted(io, out, sent_total).await {
         return false;
     }
     let mut sent: u64 = 0;
@@ -705,20 +753,21 @@ async fn write_response<S: AsyncWriteRent>(
                     if framing == Framing::Chunked {
                         out.extend_from_slice(b"\r\n");
                     }
-                    if !write_out(io, out).await {
+                    if !write_counted(io, out, sent_total).await {
                         return false;
                     }
                 } else {
-                    if !out.is_empty() && !write_out(io, out).await {
+                    if !out.is_empty() && !write_counted(io, out, sent_total).await {
                         return false;
                     }
+                    *sent_total += d.len() as u64;
                     let (res, _) = io.write_all(d).await;
                     if res.is_err() {
                         return false;
                     }
                     if framing == Framing::Chunked {
                         out.extend_from_slice(b"\r\n");
-                        if !write_out(io, out).await {
+                        if !write_counted(io, out, sent_total).await {
                             return false;
                         }
                     }
@@ -730,7 +779,7 @@ async fn write_response<S: AsyncWriteRent>(
                     Framing::Chunked => {
                         out.clear();
                         out.extend_from_slice(http::LAST_CHUNK);
-                        write_out(io, out).await && !close
+                        write_counted(io, out, sent_total).await && !close
                     }
                     Framing::Length(total) => sent == total && !close,
                     Framing::None => !close,
@@ -765,14 +814,23 @@ fn app_content_length(meta: &ResponseMeta) -> Option<u64> {
     found
 }
 
-/// Writes the gateway's own error reply; false if the write failed.
+/// What [`write_error`] did.
+struct ErrorWritten {
+    /// The write succeeded.
+    ok: bool,
+    status: u16,
+    /// Bytes handed to the socket.
+    bytes: u64,
+}
+
+/// Writes the gateway's own error reply.
 async fn write_error<S: AsyncWriteRent>(
     io: &mut S,
     out: &mut Vec<u8>,
     err: &ProxyError,
     is_head: bool,
     close: bool,
-) -> bool {
+) -> ErrorWritten {
     let r = error_reply(err);
     out.clear();
     http::headers::write_status_line(out, r.status, http::headers::reason_phrase(r.status));
@@ -788,7 +846,12 @@ async fn write_error<S: AsyncWriteRent>(
     if !is_head {
         out.extend_from_slice(r.body.as_bytes());
     }
-    write_out(io, out).await
+    let bytes = out.len() as u64;
+    ErrorWritten {
+        ok: write_out(io, out).await,
+        status: r.status,
+        bytes,
+    }
 }
 
 /// Authenticates a tunnel upgrade and, on success, runs the tunnel.
@@ -827,6 +890,7 @@ async fn accept_tunnel<S>(
         Ok(a) => a,
         Err(e) => {
             tracing::info!(%peer, error = %e, "tunnel upgrade refused: bad handshake");
+            ctx.shared.obs.auth_failures.record("bad_handshake");
             refuse(&mut io, &mut out, 400, "bad_handshake", &e.to_string()).await;
             return;
         }
@@ -857,6 +921,7 @@ async fn accept_tunnel<S>(
         Ok(id) => id,
         Err(e) => {
             tracing::warn!(%peer, reason = e.reason(), error = %e, "tunnel upgrade refused");
+            ctx.shared.obs.auth_failures.record(e.reason());
             refuse(&mut io, &mut out, e.status(), e.reason(), &e.to_string()).await;
             return;
         }
@@ -866,6 +931,7 @@ async fn accept_tunnel<S>(
     if !owned {
         let e = crate::auth::AuthError::NoRoutes(identity.name.to_string());
         tracing::warn!(%peer, reason = e.reason(), error = %e, "tunnel upgrade refused");
+        ctx.shared.obs.auth_failures.record(e.reason());
         refuse(&mut io, &mut out, e.status(), e.reason(), &e.to_string()).await;
         return;
     }

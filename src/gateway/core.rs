@@ -38,6 +38,8 @@ pub struct ProxyRequest {
 pub struct ProxyResponse {
     pub meta: ResponseMeta,
     pub body: Bytes,
+    /// The ANPX `request_id` it travelled under (access log).
+    pub request_id: u64,
 }
 
 pub type ProxyResult = Result<ProxyResponse, ProxyError>;
@@ -75,6 +77,8 @@ pub enum CoreMsg {
     CloseTunnels(std::sync::mpsc::Sender<usize>),
     /// SIGHUP: new TLS acceptors for the listeners (certificates reloaded).
     Tls(super::accept::Acceptors),
+    /// The admin thread asks for this core's metrics (`gateway/metrics.rs`).
+    Metrics(std::sync::mpsc::Sender<super::metrics::Snapshot>),
 }
 
 /// Process-wide counters (cold path or per-event, never per byte).
@@ -101,6 +105,8 @@ pub struct Shared {
     tunnel_cores: Mutex<HashMap<IdentityName, Vec<usize>>>,
     pub inboxes: Vec<xmpsc::UnboundedSender<CoreMsg>>,
     pub counters: Counters,
+    /// Access-log sink and auth failure counts (`gateway/observe.rs`).
+    pub obs: super::observe::SharedObs,
     pub workers: usize,
 }
 
@@ -123,6 +129,7 @@ impl Shared {
             tunnel_cores: Mutex::new(HashMap::new()),
             inboxes,
             counters: Counters::default(),
+            obs: Default::default(),
             workers,
         }
     }
@@ -293,6 +300,8 @@ pub struct CoreCtx {
     /// When this core last accepted a connection: a drain gives one just
     /// accepted (its request not yet read) a moment to send it.
     pub last_accept: Cell<std::time::Instant>,
+    /// Request metrics and access log of this core.
+    pub obs: super::observe::CoreObs,
 }
 
 /// A one-way latch a few tasks can wait on (accept loops, the drain).
@@ -352,6 +361,7 @@ impl CoreCtx {
         let first = shared.routes();
         let routes = RefCell::new(Rc::new(RouteTable::clone(&first.table)));
         let routes_generation = Cell::new(first.generation);
+        let obs = super::observe::CoreObs::new(&shared.obs);
         Self {
             index,
             shared,
@@ -366,6 +376,7 @@ impl CoreCtx {
             busy: Cell::new(0),
             acceptors: RefCell::new(acceptors),
             last_accept: Cell::new(std::time::Instant::now()),
+            obs,
         }
     }
 
@@ -594,6 +605,9 @@ impl CoreCtx {
                         let res = t.call(&ctx, m.req).await;
                         let _ = m.reply.send(res);
                     });
+                }
+                CoreMsg::Metrics(reply) => {
+                    let _ = reply.send(ctx.obs.metrics.snapshot(ctx.index));
                 }
                 CoreMsg::Routes(u) => {
                     // Tunnels stay; an identity left without routes gets

@@ -8,6 +8,8 @@ pub mod conn;
 pub mod core;
 pub mod error;
 pub mod forward;
+pub mod metrics;
+pub mod observe;
 pub mod routes;
 pub mod tunnel;
 
@@ -88,6 +90,12 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
         inbox_rx.push(rx);
     }
     let shared = Arc::new(Shared::new(cfg.clone(), auth, routes, inboxes));
+    // Before the cores start: each takes its own handle at start.
+    if let Some(sink) = crate::access_log::AccessSink::open(&cfg.logging, &cfg.base_dir)
+        .context("access log (logging.log_dir)")?
+    {
+        shared.obs.set_access_log(sink);
+    }
     let (refresh_tx, refresh_rx) = std::sync::mpsc::channel();
     shared.set_registry_refresh(refresh_tx);
     let poller_shared = Arc::downgrade(&shared);
@@ -178,6 +186,7 @@ fn serve_signals(shared: &Arc<Shared>, config_path: &std::path::Path) -> anyhow:
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("cannot install signal handlers")?;
+    let handle = signals.handle();
     let mut draining = false;
     for sig in signals.forever() {
         match sig {
@@ -188,7 +197,7 @@ fn serve_signals(shared: &Arc<Shared>, config_path: &std::path::Path) -> anyhow:
             }
             _ => {
                 draining = true;
-                drain(shared.clone());
+                drain(shared.clone(), handle.clone());
             }
         }
     }
@@ -196,9 +205,10 @@ fn serve_signals(shared: &Arc<Shared>, config_path: &std::path::Path) -> anyhow:
 }
 
 /// Starts the drain on every core; a thread runs its two phases (every
-/// core idle, then every tunnel closed) and exits the process, at the
-/// latest when `shutdown_grace` and a margin are over.
-fn drain(shared: Arc<Shared>) {
+/// core idle, then every tunnel closed), at the latest until
+/// `shutdown_grace` and a margin are over, then ends the signal loop so
+/// `run` returns and the process exits with its logs written.
+fn drain(shared: Arc<Shared>, signals: signal_hook::iterator::Handle) {
     let grace = self::core::Settings::from_config(&shared.config).shutdown_grace;
     tracing::info!(grace = ?grace, "draining: accepting no more connections");
     let _ = std::thread::Builder::new()
@@ -230,8 +240,11 @@ fn drain(shared: Arc<Shared>) {
                 cores = idle.1,
                 "drained; exiting"
             );
+            if let Some(a) = shared.obs.access_log() {
+                a.close();
+            }
             let _ = std::io::stdout().flush();
-            std::process::exit(0);
+            signals.close();
         });
 }
 

@@ -216,11 +216,13 @@ impl Tunnel {
     /// core path, and callers that need the body in one piece).
     pub async fn call(self: &Rc<Self>, ctx: &CoreCtx, req: ProxyRequest) -> ProxyResult {
         let (_up, mut waiter) = self.start(ctx, req.meta, req.body, true)?;
+        let request_id = waiter.id;
         let head = waiter.wait(ctx.settings.timeout).await?;
         match head.body {
             RespBody::Full(body) => Ok(ProxyResponse {
                 meta: head.meta,
                 body,
+                request_id,
             }),
             RespBody::Stream(mut s) => {
                 let mut body = BytesMut::new();
@@ -242,6 +244,7 @@ impl Tunnel {
                             return Ok(ProxyResponse {
                                 meta: head.meta,
                                 body: body.freeze(),
+                                request_id,
                             })
                         }
                         BodyEvent::Failed(e) => return Err(e),
@@ -329,6 +332,11 @@ impl Uploader {
 }
 
 impl Waiter {
+    /// The request's id (16 hex digits on the wire).
+    pub fn request_id(&self) -> u64 {
+        self.id
+    }
+
     /// Waits for the response head, at most `timeout`.
     pub async fn wait(&mut self, timeout: Duration) -> Result<RespHead, ProxyError> {
         let Some(rx) = self.rx.take() else {

@@ -42,6 +42,8 @@ pub struct GatewayConfig {
     pub tokens: Vec<Token>,
     /// Raw TOML appended to the `[gateway]` table (before the token tables).
     pub extra_gateway_toml: String,
+    /// The body of the `[logging]` table.
+    pub logging_toml: String,
 }
 
 impl Default for GatewayConfig {
@@ -68,6 +70,7 @@ impl Default for GatewayConfig {
                 },
             ],
             extra_gateway_toml: String::new(),
+            logging_toml: "level = \"info\"\nlog_dir = \"\"\n".into(),
         }
     }
 }
@@ -79,7 +82,9 @@ fn toml_str(s: &str) -> String {
 impl GatewayConfig {
     pub fn to_toml(&self) -> String {
         let mut t = String::new();
-        t += "mode = \"gateway\"\n\n[logging]\nlevel = \"info\"\nlog_dir = \"\"\n\n[gateway]\n";
+        t += "mode = \"gateway\"\n\n[logging]\n";
+        t += &self.logging_toml;
+        t += "\n[gateway]\n";
         t += "host = \"127.0.0.1\"\nport = 0\n";
         t += &format!("workers = {}\n", self.workers);
         t += &format!("tunnel_path = {}\n", toml_str(&self.tunnel_path));
