@@ -64,6 +64,46 @@ impl BufPool {
     }
 }
 
+/// Frame heads (ANPX header and TLVs before and after a body that travels
+/// as its own buffer, [`crate::ws::conn::Outgoing::Parts`]): taken by the
+/// encoder, given back by the tunnel writer once the bytes are on their
+/// way. One free list per thread (a core's runtime): no locks.
+pub mod frame_heads {
+    use std::cell::RefCell;
+
+    use bytes::BytesMut;
+
+    /// Kept at most per thread.
+    const KEEP: usize = 1024;
+    /// Capacity of a new head, and the largest one kept.
+    const SIZE: usize = 512;
+    const KEEP_MAX: usize = 4096;
+
+    thread_local! {
+        static FREE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// An empty buffer for a frame head.
+    pub fn take() -> BytesMut {
+        FREE.with(|f| f.borrow_mut().pop())
+            .unwrap_or_else(|| BytesMut::with_capacity(SIZE))
+    }
+
+    /// Returns a head; large or surplus ones are dropped.
+    pub fn give(mut b: BytesMut) {
+        if b.capacity() > KEEP_MAX {
+            return;
+        }
+        b.clear();
+        FREE.with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < KEEP {
+                f.push(b);
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

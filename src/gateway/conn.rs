@@ -975,7 +975,7 @@ async fn accept_tunnel<S>(
         }
         return;
     }
-    run_tunnel(ctx, io, leftover, identity.name, features, peer, out).await;
+    run_tunnel(ctx, io, leftover, identity.name, features, peer, out, tls).await;
 }
 
 async fn refuse<S: AsyncWriteRent>(

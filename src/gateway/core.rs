@@ -643,6 +643,7 @@ impl CoreCtx {
                                 h.features,
                                 h.peer,
                                 h.handshake,
+                                false, // only plain TCP tunnels move
                             ));
                         }
                         Err(e) => {

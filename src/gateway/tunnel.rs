@@ -186,9 +186,15 @@ impl Tunnel {
                 .all(|f| self.out.send(Outgoing::Binary(f)).is_ok())
         } else {
             // The first piece was taken within one window by the caller.
-            let f = enc.head(rids, MetaRef::Request(&json), &first, false);
+            let (head, split) = enc.head_parts(rids, MetaRef::Request(&json), &first, false);
             window.take_now(first.len());
-            self.out.send(Outgoing::Binary(f)).is_ok()
+            self.out
+                .send(Outgoing::Parts {
+                    head,
+                    split,
+                    body: first,
+                })
+                .is_ok()
         };
         if !sent {
             self.inflight.borrow_mut().remove(&id);
@@ -316,8 +322,15 @@ impl Uploader {
             }
         }
         let rid = std::str::from_utf8(&self.rid).unwrap_or_default();
-        let f = self.enc.body(rid, &piece, last);
-        if self.tunnel.closed.get() || self.tunnel.out.send(Outgoing::Binary(f)).is_err() {
+        // The piece (a slice of the client connection's read buffer) goes
+        // to the writer as it is: no copy on the way to the socket.
+        let (head, split) = self.enc.body_parts(rid, &piece, last);
+        let f = Outgoing::Parts {
+            head,
+            split,
+            body: piece,
+        };
+        if self.tunnel.closed.get() || self.tunnel.out.send(f).is_err() {
             return Err(ProxyError::TunnelClosed);
         }
         self.done = last;
@@ -411,7 +424,10 @@ impl Drop for BodyStream {
     }
 }
 
-/// Runs an accepted, authenticated tunnel until it ends.
+/// Runs an accepted, authenticated tunnel until it ends. `tls`: the
+/// socket is TLS (the writer then copies instead of gathering, see
+/// `ws::conn`).
+#[allow(clippy::too_many_arguments)] // the handshake's facts, passed once
 pub async fn run_tunnel<S>(
     ctx: Rc<CoreCtx>,
     io: S,
@@ -420,6 +436,7 @@ pub async fn run_tunnel<S>(
     features: Features,
     peer: SocketAddr,
     handshake: Vec<u8>,
+    tls: bool,
 ) where
     S: Splitable + 'static,
     S::OwnedRead: AsyncReadRent + 'static,
@@ -428,7 +445,7 @@ pub async fn run_tunnel<S>(
     let (r, w) = io.into_split();
     let (out, rx) = unbounded::channel();
     monoio::spawn(async move {
-        if let Err(e) = run_writer(w, rx, Role::Server).await {
+        if let Err(e) = run_writer(w, rx, Role::Server, !tls).await {
             tracing::debug!(error = %e, "tunnel writer ended");
         }
     });

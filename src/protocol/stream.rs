@@ -58,6 +58,43 @@ impl StreamEncoder {
         self.frame(request_id, None, body, last)
     }
 
+    /// Chunk 0 with its body as a separate buffer (no copy): the frame is
+    /// `head[..split] ++ body ++ head[split..]`; returns `(head, split)`.
+    pub fn head_parts(
+        &mut self,
+        request_id: &str,
+        meta: MetaRef<'_>,
+        body: &[u8],
+        last: bool,
+    ) -> (BytesMut, usize) {
+        debug_assert_eq!(self.next_idx, 0);
+        self.frame_parts(request_id, Some(meta), body, last)
+    }
+
+    /// The next chunk, its body as a separate buffer (see [`Self::head_parts`]).
+    pub fn body_parts(&mut self, request_id: &str, body: &[u8], last: bool) -> (BytesMut, usize) {
+        self.frame_parts(request_id, None, body, last)
+    }
+
+    fn frame_parts(
+        &mut self,
+        request_id: &str,
+        meta: Option<MetaRef<'_>>,
+        body: &[u8],
+        last: bool,
+    ) -> (BytesMut, usize) {
+        let chunk = ChunkInfo {
+            idx: self.next_idx,
+            tot: None,
+            final_chunk: last,
+        };
+        self.next_idx += 1;
+        let mut head = crate::pool::frame_heads::take();
+        let split =
+            anpx::encode_frame_split(self.ty, request_id, meta, body, Some(chunk), &mut head);
+        (head, split)
+    }
+
     fn frame(
         &mut self,
         request_id: &str,

@@ -53,10 +53,22 @@ impl ResponseSink {
     }
 
     fn send(&mut self, f: BytesMut) -> Result<(), UpstreamError> {
+        self.send_out(Outgoing::Binary(f))
+    }
+
+    fn send_out(&mut self, m: Outgoing) -> Result<(), UpstreamError> {
         self.started = true;
-        self.out
-            .send(Outgoing::Binary(f))
-            .map_err(|_| UpstreamError::TunnelGone)
+        self.out.send(m).map_err(|_| UpstreamError::TunnelGone)
+    }
+
+    /// A frame whose body stays in the upstream read buffer until the
+    /// writer copies it once, masking it (RFC 6455 client role).
+    fn send_parts(
+        &mut self,
+        (head, split): (BytesMut, usize),
+        body: Bytes,
+    ) -> Result<(), UpstreamError> {
+        self.send_out(Outgoing::Parts { head, split, body })
     }
 
     async fn take_window(&self, n: usize) -> Result<(), UpstreamError> {
@@ -105,13 +117,13 @@ impl ResponseSink {
         let first =
             stream::piece_size(self.chunk_size, &self.request_id, json.len()).min(body.len());
         self.take_window(first).await?;
-        let f = self.enc.head(
+        let f = self.enc.head_parts(
             &self.request_id,
             MetaRef::Response(&json),
             &body[..first],
             false,
         );
-        self.send(f)?;
+        self.send_parts(f, body.slice(..first))?;
         self.data(body.slice(first..)).await
     }
 
@@ -128,8 +140,8 @@ impl ResponseSink {
         while !body.is_empty() {
             let p = body.split_to(body.len().min(piece));
             self.take_window(p.len()).await?;
-            let f = self.enc.body(&self.request_id, &p, false);
-            self.send(f)?;
+            let f = self.enc.body_parts(&self.request_id, &p, false);
+            self.send_parts(f, p)?;
         }
         Ok(())
     }
@@ -139,7 +151,7 @@ impl ResponseSink {
         if let Some((meta, body)) = self.held.take() {
             return self.head(meta, body.freeze(), true).await;
         }
-        let f = self.enc.body(&self.request_id, &[], true);
-        self.send(f)
+        let f = self.enc.body_parts(&self.request_id, &[], true);
+        self.send_parts(f, Bytes::new())
     }
 }

@@ -257,7 +257,7 @@ where
     let (r, w) = io.into_split();
     let (out, rx) = local_sync::mpsc::unbounded::channel();
     monoio::spawn(async move {
-        let _ = run_writer(w, rx, Role::Client).await;
+        let _ = run_writer(w, rx, Role::Client, false).await;
     });
     let alive = Rc::new(std::cell::Cell::new(true));
     if let Some(every) = ctx.ping_interval {

@@ -93,6 +93,55 @@ pub fn encode_frame(
     out[start..start + HEADER_LEN].copy_from_slice(header.as_bytes());
 }
 
+/// [`encode_frame`] without copying the body: appends to `out` the frame
+/// as it is before the body bytes (header, TLVs, the body TLV's tag and
+/// length) and after them (the final-chunk TLV), and returns the offset in
+/// `out` where the body goes. The frame on the wire is
+/// `out[..split] ++ body ++ out[split..]`; the header's CRC covers it all.
+/// `out` must be empty (it becomes the frame's head buffer).
+pub fn encode_frame_split(
+    ty: FrameType,
+    request_id: &str,
+    meta: Option<MetaRef<'_>>,
+    body: &[u8],
+    chunk: Option<ChunkInfo>,
+    out: &mut BytesMut,
+) -> usize {
+    debug_assert!(out.is_empty());
+    out.reserve(frame_len(request_id, meta, 0, chunk) + TLV_HEAD_LEN);
+    out.put_bytes(0, HEADER_LEN);
+    put_tlv(out, TAG_REQUEST_ID, request_id.as_bytes());
+    if let Some(c) = chunk {
+        put_tlv(out, TAG_CHUNK_IDX, &c.idx.to_be_bytes());
+        if let Some(tot) = c.tot {
+            put_tlv(out, TAG_CHUNK_TOT, &tot.to_be_bytes());
+        }
+    }
+    if let Some(m) = meta {
+        let (tag, json) = m.tag_and_json();
+        put_tlv(out, tag, json);
+    }
+    if !body.is_empty() {
+        let len = u32::try_from(body.len()).expect("TLV value must be shorter than 4 GiB");
+        out.put_u8(TAG_HTTP_BODY);
+        out.put_u32(len);
+    }
+    let split = out.len();
+    if chunk.is_some_and(|c| c.final_chunk) {
+        put_tlv(out, TAG_FINAL_CHUNK, &[1]);
+    }
+    let total =
+        u32::try_from(out.len() + body.len()).expect("ANPX frame must be shorter than 4 GiB");
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&out[HEADER_LEN..split]);
+    crc.update(body);
+    crc.update(&out[split..]);
+    let flags = if chunk.is_some() { FLAG_CHUNKED } else { 0 };
+    let header = Header::new(ty, flags, total, crc.finalize());
+    out[..HEADER_LEN].copy_from_slice(header.as_bytes());
+    split
+}
+
 /// Bytes [`encode_frame`] will append for these inputs.
 pub fn frame_len(
     request_id: &str,
@@ -296,5 +345,50 @@ mod tests {
             (d.ty, d.request_id, d.body),
             (FrameType::Error, Some("rid"), Some(&b"boom"[..]))
         );
+    }
+
+    #[test]
+    fn split_encoding_is_the_same_frame() {
+        let body: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+        for (meta, body, chunk) in [
+            (
+                None,
+                &body[..],
+                Some(ChunkInfo {
+                    idx: 3,
+                    tot: None,
+                    final_chunk: true,
+                }),
+            ),
+            (
+                Some(MetaRef::Request(b"{\"a\":1}")),
+                &body[..10],
+                Some(ChunkInfo {
+                    idx: 0,
+                    tot: None,
+                    final_chunk: false,
+                }),
+            ),
+            (
+                None,
+                &[][..],
+                Some(ChunkInfo {
+                    idx: 9,
+                    tot: Some(10),
+                    final_chunk: true,
+                }),
+            ),
+            (Some(MetaRef::Response(b"{}")), &body[..], None),
+        ] {
+            let mut whole = BytesMut::new();
+            encode_frame(FrameType::Request, "rid-1", meta, body, chunk, &mut whole);
+            let mut head = BytesMut::new();
+            let split =
+                encode_frame_split(FrameType::Request, "rid-1", meta, body, chunk, &mut head);
+            let mut joined = head[..split].to_vec();
+            joined.extend_from_slice(body);
+            joined.extend_from_slice(&head[split..]);
+            assert_eq!(joined, whole.to_vec());
+        }
     }
 }
