@@ -444,9 +444,15 @@ pub async fn run_tunnel<S>(
 {
     let (r, w) = io.into_split();
     let (out, rx) = unbounded::channel();
-    monoio::spawn(async move {
-        if let Err(e) = run_writer(w, rx, Role::Server, !tls).await {
-            tracing::debug!(error = %e, "tunnel writer ended");
+    // The writer ends when a Close is sent, or when `stop` fires: a peer
+    // that stopped reading must not keep the socket and queue forever.
+    let (stop, stopped) = oneshot::channel::<()>();
+    let writer = monoio::spawn(async move {
+        monoio::select! {
+            r = run_writer(w, rx, Role::Server, !tls) => if let Err(e) = r {
+                tracing::debug!(error = %e, "tunnel writer ended");
+            },
+            _ = stopped => tracing::debug!("tunnel writer stopped"),
         }
     });
     let tunnel = Rc::new(Tunnel {
@@ -534,7 +540,17 @@ pub async fn run_tunnel<S>(
     tunnel.close();
     tracing::info!(identity = %identity, %peer, tunnel = tunnel.id, in_flight_failed = lost,
         reason = %why, "tunnel disconnected");
+    // Nothing more is read: end the writer now (not at the next ping
+    // tick, whose task also holds the queue). A Close gets CLOSE_GRACE to
+    // leave; past it the write is dropped with the socket.
+    let _ = out.send(Outgoing::Close(1001, String::new()));
+    if monoio::time::timeout(CLOSE_GRACE, writer).await.is_err() {
+        let _ = stop.send(());
+    }
 }
+
+/// How long a closing tunnel's last frames may take to leave.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 fn deliver_head(tunnel: &Tunnel, request_id: &str, result: Result<RespHead, ProxyError>) -> bool {
     let Some(id) = parse_request_id(request_id) else {

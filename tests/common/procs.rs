@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver as Rx, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
@@ -30,6 +31,8 @@ pub struct Token {
 /// The `[gateway]` section; `Default` is what most tests want.
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
+    /// 0 = any free port (the usual); a fixed one to restart on the same port.
+    pub port: u16,
     pub workers: u32,
     pub tunnel_path: String,
     /// Seconds (the config takes a float).
@@ -49,6 +52,7 @@ pub struct GatewayConfig {
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
+            port: 0,
             workers: 2,
             tunnel_path: "/ws".into(),
             timeout: 30.0,
@@ -85,7 +89,7 @@ impl GatewayConfig {
         t += "mode = \"gateway\"\n\n[logging]\n";
         t += &self.logging_toml;
         t += "\n[gateway]\n";
-        t += "host = \"127.0.0.1\"\nport = 0\n";
+        t += &format!("host = \"127.0.0.1\"\nport = {}\n", self.port);
         t += &format!("workers = {}\n", self.workers);
         t += &format!("tunnel_path = {}\n", toml_str(&self.tunnel_path));
         t += &format!("timeout = {:?}\n", self.timeout);
@@ -148,6 +152,8 @@ pub struct Proc {
     pub dir: TempDir,
     pub config_path: PathBuf,
     lines: Rx<String>,
+    /// Every stderr (log) line so far, for tests that count log lines.
+    stderr: Arc<Mutex<Vec<String>>>,
 }
 
 /// The binary under test; `ANP_PROXY_BIN` may point at another build.
@@ -187,10 +193,13 @@ impl Proc {
             }
         });
         let stderr = child.stderr.take().unwrap();
+        let kept = Arc::new(Mutex::new(Vec::new()));
+        let k = kept.clone();
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 eprintln!("{tag}: {line}");
+                k.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             }
         });
         Proc {
@@ -199,7 +208,23 @@ impl Proc {
             dir,
             config_path,
             lines,
+            stderr: kept,
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The stderr (log) lines received so far, from line `from` on.
+    pub fn stderr_lines(&self, from: usize) -> Vec<String> {
+        let v = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
+        v.get(from..).map(<[String]>::to_vec).unwrap_or_default()
+    }
+
+    /// How many stderr lines have been received so far.
+    pub fn stderr_len(&self) -> usize {
+        self.stderr.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Waits for a stdout line satisfying `pred`; panics with `what` on
