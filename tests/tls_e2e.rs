@@ -2,7 +2,10 @@
 //! an HTTPS request through a WSS tunnel; a receiver that does not trust
 //! the gateway's certificate never connects; `verify_mode = "required"`
 //! refuses a receiver without a client certificate and admits one signed
-//! by the CA, while public clients on the other port need none.
+//! by the CA, while public clients on the other port need none. SIGHUP
+//! swaps the certificate for new connections while open ones keep theirs,
+//! a key that does not load changes nothing, and a reload never leaves a
+//! TLS port speaking plain TCP.
 //!
 //! A throwaway PKI is made per test with rcgen. Ports are 0; readiness and
 //! refusals are read from the processes' stdout and stderr; no sleeps (the
@@ -85,6 +88,8 @@ struct Pki {
     other_ca: PathBuf,
     /// A client certificate from the other CA.
     stranger: (PathBuf, PathBuf),
+    /// A server certificate from the other CA (for the reload test).
+    server_b: (PathBuf, PathBuf),
 }
 
 fn pki() -> Pki {
@@ -114,6 +119,12 @@ fn pki() -> Pki {
             "stranger",
             &["receiver.test"],
             ExtendedKeyUsagePurpose::ClientAuth,
+        ),
+        server_b: other.issue(
+            d,
+            "server-b",
+            &["127.0.0.1", "localhost"],
+            ExtendedKeyUsagePurpose::ServerAuth,
         ),
         dir,
     }
@@ -176,6 +187,12 @@ impl Proc {
                 ),
             }
         }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0, "kill({sig}) failed");
     }
 
     /// Stdout lines printed so far, without waiting.
@@ -360,6 +377,103 @@ fn get(agent: &ureq::Agent, url: &str) -> (u16, String) {
         Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
         Err(e) => panic!("GET {url}: {e}"),
     }
+}
+
+// ---- a raw TLS connection that shows the server's certificate -------------
+
+/// One keep-alive HTTPS connection on rustls directly, so a test can see
+/// which certificate its session got and reuse it across a reload.
+struct TlsConn {
+    s: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+}
+
+impl TlsConn {
+    /// Connects to `addr` trusting only `ca` and completes the handshake;
+    /// the handshake's TLS error if it fails.
+    fn connect(addr: &str, ca: &Path) -> Result<TlsConn, rustls::Error> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, ServerName};
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(WAIT)).unwrap();
+        tcp.set_write_timeout(Some(WAIT)).unwrap();
+        let ip: std::net::SocketAddr = addr.parse().unwrap();
+        let name = ServerName::from(ip.ip());
+        let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        while s.conn.is_handshaking() {
+            if let Err(e) = s.conn.complete_io(&mut s.sock) {
+                let what = format!("{e}");
+                return Err(
+                    match e.into_inner().map(|i| i.downcast::<rustls::Error>()) {
+                        Some(Ok(tls)) => *tls,
+                        _ => panic!("TLS handshake with {addr}: not a TLS error: {what}"),
+                    },
+                );
+            }
+        }
+        Ok(TlsConn { s })
+    }
+
+    /// The DER of the leaf certificate the server presented.
+    fn peer_cert(&self) -> Vec<u8> {
+        self.s
+            .conn
+            .peer_certificates()
+            .expect("a server certificate")[0]
+            .to_vec()
+    }
+
+    /// GET `path` on this connection (keep-alive): status and body.
+    fn get(&mut self, path: &str) -> (u16, String) {
+        let req = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
+        self.s.write_all(req.as_bytes()).unwrap();
+        self.s.flush().unwrap();
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"\r\n\r\n") {
+            let n = self.s.read(&mut byte).unwrap();
+            assert_eq!(n, 1, "connection closed in a response head: {buf:?}");
+            buf.push(byte[0]);
+        }
+        let head = String::from_utf8(buf).unwrap();
+        let status = head[9..12].parse().unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no content-length in {head}"));
+        let mut body = vec![0u8; len];
+        self.s.read_exact(&mut body).unwrap();
+        (status, String::from_utf8(body).unwrap())
+    }
+}
+
+/// The DER of the first certificate in a PEM file.
+fn cert_der(pem: &Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    CertificateDer::from_pem_file(pem).unwrap().to_vec()
+}
+
+fn is_unknown_issuer(e: &rustls::Error) -> bool {
+    matches!(
+        e,
+        rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
+    )
 }
 
 // ---- the tests --------------------------------------------------------------
@@ -648,4 +762,135 @@ fn required_on_the_main_port_with_the_reference_key_and_a_wrong_token() {
     let agent = https_agent(&pki.ca, Some(&pki.client));
     let (status, body) = get(&agent, &format!("https://{addr}/svc/y"));
     assert_eq!((status, body.as_str()), (200, "app saw GET /svc/y"));
+}
+
+/// SIGHUP swaps the certificate for new connections only: a session opened
+/// before keeps its certificate and keeps serving; a reload whose key does
+/// not load changes nothing.
+#[test]
+fn sighup_reloads_the_certificate_without_dropping_connections() {
+    let pki = pki();
+    let d = pki.dir.path();
+    // Two workers: every core must take the new certificate.
+    let gw_cfg = write_config(
+        d,
+        "gateway.toml",
+        &gateway_config(
+            "[gateway.tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n",
+        )
+        .replace("workers = 1", "workers = 2"),
+    );
+    let mut gw = Proc::start("gateway", &gw_cfg);
+    let addr = addr_after(
+        &gw.stdout_line("anp-proxy gateway listening on"),
+        "https://",
+    );
+    let rx_cfg = write_config(
+        d,
+        "receiver.toml",
+        &receiver_config(
+            &format!("wss://{addr}/ws"),
+            &app(),
+            &format!("ca_file = \"{}\"", toml_path(&pki.ca)),
+        ),
+    );
+    let mut rx = Proc::start("receiver", &rx_cfg);
+    rx.stdout_line(&format!(
+        "anp-proxy receiver tunnel 0 connected to wss://{addr}/ws"
+    ));
+
+    let (crt, key) = (d.join("server.crt"), d.join("server.key"));
+    let cert_a = cert_der(&crt);
+    let cert_b = cert_der(&pki.server_b.0);
+    assert_ne!(cert_a, cert_b);
+
+    // Before: certificate A (CA1); a client trusting only CA2 fails.
+    let mut c1 = TlsConn::connect(&addr, &pki.ca).expect("CA1 client before the reload");
+    assert!(c1.peer_cert() == cert_a, "C1 did not get certificate A");
+    assert_eq!(
+        c1.get("/svc/before"),
+        (200, "app saw GET /svc/before".into())
+    );
+    let e = TlsConn::connect(&addr, &pki.other_ca)
+        .err()
+        .expect("a CA2-only client must fail before the reload");
+    assert!(is_unknown_issuer(&e), "{e:?}");
+
+    // Certificate B (CA2) in the files the config names, then SIGHUP.
+    std::fs::copy(&pki.server_b.0, &crt).unwrap();
+    std::fs::copy(&pki.server_b.1, &key).unwrap();
+    gw.signal(libc::SIGHUP);
+    let line = gw.stdout_line("anp-proxy reload");
+    assert!(line.starts_with("anp-proxy reloaded "), "{line}");
+
+    // New connections (several, to reach both cores) get B: CA2 clients
+    // succeed and serve, CA1 clients fail.
+    for i in 0..6 {
+        let mut c = TlsConn::connect(&addr, &pki.other_ca)
+            .unwrap_or_else(|e| panic!("CA2 client {i} after the reload: {e:?}"));
+        assert!(c.peer_cert() == cert_b, "new connection {i} did not get B");
+        let path = format!("/svc/after/{i}");
+        assert_eq!(c.get(&path), (200, format!("app saw GET {path}")));
+        let e = TlsConn::connect(&addr, &pki.ca)
+            .err()
+            .expect("a CA1-only client must fail after the reload");
+        assert!(is_unknown_issuer(&e), "{e:?}");
+    }
+    // C1, opened before, is still up on A's session and still serves.
+    assert!(c1.peer_cert() == cert_a);
+    assert_eq!(
+        c1.get("/svc/c1-after"),
+        (200, "app saw GET /svc/c1-after".into())
+    );
+
+    // A broken key: the reload fails and changes nothing.
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    gw.signal(libc::SIGHUP);
+    let line = gw.stdout_line("anp-proxy reload");
+    assert!(line.starts_with("anp-proxy reload failed: "), "{line}");
+    assert!(line.contains("gateway.tls.key_file"), "{line}");
+    let mut c = TlsConn::connect(&addr, &pki.other_ca).expect("CA2 client after a failed reload");
+    assert!(
+        c.peer_cert() == cert_b,
+        "a failed reload changed the certificate"
+    );
+    assert_eq!(c.get("/svc/kept"), (200, "app saw GET /svc/kept".into()));
+    assert!(TlsConn::connect(&addr, &pki.ca).is_err());
+    assert_eq!(
+        c1.get("/svc/c1-last"),
+        (200, "app saw GET /svc/c1-last".into())
+    );
+    // The tunnel (WSS, opened before both reloads) never went down.
+    assert!(rx.stdout_so_far().is_empty(), "the receiver reconnected");
+}
+
+/// The tunnel port, sharing `[gateway.tls]`, stays TLS through a reload of
+/// a file without `tunnel_port` (the listener stays until a restart): the
+/// reload is refused, not applied as "no TLS on the tunnel port".
+#[test]
+fn a_reload_never_turns_the_tunnel_port_to_plain_tcp() {
+    let pki = pki();
+    let d = pki.dir.path();
+    let text = gateway_config(
+        "tunnel_port = 0\n\
+         [gateway.tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n",
+    );
+    let gw_cfg = write_config(d, "gateway.toml", &text);
+    let mut gw = Proc::start("gateway", &gw_cfg);
+    gw.stdout_line("anp-proxy gateway listening on https://");
+    let tunnel = addr_after(
+        &gw.stdout_line("anp-proxy gateway tunnels on wss://"),
+        "wss://",
+    );
+    TlsConn::connect(&tunnel, &pki.ca).expect("TLS on the tunnel port");
+
+    std::fs::write(&gw_cfg, text.replace("tunnel_port = 0\n", "")).unwrap();
+    gw.signal(libc::SIGHUP);
+    let line = gw.stdout_line("anp-proxy reload");
+    assert!(line.starts_with("anp-proxy reload failed: "), "{line}");
+    TlsConn::connect(&tunnel, &pki.ca).expect("TLS on the tunnel port after the reload");
 }

@@ -75,8 +75,9 @@ pub enum CoreMsg {
     /// Phase 2, once every core is idle (a request may cross cores): close
     /// this core's tunnels with 1001; the sender learns when they are gone.
     CloseTunnels(std::sync::mpsc::Sender<usize>),
-    /// SIGHUP: new TLS acceptors for the listeners (certificates reloaded).
-    Tls(super::accept::Acceptors),
+    /// SIGHUP: new TLS acceptors for the listeners (certificates reloaded);
+    /// the sender learns when this core has them.
+    Tls(super::accept::Acceptors, std::sync::mpsc::Sender<usize>),
     /// The admin thread asks for this core's metrics (`gateway/metrics.rs`).
     Metrics(std::sync::mpsc::Sender<super::metrics::Snapshot>),
 }
@@ -627,9 +628,10 @@ impl CoreCtx {
                 CoreMsg::CloseTunnels(done) => {
                     monoio::spawn(ctx.close_tunnels(done));
                 }
-                CoreMsg::Tls(a) => {
+                CoreMsg::Tls(a, done) => {
                     *ctx.acceptors.borrow_mut() = a;
                     tracing::debug!(core = ctx.index, "TLS acceptors replaced");
+                    let _ = done.send(ctx.index);
                 }
                 CoreMsg::Tunnel(h) => {
                     let std = std::net::TcpStream::from(h.fd);

@@ -267,18 +267,44 @@ fn reload(shared: &Shared, path: &std::path::Path) {
         Ok(a) => a,
         Err(e) => return failed(format!("{e:#}")),
     };
-    let old = &shared.config.gateway;
-    if cfg.gateway.tls.enabled != old.tls.enabled
-        || cfg.gateway.tunnel_tls.as_ref().map(|t| t.enabled)
-            != old.tunnel_tls.as_ref().map(|t| t.enabled)
-    {
-        return failed("turning TLS on or off needs a restart".into());
+    // The listeners stay as started: a file under which one of them would
+    // speak TLS or not differently (including a tunnel port that shares
+    // `[gateway.tls]` and is no longer named) is refused, never applied
+    // as "no acceptor" on a running TLS port.
+    if tls_layout(&cfg) != tls_layout(&shared.config) {
+        return failed(
+            "turning TLS on or off, or adding or removing tunnel_port, needs a restart".into(),
+        );
     }
     shared
         .auth
         .set_tokens(TokenAuth::new(&cfg.gateway.auth.tokens));
-    for inbox in &shared.inboxes {
-        let _ = inbox.unbounded_send(CoreMsg::Tls(acceptors.clone()));
+    // The stdout line below means "in force": wait for every core to have
+    // swapped its acceptors (bounded, should one be stuck).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let cores = shared
+        .inboxes
+        .iter()
+        .filter(|i| {
+            i.unbounded_send(CoreMsg::Tls(acceptors.clone(), tx.clone()))
+                .is_ok()
+        })
+        .count();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut swapped = 0;
+    while swapped < cores {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(_) => swapped += 1,
+            Err(_) => break,
+        }
+    }
+    if swapped < cores {
+        tracing::warn!(
+            swapped,
+            cores,
+            "reload: not every core took the new certificates yet"
+        );
     }
     let routes = shared.reload_routes(cfg.clone());
     tracing::info!(
@@ -290,6 +316,17 @@ fn reload(shared: &Shared, path: &std::path::Path) {
     let mut out = std::io::stdout();
     let _ = writeln!(out, "anp-proxy reloaded {}", path.display());
     let _ = out.flush();
+}
+
+/// Whether each listener speaks TLS under `cfg`: the public port, and the
+/// tunnel port if there is one (its own table, else the public one's, as
+/// in [`accept::load_acceptors`]).
+fn tls_layout(cfg: &Config) -> (bool, Option<bool>) {
+    let g = &cfg.gateway;
+    let tunnel = g
+        .tunnel_port
+        .map(|_| g.tunnel_tls.as_ref().map_or(g.tls.enabled, |t| t.enabled));
+    (g.tls.enabled, tunnel)
 }
 
 async fn worker_main(
