@@ -45,6 +45,8 @@ TOKEN = "bench-token-123"
 
 # Targets the report is relative to (the proxy under test).
 ANP = "anp-proxy"
+# `--baseline-bin`: another anp-proxy build measured in the same run.
+BASE = "anp-base"
 
 # Reported targets (issue #4); printed next to the numbers, never asserted.
 GOALS = {
@@ -279,20 +281,29 @@ class Bench:
             why = "--no-nginx given" if a.no_nginx else "no nginx binary found (make bench-deps installs it)"
             log(f"SKIPPED nginx target: {why}")
 
-        gw_conf = os.path.join(self.tmp, "gateway.toml")
+        self.gateway, self.receiver, gw_port = self.start_anp("", f"{BIN}/anp-proxy", app_port)
+        self.targets[ANP] = f"http://127.0.0.1:{gw_port}"
+        if a.baseline_bin:
+            _, _, base_port = self.start_anp("-base", a.baseline_bin, app_port)
+            self.targets[BASE] = f"http://127.0.0.1:{base_port}"
+        log("targets: " + ", ".join(f"{k}={v}" for k, v in self.targets.items()))
+
+    def start_anp(self, suffix, binary, app_port):
+        """A gateway and its receiver from `binary`; (gateway, receiver, port)."""
+        a = self.args
+        gw_conf = os.path.join(self.tmp, f"gateway{suffix}.toml")
         with open(gw_conf, "w") as f:
             f.write(GATEWAY_CONF.format(workers=a.workers, token=TOKEN))
-        self.gateway = self.procs.start("gateway", [f"{BIN}/anp-proxy", "gateway", "--config", gw_conf], self.tmp)
-        m = wait_for_line(self.gateway, r"listening on http://127\.0\.0\.1:(\d+) .*?(\d+) workers")
+        gw = self.procs.start(f"gateway{suffix}", [binary, "gateway", "--config", gw_conf], self.tmp)
+        m = wait_for_line(gw, r"listening on http://127\.0\.0\.1:(\d+) .*?(\d+) workers")
         gw_port = int(m.group(1))
-        rx_conf = os.path.join(self.tmp, "receiver.toml")
+        rx_conf = os.path.join(self.tmp, f"receiver{suffix}.toml")
         with open(rx_conf, "w") as f:
             f.write(RECEIVER_CONF.format(gw_port=gw_port, app_port=app_port, token=TOKEN))
-        self.receiver = self.procs.start("receiver", [f"{BIN}/anp-proxy", "receiver", "--config", rx_conf], self.tmp)
+        rx = self.procs.start(f"receiver{suffix}", [binary, "receiver", "--config", rx_conf], self.tmp)
         # tunnels = 0: one tunnel per gateway worker; wait for all of them.
-        wait_for_line(self.receiver, r"tunnel \d+ connected", count=int(m.group(2)))
-        self.targets[ANP] = f"http://127.0.0.1:{gw_port}"
-        log("targets: " + ", ".join(f"{k}={v}" for k, v in self.targets.items()))
+        wait_for_line(rx, r"tunnel \d+ connected", count=int(m.group(2)))
+        return gw, rx, gw_port
 
     def tunnels_reconnected(self):
         with open(self.receiver.out_path) as f:
@@ -455,7 +466,7 @@ def add_ratios(runs):
 
 def table(report):
     runs = report["runs"]
-    targets = [t for t in ("direct", "nginx", ANP) if any(r["target"] == t for r in runs)]
+    targets = [t for t in ("direct", "nginx", ANP, BASE) if any(r["target"] == t for r in runs)]
     lines = []
     hdr = f"{'mode':10s} {'body':>6s} {'conns':>5s} {'target':9s} {'rps':>9s} {'MB/s':>8s} {'p50us':>7s} {'p99us':>7s} {'p99.9us':>8s} {'errors':>6s}  {'xnginx':>6s} {'xdirect':>7s}"
     lines.append(hdr)
@@ -548,6 +559,10 @@ def main():
     ap.add_argument("--req-body", type=int, default=0, help="request body bytes (POST)")
     ap.add_argument("--idle-conns", type=int, default=10000)
     ap.add_argument("--no-nginx", action="store_true")
+    ap.add_argument("--baseline-bin", help="another anp-proxy binary, measured as target anp-base in the same run (A/B)")
+    ap.add_argument("--bodies", help="comma-separated response body sizes in bytes (overrides the matrix)")
+    ap.add_argument("--conns", help="comma-separated connection counts (overrides the matrix)")
+    ap.add_argument("--no-fixed-rate", action="store_true", help="skip the fixed-rate latency cells")
     args = ap.parse_args()
     args.nofile = raise_fd_limit()
 
@@ -555,6 +570,11 @@ def main():
         bodies, conns_list, duration, warmup, reps, fixed_secs = [1024, 65536], [64], 2, 0.5, 2, 3
     else:
         bodies, conns_list, duration, warmup, reps, fixed_secs = [128, 1024, 65536, 1 << 20], [64, 256], 5, 1, 3, 8
+
+    if args.bodies:
+        bodies = [int(x) for x in args.bodies.split(",")]
+    if args.conns:
+        conns_list = [int(x) for x in args.conns.split(",")]
 
     for b in ("anp-proxy", "anp-loadgen", "anp-bench-app"):
         if not os.access(f"{BIN}/{b}", os.X_OK):
@@ -611,6 +631,8 @@ def main():
         rates = [(round(0.5 * d["rps"]) if d and d["rps"] > 0 else 1000, "50% of direct's max")]
         if n and n["rps"] > 0 and 0.5 * n["rps"] < 0.9 * rates[0][0]:
             rates.append((round(0.5 * n["rps"]), "50% of nginx's max"))
+        if args.no_fixed_rate:
+            rates = []
         for rate, why in rates:
             log(f"cell: fixed rate {rate} req/s ({why} at 1 KiB / 64 conns)")
             for r in bench.cell("fixed-rate", 1024, 64, fixed_secs, warmup, reps, rate=rate):
