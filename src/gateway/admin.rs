@@ -128,5 +128,7 @@ pub fn metrics_text(shared: &Shared) -> String {
             );
         }
     }
+    shared.upgrades.write_metrics(&mut s);
+    shared.anpx_refused.write_metrics(&mut s);
     s
 }

@@ -94,6 +94,10 @@ pub struct Shared {
     pub inboxes: Vec<xmpsc::UnboundedSender<CoreMsg>>,
     pub counters: Counters,
     pub workers: usize,
+    /// Pending tunnel upgrades per client IP and in all (cold path).
+    pub upgrades: Arc<super::upgrades::UpgradeLimiter>,
+    /// ANPX frames refused, by reason (error path).
+    pub anpx_refused: super::refusals::FrameRefusals,
 }
 
 impl Shared {
@@ -104,6 +108,10 @@ impl Shared {
         inboxes: Vec<xmpsc::UnboundedSender<CoreMsg>>,
     ) -> Self {
         let workers = inboxes.len();
+        let upgrades = super::upgrades::UpgradeLimiter::new(
+            config.gateway.max_pending_upgrades_per_ip,
+            config.gateway.max_pending_upgrades,
+        );
         Self {
             config,
             auth,
@@ -116,6 +124,8 @@ impl Shared {
             inboxes,
             counters: Counters::default(),
             workers,
+            upgrades,
+            anpx_refused: Default::default(),
         }
     }
 

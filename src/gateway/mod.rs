@@ -8,8 +8,10 @@ pub mod conn;
 pub mod core;
 pub mod error;
 pub mod forward;
+pub mod refusals;
 pub mod routes;
 pub mod tunnel;
+pub mod upgrades;
 
 use std::io::Write as _;
 use std::net::SocketAddr;

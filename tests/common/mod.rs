@@ -1,10 +1,12 @@
 //! Shared pieces of the end-to-end tests: the local test [`app`], a raw
-//! HTTP/1.1 [`client`], and [`procs`] to run the real binary.
+//! HTTP/1.1 [`client`], [`procs`] to run the real binary, and a raw
+//! tunnel peer ([`rawpeer`]) that sends crafted frames.
 #![allow(dead_code)]
 
 pub mod app;
 pub mod client;
 pub mod procs;
+pub mod rawpeer;
 
 #[allow(unused_imports)]
 pub use app::App;
