@@ -255,6 +255,81 @@ fn global_pending_upgrade_cap_answers_503_and_frees_slots_on_close() {
     w.wait_metric("anp_proxy_pending_upgrades", 0);
 }
 
+#[test]
+fn slow_did_document_fetch_hits_the_handshake_deadline_with_408() {
+    use anp_proxy::auth::didwba::{self, DidSigner};
+    // A document server that accepts and never answers.
+    let stall = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stall_addr = stall.local_addr().unwrap();
+    thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in stall.incoming().map_while(Result::ok) {
+            held.push(s);
+        }
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let did = "did:wba:agents.test:rx:slow";
+    let out = std::process::Command::new(common::procs::binary())
+        .args(["did", "new", did, "--out"])
+        .arg(tmp.path())
+        .output()
+        .expect("run `anp-proxy did new`");
+    assert!(
+        out.status.success(),
+        "did new: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let signer = DidSigner::load(
+        &tmp.path().join("did.json"),
+        &tmp.path().join("key-1_private.pem"),
+    )
+    .expect("load the new DID");
+
+    // The fetch may take 30 s; the handshake only 2.
+    let w = World::start(&config(&format!(
+        "handshake_timeout = 2\nauth.resolver_base_url = \"http://{stall_addr}\"\n\
+         auth.allow_private_resolver_targets = true\nauth.resolver_timeout = 30\n\
+         auth.dids = [{{ did = \"{did}\", paths = [\"/slow\"] }}]\n"
+    )));
+    let now = didwba::time::now_unix();
+    let auth = signer.didwba_header(
+        "127.0.0.1",
+        &didwba::sign::fresh_nonce(),
+        &didwba::time::format_utc(now),
+    );
+    let mut req = Vec::new();
+    anp_proxy::ws::handshake::write_client_request(
+        &mut req,
+        &w.gw.addr.to_string(),
+        "/ws",
+        "dGhlIHNhbXBsZSBub25jZQ==",
+        &[("Authorization", auth.as_str())],
+    );
+    let addr = w.gw.addr;
+    let slow = thread::spawn(move || client::send_raw(addr, &req));
+    // While it waits on the fetch it holds a pending slot; others are served.
+    w.wait_metric("anp_proxy_pending_upgrades", 1);
+    w.alice_serves("/alice/during-fetch");
+    let r = slow.join().unwrap();
+    assert_eq!(
+        r.status,
+        408,
+        "upgrade stuck on its DID fetch: {}",
+        r.summary()
+    );
+    assert!(
+        r.body_text().contains("handshake_timeout"),
+        "{}",
+        r.summary()
+    );
+    w.wait_metric("anp_proxy_pending_upgrades", 0);
+    w.wait_metric(
+        "anp_proxy_upgrades_refused_total{reason=\"handshake_timeout\"}",
+        1,
+    );
+    w.alice_serves("/alice/after-fetch");
+}
+
 // ---------------------------------------------------------------------------
 // 2. WebSocket-level abuse from an authenticated receiver
 // ---------------------------------------------------------------------------
