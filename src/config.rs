@@ -142,6 +142,18 @@ pub struct GatewayConfig {
     pub max_headers: usize,
     /// Requests in flight on one tunnel (503 + Retry-After beyond).
     pub max_inflight_per_tunnel: usize,
+    /// Tunnel upgrades not yet answered (head still arriving, or being
+    /// authenticated) from one client IP; beyond it: 429 + Retry-After.
+    pub max_pending_upgrades_per_ip: usize,
+    /// Tunnel upgrades not yet answered, all clients together; beyond it:
+    /// 503 + Retry-After.
+    pub max_pending_upgrades: usize,
+    /// Seconds an upgrade may take from its first byte to the 101: reading
+    /// the head, authentication (DID document fetch included); 408 after.
+    pub handshake_timeout: f64,
+    /// WebSocket pings a receiver may send in one second; beyond it the
+    /// tunnel is failed with close code 1008.
+    pub max_pings_per_second: usize,
     /// Keep client-supplied X-Forwarded-* / Forwarded and append to them.
     pub trust_forwarded: bool,
     /// Seconds a SIGTERM/SIGINT drain waits for in-flight requests before
@@ -183,6 +195,10 @@ impl Default for GatewayConfig {
             max_head_size: 64 * 1024,
             max_headers: 100,
             max_inflight_per_tunnel: 4096,
+            max_pending_upgrades_per_ip: 16,
+            max_pending_upgrades: 1024,
+            handshake_timeout: 10.0,
+            max_pings_per_second: 10,
             trust_forwarded: false,
             shutdown_grace: 30.0,
             no_tunnel_wait: 2.0,
@@ -576,12 +592,21 @@ impl Config {
         if g.timeout.is_nan() || g.timeout <= 0.0 {
             return Err(bad("gateway.timeout", "must be > 0".into()));
         }
+        if g.handshake_timeout.is_nan() || g.handshake_timeout <= 0.0 {
+            return Err(bad("gateway.handshake_timeout", "must be > 0".into()));
+        }
         for (key, v) in [
             ("gateway.max_connections", g.max_connections),
             ("gateway.max_request_line", g.max_request_line),
             ("gateway.max_head_size", g.max_head_size),
             ("gateway.max_headers", g.max_headers),
             ("gateway.max_inflight_per_tunnel", g.max_inflight_per_tunnel),
+            (
+                "gateway.max_pending_upgrades_per_ip",
+                g.max_pending_upgrades_per_ip,
+            ),
+            ("gateway.max_pending_upgrades", g.max_pending_upgrades),
+            ("gateway.max_pings_per_second", g.max_pings_per_second),
         ] {
             if v == 0 {
                 return Err(bad(key, "must be > 0".into()));

@@ -205,6 +205,8 @@ pub fn metrics_text(shared: &Shared) -> String {
             a.dropped_batches(),
         );
     }
+    shared.upgrades.write_metrics(&mut s);
+    shared.anpx_refused.write_metrics(&mut s);
     s
 }
 

@@ -17,6 +17,7 @@ use super::forward::{build_request_meta, write_response_head, Framing};
 use super::observe::Exchange;
 use super::tunnel::run_tunnel;
 use super::tunnel::{BodyEvent, RespBody, RespHead, Tunnel};
+use super::upgrades::{names_tunnel_path, UpgradeSlot};
 use crate::auth::UpgradeRequest;
 use crate::http::{self, BodyKind, ChunkedDecoder, ChunkedStep, RequestHead};
 use crate::protocol::anpx::ResponseMeta;
@@ -61,6 +62,37 @@ async fn read_more<S: AsyncReadRent>(
 
 fn deadline(d: Option<Duration>) -> Option<Instant> {
     d.map(|d| Instant::now() + d)
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// When an upgrade whose head began at `start` must have its 101.
+fn handshake_deadline(ctx: &CoreCtx, start: Instant) -> Option<Instant> {
+    crate::config::secs(ctx.shared.config.gateway.handshake_timeout).map(|d| start + d)
+}
+
+/// Takes a pending-upgrade slot for `peer`, or answers 429/503 with
+/// Retry-After (the longest a slot can stay taken) and returns `None`.
+async fn upgrade_slot<S: AsyncWriteRent>(
+    ctx: &CoreCtx,
+    io: &mut S,
+    out: &mut Vec<u8>,
+    peer: SocketAddr,
+) -> Option<UpgradeSlot> {
+    match ctx.shared.upgrades.try_acquire(peer.ip()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(%peer, reason = e.reason(), error = %e, status = e.status(), "tunnel upgrade refused");
+            let retry = ctx.shared.config.gateway.handshake_timeout.ceil().max(1.0) as u64;
+            refuse(io, out, e.status(), e.reason(), &e.to_string(), Some(retry)).await;
+            None
+        }
+    }
 }
 
 /// A client transport whose socket can be handed to another core's runtime
@@ -129,6 +161,9 @@ pub async fn serve_conn<S>(
         let mut head_deadline: Option<Option<Instant>> = None;
         // When this request's first byte was read (metrics, access log).
         let mut started = Instant::now();
+        let mut head_start = Instant::now();
+        // A tunnel upgrade holds a slot from its request line to its 101.
+        let mut upgrade: Option<UpgradeSlot> = None;
         let head = loop {
             if buf.is_empty() && head_deadline.is_none() {
                 ctx.pool.give_read(std::mem::take(&mut buf));
@@ -147,6 +182,16 @@ pub async fn serve_conn<S>(
                 out = ctx.pool.take_write();
                 busy = Some(Busy::new(&ctx));
                 head_deadline = Some(deadline(ctx.settings.header_timeout));
+                head_start = Instant::now();
+            }
+            if upgrade.is_none()
+                && accepts != Accepts::Requests
+                && names_tunnel_path(&buf, &ctx.settings.tunnel_path)
+            {
+                match upgrade_slot(&ctx, &mut io, &mut out, peer).await {
+                    Some(s) => upgrade = Some(s),
+                    None => return,
+                }
             }
             match http::parse_request_head(&buf, &ctx.settings.head_limits) {
                 Ok(Some(h)) => break h,
@@ -160,11 +205,40 @@ pub async fn serve_conn<S>(
                     return;
                 }
             }
-            let dl = *head_deadline.get_or_insert_with(|| deadline(ctx.settings.header_timeout));
+            let mut dl = *head_deadline.get_or_insert_with(|| {
+                head_start = Instant::now();
+                deadline(ctx.settings.header_timeout)
+            });
+            if upgrade.is_some() {
+                dl = earliest(dl, handshake_deadline(&ctx, head_start));
+            }
+            // Asked before the read: a timed-out read does not give the
+            // buffer back.
+            let head_begun = !buf.is_empty();
             match read_more(&mut io, &mut buf, dl).await {
                 ReadOutcome::Data => {}
                 ReadOutcome::Eof => return,
-                ReadOutcome::TimedOut if buf.is_empty() => return,
+                ReadOutcome::TimedOut if !head_begun => return,
+                // A TLS stream whose read was cut by the timeout must not
+                // be written to (monoio-rustls: see ARCHITECTURE.md): close.
+                ReadOutcome::TimedOut if tls => {
+                    tracing::info!(%peer, "request head not complete in time (TLS): closed without 408");
+                    return;
+                }
+                ReadOutcome::TimedOut if upgrade.is_some() => {
+                    ctx.shared.upgrades.note_timeout();
+                    tracing::warn!(%peer, reason = "handshake_timeout", "tunnel upgrade refused: head not complete within handshake_timeout");
+                    refuse(
+                        &mut io,
+                        &mut out,
+                        408,
+                        "handshake_timeout",
+                        "upgrade head not complete in time",
+                        None,
+                    )
+                    .await;
+                    return;
+                }
                 ReadOutcome::TimedOut => {
                     let err = ProxyError::HeadTimeout;
                     tracing::info!(%peer, error = %err, "request refused");
@@ -186,9 +260,23 @@ pub async fn serve_conn<S>(
             && head.upgrade
         {
             drop(busy);
-            Box::pin(accept_tunnel(ctx, io, &head, &head_buf, buf, peer, tls)).await;
+            // An absolute-form target is only known to be an upgrade now.
+            let slot = match upgrade.take() {
+                Some(s) => s,
+                None => match upgrade_slot(&ctx, &mut io, &mut out, peer).await {
+                    Some(s) => s,
+                    None => return,
+                },
+            };
+            let dl = handshake_deadline(&ctx, head_start);
+            Box::pin(accept_tunnel(
+                ctx, io, &head, &head_buf, buf, peer, tls, slot, dl,
+            ))
+            .await;
             return;
         }
+        // Named the tunnel path but is no upgrade: an ordinary request.
+        drop(upgrade);
         // Every request from here on is counted and access-logged.
         let method = head.method(&head_buf);
         let mut ex = ctx.obs.begin(started, head.head_len);
@@ -854,7 +942,24 @@ async fn write_error<S: AsyncWriteRent>(
     }
 }
 
-/// Authenticates a tunnel upgrade and, on success, runs the tunnel.
+/// A refusal decided while authenticating an upgrade (already logged).
+struct Refused {
+    status: u16,
+    reason: &'static str,
+    message: String,
+}
+
+/// What authentication decided for an upgrade.
+struct Accepted {
+    accept: String,
+    identity: crate::auth::Identity,
+    features: Features,
+}
+
+/// Authenticates a tunnel upgrade under `handshake_timeout` (408 past it)
+/// and, on success, runs the tunnel. `slot` is held until the 101 is
+/// queued, whatever the outcome.
+#[allow(clippy::too_many_arguments)]
 async fn accept_tunnel<S>(
     ctx: Rc<CoreCtx>,
     mut io: S,
@@ -863,82 +968,43 @@ async fn accept_tunnel<S>(
     leftover: BytesMut,
     peer: SocketAddr,
     tls: bool,
+    slot: UpgradeSlot,
+    deadline: Option<Instant>,
 ) where
     S: AsyncReadRent + AsyncWriteRent + Splitable + Movable + 'static,
     S::OwnedRead: AsyncReadRent + 'static,
     S::OwnedWrite: AsyncWriteRent + 'static,
 {
     let mut out = Vec::with_capacity(512);
-    let headers: Vec<(&str, &[u8])> = head
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                std::str::from_utf8(&head_buf[h.name.clone()]).unwrap_or(""),
-                &head_buf[h.value.clone()],
-            )
-        })
-        .collect();
-    let get = |name: &str| {
-        headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| *v)
+    // No IO on `io` inside: dropping it at the deadline leaves the stream
+    // usable for the 408.
+    let checked = authenticate_upgrade(&ctx, head, head_buf, peer, tls);
+    let decided = match deadline {
+        Some(d) => {
+            monoio::time::timeout(d.saturating_duration_since(Instant::now()), checked).await
+        }
+        None => Ok(checked.await),
     };
-    let method = head.method(head_buf);
-    let accept = match crate::ws::handshake::server_accept_key(&headers, method) {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::info!(%peer, error = %e, "tunnel upgrade refused: bad handshake");
-            ctx.shared.obs.auth_failures.record("bad_handshake");
-            refuse(&mut io, &mut out, 400, "bad_handshake", &e.to_string()).await;
+    let Accepted {
+        accept,
+        identity,
+        features,
+    } = match decided {
+        Ok(Ok(a)) => a,
+        Ok(Err(r)) => {
+            ctx.shared.obs.auth_failures.record(r.reason);
+            refuse(&mut io, &mut out, r.status, r.reason, &r.message, None).await;
+            return;
+        }
+        Err(_) => {
+            ctx.shared.upgrades.note_timeout();
+            ctx.shared.obs.auth_failures.record("handshake_timeout");
+            tracing::warn!(%peer, reason = "handshake_timeout", "tunnel upgrade refused: not authenticated within handshake_timeout");
+            let msg = "upgrade not authenticated in time";
+            refuse(&mut io, &mut out, 408, "handshake_timeout", msg, None).await;
             return;
         }
     };
-    let req = UpgradeRequest {
-        method,
-        target: std::str::from_utf8(&head_buf[head.target.clone()]).unwrap_or(""),
-        host: head
-            .host
-            .clone()
-            .and_then(|r| std::str::from_utf8(&head_buf[r]).ok()),
-        authorization: get("authorization"),
-        peer,
-        headers: &headers,
-        tls,
-    };
-    let owns_routes = |name: &str| ctx.routes().prefixes_of(name).next().is_some();
-    let identity = match ctx.shared.auth.authenticate(&req, &owns_routes).await {
-        // A route registered since the last poll applies to a new tunnel
-        // at once: read the registry, then decide again (a DID proof
-        // refused for want of routes has not spent its nonce).
-        Err(e) if e.is_no_routes() && ctx.refresh_routes().await => {
-            ctx.shared.auth.authenticate(&req, &owns_routes).await
-        }
-        r => r,
-    };
-    let identity = match identity {
-        Ok(id) => id,
-        Err(e) => {
-            tracing::warn!(%peer, reason = e.reason(), error = %e, "tunnel upgrade refused");
-            ctx.shared.obs.auth_failures.record(e.reason());
-            refuse(&mut io, &mut out, e.status(), e.reason(), &e.to_string()).await;
-            return;
-        }
-    };
-    let owned =
-        owns_routes(&identity.name) || (ctx.refresh_routes().await && owns_routes(&identity.name));
-    if !owned {
-        let e = crate::auth::AuthError::NoRoutes(identity.name.to_string());
-        tracing::warn!(%peer, reason = e.reason(), error = %e, "tunnel upgrade refused");
-        ctx.shared.obs.auth_failures.record(e.reason());
-        refuse(&mut io, &mut out, e.status(), e.reason(), &e.to_string()).await;
-        return;
-    }
-    let features = get(FEATURES_HEADER)
-        .map(Features::parse)
-        .unwrap_or_default()
-        .intersect(Features::SUPPORTED);
     let feat = features.to_header_value();
     let tunnels = ctx.shared.workers.to_string();
     let mut extra: Vec<(&str, &str)> = vec![(TUNNELS_HEADER, tunnels.as_str())];
@@ -975,7 +1041,95 @@ async fn accept_tunnel<S>(
         }
         return;
     }
+    // run_tunnel queues the 101 before its first await.
+    drop(slot);
     run_tunnel(ctx, io, leftover, identity.name, features, peer, out, tls).await;
+}
+
+/// The handshake checks and authentication of an upgrade, without IO on
+/// the client's stream (a DID document fetch runs on its own thread).
+async fn authenticate_upgrade(
+    ctx: &CoreCtx,
+    head: &RequestHead,
+    head_buf: &Bytes,
+    peer: SocketAddr,
+    tls: bool,
+) -> Result<Accepted, Refused> {
+    let headers: Vec<(&str, &[u8])> = head
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                std::str::from_utf8(&head_buf[h.name.clone()]).unwrap_or(""),
+                &head_buf[h.value.clone()],
+            )
+        })
+        .collect();
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    };
+    let method = head.method(head_buf);
+    let accept = match crate::ws::handshake::server_accept_key(&headers, method) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "tunnel upgrade refused: bad handshake");
+            return Err(Refused {
+                status: 400,
+                reason: "bad_handshake",
+                message: e.to_string(),
+            });
+        }
+    };
+    let req = UpgradeRequest {
+        method,
+        target: std::str::from_utf8(&head_buf[head.target.clone()]).unwrap_or(""),
+        host: head
+            .host
+            .clone()
+            .and_then(|r| std::str::from_utf8(&head_buf[r]).ok()),
+        authorization: get("authorization"),
+        peer,
+        headers: &headers,
+        tls,
+    };
+    let owns_routes = |name: &str| ctx.routes().prefixes_of(name).next().is_some();
+    let identity = match ctx.shared.auth.authenticate(&req, &owns_routes).await {
+        // A route registered since the last poll applies to a new tunnel
+        // at once: read the registry, then decide again (a DID proof
+        // refused for want of routes has not spent its nonce).
+        Err(e) if e.is_no_routes() && ctx.refresh_routes().await => {
+            ctx.shared.auth.authenticate(&req, &owns_routes).await
+        }
+        r => r,
+    };
+    let refused = |e: crate::auth::AuthError| {
+        tracing::warn!(%peer, reason = e.reason(), error = %e, "tunnel upgrade refused");
+        Refused {
+            status: e.status(),
+            reason: e.reason(),
+            message: e.to_string(),
+        }
+    };
+    let identity = identity.map_err(refused)?;
+    let owned =
+        owns_routes(&identity.name) || (ctx.refresh_routes().await && owns_routes(&identity.name));
+    if !owned {
+        return Err(refused(crate::auth::AuthError::NoRoutes(
+            identity.name.to_string(),
+        )));
+    }
+    let features = get(FEATURES_HEADER)
+        .map(Features::parse)
+        .unwrap_or_default()
+        .intersect(Features::SUPPORTED);
+    Ok(Accepted {
+        accept,
+        identity,
+        features,
+    })
 }
 
 async fn refuse<S: AsyncWriteRent>(
@@ -984,12 +1138,16 @@ async fn refuse<S: AsyncWriteRent>(
     status: u16,
     reason: &str,
     message: &str,
+    retry_after: Option<u64>,
 ) {
     let body = serde_json::json!({ "error": reason, "message": message }).to_string();
     out.clear();
     http::headers::write_status_line(out, status, http::headers::reason_phrase(status));
     out.extend_from_slice(b"content-type: application/json\r\nconnection: close\r\n");
     push_header_num(out, "content-length", body.len());
+    if let Some(s) = retry_after {
+        push_header_num(out, "retry-after", s as usize);
+    }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body.as_bytes());
     write_out(io, out).await;

@@ -109,6 +109,10 @@ pub struct Shared {
     /// Access-log sink and auth failure counts (`gateway/observe.rs`).
     pub obs: super::observe::SharedObs,
     pub workers: usize,
+    /// Pending tunnel upgrades per client IP and in all (cold path).
+    pub upgrades: Arc<super::upgrades::UpgradeLimiter>,
+    /// ANPX frames refused, by reason (error path).
+    pub anpx_refused: super::refusals::FrameRefusals,
 }
 
 impl Shared {
@@ -119,6 +123,10 @@ impl Shared {
         inboxes: Vec<xmpsc::UnboundedSender<CoreMsg>>,
     ) -> Self {
         let workers = inboxes.len();
+        let upgrades = super::upgrades::UpgradeLimiter::new(
+            config.gateway.max_pending_upgrades_per_ip,
+            config.gateway.max_pending_upgrades,
+        );
         Self {
             config,
             auth,
@@ -132,6 +140,8 @@ impl Shared {
             counters: Counters::default(),
             obs: Default::default(),
             workers,
+            upgrades,
+            anpx_refused: Default::default(),
         }
     }
 

@@ -10,8 +10,10 @@ pub mod error;
 pub mod forward;
 pub mod metrics;
 pub mod observe;
+pub mod refusals;
 pub mod routes;
 pub mod tunnel;
+pub mod upgrades;
 
 use std::io::Write as _;
 use std::net::SocketAddr;

@@ -11,7 +11,12 @@
 //! With a plain v1 peer, messages are reassembled whole.
 //!
 //! A response that names an unknown request, or fails to decode, is
-//! refused and logged; nothing reaches the wrong client.
+//! refused, logged and counted ([`FrameRefusals`]); nothing reaches the
+//! wrong client. A refused frame that names a request in flight on this
+//! tunnel (bad CRC, chunk out of order) fails that request with 502: its
+//! response can no longer be whole. WebSocket-level abuse (unmasked,
+//! oversized or endlessly fragmented frames, a ping flood) fails the whole
+//! tunnel with the matching close code.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -26,6 +31,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, Splitable};
 
 use super::core::{CoreCtx, ProxyRequest, ProxyResponse, ProxyResult};
 use super::error::ProxyError;
+use super::refusals::{FrameRefusal, FrameRefusals};
 use super::routes::IdentityName;
 use crate::protocol::anpx::{
     self, FrameType, Message, MetaRef, Reassembler, RequestMeta, ResponseMeta,
@@ -33,6 +39,8 @@ use crate::protocol::anpx::{
 use crate::protocol::features::Features;
 use crate::protocol::stream::{self, Incoming, StreamEncoder, Window, DEFAULT_WINDOW};
 use crate::ws::conn::{run_writer, ConnError, OutTx, Outgoing, WsReader};
+use crate::ws::error::CLOSE_POLICY;
+use crate::ws::ping_limit::PingBudget;
 use crate::ws::{Decoder, Event, Role};
 
 /// A response head, and how its body arrives.
@@ -497,13 +505,16 @@ pub async fn run_tunnel<S>(
         max_message_size: ctx.settings.max_body_size + 64 * 1024,
         max_assemblies: ctx.settings.max_inflight_per_tunnel,
     });
+    let max_pings = ctx.shared.config.gateway.max_pings_per_second;
+    let mut pings = PingBudget::new(max_pings);
+    let refused = &ctx.shared.anpx_refused;
     let why = loop {
         match reader.next().await {
             Ok(Event::Binary(msg)) => {
                 if features.stream {
-                    on_stream_frame(&tunnel, msg);
+                    on_stream_frame(&tunnel, refused, msg);
                 } else {
-                    on_frame(&tunnel, &mut reasm, msg);
+                    on_frame(&tunnel, &mut reasm, refused, msg);
                 }
             }
             Ok(Event::Text(t)) => {
@@ -518,6 +529,13 @@ pub async fn run_tunnel<S>(
             }
             Ok(Event::Pong(_)) => {}
             Ok(Event::Ping(p)) => {
+                if !pings.allow(std::time::Instant::now()) {
+                    let why = format!("more than {max_pings} pings in one second");
+                    tracing::warn!(identity = %identity, %peer, tunnel = tunnel.id, close_code = CLOSE_POLICY,
+                        reason = %why, "tunnel failed: ping flood");
+                    let _ = out.send(Outgoing::Close(CLOSE_POLICY, "ping flood".into()));
+                    break format!("ping flood: {why} (close {CLOSE_POLICY})");
+                }
                 let _ = out.send(Outgoing::Pong(p));
             }
             Ok(Event::Close { code, reason }) => {
@@ -525,8 +543,11 @@ pub async fn run_tunnel<S>(
                 break format!("receiver closed ({code:?} {reason})");
             }
             Err(ConnError::Ws(e)) => {
-                let _ = out.send(Outgoing::Close(e.close_code(), e.to_string()));
-                break format!("protocol error: {e}");
+                let code = e.close_code();
+                tracing::warn!(identity = %identity, %peer, tunnel = tunnel.id, close_code = code,
+                    error = %e, "tunnel failed: WebSocket protocol error");
+                let _ = out.send(Outgoing::Close(code, e.to_string()));
+                break format!("protocol error (close {code}): {e}");
             }
             Err(ConnError::Idle(d)) => {
                 let _ = out.send(Outgoing::Close(1001, "ping timeout".into()));
@@ -552,13 +573,27 @@ pub async fn run_tunnel<S>(
 /// How long a closing tunnel's last frames may take to leave.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
-fn deliver_head(tunnel: &Tunnel, request_id: &str, result: Result<RespHead, ProxyError>) -> bool {
+/// What became of a response head.
+#[derive(Debug, PartialEq, Eq)]
+enum Delivery {
+    Delivered,
+    /// No such request in flight on this tunnel.
+    Unknown,
+    /// The request already has its head: a second one is out of order.
+    AlreadyStarted,
+}
+
+fn deliver_head(
+    tunnel: &Tunnel,
+    request_id: &str,
+    result: Result<RespHead, ProxyError>,
+) -> Delivery {
     let Some(id) = parse_request_id(request_id) else {
-        return false;
+        return Delivery::Unknown;
     };
     let mut map = tunnel.inflight.borrow_mut();
     let Some(e) = map.get_mut(&id) else {
-        return false;
+        return Delivery::Unknown;
     };
     match e.head.take() {
         Some(tx) => {
@@ -566,14 +601,53 @@ fn deliver_head(tunnel: &Tunnel, request_id: &str, result: Result<RespHead, Prox
             if e.body.is_none() {
                 map.remove(&id);
             }
-            true
+            Delivery::Delivered
         }
-        None => false,
+        None => Delivery::AlreadyStarted,
     }
 }
 
+/// Logs and counts a refused frame (nothing of it reaches a client).
+fn refuse(
+    tunnel: &Tunnel,
+    counts: &FrameRefusals,
+    why: FrameRefusal,
+    request_id: &str,
+    error: &dyn std::fmt::Display,
+) {
+    counts.count(why);
+    tracing::warn!(tunnel = tunnel.id, identity = %tunnel.identity, reason = why.label(),
+        request_id, %error, "ANPX frame refused");
+}
+
+/// Fails a request in flight on this tunnel with 502 because its response
+/// can no longer arrive whole: the client gets a 502, or (head already
+/// sent) a connection closed before the body's end. A `cancel` peer is told
+/// to stop. False if no such request is in flight.
+fn fail_request(tunnel: &Tunnel, id: u64, why: &str) -> bool {
+    let Some(mut e) = tunnel.inflight.borrow_mut().remove(&id) else {
+        return false;
+    };
+    e.upload.close();
+    let err = ProxyError::BadResponse(why.into());
+    if let Some(tx) = e.head.take() {
+        let _ = tx.send(Err(err));
+    } else if let Some(tx) = e.body.take() {
+        let _ = tx.send(BodyEvent::Failed(err));
+    }
+    if tunnel.features.cancel && !tunnel.closed.get() {
+        let mut rid = [0u8; 16];
+        let f = anpx::encode_error(format_request_id(id, &mut rid), why);
+        let _ = tunnel.out.send(Outgoing::Binary(f));
+    }
+    true
+}
+
 /// Plain v1 peer: whole messages through the reassembler.
-fn on_frame(tunnel: &Tunnel, reasm: &mut Reassembler, msg: Bytes) {
+fn on_frame(tunnel: &Tunnel, reasm: &mut Reassembler, counts: &FrameRefusals, msg: Bytes) {
+    // Read before `push` takes the message: which request a frame whose
+    // body CRC fails claims to belong to (a borrow, no copy).
+    let claimed = anpx::unverified_request_id(&msg).and_then(parse_request_id);
     match reasm.push(msg) {
         Ok(None) => {}
         Ok(Some(Message::Response {
@@ -585,8 +659,15 @@ fn on_frame(tunnel: &Tunnel, reasm: &mut Reassembler, msg: Bytes) {
                 meta,
                 body: RespBody::Full(body),
             };
-            if !deliver_head(tunnel, &request_id, Ok(head)) {
-                tracing::warn!(tunnel = tunnel.id, %request_id, "response for unknown request refused");
+            if deliver_head(tunnel, &request_id, Ok(head)) != Delivery::Delivered {
+                let e = "response for a request not in flight on this tunnel";
+                refuse(
+                    tunnel,
+                    counts,
+                    FrameRefusal::UnknownRequest,
+                    &request_id,
+                    &e,
+                );
             }
         }
         Ok(Some(Message::Error {
@@ -594,28 +675,53 @@ fn on_frame(tunnel: &Tunnel, reasm: &mut Reassembler, msg: Bytes) {
             message,
         })) => {
             tracing::info!(tunnel = tunnel.id, %request_id, %message, "receiver error frame");
-            if !deliver_head(tunnel, &request_id, Err(ProxyError::Receiver(message))) {
-                tracing::warn!(tunnel = tunnel.id, %request_id, "error frame for unknown request refused");
+            if deliver_head(tunnel, &request_id, Err(ProxyError::Receiver(message)))
+                != Delivery::Delivered
+            {
+                // Not counted: it may cross a cancel or a timeout.
+                tracing::info!(tunnel = tunnel.id, %request_id, "error frame for a request not in flight dropped");
             }
         }
         Ok(Some(Message::Request { request_id, .. })) => {
-            tracing::warn!(tunnel = tunnel.id, %request_id, "receiver sent a request frame; refused");
+            let e = "receiver sent a request frame";
+            refuse(tunnel, counts, FrameRefusal::WrongType, &request_id, &e);
         }
         Err(e) => {
-            tracing::warn!(tunnel = tunnel.id, error = %e, "invalid ANPX frame refused");
-            if let Some(rid) = e.request_id() {
-                deliver_head(tunnel, rid, Err(ProxyError::BadResponse(e.to_string())));
+            let why = FrameRefusal::of_reassembly(&e);
+            match e.request_id() {
+                Some(rid) => {
+                    refuse(tunnel, counts, why, rid, &e);
+                    deliver_head(tunnel, rid, Err(ProxyError::BadResponse(e.to_string())));
+                }
+                None => {
+                    refuse(tunnel, counts, why, "-", &e);
+                    if let Some(id) = claimed.filter(|_| why == FrameRefusal::Crc) {
+                        let mut b = [0u8; 16];
+                        reasm.forget(format_request_id(id, &mut b));
+                        fail_request(tunnel, id, "corrupt frame (bad CRC)");
+                    }
+                }
             }
         }
     }
 }
 
 /// `stream` peer: heads go to the client at once, bodies as they come.
-fn on_stream_frame(tunnel: &Rc<Tunnel>, msg: Bytes) {
+fn on_stream_frame(tunnel: &Rc<Tunnel>, counts: &FrameRefusals, msg: Bytes) {
     let inc = match stream::classify(&msg, FrameType::Response) {
         Ok(i) => i,
         Err(e) => {
-            tracing::warn!(tunnel = tunnel.id, error = %e, "invalid ANPX frame refused");
+            let why = FrameRefusal::of_stream(&e);
+            let rid = match &e {
+                stream::StreamError::MissingMeta(rid) => Some(rid.as_str()),
+                _ if why == FrameRefusal::Crc => anpx::unverified_request_id(&msg),
+                _ => None,
+            };
+            refuse(tunnel, counts, why, rid.unwrap_or("-"), &e);
+            // Its request cannot be answered whole any more.
+            if let Some(id) = rid.and_then(parse_request_id) {
+                fail_request(tunnel, id, &e.to_string());
+            }
             return;
         }
     };
@@ -631,8 +737,31 @@ fn on_stream_frame(tunnel: &Rc<Tunnel>, msg: Bytes) {
                 meta,
                 body: RespBody::Full(body),
             });
-            if !deliver_head(tunnel, &request_id, r) {
-                tracing::warn!(tunnel = tunnel.id, %request_id, "response for unknown request refused");
+            let bad_meta = r.as_ref().err().map(|e| e.to_string());
+            match deliver_head(tunnel, &request_id, r) {
+                // A bad meta still ends its request (502).
+                Delivery::Delivered => {
+                    if let Some(e) = bad_meta {
+                        refuse(tunnel, counts, FrameRefusal::Malformed, &request_id, &e);
+                    }
+                }
+                Delivery::Unknown => {
+                    let e = "response for a request not in flight on this tunnel";
+                    refuse(
+                        tunnel,
+                        counts,
+                        FrameRefusal::UnknownRequest,
+                        &request_id,
+                        &e,
+                    );
+                }
+                Delivery::AlreadyStarted => {
+                    let e = "whole response for a request whose response is streaming";
+                    refuse(tunnel, counts, FrameRefusal::ChunkOrder, &request_id, &e);
+                    if let Some(id) = parse_request_id(&request_id) {
+                        fail_request(tunnel, id, e);
+                    }
+                }
             }
         }
         Incoming::Start {
@@ -641,13 +770,33 @@ fn on_stream_frame(tunnel: &Rc<Tunnel>, msg: Bytes) {
             body,
             last,
         } => {
-            let Some(id) = parse_request_id(&request_id) else {
-                tracing::warn!(tunnel = tunnel.id, %request_id, "response for unknown request refused");
-                return;
+            let unknown = || {
+                let e = "response for a request not in flight on this tunnel";
+                refuse(
+                    tunnel,
+                    counts,
+                    FrameRefusal::UnknownRequest,
+                    &request_id,
+                    &e,
+                );
             };
+            let Some(id) = parse_request_id(&request_id) else {
+                return unknown();
+            };
+            let started = match tunnel.inflight.borrow().get(&id) {
+                None => return unknown(),
+                Some(e) => e.head.is_none(),
+            };
+            if started {
+                let e = "chunk 0 received twice";
+                refuse(tunnel, counts, FrameRefusal::ChunkOrder, &request_id, &e);
+                fail_request(tunnel, id, e);
+                return;
+            }
             let meta = match parse_meta(&meta) {
                 Ok(m) => m,
                 Err(e) => {
+                    refuse(tunnel, counts, FrameRefusal::Malformed, &request_id, &e);
                     deliver_head(tunnel, &request_id, Err(e));
                     return;
                 }
@@ -655,8 +804,7 @@ fn on_stream_frame(tunnel: &Rc<Tunnel>, msg: Bytes) {
             let (tx, rx) = unbounded::channel();
             {
                 let mut map = tunnel.inflight.borrow_mut();
-                let Some(e) = map.get_mut(&id).filter(|e| e.head.is_some()) else {
-                    tracing::warn!(tunnel = tunnel.id, %request_id, "response for unknown request refused");
+                let Some(e) = map.get_mut(&id) else {
                     return;
                 };
                 e.next_idx = 1;
@@ -693,31 +841,55 @@ fn on_stream_frame(tunnel: &Rc<Tunnel>, msg: Bytes) {
             last,
         } => {
             let Some(id) = parse_request_id(&request_id) else {
-                return;
+                let e = "chunk for a request id this gateway never issues";
+                return refuse(
+                    tunnel,
+                    counts,
+                    FrameRefusal::UnknownRequest,
+                    &request_id,
+                    &e,
+                );
             };
             let mut map = tunnel.inflight.borrow_mut();
             let Some(e) = map.get_mut(&id) else {
+                // Not counted: chunks still in flight after a cancel or a
+                // timeout land here.
                 tracing::debug!(tunnel = tunnel.id, %request_id, "chunk for a finished request dropped");
-                return;
-            };
-            let Some(tx) = e.body.as_ref() else {
                 return;
             };
             e.unacked += body.len();
             // A receiver must stay within the window it was given.
-            let fault = if idx != e.next_idx {
-                Some("chunk out of order")
+            let fault = if e.head.is_some() {
+                Some((FrameRefusal::ChunkOrder, "chunk before chunk 0"))
+            } else if e.body.is_none() {
+                // The head went whole or the last chunk was seen: the
+                // request is over, yet the entry remains (being closed).
+                None
+            } else if idx != e.next_idx {
+                Some((FrameRefusal::ChunkOrder, "chunk out of order or repeated"))
             } else if e.unacked > DEFAULT_WINDOW + 2 * (1 << 20) {
-                Some("receiver exceeded its flow-control window")
+                Some((
+                    FrameRefusal::Limit,
+                    "receiver exceeded its flow-control window",
+                ))
             } else {
                 None
             };
-            if let Some(why) = fault {
-                tracing::warn!(tunnel = tunnel.id, %request_id, why, "response refused");
-                let _ = tx.send(BodyEvent::Failed(ProxyError::BadResponse(why.into())));
-                map.remove(&id);
+            if let Some((why, what)) = fault {
+                drop(map);
+                refuse(
+                    tunnel,
+                    counts,
+                    why,
+                    &request_id,
+                    &format_args!("{what} (chunk {idx})"),
+                );
+                fail_request(tunnel, id, what);
                 return;
             }
+            let Some(tx) = e.body.as_ref() else {
+                return;
+            };
             e.next_idx += 1;
             if !body.is_empty() {
                 let _ = tx.send(BodyEvent::Data(body));

@@ -8,6 +8,7 @@
 //! - [`frame`]: frame decoding (limits, unmasking, reassembly) and encoding.
 //! - [`handshake`]: the opening handshake, both sides.
 //! - [`error`]: [`WsError`] (with its close code) and [`HandshakeError`].
+//! - [`ping_limit`]: a pings-per-second budget (a flood fails with 1008).
 //!
 //! Never: block, touch a socket, or negotiate extensions (no
 //! permessage-deflate: ANPX bodies are sent as they are, so RSV bits are
@@ -17,6 +18,7 @@ pub mod conn;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod ping_limit;
 
 pub use error::{HandshakeError, WsError};
 pub use frame::{

@@ -1,11 +1,13 @@
 //! Shared pieces of the end-to-end tests: the local test [`app`], a raw
-//! HTTP/1.1 [`client`], [`procs`] to run the real binary, and [`sys`] to
-//! look at (and signal) the processes it runs.
+//! HTTP/1.1 [`client`], [`procs`] to run the real binary, [`sys`] to
+//! look at (and signal) the processes it runs, and a raw tunnel peer
+//! ([`rawpeer`]) that sends crafted frames.
 #![allow(dead_code)]
 
 pub mod app;
 pub mod client;
 pub mod procs;
+pub mod rawpeer;
 pub mod sys;
 
 #[allow(unused_imports)]

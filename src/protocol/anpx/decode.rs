@@ -96,6 +96,19 @@ pub fn decode_frame(msg: &[u8]) -> Result<Frame<'_>, DecodeError> {
     Ok(frame)
 }
 
+/// The `request_id` of a frame whose header is valid, read without checking
+/// the body CRC or the rest of the body. A receiver's frame that failed
+/// [`decode_frame`] on its body CRC can then fail the request it names at
+/// once instead of leaving it to time out. Never use it to *deliver*
+/// anything: the value is not verified.
+pub fn unverified_request_id(msg: &[u8]) -> Option<&str> {
+    Header::parse(msg).ok()?;
+    TlvIter::new(&msg[HEADER_LEN..], HEADER_LEN)
+        .map_while(Result::ok)
+        .find(|(tag, _)| *tag == TAG_REQUEST_ID)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+}
+
 fn set_once<T>(slot: &mut Option<T>, value: T, tag: u8) -> Result<(), DecodeError> {
     if slot.is_some() {
         return Err(DecodeError::DuplicateTag(tag));
@@ -186,5 +199,19 @@ mod tests {
         let crc = crc32fast::hash(&msg[..12]);
         msg[12..16].copy_from_slice(&crc.to_be_bytes());
         assert_eq!(decode_frame(&msg).unwrap_err().kind(), "frame type");
+    }
+    #[test]
+    fn unverified_request_id_survives_a_bad_body_crc_only() {
+        let mut b = BytesMut::new();
+        put_tlv(&mut b, 0xF0, b"ext");
+        put_tlv(&mut b, TAG_REQUEST_ID, b"0123456789abcdef");
+        put_tlv(&mut b, TAG_HTTP_BODY, b"hi");
+        let mut msg = frame_with(FrameType::Response, 0, &b);
+        let last = msg.len() - 1;
+        msg[last] ^= 0xff; // the body crc no longer matches
+        assert_eq!(decode_frame(&msg).unwrap_err().kind(), "body crc");
+        assert_eq!(unverified_request_id(&msg), Some("0123456789abcdef"));
+        msg[8] ^= 0x01; // now the header crc fails too: nothing is read
+        assert_eq!(unverified_request_id(&msg), None);
     }
 }

@@ -21,7 +21,7 @@ pub mod meta;
 pub mod reassembly;
 pub mod tlv;
 
-pub use decode::{decode_frame, Frame};
+pub use decode::{decode_frame, unverified_request_id, Frame};
 pub use encode::{
     encode_error, encode_frame, encode_frame_split, encode_message, frame_len, ChunkInfo, MetaRef,
     DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE,
