@@ -147,6 +147,12 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
 /// SIGINT drain it (a second one exits at once), SIGHUP reloads
 /// `config_path` (routes, tokens, certificates).
 pub fn run(cfg: Config, config_path: &std::path::Path) -> anyhow::Result<()> {
+    // Installed first: a signal between the ready line and here would
+    // otherwise kill the process, and the handler's descriptors exist
+    // before anyone counts ours.
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .context("cannot install signal handlers")?;
     let tunnel_path = cfg.gateway.tunnel_path.clone();
     let tokens = cfg.gateway.auth.tokens.len();
     let admin = cfg.clone();
@@ -180,14 +186,16 @@ pub fn run(cfg: Config, config_path: &std::path::Path) -> anyhow::Result<()> {
         let _ = writeln!(stdout, "anp-proxy admin listening on http://{local}");
     }
     let _ = stdout.flush();
-    serve_signals(&started.shared, config_path)
+    serve_signals(signals, &started.shared, config_path)
 }
 
 /// The main thread's life after start: waits for signals.
-fn serve_signals(shared: &Arc<Shared>, config_path: &std::path::Path) -> anyhow::Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
-        .context("cannot install signal handlers")?;
+fn serve_signals(
+    mut signals: signal_hook::iterator::Signals,
+    shared: &Arc<Shared>,
+    config_path: &std::path::Path,
+) -> anyhow::Result<()> {
+    use signal_hook::consts::SIGHUP;
     let handle = signals.handle();
     let mut draining = false;
     for sig in signals.forever() {
