@@ -49,10 +49,13 @@ pub enum HeadError {
     /// `chunked` applied more than once (RFC 9112 §6.1).
     #[error("{}", self.reason())]
     ChunkedTwice,
-    /// A transfer coding other than `chunked`. The gateway strips
-    /// Transfer-Encoding as hop-by-hop, so forwarding e.g. `gzip, chunked`
-    /// would hand the app gzip bytes with nothing saying so
-    /// (RFC 9112 §6.1 suggests 501; DESIGN.md's table has no 501, so 400).
+    /// A transfer coding other than `chunked` before a final `chunked`
+    /// (e.g. `gzip, chunked`). The framing is sound, but the gateway
+    /// decodes no coding besides chunked, and it strips Transfer-Encoding
+    /// as hop-by-hop, so forwarding would hand the app gzip bytes with
+    /// nothing saying so. RFC 9112 §6.1: a server SHOULD answer a transfer
+    /// coding it does not understand with 501; the body is not read, so the
+    /// connection is closed as after any head error.
     #[error("{}", self.reason())]
     UnsupportedTransferCoding,
     /// Transfer-Encoding in an HTTP/1.0 message (RFC 9112 §6.1: framing
@@ -85,10 +88,12 @@ pub enum HeadError {
 
 impl HeadError {
     /// The status the gateway answers a *request* with (RFC 9112 §3: 400
-    /// for a malformed request, RFC 9110 §15.5.15 414, RFC 6585 §5 431).
+    /// for a malformed request, RFC 9110 §15.5.15 414, RFC 6585 §5 431,
+    /// RFC 9112 §6.1 501 for a transfer coding it does not implement).
     pub fn status(&self) -> u16 {
         match self {
             HeadError::UriTooLong => 414,
+            HeadError::UnsupportedTransferCoding => 501,
             HeadError::HeadTooLarge | HeadError::TooManyHeaders => 431,
             _ => 400,
         }

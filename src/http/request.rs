@@ -539,10 +539,10 @@ mod tests {
     }
 
     #[test]
-    fn other_coding_before_chunked_is_400() {
+    fn other_coding_before_chunked_is_501() {
         let e = err(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
         assert_eq!(e, HeadError::UnsupportedTransferCoding);
-        assert_eq!(e.status(), 400);
+        assert_eq!(e.status(), 501);
     }
 
     #[test]
