@@ -227,7 +227,7 @@ fn receiver_killed_under_load_loses_only_in_flight_requests() {
     wait_until(
         "the gateway's descriptors back to idle after the warm-up",
         WAIT,
-        || sys::fd_count(pid) == fds_idle,
+        || sys::fd_count(pid) <= fds_idle,
     );
     let rss_base = sys::rss_kib(pid);
 
@@ -368,7 +368,7 @@ fn receiver_killed_under_load_loses_only_in_flight_requests() {
     wait_until(
         "the gateway's descriptors back to idle after the faults",
         WAIT,
-        || sys::fd_count(pid) == fds_idle,
+        || sys::fd_count(pid) <= fds_idle,
     );
     let mut rss_after = sys::rss_kib(pid);
     let settle = Instant::now();
@@ -743,7 +743,7 @@ fn stopped_receiver_cut_by_ping_timeout_leaves_no_socket_behind() {
     let took = wait_until(
         "the gateway's descriptors back to idle with the receiver still stopped",
         WAIT,
-        || sys::fd_count(pid) == fds_idle,
+        || sys::fd_count(pid) <= fds_idle,
     );
     println!(
         "receiver SIGSTOP, ping timeout: {UPLOADS} uploads of {} KiB -> {:?}; gateway descriptors {fds_idle} without tunnels, back {took:?} after the cut",
@@ -816,7 +816,7 @@ fn ten_thousand_client_connections_leave_no_descriptor_behind() {
     );
     // Its connection is gone from the gateway too before anything is held.
     wait_until("the first request's connection closed", WAIT, || {
-        sys::fd_count(pid) == fds_before
+        sys::fd_count(pid) <= fds_before
     });
     let rss_before = sys::rss_kib(pid);
     // Twice: descriptors must come back each time, and the second round
@@ -827,7 +827,7 @@ fn ten_thousand_client_connections_leave_no_descriptor_behind() {
         let took = wait_until(
             "the gateway's descriptors back to their count before",
             WAIT,
-            || sys::fd_count(pid) == fds_before,
+            || sys::fd_count(pid) <= fds_before,
         );
         let fds_after = sys::fd_count(pid);
         rss_after.push(sys::rss_kib(pid));

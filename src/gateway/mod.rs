@@ -112,9 +112,13 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
     .context("cannot spawn registry thread")?;
     let mut threads = Vec::with_capacity(workers);
     let (tls, tunnel) = (bound.tls, bound.tunnel);
+    // Each worker says when its runtime is up; `start` returns (and the
+    // ready line is printed) only then.
+    let (up_tx, up_rx) = std::sync::mpsc::channel::<usize>();
     for (index, (listeners, rx)) in bound.per_worker.into_iter().zip(inbox_rx).enumerate() {
         let shared = shared.clone();
         let acceptors = bound.acceptors.clone();
+        let up = up_tx.clone();
         let h = std::thread::Builder::new()
             .name(format!("anp-gw-{index}"))
             .spawn(move || {
@@ -128,10 +132,19 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
                         std::process::exit(1);
                     }
                 };
-                rt.block_on(worker_main(index, shared, acceptors, listeners, rx));
+                rt.block_on(async move {
+                    let _ = up.send(index);
+                    worker_main(index, shared, acceptors, listeners, rx).await
+                });
             })
             .context("cannot spawn worker thread")?;
         threads.push(h);
+    }
+    drop(up_tx);
+    for _ in 0..workers {
+        up_rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .context("a worker runtime did not start")?;
     }
     Ok(Started {
         addr,
@@ -157,6 +170,18 @@ pub fn run(cfg: Config, config_path: &std::path::Path) -> anyhow::Result<()> {
     let tokens = cfg.gateway.auth.tokens.len();
     let admin = cfg.clone();
     let started = start(cfg)?;
+    // Everything listens before the first ready line: whoever waits for
+    // it may count our sockets or call the admin port at once.
+    let admin_addr = if admin.gateway.admin_enabled {
+        let addr = crate::net::resolve(&admin.gateway.admin_host, admin.gateway.admin_port)
+            .with_context(|| format!("gateway.admin_host `{}`", admin.gateway.admin_host))?;
+        let local = admin::start(started.shared.clone(), addr)
+            .with_context(|| format!("cannot listen on {addr} (gateway.admin_port)"))?;
+        tracing::info!(addr = %local, "admin listening (/stats, /metrics)");
+        Some(local)
+    } else {
+        None
+    };
     tracing::info!(addr = %started.addr, workers = started.workers, tokens,
         driver = if monoio::utils::detect_uring() { "io_uring" } else { "legacy (epoll)" },
         "gateway listening");
@@ -177,12 +202,7 @@ pub fn run(cfg: Config, config_path: &std::path::Path) -> anyhow::Result<()> {
             "anp-proxy gateway tunnels on {scheme}://{taddr}{tunnel_path}"
         );
     }
-    if admin.gateway.admin_enabled {
-        let addr = crate::net::resolve(&admin.gateway.admin_host, admin.gateway.admin_port)
-            .with_context(|| format!("gateway.admin_host `{}`", admin.gateway.admin_host))?;
-        let local = admin::start(started.shared.clone(), addr)
-            .with_context(|| format!("cannot listen on {addr} (gateway.admin_port)"))?;
-        tracing::info!(addr = %local, "admin listening (/stats, /metrics)");
+    if let Some(local) = admin_addr {
         let _ = writeln!(stdout, "anp-proxy admin listening on http://{local}");
     }
     let _ = stdout.flush();

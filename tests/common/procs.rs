@@ -278,24 +278,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn start(cfg: &GatewayConfig) -> Gateway {
-        let mut proc = Proc::spawn("gateway", "gateway", &cfg.to_toml());
-        let line = proc.wait_line(
-            "the line `anp-proxy gateway listening on http://…`",
-            |l| l.contains("anp-proxy gateway listening on http://"),
-        );
-        let rest = line.split("listening on http://").nth(1).unwrap();
-        let addr_txt = rest.split_whitespace().next().unwrap_or("");
-        let addr: SocketAddr = addr_txt.parse().unwrap_or_else(|e| {
-            panic!(
-                "gateway: expected a socket address after `listening on http://` in {line:?}: {e}"
-            )
-        });
-        assert_ne!(
-            addr.port(),
-            0,
-            "gateway: expected the real bound port in {line:?}, not 0"
-        );
-        Gateway { addr, proc }
+        Gateway::start_toml(&cfg.to_toml())
     }
 
     /// Starts a gateway with its admin listener on an ephemeral port
@@ -351,6 +334,11 @@ impl Gateway {
         let addr: SocketAddr = addr_txt
             .parse()
             .unwrap_or_else(|e| panic!("gateway: expected a socket address in {line:?}: {e}"));
+        assert_ne!(
+            addr.port(),
+            0,
+            "gateway: expected the real bound port in {line:?}, not 0"
+        );
         Gateway { addr, proc }
     }
 

@@ -67,7 +67,28 @@ pub fn encode_frame(
 ) {
     let start = out.len();
     out.reserve(frame_len(request_id, meta, body.len(), chunk));
-    // Placeholder: the header needs the length and body crc of what follows.
+    put_front(out, request_id, meta, chunk);
+    if !body.is_empty() {
+        put_tlv(out, TAG_HTTP_BODY, body);
+    }
+    if chunk.is_some_and(|c| c.final_chunk) {
+        put_tlv(out, TAG_FINAL_CHUNK, &[1]);
+    }
+    let total = u32::try_from(out.len() - start).expect("ANPX frame must be shorter than 4 GiB");
+    let body_crc = crc32fast::hash(&out[start + HEADER_LEN..]);
+    let flags = if chunk.is_some() { FLAG_CHUNKED } else { 0 };
+    let header = Header::new(ty, flags, total, body_crc);
+    out[start..start + HEADER_LEN].copy_from_slice(header.as_bytes());
+}
+
+/// The part of a frame before its body TLV: a header placeholder (filled
+/// in last, it needs the length and CRC), request_id, chunk fields, meta.
+fn put_front(
+    out: &mut BytesMut,
+    request_id: &str,
+    meta: Option<MetaRef<'_>>,
+    chunk: Option<ChunkInfo>,
+) {
     out.put_bytes(0, HEADER_LEN);
     put_tlv(out, TAG_REQUEST_ID, request_id.as_bytes());
     if let Some(c) = chunk {
@@ -80,17 +101,6 @@ pub fn encode_frame(
         let (tag, json) = m.tag_and_json();
         put_tlv(out, tag, json);
     }
-    if !body.is_empty() {
-        put_tlv(out, TAG_HTTP_BODY, body);
-    }
-    if chunk.is_some_and(|c| c.final_chunk) {
-        put_tlv(out, TAG_FINAL_CHUNK, &[1]);
-    }
-    let total = u32::try_from(out.len() - start).expect("ANPX frame must be shorter than 4 GiB");
-    let body_crc = crc32fast::hash(&out[start + HEADER_LEN..]);
-    let flags = if chunk.is_some() { FLAG_CHUNKED } else { 0 };
-    let header = Header::new(ty, flags, total, body_crc);
-    out[start..start + HEADER_LEN].copy_from_slice(header.as_bytes());
 }
 
 /// [`encode_frame`] without copying the body: appends to `out` the frame
@@ -109,18 +119,7 @@ pub fn encode_frame_split(
 ) -> usize {
     debug_assert!(out.is_empty());
     out.reserve(frame_len(request_id, meta, 0, chunk) + TLV_HEAD_LEN);
-    out.put_bytes(0, HEADER_LEN);
-    put_tlv(out, TAG_REQUEST_ID, request_id.as_bytes());
-    if let Some(c) = chunk {
-        put_tlv(out, TAG_CHUNK_IDX, &c.idx.to_be_bytes());
-        if let Some(tot) = c.tot {
-            put_tlv(out, TAG_CHUNK_TOT, &tot.to_be_bytes());
-        }
-    }
-    if let Some(m) = meta {
-        let (tag, json) = m.tag_and_json();
-        put_tlv(out, tag, json);
-    }
+    put_front(out, request_id, meta, chunk);
     if !body.is_empty() {
         let len = u32::try_from(body.len()).expect("TLV value must be shorter than 4 GiB");
         out.put_u8(TAG_HTTP_BODY);
