@@ -154,6 +154,15 @@ pub struct GatewayConfig {
     /// WebSocket pings a receiver may send in one second; beyond it the
     /// tunnel is failed with close code 1008.
     pub max_pings_per_second: usize,
+    /// Largest WebSocket frame, and message, a receiver may send on a
+    /// tunnel, bytes (close 1009 beyond); never below `chunk_size` + 1024.
+    pub tunnel_max_message_size: usize,
+    /// Most frames one WebSocket message from a receiver may span (close
+    /// 1008 beyond).
+    pub tunnel_max_fragments: usize,
+    /// Seconds a tunnel that ended may take to send its last frames (the
+    /// Close) before its socket and queue are dropped.
+    pub tunnel_close_grace: f64,
     /// Keep client-supplied X-Forwarded-* / Forwarded and append to them.
     pub trust_forwarded: bool,
     /// Seconds a SIGTERM/SIGINT drain waits for in-flight requests before
@@ -199,6 +208,10 @@ impl Default for GatewayConfig {
             max_pending_upgrades: 1024,
             handshake_timeout: 10.0,
             max_pings_per_second: 10,
+            // Receivers may use a chunk size of their own up to 1 MiB.
+            tunnel_max_message_size: (1 << 20) + 1024,
+            tunnel_max_fragments: 1024,
+            tunnel_close_grace: 2.0,
             trust_forwarded: false,
             shutdown_grace: 30.0,
             no_tunnel_wait: 2.0,
@@ -607,6 +620,7 @@ impl Config {
             ),
             ("gateway.max_pending_upgrades", g.max_pending_upgrades),
             ("gateway.max_pings_per_second", g.max_pings_per_second),
+            ("gateway.tunnel_max_fragments", g.tunnel_max_fragments),
         ] {
             if v == 0 {
                 return Err(bad(key, "must be > 0".into()));

@@ -364,7 +364,7 @@ fn frame_over_the_message_limit_fails_with_1009() {
     let w = World::start(&config(""));
     w.while_alice_busy("oversized", || {
         let mut p = RawPeer::connect(w.gw.addr, RAW_A, "stream");
-        // The limit is max(chunk_size, 1 MiB) + 1 KiB; only the header is
+        // The limit is tunnel_max_message_size (1 MiB + 1 KiB); only the header is
         // sent: the gateway must refuse before buffering any payload.
         let mut out = BytesMut::new();
         encode_header(
@@ -430,6 +430,38 @@ fn endless_tiny_fragments_fail_with_1008() {
         assert_eq!(code, Some(1008), "close reason {reason:?}");
     });
     raw_route_gone(&w);
+}
+
+#[test]
+fn configured_tunnel_limits_are_the_ones_enforced() {
+    let w = World::start(&config(
+        "tunnel_max_message_size = 100000\ntunnel_max_fragments = 8\n",
+    ));
+    w.while_alice_busy("limits", || {
+        // 100,001 bytes: over the configured size (the default would take it).
+        let mut p = RawPeer::connect(w.gw.addr, RAW_A, "stream");
+        let mut out = BytesMut::new();
+        encode_header(&mut out, OpCodeKind::Binary, true, 100_001, Some(MASK));
+        p.send_raw(&out);
+        let (code, reason) = p.expect_close();
+        assert_eq!(code, Some(1009), "size: close reason {reason:?}");
+        // Nine frames: over the configured count (the default is 1024).
+        let mut p = RawPeer::connect(w.gw.addr, RAW_A, "stream");
+        let mut out = BytesMut::new();
+        anp_proxy::ws::encode_raw_frame(&mut out, OpCodeKind::Binary, false, b"x", Some(MASK));
+        for _ in 0..8 {
+            anp_proxy::ws::encode_raw_frame(
+                &mut out,
+                OpCodeKind::Continuation,
+                false,
+                b"",
+                Some(MASK),
+            );
+        }
+        p.send_raw(&out);
+        let (code, reason) = p.expect_close();
+        assert_eq!(code, Some(1008), "count: close reason {reason:?}");
+    });
 }
 
 #[test]

@@ -492,13 +492,14 @@ pub async fn run_tunnel<S>(
             }
         });
     }
-    let chunk = ctx.settings.chunk_size;
+    let g = &ctx.shared.config.gateway;
+    let max_message = g.tunnel_max_message_size.max(g.chunk_size + 1024);
     let limits = crate::ws::Limits {
-        // Receivers may use a chunk size of their own up to 1 MiB.
-        max_frame_payload: chunk.max(1 << 20) + 1024,
-        max_message: chunk.max(1 << 20) + 1024,
-        max_fragments: 1024,
+        max_frame_payload: max_message,
+        max_message,
+        max_fragments: g.tunnel_max_fragments,
     };
+    let close_grace = Duration::from_secs_f64(g.tunnel_close_grace.max(0.0));
     let idle = ping.map(|p| p * 3);
     let mut reader = WsReader::new(r, leftover, Decoder::new(Role::Server, limits), idle);
     let mut reasm = Reassembler::new(anpx::Limits {
@@ -562,16 +563,13 @@ pub async fn run_tunnel<S>(
     tracing::info!(identity = %identity, %peer, tunnel = tunnel.id, in_flight_failed = lost,
         reason = %why, "tunnel disconnected");
     // Nothing more is read: end the writer now (not at the next ping
-    // tick, whose task also holds the queue). A Close gets CLOSE_GRACE to
+    // tick, whose task also holds the queue). A Close gets tunnel_close_grace to
     // leave; past it the write is dropped with the socket.
     let _ = out.send(Outgoing::Close(1001, String::new()));
-    if monoio::time::timeout(CLOSE_GRACE, writer).await.is_err() {
+    if monoio::time::timeout(close_grace, writer).await.is_err() {
         let _ = stop.send(());
     }
 }
-
-/// How long a closing tunnel's last frames may take to leave.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// What became of a response head.
 #[derive(Debug, PartialEq, Eq)]
