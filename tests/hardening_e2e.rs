@@ -407,6 +407,17 @@ fn fragments_adding_up_past_the_message_limit_fail_with_1009() {
     raw_route_gone(&w);
 }
 
+/// One unfinished binary frame of one byte, then `continuations` empty,
+/// unfinished continuation frames: a message of many frames and no bytes.
+fn tiny_fragments(continuations: usize) -> BytesMut {
+    let mut out = BytesMut::new();
+    anp_proxy::ws::encode_raw_frame(&mut out, OpCodeKind::Binary, false, b"x", Some(MASK));
+    for _ in 0..continuations {
+        anp_proxy::ws::encode_raw_frame(&mut out, OpCodeKind::Continuation, false, b"", Some(MASK));
+    }
+    out
+}
+
 #[test]
 fn endless_tiny_fragments_fail_with_1008() {
     let w = World::start(&config(""));
@@ -414,18 +425,7 @@ fn endless_tiny_fragments_fail_with_1008() {
         let mut p = RawPeer::connect(w.gw.addr, RAW_A, "stream");
         // A message may span at most 1024 frames; the 1025th fails it. The
         // bytes are tiny: this is a count limit (policy, 1008), not a size.
-        let mut out = BytesMut::new();
-        anp_proxy::ws::encode_raw_frame(&mut out, OpCodeKind::Binary, false, b"x", Some(MASK));
-        for _ in 0..1024 {
-            anp_proxy::ws::encode_raw_frame(
-                &mut out,
-                OpCodeKind::Continuation,
-                false,
-                b"",
-                Some(MASK),
-            );
-        }
-        p.send_raw(&out);
+        p.send_raw(&tiny_fragments(1024));
         let (code, reason) = p.expect_close();
         assert_eq!(code, Some(1008), "close reason {reason:?}");
     });
@@ -447,18 +447,7 @@ fn configured_tunnel_limits_are_the_ones_enforced() {
         assert_eq!(code, Some(1009), "size: close reason {reason:?}");
         // Nine frames: over the configured count (the default is 1024).
         let mut p = RawPeer::connect(w.gw.addr, RAW_A, "stream");
-        let mut out = BytesMut::new();
-        anp_proxy::ws::encode_raw_frame(&mut out, OpCodeKind::Binary, false, b"x", Some(MASK));
-        for _ in 0..8 {
-            anp_proxy::ws::encode_raw_frame(
-                &mut out,
-                OpCodeKind::Continuation,
-                false,
-                b"",
-                Some(MASK),
-            );
-        }
-        p.send_raw(&out);
+        p.send_raw(&tiny_fragments(8));
         let (code, reason) = p.expect_close();
         assert_eq!(code, Some(1008), "count: close reason {reason:?}");
     });
