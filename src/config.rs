@@ -123,8 +123,19 @@ pub struct GatewayConfig {
     /// Longest pause, in seconds, between pieces of a streamed response
     /// body (SSE, long downloads) before the client connection is closed.
     pub stream_idle_timeout: f64,
-    /// Seconds allowed to receive a whole request head (408 after).
+    /// Seconds allowed to receive a whole request head (408 after); also
+    /// how long a new connection that has sent nothing yet is held.
     pub header_timeout: f64,
+    /// Longest pause, in seconds, between two reads of a request body
+    /// (408 after); also the grace before `request_body_min_rate` applies.
+    pub request_body_timeout: f64,
+    /// Slowest average upload, bytes per second, once an upload has run
+    /// `request_body_timeout` seconds (408 below it); 0 = no rate rule.
+    pub request_body_min_rate: u64,
+    /// Request bodies up to this many bytes are read whole at the gateway
+    /// before the request goes to the receiver; a larger one starts
+    /// streaming once this many bytes have come. 0 = stream at once.
+    pub request_buffer_size: usize,
     /// Client connections per process (excess are closed at accept).
     pub max_connections: usize,
     /// Largest request or response body, bytes (413 / 502 beyond).
@@ -163,6 +174,9 @@ pub struct GatewayConfig {
     /// Seconds a tunnel that ended may take to send its last frames (the
     /// Close) before its socket and queue are dropped.
     pub tunnel_close_grace: f64,
+    /// A second receiver instance (another `instance_id`) for an identity
+    /// that has tunnels: "share", "refuse" or "replace".
+    pub duplicate_tunnels: DuplicateTunnels,
     /// Keep client-supplied X-Forwarded-* / Forwarded and append to them.
     pub trust_forwarded: bool,
     /// Seconds a SIGTERM/SIGINT drain waits for in-flight requests before
@@ -196,6 +210,9 @@ impl Default for GatewayConfig {
             keepalive_timeout: 60.0,
             stream_idle_timeout: 300.0,
             header_timeout: 10.0,
+            request_body_timeout: 10.0,
+            request_body_min_rate: 1024,
+            request_buffer_size: 64 * 1024,
             max_connections: 10_000,
             max_body_size: 64 * 1024 * 1024,
             chunk_size: 64 * 1024,
@@ -212,6 +229,7 @@ impl Default for GatewayConfig {
             tunnel_max_message_size: (1 << 20) + 1024,
             tunnel_max_fragments: 1024,
             tunnel_close_grace: 2.0,
+            duplicate_tunnels: DuplicateTunnels::Share,
             trust_forwarded: false,
             shutdown_grace: 30.0,
             no_tunnel_wait: 2.0,
@@ -386,6 +404,20 @@ impl fmt::Debug for DatabaseConfig {
     }
 }
 
+/// `gateway.duplicate_tunnels`: what a second receiver instance of an
+/// identity that already has tunnels gets (docs/OPERATIONS.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DuplicateTunnels {
+    /// Both instances serve (requests are spread); a warning is logged.
+    #[default]
+    Share,
+    /// The second is refused (409) while the first holds tunnels.
+    Refuse,
+    /// The second's tunnels stay; the first's are closed (1008).
+    Replace,
+}
+
 /// How a receiver proves its DID on the upgrade.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 pub enum AuthScheme {
@@ -456,6 +488,10 @@ pub struct ReceiverConfig {
     pub cert_file: String,
     /// PEM private key of `cert_file`.
     pub key_file: String,
+    /// This receiver's name towards the gateway (`X-ANPX-Instance`: 1 to
+    /// 64 of A-Z a-z 0-9 . _ -); empty = a random one generated once and
+    /// kept in `.anp-proxy-instance` next to the config file.
+    pub instance_id: String,
 }
 
 impl Default for ReceiverConfig {
@@ -477,6 +513,7 @@ impl Default for ReceiverConfig {
             ca_file: String::new(),
             cert_file: String::new(),
             key_file: String::new(),
+            instance_id: String::new(),
         }
     }
 }
@@ -493,6 +530,7 @@ impl fmt::Debug for ReceiverConfig {
             .field("auth_scheme", &self.auth_scheme)
             .field("ca_file", &self.ca_file)
             .field("cert_file", &self.cert_file)
+            .field("instance_id", &self.instance_id)
             .finish_non_exhaustive()
     }
 }
@@ -741,6 +779,14 @@ impl Config {
         }
         if r.max_concurrent == 0 {
             return Err(bad("receiver.max_concurrent", "must be > 0".into()));
+        }
+        if !r.instance_id.is_empty()
+            && !crate::protocol::features::valid_instance(r.instance_id.as_bytes())
+        {
+            return Err(bad(
+                "receiver.instance_id",
+                "must be 1 to 64 of A-Z a-z 0-9 . _ -".into(),
+            ));
         }
         if r.chunk_size < 1024 || r.chunk_size > 16 * 1024 * 1024 {
             return Err(bad(

@@ -5,6 +5,7 @@
 pub mod access_log;
 pub mod auth;
 pub mod config;
+pub mod fault;
 pub mod gateway;
 pub mod http;
 pub mod logging;
@@ -13,5 +14,6 @@ pub mod pool;
 pub mod protocol;
 pub mod receiver;
 pub mod registry;
+pub mod sync;
 pub mod tls;
 pub mod ws;

@@ -160,7 +160,27 @@ fn did_command(cmd: DidCmd) -> ExitCode {
     }
 }
 
+/// Exit status after a panic: EX_SOFTWARE (sysexits.h).
+const PANIC_EXIT: i32 = 70;
+
+/// A panic anywhere ends the whole process with [`PANIC_EXIT`], never a
+/// half-alive one whose other cores keep a tunnel or a port while the dead
+/// core's share is lost (docs/ARCHITECTURE.md, "When a worker panics").
+/// The default hook prints the message and location first.
+fn exit_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        tracing::error!(thread = name, "panic: {info}");
+        eprintln!("anp-proxy: thread {name} panicked; exiting with status {PANIC_EXIT} so a supervisor restarts the process");
+        std::process::exit(PANIC_EXIT);
+    }));
+}
+
 fn main() -> ExitCode {
+    exit_on_panic();
     let cli = Cli::parse();
     if let Some(Cmd::Did { cmd }) = cli.cmd {
         return did_command(cmd);

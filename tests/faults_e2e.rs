@@ -798,7 +798,7 @@ fn ten_thousand_client_connections_leave_no_descriptor_behind() {
         max_connections: 12_000,
         keepalive_timeout: 600.0,
         // Mid-head and mid-body connections must stay for the whole test.
-        extra_gateway_toml: "header_timeout = 600.0\n".into(),
+        extra_gateway_toml: "header_timeout = 600.0\nrequest_body_timeout = 600.0\n".into(),
         ..GatewayConfig::default()
     };
     let app = App::start();

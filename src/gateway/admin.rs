@@ -125,11 +125,24 @@ pub fn stats_json(shared: &Shared) -> String {
         .into_iter()
         .map(|(id, cores)| (id.to_string(), serde_json::json!(cores)))
         .collect();
+    // identity → {instance: tunnels}; "" = receivers that sent no instance.
+    let instances: serde_json::Map<String, serde_json::Value> = shared
+        .instances_by_identity()
+        .into_iter()
+        .map(|(id, list)| {
+            let m: serde_json::Map<String, serde_json::Value> = list
+                .into_iter()
+                .map(|(i, n)| (i, serde_json::json!(n)))
+                .collect();
+            (id.to_string(), serde_json::Value::Object(m))
+        })
+        .collect();
     serde_json::json!({
         "workers": shared.workers,
         "connections": c.connections.load(Ordering::Relaxed),
         "tunnels": c.tunnels.load(Ordering::Relaxed),
         "tunnels_by_identity": per_identity,
+        "instances_by_identity": instances,
         "cross_core_dispatch_total": c.cross_core_dispatch_total.load(Ordering::Relaxed),
         "tunnel_handoffs_total": c.tunnel_handoffs_total.load(Ordering::Relaxed),
         "requests_total": t.requests_total(),

@@ -11,17 +11,22 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 
-use super::core::{Busy, CoreCtx, CoreMsg, ProxyRequest, TunnelHandoff};
+use super::core::{Busy, CoreCtx, CoreMsg, ProxyRequest, TunnelHandoff, TunnelOwner};
 use super::error::{error_kind, error_reply, ProxyError};
 use super::forward::{build_request_meta, write_response_head, Framing};
+use super::instances::Placement;
 use super::observe::Exchange;
+use super::pace::{Pace, Stall};
 use super::tunnel::run_tunnel;
-use super::tunnel::{BodyEvent, RespBody, RespHead, Tunnel};
+use super::tunnel::{BodyEvent, RespBody, RespHead, Tunnel, Uploader};
 use super::upgrades::{names_tunnel_path, UpgradeSlot};
 use crate::auth::UpgradeRequest;
+use crate::config::DuplicateTunnels;
 use crate::http::{self, BodyKind, ChunkedDecoder, ChunkedStep, RequestHead};
 use crate::protocol::anpx::ResponseMeta;
-use crate::protocol::features::{Features, FEATURES_HEADER, TUNNELS_HEADER};
+use crate::protocol::features::{
+    valid_instance, Features, FEATURES_HEADER, INSTANCE_HEADER, TUNNELS_HEADER,
+};
 use crate::protocol::stream;
 
 /// Bodies at most this large are copied behind the head so the response
@@ -57,6 +62,27 @@ async fn read_more<S: AsyncReadRent>(
     match res {
         Ok(0) | Err(_) => ReadOutcome::Eof,
         Ok(_) => ReadOutcome::Data,
+    }
+}
+
+/// One read of request-body bytes under the body's pace: 408
+/// (`BodyTimeout`) when it stalls, 400 when the client leaves mid-body.
+async fn read_paced<S: AsyncReadRent>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    pace: &mut Pace,
+) -> Result<(), ProxyError> {
+    let before = buf.len();
+    let limit = pace.deadline(Instant::now());
+    match read_more(io, buf, limit.map(|(d, _)| d)).await {
+        ReadOutcome::Data => {
+            pace.add(buf.len() - before);
+            Ok(())
+        }
+        ReadOutcome::Eof => Err(ProxyError::BadRequest("client went away mid-body")),
+        ReadOutcome::TimedOut => Err(ProxyError::BodyTimeout(
+            limit.map_or(Stall::Gap, |(_, why)| why),
+        )),
     }
 }
 
@@ -155,6 +181,9 @@ pub async fn serve_conn<S>(
     let mut out: Vec<u8> = Vec::new();
     // Set while a request is worked on; a drain waits for none.
     let mut busy: Option<Busy> = None;
+    // Until its first head, a connection that sent nothing is held for
+    // header_timeout, not keepalive_timeout (docs/OPERATIONS.md).
+    let mut served = false;
     loop {
         // 1. The head: idle keep-alive wait for its first byte (no buffer
         // held), then header_timeout for the rest.
@@ -170,7 +199,12 @@ pub async fn serve_conn<S>(
                 ctx.pool.give_write(std::mem::take(&mut out));
                 drop(busy.take());
                 let idle = io.wait_readable();
-                let ready = match ctx.settings.keepalive_timeout {
+                let wait = if served {
+                    ctx.settings.keepalive_timeout
+                } else {
+                    ctx.settings.header_timeout
+                };
+                let ready = match wait {
                     Some(d) => matches!(monoio::time::timeout(d, idle).await, Ok(Ok(()))),
                     None => idle.await.is_ok(),
                 };
@@ -249,6 +283,7 @@ pub async fn serve_conn<S>(
                 }
             }
         };
+        served = true;
         let head_buf = buf.split_to(head.head_len).freeze();
         let target = &head_buf[head.target.clone()];
         let (raw_path, _) = split_target(target);
@@ -431,6 +466,7 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
     let target = &head_buf[head.target.clone()];
     let (raw_path, raw_query) = split_target(target);
     let path = percent_encoding::percent_decode(raw_path).decode_utf8_lossy();
+    crate::fault::maybe_panic(&path);
     if has_dot_segment(&path) {
         return Err((ProxyError::BadRequest("dot-segment in path"), false));
     }
@@ -473,7 +509,8 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
     }
     // Otherwise the whole body first (plain v1 peer, or the rare cross-core
     // path, which needs a `Send` request).
-    let body = read_body(io, buf, &head.body, max, ctx.settings.header_timeout)
+    let pace = Pace::new(ctx.settings.body_pace, Instant::now());
+    let body = read_body(io, buf, &head.body, max, pace)
         .await
         .map_err(|e| (e, false))?;
     ex.bytes_in += body.len() as u64;
@@ -526,7 +563,9 @@ async fn stream_request<S: AsyncReadRent>(
     ex: &mut Exchange<'_>,
 ) -> ProxyOutcome {
     let max = ctx.settings.max_body_size;
-    let idle = ctx.settings.header_timeout;
+    let buffer = ctx.settings.request_buffer_size;
+    let mut pace = Pace::new(ctx.settings.body_pace, Instant::now());
+    pace.add(buf.len());
     let piece = stream::piece_size(ctx.settings.chunk_size, "0123456789abcdef", 0);
     let mut dec = ChunkedDecoder::new(16 * 1024);
     // What of the body is already here decides between one message and a
@@ -537,6 +576,14 @@ async fn stream_request<S: AsyncReadRent>(
         BodyKind::None => true,
         BodyKind::ContentLength(n) => {
             let n = n as usize;
+            // Held here until whole or `request_buffer_size` of it came:
+            // a slow client never holds a receiver's permit for a small
+            // body (issue #15).
+            while buf.len() < n.min(buffer) {
+                read_paced(io, buf, &mut pace)
+                    .await
+                    .map_err(|e| (e, false))?;
+            }
             let take = buf.len().min(n);
             first.extend_from_slice(&buf.split_to(take));
             left = n - take;
@@ -551,6 +598,11 @@ async fn stream_request<S: AsyncReadRent>(
                     first.extend_from_slice(&d);
                 }
                 Ok(ChunkedStep::Done) => break true,
+                Ok(ChunkedStep::NeedMore) if first.len() < buffer => {
+                    read_paced(io, buf, &mut pace)
+                        .await
+                        .map_err(|e| (e, false))?;
+                }
                 Ok(ChunkedStep::NeedMore) => break false,
                 Err(_) => return Err((ProxyError::BadRequest("invalid chunked body"), false)),
             }
@@ -595,7 +647,7 @@ async fn stream_request<S: AsyncReadRent>(
         // Forward what is decoded but not yet sent, a piece at a time.
         while !pending.is_empty() {
             let p = pending.split_to(pending.len().min(piece));
-            if let Err(e) = up.send(p, false).await {
+            if let Err(e) = send_paced(&mut up, &mut pace, p, false).await {
                 break 'upload Some(e);
             }
         }
@@ -609,22 +661,18 @@ async fn stream_request<S: AsyncReadRent>(
                     left -= p.len();
                     Ok(Some(p))
                 } else {
-                    match read_more(io, buf, deadline(idle)).await {
-                        ReadOutcome::Data => continue,
-                        ReadOutcome::Eof => {
-                            Err(ProxyError::BadRequest("client went away mid-body"))
-                        }
-                        ReadOutcome::TimedOut => Err(ProxyError::BodyTimeout),
+                    match read_paced(io, buf, &mut pace).await {
+                        Ok(()) => continue,
+                        Err(e) => Err(e),
                     }
                 }
             }
             _ => match dec.decode(buf) {
                 Ok(ChunkedStep::Data(d)) => Ok(Some(d)),
                 Ok(ChunkedStep::Done) => Ok(None),
-                Ok(ChunkedStep::NeedMore) => match read_more(io, buf, deadline(idle)).await {
-                    ReadOutcome::Data => continue,
-                    ReadOutcome::Eof => Err(ProxyError::BadRequest("client went away mid-body")),
-                    ReadOutcome::TimedOut => Err(ProxyError::BodyTimeout),
+                Ok(ChunkedStep::NeedMore) => match read_paced(io, buf, &mut pace).await {
+                    Ok(()) => continue,
+                    Err(e) => Err(e),
                 },
                 Err(_) => Err(ProxyError::BadRequest("invalid chunked body")),
             },
@@ -640,7 +688,7 @@ async fn stream_request<S: AsyncReadRent>(
                     pending = p;
                     continue;
                 }
-                if let Err(e) = up.send(p, last).await {
+                if let Err(e) = send_paced(&mut up, &mut pace, p, last).await {
                     break Some(e);
                 }
                 if last {
@@ -668,6 +716,20 @@ async fn stream_request<S: AsyncReadRent>(
         .map_err(|e| (e, true))
 }
 
+/// Sends a body piece up; the time spent waiting for the tunnel's credit
+/// is not held against the client's pace (backpressure is not slowness).
+async fn send_paced(
+    up: &mut Uploader,
+    pace: &mut Pace,
+    piece: Bytes,
+    last: bool,
+) -> Result<(), ProxyError> {
+    let t = Instant::now();
+    let r = up.send(piece, last).await;
+    pace.pause(t.elapsed());
+    r
+}
+
 fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|s| s == "." || s == "..")
 }
@@ -678,8 +740,9 @@ async fn read_body<S: AsyncReadRent>(
     buf: &mut BytesMut,
     kind: &BodyKind,
     max: usize,
-    idle: Option<Duration>,
+    mut pace: Pace,
 ) -> Result<Bytes, ProxyError> {
+    pace.add(buf.len());
     match *kind {
         BodyKind::None | BodyKind::ContentLength(0) => Ok(Bytes::new()),
         BodyKind::ContentLength(n) => {
@@ -690,11 +753,7 @@ async fn read_body<S: AsyncReadRent>(
                 buf.reserve((n - buf.len()).min(1 << 20));
             }
             while buf.len() < n {
-                match read_more(io, buf, deadline(idle)).await {
-                    ReadOutcome::Data => {}
-                    ReadOutcome::Eof => return Err(ProxyError::BadRequest("body truncated")),
-                    ReadOutcome::TimedOut => return Err(ProxyError::BodyTimeout),
-                }
+                read_paced(io, buf, &mut pace).await?;
             }
             // Zero copy: the body is a slice of the read buffer.
             Ok(buf.split_to(n).freeze())
@@ -713,13 +772,7 @@ async fn read_body<S: AsyncReadRent>(
                         body.extend_from_slice(&d);
                     }
                     Ok(ChunkedStep::Done) => return Ok(body.freeze()),
-                    Ok(ChunkedStep::NeedMore) => match read_more(io, buf, deadline(idle)).await {
-                        ReadOutcome::Data => {}
-                        ReadOutcome::Eof => {
-                            return Err(ProxyError::BadRequest("chunked body truncated"))
-                        }
-                        ReadOutcome::TimedOut => return Err(ProxyError::BodyTimeout),
-                    },
+                    Ok(ChunkedStep::NeedMore) => read_paced(io, buf, &mut pace).await?,
                     Err(_) => return Err(ProxyError::BadRequest("invalid chunked body")),
                 }
             }
@@ -954,6 +1007,8 @@ struct Accepted {
     accept: String,
     identity: crate::auth::Identity,
     features: Features,
+    /// `X-ANPX-Instance`, empty when not sent.
+    instance: String,
 }
 
 /// Authenticates a tunnel upgrade under `handshake_timeout` (408 past it)
@@ -989,6 +1044,7 @@ async fn accept_tunnel<S>(
         accept,
         identity,
         features,
+        instance,
     } = match decided {
         Ok(Ok(a)) => a,
         Ok(Err(r)) => {
@@ -1005,6 +1061,28 @@ async fn accept_tunnel<S>(
             return;
         }
     };
+    let owner = TunnelOwner {
+        identity: identity.name.clone(),
+        instance,
+    };
+    // Tunnels are sharded by core: this one goes where its identity has the
+    // fewest, so requests on every core find a local tunnel.
+    let target = match ctx.shared.place_tunnel(&owner, ctx.index, S::MOVABLE) {
+        Placement::Placed { core, others } => {
+            if !others.is_empty() {
+                second_instance(&ctx, &owner, &others, peer);
+            }
+            core
+        }
+        Placement::Refused { others } => {
+            ctx.shared.obs.auth_failures.record("duplicate_instance");
+            tracing::warn!(%peer, identity = %owner.identity, instance = %owner.instance, connected = ?others,
+                reason = "duplicate_instance", "tunnel upgrade refused: another receiver instance holds this identity's tunnels (duplicate_tunnels = refuse)");
+            let msg = "another receiver instance is connected for this identity";
+            refuse(&mut io, &mut out, 409, "duplicate_instance", msg, None).await;
+            return;
+        }
+    };
     let feat = features.to_header_value();
     let tunnels = ctx.shared.workers.to_string();
     let mut extra: Vec<(&str, &str)> = vec![(TUNNELS_HEADER, tunnels.as_str())];
@@ -1012,17 +1090,12 @@ async fn accept_tunnel<S>(
         extra.push((FEATURES_HEADER, feat.as_str()));
     }
     crate::ws::handshake::write_101(&mut out, &accept, &extra);
-    // Tunnels are sharded by core: this one goes where its identity has the
-    // fewest, so requests on every core find a local tunnel.
-    let target = ctx
-        .shared
-        .place_tunnel(&identity.name, ctx.index, S::MOVABLE);
     if target != ctx.index {
         if let Ok(fd) = io.into_owned_fd() {
             let h = TunnelHandoff {
                 fd,
                 leftover,
-                identity: identity.name.clone(),
+                owner,
                 features,
                 peer,
                 handshake: out,
@@ -1043,7 +1116,24 @@ async fn accept_tunnel<S>(
     }
     // run_tunnel queues the 101 before its first await.
     drop(slot);
-    run_tunnel(ctx, io, leftover, identity.name, features, peer, out, tls).await;
+    run_tunnel(ctx, io, leftover, owner, features, peer, out, tls).await;
+}
+
+/// A second receiver instance joined an identity under `share` or
+/// `replace`: say so at warn level; `replace` closes the others' tunnels
+/// on every core.
+fn second_instance(ctx: &CoreCtx, owner: &TunnelOwner, others: &[String], peer: SocketAddr) {
+    let policy = ctx.shared.config.gateway.duplicate_tunnels;
+    tracing::warn!(%peer, identity = %owner.identity, instance = %owner.instance, connected = ?others, ?policy,
+        "a second receiver instance opened a tunnel for this identity");
+    if policy == DuplicateTunnels::Replace {
+        for inbox in &ctx.shared.inboxes {
+            let _ = inbox.unbounded_send(CoreMsg::Evict {
+                identity: owner.identity.clone(),
+                keep: owner.instance.clone(),
+            });
+        }
+    }
 }
 
 /// The handshake checks and authentication of an upgrade, without IO on
@@ -1125,10 +1215,23 @@ async fn authenticate_upgrade(
         .map(Features::parse)
         .unwrap_or_default()
         .intersect(Features::SUPPORTED);
+    let instance = match get(INSTANCE_HEADER) {
+        None => String::new(),
+        Some(v) if valid_instance(v) => String::from_utf8_lossy(v).into_owned(),
+        Some(_) => {
+            tracing::warn!(%peer, reason = "bad_instance", "tunnel upgrade refused: invalid X-ANPX-Instance");
+            return Err(Refused {
+                status: 400,
+                reason: "bad_instance",
+                message: "X-ANPX-Instance must be 1 to 64 of A-Z a-z 0-9 . _ -".into(),
+            });
+        }
+    };
     Ok(Accepted {
         accept,
         identity,
         features,
+        instance,
     })
 }
 

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use futures_channel::{mpsc as xmpsc, oneshot as xoneshot};
 
 use super::error::ProxyError;
+use super::instances::Placement;
 use super::routes::{IdentityName, RouteTable};
 use super::tunnel::Tunnel;
 use crate::auth::Authenticator;
@@ -57,10 +58,18 @@ pub struct CrossRequest {
 pub struct TunnelHandoff {
     pub fd: std::os::fd::OwnedFd,
     pub leftover: bytes::BytesMut,
-    pub identity: IdentityName,
+    pub owner: TunnelOwner,
     pub features: crate::protocol::features::Features,
     pub peer: std::net::SocketAddr,
     pub handshake: Vec<u8>,
+}
+
+/// Whose a tunnel is: the identity it proved and the receiver instance
+/// that opened it (`X-ANPX-Instance`; empty when the receiver sent none).
+#[derive(Debug, Clone)]
+pub struct TunnelOwner {
+    pub identity: IdentityName,
+    pub instance: String,
 }
 
 /// What one core's inbox carries (rare events only).
@@ -80,6 +89,12 @@ pub enum CoreMsg {
     Tls(super::accept::Acceptors, std::sync::mpsc::Sender<usize>),
     /// The admin thread asks for this core's metrics (`gateway/metrics.rs`).
     Metrics(std::sync::mpsc::Sender<super::metrics::Snapshot>),
+    /// `duplicate_tunnels = "replace"`: close this core's tunnels of
+    /// `identity` that another instance than `keep` opened.
+    Evict {
+        identity: IdentityName,
+        keep: String,
+    },
 }
 
 /// Process-wide counters (cold path or per-event, never per byte).
@@ -102,8 +117,8 @@ pub struct Shared {
     /// The registry thread's "read now" queue (none in embedders that
     /// start no registry).
     registry_refresh: OnceLock<std::sync::mpsc::Sender<PollerMsg>>,
-    /// identity → tunnels per core (index = core).
-    tunnel_cores: Mutex<HashMap<IdentityName, Vec<usize>>>,
+    /// identity → tunnels per core and per receiver instance.
+    tunnel_book: Mutex<super::instances::TunnelBook>,
     pub inboxes: Vec<xmpsc::UnboundedSender<CoreMsg>>,
     pub counters: Counters,
     /// Access-log sink and auth failure counts (`gateway/observe.rs`).
@@ -135,7 +150,7 @@ impl Shared {
                 table: routes,
             }),
             registry_refresh: OnceLock::new(),
-            tunnel_cores: Mutex::new(HashMap::new()),
+            tunnel_book: Mutex::new(super::instances::TunnelBook::new(workers)),
             inboxes,
             counters: Counters::default(),
             obs: Default::default(),
@@ -177,64 +192,43 @@ impl Shared {
             .is_some_and(|tx| tx.send(PollerMsg::Reload(cfg)).is_ok())
     }
 
-    /// Chooses the core a new tunnel of `identity` should live on: the one
-    /// with the fewest tunnels of that identity, preferring `here` on a tie
-    /// (or always `here` when the connection cannot move). Counts it there.
-    pub fn place_tunnel(&self, identity: &IdentityName, here: usize, movable: bool) -> usize {
-        let mut map = self.tunnel_cores.lock().unwrap_or_else(|e| e.into_inner());
-        let counts = map
-            .entry(identity.clone())
-            .or_insert_with(|| vec![0; self.workers]);
-        let mut best = here;
-        if movable {
-            for (core, n) in counts.iter().enumerate() {
-                if *n < counts[best] {
-                    best = core;
-                }
-            }
+    /// Admits a tunnel of `owner` under `duplicate_tunnels` and chooses
+    /// the core it should live on: the one with the fewest tunnels of that
+    /// identity, preferring `here` on a tie (or always `here` when the
+    /// connection cannot move). Counts it there.
+    pub fn place_tunnel(&self, owner: &TunnelOwner, here: usize, movable: bool) -> Placement {
+        let policy = self.config.gateway.duplicate_tunnels;
+        let placed = self
+            .book()
+            .place(&owner.identity, &owner.instance, here, movable, policy);
+        if matches!(placed, Placement::Placed { .. }) {
+            self.counters.tunnels.fetch_add(1, Ordering::Relaxed);
         }
-        counts[best] += 1;
-        self.counters.tunnels.fetch_add(1, Ordering::Relaxed);
-        best
+        placed
     }
 
-    fn tunnel_left(&self, identity: &IdentityName, core: usize) {
-        let mut map = self.tunnel_cores.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(v) = map.get_mut(identity) {
-            v[core] = v[core].saturating_sub(1);
-            if v.iter().all(|n| *n == 0) {
-                map.remove(identity);
-            }
-        }
+    fn book(&self) -> std::sync::MutexGuard<'_, super::instances::TunnelBook> {
+        self.tunnel_book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tunnel_left(&self, owner: &TunnelOwner, core: usize) {
+        self.book().left(&owner.identity, &owner.instance, core);
         self.counters.tunnels.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// A core other than `not` with a tunnel for `identity`, spread by `hint`.
     fn remote_core(&self, identity: &str, not: usize, hint: u64) -> Option<usize> {
-        let map = self.tunnel_cores.lock().unwrap_or_else(|e| e.into_inner());
-        let counts = map.get(identity)?;
-        let n = counts
-            .iter()
-            .enumerate()
-            .filter(|(c, k)| *c != not && **k > 0)
-            .count();
-        if n == 0 {
-            return None;
-        }
-        counts
-            .iter()
-            .enumerate()
-            .filter(|(c, k)| *c != not && **k > 0)
-            .nth((hint as usize) % n)
-            .map(|(c, _)| c)
+        self.book().remote_core(identity, not, hint)
     }
 
     /// identity → tunnels per core (admin listener; cold path).
     pub fn tunnels_by_identity(&self) -> Vec<(IdentityName, Vec<usize>)> {
-        let map = self.tunnel_cores.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<_> = map.iter().map(|(k, c)| (k.clone(), c.clone())).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
+        self.book().per_core()
+    }
+
+    /// identity → (receiver instance, tunnels) (admin listener; cold path).
+    pub fn instances_by_identity(&self) -> Vec<(IdentityName, Vec<(String, usize)>)> {
+        self.book().instances()
     }
 
     /// Total tunnels per identity (for logs and `/health`).
@@ -249,6 +243,10 @@ pub struct Settings {
     pub timeout: Duration,
     pub keepalive_timeout: Option<Duration>,
     pub header_timeout: Option<Duration>,
+    /// `request_body_timeout` and `request_body_min_rate`.
+    pub body_pace: super::pace::PaceLimits,
+    /// Request bodies up to this size are read whole before dispatch.
+    pub request_buffer_size: usize,
     pub max_body_size: usize,
     pub chunk_size: usize,
     pub max_inflight_per_tunnel: usize,
@@ -269,6 +267,11 @@ impl Settings {
             timeout: secs(g.timeout).unwrap_or(Duration::from_secs(30)),
             keepalive_timeout: secs(g.keepalive_timeout),
             header_timeout: secs(g.header_timeout),
+            body_pace: super::pace::PaceLimits {
+                gap: secs(g.request_body_timeout),
+                min_rate: g.request_body_min_rate,
+            },
+            request_buffer_size: g.request_buffer_size,
             max_body_size: g.max_body_size,
             chunk_size: g.chunk_size,
             max_inflight_per_tunnel: g.max_inflight_per_tunnel,
@@ -456,7 +459,7 @@ impl CoreCtx {
         if let Some(v) = map.get_mut(&t.identity) {
             if let Some(i) = v.iter().position(|x| Rc::ptr_eq(x, t)) {
                 v.remove(i);
-                self.shared.tunnel_left(&t.identity, self.index);
+                self.shared.tunnel_left(&t.owner(), self.index);
             }
             if v.is_empty() {
                 map.remove(&t.identity);
@@ -617,6 +620,20 @@ impl CoreCtx {
                         let _ = m.reply.send(res);
                     });
                 }
+                CoreMsg::Evict { identity, keep } => {
+                    let doomed: Vec<Rc<Tunnel>> = ctx
+                        .tunnels
+                        .borrow()
+                        .get(&identity)
+                        .into_iter()
+                        .flatten()
+                        .filter(|t| t.instance != keep)
+                        .cloned()
+                        .collect();
+                    for t in doomed {
+                        t.evict();
+                    }
+                }
                 CoreMsg::Metrics(reply) => {
                     let _ = reply.send(ctx.obs.metrics.snapshot(ctx.index));
                 }
@@ -651,7 +668,7 @@ impl CoreCtx {
                                 ctx,
                                 io,
                                 h.leftover,
-                                h.identity,
+                                h.owner,
                                 h.features,
                                 h.peer,
                                 h.handshake,
@@ -660,7 +677,7 @@ impl CoreCtx {
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "handed-over tunnel could not be registered");
-                            ctx.shared.tunnel_left(&h.identity, ctx.index);
+                            ctx.shared.tunnel_left(&h.owner, ctx.index);
                         }
                     }
                 }

@@ -15,8 +15,13 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("request head not received within header_timeout")]
     HeadTimeout,
-    #[error("request body not received within header_timeout of progress")]
-    BodyTimeout,
+    /// The upload stalled (`request_body_timeout`) or crawled
+    /// (`request_body_min_rate`).
+    #[error("{}", match .0 {
+        super::pace::Stall::Gap => "request body stalled: no bytes for request_body_timeout",
+        super::pace::Stall::Rate => "request body slower than request_body_min_rate",
+    })]
+    BodyTimeout(super::pace::Stall),
     #[error("no route owns path {0}")]
     NoRoute(String),
     #[error("body longer than max_body_size ({0} bytes)")]
@@ -53,7 +58,7 @@ pub fn error_reply(err: &ProxyError) -> ErrorReply {
     let (status, retry_after, close) = match err {
         ProxyError::Head(h) => (h.status(), None, true),
         ProxyError::BadRequest(_) => (400, None, true),
-        ProxyError::HeadTimeout | ProxyError::BodyTimeout => (408, None, true),
+        ProxyError::HeadTimeout | ProxyError::BodyTimeout(_) => (408, None, true),
         ProxyError::NoRoute(_) => (404, None, false),
         ProxyError::BodyTooLarge(_) => (413, None, true),
         ProxyError::NoTunnel(_) => (503, Some(5), false),
@@ -83,7 +88,7 @@ pub fn error_reply(err: &ProxyError) -> ErrorReply {
 pub fn error_kind(err: &ProxyError) -> &'static str {
     match err {
         ProxyError::Head(_) | ProxyError::BadRequest(_) => "bad_request",
-        ProxyError::HeadTimeout | ProxyError::BodyTimeout => "request_timeout",
+        ProxyError::HeadTimeout | ProxyError::BodyTimeout(_) => "request_timeout",
         ProxyError::NoRoute(_) => "no_route",
         ProxyError::BodyTooLarge(_) => "body_too_large",
         ProxyError::NoTunnel(_) => "no_tunnel",

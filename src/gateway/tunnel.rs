@@ -82,6 +82,8 @@ struct Entry {
 pub struct Tunnel {
     pub id: u64,
     pub identity: IdentityName,
+    /// The receiver instance that opened it (`X-ANPX-Instance`).
+    pub instance: String,
     pub features: Features,
     pub peer: SocketAddr,
     out: OutTx,
@@ -205,7 +207,10 @@ impl Tunnel {
                 .is_ok()
         };
         if !sent {
-            self.inflight.borrow_mut().remove(&id);
+            // Taken out, then dropped: no borrow is held while an entry's
+            // channels wake their tasks (crate::sync explains the class).
+            let gone = self.inflight.borrow_mut().remove(&id);
+            drop(gone);
             return Err(ProxyError::TunnelClosed);
         }
         Ok((
@@ -270,10 +275,8 @@ impl Tunnel {
 
     /// Forgets a request; tells a `cancel` peer the client went away.
     fn cancel(&self, id: u64, why: &str) {
-        if self.inflight.borrow_mut().remove(&id).is_some()
-            && self.features.cancel
-            && !self.closed.get()
-        {
+        let gone = self.inflight.borrow_mut().remove(&id);
+        if gone.is_some() && self.features.cancel && !self.closed.get() {
             let mut rid = [0u8; 16];
             let f = anpx::encode_error(format_request_id(id, &mut rid), why);
             let _ = self.out.send(Outgoing::Binary(f));
@@ -304,11 +307,33 @@ impl Tunnel {
             .send(Outgoing::Close(1001, "gateway shutting down".into()));
     }
 
+    /// `duplicate_tunnels = "replace"`: another instance of this identity
+    /// took over; close with `CLOSE_REPLACED` (4001) after what is queued.
+    pub fn evict(&self) {
+        self.closed.set(true);
+        tracing::warn!(identity = %self.identity, instance = %self.instance, tunnel = self.id,
+            "tunnel closed: replaced by another receiver instance (duplicate_tunnels = replace)");
+        let _ = self.out.send(Outgoing::Close(
+            crate::protocol::features::CLOSE_REPLACED,
+            "replaced by another receiver instance".into(),
+        ));
+    }
+
+    /// The identity and instance it was counted under.
+    pub fn owner(&self) -> super::core::TunnelOwner {
+        super::core::TunnelOwner {
+            identity: self.identity.clone(),
+            instance: self.instance.clone(),
+        }
+    }
+
     fn close(&self) {
         self.closed.set(true);
         // Dropping the senders fails every waiting request with 502;
-        // closing the windows wakes blocked uploads.
-        for (_, e) in self.inflight.borrow_mut().drain() {
+        // closing the windows wakes blocked uploads. Taken out first: no
+        // borrow is held while they wake their tasks (crate::sync).
+        let gone: Vec<(u64, Entry)> = self.inflight.borrow_mut().drain().collect();
+        for (_, e) in gone {
             e.upload.close();
             if let Some(tx) = e.body {
                 let _ = tx.send(BodyEvent::Failed(ProxyError::TunnelClosed));
@@ -440,7 +465,7 @@ pub async fn run_tunnel<S>(
     ctx: Rc<CoreCtx>,
     io: S,
     leftover: BytesMut,
-    identity: IdentityName,
+    owner: super::core::TunnelOwner,
     features: Features,
     peer: SocketAddr,
     handshake: Vec<u8>,
@@ -463,9 +488,11 @@ pub async fn run_tunnel<S>(
             _ = stopped => tracing::debug!("tunnel writer stopped"),
         }
     });
+    let identity = owner.identity;
     let tunnel = Rc::new(Tunnel {
         id: ctx.next_tunnel_id(),
         identity: identity.clone(),
+        instance: owner.instance,
         features,
         peer,
         out: out.clone(),
@@ -476,7 +503,7 @@ pub async fn run_tunnel<S>(
     // core can route through this tunnel.
     ctx.register_tunnel(tunnel.clone());
     let _ = out.send(Outgoing::Raw(handshake));
-    tracing::info!(identity = %identity, %peer, core = ctx.index, tunnel = tunnel.id,
+    tracing::info!(identity = %identity, instance = %tunnel.instance, %peer, core = ctx.index, tunnel = tunnel.id,
         features = %features.to_header_value(), "tunnel connected");
 
     let ping = ctx.settings.ping_interval;

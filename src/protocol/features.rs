@@ -6,6 +6,27 @@
 pub const FEATURES_HEADER: &str = "X-ANPX-Features";
 /// 101 response header: how many tunnels the receiver should keep open.
 pub const TUNNELS_HEADER: &str = "X-ANPX-Tunnels";
+/// Upgrade request header: the receiver instance opening the tunnel
+/// (`instance_id`), so the gateway can tell one receiver's tunnels from a
+/// second receiver presenting the same credentials.
+pub const INSTANCE_HEADER: &str = "X-ANPX-Instance";
+
+/// WebSocket close code (private-use range, RFC 6455 §7.4.2): this tunnel
+/// was closed because another receiver instance of its identity replaced it
+/// (`duplicate_tunnels = "replace"`). A receiver that gets it stops instead
+/// of reconnecting (docs/PROTOCOL.md).
+pub const CLOSE_REPLACED: u16 = 4001;
+
+/// Exit status of a receiver replaced by another instance (`CLOSE_REPLACED`):
+/// supervisors should not restart on it (systemd `RestartPreventExitStatus=3`).
+pub const EXIT_REPLACED: i32 = 3;
+
+/// Is `v` a valid `X-ANPX-Instance` value: 1 to 64 of `A-Z a-z 0-9 . _ -`?
+pub fn valid_instance(v: &[u8]) -> bool {
+    (1..=64).contains(&v.len())
+        && v.iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Features {
@@ -69,6 +90,14 @@ impl Features {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instance_names() {
+        assert!(valid_instance(b"4f1c-host.a_1"));
+        assert!(!valid_instance(b""));
+        assert!(!valid_instance(b"a b"));
+        assert!(!valid_instance(&[b'a'; 65]));
+    }
 
     #[test]
     fn parse_and_intersect() {

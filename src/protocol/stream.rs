@@ -349,9 +349,9 @@ mod tests {
 }
 
 /// A per-request credit window: bytes a sender may still send. One sender
-/// waits on it at a time. (A counter and a waker: `local_sync`'s semaphore
-/// panics when a partly granted `acquire_many` is dropped, which is exactly
-/// what a cancelled request does.)
+/// waits on it at a time. (A counter and a waker, cancel-safe: see
+/// `crate::sync` for why no `local_sync` semaphore is used; the waker is
+/// taken out of its cell before it is woken.)
 #[derive(Debug)]
 pub struct Window {
     avail: std::cell::Cell<usize>,
@@ -399,14 +399,16 @@ impl Window {
     /// Credit returned by the consumer.
     pub fn add(&self, n: usize) {
         self.avail.set(self.avail.get().saturating_add(n));
-        if let Some(w) = self.waker.borrow_mut().take() {
+        let waker = self.waker.borrow_mut().take();
+        if let Some(w) = waker {
             w.wake();
         }
     }
 
     pub fn close(&self) {
         self.closed.set(true);
-        if let Some(w) = self.waker.borrow_mut().take() {
+        let waker = self.waker.borrow_mut().take();
+        if let Some(w) = waker {
             w.wake();
         }
     }

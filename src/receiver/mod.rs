@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
-use local_sync::semaphore::Semaphore;
 
 use self::tunnel::{run_slot, CoreRx};
 use self::upstream::Upstream;
@@ -66,6 +65,35 @@ impl TunnelCount {
     }
 }
 
+/// Where a generated instance id is kept, next to the config file.
+const INSTANCE_FILE: &str = ".anp-proxy-instance";
+
+/// The receiver's `X-ANPX-Instance`: `configured`, else the one kept in
+/// [`INSTANCE_FILE`] under `dir`, else a new random one written there (so a
+/// restarted receiver is the same instance to the gateway). A directory
+/// that cannot be written gets a per-process id, with a warning.
+fn instance_id(configured: &str, dir: &std::path::Path) -> String {
+    if !configured.is_empty() {
+        return configured.to_owned();
+    }
+    let path = dir.join(INSTANCE_FILE);
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        let s = s.trim();
+        if crate::protocol::features::valid_instance(s.as_bytes()) {
+            return s.to_owned();
+        }
+        tracing::warn!(path = %path.display(), "instance file is not a valid id; writing a new one");
+    }
+    let id: String = (0..16)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    if let Err(e) = std::fs::write(&path, format!("{id}\n")) {
+        tracing::warn!(path = %path.display(), error = %e,
+            "cannot keep the instance id; this process uses a new one (set receiver.instance_id)");
+    }
+    id
+}
+
 /// Most tunnel slots a receiver starts when the gateway decides.
 const MAX_TUNNELS: usize = 64;
 
@@ -100,6 +128,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         tracing::info!(did = signer.did(), scheme = ?r.auth_scheme, "receiver proves its DID on the upgrade");
         Some(Arc::new(signer))
     };
+    let instance = instance_id(&r.instance_id, &cfg.base_dir);
+    tracing::info!(instance = %instance, "receiver instance");
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -119,6 +149,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let count = count.clone();
         let did = did.clone();
         let tls = tls.clone();
+        let instance = instance.clone();
         // max_concurrent split over cores; the sum is exactly the limit.
         let permits = r.max_concurrent / threads + usize::from(t < r.max_concurrent % threads);
         let h = std::thread::Builder::new()
@@ -139,10 +170,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                         gateway,
                         tls,
                         token: r.token.clone(),
+                        instance,
                         did,
                         auth_scheme: r.auth_scheme,
                         upstream: Upstream::new(upstream, permits.max(1)),
-                        permits: Rc::new(Semaphore::new(permits)),
+                        permits: crate::sync::Permits::new(permits),
                         chunk_size: r.chunk_size,
                         ping_interval: secs(r.ping_interval),
                         upstream_timeout: secs(r.upstream_timeout),

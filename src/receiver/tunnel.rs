@@ -10,7 +10,6 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use local_sync::semaphore::Semaphore;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
 
@@ -21,7 +20,7 @@ use super::TunnelCount;
 use crate::auth::didwba::{self, DidSigner};
 use crate::config::AuthScheme;
 use crate::protocol::anpx::{self, FrameType, Message, Reassembler, RequestMeta};
-use crate::protocol::features::{Features, FEATURES_HEADER, TUNNELS_HEADER};
+use crate::protocol::features::{Features, FEATURES_HEADER, INSTANCE_HEADER, TUNNELS_HEADER};
 use crate::protocol::stream::{self, Incoming, Window, DEFAULT_WINDOW};
 use crate::tls::client::GatewayStream;
 use crate::ws::conn::{run_writer, ConnError, OutTx, Outgoing, WsReader};
@@ -33,11 +32,14 @@ pub struct CoreRx {
     /// Set for `wss://`: the TLS connector and the gateway's server name.
     pub tls: Option<crate::tls::client::Dialer>,
     pub token: String,
+    /// `X-ANPX-Instance` on every upgrade (`receiver.instance_id`).
+    pub instance: String,
     /// When set, the tunnel proves this DID instead of sending `token`.
     pub did: Option<std::sync::Arc<DidSigner>>,
     pub auth_scheme: AuthScheme,
     pub upstream: Upstream,
-    pub permits: Rc<Semaphore>,
+    /// `max_concurrent` for this core (cancel-safe: `crate::sync`).
+    pub permits: crate::sync::Permits,
     pub chunk_size: usize,
     pub ping_interval: Option<Duration>,
     pub upstream_timeout: Option<Duration>,
@@ -61,6 +63,8 @@ enum TunnelError {
     Ended(String),
     #[error("gateway going away (1001 {0})")]
     GoingAway(String),
+    #[error("replaced by another receiver instance of this identity (4001 {0})")]
+    Replaced(String),
     #[error("timed out during the handshake")]
     Timeout,
     #[error("{0}")]
@@ -90,6 +94,13 @@ pub async fn run_slot(ctx: Rc<CoreRx>, index: usize) {
                 let pause = Duration::from_millis(rand::random::<u64>() % 100);
                 monoio::time::sleep(pause).await;
                 continue;
+            }
+            Err(e @ TunnelError::Replaced(_)) => {
+                // The gateway's `duplicate_tunnels = "replace"`: the newest
+                // instance wins; fighting back would make both flap.
+                tracing::error!(tunnel = index, error = %e, "not reconnecting; exiting");
+                eprintln!("anp-proxy: receiver {e}; exiting");
+                std::process::exit(crate::protocol::features::EXIT_REPLACED);
             }
             Err(e @ TunnelError::Refused { .. }) => {
                 tracing::error!(tunnel = index, error = %e, "tunnel refused")
@@ -154,6 +165,7 @@ async fn connect_and_serve(ctx: &Rc<CoreRx>, index: usize) -> Result<(), TunnelE
     let host = ctx.gateway.host_header();
     let mut headers = auth_headers(ctx, &host);
     headers.push((FEATURES_HEADER, Features::SUPPORTED.to_header_value()));
+    headers.push((INSTANCE_HEADER, ctx.instance.clone()));
     let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
     let mut req = Vec::with_capacity(1024);
     ws::write_client_request(&mut req, &host, &ctx.gateway.path, &key, &headers);
@@ -342,6 +354,9 @@ where
                 if code == Some(1001) {
                     break Err(TunnelError::GoingAway(reason.to_string()));
                 }
+                if code == Some(crate::protocol::features::CLOSE_REPLACED) {
+                    break Err(TunnelError::Replaced(reason.to_string()));
+                }
                 break Err(TunnelError::Ended(format!(
                     "gateway closed ({code:?} {reason})"
                 )));
@@ -356,7 +371,9 @@ where
     alive.set(false);
     // Dropping the entries cancels the upstream calls still running: their
     // responses have nowhere to go.
-    reqs.borrow_mut().clear();
+    // Taken out first: no borrow is held while their channels wake tasks.
+    let gone: Vec<RxReq> = reqs.borrow_mut().drain().map(|(_, r)| r).collect();
+    drop(gone);
     result
 }
 
@@ -468,7 +485,9 @@ fn on_stream_frame(
                 tracing::warn!(tunnel = index, %request_id, idx, "request chunk out of order; aborted");
                 // Dropping the entry abandons the upstream call; the error
                 // frame lets the gateway answer 502 now rather than 504.
-                map.remove(&request_id);
+                let gone = map.remove(&request_id);
+                drop(map);
+                drop(gone);
                 let _ = out.send(Outgoing::Binary(anpx::encode_error(
                     &request_id,
                     "request chunk out of order",
@@ -489,7 +508,8 @@ fn on_stream_frame(
             message,
         } => {
             // `cancel`: the client went away; abort the upstream call.
-            if let Some(mut r) = reqs.borrow_mut().remove(&request_id) {
+            let gone = reqs.borrow_mut().remove(&request_id);
+            if let Some(mut r) = gone {
                 tracing::info!(tunnel = index, %request_id, %message, "request cancelled by the gateway");
                 if let Some(c) = r.cancel.take() {
                     let _ = c.send(());
@@ -551,14 +571,10 @@ async fn handle_request(
     cancel: local_sync::oneshot::Receiver<()>,
 ) {
     let request_id = sink.request_id().to_owned();
+    crate::fault::maybe_panic(&meta.path);
     let work = async {
         // Never more than max_concurrent upstream calls at once; excess waits.
-        let _permit = ctx
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| UpstreamError::TunnelGone)?;
+        let _permit = ctx.permits.acquire().await;
         let mut credit = |n: usize| {
             let _ = out.send(Outgoing::Text(stream::credit_message(&request_id, n)));
         };
@@ -588,5 +604,172 @@ async fn handle_request(
             )));
         }
     }
-    reqs.borrow_mut().remove(&request_id);
+    let gone = reqs.borrow_mut().remove(&request_id);
+    drop(gone);
+}
+
+/// The receiver's per-request state machine (`on_stream_frame`, the
+/// request table, permits, `handle_request`) driven with random frames
+/// and random cancellations against a real local app, on a real runtime:
+/// no panic, and once everything is cancelled nothing is left behind: no
+/// request entry, no permit (issue #15).
+#[cfg(test)]
+mod cancel_props {
+    use super::*;
+    use crate::protocol::anpx::MetaRef;
+    use proptest::prelude::*;
+    use std::net::SocketAddr;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Chunk 0 of request `id`; `whole`: the body ends there.
+        Start { id: u8, whole: bool },
+        /// The next body chunk; `skip`: one chunk is lost (out of order).
+        More { id: u8, last: bool, skip: bool },
+        /// The gateway's cancel (an error frame).
+        Cancel(u8),
+        /// Let the runtime run for `n` ms.
+        Run(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..12, any::<bool>()).prop_map(|(id, whole)| Op::Start { id, whole }),
+            (0u8..12, any::<bool>(), proptest::bool::weighted(0.1))
+                .prop_map(|(id, last, skip)| Op::More { id, last, skip }),
+            (0u8..12).prop_map(Op::Cancel),
+            (0u8..4).prop_map(Op::Run),
+        ]
+    }
+
+    /// An app that answers every request as soon as its head has come
+    /// (without reading the body) and closes: bodies still being sent
+    /// fail, which is one more way for a request to end.
+    async fn app(listener: monoio::net::TcpListener) {
+        while let Ok((mut s, _)) = listener.accept().await {
+            monoio::spawn(async move {
+                let mut buf = BytesMut::with_capacity(4096);
+                loop {
+                    let (r, b) = crate::net::read_append(&mut s, buf).await;
+                    buf = b;
+                    match r {
+                        Ok(n) if n > 0 => {}
+                        _ => return,
+                    }
+                    if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                    buf.reserve(4096);
+                }
+                let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+                let _ = s.write_all(resp.to_vec()).await;
+            });
+        }
+    }
+
+    fn core(app: SocketAddr, permits: usize) -> Rc<CoreRx> {
+        let up = super::super::url::parse(&format!("http://{app}"), ("http", "https")).unwrap();
+        let gw = super::super::url::parse("ws://127.0.0.1:9/ws", ("ws", "wss")).unwrap();
+        Rc::new(CoreRx {
+            gateway: gw,
+            tls: None,
+            token: String::new(),
+            instance: "prop".into(),
+            did: None,
+            auth_scheme: AuthScheme::DidWba,
+            upstream: Upstream::new(up, permits),
+            permits: crate::sync::Permits::new(permits),
+            chunk_size: 64 * 1024,
+            ping_interval: None,
+            upstream_timeout: None,
+            max_body: 1 << 20,
+            reconnect_max: Duration::from_secs(1),
+            count: std::sync::Arc::new(super::super::TunnelCount::new(1)),
+        })
+    }
+
+    fn rid(id: u8) -> String {
+        format!("{:016x}", id)
+    }
+
+    fn run_case(permits: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            monoio::spawn(app(listener));
+            let ctx = core(addr, permits);
+            let (out, _rx) = local_sync::mpsc::unbounded::channel();
+            let reqs: Reqs = Rc::new(RefCell::new(HashMap::new()));
+            let features = Features::SUPPORTED;
+            let mut enc: HashMap<u8, anpx_stream::StreamEncoder> = HashMap::new();
+            let mut meta = Vec::new();
+            RequestMeta {
+                method: "POST".into(),
+                path: "/x".into(),
+                headers: vec![],
+                query: vec![],
+                raw_target: None,
+                header_list: None,
+            }
+            .to_json(&mut meta);
+            let deliver = |f: BytesMut| on_stream_frame(&ctx, &out, &reqs, features, 0, f.freeze());
+            for op in ops {
+                match op {
+                    Op::Start { id, whole } => {
+                        let mut e = anpx_stream::StreamEncoder::new(FrameType::Request);
+                        deliver(e.head(&rid(id), MetaRef::Request(&meta), b"hi", whole));
+                        if !whole {
+                            enc.insert(id, e);
+                        }
+                    }
+                    Op::More { id, last, skip } => {
+                        if let Some(e) = enc.get_mut(&id) {
+                            if skip {
+                                let _ = e.body(&rid(id), b"lost", false);
+                            }
+                            deliver(e.body(&rid(id), b"more", last));
+                            if last {
+                                enc.remove(&id);
+                            }
+                        }
+                    }
+                    Op::Cancel(id) => {
+                        enc.remove(&id);
+                        deliver(anpx::encode_error(&rid(id), "cancel"));
+                    }
+                    Op::Run(n) => monoio::time::sleep(Duration::from_millis(n as u64)).await,
+                }
+            }
+            for id in 0..12 {
+                deliver(anpx::encode_error(&rid(id), "cancel"));
+            }
+            let until = Instant::now() + Duration::from_secs(10);
+            while (!reqs.borrow().is_empty() || ctx.permits.available() != permits)
+                && Instant::now() < until
+            {
+                monoio::time::sleep(Duration::from_millis(1)).await;
+            }
+            prop_assert_eq!(reqs.borrow().len(), 0, "requests left in the table");
+            prop_assert_eq!(ctx.permits.available(), permits, "permits lost");
+            prop_assert_eq!(ctx.permits.waiting(), 0);
+            Ok(())
+        })
+    }
+
+    use crate::protocol::stream as anpx_stream;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn random_frames_and_cancellations_leave_nothing_behind(
+            permits in 1usize..4,
+            ops in proptest::collection::vec(op(), 1..80),
+        ) {
+            run_case(permits, ops)?;
+        }
+    }
 }

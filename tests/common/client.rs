@@ -249,6 +249,11 @@ impl Conn {
         }
     }
 
+    /// A second handle on the socket, for writing from another thread.
+    pub fn try_clone_writer(&self) -> TcpStream {
+        self.writer.try_clone().expect("clone the client socket")
+    }
+
     pub fn set_read_timeout(&self, t: Duration) {
         self.writer.set_read_timeout(Some(t)).unwrap();
     }

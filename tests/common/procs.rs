@@ -119,6 +119,10 @@ pub struct ReceiverConfig {
     pub token: String,
     pub tunnels: u32,
     pub max_concurrent: u32,
+    /// Raw TOML appended to the `[receiver]` table.
+    pub extra_toml: String,
+    /// Environment variables for the process (fault injection).
+    pub env: Vec<(String, String)>,
 }
 
 impl ReceiverConfig {
@@ -129,18 +133,21 @@ impl ReceiverConfig {
             token: token.into(),
             tunnels,
             max_concurrent: 256,
+            extra_toml: String::new(),
+            env: Vec::new(),
         }
     }
 
     pub fn to_toml(&self) -> String {
         format!(
             "mode = \"receiver\"\n\n[logging]\nlevel = \"info\"\nlog_dir = \"\"\n\n[receiver]\n\
-             gateway_url = {}\nupstream = {}\ntoken = {}\ntunnels = {}\nmax_concurrent = {}\n",
+             gateway_url = {}\nupstream = {}\ntoken = {}\ntunnels = {}\nmax_concurrent = {}\n{}",
             toml_str(&self.gateway_url),
             toml_str(&self.upstream),
             toml_str(&self.token),
             self.tunnels,
-            self.max_concurrent
+            self.max_concurrent,
+            self.extra_toml
         )
     }
 }
@@ -163,6 +170,11 @@ pub fn binary() -> String {
 
 impl Proc {
     fn spawn(name: &str, subcommand: &str, config: &str) -> Proc {
+        Proc::spawn_env(name, subcommand, config, &[])
+    }
+
+    /// As [`Proc::spawn`], with extra environment variables.
+    fn spawn_env(name: &str, subcommand: &str, config: &str, env: &[(String, String)]) -> Proc {
         let dir = tempfile::Builder::new()
             .prefix(&format!("anp-e2e-{name}-"))
             .tempdir()
@@ -174,6 +186,7 @@ impl Proc {
             .arg("--config")
             .arg(&config_path)
             .current_dir(dir.path())
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -321,7 +334,12 @@ impl Gateway {
     /// Starts a gateway from a whole config text (e.g. [`GatewayConfig::to_toml`]
     /// with a fixed `port`), waiting for its ready line.
     pub fn start_toml(toml: &str) -> Gateway {
-        let mut proc = Proc::spawn("gateway", "gateway", toml);
+        Gateway::start_toml_env(toml, &[])
+    }
+
+    /// As [`Gateway::start_toml`], with extra environment variables.
+    pub fn start_toml_env(toml: &str, env: &[(String, String)]) -> Gateway {
+        let mut proc = Proc::spawn_env("gateway", "gateway", toml, env);
         let line = proc.wait_line(
             "the line `anp-proxy gateway listening on http://…`",
             |l| l.contains("anp-proxy gateway listening on http://"),
@@ -388,7 +406,7 @@ impl Receiver {
 
     pub fn start_with(cfg: &ReceiverConfig) -> Receiver {
         Receiver {
-            proc: Proc::spawn("receiver", "receiver", &cfg.to_toml()),
+            proc: Proc::spawn_env("receiver", "receiver", &cfg.to_toml(), &cfg.env),
             connected: 0,
         }
     }
