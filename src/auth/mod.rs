@@ -133,6 +133,10 @@ impl Authenticator {
     ) -> Result<Identity, AuthError> {
         if let Some(value) = req.authorization {
             let (scheme, rest) = split_scheme(value);
+            // Case-insensitive scheme and extra spaces around the token are
+            // accepted on purpose: RFC 9110 §11.1 makes auth schemes
+            // case-insensitive and RFC 6750 §2.1 tokens carry no spaces, so
+            // nothing a client could mean differently is let through.
             if scheme.eq_ignore_ascii_case(b"bearer") {
                 let tokens = self
                     .tokens
