@@ -31,6 +31,72 @@ pub enum ConfigError {
     },
 }
 
+/// A duration key, in seconds: a finite number from 0 to [`Seconds::MAX`]
+/// (NaN, infinities, negative and absurd values are refused when the file
+/// is parsed, with the key and the file named). 0 means "off" where a key
+/// says so.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Default)]
+pub struct Seconds(f64);
+
+impl Seconds {
+    /// 100 days: longer than any timeout here can mean.
+    pub const MAX: f64 = 8_640_000.0;
+
+    pub fn new(v: f64) -> Result<Self, String> {
+        if !v.is_finite() {
+            return Err(format!("{v} is not a number of seconds"));
+        }
+        if v < 0.0 {
+            return Err(format!("{v} seconds is negative"));
+        }
+        if v > Self::MAX {
+            return Err(format!("{v} seconds is more than {} (100 days)", Self::MAX));
+        }
+        Ok(Seconds(v))
+    }
+
+    pub fn get(self) -> f64 {
+        self.0
+    }
+
+    /// The duration; None for 0 ("off").
+    pub fn duration(self) -> Option<Duration> {
+        secs(self.0)
+    }
+
+    /// The duration, 0 included.
+    pub fn or_zero(self) -> Duration {
+        Duration::from_secs_f64(self.0)
+    }
+}
+
+impl From<f64> for Seconds {
+    /// For defaults and tests; panics on a value [`Seconds::new`] refuses.
+    fn from(v: f64) -> Self {
+        Seconds::new(v).expect("a valid number of seconds")
+    }
+}
+
+impl From<Seconds> for f64 {
+    fn from(s: Seconds) -> f64 {
+        s.0
+    }
+}
+
+impl std::ops::Deref for Seconds {
+    type Target = f64;
+    fn deref(&self) -> &f64 {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = f64::deserialize(d)?;
+        Seconds::new(v).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Which side this process runs when no subcommand names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -117,18 +183,18 @@ pub struct GatewayConfig {
     /// inherited from `[gateway.tls]`); absent = `[gateway.tls]`.
     pub tunnel_tls: Option<TlsConfig>,
     /// Seconds to wait for a response before answering 504.
-    pub timeout: f64,
+    pub timeout: Seconds,
     /// Seconds an idle client keep-alive connection is kept.
-    pub keepalive_timeout: f64,
+    pub keepalive_timeout: Seconds,
     /// Longest pause, in seconds, between pieces of a streamed response
     /// body (SSE, long downloads) before the client connection is closed.
-    pub stream_idle_timeout: f64,
+    pub stream_idle_timeout: Seconds,
     /// Seconds allowed to receive a whole request head (408 after); also
     /// how long a new connection that has sent nothing yet is held.
-    pub header_timeout: f64,
+    pub header_timeout: Seconds,
     /// Longest pause, in seconds, between two reads of a request body
     /// (408 after); also the grace before `request_body_min_rate` applies.
-    pub request_body_timeout: f64,
+    pub request_body_timeout: Seconds,
     /// Slowest average upload, bytes per second, once an upload has run
     /// `request_body_timeout` seconds (408 below it); 0 = no rate rule.
     pub request_body_min_rate: u64,
@@ -144,7 +210,7 @@ pub struct GatewayConfig {
     pub chunk_size: usize,
     /// Seconds between WebSocket pings on a tunnel; a tunnel silent for
     /// three intervals is closed.
-    pub ping_interval: f64,
+    pub ping_interval: Seconds,
     /// Longest request line, bytes (414 beyond).
     pub max_request_line: usize,
     /// Largest request head, bytes (431 beyond).
@@ -161,7 +227,7 @@ pub struct GatewayConfig {
     pub max_pending_upgrades: usize,
     /// Seconds an upgrade may take from its first byte to the 101: reading
     /// the head, authentication (DID document fetch included); 408 after.
-    pub handshake_timeout: f64,
+    pub handshake_timeout: Seconds,
     /// WebSocket pings a receiver may send in one second; beyond it the
     /// tunnel is failed with close code 1008.
     pub max_pings_per_second: usize,
@@ -173,7 +239,7 @@ pub struct GatewayConfig {
     pub tunnel_max_fragments: usize,
     /// Seconds a tunnel that ended may take to send its last frames (the
     /// Close) before its socket and queue are dropped.
-    pub tunnel_close_grace: f64,
+    pub tunnel_close_grace: Seconds,
     /// A second receiver instance (another `instance_id`) for an identity
     /// that has tunnels: "share", "refuse" or "replace".
     pub duplicate_tunnels: DuplicateTunnels,
@@ -181,11 +247,11 @@ pub struct GatewayConfig {
     pub trust_forwarded: bool,
     /// Seconds a SIGTERM/SIGINT drain waits for in-flight requests before
     /// the process exits anyway.
-    pub shutdown_grace: f64,
+    pub shutdown_grace: Seconds,
     /// Seconds a request for an identity with no tunnel connected waits for
     /// one (a receiver reconnecting, a gateway just started) before 503;
     /// 0 = answer 503 at once.
-    pub no_tunnel_wait: f64,
+    pub no_tunnel_wait: Seconds,
     /// Serve `/stats` and `/metrics` on `admin_host:admin_port`.
     pub admin_enabled: bool,
     /// Address of the admin listener (keep it on loopback).
@@ -206,33 +272,33 @@ impl Default for GatewayConfig {
             tunnel_port: None,
             tls: TlsConfig::default(),
             tunnel_tls: None,
-            timeout: 30.0,
-            keepalive_timeout: 60.0,
-            stream_idle_timeout: 300.0,
-            header_timeout: 10.0,
-            request_body_timeout: 10.0,
+            timeout: Seconds(30.0),
+            keepalive_timeout: Seconds(60.0),
+            stream_idle_timeout: Seconds(300.0),
+            header_timeout: Seconds(10.0),
+            request_body_timeout: Seconds(10.0),
             request_body_min_rate: 1024,
             request_buffer_size: 64 * 1024,
             max_connections: 10_000,
             max_body_size: 64 * 1024 * 1024,
             chunk_size: 64 * 1024,
-            ping_interval: 20.0,
+            ping_interval: Seconds(20.0),
             max_request_line: 8 * 1024,
             max_head_size: 64 * 1024,
             max_headers: 100,
             max_inflight_per_tunnel: 4096,
             max_pending_upgrades_per_ip: 16,
             max_pending_upgrades: 1024,
-            handshake_timeout: 10.0,
+            handshake_timeout: Seconds(10.0),
             max_pings_per_second: 10,
             // Receivers may use a chunk size of their own up to 1 MiB.
             tunnel_max_message_size: (1 << 20) + 1024,
             tunnel_max_fragments: 1024,
-            tunnel_close_grace: 2.0,
+            tunnel_close_grace: Seconds(2.0),
             duplicate_tunnels: DuplicateTunnels::Share,
             trust_forwarded: false,
-            shutdown_grace: 30.0,
-            no_tunnel_wait: 2.0,
+            shutdown_grace: Seconds(30.0),
+            no_tunnel_wait: Seconds(2.0),
             admin_enabled: true,
             admin_host: "127.0.0.1".into(),
             // Absent key: a free port, printed at start (so several gateways
@@ -267,15 +333,15 @@ pub struct AuthConfig {
     /// Let document fetches reach private, loopback or link-local addresses.
     pub allow_private_resolver_targets: bool,
     /// Seconds a fetched document is reused.
-    pub document_cache_ttl: f64,
+    pub document_cache_ttl: Seconds,
     /// Seconds a failed fetch is remembered.
-    pub document_negative_cache_ttl: f64,
+    pub document_negative_cache_ttl: Seconds,
     /// Most documents (and failures) cached.
     pub document_cache_size: usize,
     /// Largest DID document, bytes.
     pub document_max_size: usize,
     /// Seconds a document fetch may take in all.
-    pub resolver_timeout: f64,
+    pub resolver_timeout: Seconds,
     /// Routes of DID identities (until the registry owns them).
     pub dids: Vec<DidEntry>,
 }
@@ -292,11 +358,11 @@ impl Default for AuthConfig {
             timestamp_window_future: 60,
             nonce_cache_size: 100_000,
             allow_private_resolver_targets: false,
-            document_cache_ttl: 300.0,
-            document_negative_cache_ttl: 30.0,
+            document_cache_ttl: Seconds(300.0),
+            document_negative_cache_ttl: Seconds(30.0),
             document_cache_size: 10_000,
             document_max_size: 64 * 1024,
-            resolver_timeout: 5.0,
+            resolver_timeout: Seconds(5.0),
             dids: Vec::new(),
         }
     }
@@ -338,11 +404,11 @@ pub struct DatabaseConfig {
     pub database: String,
     pub charset: String,
     /// Seconds to wait for a TCP connection to the server.
-    pub connect_timeout: f64,
+    pub connect_timeout: Seconds,
     pub min_connections: usize,
     pub max_connections: usize,
     /// Seconds between re-reads of the table by the gateway.
-    pub poll_interval: f64,
+    pub poll_interval: Seconds,
 }
 
 /// Keys that only mean something to MySQL: their presence without
@@ -370,10 +436,10 @@ impl Default for DatabaseConfig {
             password: String::new(),
             database: "anp_proxy".into(),
             charset: "utf8mb4".into(),
-            connect_timeout: 10.0,
+            connect_timeout: Seconds(10.0),
             min_connections: 1,
             max_connections: 10,
-            poll_interval: 2.0,
+            poll_interval: Seconds(2.0),
         }
     }
 }
@@ -464,15 +530,15 @@ pub struct ReceiverConfig {
     pub max_concurrent: usize,
     /// Seconds to wait for the local app's response (0 = no limit; the
     /// gateway's `timeout` still applies).
-    pub upstream_timeout: f64,
+    pub upstream_timeout: Seconds,
     /// Seconds between WebSocket pings to the gateway.
-    pub ping_interval: f64,
+    pub ping_interval: Seconds,
     /// Largest ANPX frame this receiver sends, bytes.
     pub chunk_size: usize,
     /// Largest response body accepted from the app, bytes.
     pub max_body_size: usize,
     /// Ceiling of the reconnect backoff, seconds.
-    pub reconnect_max_delay: f64,
+    pub reconnect_max_delay: Seconds,
     /// DID document of this receiver's DID (relative to the config file);
     /// with `private_key`, the tunnel proves the DID instead of `token`.
     pub did_document: String,
@@ -488,6 +554,25 @@ pub struct ReceiverConfig {
     pub cert_file: String,
     /// PEM private key of `cert_file`.
     pub key_file: String,
+    /// Largest WebSocket frame, and message, the gateway may send on a
+    /// tunnel, bytes (close 1009 beyond); the gateway's `chunk_size` may
+    /// be up to 16 MiB.
+    pub tunnel_max_message_size: usize,
+    /// Most frames one WebSocket message from the gateway may span (close
+    /// 1008 beyond).
+    pub tunnel_max_fragments: usize,
+    /// Requests from a plain v1 gateway being reassembled at once on one
+    /// tunnel (the excess is refused).
+    pub max_inflight_per_tunnel: usize,
+    /// WebSocket pings the gateway may send in one second (close 1008
+    /// beyond).
+    pub max_pings_per_second: usize,
+    /// Seconds a tunnel that ended may take to send its last frames.
+    pub tunnel_close_grace: Seconds,
+    /// Seconds to connect to the gateway (TCP, and TLS for `wss://`).
+    pub connect_timeout: Seconds,
+    /// Seconds from connected to the gateway's 101.
+    pub handshake_timeout: Seconds,
     /// This receiver's name towards the gateway (`X-ANPX-Instance`: 1 to
     /// 64 of A-Z a-z 0-9 . _ -); empty = a random one generated once and
     /// kept in `.anp-proxy-instance` next to the config file.
@@ -502,17 +587,24 @@ impl Default for ReceiverConfig {
             token: String::new(),
             tunnels: 0,
             max_concurrent: 256,
-            upstream_timeout: 0.0,
-            ping_interval: 20.0,
+            upstream_timeout: Seconds(0.0),
+            ping_interval: Seconds(20.0),
             chunk_size: 64 * 1024,
             max_body_size: 64 * 1024 * 1024,
-            reconnect_max_delay: 30.0,
+            reconnect_max_delay: Seconds(30.0),
             did_document: String::new(),
             private_key: String::new(),
             auth_scheme: AuthScheme::DidWba,
             ca_file: String::new(),
             cert_file: String::new(),
             key_file: String::new(),
+            tunnel_max_message_size: 16 * 1024 * 1024 + 1024,
+            tunnel_max_fragments: 1024,
+            max_inflight_per_tunnel: 4096,
+            max_pings_per_second: 10,
+            tunnel_close_grace: Seconds(2.0),
+            connect_timeout: Seconds(10.0),
+            handshake_timeout: Seconds(30.0),
             instance_id: String::new(),
         }
     }
@@ -585,8 +677,32 @@ impl TlsConfig {
 }
 
 /// Seconds (as written in the file) to a `Duration`; 0 or less = none.
-pub fn secs(v: f64) -> Option<Duration> {
+pub fn secs(v: impl Into<f64>) -> Option<Duration> {
+    let v: f64 = v.into();
     (v > 0.0).then(|| Duration::from_secs_f64(v))
+}
+
+/// The dotted key whose value starts at byte `offset` of `text`
+/// (`gateway.timeout`), read from the `key = value` line and the table
+/// header above it; None when the line is not a key.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim();
+    if key.is_empty() || key.starts_with('[') || key.starts_with('#') {
+        return None;
+    }
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    Some(match table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_owned(),
+    })
 }
 
 impl Config {
@@ -607,9 +723,17 @@ impl Config {
 
     /// Parses and validates TOML text; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', " | "),
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
+            // toml's own layout (line, caret) kept; the key named first.
+            let detail = e.to_string().trim_end().to_owned();
+            let message = match e.span().and_then(|s| key_at(text, s.start)) {
+                Some(key) => format!("key `{key}`: {detail}"),
+                None => detail,
+            };
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            }
         })?;
         if cfg.gateway.database.backend.is_none() && has_mysql_keys(text) {
             cfg.gateway.database.backend = Some(DbBackend::Mysql);
@@ -640,10 +764,10 @@ impl Config {
                 format!("{} is outside 1024..=16777216", g.chunk_size),
             ));
         }
-        if g.timeout.is_nan() || g.timeout <= 0.0 {
+        if g.timeout.get() <= 0.0 {
             return Err(bad("gateway.timeout", "must be > 0".into()));
         }
-        if g.handshake_timeout.is_nan() || g.handshake_timeout <= 0.0 {
+        if g.handshake_timeout.get() <= 0.0 {
             return Err(bad("gateway.handshake_timeout", "must be > 0".into()));
         }
         for (key, v) in [
@@ -727,18 +851,7 @@ impl Config {
                 return Err(bad(key, "must be > 0".into()));
             }
         }
-        for (key, v) in [
-            ("gateway.auth.document_cache_ttl", a.document_cache_ttl),
-            (
-                "gateway.auth.document_negative_cache_ttl",
-                a.document_negative_cache_ttl,
-            ),
-        ] {
-            if v.is_nan() || v < 0.0 {
-                return Err(bad(key, "must be >= 0".into()));
-            }
-        }
-        if a.resolver_timeout.is_nan() || a.resolver_timeout <= 0.0 {
+        if a.resolver_timeout.get() <= 0.0 {
             return Err(bad("gateway.auth.resolver_timeout", "must be > 0".into()));
         }
         let d = &g.database;
@@ -766,7 +879,7 @@ impl Config {
             ("gateway.database.connect_timeout", d.connect_timeout),
             ("gateway.database.poll_interval", d.poll_interval),
         ] {
-            if v.is_nan() || v <= 0.0 {
+            if v.get() <= 0.0 {
                 return Err(bad(key, "must be > 0".into()));
             }
         }
@@ -864,6 +977,37 @@ fn has_mysql_keys(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_durations_are_refused_naming_the_key() {
+        for (line, key) in [
+            ("[gateway]\ntimeout = inf", "gateway.timeout"),
+            (
+                "[gateway]\nkeepalive_timeout = nan",
+                "gateway.keepalive_timeout",
+            ),
+            ("[gateway]\ntimeout = 1e300", "gateway.timeout"),
+            ("[gateway]\nheader_timeout = -1", "gateway.header_timeout"),
+            (
+                "[receiver]\nconnect_timeout = inf",
+                "receiver.connect_timeout",
+            ),
+            (
+                "[gateway.database]\npoll_interval = nan",
+                "gateway.database.poll_interval",
+            ),
+        ] {
+            let e = Config::parse(line, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("key `{key}`")), "{line}: {e}");
+            assert!(e.contains("x.toml"), "{e}");
+        }
+        let ok = "[receiver]\ntunnel_max_message_size = 2000000\ntunnel_max_fragments = 8\nmax_pings_per_second = 5\ntunnel_close_grace = 1\nconnect_timeout = 3\nhandshake_timeout = 5\nmax_inflight_per_tunnel = 10\n";
+        let c = Config::parse(ok, Path::new("x.toml")).unwrap();
+        assert_eq!(c.receiver.tunnel_max_fragments, 8);
+        assert_eq!(c.receiver.connect_timeout.get(), 3.0);
+    }
 
     #[test]
     fn shipped_config_parses() {
@@ -994,7 +1138,7 @@ mod tests {
         let c = Config::parse("", Path::new("x")).unwrap();
         assert_eq!(c.gateway.database.backend(), DbBackend::Sqlite);
         assert_eq!(c.gateway.database.path, "data/anp-proxy.db");
-        assert_eq!(c.gateway.database.poll_interval, 2.0);
+        assert_eq!(c.gateway.database.poll_interval.get(), 2.0);
         // The Python reference's section: MySQL keys, no `backend`.
         let text = "[gateway.database]\nhost='db'\nport=3306\nuser='anp'\npassword='pw-secret-1'\ndatabase='anp'\ncharset='utf8mb4'\nconnect_timeout=10\nmin_connections=1\nmax_connections=10\n";
         let c = Config::parse(text, Path::new("x")).unwrap();
@@ -1034,8 +1178,8 @@ mod tests {
     #[test]
     fn integer_and_float_seconds_both_parse() {
         let c = Config::parse("[gateway]\ntimeout = 2\n", Path::new("x")).unwrap();
-        assert_eq!(c.gateway.timeout, 2.0);
+        assert_eq!(c.gateway.timeout.get(), 2.0);
         let c = Config::parse("[gateway]\ntimeout = 0.5\n", Path::new("x")).unwrap();
-        assert_eq!(c.gateway.timeout, 0.5);
+        assert_eq!(c.gateway.timeout.get(), 0.5);
     }
 }

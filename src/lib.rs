@@ -16,4 +16,5 @@ pub mod receiver;
 pub mod registry;
 pub mod sync;
 pub mod tls;
+pub mod tunnel;
 pub mod ws;

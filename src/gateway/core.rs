@@ -258,6 +258,8 @@ pub struct Settings {
     pub head_limits: crate::http::Limits,
     pub shutdown_grace: Duration,
     pub no_tunnel_wait: Option<Duration>,
+    /// The tunnel engine's limits and timers (`vectored` set per tunnel).
+    pub tunnel: crate::tunnel::EngineConfig,
 }
 
 impl Settings {
@@ -286,6 +288,21 @@ impl Settings {
             },
             shutdown_grace: Duration::from_secs_f64(g.shutdown_grace.max(0.0)),
             no_tunnel_wait: secs(g.no_tunnel_wait),
+            tunnel: {
+                let max_message = g.tunnel_max_message_size.max(g.chunk_size + 1024);
+                crate::tunnel::EngineConfig {
+                    role: crate::ws::Role::Server,
+                    vectored: true,
+                    ping_interval: secs(g.ping_interval),
+                    limits: crate::ws::Limits {
+                        max_frame_payload: max_message,
+                        max_message,
+                        max_fragments: g.tunnel_max_fragments,
+                    },
+                    max_pings_per_second: g.max_pings_per_second,
+                    close_grace: Duration::from_secs_f64(g.tunnel_close_grace.max(0.0)),
+                }
+            },
         }
     }
 }

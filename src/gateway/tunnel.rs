@@ -38,10 +38,9 @@ use crate::protocol::anpx::{
 };
 use crate::protocol::features::Features;
 use crate::protocol::stream::{self, Incoming, StreamEncoder, Window, DEFAULT_WINDOW};
-use crate::ws::conn::{run_writer, ConnError, OutTx, Outgoing, WsReader};
+use crate::tunnel::engine::{self, Ended, FrameSink};
+use crate::ws::conn::{OutTx, Outgoing};
 use crate::ws::error::CLOSE_POLICY;
-use crate::ws::ping_limit::PingBudget;
-use crate::ws::{Decoder, Event, Role};
 
 /// A response head, and how its body arrives.
 #[derive(Debug)]
@@ -457,10 +456,10 @@ impl Drop for BodyStream {
     }
 }
 
-/// Runs an accepted, authenticated tunnel until it ends. `tls`: the
-/// socket is TLS (the writer then copies instead of gathering, see
-/// `ws::conn`).
-#[allow(clippy::too_many_arguments)] // the handshake's facts, passed once
+/// Runs an accepted tunnel on the engine (`crate::tunnel`) until it ends:
+/// registered on this core before its 101 leaves, unregistered with its
+/// in-flight requests failed (502) as soon as it ends.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_tunnel<S>(
     ctx: Rc<CoreCtx>,
     io: S,
@@ -475,19 +474,7 @@ pub async fn run_tunnel<S>(
     S::OwnedRead: AsyncReadRent + 'static,
     S::OwnedWrite: AsyncWriteRent + 'static,
 {
-    let (r, w) = io.into_split();
-    let (out, rx) = unbounded::channel();
-    // The writer ends when a Close is sent, or when `stop` fires: a peer
-    // that stopped reading must not keep the socket and queue forever.
-    let (stop, stopped) = oneshot::channel::<()>();
-    let writer = monoio::spawn(async move {
-        monoio::select! {
-            r = run_writer(w, rx, Role::Server, !tls) => if let Err(e) = r {
-                tracing::debug!(error = %e, "tunnel writer ended");
-            },
-            _ = stopped => tracing::debug!("tunnel writer stopped"),
-        }
-    });
+    let (out, rx) = engine::queue();
     let identity = owner.identity;
     let tunnel = Rc::new(Tunnel {
         id: ctx.next_tunnel_id(),
@@ -505,96 +492,62 @@ pub async fn run_tunnel<S>(
     let _ = out.send(Outgoing::Raw(handshake));
     tracing::info!(identity = %identity, instance = %tunnel.instance, %peer, core = ctx.index, tunnel = tunnel.id,
         features = %features.to_header_value(), "tunnel connected");
-
-    let ping = ctx.settings.ping_interval;
-    if let Some(every) = ping {
-        let out = out.clone();
-        let t = tunnel.clone();
-        monoio::spawn(async move {
-            loop {
-                monoio::time::sleep(every).await;
-                if t.closed.get() || out.send(Outgoing::Ping(Bytes::new())).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    let g = &ctx.shared.config.gateway;
-    let max_message = g.tunnel_max_message_size.max(g.chunk_size + 1024);
-    let limits = crate::ws::Limits {
-        max_frame_payload: max_message,
-        max_message,
-        max_fragments: g.tunnel_max_fragments,
+    let mut cfg = ctx.settings.tunnel.clone();
+    cfg.vectored = !tls;
+    let mut sink = GatewayFrames {
+        tunnel: tunnel.clone(),
+        reasm: Reassembler::new(anpx::Limits {
+            max_message_size: ctx.settings.max_body_size + 64 * 1024,
+            max_assemblies: ctx.settings.max_inflight_per_tunnel,
+        }),
+        refused: &ctx.shared.anpx_refused,
     };
-    let close_grace = Duration::from_secs_f64(g.tunnel_close_grace.max(0.0));
-    let idle = ping.map(|p| p * 3);
-    let mut reader = WsReader::new(r, leftover, Decoder::new(Role::Server, limits), idle);
-    let mut reasm = Reassembler::new(anpx::Limits {
-        max_message_size: ctx.settings.max_body_size + 64 * 1024,
-        max_assemblies: ctx.settings.max_inflight_per_tunnel,
-    });
-    let max_pings = ctx.shared.config.gateway.max_pings_per_second;
-    let mut pings = PingBudget::new(max_pings);
-    let refused = &ctx.shared.anpx_refused;
-    let why = loop {
-        match reader.next().await {
-            Ok(Event::Binary(msg)) => {
-                if features.stream {
-                    on_stream_frame(&tunnel, refused, msg);
-                } else {
-                    on_frame(&tunnel, &mut reasm, refused, msg);
-                }
-            }
-            Ok(Event::Text(t)) => {
-                // Credit for an upload; anything else is activity only (§6).
-                if let Some((rid, n)) = stream::parse_credit(&t) {
-                    if let Some(e) = parse_request_id(&rid)
-                        .and_then(|id| tunnel.inflight.borrow().get(&id).map(|e| e.upload.clone()))
-                    {
-                        e.add(n.min(DEFAULT_WINDOW));
-                    }
-                }
-            }
-            Ok(Event::Pong(_)) => {}
-            Ok(Event::Ping(p)) => {
-                if !pings.allow(std::time::Instant::now()) {
-                    let why = format!("more than {max_pings} pings in one second");
-                    tracing::warn!(identity = %identity, %peer, tunnel = tunnel.id, close_code = CLOSE_POLICY,
-                        reason = %why, "tunnel failed: ping flood");
-                    let _ = out.send(Outgoing::Close(CLOSE_POLICY, "ping flood".into()));
-                    break format!("ping flood: {why} (close {CLOSE_POLICY})");
-                }
-                let _ = out.send(Outgoing::Pong(p));
-            }
-            Ok(Event::Close { code, reason }) => {
-                let _ = out.send(Outgoing::Close(1000, String::new()));
-                break format!("receiver closed ({code:?} {reason})");
-            }
-            Err(ConnError::Ws(e)) => {
-                let code = e.close_code();
-                tracing::warn!(identity = %identity, %peer, tunnel = tunnel.id, close_code = code,
-                    error = %e, "tunnel failed: WebSocket protocol error");
-                let _ = out.send(Outgoing::Close(code, e.to_string()));
-                break format!("protocol error (close {code}): {e}");
-            }
-            Err(ConnError::Idle(d)) => {
-                let _ = out.send(Outgoing::Close(1001, "ping timeout".into()));
-                break format!("no traffic for {d:?}");
-            }
-            Err(e) => break e.to_string(),
+    let (why, closing) = engine::run(io, leftover, out, rx, &cfg, &mut sink).await;
+    match &why {
+        Ended::PingFlood { max } => {
+            tracing::warn!(identity = %identity, %peer, tunnel = tunnel.id, close_code = CLOSE_POLICY,
+                reason = %format_args!("more than {max} pings in one second"), "tunnel failed: ping flood")
         }
-    };
+        Ended::Protocol { code, error } => {
+            tracing::warn!(identity = %identity, %peer, tunnel = tunnel.id, close_code = code,
+                %error, "tunnel failed: WebSocket protocol error")
+        }
+        _ => {}
+    }
     ctx.unregister_tunnel(&tunnel);
     let lost = tunnel.inflight.borrow().len();
     tunnel.close();
     tracing::info!(identity = %identity, %peer, tunnel = tunnel.id, in_flight_failed = lost,
         reason = %why, "tunnel disconnected");
-    // Nothing more is read: end the writer now (not at the next ping
-    // tick, whose task also holds the queue). A Close gets tunnel_close_grace to
-    // leave; past it the write is dropped with the socket.
-    let _ = out.send(Outgoing::Close(1001, String::new()));
-    if monoio::time::timeout(close_grace, writer).await.is_err() {
-        let _ = stop.send(());
+    closing.finish().await;
+}
+
+/// The gateway's side of a tunnel: responses complete requests in flight.
+struct GatewayFrames<'a> {
+    tunnel: Rc<Tunnel>,
+    /// Whole messages of a plain v1 peer.
+    reasm: Reassembler,
+    refused: &'a FrameRefusals,
+}
+
+impl FrameSink for GatewayFrames<'_> {
+    fn frame(&mut self, msg: Bytes) {
+        if self.tunnel.features.stream {
+            on_stream_frame(&self.tunnel, self.refused, msg);
+        } else {
+            on_frame(&self.tunnel, &mut self.reasm, self.refused, msg);
+        }
+    }
+
+    /// Credit for an upload.
+    fn credit(&mut self, request_id: &str, bytes: usize) {
+        let window = parse_request_id(request_id).and_then(|id| {
+            let map = self.tunnel.inflight.borrow();
+            map.get(&id).map(|e| e.upload.clone())
+        });
+        if let Some(w) = window {
+            w.add(bytes.min(DEFAULT_WINDOW));
+        }
     }
 }
 

@@ -65,6 +65,22 @@ impl TunnelCount {
     }
 }
 
+/// The tunnel engine's settings from `[receiver]` (client role: masks).
+fn engine_config(r: &crate::config::ReceiverConfig) -> crate::tunnel::EngineConfig {
+    crate::tunnel::EngineConfig {
+        role: crate::ws::Role::Client,
+        vectored: false,
+        ping_interval: secs(r.ping_interval),
+        limits: crate::ws::Limits {
+            max_frame_payload: r.tunnel_max_message_size,
+            max_message: r.tunnel_max_message_size,
+            max_fragments: r.tunnel_max_fragments,
+        },
+        max_pings_per_second: r.max_pings_per_second,
+        close_grace: r.tunnel_close_grace.or_zero(),
+    }
+}
+
 /// Where a generated instance id is kept, next to the config file.
 const INSTANCE_FILE: &str = ".anp-proxy-instance";
 
@@ -176,7 +192,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                         upstream: Upstream::new(upstream, permits.max(1)),
                         permits: crate::sync::Permits::new(permits),
                         chunk_size: r.chunk_size,
-                        ping_interval: secs(r.ping_interval),
+                        engine: engine_config(&r),
+                        max_inflight: r.max_inflight_per_tunnel,
+                        connect_timeout: r.connect_timeout.or_zero(),
+                        handshake_timeout: r.handshake_timeout.or_zero(),
                         upstream_timeout: secs(r.upstream_timeout),
                         max_body: r.max_body_size,
                         reconnect_max: secs(r.reconnect_max_delay)

@@ -23,8 +23,9 @@ use crate::protocol::anpx::{self, FrameType, Message, Reassembler, RequestMeta};
 use crate::protocol::features::{Features, FEATURES_HEADER, INSTANCE_HEADER, TUNNELS_HEADER};
 use crate::protocol::stream::{self, Incoming, Window, DEFAULT_WINDOW};
 use crate::tls::client::GatewayStream;
-use crate::ws::conn::{run_writer, ConnError, OutTx, Outgoing, WsReader};
-use crate::ws::{self, Decoder, Event, Role};
+use crate::tunnel::engine::{self, Ended, FrameSink};
+use crate::ws;
+use crate::ws::conn::{OutTx, Outgoing};
 
 /// Everything one receiver core shares among its tunnel slots.
 pub struct CoreRx {
@@ -41,7 +42,14 @@ pub struct CoreRx {
     /// `max_concurrent` for this core (cancel-safe: `crate::sync`).
     pub permits: crate::sync::Permits,
     pub chunk_size: usize,
-    pub ping_interval: Option<Duration>,
+    /// The tunnel engine's limits and timers (`[receiver]` keys).
+    pub engine: crate::tunnel::EngineConfig,
+    /// `max_inflight_per_tunnel`: whole messages being reassembled.
+    pub max_inflight: usize,
+    /// `connect_timeout`: TCP connect plus TLS handshake.
+    pub connect_timeout: Duration,
+    /// `handshake_timeout`: from connected to the gateway's 101.
+    pub handshake_timeout: Duration,
     pub upstream_timeout: Option<Duration>,
     pub max_body: usize,
     pub reconnect_max: Duration,
@@ -148,7 +156,7 @@ fn auth_headers(ctx: &CoreRx, host: &str) -> Vec<(&'static str, String)> {
 async fn connect_and_serve(ctx: &Rc<CoreRx>, index: usize) -> Result<(), TunnelError> {
     let addr = ctx.gateway.authority();
     let connect = TcpStream::connect(addr.as_str());
-    let io = match monoio::time::timeout(Duration::from_secs(10), connect).await {
+    let io = match monoio::time::timeout(ctx.connect_timeout, connect).await {
         Ok(Ok(s)) => s,
         Ok(Err(source)) => return Err(TunnelError::Connect { addr, source }),
         Err(_) => return Err(TunnelError::Timeout),
@@ -156,7 +164,7 @@ async fn connect_and_serve(ctx: &Rc<CoreRx>, index: usize) -> Result<(), TunnelE
     let _ = io.set_nodelay(true);
     let mut io = match &ctx.tls {
         None => GatewayStream::Plain(io),
-        Some(d) => match monoio::time::timeout(Duration::from_secs(10), d.handshake(io)).await {
+        Some(d) => match monoio::time::timeout(ctx.connect_timeout, d.handshake(io)).await {
             Ok(r) => r?,
             Err(_) => return Err(TunnelError::Timeout),
         },
@@ -174,7 +182,7 @@ async fn connect_and_serve(ctx: &Rc<CoreRx>, index: usize) -> Result<(), TunnelE
 
     // Read the answer: 101, or a refusal whose body says why.
     let mut buf = BytesMut::with_capacity(16 * 1024);
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + ctx.handshake_timeout;
     let resp = loop {
         match ws::parse_server_response(&buf, &key) {
             Ok(Some(r)) => break r,
@@ -266,115 +274,116 @@ where
     S::OwnedRead: AsyncReadRent + 'static,
     S::OwnedWrite: AsyncWriteRent + 'static,
 {
-    let (r, w) = io.into_split();
-    let (out, rx) = local_sync::mpsc::unbounded::channel();
-    monoio::spawn(async move {
-        let _ = run_writer(w, rx, Role::Client, false).await;
-    });
-    let alive = Rc::new(std::cell::Cell::new(true));
-    if let Some(every) = ctx.ping_interval {
-        let out = out.clone();
-        let alive = alive.clone();
-        monoio::spawn(async move {
-            loop {
-                monoio::time::sleep(every).await;
-                if !alive.get() || out.send(Outgoing::Ping(Bytes::new())).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    // Frames from the gateway: up to the largest chunk size it may use.
-    let limits = ws::Limits {
-        max_frame_payload: 16 * 1024 * 1024 + 1024,
-        max_message: 16 * 1024 * 1024 + 1024,
-        max_fragments: 1024,
-    };
-    let idle = ctx.ping_interval.map(|p| p * 3);
-    let mut reader = WsReader::new(r, leftover, Decoder::new(Role::Client, limits), idle);
-    let mut reasm = Reassembler::new(anpx::Limits {
-        max_message_size: ctx.max_body + 64 * 1024,
-        max_assemblies: 4096,
-    });
+    let (out, rx) = engine::queue();
     let reqs: Reqs = Rc::new(RefCell::new(HashMap::new()));
-    let result = loop {
-        match reader.next().await {
-            Ok(Event::Binary(msg)) => {
-                if features.stream {
-                    on_stream_frame(ctx, &out, &reqs, features, index, msg);
-                    continue;
-                }
-                match reasm.push(msg) {
-                    Ok(Some(Message::Request {
-                        request_id,
-                        meta,
-                        body,
-                    })) => start_request(
-                        ctx,
-                        &out,
-                        &reqs,
-                        features,
-                        request_id,
-                        meta,
-                        ReqBody::Full(body),
-                    ),
-                    Ok(Some(Message::Error {
-                        request_id,
-                        message,
-                    })) => {
-                        tracing::debug!(tunnel = index, %request_id, %message, "gateway error frame");
-                    }
-                    Ok(Some(Message::Response { request_id, .. })) => {
-                        tracing::warn!(tunnel = index, %request_id, "gateway sent a response frame; refused");
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::warn!(tunnel = index, error = %e, "invalid ANPX frame refused");
-                        if let Some(rid) = e.request_id() {
-                            let _ =
-                                out.send(Outgoing::Binary(anpx::encode_error(rid, &e.to_string())));
-                        }
-                    }
-                }
-            }
-            Ok(Event::Ping(p)) => {
-                let _ = out.send(Outgoing::Pong(p));
-            }
-            Ok(Event::Text(t)) => {
-                // Credit for a response body (`stream`); else activity only.
-                if let Some((rid, n)) = stream::parse_credit(&t) {
-                    if let Some(r) = reqs.borrow().get(rid.as_str()) {
-                        r.window.add(n.min(DEFAULT_WINDOW));
-                    }
-                }
-            }
-            Ok(Event::Pong(_)) => {}
-            Ok(Event::Close { code, reason }) => {
-                let _ = out.send(Outgoing::Close(1000, String::new()));
-                if code == Some(1001) {
-                    break Err(TunnelError::GoingAway(reason.to_string()));
-                }
-                if code == Some(crate::protocol::features::CLOSE_REPLACED) {
-                    break Err(TunnelError::Replaced(reason.to_string()));
-                }
-                break Err(TunnelError::Ended(format!(
-                    "gateway closed ({code:?} {reason})"
-                )));
-            }
-            Err(ConnError::Ws(e)) => {
-                let _ = out.send(Outgoing::Close(e.close_code(), e.to_string()));
-                break Err(TunnelError::Ended(e.to_string()));
-            }
-            Err(e) => break Err(TunnelError::Ended(e.to_string())),
-        }
+    let mut sink = ReceiverFrames {
+        ctx: ctx.clone(),
+        out: out.clone(),
+        reqs: reqs.clone(),
+        features,
+        index,
+        reasm: Reassembler::new(anpx::Limits {
+            max_message_size: ctx.max_body + 64 * 1024,
+            max_assemblies: ctx.max_inflight,
+        }),
     };
-    alive.set(false);
+    let (ended, closing) = engine::run(io, leftover, out, rx, &ctx.engine, &mut sink).await;
     // Dropping the entries cancels the upstream calls still running: their
-    // responses have nowhere to go.
-    // Taken out first: no borrow is held while their channels wake tasks.
+    // responses have nowhere to go. Taken out first: no borrow is held
+    // while their channels wake tasks.
     let gone: Vec<RxReq> = reqs.borrow_mut().drain().map(|(_, r)| r).collect();
     drop(gone);
-    result
+    closing.finish().await;
+    Err(match ended {
+        Ended::Closed {
+            code: Some(1001),
+            reason,
+        } => TunnelError::GoingAway(reason),
+        Ended::Closed {
+            code: Some(crate::protocol::features::CLOSE_REPLACED),
+            reason,
+        } => TunnelError::Replaced(reason),
+        Ended::Closed { code, reason } => {
+            TunnelError::Ended(format!("gateway closed ({code:?} {reason})"))
+        }
+        other => TunnelError::Ended(other.to_string()),
+    })
+}
+
+/// The receiver's side of a tunnel: requests start upstream calls.
+struct ReceiverFrames {
+    ctx: Rc<CoreRx>,
+    out: OutTx,
+    reqs: Reqs,
+    features: Features,
+    index: usize,
+    /// Whole messages from a plain v1 gateway.
+    reasm: Reassembler,
+}
+
+impl FrameSink for ReceiverFrames {
+    fn frame(&mut self, msg: Bytes) {
+        if self.features.stream {
+            on_stream_frame(
+                &self.ctx,
+                &self.out,
+                &self.reqs,
+                self.features,
+                self.index,
+                msg,
+            );
+        } else {
+            self.whole_frame(msg);
+        }
+    }
+
+    /// Credit for a response body (`stream`).
+    fn credit(&mut self, request_id: &str, bytes: usize) {
+        let window = self.reqs.borrow().get(request_id).map(|r| r.window.clone());
+        if let Some(w) = window {
+            w.add(bytes.min(DEFAULT_WINDOW));
+        }
+    }
+}
+
+impl ReceiverFrames {
+    /// A plain v1 gateway: whole requests through the reassembler.
+    fn whole_frame(&mut self, msg: Bytes) {
+        let index = self.index;
+        match self.reasm.push(msg) {
+            Ok(Some(Message::Request {
+                request_id,
+                meta,
+                body,
+            })) => start_request(
+                &self.ctx,
+                &self.out,
+                &self.reqs,
+                self.features,
+                request_id,
+                meta,
+                ReqBody::Full(body),
+            ),
+            Ok(Some(Message::Error {
+                request_id,
+                message,
+            })) => {
+                tracing::debug!(tunnel = index, %request_id, %message, "gateway error frame");
+            }
+            Ok(Some(Message::Response { request_id, .. })) => {
+                tracing::warn!(tunnel = index, %request_id, "gateway sent a response frame; refused");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(tunnel = index, error = %e, "invalid ANPX frame refused");
+                if let Some(rid) = e.request_id() {
+                    let _ = self
+                        .out
+                        .send(Outgoing::Binary(anpx::encode_error(rid, &e.to_string())));
+                }
+            }
+        }
+    }
 }
 
 /// A request this tunnel is serving.
@@ -617,6 +626,7 @@ async fn handle_request(
 mod cancel_props {
     use super::*;
     use crate::protocol::anpx::MetaRef;
+    use crate::ws::Role;
     use proptest::prelude::*;
     use std::net::SocketAddr;
 
@@ -680,7 +690,21 @@ mod cancel_props {
             upstream: Upstream::new(up, permits),
             permits: crate::sync::Permits::new(permits),
             chunk_size: 64 * 1024,
-            ping_interval: None,
+            engine: crate::tunnel::EngineConfig {
+                role: Role::Client,
+                vectored: false,
+                ping_interval: None,
+                limits: ws::Limits {
+                    max_frame_payload: 1 << 20,
+                    max_message: 1 << 20,
+                    max_fragments: 16,
+                },
+                max_pings_per_second: 10,
+                close_grace: Duration::from_secs(1),
+            },
+            max_inflight: 64,
+            connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
             upstream_timeout: None,
             max_body: 1 << 20,
             reconnect_max: Duration::from_secs(1),

@@ -61,6 +61,11 @@ impl DidAuth {
             Source::Https
         };
         let secs = |v: f64| Duration::from_secs_f64(v.max(0.0));
+        let (resolver_timeout, cache_ttl, negative_ttl) = (
+            a.resolver_timeout.get(),
+            a.document_cache_ttl.get(),
+            a.document_negative_cache_ttl.get(),
+        );
         Self::new(
             VerifierConfig {
                 service_domains: a
@@ -74,12 +79,12 @@ impl DidAuth {
             },
             ResolverConfig {
                 source,
-                connect_timeout: secs(a.resolver_timeout.min(3.0)),
-                timeout: secs(a.resolver_timeout),
+                connect_timeout: secs(resolver_timeout.min(3.0)),
+                timeout: secs(resolver_timeout),
                 max_size: a.document_max_size,
                 allow_private: a.allow_private_resolver_targets,
-                cache_ttl: secs(a.document_cache_ttl),
-                negative_ttl: secs(a.document_negative_cache_ttl),
+                cache_ttl: secs(cache_ttl),
+                negative_ttl: secs(negative_ttl),
                 cache_size: a.document_cache_size,
             },
         )
