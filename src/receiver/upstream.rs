@@ -13,6 +13,7 @@ use monoio::net::TcpStream;
 
 use super::sink::ResponseSink;
 use super::url::Url;
+use crate::http::headers::HopByHop;
 use crate::http::{self, ChunkedDecoder, ChunkedStep, ResponseBody};
 use crate::protocol::anpx::{latin1_to_string, string_to_latin1, RequestMeta, ResponseMeta};
 
@@ -110,11 +111,14 @@ pub fn write_request_head(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let exact = meta.header_list.is_some();
     let list = meta.header_list.as_ref().unwrap_or(&meta.headers);
+    // A v1 gateway (the reference) may leave the client's Connection-named
+    // fields in; ours has removed them already.
+    let hop = HopByHop::of(list.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
     let mut has_host = false;
     let mut had_cl = false;
     for (name, value) in list {
         let n = name.as_bytes();
-        if http::headers::is_hop_by_hop(name) || !is_token(n) {
+        if hop.drops(n) || !is_token(n) {
             continue;
         }
         if name.eq_ignore_ascii_case("content-length") {
@@ -479,19 +483,26 @@ impl Attempt {
     }
 }
 
-/// ANPX response meta: the flat v1 map and the exact header list.
+/// ANPX response meta: the flat v1 map and the exact header list, without
+/// the hop-by-hop fields and those the app's `Connection` names.
 fn response_meta(resp: &http::ResponseHead, buf: &[u8]) -> ResponseMeta {
     let mut list = Vec::with_capacity(resp.headers.len());
     let mut flat: Vec<(String, String)> = Vec::with_capacity(resp.headers.len());
+    let hop = HopByHop::of(
+        resp.headers
+            .iter()
+            .map(|h| (&buf[h.name.clone()], &buf[h.value.clone()])),
+    );
     for h in &resp.headers {
-        let name = String::from_utf8_lossy(&buf[h.name.clone()]).into_owned();
+        let raw_name = &buf[h.name.clone()];
         // With both Content-Length and Transfer-Encoding the length is
         // wrong (RFC 9112 §6.3): it must not travel on.
-        if http::headers::is_hop_by_hop(&name)
-            || (resp.content_length_ignored && name.eq_ignore_ascii_case("content-length"))
+        if hop.drops(raw_name)
+            || (resp.content_length_ignored && raw_name.eq_ignore_ascii_case(b"content-length"))
         {
             continue;
         }
+        let name = String::from_utf8_lossy(raw_name).into_owned();
         let value = latin1_to_string(&buf[h.value.clone()]);
         let lower = name.to_ascii_lowercase();
         match flat.iter_mut().find(|(k, _)| *k == lower) {
@@ -536,6 +547,44 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("host: gw\r\n"));
+    }
+
+    #[test]
+    fn request_head_drops_what_a_v1_gateways_connection_names() {
+        // The reference gateway relays the client's fields as they came.
+        let mut m = meta(None);
+        m.headers = vec![
+            ("host".into(), "gw".into()),
+            ("connection".into(), "keep-alive, X-Hop".into()),
+            ("x-hop".into(), "secret".into()),
+            ("x-kept".into(), "yes".into()),
+        ];
+        let mut out = Vec::new();
+        write_request_head(&mut out, &m, BodyLen::Known(0), "up:1").unwrap();
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.ends_with("\r\nhost: gw\r\nx-kept: yes\r\n\r\n"), "{s}");
+        assert!(!s.contains("secret") && !s.contains("connection"), "{s}");
+    }
+
+    #[test]
+    fn response_meta_drops_what_the_apps_connection_names() {
+        let raw = b"HTTP/1.1 200 OK\r\nConnection: X-Internal\r\nX-Internal: secret\r\n\
+            x-other: 2\r\nconnection: keep-alive, X-OTHER\r\nX-Kept: yes\r\n\
+            Content-Length: 0\r\n\r\n";
+        let resp = http::parse_response_head(raw, &http::Limits::default(), false)
+            .unwrap()
+            .unwrap();
+        let m = response_meta(&resp, raw);
+        let names: Vec<&str> = m
+            .header_list
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(names, ["X-Kept", "Content-Length"]);
+        let flat: Vec<&str> = m.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(flat, ["x-kept", "content-length"]);
     }
 
     #[test]
