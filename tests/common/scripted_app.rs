@@ -56,6 +56,11 @@ impl Exchange<'_> {
         s.write_all(bytes).and_then(|()| s.flush()).is_ok()
     }
 
+    /// Closes the connection both ways (the app hangs up).
+    pub fn close(&mut self) {
+        let _ = self.reader.get_ref().shutdown(std::net::Shutdown::Both);
+    }
+
     /// Reads (and discards) what is left of the request body.
     pub fn read_body(&mut self) -> io::Result<()> {
         let n = std::mem::take(&mut self.body_left);
