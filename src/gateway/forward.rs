@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use crate::http::headers::HopByHop;
 use crate::http::{self, RequestHead};
 use crate::protocol::anpx::{latin1_to_string, string_to_latin1, RequestMeta, ResponseMeta};
 
@@ -41,13 +42,11 @@ pub fn build_request_meta(
     trust_forwarded: bool,
 ) -> RequestMeta {
     let proto = if tls { "https" } else { "http" };
-    // Names listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
-    let mut conn_named: Vec<&[u8]> = Vec::new();
-    for h in &head.headers {
-        if buf[h.name.clone()].eq_ignore_ascii_case(b"connection") {
-            conn_named.extend(http::headers::connection_tokens(&buf[h.value.clone()]));
-        }
-    }
+    let hop = HopByHop::of(
+        head.headers
+            .iter()
+            .map(|h| (&buf[h.name.clone()], &buf[h.value.clone()])),
+    );
     let mut list: Vec<(String, String)> = Vec::with_capacity(head.headers.len() + 4);
     let mut prior_xff: Option<String> = None;
     let mut prior_fwd: Option<String> = None;
@@ -58,10 +57,7 @@ pub fn build_request_meta(
         let name = &buf[h.name.clone()];
         let value = &buf[h.value.clone()];
         let name_s = std::str::from_utf8(name).unwrap_or_default();
-        if http::headers::is_hop_by_hop(name_s)
-            || name.eq_ignore_ascii_case(b"expect")
-            || conn_named.iter().any(|c| c.eq_ignore_ascii_case(name))
-        {
+        if hop.drops(name) || name.eq_ignore_ascii_case(b"expect") {
             continue;
         }
         if chunked_len.is_some() && name.eq_ignore_ascii_case(b"content-length") {
@@ -216,8 +212,10 @@ pub enum Framing {
 
 /// Writes the status line and headers of a proxied response. Headers from
 /// the receiver are re-validated: a name or value that could split the
-/// response is dropped; hop-by-hop headers and the app's framing headers
-/// are replaced by ours.
+/// response is dropped; hop-by-hop headers, the fields the app's
+/// `Connection` names (our receiver strips them already; a plain v1 or
+/// third-party one may not) and the app's framing headers are replaced by
+/// ours.
 pub fn write_response_head(out: &mut Vec<u8>, meta: &ResponseMeta, framing: Framing, close: bool) {
     let status = meta.status;
     let reason = if !meta.reason.is_empty()
@@ -232,12 +230,12 @@ pub fn write_response_head(out: &mut Vec<u8>, meta: &ResponseMeta, framing: Fram
     };
     http::headers::write_status_line(out, status, reason);
     let keep_cl = framing == Framing::None && status != 204;
-    let pairs: Box<dyn Iterator<Item = (&str, &str)>> = match &meta.header_list {
-        Some(l) => Box::new(l.iter().map(|(n, v)| (n.as_str(), v.as_str()))),
-        None => Box::new(meta.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()))),
-    };
-    for (name, value) in pairs {
-        if http::headers::is_hop_by_hop(name)
+    let fields = meta.header_list.as_deref().unwrap_or(&meta.headers);
+    // Connection tokens are ASCII, so the Latin-1 text of an exact value
+    // reads the same as its bytes.
+    let hop = HopByHop::of(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+    for (name, value) in fields {
+        if hop.drops(name)
             || (name.eq_ignore_ascii_case("content-length") && !keep_cl)
             || !valid_field_name(name.as_bytes())
         {
@@ -317,6 +315,75 @@ mod tests {
             s,
             "HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\ncontent-length: 3\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn response_head_drops_what_the_apps_connection_names() {
+        // A plain v1 receiver relays the flat map; ours the exact list.
+        let exact = vec![
+            (
+                "Connection".to_string(),
+                "X-Internal, keep-alive".to_string(),
+            ),
+            ("X-Internal".into(), "secret".into()),
+            ("x-other".into(), "2".into()),
+            ("connection".into(), "X-OTHER".into()),
+            ("X-Kept".into(), "yes".into()),
+        ];
+        let flat = exact
+            .iter()
+            .map(|(n, v)| (n.to_ascii_lowercase(), v.clone()))
+            .collect();
+        for (headers, header_list) in [(flat, None), (vec![], Some(exact))] {
+            let meta = ResponseMeta {
+                status: 200,
+                reason: "OK".into(),
+                headers,
+                header_list,
+            };
+            let mut out = Vec::new();
+            write_response_head(&mut out, &meta, Framing::Length(0), false);
+            let s = String::from_utf8(out).unwrap().to_ascii_lowercase();
+            assert_eq!(
+                s, "http/1.1 200 ok\r\nx-kept: yes\r\ncontent-length: 0\r\n\r\n",
+                "{:?}",
+                meta.header_list
+            );
+        }
+    }
+
+    #[test]
+    fn request_meta_drops_what_the_clients_connection_names() {
+        let raw: &[u8] = b"GET / HTTP/1.1\r\nHost: h\r\nX-Hop: 1\r\n\
+            Connection: x-hop\r\nConnection: X-Second, Keep-Alive\r\nX-SECOND: 2\r\n\
+            Keep-Alive: 5\r\nX-Kept: yes\r\n\r\n";
+        let head = http::parse_request_head(raw, &http::Limits::default())
+            .unwrap()
+            .unwrap();
+        let peer: SocketAddr = "192.0.2.1:5".parse().unwrap();
+        let meta = build_request_meta(&head, raw, "/", b"/", b"", peer, false, None, false);
+        let names: Vec<&str> = meta
+            .header_list
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "Host",
+                "X-Kept",
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-forwarded-host",
+                "forwarded"
+            ]
+        );
+        assert!(!meta
+            .headers
+            .iter()
+            .any(|(n, _)| n.starts_with("x-hop") || n == "x-second"));
     }
 
     #[test]

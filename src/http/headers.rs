@@ -11,7 +11,8 @@
 /// `Trailer`, `Transfer-Encoding`, `Upgrade` and the `Proxy-Auth*` pair are
 /// per-hop by their own definitions, §10.1.4, §6.6.2, RFC 9112 §6.1,
 /// §7.8, §11.7). Case-insensitive (RFC 9110 §5.1).
-pub fn is_hop_by_hop(name: &str) -> bool {
+pub fn is_hop_by_hop(name: impl AsRef<[u8]>) -> bool {
+    let name = name.as_ref();
     // Dispatch on length first so the common case (a long, ordinary name)
     // costs one compare at most.
     let candidates: &[&str] = match name.len() {
@@ -24,7 +25,48 @@ pub fn is_hop_by_hop(name: &str) -> bool {
         19 => &["proxy-authorization"],
         _ => return false,
     };
-    candidates.iter().any(|c| name.eq_ignore_ascii_case(c))
+    candidates
+        .iter()
+        .any(|c| name.eq_ignore_ascii_case(c.as_bytes()))
+}
+
+/// What a proxy must not forward from one message (RFC 9110 §7.6.1): the
+/// fixed hop-by-hop set of [`is_hop_by_hop`] plus every field that a
+/// `Connection` field of the same message names. Built once per message
+/// from its fields, then asked once per field. The one rule for all four
+/// crossings: client → gateway → receiver → app and back.
+///
+/// Allocates only when a `Connection` field names something outside the
+/// fixed set (`Connection: keep-alive` alone costs nothing).
+#[derive(Debug, Default)]
+pub struct HopByHop<'a> {
+    named: Vec<&'a [u8]>,
+}
+
+impl<'a> HopByHop<'a> {
+    /// Collects the names listed by every `Connection` field among
+    /// `fields` (`(name, value)` pairs, in any order; several `Connection`
+    /// fields combine, RFC 9110 §5.3).
+    pub fn of<I>(fields: I) -> Self
+    where
+        I: IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    {
+        let mut named = Vec::new();
+        for (name, value) in fields {
+            if name.eq_ignore_ascii_case(b"connection") {
+                // Names already in the fixed set need no entry.
+                named.extend(connection_tokens(value).filter(|t| !is_hop_by_hop(t)));
+            }
+        }
+        HopByHop { named }
+    }
+
+    /// Whether the field `name` must be dropped rather than forwarded.
+    /// Case-insensitive (RFC 9110 §5.1).
+    pub fn drops(&self, name: impl AsRef<[u8]>) -> bool {
+        let name = name.as_ref();
+        is_hop_by_hop(name) || self.named.iter().any(|n| n.eq_ignore_ascii_case(name))
+    }
 }
 
 /// Optional whitespace, RFC 9110 §5.6.3.
@@ -228,6 +270,46 @@ mod tests {
         assert_eq!(t, vec![&b"close"[..], b"X-Foo", b"keep-alive"]);
         assert_eq!(connection_tokens(b"").count(), 0);
         assert_eq!(connection_tokens(b" , ,").count(), 0);
+    }
+
+    fn fields<'a>(pairs: &'a [(&'a str, &'a str)]) -> HopByHop<'a> {
+        HopByHop::of(pairs.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())))
+    }
+
+    #[test]
+    fn hop_by_hop_covers_the_fixed_set_and_what_connection_names() {
+        let h = fields(&[
+            ("X-Internal", "secret"),
+            ("Connection", "keep-alive, X-Internal"),
+            ("connection", " x-other ,,"),
+            ("X-Kept", "yes"),
+        ]);
+        for gone in [
+            "x-internal",
+            "X-INTERNAL",
+            "X-Other",
+            "Connection",
+            "Keep-Alive",
+            "TE",
+        ] {
+            assert!(h.drops(gone), "{gone}");
+        }
+        for kept in ["X-Kept", "X-Internals", "Content-Type", "close", ""] {
+            assert!(!h.drops(kept), "{kept}");
+        }
+        // Only the names, not the fixed set already covered, are kept.
+        assert_eq!(h.named, vec![&b"X-Internal"[..], b"x-other"]);
+    }
+
+    #[test]
+    fn hop_by_hop_without_connection_names_only_the_fixed_set() {
+        let h = fields(&[("X-Internal", "secret"), ("Connection", "keep-alive")]);
+        assert!(h.named.is_empty() && h.named.capacity() == 0);
+        assert!(!h.drops("X-Internal"));
+        assert!(h.drops(b"transfer-encoding"));
+        // A value that merely mentions a name is not a Connection field.
+        let h = fields(&[("X-Connection", "X-Internal")]);
+        assert!(!h.drops("X-Internal"));
     }
 
     #[test]

@@ -2,9 +2,15 @@
 //! connection pool per core, request heads rebuilt from ANPX meta (exact
 //! target and header list when negotiated), responses read whole
 //! (Content-Length, chunked, or until close).
+//!
+//! Never hands a connection to the next request unless the last response
+//! ended exactly where both sides agree it did ([`reusable`]) and nothing
+//! has arrived on it since ([`pending`]): bytes an app writes past its
+//! response must reach no client.
 
 use std::cell::RefCell;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -13,6 +19,7 @@ use monoio::net::TcpStream;
 
 use super::sink::ResponseSink;
 use super::url::Url;
+use crate::http::headers::HopByHop;
 use crate::http::{self, ChunkedDecoder, ChunkedStep, ResponseBody};
 use crate::protocol::anpx::{latin1_to_string, string_to_latin1, RequestMeta, ResponseMeta};
 
@@ -110,11 +117,14 @@ pub fn write_request_head(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let exact = meta.header_list.is_some();
     let list = meta.header_list.as_ref().unwrap_or(&meta.headers);
+    // A v1 gateway (the reference) may leave the client's Connection-named
+    // fields in; ours has removed them already.
+    let hop = HopByHop::of(list.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
     let mut has_host = false;
     let mut had_cl = false;
     for (name, value) in list {
         let n = name.as_bytes();
-        if http::headers::is_hop_by_hop(name) || !is_token(n) {
+        if hop.drops(n) || !is_token(n) {
             continue;
         }
         if name.eq_ignore_ascii_case("content-length") {
@@ -219,10 +229,9 @@ impl Upstream {
                 let mut head = Vec::with_capacity(1024);
                 write_request_head(&mut head, meta, BodyLen::Known(body.len()), &host)?;
                 let head = Bytes::from(head);
-                let pooled = self.idle.borrow_mut().pop();
-                if let Some(mut conn) = pooled {
+                if let Some(mut conn) = self.take_idle() {
                     match self.send_full(&mut conn, &head, &body).await {
-                        Ok(()) => match self.read_response(conn, is_head, sink).await {
+                        Ok(early) => match self.read_response(conn, is_head, early, sink).await {
                             Err(Attempt::Stale) => {}
                             Err(Attempt::Failed(e)) => return Err(e),
                             Ok(()) => return Ok(()),
@@ -232,10 +241,11 @@ impl Upstream {
                     }
                 }
                 let mut conn = self.connect().await?;
-                self.send_full(&mut conn, &head, &body)
+                let early = self
+                    .send_full(&mut conn, &head, &body)
                     .await
                     .map_err(Attempt::into_error)?;
-                self.read_response(conn, is_head, sink)
+                self.read_response(conn, is_head, early, sink)
                     .await
                     .map_err(Attempt::into_error)
             }
@@ -248,14 +258,16 @@ impl Upstream {
                 };
                 let mut head = Vec::with_capacity(1024);
                 write_request_head(&mut head, meta, framing, &host)?;
-                let pooled = self.idle.borrow_mut().pop();
-                let mut conn = match pooled {
+                let mut conn = match self.take_idle() {
                     Some(c) => c,
                     None => self.connect().await?,
                 };
                 let (r, _) = conn.write_all(head).await;
                 r?;
                 let mut sent = 0usize;
+                // The app answered before it had the whole body: one
+                // non-blocking peek per piece until it happens.
+                let mut early = false;
                 loop {
                     match rx.recv().await {
                         Some(ReqEvent::Data(d)) => {
@@ -263,6 +275,7 @@ impl Upstream {
                             if n == 0 {
                                 continue;
                             }
+                            early = early || pending(&conn) != Pending::Nothing;
                             sent += n;
                             if len.is_some_and(|l| sent > l) {
                                 return Err(UpstreamError::BadRequest(
@@ -289,6 +302,7 @@ impl Upstream {
                     }
                 }
                 if framing == BodyLen::Chunked {
+                    early = early || pending(&conn) != Pending::Nothing;
                     let (r, _) = conn.write_all(http::LAST_CHUNK).await;
                     r?;
                 } else if len.is_some_and(|l| sent != l) {
@@ -296,44 +310,82 @@ impl Upstream {
                         "request body shorter than its Content-Length",
                     ));
                 }
-                self.read_response(conn, is_head, sink)
+                self.read_response(conn, is_head, early, sink)
                     .await
                     .map_err(Attempt::into_error)
             }
         }
     }
 
+    /// A pooled connection that is quiet: one with bytes or EOF already
+    /// waiting was written to (or closed) by the app while idle, so it is
+    /// dropped, never handed to this request.
+    fn take_idle(&self) -> Option<TcpStream> {
+        let mut idle = self.idle.borrow_mut();
+        while let Some(conn) = idle.pop() {
+            match pending(&conn) {
+                Pending::Nothing => return Some(conn),
+                Pending::Data => tracing::warn!(
+                    upstream = %self.url.authority(),
+                    "app wrote to an idle keep-alive connection (bytes past its last response); connection dropped unread"
+                ),
+                Pending::Closed => {
+                    tracing::debug!("idle upstream connection closed by the app; dropped")
+                }
+            }
+        }
+        None
+    }
+
+    /// Writes a whole request. `Ok(true)`: the app had already answered
+    /// (or written something) before the body went out.
     async fn send_full(
         &self,
         conn: &mut TcpStream,
         head: &Bytes,
         body: &Bytes,
-    ) -> Result<(), Attempt> {
+    ) -> Result<bool, Attempt> {
         // Head and body as two writes: the body is a refcounted slice of
         // the tunnel frame, sent without a copy.
         let (r, _) = conn.write_all(head.clone()).await;
         r.map_err(|_| Attempt::Stale)?;
+        let mut early = false;
         if !body.is_empty() {
+            early = pending(conn) != Pending::Nothing;
             let (r, _) = conn.write_all(body.clone()).await;
             r.map_err(|e| Attempt::Failed(e.into()))?;
         }
-        Ok(())
+        Ok(early)
     }
 
     /// Reads the app's response and passes it on as it arrives: the head
     /// at once (with whatever body is already buffered), then the body.
+    /// `early`: the app wrote before the request was all sent.
     async fn read_response(
         &self,
         mut conn: TcpStream,
         is_head: bool,
+        early: bool,
         sink: &mut ResponseSink,
     ) -> Result<(), Attempt> {
         let failed = |e: UpstreamError| Attempt::Failed(e);
         let mut buf = BytesMut::with_capacity(16 * 1024);
+        let mut interim = false;
+        // A connection is stale (the request may be replayed on a fresh
+        // one) only if the app sent nothing at all, not even an interim.
+        let mut heard = false;
         let resp = loop {
             match http::parse_response_head(&buf, &self.limits, is_head) {
-                Ok(Some(h)) if (100..200).contains(&h.status) => {
+                // We never ask to upgrade (Upgrade is hop-by-hop, never
+                // forwarded): what follows a 101 is not HTTP (RFC 9110 §15.2.2).
+                Ok(Some(h)) if h.status == 101 => {
+                    return Err(failed(UpstreamError::BadResponse(
+                        "101 Switching Protocols to a request that asked for no upgrade".into(),
+                    )))
+                }
+                Ok(Some(h)) if h.is_interim() => {
                     // Interim responses are not forwarded (DESIGN.md).
+                    interim = true;
                     let _ = buf.split_to(h.head_len);
                     continue;
                 }
@@ -341,17 +393,25 @@ impl Upstream {
                 Ok(None) => {}
                 Err(e) => return Err(failed(UpstreamError::BadResponse(e.to_string()))),
             }
-            let empty = buf.is_empty();
             match read_more(&mut conn, &mut buf).await {
-                Ok(Read::Data) => {}
-                Ok(Read::Eof) | Err(_) if empty => return Err(Attempt::Stale),
+                Ok(Read::Data) => heard = true,
+                Ok(Read::Eof) | Err(_) if !heard => return Err(Attempt::Stale),
                 Ok(Read::Eof) => return Err(failed(UpstreamError::Closed)),
                 Err(e) => return Err(failed(e.into())),
             }
         };
         let head_bytes = buf.split_to(resp.head_len).freeze();
         let meta = response_meta(&resp, &head_bytes);
-        let mut keep = resp.keep_alive;
+        let mut facts = ReuseFacts {
+            keep_alive: resp.keep_alive,
+            head_request: is_head,
+            interim,
+            early,
+            // RFC 9110 §8.6, RFC 9112 §6.1: never in a 204.
+            framed_204: resp.status == 204
+                && (resp.header(&head_bytes, "content-length").is_some()
+                    || resp.header(&head_bytes, "transfer-encoding").is_some()),
+        };
         match resp.body {
             ResponseBody::None => sink.head(meta, Bytes::new(), true).await.map_err(failed)?,
             ResponseBody::ContentLength(n) => {
@@ -414,7 +474,7 @@ impl Upstream {
                 }
             }
             ResponseBody::UntilClose => {
-                keep = false;
+                facts.keep_alive = false;
                 sink.head(meta, buf.split().freeze(), false)
                     .await
                     .map_err(failed)?;
@@ -428,13 +488,80 @@ impl Upstream {
                 sink.end().await.map_err(failed)?;
             }
         }
-        if keep && buf.is_empty() {
+        if reusable(&facts, buf.len()) {
             let mut idle = self.idle.borrow_mut();
             if idle.len() < self.max_idle {
                 idle.push(conn);
             }
         }
         Ok(())
+    }
+}
+
+/// What happened on one request/response exchange that bears on whether
+/// its connection may carry another.
+#[derive(Debug, Clone, Copy, Default)]
+struct ReuseFacts {
+    /// The response's own verdict (`ResponseHead::keep_alive`): false for
+    /// `Connection: close`, HTTP/1.0 without keep-alive, a close-delimited
+    /// body, Content-Length beside Transfer-Encoding.
+    keep_alive: bool,
+    /// The request was HEAD: the app decides whether it writes a body, and
+    /// some do, late.
+    head_request: bool,
+    /// A 1xx came first: the app speaks a part of HTTP whose framing it
+    /// may get wrong (an unsolicited 103, a 100 we never asked for).
+    interim: bool,
+    /// The app wrote before it had the whole request: it may read the
+    /// rest of the body as its next request.
+    early: bool,
+    /// A 204 with Content-Length or Transfer-Encoding, which it must not
+    /// have: the app thinks it is sending a body.
+    framed_204: bool,
+}
+
+/// Whether a connection goes back to the pool: only when the exchange left
+/// no doubt where the response ended. A connection not reused costs one
+/// connect; one reused wrongly hands an app's stray bytes to an unrelated
+/// client as its response. `leftover`: bytes already read past the
+/// response.
+fn reusable(f: &ReuseFacts, leftover: usize) -> bool {
+    f.keep_alive && leftover == 0 && !f.head_request && !f.interim && !f.early && !f.framed_204
+}
+
+/// What is waiting on an idle (or half-used) upstream connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    Nothing,
+    /// Bytes the app wrote that nobody asked for (yet).
+    Data,
+    /// EOF or an error: the app closed or reset it.
+    Closed,
+}
+
+/// Looks without reading or waiting: `recv(MSG_PEEK | MSG_DONTWAIT)` on
+/// the socket, one syscall, the same on io_uring and epoll (monoio keeps
+/// ordinary descriptors).
+fn pending(conn: &TcpStream) -> Pending {
+    let mut byte = 0u8;
+    // SAFETY: `recv(2)` on the descriptor `conn` owns, which stays open for
+    // the call (borrowed); the buffer is one byte on this stack frame and
+    // the length passed is 1. MSG_PEEK leaves the byte queued for the next
+    // read; MSG_DONTWAIT makes it return at once, so the core never blocks.
+    let n = unsafe {
+        libc::recv(
+            conn.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => Pending::Closed,
+        n if n > 0 => Pending::Data,
+        _ if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock => Pending::Nothing,
+        // EINTR or a real error (ECONNRESET…): not provably quiet.
+        _ => Pending::Closed,
     }
 }
 
@@ -479,19 +606,26 @@ impl Attempt {
     }
 }
 
-/// ANPX response meta: the flat v1 map and the exact header list.
+/// ANPX response meta: the flat v1 map and the exact header list, without
+/// the hop-by-hop fields and those the app's `Connection` names.
 fn response_meta(resp: &http::ResponseHead, buf: &[u8]) -> ResponseMeta {
     let mut list = Vec::with_capacity(resp.headers.len());
     let mut flat: Vec<(String, String)> = Vec::with_capacity(resp.headers.len());
+    let hop = HopByHop::of(
+        resp.headers
+            .iter()
+            .map(|h| (&buf[h.name.clone()], &buf[h.value.clone()])),
+    );
     for h in &resp.headers {
-        let name = String::from_utf8_lossy(&buf[h.name.clone()]).into_owned();
+        let raw_name = &buf[h.name.clone()];
         // With both Content-Length and Transfer-Encoding the length is
         // wrong (RFC 9112 §6.3): it must not travel on.
-        if http::headers::is_hop_by_hop(&name)
-            || (resp.content_length_ignored && name.eq_ignore_ascii_case("content-length"))
+        if hop.drops(raw_name)
+            || (resp.content_length_ignored && raw_name.eq_ignore_ascii_case(b"content-length"))
         {
             continue;
         }
+        let name = String::from_utf8_lossy(raw_name).into_owned();
         let value = latin1_to_string(&buf[h.value.clone()]);
         let lower = name.to_ascii_lowercase();
         match flat.iter_mut().find(|(k, _)| *k == lower) {
@@ -536,6 +670,106 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("host: gw\r\n"));
+    }
+
+    #[test]
+    fn request_head_drops_what_a_v1_gateways_connection_names() {
+        // The reference gateway relays the client's fields as they came.
+        let mut m = meta(None);
+        m.headers = vec![
+            ("host".into(), "gw".into()),
+            ("connection".into(), "keep-alive, X-Hop".into()),
+            ("x-hop".into(), "secret".into()),
+            ("x-kept".into(), "yes".into()),
+        ];
+        let mut out = Vec::new();
+        write_request_head(&mut out, &m, BodyLen::Known(0), "up:1").unwrap();
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.ends_with("\r\nhost: gw\r\nx-kept: yes\r\n\r\n"), "{s}");
+        assert!(!s.contains("secret") && !s.contains("connection"), "{s}");
+    }
+
+    #[test]
+    fn response_meta_drops_what_the_apps_connection_names() {
+        let raw = b"HTTP/1.1 200 OK\r\nConnection: X-Internal\r\nX-Internal: secret\r\n\
+            x-other: 2\r\nconnection: keep-alive, X-OTHER\r\nX-Kept: yes\r\n\
+            Content-Length: 0\r\n\r\n";
+        let resp = http::parse_response_head(raw, &http::Limits::default(), false)
+            .unwrap()
+            .unwrap();
+        let m = response_meta(&resp, raw);
+        let names: Vec<&str> = m
+            .header_list
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(names, ["X-Kept", "Content-Length"]);
+        let flat: Vec<&str> = m.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(flat, ["x-kept", "content-length"]);
+    }
+
+    #[test]
+    fn a_connection_is_reused_only_after_an_exchange_without_doubt() {
+        let clean = ReuseFacts {
+            keep_alive: true,
+            ..ReuseFacts::default()
+        };
+        assert!(reusable(&clean, 0));
+        assert!(!reusable(&clean, 1), "bytes past the response already read");
+        for doubt in [
+            ReuseFacts {
+                keep_alive: false,
+                ..clean
+            },
+            ReuseFacts {
+                head_request: true,
+                ..clean
+            },
+            ReuseFacts {
+                interim: true,
+                ..clean
+            },
+            ReuseFacts {
+                early: true,
+                ..clean
+            },
+            ReuseFacts {
+                framed_204: true,
+                ..clean
+            },
+        ] {
+            assert!(!reusable(&doubt, 0), "{doubt:?}");
+        }
+    }
+
+    #[monoio::test_all]
+    async fn pending_tells_quiet_from_data_and_eof_without_consuming() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conn = TcpStream::connect(addr).await.unwrap();
+        let (mut app, _) = listener.accept().unwrap();
+        assert_eq!(pending(&conn), Pending::Nothing);
+        // Loopback: once write(2) returns, the bytes are in our queue.
+        app.write_all(b"late").unwrap();
+        assert_eq!(pending(&conn), Pending::Data);
+        assert_eq!(
+            pending(&conn),
+            Pending::Data,
+            "a peek leaves the bytes queued"
+        );
+        let mut conn = conn;
+        let mut buf = BytesMut::with_capacity(16);
+        assert!(matches!(
+            read_more(&mut conn, &mut buf).await,
+            Ok(Read::Data)
+        ));
+        assert_eq!(&buf[..], b"late");
+        assert_eq!(pending(&conn), Pending::Nothing);
+        drop(app);
+        assert_eq!(pending(&conn), Pending::Closed);
     }
 
     #[test]

@@ -1,13 +1,15 @@
 //! Shared pieces of the end-to-end tests: the local test [`app`], a raw
 //! HTTP/1.1 [`client`], [`procs`] to run the real binary, [`sys`] to
-//! look at (and signal) the processes it runs, and a raw tunnel peer
-//! ([`rawpeer`]) that sends crafted frames.
+//! look at (and signal) the processes it runs, a raw tunnel peer
+//! ([`rawpeer`]) that sends crafted frames, and an app whose bytes each
+//! test scripts ([`scripted_app`]).
 #![allow(dead_code)]
 
 pub mod app;
 pub mod client;
 pub mod procs;
 pub mod rawpeer;
+pub mod scripted_app;
 pub mod sys;
 
 #[allow(unused_imports)]

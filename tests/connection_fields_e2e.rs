@@ -1,0 +1,229 @@
+//! End-to-end: fields named in `Connection` are for one hop only and never
+//! cross the proxy (RFC 9110 §7.6.1), in either direction: what the client
+//! names does not reach the app, what the app names does not reach the
+//! client, even when the peer across the tunnel is a plain v1 one that
+//! relays fields as they came (each end strips them on its own).
+//!
+//! Real gateway and receiver processes, a scripted app
+//! (tests/common/scripted_app.rs), a raw tunnel peer (tests/common/rawpeer.rs)
+//! standing in for a plain v1 receiver, and a few lines here standing in
+//! for a plain v1 gateway.
+
+mod common;
+
+use anp_proxy::protocol::anpx::{self, FrameType, MetaRef, RequestMeta};
+use anp_proxy::ws::{self, OpCodeKind, Role};
+use bytes::BytesMut;
+use common::client::{self, Conn};
+use common::procs::START_WAIT;
+use common::rawpeer::{self, RawPeer};
+use common::scripted_app::ScriptedApp;
+use common::{Gateway, GatewayConfig, Receiver, Response, ALICE_TOKEN};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::thread;
+
+/// The app's answer: two `Connection` fields naming three fields in
+/// different cases, and one field that is the app's to send.
+const NAMING: &[u8] = b"HTTP/1.1 200 OK\r\n\
+    Connection: X-Internal, keep-alive\r\n\
+    X-Internal: secret\r\n\
+    x-other: 2\r\n\
+    connection: X-OTHER, x-third\r\n\
+    X-Third: 3\r\n\
+    X-Kept: yes\r\n\
+    Content-Length: 2\r\n\r\nok";
+
+fn assert_only_kept(r: &Response, via: &str) {
+    assert_eq!(
+        (r.status, r.body_text().as_str()),
+        (200, "ok"),
+        "{via}: {}",
+        r.summary()
+    );
+    for gone in ["x-internal", "x-other", "x-third"] {
+        assert!(
+            r.header(gone).is_none(),
+            "{via}: the app named {gone} in Connection, yet the client got it: {}",
+            r.summary()
+        );
+    }
+    for (n, v) in &r.headers {
+        assert!(
+            !n.eq_ignore_ascii_case("connection") || v.eq_ignore_ascii_case("close"),
+            "{via}: the app's Connection field reached the client ({n}: {v})"
+        );
+        assert!(!v.contains("secret"), "{via}: {n}: {v}");
+    }
+    assert_eq!(r.header("x-kept"), Some("yes"), "{via}: {}", r.summary());
+}
+
+#[test]
+fn fields_the_app_names_in_connection_do_not_reach_the_client() {
+    let app = ScriptedApp::start(|x| {
+        x.write(NAMING);
+    });
+    let gw = Gateway::start(&GatewayConfig::default());
+    let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 1);
+    rx.wait_connected(1);
+    let r = client::request(gw.addr, "GET", "/alice/naming", &[], &[]);
+    assert_only_kept(&r, "through our receiver");
+}
+
+#[test]
+fn fields_a_plain_v1_receiver_relays_are_stripped_by_the_gateway() {
+    let gw = Gateway::start(&GatewayConfig::default());
+    let mut peer = RawPeer::connect(gw.addr, ALICE_TOKEN, "");
+    let mut c = Conn::connect(gw.addr);
+    c.send("GET", "/alice/relayed", &[], &[]).unwrap();
+    let req = peer.next_request();
+    // The reference receiver's flat v1 map: names lower-cased, repeated
+    // fields joined with ", ".
+    let meta = rawpeer::resp_meta(
+        200,
+        &[
+            ("connection", "X-Internal, keep-alive, X-OTHER, x-third"),
+            ("x-internal", "secret"),
+            ("x-other", "2"),
+            ("x-third", "3"),
+            ("x-kept", "yes"),
+        ],
+    );
+    let mut frame = BytesMut::new();
+    anpx::encode_frame(
+        FrameType::Response,
+        &req.request_id,
+        Some(MetaRef::Response(&meta)),
+        b"ok",
+        None,
+        &mut frame,
+    );
+    peer.send_binary(&frame);
+    let r = c.read().expect("a response relayed from the plain v1 peer");
+    assert_only_kept(&r, "through a plain v1 receiver");
+}
+
+#[test]
+fn fields_the_client_names_in_connection_do_not_reach_the_app() {
+    let app = ScriptedApp::start(|x| {
+        x.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    });
+    let gw = Gateway::start(&GatewayConfig::default());
+    let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 1);
+    rx.wait_connected(1);
+    let r = client::request(
+        gw.addr,
+        "GET",
+        "/alice/named",
+        &[
+            ("X-Hop", "secret"),
+            ("Connection", "keep-alive, x-hop"),
+            ("connection", "X-SECOND"),
+            ("x-second", "2"),
+            ("X-Kept", "yes"),
+        ],
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.summary());
+    let seen = app.next_request();
+    for gone in ["x-hop", "x-second", "connection"] {
+        assert!(
+            seen.header(gone).is_none(),
+            "the client named {gone} in Connection (or it is Connection), yet the app got it: {:?}",
+            seen.headers
+        );
+    }
+    assert!(
+        !seen.headers.iter().any(|(_, v)| v.contains("secret")),
+        "{:?}",
+        seen.headers
+    );
+    assert_eq!(seen.header("x-kept"), Some("yes"), "{:?}", seen.headers);
+}
+
+/// Plays a plain v1 gateway for one receiver: accepts its tunnel, answers
+/// the upgrade with a bare 101 (no features: v1), sends `meta` as one
+/// whole request frame. Returns the tunnel socket (kept open) and the
+/// receiver.
+fn v1_gateway_sends(meta: &RequestMeta, app: std::net::SocketAddr) -> (TcpStream, Receiver) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, accepted) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(listener.accept().map(|(s, _)| s));
+    });
+    let mut rx = Receiver::start(addr, app, ALICE_TOKEN, 1);
+    let mut s = accepted
+        .recv_timeout(START_WAIT)
+        .expect("the receiver dials the stand-in gateway")
+        .unwrap();
+    s.set_read_timeout(Some(START_WAIT)).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "upgrade request cut short");
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8(head).unwrap();
+    let fields: Vec<(&str, &[u8])> = text
+        .split("\r\n")
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n, v.trim().as_bytes()))
+        .collect();
+    let accept = ws::server_accept_key(&fields, "GET").expect("a valid upgrade");
+    let mut out = Vec::new();
+    ws::write_101(&mut out, &accept, &[]);
+    s.write_all(&out).unwrap();
+    rx.wait_connected(1);
+    let mut json = Vec::new();
+    meta.to_json(&mut json);
+    let mut msg = BytesMut::new();
+    anpx::encode_frame(
+        FrameType::Request,
+        "v1-req-1",
+        Some(MetaRef::Request(&json)),
+        b"",
+        None,
+        &mut msg,
+    );
+    let mut frame = BytesMut::new();
+    ws::encode_frame(&mut frame, Role::Server, OpCodeKind::Binary, &msg);
+    s.write_all(&frame).unwrap();
+    (s, rx)
+}
+
+#[test]
+fn fields_a_plain_v1_gateway_relays_are_stripped_by_the_receiver() {
+    let app = ScriptedApp::start(|x| {
+        x.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    });
+    // What a v1 gateway that forwards the client's fields as they came
+    // would send: the flat map, the Connection-named fields still in it.
+    let meta = RequestMeta {
+        method: "GET".into(),
+        path: "/alice/from-v1".into(),
+        headers: vec![
+            ("host".into(), "t".into()),
+            ("connection".into(), "keep-alive, X-Hop, x-second".into()),
+            ("x-hop".into(), "secret".into()),
+            ("x-second".into(), "2".into()),
+            ("x-kept".into(), "yes".into()),
+        ],
+        query: vec![],
+        raw_target: None,
+        header_list: None,
+    };
+    let (_tunnel, _rx) = v1_gateway_sends(&meta, app.addr);
+    let seen = app.next_request();
+    assert_eq!(seen.target, "/alice/from-v1");
+    for gone in ["x-hop", "x-second", "connection"] {
+        assert!(
+            seen.header(gone).is_none(),
+            "the v1 gateway's request named {gone} in Connection, yet the app got it: {:?}",
+            seen.headers
+        );
+    }
+    assert_eq!(seen.header("x-kept"), Some("yes"), "{:?}", seen.headers);
+}

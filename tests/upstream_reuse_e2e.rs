@@ -1,0 +1,344 @@
+//! End-to-end: when the receiver may hand an upstream connection to the
+//! next request. Only after an exchange that left no doubt where the
+//! response ended (not after HEAD, a 1xx, an answer that came before the
+//! request body was all sent, `Connection: close`, HTTP/1.0, a 204 with a
+//! length), and only if nothing arrived on it while it sat idle: bytes an
+//! app writes past its response must reach no client.
+//!
+//! Real gateway and receiver processes, one tunnel, and a scripted app
+//! (tests/common/scripted_app.rs) that numbers its connections, so "the
+//! next request came on a fresh connection" is a fact the test reads.
+//! Lock-step through channels; never sleeps.
+
+mod common;
+
+use common::client::{self, Conn};
+use common::scripted_app::{Exchange, ScriptedApp, Seen, WAIT};
+use common::{Gateway, GatewayConfig, Receiver, ALICE_TOKEN};
+use std::sync::mpsc::{self, Receiver as Rx, Sender};
+use std::sync::Mutex;
+
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+/// What an app writes after its response, as if answering a request it
+/// never got: a whole response, so a reused connection would deliver it.
+const LATE: &[u8] = b"HTTP/1.1 200 OK\r\nX-Smuggled: late\r\nContent-Length: 0\r\n\r\n";
+
+/// The script's end of the lock-step: `go` once the test holds the
+/// misbehaving response, `done` once the app has written what it wanted.
+struct AppSide {
+    go: Mutex<Rx<()>>,
+    done: Sender<()>,
+}
+
+impl AppSide {
+    /// Waits for the test's go-ahead, writes [`LATE`] on the same
+    /// connection (the receiver may have closed it: fine), reports.
+    fn late(&self, x: &mut Exchange) {
+        self.go
+            .lock()
+            .unwrap()
+            .recv_timeout(WAIT)
+            .expect("app: expected the test's go-ahead for the late bytes");
+        x.write(LATE);
+        let _ = self.done.send(());
+    }
+}
+
+/// What each target makes the app do.
+fn script(x: &mut Exchange, side: &AppSide) {
+    match x.req.target.as_str() {
+        "/alice/ok" => {
+            x.write(OK);
+        }
+        "/alice/head" => {
+            x.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n");
+        }
+        "/alice/head-then-late" => {
+            x.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n");
+            side.late(x);
+        }
+        "/alice/get-then-late" => {
+            x.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody");
+            side.late(x);
+        }
+        "/alice/get-glued" => {
+            x.write(
+                &[
+                    &b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody"[..],
+                    LATE,
+                ]
+                .concat(),
+            );
+        }
+        "/alice/hints" => {
+            x.write(
+                b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n\
+                  HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            );
+        }
+        "/alice/hint-then-hang-up" => {
+            x.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n");
+            x.close();
+        }
+        "/alice/early" => {
+            // Answers on the head alone, then reads the body like a
+            // well-behaved server would (RFC 9112 §9.3).
+            x.write(OK);
+            let _ = side.done.send(());
+        }
+        "/alice/close" => {
+            x.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok");
+        }
+        "/alice/http10" => {
+            x.write(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        }
+        "/alice/no-content-with-length" => {
+            x.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 4\r\n\r\n");
+        }
+        "/alice/switch" => {
+            x.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
+            );
+        }
+        _ => {
+            x.write(b"HTTP/1.1 500 Unscripted\r\nContent-Length: 0\r\n\r\n");
+        }
+    }
+}
+
+struct World {
+    app: ScriptedApp,
+    gw: Gateway,
+    _rx: Receiver,
+    go: Sender<()>,
+    done: Rx<()>,
+}
+
+/// One gateway worker (so a streamed upload is never the whole-message
+/// cross-core kind) and one tunnel: every request shares one upstream pool.
+fn world() -> World {
+    let (go, go_rx) = mpsc::channel();
+    let (done_tx, done) = mpsc::channel();
+    let side = AppSide {
+        go: Mutex::new(go_rx),
+        done: done_tx,
+    };
+    let app = ScriptedApp::start(move |x| script(x, &side));
+    let gw = Gateway::start(&GatewayConfig {
+        workers: 1,
+        ..GatewayConfig::default()
+    });
+    let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 1);
+    rx.wait_connected(1);
+    World {
+        app,
+        gw,
+        _rx: rx,
+        go,
+        done,
+    }
+}
+
+impl World {
+    /// Sends `method target` from a new client and checks the app saw it;
+    /// the app's record of it (which connection).
+    fn exchange(&self, method: &str, target: &str) -> (common::Response, Seen) {
+        let r = client::request(self.gw.addr, method, target, &[], &[]);
+        let seen = self.app.next_request();
+        assert_eq!(
+            (seen.method.as_str(), seen.target.as_str()),
+            (method, target),
+            "app: expected {method} {target} next"
+        );
+        (r, seen)
+    }
+
+    /// Lets the app write its late bytes; returns once it has.
+    fn let_app_write_late(&self) {
+        self.go.send(()).unwrap();
+        self.app_done("to write its late bytes");
+    }
+
+    fn app_done(&self, what: &str) {
+        self.done
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("expected the app {what} within {WAIT:?}"));
+    }
+
+    /// A new, unrelated client gets its own answer, and the app sees its
+    /// request on a connection other than `misbehaved_on`.
+    fn next_client_is_clean(&self, misbehaved_on: &Seen, after: &str) {
+        let (r, seen) = self.exchange("GET", "/alice/ok");
+        assert!(
+            r.header("x-smuggled").is_none(),
+            "after {after}: the next client got the app's stray bytes as its response: {}",
+            r.summary()
+        );
+        assert_eq!(
+            (r.status, r.body_text().as_str()),
+            (200, "ok"),
+            "after {after}: expected the next client's own 200 ok, got {}",
+            r.summary()
+        );
+        assert_ne!(
+            seen.conn, misbehaved_on.conn,
+            "after {after}: expected the next request on a fresh app connection, \
+             it reused connection {}",
+            seen.conn
+        );
+    }
+}
+
+#[test]
+fn a_clean_exchange_leaves_its_connection_for_the_next_request() {
+    // The control: without it, "a fresh connection" below could pass only
+    // because pooling was broken altogether.
+    let w = world();
+    let (r, first) = w.exchange("GET", "/alice/ok");
+    assert_eq!(
+        (r.status, r.body_text().as_str()),
+        (200, "ok"),
+        "{}",
+        r.summary()
+    );
+    let (r, second) = w.exchange("GET", "/alice/ok");
+    assert_eq!(
+        (r.status, r.body_text().as_str()),
+        (200, "ok"),
+        "{}",
+        r.summary()
+    );
+    assert_eq!(
+        second.conn, first.conn,
+        "expected a clean keep-alive connection to be reused"
+    );
+    assert_eq!(w.app.connections(), 1);
+}
+
+#[test]
+fn bytes_an_app_writes_after_a_head_response_reach_no_client() {
+    let w = world();
+    let (r, head) = w.exchange("HEAD", "/alice/head-then-late");
+    assert_eq!(r.status, 200, "{}", r.summary());
+    assert!(r.body.is_empty());
+    // The HEAD response is through; now the app writes on that connection.
+    w.let_app_write_late();
+    w.next_client_is_clean(&head, "a HEAD response followed by late bytes");
+}
+
+#[test]
+fn bytes_an_app_writes_after_a_complete_response_reach_no_client() {
+    let w = world();
+    let (r, get) = w.exchange("GET", "/alice/get-then-late");
+    assert_eq!(
+        (r.status, r.body_text().as_str()),
+        (200, "body"),
+        "{}",
+        r.summary()
+    );
+    // The connection looked clean when the response ended; the late bytes
+    // arrive while it idles in the pool.
+    w.let_app_write_late();
+    w.next_client_is_clean(&get, "a complete response followed by late bytes");
+}
+
+#[test]
+fn bytes_glued_to_a_response_reach_no_client() {
+    let w = world();
+    let (r, get) = w.exchange("GET", "/alice/get-glued");
+    assert_eq!(
+        (r.status, r.body_text().as_str()),
+        (200, "body"),
+        "{}",
+        r.summary()
+    );
+    w.next_client_is_clean(&get, "a response with stray bytes in the same write");
+}
+
+#[test]
+fn an_unsolicited_1xx_retires_the_connection() {
+    let w = world();
+    let (r, hints) = w.exchange("GET", "/alice/hints");
+    assert_eq!(
+        (r.status, r.body_text().as_str()),
+        (200, "ok"),
+        "{}",
+        r.summary()
+    );
+    assert!(
+        r.interim.is_empty(),
+        "the 103 is not forwarded: {:?}",
+        r.interim
+    );
+    w.next_client_is_clean(&hints, "a 103 before the 200");
+}
+
+#[test]
+fn an_app_that_hangs_up_after_a_1xx_is_not_sent_the_request_again() {
+    // A pooled connection that ends before any response byte is stale and
+    // the request is retried on a fresh one; after a 103 it is not stale:
+    // the app has the request, and a retry would run it twice.
+    let w = world();
+    let (_, pooled) = w.exchange("GET", "/alice/ok");
+    let (r, hinted) = w.exchange("GET", "/alice/hint-then-hang-up");
+    assert_eq!(hinted.conn, pooled.conn, "expected the pooled connection");
+    assert_eq!(r.status, 502, "{}", r.summary());
+    // The next request the app sees is the next client's, not a replay.
+    w.next_client_is_clean(&hinted, "a 103 and a hang-up");
+}
+
+#[test]
+fn an_answer_before_the_whole_request_body_retires_the_connection() {
+    let w = world();
+    let mut c = Conn::connect(w.gw.addr);
+    // The head alone: the gateway streams it, the receiver writes it to
+    // the app, and the app answers before any body byte exists.
+    c.write_raw(
+        b"POST /alice/early HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n",
+        &["POST"],
+    )
+    .unwrap();
+    let early = w.app.next_request();
+    assert_eq!(early.target, "/alice/early");
+    w.app_done("to answer the head of /alice/early");
+    c.write_raw(b"0123456789", &[]).unwrap();
+    let r = c.read().expect("a response to the early-answered POST");
+    assert_eq!(
+        (r.status, r.body_text().as_str()),
+        (200, "ok"),
+        "{}",
+        r.summary()
+    );
+    w.next_client_is_clean(&early, "an answer that came before the request body");
+}
+
+#[test]
+fn head_close_http10_and_a_204_with_a_length_retire_the_connection() {
+    // Each doubt alone, the app writing nothing after its response, so
+    // only the rule itself can retire the connection: a HEAD (whether a
+    // body follows is the app's idea), `Connection: close` and HTTP/1.0
+    // (already honoured), a 204 with Content-Length, which it must not
+    // have (RFC 9110 §8.6): the app thinks it is sending a body. The app
+    // keeps every connection open regardless.
+    let w = world();
+    for (method, target, status) in [
+        ("HEAD", "/alice/head", 200),
+        ("GET", "/alice/close", 200),
+        ("GET", "/alice/http10", 200),
+        ("GET", "/alice/no-content-with-length", 204),
+    ] {
+        let (r, seen) = w.exchange(method, target);
+        assert_eq!(r.status, status, "{method} {target}: {}", r.summary());
+        w.next_client_is_clean(&seen, &format!("{method} {target}"));
+    }
+}
+
+#[test]
+fn a_101_nobody_asked_for_is_a_502_and_retires_the_connection() {
+    // The receiver never forwards Upgrade, so what follows a 101 is not
+    // HTTP: the client gets 502 at once, not a wait for a final response.
+    let w = world();
+    let (r, seen) = w.exchange("GET", "/alice/switch");
+    assert_eq!(r.status, 502, "{}", r.summary());
+    w.next_client_is_clean(&seen, "an unrequested 101");
+}
