@@ -126,6 +126,9 @@ fn world() -> World {
     let app = ScriptedApp::start(move |x| script(x, &side));
     let gw = Gateway::start(&GatewayConfig {
         workers: 1,
+        // Bodies stream at once (as a body over request_buffer_size does),
+        // so the app can answer a head whose body has not come yet.
+        extra_gateway_toml: "request_buffer_size = 0\n".into(),
         ..GatewayConfig::default()
     });
     let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 1);
