@@ -8,6 +8,7 @@
 //! budget, the idle cut, close codes, and every limit from config. Never:
 //! routing, identity, HTTP, or which requests exist (the role's sink).
 
+pub mod demux;
 pub mod engine;
 
 pub use engine::{Closing, Ended, EngineConfig, FrameSink};
