@@ -175,10 +175,11 @@ pub fn run(cfg: Config, config_path: &std::path::Path) -> anyhow::Result<()> {
     let admin_addr = if admin.gateway.admin_enabled {
         let addr = crate::net::resolve(&admin.gateway.admin_host, admin.gateway.admin_port)
             .with_context(|| format!("gateway.admin_host `{}`", admin.gateway.admin_host))?;
-        let local = admin::start(started.shared.clone(), addr)
+        let settings = admin::AdminSettings::from_config(&admin);
+        let a = admin::start(started.shared.clone(), addr, settings)
             .with_context(|| format!("cannot listen on {addr} (gateway.admin_port)"))?;
-        tracing::info!(addr = %local, "admin listening (/stats, /metrics)");
-        Some(local)
+        tracing::info!(addr = %a.addr, "admin listening (/stats, /metrics)");
+        Some(a.addr)
     } else {
         None
     };
