@@ -2,7 +2,8 @@
 //! connections are served concurrently, so silent ones (up to
 //! `admin_max_connections` - 1) never stop `/stats`; one past the cap is
 //! answered 503 with a log line saying why; a connection that sends no
-//! head is closed after `admin_header_timeout`.
+//! head is closed after `admin_header_timeout`; `/health` there has the
+//! details the public `/health` keeps to itself.
 //!
 //! Silent connections are held for the whole test (a long
 //! `admin_header_timeout`), and each one is checked to be still open after
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use common::client::{self, Conn};
 use common::sys::wait_until;
-use common::{Gateway, GatewayConfig};
+use common::{App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -120,4 +121,24 @@ fn a_silent_admin_connection_is_closed_after_admin_header_timeout() {
     assert_eq!(r.status, 408, "{}", r.summary());
     assert!(c.is_closed_by_peer(), "closed after the 408");
     stats_ok(admin);
+}
+
+#[test]
+fn admin_health_has_the_details_the_public_health_keeps() {
+    let app = App::start();
+    let (gw, admin) = admin_gateway("");
+    let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 1);
+    rx.wait_connected(1);
+
+    let r = client::request(admin, "GET", "/health", &[], b"");
+    assert_eq!(r.status, 200, "admin GET /health: {}", r.summary());
+    let v: serde_json::Value = serde_json::from_slice(&r.body)
+        .unwrap_or_else(|e| panic!("admin GET /health: expected JSON: {e}: {}", r.summary()));
+    assert_eq!(v["status"], "ok", "{v}");
+    assert_eq!(v["tunnels"], 1, "{v}");
+    assert_eq!(v["pid"], gw.proc.pid(), "{v}");
+
+    let p = client::request(gw.addr, "GET", "/health", &[], b"");
+    assert_eq!(p.status, 200, "public GET /health: {}", p.summary());
+    assert_eq!(p.body, b"ok\n", "public GET /health: {}", p.summary());
 }

@@ -1,5 +1,6 @@
 //! The admin listener (loopback by default, never the public port):
-//! `GET /stats` (JSON) and `GET /metrics` (Prometheus text). It runs on plain threads of its
+//! `GET /stats` (JSON), `GET /metrics` (Prometheus text) and `GET /health`
+//! (JSON with the tunnel count and our pid). It runs on plain threads of its
 //! own: reading counters is a cold path and must never take time from the
 //! request cores. Request metrics live on each core (`gateway/metrics.rs`);
 //! a scrape asks every core for a snapshot through its inbox
@@ -239,7 +240,7 @@ fn serve(shared: &Shared, conn: &mut TcpStream, timeout: Duration) -> std::io::R
             "text/plain; version=0.0.4",
             &metrics_text(shared),
         ),
-        ("GET", "/health") => respond(conn, 200, "application/json", "{\"status\":\"ok\"}"),
+        ("GET", "/health") => respond(conn, 200, "application/json", &health_json(shared)),
         _ => respond(conn, 404, "text/plain", "not found\n"),
     }
 }
@@ -252,6 +253,18 @@ fn respond(conn: &mut TcpStream, status: u16, ctype: &str, body: &str) -> std::i
     );
     conn.write_all(head.as_bytes())?;
     conn.write_all(body.as_bytes())
+}
+
+/// `/health` on the admin port: the details the public `/health` keeps to
+/// itself. `pid` tells which process answered (during a takeover both
+/// gateways listen on this port).
+pub fn health_json(shared: &Shared) -> String {
+    serde_json::json!({
+        "status": "ok",
+        "tunnels": shared.tunnel_count(),
+        "pid": std::process::id(),
+    })
+    .to_string()
 }
 
 /// `/stats`: totals and tunnels per identity and core.

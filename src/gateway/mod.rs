@@ -178,7 +178,7 @@ pub fn run(cfg: Config, config_path: &std::path::Path) -> anyhow::Result<()> {
         let settings = admin::AdminSettings::from_config(&admin);
         let a = admin::start(started.shared.clone(), addr, settings)
             .with_context(|| format!("cannot listen on {addr} (gateway.admin_port)"))?;
-        tracing::info!(addr = %a.addr, "admin listening (/stats, /metrics)");
+        tracing::info!(addr = %a.addr, "admin listening (/stats, /metrics, /health)");
         Some(a.addr)
     } else {
         None
