@@ -9,12 +9,15 @@
 //! One accept thread hands each connection to a thread of its own, at most
 //! `admin_max_connections` at once (one more is answered 503 and closed),
 //! each with `admin_header_timeout` to send its head: a silent client
-//! holds one slot for that long, never the listener. Never blocks a core;
-//! never touches a core's state (only the copies the cores send).
+//! holds one slot for that long, never the listener. The socket is bound
+//! with `SO_REUSEPORT` like the public port, so a successor gateway can
+//! listen on the same admin port before this one drains; a drain closes it
+//! first ([`Admin::close`]). Never blocks a core; never touches a core's
+//! state (only the copies the cores send).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -79,36 +82,80 @@ struct Inner {
     settings: AdminSettings,
     /// Connections being served (threads alive).
     active: AtomicUsize,
+    /// Raised by [`Admin::close`]: the accept thread ends on its next wakeup.
+    closing: AtomicBool,
 }
 
 /// A running admin listener.
 pub struct Admin {
     pub addr: SocketAddr,
+    /// A second descriptor of the listening socket, to close it from the
+    /// signal thread while the accept thread is blocked in `accept`.
+    listener: TcpListener,
+    inner: Arc<Inner>,
 }
 
-/// Binds the admin listener and starts its accept thread, which serves
-/// until the process exits.
+/// Binds the admin listener (`SO_REUSEADDR` + `SO_REUSEPORT`) and starts
+/// its accept thread, which serves until [`Admin::close`] or the process
+/// exits.
 pub fn start(
     shared: Arc<Shared>,
     addr: SocketAddr,
     settings: AdminSettings,
 ) -> std::io::Result<Admin> {
-    let listener = TcpListener::bind(addr)?;
+    let listener = crate::net::bind_reuseport(addr)?;
+    listener.set_nonblocking(false)?;
     let local = listener.local_addr()?;
+    let accepting = listener.try_clone()?;
     let inner = Arc::new(Inner {
         shared,
         settings,
         active: AtomicUsize::new(0),
+        closing: AtomicBool::new(false),
     });
+    let i = inner.clone();
     std::thread::Builder::new()
         .name("anp-admin".into())
-        .spawn(move || accept_loop(&inner, listener))?;
-    Ok(Admin { addr: local })
+        .spawn(move || accept_loop(&i, accepting))?;
+    Ok(Admin {
+        addr: local,
+        listener,
+        inner,
+    })
+}
+
+impl Admin {
+    /// Stops listening (a drain): takes the connections the kernel already
+    /// queued (they are served), then shuts the socket, which wakes the
+    /// accept thread. A successor on the same port gets every new one.
+    pub fn close(&self) {
+        self.inner.closing.store(true, Ordering::SeqCst);
+        let mut swept = 0usize;
+        // O_NONBLOCK is on the open file, shared with the accept thread's
+        // descriptor; its `accept` already blocking keeps blocking until
+        // the shutdown below, which is all it needs to see next.
+        if self.listener.set_nonblocking(true).is_ok() {
+            while let Ok((conn, peer)) = self.listener.accept() {
+                swept += 1;
+                admit(&self.inner, conn, peer);
+            }
+        }
+        let _ = socket2::SockRef::from(&self.listener).shutdown(Shutdown::Both);
+        tracing::info!(addr = %self.addr, swept, "admin listener closed (draining)");
+    }
 }
 
 fn accept_loop(inner: &Arc<Inner>, listener: TcpListener) {
     loop {
-        match listener.accept() {
+        let accepted = listener.accept();
+        if inner.closing.load(Ordering::SeqCst) {
+            // Woken by the shutdown, or raced it: serve what we got.
+            if let Ok((conn, peer)) = accepted {
+                admit(inner, conn, peer);
+            }
+            return;
+        }
+        match accepted {
             Ok((conn, peer)) => admit(inner, conn, peer),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
@@ -146,6 +193,10 @@ impl Drop for Slot {
 /// `admin_max_connections` are being served.
 fn admit(inner: &Arc<Inner>, conn: TcpStream, peer: SocketAddr) {
     let timeout = inner.settings.header_timeout;
+    // Blocking with timeouts (a connection taken by `Admin::close` came
+    // from a non-blocking listener; Linux does not pass the flag on, but
+    // say it anyway).
+    let _ = conn.set_nonblocking(false);
     let _ = conn.set_write_timeout(Some(timeout));
     let Some(slot) = Slot::take(inner) else {
         tracing::warn!(

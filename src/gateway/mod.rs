@@ -172,14 +172,14 @@ pub fn run(cfg: Config, config_path: &std::path::Path) -> anyhow::Result<()> {
     let started = start(cfg)?;
     // Everything listens before the first ready line: whoever waits for
     // it may count our sockets or call the admin port at once.
-    let admin_addr = if admin.gateway.admin_enabled {
+    let admin = if admin.gateway.admin_enabled {
         let addr = crate::net::resolve(&admin.gateway.admin_host, admin.gateway.admin_port)
             .with_context(|| format!("gateway.admin_host `{}`", admin.gateway.admin_host))?;
         let settings = admin::AdminSettings::from_config(&admin);
         let a = admin::start(started.shared.clone(), addr, settings)
             .with_context(|| format!("cannot listen on {addr} (gateway.admin_port)"))?;
         tracing::info!(addr = %a.addr, "admin listening (/stats, /metrics, /health)");
-        Some(a.addr)
+        Some(a)
     } else {
         None
     };
@@ -203,17 +203,18 @@ pub fn run(cfg: Config, config_path: &std::path::Path) -> anyhow::Result<()> {
             "anp-proxy gateway tunnels on {scheme}://{taddr}{tunnel_path}"
         );
     }
-    if let Some(local) = admin_addr {
-        let _ = writeln!(stdout, "anp-proxy admin listening on http://{local}");
+    if let Some(a) = &admin {
+        let _ = writeln!(stdout, "anp-proxy admin listening on http://{}", a.addr);
     }
     let _ = stdout.flush();
-    serve_signals(signals, &started.shared, config_path)
+    serve_signals(signals, &started.shared, admin.as_ref(), config_path)
 }
 
 /// The main thread's life after start: waits for signals.
 fn serve_signals(
     mut signals: signal_hook::iterator::Signals,
     shared: &Arc<Shared>,
+    admin: Option<&admin::Admin>,
     config_path: &std::path::Path,
 ) -> anyhow::Result<()> {
     use signal_hook::consts::SIGHUP;
@@ -228,6 +229,10 @@ fn serve_signals(
             }
             _ => {
                 draining = true;
+                // The successor (if any) serves admin from now on.
+                if let Some(a) = admin {
+                    a.close();
+                }
                 drain(shared.clone(), handle.clone());
             }
         }
