@@ -6,8 +6,8 @@
 #   stop     SIGTERM: the gateway drains (finishes requests in flight within
 #            shutdown_grace, closes tunnels with 1001), then exits.
 #   restart  gateway: starts the new process on the same ports first
-#            (SO_REUSEPORT, the public and the admin port), then drains the
-#            old one: no refused connection.
+#            (`--takeover`: SO_REUSEPORT, the public and the admin port),
+#            then drains the old one: no refused connection.
 #   reload   SIGHUP: routes, tokens and certificates, no connection dropped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -47,7 +47,8 @@ log_tail() {
   { tail -c "+$(($1 + 1))" "$LOG" 2>/dev/null || true; } | grep -v '^{' | tail -n 20 || true
 }
 
-# Starts a process and waits for its ready line; prints its pid. A process that
+# Starts a process and waits for its ready line; prints its pid. Extra
+# arguments go to the subcommand (restart: --takeover). A process that
 # exits, or prints no ready line within START_WAIT, fails the launch (the
 # latter is stopped: a restart then leaves the old gateway serving).
 launch() {
@@ -55,7 +56,7 @@ launch() {
   "$BIN" check --config "$CONFIG" >/dev/null
   touch "$LOG"
   local from; from=$(wc -c <"$LOG")
-  nohup "$BIN" "$role" --config "$CONFIG" >>"$LOG" 2>&1 &
+  nohup "$BIN" "$role" --config "$CONFIG" "$@" >>"$LOG" 2>&1 &
   local p=$! waited=0
   until ready_since "$from"; do
     if ! alive "$p"; then
@@ -94,13 +95,13 @@ stop() {
   echo "$role stopped"
 }
 
-# Gateway: the successor joins the same ports (SO_REUSEPORT) before the old
-# process drains, so no connection is refused; the old one closes its admin
-# listener as the drain starts; receivers follow on 1001.
+# Gateway: the successor joins the same ports (--takeover: SO_REUSEPORT)
+# before the old process drains, so no connection is refused; the old one
+# closes its admin listener as the drain starts; receivers follow on 1001.
 restart() {
   if [ "$role" != gateway ] || ! running; then stop; start; return; fi
   local old; old=$(cat "$PID")
-  local new; new=$(launch) || exit 1
+  local new; new=$(launch --takeover) || exit 1
   echo "$new" >"$PID"
   term_and_wait "$old"
   echo "$role restarted (pid $old -> $new), log: $LOG"

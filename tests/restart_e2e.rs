@@ -1,8 +1,15 @@
-//! Restarts of the real gateway binary (docs/OPERATIONS.md, "Signals:
-//! drain, takeover, reload"): `./manage.sh restart` on the shipped
-//! `config.toml` (only `port` and `admin_port` changed, to fixed free
-//! ports, as shipped): a client loop on `/health` sees no failure, and
-//! afterwards the admin port is served by the new process.
+//! Restarts and takeovers of the real gateway binary (docs/OPERATIONS.md,
+//! "Signals: drain, takeover, reload"):
+//!
+//! - `./manage.sh restart` on the shipped `config.toml` (only `port` and
+//!   `admin_port` changed, to fixed free ports, as shipped): a client loop
+//!   on `/health` sees no failure, and afterwards the admin port is served
+//!   by the new process;
+//! - a second gateway started by mistake on a port another one listens on
+//!   is refused (non-zero exit, the holder's pid named), for the public and
+//!   the admin port;
+//! - `--takeover` joins on purpose, and once the old gateway starts
+//!   draining the admin port is the successor's alone.
 
 mod common;
 
@@ -15,9 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use common::client;
-use common::procs::binary;
+use common::procs::{binary, Proc};
 use common::sys::wait_until;
+use common::{client, App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -272,4 +279,104 @@ fn manage_sh_restart_on_the_shipped_config_drops_nothing() {
     }
     m.run(&["stop"]);
     assert!(gone(new), "manage.sh stop returned with {new} running");
+}
+
+/// Starts `anp-proxy gateway` with `cfg` and expects it to refuse: its exit
+/// status must be a failure; returns its log lines.
+fn expect_refused(cfg: &GatewayConfig) -> Vec<String> {
+    let mut p = Proc::spawn("second", "gateway", cfg.flags(), &cfg.to_toml());
+    let status = match p.wait_line_or_exit("the ready line, or an exit", |l| {
+        l.contains("gateway listening on")
+    }) {
+        Ok(line) => panic!("a second gateway on a held port must not start: it printed {line:?}"),
+        Err(status) => status,
+    };
+    assert!(!status.success(), "expected a failing exit, got {status}");
+    // stdout closed with the exit; its log (stderr) follows.
+    wait_until("the refusal in the log", WAIT, || {
+        p.stderr_lines(0).iter().any(|l| l.contains("--takeover"))
+    });
+    p.stderr_lines(0)
+}
+
+fn assert_names(lines: &[String], key: &str, pid: u32) {
+    let line = lines
+        .iter()
+        .find(|l| l.contains("--takeover"))
+        .unwrap_or_else(|| panic!("no refusal in {lines:?}"));
+    for want in [
+        key.to_string(),
+        format!("pid {pid}"),
+        "./manage.sh restart".to_string(),
+    ] {
+        assert!(line.contains(&want), "expected {want:?} in {line:?}");
+    }
+}
+
+#[test]
+fn an_accidental_second_gateway_on_a_held_port_is_refused() {
+    let a = Gateway::start(&GatewayConfig::default());
+    let lines = expect_refused(&GatewayConfig {
+        port: a.addr.port(),
+        ..GatewayConfig::default()
+    });
+    assert_names(&lines, "gateway.port", a.proc.pid());
+    // The first one serves on, alone.
+    assert_eq!(health(a.addr).unwrap().0, 200);
+}
+
+#[test]
+fn a_second_gateway_on_a_held_admin_port_is_refused() {
+    let (a, admin) = Gateway::start_with_admin(&GatewayConfig::default());
+    let mut cfg = GatewayConfig::default(); // its own public port
+    cfg.extra_gateway_toml += &format!("admin_port = {}\n", admin.port());
+    let lines = expect_refused(&cfg);
+    assert_names(&lines, "gateway.admin_port", a.proc.pid());
+    assert_eq!(admin_pid(admin), a.proc.pid() as u64);
+}
+
+#[test]
+fn takeover_joins_and_the_admin_port_follows_the_successor_when_the_old_one_drains() {
+    let app = App::start();
+    let mut cfg = GatewayConfig::default();
+    cfg.extra_gateway_toml += "shutdown_grace = 60\n";
+    let (mut a, admin) = Gateway::start_with_admin(&cfg);
+    let mut rx = Receiver::start(a.addr, app.addr, ALICE_TOKEN, 1);
+    rx.wait_connected(1);
+    // A request in flight on A keeps it draining for as long as we need.
+    let addr = a.addr;
+    let held = thread::spawn(move || {
+        client::request(addr, "GET", "/alice/held", &[("X-Test-Hold", "held")], b"")
+    });
+    app.wait_arrived("held");
+
+    let mut successor = cfg.clone();
+    successor.port = a.addr.port();
+    successor.takeover = true;
+    successor.extra_gateway_toml += &format!("admin_port = {}\n", admin.port());
+    let b = Gateway::start(&successor);
+    assert_eq!(b.addr, a.addr, "the successor joins the same port");
+    assert!(a.proc.exited().is_none(), "the first gateway still runs");
+
+    a.signal(libc::SIGTERM);
+    wait_until("the old gateway to close its admin listener", WAIT, || {
+        a.proc
+            .stderr_lines(0)
+            .iter()
+            .any(|l| l.contains("admin listener closed (draining)"))
+    });
+    // A is still draining (its request is held), yet admin is B's alone.
+    assert!(
+        a.proc.exited().is_none(),
+        "the old gateway exited too early"
+    );
+    for _ in 0..10 {
+        assert_eq!(admin_pid(admin), b.proc.pid() as u64);
+    }
+    app.release("held");
+    let r = held.join().unwrap();
+    assert_eq!(r.status, 200, "the held request: {}", r.summary());
+    let status = a.wait_exit(WAIT).expect("the old gateway to exit");
+    assert!(status.success(), "drain exits 0, got {status}");
+    assert_eq!(health(b.addr).unwrap().0, 200);
 }

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod observe;
 pub mod refusals;
 pub mod routes;
+pub mod takeover;
 pub mod tunnel;
 pub mod upgrades;
 
@@ -156,10 +157,21 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
     })
 }
 
+/// How the binary starts the gateway (`anp-proxy gateway` flags).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// `--takeover`: join ports another process listens on (the successor
+    /// in a restart) instead of refusing to start ([`takeover`]).
+    pub takeover: bool,
+}
+
 /// Runs the gateway in the foreground until a signal ends it: SIGTERM or
 /// SIGINT drain it (a second one exits at once), SIGHUP reloads
 /// `config_path` (routes, tokens, certificates).
-pub fn run(cfg: Config, config_path: &std::path::Path) -> anyhow::Result<()> {
+pub fn run(cfg: Config, config_path: &std::path::Path, opts: RunOptions) -> anyhow::Result<()> {
+    if !opts.takeover {
+        takeover::refuse_held_ports(&cfg)?;
+    }
     // Installed first: a signal between the ready line and here would
     // otherwise kill the process, and the handler's descriptors exist
     // before anyone counts ours.

@@ -47,6 +47,9 @@ pub struct GatewayConfig {
     pub extra_gateway_toml: String,
     /// The body of the `[logging]` table.
     pub logging_toml: String,
+    /// Start with `--takeover`: join a port another gateway listens on, on
+    /// purpose (a restart). Without it a start on a held port is refused.
+    pub takeover: bool,
 }
 
 impl Default for GatewayConfig {
@@ -75,6 +78,7 @@ impl Default for GatewayConfig {
             ],
             extra_gateway_toml: String::new(),
             logging_toml: "level = \"info\"\nlog_dir = \"\"\n".into(),
+            takeover: false,
         }
     }
 }
@@ -84,6 +88,15 @@ fn toml_str(s: &str) -> String {
 }
 
 impl GatewayConfig {
+    /// The command-line flags after `gateway --config FILE`.
+    pub fn flags(&self) -> &'static [&'static str] {
+        if self.takeover {
+            &["--takeover"]
+        } else {
+            &[]
+        }
+    }
+
     pub fn to_toml(&self) -> String {
         let mut t = String::new();
         t += "mode = \"gateway\"\n\n[logging]\n";
@@ -162,7 +175,9 @@ pub fn binary() -> String {
 }
 
 impl Proc {
-    fn spawn(name: &str, subcommand: &str, config: &str) -> Proc {
+    /// Runs `anp-proxy SUBCOMMAND --config FILE FLAGS…` with `config`
+    /// written to FILE in a fresh temporary directory.
+    pub fn spawn(name: &str, subcommand: &str, flags: &[&str], config: &str) -> Proc {
         let dir = tempfile::Builder::new()
             .prefix(&format!("anp-e2e-{name}-"))
             .tempdir()
@@ -173,6 +188,7 @@ impl Proc {
             .arg(subcommand)
             .arg("--config")
             .arg(&config_path)
+            .args(flags)
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -254,6 +270,31 @@ impl Proc {
         }
     }
 
+    /// Waits for a stdout line satisfying `pred` or for the process to
+    /// close its stdout (it exited): `Ok(line)`, or `Err(exit status)`.
+    /// Panics with `what` after [`START_WAIT`].
+    pub fn wait_line_or_exit(
+        &mut self,
+        what: &str,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> Result<String, std::process::ExitStatus> {
+        let deadline = Instant::now() + START_WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if pred(&line) => return Ok(line),
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "{}: expected {what} on stdout or an exit within {START_WAIT:?}, got neither",
+                    self.name
+                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(self.child.wait().expect("wait for the child"))
+                }
+            }
+        }
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -278,7 +319,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn start(cfg: &GatewayConfig) -> Gateway {
-        Gateway::start_toml(&cfg.to_toml())
+        Gateway::start_toml_with(&cfg.to_toml(), cfg.flags())
     }
 
     /// Starts a gateway with its admin listener on an ephemeral port
@@ -288,7 +329,7 @@ impl Gateway {
     pub fn start_with_admin(cfg: &GatewayConfig) -> (Gateway, SocketAddr) {
         let mut cfg = cfg.clone();
         cfg.extra_gateway_toml += "admin_port = 0\n";
-        let mut proc = Proc::spawn("gateway", "gateway", &cfg.to_toml());
+        let mut proc = Proc::spawn("gateway", "gateway", cfg.flags(), &cfg.to_toml());
         let (mut public, mut admin) = (None, None);
         while public.is_none() || admin.is_none() {
             let line = proc.wait_line(
@@ -321,7 +362,12 @@ impl Gateway {
     /// Starts a gateway from a whole config text (e.g. [`GatewayConfig::to_toml`]
     /// with a fixed `port`), waiting for its ready line.
     pub fn start_toml(toml: &str) -> Gateway {
-        let mut proc = Proc::spawn("gateway", "gateway", toml);
+        Gateway::start_toml_with(toml, &[])
+    }
+
+    /// [`Gateway::start_toml`] with command-line flags (`--takeover`).
+    pub fn start_toml_with(toml: &str, flags: &[&str]) -> Gateway {
+        let mut proc = Proc::spawn("gateway", "gateway", flags, toml);
         let line = proc.wait_line(
             "the line `anp-proxy gateway listening on http://…`",
             |l| l.contains("anp-proxy gateway listening on http://"),
@@ -388,7 +434,7 @@ impl Receiver {
 
     pub fn start_with(cfg: &ReceiverConfig) -> Receiver {
         Receiver {
-            proc: Proc::spawn("receiver", "receiver", &cfg.to_toml()),
+            proc: Proc::spawn("receiver", "receiver", &[], &cfg.to_toml()),
             connected: 0,
         }
     }
