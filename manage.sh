@@ -5,8 +5,9 @@
 # ./config.toml (override with ANP_CONFIG).
 #   stop     SIGTERM: the gateway drains (finishes requests in flight within
 #            shutdown_grace, closes tunnels with 1001), then exits.
-#   restart  gateway: starts the new process on the same port first
-#            (SO_REUSEPORT), then drains the old one: no refused connection.
+#   restart  gateway: starts the new process on the same ports first
+#            (`--takeover`: SO_REUSEPORT, the public and the admin port),
+#            then drains the old one: no refused connection.
 #   reload   SIGHUP: routes, tokens and certificates, no connection dropped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -19,26 +20,55 @@ PID="$RUN_DIR/anp-proxy-$role.pid"
 LOG="$RUN_DIR/anp-proxy-$role.log"
 mkdir -p "$RUN_DIR"
 
-running() { [ -f "$PID" ] && kill -0 "$(cat "$PID")" 2>/dev/null; }
+# A process that exited is not alive even while nobody has reaped it (a
+# zombie: in a container whose init does not reap, kill -0 still succeeds).
+alive() {
+  kill -0 "$1" 2>/dev/null || return 1
+  [ "$(sed -n 's/.*) \(.\).*/\1/p' "/proc/$1/stat" 2>/dev/null)" != Z ]
+}
+
+running() { [ -f "$PID" ] && alive "$(cat "$PID")"; }
 
 # Seconds `stop` waits for a drain before SIGKILL (shutdown_grace is 30).
 STOP_WAIT=${ANP_STOP_WAIT:-40}
 
-# Starts a process and waits for its ready line; prints its pid.
+# Seconds `start` and `restart` wait for the new process's ready line.
+START_WAIT=${ANP_START_WAIT:-30}
+
+# Whether the log, from byte $1 on, holds a ready line. `|| true`: grep -q
+# stops at the first match, tail may then die of SIGPIPE (likely when the
+# access log is busy), and under pipefail that would read as "not ready".
+ready_since() {
+  { tail -c "+$(($1 + 1))" "$LOG" 2>/dev/null || true; } | grep -q "listening on\|connected to"
+}
+
+# The last log lines from byte $1 on, access-log (JSON) lines left out.
+log_tail() {
+  { tail -c "+$(($1 + 1))" "$LOG" 2>/dev/null || true; } | grep -v '^{' | tail -n 20 || true
+}
+
+# Starts a process and waits for its ready line; prints its pid. Extra
+# arguments go to the subcommand (restart: --takeover). A process that
+# exits, or prints no ready line within START_WAIT, fails the launch (the
+# latter is stopped: a restart then leaves the old gateway serving).
 launch() {
   [ -x "$BIN" ] || cargo build --release >&2
   "$BIN" check --config "$CONFIG" >/dev/null
   touch "$LOG"
-  local from; from=$(($(wc -l <"$LOG") + 1))
-  nohup "$BIN" "$role" --config "$CONFIG" >>"$LOG" 2>&1 &
-  local p=$!
-  for _ in $(seq 1 100); do
-    if tail -n "+$from" "$LOG" | grep -q "listening on\|connected to" || ! kill -0 "$p" 2>/dev/null; then break; fi
-    sleep 0.1
+  local from; from=$(wc -c <"$LOG")
+  nohup "$BIN" "$role" --config "$CONFIG" "$@" >>"$LOG" 2>&1 &
+  local p=$! waited=0
+  until ready_since "$from"; do
+    if ! alive "$p"; then
+      echo "$role failed to start; see $LOG" >&2; log_tail "$from" >&2; return 1
+    fi
+    if [ "$waited" -ge $((START_WAIT * 10)) ]; then
+      echo "$role (pid $p) printed no ready line within ${START_WAIT}s: stopping it; see $LOG" >&2
+      kill -TERM "$p" 2>/dev/null || true
+      log_tail "$from" >&2; return 1
+    fi
+    sleep 0.1; waited=$((waited + 1))
   done
-  if ! kill -0 "$p" 2>/dev/null; then
-    echo "$role failed to start; see $LOG" >&2; tail -n 20 "$LOG" >&2; return 1
-  fi
   echo "$p"
 }
 
@@ -53,7 +83,7 @@ start() {
 term_and_wait() {
   local p=$1
   kill -TERM "$p" 2>/dev/null || return 0
-  for _ in $(seq 1 $((STOP_WAIT * 10))); do kill -0 "$p" 2>/dev/null || return 0; sleep 0.1; done
+  for _ in $(seq 1 $((STOP_WAIT * 10))); do alive "$p" || return 0; sleep 0.1; done
   echo "$role (pid $p) still running after ${STOP_WAIT}s: SIGKILL" >&2
   kill -KILL "$p" 2>/dev/null || true
 }
@@ -65,12 +95,13 @@ stop() {
   echo "$role stopped"
 }
 
-# Gateway: the successor binds the same port (SO_REUSEPORT) before the old
-# process drains, so no connection is refused; receivers follow on 1001.
+# Gateway: the successor joins the same ports (--takeover: SO_REUSEPORT)
+# before the old process drains, so no connection is refused; the old one
+# closes its admin listener as the drain starts; receivers follow on 1001.
 restart() {
   if [ "$role" != gateway ] || ! running; then stop; start; return; fi
   local old; old=$(cat "$PID")
-  local new; new=$(launch) || exit 1
+  local new; new=$(launch --takeover) || exit 1
   echo "$new" >"$PID"
   term_and_wait "$old"
   echo "$role restarted (pid $old -> $new), log: $LOG"

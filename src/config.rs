@@ -257,7 +257,15 @@ pub struct GatewayConfig {
     /// Address of the admin listener (keep it on loopback).
     pub admin_host: String,
     /// Port of the admin listener; 0 picks a free one (printed at start).
+    /// Bound with `SO_REUSEPORT` like the public port, so a successor
+    /// (`--takeover`) can listen before this process drains.
     pub admin_port: u16,
+    /// Seconds an admin connection may take to send its request head, and
+    /// to take the response; past it the connection is closed.
+    pub admin_header_timeout: f64,
+    /// Admin connections served at once; one more is answered 503 and
+    /// closed.
+    pub admin_max_connections: usize,
     pub auth: AuthConfig,
     pub database: DatabaseConfig,
 }
@@ -304,6 +312,8 @@ impl Default for GatewayConfig {
             // Absent key: a free port, printed at start (so several gateways
             // on one machine never collide); the shipped file says 8090.
             admin_port: 0,
+            admin_header_timeout: 2.0,
+            admin_max_connections: 16,
             auth: AuthConfig::default(),
             database: DatabaseConfig::default(),
         }
@@ -770,6 +780,9 @@ impl Config {
         if g.handshake_timeout.get() <= 0.0 {
             return Err(bad("gateway.handshake_timeout", "must be > 0".into()));
         }
+        if g.admin_header_timeout.is_nan() || g.admin_header_timeout <= 0.0 {
+            return Err(bad("gateway.admin_header_timeout", "must be > 0".into()));
+        }
         for (key, v) in [
             ("gateway.max_connections", g.max_connections),
             ("gateway.max_request_line", g.max_request_line),
@@ -783,6 +796,7 @@ impl Config {
             ("gateway.max_pending_upgrades", g.max_pending_upgrades),
             ("gateway.max_pings_per_second", g.max_pings_per_second),
             ("gateway.tunnel_max_fragments", g.tunnel_max_fragments),
+            ("gateway.admin_max_connections", g.admin_max_connections),
         ] {
             if v == 0 {
                 return Err(bad(key, "must be > 0".into()));
@@ -1080,6 +1094,14 @@ mod tests {
             ("[gateway]\nchunk_size = 10\n", "gateway.chunk_size"),
             ("[gateway]\ntunnel_path = 'ws'\n", "gateway.tunnel_path"),
             ("[gateway]\ntimeout = 0\n", "gateway.timeout"),
+            (
+                "[gateway]\nadmin_header_timeout = 0\n",
+                "gateway.admin_header_timeout",
+            ),
+            (
+                "[gateway]\nadmin_max_connections = 0\n",
+                "gateway.admin_max_connections",
+            ),
             (
                 "[[gateway.auth.tokens]]\nname='a'\ntoken='short'\n",
                 "gateway.auth.tokens.token",

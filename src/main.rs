@@ -26,7 +26,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the public gateway.
-    Gateway,
+    Gateway {
+        /// Join ports another process already listens on (SO_REUSEPORT):
+        /// the successor in a zero-downtime restart, before the old
+        /// gateway is sent SIGTERM. Without it, a start on a port in use
+        /// is refused, naming the process that holds it.
+        #[arg(long)]
+        takeover: bool,
+    },
     /// Run the private receiver.
     Receiver,
     /// Validate the config file and exit.
@@ -192,8 +199,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let mut opts = anp_proxy::gateway::RunOptions::default();
     let mode = match cli.cmd {
-        Some(Cmd::Gateway) => Mode::Gateway,
+        Some(Cmd::Gateway { takeover }) => {
+            opts.takeover = takeover;
+            Mode::Gateway
+        }
         Some(Cmd::Receiver) => Mode::Receiver,
         Some(Cmd::Check) => {
             println!("{}: ok", cli.config.display());
@@ -205,7 +216,7 @@ fn main() -> ExitCode {
     };
     let _log = anp_proxy::logging::init(&cfg.logging, &cfg.base_dir, cfg.debug);
     let res = match mode {
-        Mode::Gateway => anp_proxy::gateway::run(cfg, &cli.config),
+        Mode::Gateway => anp_proxy::gateway::run(cfg, &cli.config, opts),
         Mode::Receiver => anp_proxy::receiver::run(cfg),
     };
     match res {

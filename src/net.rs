@@ -1,6 +1,7 @@
 //! Listening sockets: one per worker on the same address with
 //! `SO_REUSEPORT` (socket2), so the kernel spreads connections over cores
-//! without a shared accept queue.
+//! without a shared accept queue; and the probe that tells whether another
+//! process already listens on an address (`port_held`).
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
@@ -24,6 +25,21 @@ pub fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
     s.bind(&addr.into())?;
     s.listen(4096)?;
     Ok(s.into())
+}
+
+/// Whether another socket listens on `addr`: a bind with `SO_REUSEADDR`
+/// but without `SO_REUSEPORT` fails with `EADDRINUSE` exactly then
+/// (`SO_REUSEADDR` lets it past sockets in TIME_WAIT and connections left
+/// by an earlier process; Linux refuses it only next to a listener). The
+/// probe socket is closed before this returns; it never listens.
+pub fn port_held(addr: SocketAddr) -> io::Result<bool> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    match s.bind(&addr.into()) {
+        Ok(()) => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Ok(true),
+        Err(e) => Err(e),
+    }
 }
 
 /// `n` listeners on one address; when `addr` has port 0 the first bind
@@ -59,6 +75,18 @@ pub async fn read_append<R: monoio::io::AsyncReadRent>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_held_sees_a_listener_and_only_a_listener() {
+        let l = bind_reuseport("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        assert!(port_held(addr).unwrap(), "a listener holds its port");
+        // A second reuseport listener may still join: the probe is what
+        // tells a takeover from an accident.
+        let joined = bind_reuseport(addr).unwrap();
+        drop((l, joined));
+        assert!(!port_held(addr).unwrap(), "nobody listens any more");
+    }
 
     #[monoio::test_all(timer_enabled = true)]
     async fn read_append_keeps_what_the_buffer_held() {

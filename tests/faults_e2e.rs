@@ -47,9 +47,10 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Tunnels the gateway counts, from `GET /health` on the public port.
-fn health_tunnels(gw: SocketAddr) -> u64 {
-    let r = client::request(gw, "GET", "/health", &[], &[]);
+/// Tunnels the gateway counts, from `GET /health` on its admin port (the
+/// public one answers a bare `ok`).
+fn health_tunnels(admin: SocketAddr) -> u64 {
+    let r = client::request(admin, "GET", "/health", &[], &[]);
     assert_eq!(
         r.status,
         200,
@@ -206,7 +207,7 @@ fn receiver_killed_under_load_loses_only_in_flight_requests() {
         ..GatewayConfig::default()
     };
     let app = App::start();
-    let gw = Gateway::start(&cfg);
+    let (gw, admin) = Gateway::start_with_admin(&cfg);
     let pid = gw.proc.pid();
     let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 2);
     rx.wait_connected(2);
@@ -260,7 +261,7 @@ fn receiver_killed_under_load_loses_only_in_flight_requests() {
     rx.kill(); // SIGKILL, then reaped
     let held: Vec<u16> = held.into_iter().map(|h| h.join().unwrap()).collect();
     wait_until("/health to report 0 tunnels after the kill", WAIT, || {
-        health_tunnels(gw.addr) == 0
+        health_tunnels(admin) == 0
     });
     let none_at = Instant::now();
     wait_until(
@@ -517,7 +518,7 @@ fn gateway_killed_receiver_backs_off_and_reconnects_to_a_new_one() {
         port: addr.port(),
         ..GatewayConfig::default()
     };
-    let gw2 = Gateway::start(&cfg);
+    let (gw2, admin2) = Gateway::start_with_admin(&cfg);
     assert_eq!(
         gw2.addr, addr,
         "the new gateway must listen on the old port"
@@ -525,7 +526,7 @@ fn gateway_killed_receiver_backs_off_and_reconnects_to_a_new_one() {
     wait_until(
         "the receiver's tunnels back on the new gateway",
         WAIT,
-        || health_tunnels(addr) == TUNNELS as u64,
+        || health_tunnels(admin2) == TUNNELS as u64,
     );
     wait_until(
         "requests served again through the new gateway",
@@ -703,7 +704,7 @@ fn stopped_receiver_cut_by_ping_timeout_leaves_no_socket_behind() {
         ..GatewayConfig::default()
     };
     let app = App::start();
-    let gw = Gateway::start(&cfg);
+    let (gw, admin) = Gateway::start_with_admin(&cfg);
     let pid = gw.proc.pid();
     let fds_idle = sys::fd_count(pid);
     let mut alice = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 2);
@@ -754,7 +755,7 @@ fn stopped_receiver_cut_by_ping_timeout_leaves_no_socket_behind() {
         statuses.iter().all(|s| matches!(s, 502 | 504)),
         "uploads to the stopped receiver: expected 504 (timeout) or 502 (its tunnel closed first), got {statuses:?}"
     );
-    assert_eq!(health_tunnels(gw.addr), 0);
+    assert_eq!(health_tunnels(admin), 0);
     sys::signal(alice.proc.pid(), libc::SIGCONT);
     wait_until("alice served again after SIGCONT", WAIT, || {
         client::request(gw.addr, "GET", "/alice/resumed", &[], &[]).status == 200
@@ -802,7 +803,7 @@ fn ten_thousand_client_connections_leave_no_descriptor_behind() {
         ..GatewayConfig::default()
     };
     let app = App::start();
-    let gw = Gateway::start(&cfg);
+    let (gw, admin) = Gateway::start_with_admin(&cfg);
     let pid = gw.proc.pid();
     let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 2);
     rx.wait_connected(2);
@@ -854,7 +855,7 @@ fn ten_thousand_client_connections_leave_no_descriptor_behind() {
     );
     // The receiver kept its tunnels through all of it.
     assert_eq!(
-        health_tunnels(gw.addr),
+        health_tunnels(admin),
         2,
         "expected both tunnels still connected"
     );

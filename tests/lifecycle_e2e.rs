@@ -156,10 +156,12 @@ fn second_gateway_on_the_same_port_takes_over_with_nothing_refused() {
     let mut cfg = GatewayConfig::default();
     cfg.extra_gateway_toml += "shutdown_grace = 60\nno_tunnel_wait = 20\n";
     let mut a = Gateway::start(&cfg);
-    let port = a.addr.port();
-    let fixed = cfg
-        .to_toml()
-        .replace("port = 0\n", &format!("port = {port}\n"));
+    // The successor joins A's port on purpose (`--takeover`).
+    let successor = GatewayConfig {
+        port: a.addr.port(),
+        takeover: true,
+        ..cfg.clone()
+    };
     let mut rx = Receiver::start_with(&ReceiverConfig::new(a.addr, app.addr, ALICE_TOKEN, 1));
     rx.wait_connected(1);
 
@@ -207,7 +209,7 @@ fn second_gateway_on_the_same_port_takes_over_with_nothing_refused() {
     // The successor binds the same port while A still serves, then A
     // drains. Requests B accepts before the receiver moves wait for its
     // tunnel (no_tunnel_wait) instead of failing.
-    let b = Gateway::start_toml(&fixed);
+    let b = Gateway::start(&successor);
     assert_eq!(b.addr, a.addr);
     a.signal(libc::SIGTERM);
     let status = a.wait_exit(WAIT).expect("the first gateway to exit");

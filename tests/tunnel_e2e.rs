@@ -1157,13 +1157,22 @@ fn hundred_sequential_requests_on_one_keepalive_connection() {
 }
 
 #[test]
-fn health_endpoint_answers_200() {
+fn health_endpoint_answers_a_bare_ok() {
     let gw = Gateway::start_default(); // no receiver at all
     let r = client::request(gw.addr, "GET", "/health", &[], &[]);
     assert_eq!(
         r.status,
         200,
         "GET /health: expected 200, got {}",
+        r.summary()
+    );
+    // Anyone can ask the public port: it learns nothing about tunnels
+    // (the admin port's /health has the details).
+    assert_eq!(r.body, b"ok\n", "GET /health: {}", r.summary());
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain"),
+        "{}",
         r.summary()
     );
 }

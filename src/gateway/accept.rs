@@ -124,10 +124,24 @@ pub async fn accept_loop(ctx: Rc<CoreCtx>, l: Listener, seq: Rc<Cell<u64>>) {
             return;
         }
     };
+    // One canceller for every accept; used once, when the drain starts.
+    let canceller = monoio::io::Canceller::new();
     loop {
+        let mut accept = std::pin::pin!(listener.cancelable_accept(canceller.handle()));
         let accepted = monoio::select! {
-            r = listener.accept() => r,
-            _ = ctx.draining.wait() => break,
+            r = &mut accept => r,
+            _ = ctx.draining.wait() => {
+                // Never drop a pending io_uring accept: one the kernel has
+                // already completed would be lost with its descriptor (the
+                // client waits, then is reset when the process exits).
+                // Cancel it and await the outcome: ECANCELED, or a
+                // connection to serve like the swept ones below.
+                let _ = canceller.cancel();
+                if let Ok((stream, peer)) = accept.await {
+                    admit(&ctx, l.tunnel_port, l.accepts, &seq, stream, peer);
+                }
+                break;
+            }
         };
         match accepted {
             Ok((stream, peer)) => admit(&ctx, l.tunnel_port, l.accepts, &seq, stream, peer),

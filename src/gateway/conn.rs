@@ -333,13 +333,12 @@ pub async fn serve_conn<S>(
             return;
         }
         if raw_path == b"/health" && matches!(head.method(&head_buf), "GET" | "HEAD") {
-            let body = format!(
-                "{{\"status\":\"ok\",\"tunnels\":{}}}",
-                ctx.shared.tunnel_count()
-            );
+            // Minimal on purpose: anyone can ask the public port. The
+            // details (tunnel count, pid) are on the admin port's /health.
+            let body = "ok\n";
             out.clear();
             out.extend_from_slice(
-                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncache-control: no-store\r\n",
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncache-control: no-store\r\n",
             );
             push_header_num(&mut out, "content-length", body.len());
             if !head.keep_alive {

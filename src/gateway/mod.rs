@@ -14,6 +14,7 @@ pub mod observe;
 pub mod pace;
 pub mod refusals;
 pub mod routes;
+pub mod takeover;
 pub mod tunnel;
 pub mod upgrades;
 
@@ -158,10 +159,21 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
     })
 }
 
+/// How the binary starts the gateway (`anp-proxy gateway` flags).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// `--takeover`: join ports another process listens on (the successor
+    /// in a restart) instead of refusing to start ([`takeover`]).
+    pub takeover: bool,
+}
+
 /// Runs the gateway in the foreground until a signal ends it: SIGTERM or
 /// SIGINT drain it (a second one exits at once), SIGHUP reloads
 /// `config_path` (routes, tokens, certificates).
-pub fn run(cfg: Config, config_path: &std::path::Path) -> anyhow::Result<()> {
+pub fn run(cfg: Config, config_path: &std::path::Path, opts: RunOptions) -> anyhow::Result<()> {
+    if !opts.takeover {
+        takeover::refuse_held_ports(&cfg)?;
+    }
     // Installed first: a signal between the ready line and here would
     // otherwise kill the process, and the handler's descriptors exist
     // before anyone counts ours.
@@ -174,13 +186,14 @@ pub fn run(cfg: Config, config_path: &std::path::Path) -> anyhow::Result<()> {
     let started = start(cfg)?;
     // Everything listens before the first ready line: whoever waits for
     // it may count our sockets or call the admin port at once.
-    let admin_addr = if admin.gateway.admin_enabled {
+    let admin = if admin.gateway.admin_enabled {
         let addr = crate::net::resolve(&admin.gateway.admin_host, admin.gateway.admin_port)
             .with_context(|| format!("gateway.admin_host `{}`", admin.gateway.admin_host))?;
-        let local = admin::start(started.shared.clone(), addr)
+        let settings = admin::AdminSettings::from_config(&admin);
+        let a = admin::start(started.shared.clone(), addr, settings)
             .with_context(|| format!("cannot listen on {addr} (gateway.admin_port)"))?;
-        tracing::info!(addr = %local, "admin listening (/stats, /metrics)");
-        Some(local)
+        tracing::info!(addr = %a.addr, "admin listening (/stats, /metrics, /health)");
+        Some(a)
     } else {
         None
     };
@@ -204,17 +217,18 @@ pub fn run(cfg: Config, config_path: &std::path::Path) -> anyhow::Result<()> {
             "anp-proxy gateway tunnels on {scheme}://{taddr}{tunnel_path}"
         );
     }
-    if let Some(local) = admin_addr {
-        let _ = writeln!(stdout, "anp-proxy admin listening on http://{local}");
+    if let Some(a) = &admin {
+        let _ = writeln!(stdout, "anp-proxy admin listening on http://{}", a.addr);
     }
     let _ = stdout.flush();
-    serve_signals(signals, &started.shared, config_path)
+    serve_signals(signals, &started.shared, admin.as_ref(), config_path)
 }
 
 /// The main thread's life after start: waits for signals.
 fn serve_signals(
     mut signals: signal_hook::iterator::Signals,
     shared: &Arc<Shared>,
+    admin: Option<&admin::Admin>,
     config_path: &std::path::Path,
 ) -> anyhow::Result<()> {
     use signal_hook::consts::SIGHUP;
@@ -229,6 +243,10 @@ fn serve_signals(
             }
             _ => {
                 draining = true;
+                // The successor (if any) serves admin from now on.
+                if let Some(a) = admin {
+                    a.close();
+                }
                 drain(shared.clone(), handle.clone());
             }
         }

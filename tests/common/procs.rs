@@ -47,6 +47,9 @@ pub struct GatewayConfig {
     pub extra_gateway_toml: String,
     /// The body of the `[logging]` table.
     pub logging_toml: String,
+    /// Start with `--takeover`: join a port another gateway listens on, on
+    /// purpose (a restart). Without it a start on a held port is refused.
+    pub takeover: bool,
 }
 
 impl Default for GatewayConfig {
@@ -75,6 +78,7 @@ impl Default for GatewayConfig {
             ],
             extra_gateway_toml: String::new(),
             logging_toml: "level = \"info\"\nlog_dir = \"\"\n".into(),
+            takeover: false,
         }
     }
 }
@@ -84,6 +88,15 @@ fn toml_str(s: &str) -> String {
 }
 
 impl GatewayConfig {
+    /// The command-line flags after `gateway --config FILE`.
+    pub fn flags(&self) -> &'static [&'static str] {
+        if self.takeover {
+            &["--takeover"]
+        } else {
+            &[]
+        }
+    }
+
     pub fn to_toml(&self) -> String {
         let mut t = String::new();
         t += "mode = \"gateway\"\n\n[logging]\n";
@@ -169,12 +182,20 @@ pub fn binary() -> String {
 }
 
 impl Proc {
-    fn spawn(name: &str, subcommand: &str, config: &str) -> Proc {
-        Proc::spawn_env(name, subcommand, config, &[])
+    /// Runs `anp-proxy SUBCOMMAND --config FILE FLAGS…` with `config`
+    /// written to FILE in a fresh temporary directory.
+    pub fn spawn(name: &str, subcommand: &str, flags: &[&str], config: &str) -> Proc {
+        Proc::spawn_env(name, subcommand, flags, config, &[])
     }
 
     /// As [`Proc::spawn`], with extra environment variables.
-    fn spawn_env(name: &str, subcommand: &str, config: &str, env: &[(String, String)]) -> Proc {
+    pub fn spawn_env(
+        name: &str,
+        subcommand: &str,
+        flags: &[&str],
+        config: &str,
+        env: &[(String, String)],
+    ) -> Proc {
         let dir = tempfile::Builder::new()
             .prefix(&format!("anp-e2e-{name}-"))
             .tempdir()
@@ -185,6 +206,7 @@ impl Proc {
             .arg(subcommand)
             .arg("--config")
             .arg(&config_path)
+            .args(flags)
             .current_dir(dir.path())
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
@@ -267,6 +289,31 @@ impl Proc {
         }
     }
 
+    /// Waits for a stdout line satisfying `pred` or for the process to
+    /// close its stdout (it exited): `Ok(line)`, or `Err(exit status)`.
+    /// Panics with `what` after [`START_WAIT`].
+    pub fn wait_line_or_exit(
+        &mut self,
+        what: &str,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> Result<String, std::process::ExitStatus> {
+        let deadline = Instant::now() + START_WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if pred(&line) => return Ok(line),
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "{}: expected {what} on stdout or an exit within {START_WAIT:?}, got neither",
+                    self.name
+                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(self.child.wait().expect("wait for the child"))
+                }
+            }
+        }
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -291,7 +338,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn start(cfg: &GatewayConfig) -> Gateway {
-        Gateway::start_toml(&cfg.to_toml())
+        Gateway::start_toml_with(&cfg.to_toml(), cfg.flags())
     }
 
     /// Starts a gateway with its admin listener on an ephemeral port
@@ -301,7 +348,7 @@ impl Gateway {
     pub fn start_with_admin(cfg: &GatewayConfig) -> (Gateway, SocketAddr) {
         let mut cfg = cfg.clone();
         cfg.extra_gateway_toml += "admin_port = 0\n";
-        let mut proc = Proc::spawn("gateway", "gateway", &cfg.to_toml());
+        let mut proc = Proc::spawn("gateway", "gateway", cfg.flags(), &cfg.to_toml());
         let (mut public, mut admin) = (None, None);
         while public.is_none() || admin.is_none() {
             let line = proc.wait_line(
@@ -334,12 +381,21 @@ impl Gateway {
     /// Starts a gateway from a whole config text (e.g. [`GatewayConfig::to_toml`]
     /// with a fixed `port`), waiting for its ready line.
     pub fn start_toml(toml: &str) -> Gateway {
-        Gateway::start_toml_env(toml, &[])
+        Gateway::start_toml_with(toml, &[])
     }
 
-    /// As [`Gateway::start_toml`], with extra environment variables.
+    /// [`Gateway::start_toml`] with command-line flags (`--takeover`).
+    pub fn start_toml_with(toml: &str, flags: &[&str]) -> Gateway {
+        Gateway::launch(toml, flags, &[])
+    }
+
+    /// [`Gateway::start_toml`] with extra environment variables.
     pub fn start_toml_env(toml: &str, env: &[(String, String)]) -> Gateway {
-        let mut proc = Proc::spawn_env("gateway", "gateway", toml, env);
+        Gateway::launch(toml, &[], env)
+    }
+
+    fn launch(toml: &str, flags: &[&str], env: &[(String, String)]) -> Gateway {
+        let mut proc = Proc::spawn_env("gateway", "gateway", flags, toml, env);
         let line = proc.wait_line(
             "the line `anp-proxy gateway listening on http://…`",
             |l| l.contains("anp-proxy gateway listening on http://"),
@@ -406,7 +462,7 @@ impl Receiver {
 
     pub fn start_with(cfg: &ReceiverConfig) -> Receiver {
         Receiver {
-            proc: Proc::spawn_env("receiver", "receiver", &cfg.to_toml(), &cfg.env),
+            proc: Proc::spawn_env("receiver", "receiver", &[], &cfg.to_toml(), &cfg.env),
             connected: 0,
         }
     }
