@@ -55,6 +55,16 @@ impl FrameRefusal {
         }
     }
 
+    /// The demultiplexer's reason (`crate::tunnel::demux`).
+    pub fn of_demux(r: crate::tunnel::demux::Refusal) -> Self {
+        use crate::tunnel::demux::Refusal;
+        match r {
+            Refusal::UnknownRequest => FrameRefusal::UnknownRequest,
+            Refusal::ChunkOrder | Refusal::Duplicate => FrameRefusal::ChunkOrder,
+            Refusal::Window => FrameRefusal::Limit,
+        }
+    }
+
     pub fn of_decode(e: &DecodeError) -> Self {
         match e {
             DecodeError::HeaderCrc { .. } | DecodeError::BodyCrc { .. } => FrameRefusal::Crc,

@@ -19,7 +19,6 @@
 //! tunnel with the matching close code.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
@@ -38,6 +37,7 @@ use crate::protocol::anpx::{
 };
 use crate::protocol::features::Features;
 use crate::protocol::stream::{self, Incoming, StreamEncoder, Window, DEFAULT_WINDOW};
+use crate::tunnel::demux::{Decision, Demux, Opener};
 use crate::tunnel::engine::{self, Ended, FrameSink};
 use crate::ws::conn::{OutTx, Outgoing};
 use crate::ws::error::CLOSE_POLICY;
@@ -71,9 +71,6 @@ struct Entry {
     head: Option<HeadTx>,
     /// While a streamed body is delivered.
     body: Option<unbounded::Tx<BodyEvent>>,
-    next_idx: u32,
-    /// Response bytes delivered but not yet credited back.
-    unacked: usize,
     /// Upload window: credit the receiver returned for the request body.
     upload: Rc<Window>,
 }
@@ -86,7 +83,9 @@ pub struct Tunnel {
     pub features: Features,
     pub peer: SocketAddr,
     out: OutTx,
-    inflight: RefCell<HashMap<u64, Entry>>,
+    /// Requests in flight, with where their response stands (chunk order,
+    /// window): `crate::tunnel::demux`.
+    inflight: RefCell<Demux<u64, Entry>>,
     closed: Cell<bool>,
 }
 
@@ -149,13 +148,11 @@ impl Tunnel {
         let id = ctx.next_request_id();
         let (tx, rx) = oneshot::channel();
         let upload = Rc::new(Window::new(DEFAULT_WINDOW));
-        self.inflight.borrow_mut().insert(
+        self.inflight.borrow_mut().expect(
             id,
             Entry {
                 head: Some(tx),
                 body: None,
-                next_idx: 0,
-                unacked: 0,
                 upload: upload.clone(),
             },
         );
@@ -283,9 +280,7 @@ impl Tunnel {
     }
 
     fn send_credit(&self, id: u64, n: usize) {
-        if let Some(e) = self.inflight.borrow_mut().get_mut(&id) {
-            e.unacked = e.unacked.saturating_sub(n);
-        }
+        self.inflight.borrow_mut().credited(&id, n);
         let mut rid = [0u8; 16];
         let m = stream::credit_message(format_request_id(id, &mut rid), n);
         let _ = self.out.send(Outgoing::Text(m));
@@ -331,7 +326,7 @@ impl Tunnel {
         // Dropping the senders fails every waiting request with 502;
         // closing the windows wakes blocked uploads. Taken out first: no
         // borrow is held while they wake their tasks (crate::sync).
-        let gone: Vec<(u64, Entry)> = self.inflight.borrow_mut().drain().collect();
+        let gone: Vec<(u64, Entry)> = self.inflight.borrow_mut().drain();
         for (_, e) in gone {
             e.upload.close();
             if let Some(tx) = e.body {
@@ -483,7 +478,7 @@ pub async fn run_tunnel<S>(
         features,
         peer,
         out: out.clone(),
-        inflight: RefCell::new(HashMap::new()),
+        inflight: RefCell::new(Demux::new(Opener::Us, MAX_UNACKED)),
         closed: Cell::new(false),
     });
     // Registered before the 101 leaves: once the receiver sees it, every
@@ -573,16 +568,20 @@ fn deliver_head(
     let Some(e) = map.get_mut(&id) else {
         return Delivery::Unknown;
     };
-    match e.head.take() {
-        Some(tx) => {
-            let _ = tx.send(result);
-            if e.body.is_none() {
-                map.remove(&id);
-            }
-            Delivery::Delivered
-        }
-        None => Delivery::AlreadyStarted,
-    }
+    let Some(tx) = e.head.take() else {
+        return Delivery::AlreadyStarted;
+    };
+    // Done with the entry unless a body follows; taken out, and the head
+    // sent, after the borrow ends.
+    let gone = if e.body.is_none() {
+        map.remove(&id)
+    } else {
+        None
+    };
+    drop(map);
+    drop(gone);
+    let _ = tx.send(result);
+    Delivery::Delivered
 }
 
 /// Logs and counts a refused frame (nothing of it reaches a client).
@@ -603,22 +602,7 @@ fn refuse(
 /// sent) a connection closed before the body's end. A `cancel` peer is told
 /// to stop. False if no such request is in flight.
 fn fail_request(tunnel: &Tunnel, id: u64, why: &str) -> bool {
-    let Some(mut e) = tunnel.inflight.borrow_mut().remove(&id) else {
-        return false;
-    };
-    e.upload.close();
-    let err = ProxyError::BadResponse(why.into());
-    if let Some(tx) = e.head.take() {
-        let _ = tx.send(Err(err));
-    } else if let Some(tx) = e.body.take() {
-        let _ = tx.send(BodyEvent::Failed(err));
-    }
-    if tunnel.features.cancel && !tunnel.closed.get() {
-        let mut rid = [0u8; 16];
-        let f = anpx::encode_error(format_request_id(id, &mut rid), why);
-        let _ = tunnel.out.send(Outgoing::Binary(f));
-    }
-    true
+    end_request(tunnel, id, ProxyError::BadResponse(why.into()), Some(why))
 }
 
 /// Plain v1 peer: whole messages through the reassembler.
@@ -684,218 +668,167 @@ fn on_frame(tunnel: &Tunnel, reasm: &mut Reassembler, counts: &FrameRefusals, ms
     }
 }
 
+/// Most response bytes a receiver may send beyond the credit it got.
+const MAX_UNACKED: usize = DEFAULT_WINDOW + 2 * (1 << 20);
+
 /// `stream` peer: heads go to the client at once, bodies as they come.
+/// What a frame means is the demultiplexer's decision; this acts on it.
 fn on_stream_frame(tunnel: &Rc<Tunnel>, counts: &FrameRefusals, msg: Bytes) {
     let inc = match stream::classify(&msg, FrameType::Response) {
         Ok(i) => i,
-        Err(e) => {
-            let why = FrameRefusal::of_stream(&e);
-            let rid = match &e {
-                stream::StreamError::MissingMeta(rid) => Some(rid.as_str()),
-                _ if why == FrameRefusal::Crc => anpx::unverified_request_id(&msg),
-                _ => None,
-            };
-            refuse(tunnel, counts, why, rid.unwrap_or("-"), &e);
-            // Its request cannot be answered whole any more.
-            if let Some(id) = rid.and_then(parse_request_id) {
-                fail_request(tunnel, id, &e.to_string());
-            }
-            return;
-        }
+        Err(e) => return refuse_undecodable(tunnel, counts, &msg, &e),
     };
-    let parse_meta =
-        |m: &[u8]| ResponseMeta::from_json(m).map_err(|e| ProxyError::BadResponse(e.to_string()));
-    match inc {
-        Incoming::Whole {
-            request_id,
-            meta,
-            body,
-        } => {
-            let r = parse_meta(&meta).map(|meta| RespHead {
+    let decision = tunnel.inflight.borrow_mut().decide(&inc);
+    match (decision, inc) {
+        (Decision::Head { key, complete }, Incoming::Whole { meta, body, .. })
+        | (
+            Decision::Head { key, complete },
+            Incoming::Start {
                 meta,
-                body: RespBody::Full(body),
-            });
-            let bad_meta = r.as_ref().err().map(|e| e.to_string());
-            match deliver_head(tunnel, &request_id, r) {
-                // A bad meta still ends its request (502).
-                Delivery::Delivered => {
-                    if let Some(e) = bad_meta {
-                        refuse(tunnel, counts, FrameRefusal::Malformed, &request_id, &e);
-                    }
-                }
-                Delivery::Unknown => {
-                    let e = "response for a request not in flight on this tunnel";
-                    refuse(
-                        tunnel,
-                        counts,
-                        FrameRefusal::UnknownRequest,
-                        &request_id,
-                        &e,
-                    );
-                }
-                Delivery::AlreadyStarted => {
-                    let e = "whole response for a request whose response is streaming";
-                    refuse(tunnel, counts, FrameRefusal::ChunkOrder, &request_id, &e);
-                    if let Some(id) = parse_request_id(&request_id) {
-                        fail_request(tunnel, id, e);
-                    }
-                }
-            }
-        }
-        Incoming::Start {
-            request_id,
-            meta,
-            body,
-            last,
-        } => {
-            let unknown = || {
-                let e = "response for a request not in flight on this tunnel";
-                refuse(
-                    tunnel,
-                    counts,
-                    FrameRefusal::UnknownRequest,
-                    &request_id,
-                    &e,
-                );
-            };
-            let Some(id) = parse_request_id(&request_id) else {
-                return unknown();
-            };
-            let started = match tunnel.inflight.borrow().get(&id) {
-                None => return unknown(),
-                Some(e) => e.head.is_none(),
-            };
-            if started {
-                let e = "chunk 0 received twice";
-                refuse(tunnel, counts, FrameRefusal::ChunkOrder, &request_id, &e);
-                fail_request(tunnel, id, e);
-                return;
-            }
-            let meta = match parse_meta(&meta) {
-                Ok(m) => m,
-                Err(e) => {
-                    refuse(tunnel, counts, FrameRefusal::Malformed, &request_id, &e);
-                    deliver_head(tunnel, &request_id, Err(e));
-                    return;
-                }
-            };
-            let (tx, rx) = unbounded::channel();
-            {
-                let mut map = tunnel.inflight.borrow_mut();
-                let Some(e) = map.get_mut(&id) else {
-                    return;
-                };
-                e.next_idx = 1;
-                e.unacked = body.len();
+                body,
+                last: _,
+                ..
+            },
+        ) => stream_head(tunnel, counts, key, complete, &meta, body),
+        (Decision::Data { key, last }, Incoming::More { body, .. }) => {
+            let mut map = tunnel.inflight.borrow_mut();
+            if let Some(tx) = map.get(&key).and_then(|e| e.body.as_ref()) {
                 if !body.is_empty() {
                     let _ = tx.send(BodyEvent::Data(body));
                 }
                 if last {
                     let _ = tx.send(BodyEvent::End);
-                } else {
-                    e.body = Some(tx);
                 }
             }
-            let stream = BodyStream {
-                rx,
-                tunnel: tunnel.clone(),
-                id,
-                consumed: 0,
-                finished: false,
-            };
-            deliver_head(
+            let gone = if last { map.remove(&key) } else { None };
+            drop(map);
+            drop(gone);
+        }
+        (Decision::PeerError { key }, Incoming::Error { message, .. }) => {
+            tracing::info!(tunnel = tunnel.id, request_id = key, %message, "receiver error frame");
+            end_request(tunnel, key, ProxyError::Receiver(message), None);
+        }
+        (Decision::Refuse { why, fail, what }, inc) => {
+            refuse(
                 tunnel,
-                &request_id,
-                Ok(RespHead {
-                    meta,
-                    body: RespBody::Stream(stream),
-                }),
+                counts,
+                FrameRefusal::of_demux(why),
+                request_id(&inc),
+                &what,
+            );
+            if let Some(key) = fail {
+                fail_request(tunnel, key, what);
+            }
+        }
+        (Decision::Late { what }, inc) => {
+            // Not counted: frames still in flight after a cancel or a
+            // timeout land here.
+            tracing::debug!(
+                tunnel = tunnel.id,
+                request_id = request_id(&inc),
+                what,
+                "late frame dropped"
             );
         }
-        Incoming::More {
-            request_id,
-            idx,
-            body,
-            last,
-        } => {
-            let Some(id) = parse_request_id(&request_id) else {
-                let e = "chunk for a request id this gateway never issues";
-                return refuse(
-                    tunnel,
-                    counts,
-                    FrameRefusal::UnknownRequest,
-                    &request_id,
-                    &e,
-                );
-            };
-            let mut map = tunnel.inflight.borrow_mut();
-            let Some(e) = map.get_mut(&id) else {
-                // Not counted: chunks still in flight after a cancel or a
-                // timeout land here.
-                tracing::debug!(tunnel = tunnel.id, %request_id, "chunk for a finished request dropped");
-                return;
-            };
-            e.unacked += body.len();
-            // A receiver must stay within the window it was given.
-            let fault = if e.head.is_some() {
-                Some((FrameRefusal::ChunkOrder, "chunk before chunk 0"))
-            } else if e.body.is_none() {
-                // The head went whole or the last chunk was seen: the
-                // request is over, yet the entry remains (being closed).
-                None
-            } else if idx != e.next_idx {
-                Some((FrameRefusal::ChunkOrder, "chunk out of order or repeated"))
-            } else if e.unacked > DEFAULT_WINDOW + 2 * (1 << 20) {
-                Some((
-                    FrameRefusal::Limit,
-                    "receiver exceeded its flow-control window",
-                ))
-            } else {
-                None
-            };
-            if let Some((why, what)) = fault {
-                drop(map);
-                refuse(
-                    tunnel,
-                    counts,
-                    why,
-                    &request_id,
-                    &format_args!("{what} (chunk {idx})"),
-                );
-                fail_request(tunnel, id, what);
-                return;
-            }
-            let Some(tx) = e.body.as_ref() else {
-                return;
-            };
-            e.next_idx += 1;
-            if !body.is_empty() {
-                let _ = tx.send(BodyEvent::Data(body));
-            }
-            if last {
-                let _ = tx.send(BodyEvent::End);
-                map.remove(&id);
-            }
-        }
-        Incoming::Error {
-            request_id,
-            message,
-        } => {
-            tracing::info!(tunnel = tunnel.id, %request_id, %message, "receiver error frame");
-            let Some(id) = parse_request_id(&request_id) else {
-                return;
-            };
-            let mut map = tunnel.inflight.borrow_mut();
-            if let Some(mut e) = map.remove(&id) {
-                e.upload.close();
-                if let Some(tx) = e.head.take() {
-                    let _ = tx.send(Err(ProxyError::Receiver(message)));
-                } else if let Some(tx) = e.body.take() {
-                    let _ = tx.send(BodyEvent::Failed(ProxyError::Receiver(message)));
-                }
-            }
+        (d, inc) => {
+            // `Open` is the receiver's (Opener::Peer); the others pair
+            // with their frame kinds above.
+            debug_assert!(false, "decision {d:?} for {inc:?}");
         }
     }
+}
+
+fn request_id(inc: &Incoming) -> &str {
+    match inc {
+        Incoming::Whole { request_id, .. }
+        | Incoming::Start { request_id, .. }
+        | Incoming::More { request_id, .. }
+        | Incoming::Error { request_id, .. } => request_id,
+    }
+}
+
+/// A frame that does not decode: refused; the request it claims (CRC) or
+/// names (chunk 0 without meta) cannot be answered whole any more.
+fn refuse_undecodable(
+    tunnel: &Tunnel,
+    counts: &FrameRefusals,
+    msg: &Bytes,
+    e: &stream::StreamError,
+) {
+    let why = FrameRefusal::of_stream(e);
+    let rid = match e {
+        stream::StreamError::MissingMeta(rid) => Some(rid.as_str()),
+        _ if why == FrameRefusal::Crc => anpx::unverified_request_id(msg),
+        _ => None,
+    };
+    refuse(tunnel, counts, why, rid.unwrap_or("-"), e);
+    if let Some(id) = rid.and_then(parse_request_id) {
+        fail_request(tunnel, id, &e.to_string());
+    }
+}
+
+/// Chunk 0 (or a whole message) of request `key`: the head goes to the
+/// waiting client with its body, whole or as a stream. A meta that does
+/// not parse still ends its request (502).
+fn stream_head(
+    tunnel: &Rc<Tunnel>,
+    counts: &FrameRefusals,
+    key: u64,
+    complete: bool,
+    meta: &[u8],
+    body: Bytes,
+) {
+    let mut rid = [0u8; 16];
+    let rids = format_request_id(key, &mut rid);
+    let meta = match ResponseMeta::from_json(meta) {
+        Ok(m) => m,
+        Err(e) => {
+            let e = ProxyError::BadResponse(e.to_string());
+            refuse(tunnel, counts, FrameRefusal::Malformed, rids, &e);
+            deliver_head(tunnel, rids, Err(e));
+            return;
+        }
+    };
+    let body = if complete {
+        RespBody::Full(body)
+    } else {
+        let (tx, rx) = unbounded::channel();
+        if !body.is_empty() {
+            let _ = tx.send(BodyEvent::Data(body));
+        }
+        if let Some(e) = tunnel.inflight.borrow_mut().get_mut(&key) {
+            e.body = Some(tx);
+        }
+        RespBody::Stream(BodyStream {
+            rx,
+            tunnel: tunnel.clone(),
+            id: key,
+            consumed: 0,
+            finished: false,
+        })
+    };
+    deliver_head(tunnel, rids, Ok(RespHead { meta, body }));
+}
+
+/// Ends request `key` with `err`: its client gets the error (before the
+/// head) or a cut body; with `tell_peer`, a `cancel` peer is told why.
+fn end_request(tunnel: &Tunnel, key: u64, err: ProxyError, tell_peer: Option<&str>) -> bool {
+    let gone = tunnel.inflight.borrow_mut().remove(&key);
+    let Some(mut e) = gone else {
+        return false;
+    };
+    e.upload.close();
+    if let Some(tx) = e.head.take() {
+        let _ = tx.send(Err(err));
+    } else if let Some(tx) = e.body.take() {
+        let _ = tx.send(BodyEvent::Failed(err));
+    }
+    if let Some(why) = tell_peer.filter(|_| tunnel.features.cancel && !tunnel.closed.get()) {
+        let mut rid = [0u8; 16];
+        let f = anpx::encode_error(format_request_id(key, &mut rid), why);
+        let _ = tunnel.out.send(Outgoing::Binary(f));
+    }
+    true
 }
 
 #[cfg(test)]
