@@ -4,7 +4,6 @@
 //! refused.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::io::Write as _;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -23,6 +22,7 @@ use crate::protocol::anpx::{self, FrameType, Message, Reassembler, RequestMeta};
 use crate::protocol::features::{Features, FEATURES_HEADER, INSTANCE_HEADER, TUNNELS_HEADER};
 use crate::protocol::stream::{self, Incoming, Window, DEFAULT_WINDOW};
 use crate::tls::client::GatewayStream;
+use crate::tunnel::demux::{Decision, Demux, Opener};
 use crate::tunnel::engine::{self, Ended, FrameSink};
 use crate::ws;
 use crate::ws::conn::{OutTx, Outgoing};
@@ -275,7 +275,7 @@ where
     S::OwnedWrite: AsyncWriteRent + 'static,
 {
     let (out, rx) = engine::queue();
-    let reqs: Reqs = Rc::new(RefCell::new(HashMap::new()));
+    let reqs: Reqs = Rc::new(RefCell::new(Demux::new(Opener::Peer, usize::MAX)));
     let mut sink = ReceiverFrames {
         ctx: ctx.clone(),
         out: out.clone(),
@@ -291,7 +291,7 @@ where
     // Dropping the entries cancels the upstream calls still running: their
     // responses have nowhere to go. Taken out first: no borrow is held
     // while their channels wake tasks.
-    let gone: Vec<RxReq> = reqs.borrow_mut().drain().map(|(_, r)| r).collect();
+    let gone: Vec<(String, RxReq)> = reqs.borrow_mut().drain();
     drop(gone);
     closing.finish().await;
     Err(match ended {
@@ -324,14 +324,7 @@ struct ReceiverFrames {
 impl FrameSink for ReceiverFrames {
     fn frame(&mut self, msg: Bytes) {
         if self.features.stream {
-            on_stream_frame(
-                &self.ctx,
-                &self.out,
-                &self.reqs,
-                self.features,
-                self.index,
-                msg,
-            );
+            self.stream_frame(msg);
         } else {
             self.whole_frame(msg);
         }
@@ -363,6 +356,7 @@ impl ReceiverFrames {
                 request_id,
                 meta,
                 ReqBody::Full(body),
+                None,
             ),
             Ok(Some(Message::Error {
                 request_id,
@@ -390,141 +384,123 @@ impl ReceiverFrames {
 struct RxReq {
     /// Where streamed body pieces go, until the last one.
     body: Option<local_sync::mpsc::unbounded::Tx<ReqEvent>>,
-    next_idx: u32,
     /// Dropped or fired: the upstream call is abandoned.
     cancel: Option<local_sync::oneshot::Sender<()>>,
     /// Credit the gateway returned for the response body.
     window: Rc<Window>,
 }
 
-type Reqs = Rc<RefCell<HashMap<String, RxReq>>>;
+/// The requests this tunnel serves, with where their request messages
+/// stand (`crate::tunnel::demux`; the gateway opens them).
+type Reqs = Rc<RefCell<Demux<String, RxReq>>>;
 
-/// `stream` gateway: requests start at chunk 0; bodies follow.
-fn on_stream_frame(
-    ctx: &Rc<CoreRx>,
-    out: &OutTx,
-    reqs: &Reqs,
-    features: Features,
-    index: usize,
-    msg: Bytes,
-) {
-    let inc = match stream::classify(&msg, FrameType::Request) {
-        Ok(i) => i,
-        Err(e) => {
-            tracing::warn!(tunnel = index, error = %e, "invalid ANPX frame refused");
-            return;
-        }
-    };
-    let parse = |request_id: &str, m: &[u8]| match RequestMeta::from_json(m) {
-        Ok(meta) => Some(meta),
-        Err(e) => {
-            tracing::warn!(tunnel = index, %request_id, error = %e, "invalid request meta refused");
-            let _ = out.send(Outgoing::Binary(anpx::encode_error(
-                request_id,
-                &e.to_string(),
-            )));
-            None
-        }
-    };
-    match inc {
-        Incoming::Whole {
-            request_id,
-            meta,
-            body,
-        }
-        | Incoming::Start {
-            request_id,
-            meta,
-            body,
-            last: true,
-        } => {
-            if let Some(meta) = parse(&request_id, &meta) {
-                start_request(
-                    ctx,
-                    out,
-                    reqs,
-                    features,
-                    request_id,
-                    meta,
-                    ReqBody::Full(body),
-                );
-            }
-        }
-        Incoming::Start {
-            request_id,
-            meta,
-            body,
-            last: false,
-        } => {
-            let Some(meta) = parse(&request_id, &meta) else {
+impl ReceiverFrames {
+    /// `stream` gateway: requests start at chunk 0; bodies follow. What a
+    /// frame means is the demultiplexer's decision; this acts on it.
+    fn stream_frame(&mut self, msg: Bytes) {
+        let index = self.index;
+        let inc = match stream::classify(&msg, FrameType::Request) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(tunnel = index, error = %e, "invalid ANPX frame refused");
                 return;
-            };
+            }
+        };
+        let decision = self.reqs.borrow_mut().decide(&inc);
+        match (decision, inc) {
+            (Decision::Open { key, complete }, Incoming::Whole { meta, body, .. })
+            | (Decision::Open { key, complete }, Incoming::Start { meta, body, .. }) => {
+                self.open(key, complete, &meta, body)
+            }
+            (Decision::Data { key, last }, Incoming::More { body, .. }) => {
+                let mut map = self.reqs.borrow_mut();
+                let Some(r) = map.get_mut(&key) else {
+                    return;
+                };
+                if let Some(tx) = r.body.as_ref() {
+                    if !body.is_empty() {
+                        let _ = tx.send(ReqEvent::Data(body));
+                    }
+                    if last {
+                        let _ = tx.send(ReqEvent::End);
+                    }
+                }
+                if last {
+                    r.body = None;
+                }
+            }
+            (Decision::PeerError { key }, Incoming::Error { message, .. }) => {
+                // `cancel`: the client went away; abort the upstream call.
+                let gone = self.reqs.borrow_mut().remove(&key);
+                if let Some(mut r) = gone {
+                    tracing::info!(tunnel = index, request_id = %key, %message, "request cancelled by the gateway");
+                    if let Some(c) = r.cancel.take() {
+                        let _ = c.send(());
+                    }
+                }
+            }
+            (Decision::Refuse { fail, what, .. }, inc) => {
+                let request_id = fail.as_deref().unwrap_or("-");
+                tracing::warn!(tunnel = index, request_id, frame = ?inc_kind(&inc), what, "ANPX frame refused");
+                if let Some(key) = fail {
+                    // Dropping the entry abandons the upstream call; the
+                    // error frame lets the gateway answer 502 now, not 504.
+                    let gone = self.reqs.borrow_mut().remove(&key);
+                    drop(gone);
+                    let _ = self
+                        .out
+                        .send(Outgoing::Binary(anpx::encode_error(&key, what)));
+                }
+            }
+            (Decision::Late { what }, _) => {
+                tracing::debug!(tunnel = index, what, "late frame dropped");
+            }
+            (d, inc) => debug_assert!(false, "decision {d:?} for {inc:?}"),
+        }
+    }
+
+    /// A new request: its upstream call starts now, with the body whole
+    /// (`complete`) or fed piece by piece as it comes.
+    fn open(&mut self, key: String, complete: bool, meta: &[u8], body: Bytes) {
+        let meta = match RequestMeta::from_json(meta) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(tunnel = self.index, request_id = %key, error = %e, "invalid request meta refused");
+                let _ = self
+                    .out
+                    .send(Outgoing::Binary(anpx::encode_error(&key, &e.to_string())));
+                return;
+            }
+        };
+        let (tx, body) = if complete {
+            (None, ReqBody::Full(body))
+        } else {
             let (tx, rx) = local_sync::mpsc::unbounded::channel();
             if !body.is_empty() {
                 let _ = tx.send(ReqEvent::Data(body));
             }
-            start_request(
-                ctx,
-                out,
-                reqs,
-                features,
-                request_id.clone(),
-                meta,
-                ReqBody::Stream(rx),
-            );
-            if let Some(r) = reqs.borrow_mut().get_mut(&request_id) {
-                r.body = Some(tx);
-                r.next_idx = 1;
-            }
-        }
-        Incoming::More {
-            request_id,
-            idx,
+            (Some(tx), ReqBody::Stream(rx))
+        };
+        start_request(
+            &self.ctx,
+            &self.out,
+            &self.reqs,
+            self.features,
+            key,
+            meta,
             body,
-            last,
-        } => {
-            let mut map = reqs.borrow_mut();
-            let Some(r) = map.get_mut(&request_id) else {
-                return; // finished or cancelled: late pieces are dropped
-            };
-            let Some(tx) = r.body.as_ref() else {
-                return;
-            };
-            if idx != r.next_idx {
-                tracing::warn!(tunnel = index, %request_id, idx, "request chunk out of order; aborted");
-                // Dropping the entry abandons the upstream call; the error
-                // frame lets the gateway answer 502 now rather than 504.
-                let gone = map.remove(&request_id);
-                drop(map);
-                drop(gone);
-                let _ = out.send(Outgoing::Binary(anpx::encode_error(
-                    &request_id,
-                    "request chunk out of order",
-                )));
-                return;
-            }
-            r.next_idx += 1;
-            if !body.is_empty() {
-                let _ = tx.send(ReqEvent::Data(body));
-            }
-            if last {
-                let _ = tx.send(ReqEvent::End);
-                r.body = None;
-            }
-        }
-        Incoming::Error {
-            request_id,
-            message,
-        } => {
-            // `cancel`: the client went away; abort the upstream call.
-            let gone = reqs.borrow_mut().remove(&request_id);
-            if let Some(mut r) = gone {
-                tracing::info!(tunnel = index, %request_id, %message, "request cancelled by the gateway");
-                if let Some(c) = r.cancel.take() {
-                    let _ = c.send(());
-                }
-            }
-        }
+            tx,
+        );
+    }
+}
+
+/// Which kind of frame (for a refusal's log line).
+fn inc_kind(inc: &Incoming) -> &'static str {
+    match inc {
+        Incoming::Whole { .. } => "whole",
+        Incoming::Start { .. } => "chunk 0",
+        Incoming::More { .. } => "chunk",
+        Incoming::Error { .. } => "error",
     }
 }
 
@@ -537,17 +513,19 @@ fn start_request(
     request_id: String,
     meta: RequestMeta,
     body: ReqBody,
+    body_tx: Option<local_sync::mpsc::unbounded::Tx<ReqEvent>>,
 ) {
     let (cancel_tx, cancel_rx) = local_sync::oneshot::channel();
     let window = Rc::new(Window::new(DEFAULT_WINDOW));
+    let complete = body_tx.is_none();
     reqs.borrow_mut().insert(
         request_id.clone(),
         RxReq {
-            body: None,
-            next_idx: 0,
+            body: body_tx,
             cancel: Some(cancel_tx),
             window: window.clone(),
         },
+        complete,
     );
     let sink = ResponseSink::new(
         out.clone(),
@@ -628,6 +606,7 @@ mod cancel_props {
     use crate::protocol::anpx::MetaRef;
     use crate::ws::Role;
     use proptest::prelude::*;
+    use std::collections::HashMap;
     use std::net::SocketAddr;
 
     #[derive(Debug, Clone)]
@@ -727,7 +706,7 @@ mod cancel_props {
             monoio::spawn(app(listener));
             let ctx = core(addr, permits);
             let (out, _rx) = local_sync::mpsc::unbounded::channel();
-            let reqs: Reqs = Rc::new(RefCell::new(HashMap::new()));
+            let reqs: Reqs = Rc::new(RefCell::new(Demux::new(Opener::Peer, usize::MAX)));
             let features = Features::SUPPORTED;
             let mut enc: HashMap<u8, anpx_stream::StreamEncoder> = HashMap::new();
             let mut meta = Vec::new();
@@ -740,7 +719,18 @@ mod cancel_props {
                 header_list: None,
             }
             .to_json(&mut meta);
-            let deliver = |f: BytesMut| on_stream_frame(&ctx, &out, &reqs, features, 0, f.freeze());
+            let mut frames = ReceiverFrames {
+                ctx: ctx.clone(),
+                out: out.clone(),
+                reqs: reqs.clone(),
+                features,
+                index: 0,
+                reasm: Reassembler::new(anpx::Limits {
+                    max_message_size: 1 << 20,
+                    max_assemblies: 64,
+                }),
+            };
+            let mut deliver = |f: BytesMut| frames.frame(f.freeze());
             for op in ops {
                 match op {
                     Op::Start { id, whole } => {

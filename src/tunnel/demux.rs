@@ -15,6 +15,7 @@
 //! on another tunnel: tables are per tunnel) or late (it crossed a cancel,
 //! a timeout or the end of its request).
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
 
@@ -139,11 +140,19 @@ impl<K: RequestKey, V> Demux<K, V> {
         self.streams.insert(key, (phase, value));
     }
 
-    pub fn get(&self, key: &K) -> Option<&V> {
+    pub fn get<Q>(&self, key: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.streams.get(key).map(|(_, v)| v)
     }
 
-    pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+    pub fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.streams.get_mut(key).map(|(_, v)| v)
     }
 
@@ -151,7 +160,11 @@ impl<K: RequestKey, V> Demux<K, V> {
         self.streams.get(key).map(|(p, _)| *p)
     }
 
-    pub fn remove(&mut self, key: &K) -> Option<V> {
+    pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.streams.remove(key).map(|(_, v)| v)
     }
 
