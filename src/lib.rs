@@ -14,6 +14,7 @@ pub mod pool;
 pub mod protocol;
 pub mod receiver;
 pub mod registry;
+pub mod runtime;
 pub mod sync;
 pub mod tls;
 pub mod tunnel;

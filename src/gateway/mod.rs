@@ -122,25 +122,11 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
         let shared = shared.clone();
         let acceptors = bound.acceptors.clone();
         let up = up_tx.clone();
-        let h = std::thread::Builder::new()
-            .name(format!("anp-gw-{index}"))
-            .spawn(move || {
-                let mut rt = match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-                    .enable_timer()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot build runtime");
-                        std::process::exit(1);
-                    }
-                };
-                rt.block_on(async move {
-                    let _ = up.send(index);
-                    worker_main(index, shared, acceptors, listeners, rx).await
-                });
-            })
-            .context("cannot spawn worker thread")?;
+        let h = crate::runtime::spawn_core(format!("anp-gw-{index}"), move || async move {
+            let _ = up.send(index);
+            worker_main(index, shared, acceptors, listeners, rx).await
+        })
+        .context("cannot spawn worker thread")?;
         threads.push(h);
     }
     drop(up_tx);

@@ -168,54 +168,40 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         let instance = instance.clone();
         // max_concurrent split over cores; the sum is exactly the limit.
         let permits = r.max_concurrent / threads + usize::from(t < r.max_concurrent % threads);
-        let h = std::thread::Builder::new()
-            .name(format!("anp-rx-{t}"))
-            .spawn(move || {
-                let mut rt = match monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-                    .enable_timer()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot build runtime");
-                        std::process::exit(1);
-                    }
-                };
-                rt.block_on(async move {
-                    let ctx = Rc::new(CoreRx {
-                        gateway,
-                        tls,
-                        token: r.token.clone(),
-                        instance,
-                        did,
-                        auth_scheme: r.auth_scheme,
-                        upstream: Upstream::new(upstream, permits.max(1)),
-                        permits: crate::sync::Permits::new(permits),
-                        chunk_size: r.chunk_size,
-                        engine: engine_config(&r),
-                        max_inflight: r.max_inflight_per_tunnel,
-                        connect_timeout: r.connect_timeout.or_zero(),
-                        handshake_timeout: r.handshake_timeout.or_zero(),
-                        upstream_timeout: secs(r.upstream_timeout),
-                        max_body: r.max_body_size,
-                        reconnect_max: secs(r.reconnect_max_delay)
-                            .unwrap_or(std::time::Duration::from_secs(30)),
-                        count,
-                    });
-                    let mut tasks = Vec::new();
-                    let mut i = t;
-                    while i < slots {
-                        tasks.push(monoio::spawn(run_slot(ctx.clone(), i)));
-                        i += threads;
-                    }
-                    for task in tasks {
-                        task.await;
-                    }
-                    // All slots ended (more threads than tunnels): idle.
-                    std::future::pending::<()>().await;
-                });
-            })
-            .context("cannot spawn receiver thread")?;
+        let h = crate::runtime::spawn_core(format!("anp-rx-{t}"), move || async move {
+            let ctx = Rc::new(CoreRx {
+                gateway,
+                tls,
+                token: r.token.clone(),
+                instance,
+                did,
+                auth_scheme: r.auth_scheme,
+                upstream: Upstream::new(upstream, permits.max(1)),
+                permits: crate::sync::Permits::new(permits),
+                chunk_size: r.chunk_size,
+                engine: engine_config(&r),
+                max_inflight: r.max_inflight_per_tunnel,
+                connect_timeout: r.connect_timeout.or_zero(),
+                handshake_timeout: r.handshake_timeout.or_zero(),
+                upstream_timeout: secs(r.upstream_timeout),
+                max_body: r.max_body_size,
+                reconnect_max: secs(r.reconnect_max_delay)
+                    .unwrap_or(std::time::Duration::from_secs(30)),
+                count,
+            });
+            let mut tasks = Vec::new();
+            let mut i = t;
+            while i < slots {
+                tasks.push(monoio::spawn(run_slot(ctx.clone(), i)));
+                i += threads;
+            }
+            for task in tasks {
+                task.await;
+            }
+            // All slots ended (more threads than tunnels): idle.
+            std::future::pending::<()>().await;
+        })
+        .context("cannot spawn receiver thread")?;
         handles.push(h);
     }
     for h in handles {
