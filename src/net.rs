@@ -54,6 +54,37 @@ pub fn bind_workers(addr: SocketAddr, n: usize) -> io::Result<(SocketAddr, Vec<T
     Ok((actual, all))
 }
 
+/// A client transport whose socket can be handed to another core's runtime
+/// (plain TCP can; a TLS session keeps its state on this core).
+pub trait Movable: Sized {
+    const MOVABLE: bool;
+    fn into_owned_fd(self) -> Result<std::os::fd::OwnedFd, Self>;
+
+    /// Waits until the socket has something to read, holding no buffer
+    /// (an idle keep-alive connection then costs no read buffer).
+    /// Transports that buffer internally (TLS) return at once.
+    fn wait_readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> {
+        std::future::ready(Ok(()))
+    }
+}
+
+impl Movable for monoio::net::TcpStream {
+    const MOVABLE: bool = true;
+    fn into_owned_fd(self) -> Result<std::os::fd::OwnedFd, Self> {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        // into_raw_fd deregisters the socket from this runtime and gives up
+        // ownership without closing it; it panics only if the stream was
+        // split (it is not: the whole stream is ours here).
+        let fd = self.into_raw_fd();
+        // SAFETY: `fd` is an open socket that nothing else owns any more.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    }
+
+    fn wait_readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> {
+        self.readable(false)
+    }
+}
+
 /// Reads into the spare capacity of `buf`, after the bytes it holds.
 ///
 /// monoio's `IoBufMut` for `BytesMut` writes at the *start* of the buffer

@@ -4,18 +4,22 @@
 
 pub mod accept;
 pub mod admin;
+pub mod body;
 pub mod conn;
 pub mod core;
 pub mod error;
 pub mod forward;
+pub mod head;
 pub mod instances;
 pub mod metrics;
 pub mod observe;
 pub mod pace;
 pub mod refusals;
+pub mod respond;
 pub mod routes;
 pub mod takeover;
 pub mod tunnel;
+pub mod tunnel_upgrade;
 pub mod upgrades;
 
 use std::io::Write as _;

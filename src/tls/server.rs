@@ -15,7 +15,7 @@ use rustls::{RootCertStore, ServerConfig};
 
 use super::{describe, load_certs, load_key, provider, TlsSetupError};
 use crate::config::{TlsConfig, VerifyMode};
-use crate::gateway::conn::Movable;
+use crate::net::Movable;
 
 /// The TLS stream a gateway connection runs on.
 pub type ServerStream = ServerTlsStream<TcpStream>;

@@ -1,0 +1,235 @@
+//! Writing to the client: a proxied response (whole, or streamed with the
+//! app's Content-Length, chunked, or close-delimited for HTTP/1.0, credit
+//! returned as each piece reaches the socket) and the gateway's own error
+//! replies (status from `error.rs`, the one map). Never reads the client.
+
+use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
+
+use super::error::{error_reply, ProxyError};
+use super::forward::{write_response_head, Framing};
+use super::tunnel::{BodyEvent, RespBody, RespHead};
+use crate::http;
+use crate::protocol::anpx::ResponseMeta;
+
+/// Bodies at most this large are copied behind the head so the response
+/// leaves in one write; larger ones go as a second write without a copy.
+pub(super) const COALESCE_BODY: usize = 16 * 1024;
+
+pub(super) async fn write_out<S: AsyncWriteRent>(io: &mut S, out: &mut Vec<u8>) -> bool {
+    let v = std::mem::take(out);
+    let (res, mut v) = io.write_all(v).await;
+    v.clear();
+    *out = v;
+    res.is_ok()
+}
+
+/// [`write_out`], adding the bytes handed to the socket to `sent`.
+pub(super) async fn write_counted<S: AsyncWriteRent>(
+    io: &mut S,
+    out: &mut Vec<u8>,
+    sent: &mut u64,
+) -> bool {
+    *sent += out.len() as u64;
+    write_out(io, out).await
+}
+
+pub(super) fn push_header_num(out: &mut Vec<u8>, name: &str, n: usize) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(itoa_buf(n).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+pub(super) fn itoa_buf(n: usize) -> String {
+    n.to_string()
+}
+
+/// Writes a proxied response; true if the connection can serve another
+/// request. A streamed body is written as it arrives, returning credit to
+/// the tunnel as each piece reaches the client; if it fails midway the
+/// connection is closed without the final chunk, so the client sees it.
+/// Bytes handed to the socket are added to `sent_total`.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn write_response<S: AsyncWriteRent>(
+    io: &mut S,
+    out: &mut Vec<u8>,
+    resp: RespHead,
+    is_head: bool,
+    keep_alive: bool,
+    http10: bool,
+    settings: &super::core::Settings,
+    sent_total: &mut u64,
+) -> bool {
+    out.clear();
+    let status = resp.meta.status;
+    let no_body = is_head || status == 204 || status == 304 || (100..200).contains(&status);
+    let mut stream = match resp.body {
+        RespBody::Full(body) => {
+            let framing = if no_body {
+                Framing::None
+            } else {
+                Framing::Length(body.len() as u64)
+            };
+            write_response_head(out, &resp.meta, framing, !keep_alive);
+            if no_body || body.is_empty() {
+                return write_counted(io, out, sent_total).await && keep_alive;
+            }
+            if body.len() <= COALESCE_BODY {
+                out.extend_from_slice(&body);
+                return write_counted(io, out, sent_total).await && keep_alive;
+            }
+            if !write_counted(io, out, sent_total).await {
+                return false;
+            }
+            *sent_total += body.len() as u64;
+            let (res, _) = io.write_all(body).await;
+            return res.is_ok() && keep_alive;
+        }
+        RespBody::Stream(s) => s,
+    };
+    let framing = if no_body {
+        Framing::None
+    } else if let Some(n) = app_content_length(&resp.meta) {
+        Framing::Length(n)
+    } else if !http10 {
+        Framing::Chunked
+    } else {
+        Framing::Close
+    };
+    let close = !keep_alive || framing == Framing::Close;
+    write_response_head(out, &resp.meta, framing, close);
+    if !write_counted(io, out, sent_total).await {
+        return false;
+    }
+    let mut sent: u64 = 0;
+    loop {
+        let ev = match monoio::time::timeout(settings.stream_idle_timeout, stream.next()).await {
+            Ok(ev) => ev,
+            Err(_) => {
+                tracing::info!("response stream idle too long; closing");
+                return false;
+            }
+        };
+        match ev {
+            BodyEvent::Data(d) => {
+                if no_body || d.is_empty() {
+                    stream.consumed(d.len());
+                    continue;
+                }
+                let n = d.len();
+                sent += n as u64;
+                if let Framing::Length(total) = framing {
+                    if sent > total {
+                        tracing::warn!("receiver sent more than its Content-Length; closing");
+                        return false;
+                    }
+                }
+                out.clear();
+                if framing == Framing::Chunked {
+                    out.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+                }
+                if n <= COALESCE_BODY {
+                    out.extend_from_slice(&d);
+                    if framing == Framing::Chunked {
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    if !write_counted(io, out, sent_total).await {
+                        return false;
+                    }
+                } else {
+                    if !out.is_empty() && !write_counted(io, out, sent_total).await {
+                        return false;
+                    }
+                    *sent_total += d.len() as u64;
+                    let (res, _) = io.write_all(d).await;
+                    if res.is_err() {
+                        return false;
+                    }
+                    if framing == Framing::Chunked {
+                        out.extend_from_slice(b"\r\n");
+                        if !write_counted(io, out, sent_total).await {
+                            return false;
+                        }
+                    }
+                }
+                stream.consumed(n);
+            }
+            BodyEvent::End => {
+                return match framing {
+                    Framing::Chunked => {
+                        out.clear();
+                        out.extend_from_slice(http::LAST_CHUNK);
+                        write_counted(io, out, sent_total).await && !close
+                    }
+                    Framing::Length(total) => sent == total && !close,
+                    Framing::None => !close,
+                    Framing::Close => false,
+                };
+            }
+            BodyEvent::Failed(e) => {
+                tracing::warn!(error = %e, "response failed mid-body; closing the client connection");
+                return false;
+            }
+        }
+    }
+}
+
+/// The app's Content-Length, when it sent a valid one.
+pub(super) fn app_content_length(meta: &ResponseMeta) -> Option<u64> {
+    let list = meta.header_list.as_ref().unwrap_or(&meta.headers);
+    let mut found = None;
+    for (n, v) in list {
+        if n.eq_ignore_ascii_case("content-length") {
+            let v = v.trim();
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let n: u64 = v.parse().ok()?;
+            if found.is_some_and(|f| f != n) {
+                return None;
+            }
+            found = Some(n);
+        }
+    }
+    found
+}
+
+/// What [`write_error`] did.
+pub(super) struct ErrorWritten {
+    /// The write succeeded.
+    pub ok: bool,
+    pub status: u16,
+    /// Bytes handed to the socket.
+    pub bytes: u64,
+}
+
+/// Writes the gateway's own error reply.
+pub(super) async fn write_error<S: AsyncWriteRent>(
+    io: &mut S,
+    out: &mut Vec<u8>,
+    err: &ProxyError,
+    is_head: bool,
+    close: bool,
+) -> ErrorWritten {
+    let r = error_reply(err);
+    out.clear();
+    http::headers::write_status_line(out, r.status, http::headers::reason_phrase(r.status));
+    out.extend_from_slice(b"content-type: application/json\r\n");
+    push_header_num(out, "content-length", r.body.len());
+    if let Some(s) = r.retry_after {
+        push_header_num(out, "retry-after", s as usize);
+    }
+    if close || r.close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !is_head {
+        out.extend_from_slice(r.body.as_bytes());
+    }
+    let bytes = out.len() as u64;
+    ErrorWritten {
+        ok: write_out(io, out).await,
+        status: r.status,
+        bytes,
+    }
+}

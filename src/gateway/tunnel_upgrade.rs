@@ -1,0 +1,312 @@
+//! A tunnel upgrade on the public (or tunnel) port, from its head to the
+//! running tunnel: the pending-upgrade slot (`upgrades.rs`), authentication
+//! under `handshake_timeout` (tokens, DID-WBA: `crate::auth`), the
+//! `duplicate_tunnels` decision, placement on the core with the fewest
+//! tunnels of the identity and the hand-off of the socket to it, the 101,
+//! and every refusal with its status. Never serves an HTTP request.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, Splitable};
+
+use super::core::{CoreCtx, CoreMsg, TunnelHandoff, TunnelOwner};
+use super::instances::Placement;
+use super::respond::{push_header_num, write_out};
+use super::tunnel::run_tunnel;
+use super::upgrades::UpgradeSlot;
+use crate::auth::UpgradeRequest;
+use crate::config::DuplicateTunnels;
+use crate::http::{self, RequestHead};
+use crate::net::Movable;
+use crate::protocol::features::{
+    valid_instance, Features, FEATURES_HEADER, INSTANCE_HEADER, TUNNELS_HEADER,
+};
+
+/// When an upgrade whose head began at `start` must have its 101.
+pub(super) fn handshake_deadline(ctx: &CoreCtx, start: Instant) -> Option<Instant> {
+    crate::config::secs(ctx.shared.config.gateway.handshake_timeout).map(|d| start + d)
+}
+
+/// Takes a pending-upgrade slot for `peer`, or answers 429/503 with
+/// Retry-After (the longest a slot can stay taken) and returns `None`.
+pub(super) async fn upgrade_slot<S: AsyncWriteRent>(
+    ctx: &CoreCtx,
+    io: &mut S,
+    out: &mut Vec<u8>,
+    peer: SocketAddr,
+) -> Option<UpgradeSlot> {
+    match ctx.shared.upgrades.try_acquire(peer.ip()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(%peer, reason = e.reason(), error = %e, status = e.status(), "tunnel upgrade refused");
+            let retry = ctx.shared.config.gateway.handshake_timeout.ceil().max(1.0) as u64;
+            refuse(io, out, e.status(), e.reason(), &e.to_string(), Some(retry)).await;
+            None
+        }
+    }
+}
+
+/// A refusal decided while authenticating an upgrade (already logged).
+struct Refused {
+    status: u16,
+    reason: &'static str,
+    message: String,
+}
+
+/// What authentication decided for an upgrade.
+struct Accepted {
+    accept: String,
+    identity: crate::auth::Identity,
+    features: Features,
+    /// `X-ANPX-Instance`, empty when not sent.
+    instance: String,
+}
+
+/// Authenticates a tunnel upgrade under `handshake_timeout` (408 past it)
+/// and, on success, runs the tunnel. `slot` is held until the 101 is
+/// queued, whatever the outcome.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn accept_tunnel<S>(
+    ctx: Rc<CoreCtx>,
+    mut io: S,
+    head: &RequestHead,
+    head_buf: &Bytes,
+    leftover: BytesMut,
+    peer: SocketAddr,
+    tls: bool,
+    slot: UpgradeSlot,
+    deadline: Option<Instant>,
+) where
+    S: AsyncReadRent + AsyncWriteRent + Splitable + Movable + 'static,
+    S::OwnedRead: AsyncReadRent + 'static,
+    S::OwnedWrite: AsyncWriteRent + 'static,
+{
+    let mut out = Vec::with_capacity(512);
+    // No IO on `io` inside: dropping it at the deadline leaves the stream
+    // usable for the 408.
+    let checked = authenticate_upgrade(&ctx, head, head_buf, peer, tls);
+    let decided = match deadline {
+        Some(d) => {
+            monoio::time::timeout(d.saturating_duration_since(Instant::now()), checked).await
+        }
+        None => Ok(checked.await),
+    };
+    let Accepted {
+        accept,
+        identity,
+        features,
+        instance,
+    } = match decided {
+        Ok(Ok(a)) => a,
+        Ok(Err(r)) => {
+            ctx.shared.obs.auth_failures.record(r.reason);
+            refuse(&mut io, &mut out, r.status, r.reason, &r.message, None).await;
+            return;
+        }
+        Err(_) => {
+            ctx.shared.upgrades.note_timeout();
+            ctx.shared.obs.auth_failures.record("handshake_timeout");
+            tracing::warn!(%peer, reason = "handshake_timeout", "tunnel upgrade refused: not authenticated within handshake_timeout");
+            let msg = "upgrade not authenticated in time";
+            refuse(&mut io, &mut out, 408, "handshake_timeout", msg, None).await;
+            return;
+        }
+    };
+    let owner = TunnelOwner {
+        identity: identity.name.clone(),
+        instance,
+    };
+    // Tunnels are sharded by core: this one goes where its identity has the
+    // fewest, so requests on every core find a local tunnel.
+    let target = match ctx.shared.place_tunnel(&owner, ctx.index, S::MOVABLE) {
+        Placement::Placed { core, others } => {
+            if !others.is_empty() {
+                second_instance(&ctx, &owner, &others, peer);
+            }
+            core
+        }
+        Placement::Refused { others } => {
+            ctx.shared.obs.auth_failures.record("duplicate_instance");
+            tracing::warn!(%peer, identity = %owner.identity, instance = %owner.instance, connected = ?others,
+                reason = "duplicate_instance", "tunnel upgrade refused: another receiver instance holds this identity's tunnels (duplicate_tunnels = refuse)");
+            let msg = "another receiver instance is connected for this identity";
+            refuse(&mut io, &mut out, 409, "duplicate_instance", msg, None).await;
+            return;
+        }
+    };
+    let feat = features.to_header_value();
+    let tunnels = ctx.shared.workers.to_string();
+    let mut extra: Vec<(&str, &str)> = vec![(TUNNELS_HEADER, tunnels.as_str())];
+    if !feat.is_empty() {
+        extra.push((FEATURES_HEADER, feat.as_str()));
+    }
+    crate::ws::handshake::write_101(&mut out, &accept, &extra);
+    if target != ctx.index {
+        if let Ok(fd) = io.into_owned_fd() {
+            let h = TunnelHandoff {
+                fd,
+                leftover,
+                owner,
+                features,
+                peer,
+                handshake: out,
+            };
+            ctx.shared
+                .counters
+                .tunnel_handoffs_total
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(%peer, identity = %identity.name, from = ctx.index, to = target, "tunnel handed to another core");
+            if ctx.shared.inboxes[target]
+                .unbounded_send(CoreMsg::Tunnel(h))
+                .is_err()
+            {
+                tracing::error!(%peer, "core inbox closed; tunnel dropped");
+            }
+        }
+        return;
+    }
+    // run_tunnel queues the 101 before its first await.
+    drop(slot);
+    run_tunnel(ctx, io, leftover, owner, features, peer, out, tls).await;
+}
+
+/// A second receiver instance joined an identity under `share` or
+/// `replace`: say so at warn level; `replace` closes the others' tunnels
+/// on every core.
+fn second_instance(ctx: &CoreCtx, owner: &TunnelOwner, others: &[String], peer: SocketAddr) {
+    let policy = ctx.shared.config.gateway.duplicate_tunnels;
+    tracing::warn!(%peer, identity = %owner.identity, instance = %owner.instance, connected = ?others, ?policy,
+        "a second receiver instance opened a tunnel for this identity");
+    if policy == DuplicateTunnels::Replace {
+        for inbox in &ctx.shared.inboxes {
+            let _ = inbox.unbounded_send(CoreMsg::Evict {
+                identity: owner.identity.clone(),
+                keep: owner.instance.clone(),
+            });
+        }
+    }
+}
+
+/// The handshake checks and authentication of an upgrade, without IO on
+/// the client's stream (a DID document fetch runs on its own thread).
+async fn authenticate_upgrade(
+    ctx: &CoreCtx,
+    head: &RequestHead,
+    head_buf: &Bytes,
+    peer: SocketAddr,
+    tls: bool,
+) -> Result<Accepted, Refused> {
+    let headers: Vec<(&str, &[u8])> = head
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                std::str::from_utf8(&head_buf[h.name.clone()]).unwrap_or(""),
+                &head_buf[h.value.clone()],
+            )
+        })
+        .collect();
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    };
+    let method = head.method(head_buf);
+    let accept = match crate::ws::handshake::server_accept_key(&headers, method) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "tunnel upgrade refused: bad handshake");
+            return Err(Refused {
+                status: 400,
+                reason: "bad_handshake",
+                message: e.to_string(),
+            });
+        }
+    };
+    let req = UpgradeRequest {
+        method,
+        target: std::str::from_utf8(&head_buf[head.target.clone()]).unwrap_or(""),
+        host: head
+            .host
+            .clone()
+            .and_then(|r| std::str::from_utf8(&head_buf[r]).ok()),
+        authorization: get("authorization"),
+        peer,
+        headers: &headers,
+        tls,
+    };
+    let owns_routes = |name: &str| ctx.routes().prefixes_of(name).next().is_some();
+    let identity = match ctx.shared.auth.authenticate(&req, &owns_routes).await {
+        // A route registered since the last poll applies to a new tunnel
+        // at once: read the registry, then decide again (a DID proof
+        // refused for want of routes has not spent its nonce).
+        Err(e) if e.is_no_routes() && ctx.refresh_routes().await => {
+            ctx.shared.auth.authenticate(&req, &owns_routes).await
+        }
+        r => r,
+    };
+    let refused = |e: crate::auth::AuthError| {
+        tracing::warn!(%peer, reason = e.reason(), error = %e, "tunnel upgrade refused");
+        Refused {
+            status: e.status(),
+            reason: e.reason(),
+            message: e.to_string(),
+        }
+    };
+    let identity = identity.map_err(refused)?;
+    let owned =
+        owns_routes(&identity.name) || (ctx.refresh_routes().await && owns_routes(&identity.name));
+    if !owned {
+        return Err(refused(crate::auth::AuthError::NoRoutes(
+            identity.name.to_string(),
+        )));
+    }
+    let features = get(FEATURES_HEADER)
+        .map(Features::parse)
+        .unwrap_or_default()
+        .intersect(Features::SUPPORTED);
+    let instance = match get(INSTANCE_HEADER) {
+        None => String::new(),
+        Some(v) if valid_instance(v) => String::from_utf8_lossy(v).into_owned(),
+        Some(_) => {
+            tracing::warn!(%peer, reason = "bad_instance", "tunnel upgrade refused: invalid X-ANPX-Instance");
+            return Err(Refused {
+                status: 400,
+                reason: "bad_instance",
+                message: "X-ANPX-Instance must be 1 to 64 of A-Z a-z 0-9 . _ -".into(),
+            });
+        }
+    };
+    Ok(Accepted {
+        accept,
+        identity,
+        features,
+        instance,
+    })
+}
+
+pub(super) async fn refuse<S: AsyncWriteRent>(
+    io: &mut S,
+    out: &mut Vec<u8>,
+    status: u16,
+    reason: &str,
+    message: &str,
+    retry_after: Option<u64>,
+) {
+    let body = serde_json::json!({ "error": reason, "message": message }).to_string();
+    out.clear();
+    http::headers::write_status_line(out, status, http::headers::reason_phrase(status));
+    out.extend_from_slice(b"content-type: application/json\r\nconnection: close\r\n");
+    push_header_num(out, "content-length", body.len());
+    if let Some(s) = retry_after {
+        push_header_num(out, "retry-after", s as usize);
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+    write_out(io, out).await;
+    let _ = io.shutdown().await;
+}
