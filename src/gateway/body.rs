@@ -68,62 +68,153 @@ pub(super) async fn read_paced<S: AsyncReadRent>(
     }
 }
 
-/// Sends a body piece up; the time spent waiting for the tunnel's credit
-/// is not held against the client's pace (backpressure is not slowness).
-pub(super) async fn send_paced(
-    up: &mut Uploader,
-    pace: &mut Pace,
-    piece: Bytes,
-    last: bool,
-) -> Result<(), ProxyError> {
-    let t = Instant::now();
-    let r = up.send(piece, last).await;
-    pace.pause(t.elapsed());
-    r
+/// One request body as it is read from the client: Content-Length or
+/// chunked, bounded by `max_body_size` and paced. The whole-body path takes
+/// it in one piece ([`BodyReader::gather`] with no limit); the streaming
+/// path gathers the first `request_buffer_size`, then takes pieces
+/// ([`BodyReader::next`]).
+pub(super) struct BodyReader {
+    framing: Framing,
+    pace: Pace,
+    max: usize,
+    /// Body bytes taken so far.
+    taken: usize,
 }
 
-/// Reads a whole request body (Content-Length or chunked) up to `max`.
-pub(super) async fn read_body<S: AsyncReadRent>(
-    io: &mut S,
-    buf: &mut BytesMut,
-    kind: &BodyKind,
-    max: usize,
-    mut pace: Pace,
-) -> Result<Bytes, ProxyError> {
-    pace.add(buf.len());
-    match *kind {
-        BodyKind::None | BodyKind::ContentLength(0) => Ok(Bytes::new()),
-        BodyKind::ContentLength(n) => {
-            let n = n as usize;
-            if buf.len() < n {
+enum Framing {
+    /// Content-Length bytes still to take.
+    Length(usize),
+    Chunked(ChunkedDecoder),
+}
+
+/// What the buffer holds of the body right now.
+enum Step {
+    Piece(Bytes),
+    End,
+    NeedMore,
+}
+
+impl BodyReader {
+    /// `buffered`: bytes already read past the head (they count for pace).
+    pub(super) fn new(kind: &BodyKind, pace: Pace, max: usize, buffered: usize) -> Self {
+        let framing = match *kind {
+            BodyKind::None => Framing::Length(0),
+            BodyKind::ContentLength(n) => Framing::Length(n as usize),
+            BodyKind::Chunked => Framing::Chunked(ChunkedDecoder::new(16 * 1024)),
+        };
+        let mut pace = pace;
+        pace.add(buffered);
+        Self {
+            framing,
+            pace,
+            max,
+            taken: 0,
+        }
+    }
+
+    /// Body bytes taken so far.
+    pub(super) fn taken(&self) -> usize {
+        self.taken
+    }
+
+    /// No body byte is left to take (known without reading only for
+    /// Content-Length; a chunked body ends with [`next`](Self::next)'s None).
+    pub(super) fn finished(&self) -> bool {
+        matches!(self.framing, Framing::Length(0))
+    }
+
+    /// Takes what the buffer holds, at most `limit` bytes, without reading.
+    fn step(&mut self, buf: &mut BytesMut, limit: usize) -> Result<Step, ProxyError> {
+        let piece = match &mut self.framing {
+            Framing::Length(0) => return Ok(Step::End),
+            Framing::Length(_) if buf.is_empty() => return Ok(Step::NeedMore),
+            Framing::Length(left) => {
+                // Zero copy: the piece is a slice of the read buffer.
+                let p = buf.split_to(buf.len().min(*left).min(limit)).freeze();
+                *left -= p.len();
+                p
+            }
+            Framing::Chunked(dec) => match dec.decode(buf) {
+                Ok(ChunkedStep::Data(d)) => d,
+                Ok(ChunkedStep::Done) => return Ok(Step::End),
+                Ok(ChunkedStep::NeedMore) => return Ok(Step::NeedMore),
+                Err(_) => return Err(ProxyError::BadRequest("invalid chunked body")),
+            },
+        };
+        self.taken += piece.len();
+        if self.taken > self.max {
+            return Err(ProxyError::BodyTooLarge(self.max));
+        }
+        Ok(Step::Piece(piece))
+    }
+
+    /// The next piece of at most `limit` bytes (a chunked body's pieces are
+    /// its decoded chunks, up to 16 KiB), reading the client when the
+    /// buffer has none; None at the body's end.
+    pub(super) async fn next<S: AsyncReadRent>(
+        &mut self,
+        io: &mut S,
+        buf: &mut BytesMut,
+        limit: usize,
+    ) -> Result<Option<Bytes>, ProxyError> {
+        loop {
+            match self.step(buf, limit)? {
+                Step::Piece(p) => return Ok(Some(p)),
+                Step::End => return Ok(None),
+                Step::NeedMore => read_paced(io, buf, &mut self.pace).await?,
+            }
+        }
+    }
+
+    /// Reads until the body is complete or at least `want` bytes of it
+    /// are here; returns them in one buffer and whether that is the whole
+    /// body. A Content-Length body is a zero-copy slice of the read
+    /// buffer; chunked data is joined (an ANPX frame needs it contiguous).
+    pub(super) async fn gather<S: AsyncReadRent>(
+        &mut self,
+        io: &mut S,
+        buf: &mut BytesMut,
+        want: usize,
+    ) -> Result<(Bytes, bool), ProxyError> {
+        if let Framing::Length(left) = self.framing {
+            let need = left.min(want);
+            if buf.len() < need {
                 // Grow with the data, not with the claim: a client that
                 // announces 64 MiB and sends nothing costs 1 MiB at most.
-                buf.reserve((n - buf.len()).min(1 << 20));
+                buf.reserve((need - buf.len()).min(1 << 20));
             }
-            while buf.len() < n {
-                read_paced(io, buf, &mut pace).await?;
+            while buf.len() < need {
+                read_paced(io, buf, &mut self.pace).await?;
             }
-            // Zero copy: the body is a slice of the read buffer.
-            Ok(buf.split_to(n).freeze())
+            let first = match self.step(buf, usize::MAX)? {
+                Step::Piece(p) => p,
+                _ => Bytes::new(),
+            };
+            return Ok((first, self.finished()));
         }
-        BodyKind::Chunked => {
-            let mut dec = ChunkedDecoder::new(16 * 1024);
-            // The chunks are joined into one buffer: a whole-message ANPX
-            // frame needs the body contiguous.
-            let mut body = BytesMut::new();
-            loop {
-                match dec.decode(buf) {
-                    Ok(ChunkedStep::Data(d)) => {
-                        if body.len() + d.len() > max {
-                            return Err(ProxyError::BodyTooLarge(max));
-                        }
-                        body.extend_from_slice(&d);
-                    }
-                    Ok(ChunkedStep::Done) => return Ok(body.freeze()),
-                    Ok(ChunkedStep::NeedMore) => read_paced(io, buf, &mut pace).await?,
-                    Err(_) => return Err(ProxyError::BadRequest("invalid chunked body")),
-                }
+        let mut first = BytesMut::new();
+        loop {
+            match self.step(buf, usize::MAX)? {
+                Step::Piece(d) => first.extend_from_slice(&d),
+                Step::End => return Ok((first.freeze(), true)),
+                Step::NeedMore if first.len() < want => read_paced(io, buf, &mut self.pace).await?,
+                Step::NeedMore => return Ok((first.freeze(), false)),
             }
         }
+    }
+
+    /// Sends a body piece up; the time spent waiting for the tunnel's
+    /// credit is not held against the client's pace (backpressure is not
+    /// slowness).
+    pub(super) async fn send(
+        &mut self,
+        up: &mut Uploader,
+        piece: Bytes,
+        last: bool,
+    ) -> Result<(), ProxyError> {
+        let t = Instant::now();
+        let r = up.send(piece, last).await;
+        self.pace.pause(t.elapsed());
+        r
     }
 }

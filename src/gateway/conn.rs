@@ -11,7 +11,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Splitable};
 
-use super::body::{read_body, read_more, read_paced, send_paced, ReadOutcome};
+use super::body::{read_more, BodyReader, ReadOutcome};
 use super::core::{Busy, CoreCtx, ProxyRequest};
 use super::error::{error_kind, error_reply, ProxyError};
 use super::forward::build_request_meta;
@@ -19,10 +19,10 @@ use super::head::{HeadClock, HeadLimits, HeadTimeout};
 use super::observe::Exchange;
 use super::pace::Pace;
 use super::respond::{push_header_num, write_error, write_out, write_response};
-use super::tunnel::{RespBody, RespHead, Tunnel};
+use super::tunnel::{RespBody, RespHead, Tunnel, Uploader};
 use super::tunnel_upgrade::{accept_tunnel, handshake_deadline, refuse, upgrade_slot};
 use super::upgrades::{names_tunnel_path, UpgradeSlot};
-use crate::http::{self, BodyKind, ChunkedDecoder, ChunkedStep, RequestHead};
+use crate::http::{self, BodyKind, RequestHead};
 use crate::net::Movable;
 use crate::protocol::stream;
 
@@ -463,7 +463,9 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
     // Otherwise the whole body first (plain v1 peer, or the rare cross-core
     // path, which needs a `Send` request).
     let pace = Pace::new(ctx.settings.body_pace, Instant::now());
-    let body = read_body(io, buf, &head.body, max, pace)
+    let mut reader = BodyReader::new(&head.body, pace, max, buf.len());
+    let (body, _) = reader
+        .gather(io, buf, usize::MAX)
         .await
         .map_err(|e| (e, false))?;
     ex.bytes_in += body.len() as u64;
@@ -502,8 +504,10 @@ struct Target<'a> {
 
 /// Sends a request to a `stream` tunnel, its body piece by piece as it
 /// arrives from the client (bounded by the tunnel's credit window), then
-/// waits for the response head. A client that goes away mid-upload aborts
-/// the request at the receiver (`cancel`).
+/// waits for the response head. A body up to `request_buffer_size` is
+/// read whole first, so a slow client never holds a receiver's permit for
+/// a small body. A client that goes away mid-upload aborts the request at
+/// the receiver (`cancel`).
 #[allow(clippy::too_many_arguments)]
 async fn stream_request<S: AsyncReadRent>(
     ctx: &CoreCtx,
@@ -515,52 +519,15 @@ async fn stream_request<S: AsyncReadRent>(
     tunnel: Rc<Tunnel>,
     ex: &mut Exchange<'_>,
 ) -> ProxyOutcome {
-    let max = ctx.settings.max_body_size;
-    let buffer = ctx.settings.request_buffer_size;
-    let mut pace = Pace::new(ctx.settings.body_pace, Instant::now());
-    pace.add(buf.len());
-    let piece = stream::piece_size(ctx.settings.chunk_size, "0123456789abcdef", 0);
-    let mut dec = ChunkedDecoder::new(16 * 1024);
-    // What of the body is already here decides between one message and a
-    // stream.
-    let mut first = BytesMut::new();
-    let mut left = 0usize; // Content-Length bytes still to read
-    let complete = match head.body {
-        BodyKind::None => true,
-        BodyKind::ContentLength(n) => {
-            let n = n as usize;
-            // Held here until whole or `request_buffer_size` of it came:
-            // a slow client never holds a receiver's permit for a small
-            // body (issue #15).
-            while buf.len() < n.min(buffer) {
-                read_paced(io, buf, &mut pace)
-                    .await
-                    .map_err(|e| (e, false))?;
-            }
-            let take = buf.len().min(n);
-            first.extend_from_slice(&buf.split_to(take));
-            left = n - take;
-            left == 0
-        }
-        BodyKind::Chunked => loop {
-            match dec.decode(buf) {
-                Ok(ChunkedStep::Data(d)) => {
-                    if first.len() + d.len() > max {
-                        return Err((ProxyError::BodyTooLarge(max), false));
-                    }
-                    first.extend_from_slice(&d);
-                }
-                Ok(ChunkedStep::Done) => break true,
-                Ok(ChunkedStep::NeedMore) if first.len() < buffer => {
-                    read_paced(io, buf, &mut pace)
-                        .await
-                        .map_err(|e| (e, false))?;
-                }
-                Ok(ChunkedStep::NeedMore) => break false,
-                Err(_) => return Err((ProxyError::BadRequest("invalid chunked body"), false)),
-            }
-        },
-    };
+    let s = &ctx.settings;
+    let pace = Pace::new(s.body_pace, Instant::now());
+    let mut body = BodyReader::new(&head.body, pace, s.max_body_size, buf.len());
+    // What of the body is here once the buffer size is reached decides
+    // between one message and a stream.
+    let (mut first, complete) = body
+        .gather(io, buf, s.request_buffer_size)
+        .await
+        .map_err(|e| (e, false))?;
     let chunked = matches!(head.body, BodyKind::Chunked);
     let meta = build_request_meta(
         head,
@@ -571,102 +538,68 @@ async fn stream_request<S: AsyncReadRent>(
         target.peer,
         target.tls,
         (chunked && complete).then_some(first.len()),
-        ctx.settings.trust_forwarded,
+        s.trust_forwarded,
     );
-    let mut first = first.freeze();
     if complete {
         ex.bytes_in += first.len() as u64;
         let (_up, mut waiter) = tunnel
             .start(ctx, meta, first, true)
             .map_err(|e| (e, false))?;
         ex.request_id = Some(waiter.request_id());
-        return waiter
-            .wait(ctx.settings.timeout)
-            .await
-            .map_err(|e| (e, true));
+        return waiter.wait(s.timeout).await.map_err(|e| (e, true));
     }
+    let piece = stream::piece_size(s.chunk_size, "0123456789abcdef", 0);
     let rest = if first.len() > piece {
         first.split_off(piece)
     } else {
         Bytes::new()
     };
-    let mut sent = first.len() + rest.len();
     let (mut up, mut waiter) = tunnel
         .start(ctx, meta, first, false)
         .map_err(|e| (e, false))?;
     ex.request_id = Some(waiter.request_id());
-    let mut pending = rest;
-    let failed = 'upload: loop {
-        // Forward what is decoded but not yet sent, a piece at a time.
-        while !pending.is_empty() {
-            let p = pending.split_to(pending.len().min(piece));
-            if let Err(e) = send_paced(&mut up, &mut pace, p, false).await {
-                break 'upload Some(e);
-            }
-        }
-        // Then the next bytes from the client.
-        let step: Result<Option<Bytes>, ProxyError> = match head.body {
-            BodyKind::ContentLength(_) => {
-                if left == 0 {
-                    Ok(None)
-                } else if !buf.is_empty() {
-                    let p = buf.split_to(buf.len().min(left).min(piece)).freeze();
-                    left -= p.len();
-                    Ok(Some(p))
-                } else {
-                    match read_paced(io, buf, &mut pace).await {
-                        Ok(()) => continue,
-                        Err(e) => Err(e),
-                    }
-                }
-            }
-            _ => match dec.decode(buf) {
-                Ok(ChunkedStep::Data(d)) => Ok(Some(d)),
-                Ok(ChunkedStep::Done) => Ok(None),
-                Ok(ChunkedStep::NeedMore) => match read_paced(io, buf, &mut pace).await {
-                    Ok(()) => continue,
-                    Err(e) => Err(e),
-                },
-                Err(_) => Err(ProxyError::BadRequest("invalid chunked body")),
-            },
-        };
-        match step {
-            Ok(Some(p)) => {
-                sent += p.len();
-                if sent > max {
-                    break Some(ProxyError::BodyTooLarge(max));
-                }
-                let last = matches!(head.body, BodyKind::ContentLength(_)) && left == 0;
-                if p.len() > piece {
-                    pending = p;
-                    continue;
-                }
-                if let Err(e) = send_paced(&mut up, &mut pace, p, last).await {
-                    break Some(e);
-                }
-                if last {
-                    break None;
-                }
-            }
-            Ok(None) => {
-                if let Err(e) = up.send(Bytes::new(), true).await {
-                    break Some(e);
-                }
-                break None;
-            }
-            Err(e) => break Some(e),
-        }
-    };
-    ex.bytes_in += sent as u64;
-    if let Some(e) = failed {
+    let sent = upload(&mut body, &mut up, io, buf, rest, piece).await;
+    ex.bytes_in += body.taken() as u64;
+    if let Err(e) = sent {
         tracing::info!(peer = %target.peer, error = %e, "upload aborted");
         up.abort(&e.to_string());
         return Err((e, false));
     }
-    waiter
-        .wait(ctx.settings.timeout)
-        .await
-        .map_err(|e| (e, true))
+    waiter.wait(s.timeout).await.map_err(|e| (e, true))
+}
+
+/// The rest of a streamed upload after chunk 0: `pending` (gathered but
+/// not sent yet), then each piece as the client sends it, the last one
+/// marked.
+async fn upload<S: AsyncReadRent>(
+    body: &mut BodyReader,
+    up: &mut Uploader,
+    io: &mut S,
+    buf: &mut BytesMut,
+    mut pending: Bytes,
+    piece: usize,
+) -> Result<(), ProxyError> {
+    while !pending.is_empty() {
+        let p = pending.split_to(pending.len().min(piece));
+        let last = pending.is_empty() && body.finished();
+        body.send(up, p, last).await?;
+        if last {
+            return Ok(());
+        }
+    }
+    loop {
+        match body.next(io, buf, piece).await? {
+            Some(p) => {
+                // Content-Length: the last piece is known as it is taken.
+                let last = body.finished();
+                body.send(up, p, last).await?;
+                if last {
+                    return Ok(());
+                }
+            }
+            None => return body.send(up, Bytes::new(), true).await,
+        }
+    }
 }
 
 fn has_dot_segment(path: &str) -> bool {

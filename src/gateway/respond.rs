@@ -3,11 +3,12 @@
 //! returned as each piece reaches the socket) and the gateway's own error
 //! replies (status from `error.rs`, the one map). Never reads the client.
 
+use bytes::Bytes;
 use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
 
 use super::error::{error_reply, ProxyError};
 use super::forward::{write_response_head, Framing};
-use super::tunnel::{BodyEvent, RespBody, RespHead};
+use super::tunnel::{BodyEvent, BodyStream, RespBody, RespHead};
 use crate::http;
 use crate::protocol::anpx::ResponseMeta;
 
@@ -63,7 +64,7 @@ pub(super) async fn write_response<S: AsyncWriteRent>(
     out.clear();
     let status = resp.meta.status;
     let no_body = is_head || status == 204 || status == 304 || (100..200).contains(&status);
-    let mut stream = match resp.body {
+    let stream = match resp.body {
         RespBody::Full(body) => {
             let framing = if no_body {
                 Framing::None
@@ -71,19 +72,8 @@ pub(super) async fn write_response<S: AsyncWriteRent>(
                 Framing::Length(body.len() as u64)
             };
             write_response_head(out, &resp.meta, framing, !keep_alive);
-            if no_body || body.is_empty() {
-                return write_counted(io, out, sent_total).await && keep_alive;
-            }
-            if body.len() <= COALESCE_BODY {
-                out.extend_from_slice(&body);
-                return write_counted(io, out, sent_total).await && keep_alive;
-            }
-            if !write_counted(io, out, sent_total).await {
-                return false;
-            }
-            *sent_total += body.len() as u64;
-            let (res, _) = io.write_all(body).await;
-            return res.is_ok() && keep_alive;
+            let body = if no_body { Bytes::new() } else { body };
+            return write_with(io, out, body, b"", sent_total).await && keep_alive;
         }
         RespBody::Stream(s) => s,
     };
@@ -101,68 +91,67 @@ pub(super) async fn write_response<S: AsyncWriteRent>(
     if !write_counted(io, out, sent_total).await {
         return false;
     }
+    let idle = settings.stream_idle_timeout;
+    write_stream(io, out, stream, framing, idle, sent_total).await && !close
+}
+
+/// Writes `out`, then `body`, then `tail`: one write when the body is
+/// small (copied between them), else the body goes as it is, uncopied,
+/// between a write of `out` and one of `tail`.
+async fn write_with<S: AsyncWriteRent>(
+    io: &mut S,
+    out: &mut Vec<u8>,
+    body: Bytes,
+    tail: &[u8],
+    sent: &mut u64,
+) -> bool {
+    if body.len() <= COALESCE_BODY {
+        out.extend_from_slice(&body);
+        out.extend_from_slice(tail);
+        return write_counted(io, out, sent).await;
+    }
+    if !out.is_empty() && !write_counted(io, out, sent).await {
+        return false;
+    }
+    *sent += body.len() as u64;
+    let (res, _) = io.write_all(body).await;
+    if res.is_err() {
+        return false;
+    }
+    out.clear();
+    out.extend_from_slice(tail);
+    out.is_empty() || write_counted(io, out, sent).await
+}
+
+/// A streamed response body, framed by `framing`, until its end; false
+/// when the connection cannot go on (a failure, or a close-delimited
+/// body).
+async fn write_stream<S: AsyncWriteRent>(
+    io: &mut S,
+    out: &mut Vec<u8>,
+    mut stream: BodyStream,
+    framing: Framing,
+    idle: std::time::Duration,
+    sent_total: &mut u64,
+) -> bool {
+    let chunked = framing == Framing::Chunked;
     let mut sent: u64 = 0;
     loop {
-        let ev = match monoio::time::timeout(settings.stream_idle_timeout, stream.next()).await {
-            Ok(ev) => ev,
-            Err(_) => {
-                tracing::info!("response stream idle too long; closing");
-                return false;
-            }
+        let Ok(ev) = monoio::time::timeout(idle, stream.next()).await else {
+            tracing::info!("response stream idle too long; closing");
+            return false;
         };
-        match ev {
-            BodyEvent::Data(d) => {
-                if no_body || d.is_empty() {
-                    stream.consumed(d.len());
-                    continue;
-                }
-                let n = d.len();
-                sent += n as u64;
-                if let Framing::Length(total) = framing {
-                    if sent > total {
-                        tracing::warn!("receiver sent more than its Content-Length; closing");
-                        return false;
-                    }
-                }
-                out.clear();
-                if framing == Framing::Chunked {
-                    out.extend_from_slice(format!("{n:x}\r\n").as_bytes());
-                }
-                if n <= COALESCE_BODY {
-                    out.extend_from_slice(&d);
-                    if framing == Framing::Chunked {
-                        out.extend_from_slice(b"\r\n");
-                    }
-                    if !write_counted(io, out, sent_total).await {
-                        return false;
-                    }
-                } else {
-                    if !out.is_empty() && !write_counted(io, out, sent_total).await {
-                        return false;
-                    }
-                    *sent_total += d.len() as u64;
-                    let (res, _) = io.write_all(d).await;
-                    if res.is_err() {
-                        return false;
-                    }
-                    if framing == Framing::Chunked {
-                        out.extend_from_slice(b"\r\n");
-                        if !write_counted(io, out, sent_total).await {
-                            return false;
-                        }
-                    }
-                }
-                stream.consumed(n);
-            }
+        let d = match ev {
+            BodyEvent::Data(d) => d,
             BodyEvent::End => {
                 return match framing {
                     Framing::Chunked => {
                         out.clear();
                         out.extend_from_slice(http::LAST_CHUNK);
-                        write_counted(io, out, sent_total).await && !close
+                        write_counted(io, out, sent_total).await
                     }
-                    Framing::Length(total) => sent == total && !close,
-                    Framing::None => !close,
+                    Framing::Length(total) => sent == total,
+                    Framing::None => true,
                     Framing::Close => false,
                 };
             }
@@ -170,7 +159,28 @@ pub(super) async fn write_response<S: AsyncWriteRent>(
                 tracing::warn!(error = %e, "response failed mid-body; closing the client connection");
                 return false;
             }
+        };
+        let n = d.len();
+        if framing == Framing::None || n == 0 {
+            stream.consumed(n);
+            continue;
         }
+        sent += n as u64;
+        if matches!(framing, Framing::Length(total) if sent > total) {
+            tracing::warn!("receiver sent more than its Content-Length; closing");
+            return false;
+        }
+        out.clear();
+        let tail: &[u8] = if chunked {
+            http::write_chunk_header(out, n);
+            b"\r\n"
+        } else {
+            b""
+        };
+        if !write_with(io, out, d, tail, sent_total).await {
+            return false;
+        }
+        stream.consumed(n);
     }
 }
 

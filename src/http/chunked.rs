@@ -23,7 +23,7 @@ pub const CHUNK_END: &[u8] = b"\r\n";
 
 /// Append `{len in hex}\r\n`. `len` must not be 0: a zero-size chunk is the
 /// last-chunk and would end the body early; write [`LAST_CHUNK`] for that.
-pub fn write_chunk_header(out: &mut BytesMut, len: usize) {
+pub fn write_chunk_header(out: &mut impl bytes::BufMut, len: usize) {
     debug_assert!(
         len != 0,
         "a zero-length chunk ends the body; use LAST_CHUNK"
@@ -43,7 +43,7 @@ pub fn write_chunk_header(out: &mut BytesMut, len: usize) {
             break;
         }
     }
-    out.extend_from_slice(&tmp[i..]);
+    out.put_slice(&tmp[i..]);
 }
 
 /// What one [`ChunkedDecoder::decode`] call produced.

@@ -268,6 +268,7 @@ impl Upstream {
                 // The app answered before it had the whole body: one
                 // non-blocking peek per piece until it happens.
                 let mut early = false;
+                let mut line: Vec<u8> = Vec::with_capacity(24);
                 loop {
                     match rx.recv().await {
                         Some(ReqEvent::Data(d)) => {
@@ -283,8 +284,12 @@ impl Upstream {
                                 ));
                             }
                             if framing == BodyLen::Chunked {
-                                let (r, _) =
-                                    conn.write_all(format!("{n:x}\r\n").into_bytes()).await;
+                                // The size line, formatted into a reused
+                                // buffer (no allocation per chunk).
+                                line.clear();
+                                http::write_chunk_header(&mut line, n);
+                                let (r, l) = conn.write_all(line).await;
+                                line = l;
                                 r?;
                             }
                             let (r, _) = conn.write_all(d).await;
