@@ -7,12 +7,14 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver as Rx, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
+
+use super::wait::wait_until;
 
 /// Hang guard for start-up and tunnel connection.
 pub const START_WAIT: Duration = Duration::from_secs(30);
@@ -273,8 +275,19 @@ impl Proc {
     }
 
     /// Non-blocking: has it exited?
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+    pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits (up to `within`) for the process to exit on its own; its status.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let mut status = None;
+        let what = format!("{} to exit", self.name);
+        wait_until(&what, within, || {
+            status = self.exited();
+            status.is_some()
+        });
+        status.unwrap()
     }
 }
 
@@ -365,20 +378,6 @@ impl Gateway {
         // SAFETY: kill(2) on our own child's pid.
         let rc = unsafe { libc::kill(self.proc.child.id() as i32, sig) };
         assert_eq!(rc, 0, "kill({sig}) on the gateway failed");
-    }
-
-    /// Waits (up to `within`) for the process to exit; its status.
-    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let until = Instant::now() + within;
-        loop {
-            if let Some(s) = self.proc.exited() {
-                return Some(s);
-            }
-            if Instant::now() >= until {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
     }
 
     pub fn start_default() -> Gateway {
