@@ -11,6 +11,7 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::thread;
@@ -260,11 +261,13 @@ fn slow_did_document_fetch_hits_the_handshake_deadline_with_408() {
     });
     let tmp = tempfile::tempdir().unwrap();
     let did = "did:wba:agents.test:rx:slow";
-    let out = std::process::Command::new(common::procs::binary())
-        .args(["did", "new", did, "--out"])
-        .arg(tmp.path())
-        .output()
-        .expect("run `anp-proxy did new`");
+    let out = common::procs::run([
+        OsStr::new("did"),
+        OsStr::new("new"),
+        OsStr::new(did),
+        OsStr::new("--out"),
+        tmp.path().as_os_str(),
+    ]);
     assert!(
         out.status.success(),
         "did new: {}",

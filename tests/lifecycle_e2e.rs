@@ -239,7 +239,7 @@ fn sighup_reloads_tokens_and_routes_without_dropping_connections() {
     assert_eq!(conn.request("GET", "/carol/a", &[], b"").status, 404);
 
     // A bad file changes nothing.
-    let path = gw.proc.config_path.clone();
+    let path = gw.config_path.clone();
     let good = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, "this is not toml [").unwrap();
     gw.signal(libc::SIGHUP);
