@@ -17,7 +17,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::client::{self, Conn};
-use common::sys::wait_until;
+use common::wait_until;
 use common::{App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN};
 
 const WAIT: Duration = Duration::from_secs(30);

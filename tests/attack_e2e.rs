@@ -22,23 +22,14 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::client::{self, Conn};
 use common::procs::{Proc, ReceiverConfig};
-use common::{App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN};
+use common::{wait_until, App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN};
 
 /// Hang guard for facts the tests wait on.
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Polls `cond` until true; panics with `what` after `within`.
-fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let until = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < until, "expected {what} within {within:?}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Stderr (log) lines of `p` containing `needle`.
 fn log_count(p: &Proc, needle: &str) -> usize {
@@ -46,21 +37,6 @@ fn log_count(p: &Proc, needle: &str) -> usize {
         .iter()
         .filter(|l| l.contains(needle))
         .count()
-}
-
-/// Waits for the process to exit; its exit code.
-fn exit_code(p: &mut Proc, what: &str) -> Option<i32> {
-    let until = Instant::now() + WAIT;
-    loop {
-        if let Some(s) = p.exited() {
-            return s.code();
-        }
-        assert!(
-            Instant::now() < until,
-            "expected {what} to exit within {WAIT:?}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn receiver(gw: SocketAddr, app: SocketAddr, extra: &str) -> ReceiverConfig {
@@ -179,7 +155,7 @@ fn a_panicking_receiver_worker_ends_the_process_with_status_70() {
         r.summary()
     );
     assert_eq!(
-        exit_code(&mut rx.proc, "the receiver"),
+        rx.proc.wait_exit(WAIT).code(),
         Some(70),
         "a worker panic must end the receiver with status 70"
     );
@@ -207,7 +183,7 @@ fn a_panicking_gateway_worker_ends_the_process_with_status_70() {
         String::from_utf8_lossy(&rest)
     );
     assert_eq!(
-        exit_code(&mut gw.proc, "the gateway"),
+        gw.proc.wait_exit(WAIT).code(),
         Some(70),
         "a worker panic must end the gateway with status 70"
     );
@@ -373,7 +349,7 @@ fn duplicate_tunnels_replace_closes_the_first_instance() {
     let mut b = alice_with_instance(gw.addr, app_b.addr, "rx-b");
     b.wait_connected(1);
     assert_eq!(
-        exit_code(&mut a.proc, "the replaced receiver"),
+        a.proc.wait_exit(WAIT).code(),
         Some(3),
         "a replaced receiver stops (exit 3) instead of fighting back"
     );

@@ -28,8 +28,8 @@
 mod common;
 
 use common::client::{self, build_request, Conn};
-use common::sys::{self, mib, wait_until};
-use common::{App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN, BOB_TOKEN};
+use common::sys::{self, mib};
+use common::{wait_until, App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN, BOB_TOKEN};
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpStream};
@@ -371,12 +371,15 @@ fn receiver_killed_under_load_loses_only_in_flight_requests() {
         WAIT,
         || sys::fd_count(pid) <= fds_idle,
     );
-    let mut rss_after = sys::rss_kib(pid);
-    let settle = Instant::now();
-    while rss_after > rss_base + SLACK_KIB && settle.elapsed() < Duration::from_secs(30) {
-        thread::sleep(Duration::from_millis(100));
-        rss_after = sys::rss_kib(pid);
-    }
+    let mut rss_after = 0;
+    wait_until(
+        &format!("the gateway's memory back to at most baseline {rss_base} KiB + {SLACK_KIB} KiB"),
+        Duration::from_secs(30),
+        || {
+            rss_after = sys::rss_kib(pid);
+            rss_after <= rss_base + SLACK_KIB
+        },
+    );
     println!(
         "  gateway VmRSS: idle {:.1} MiB, baseline after warm-up {:.1} MiB, after the faults {:.1} MiB (peak VmHWM {:.1} MiB; allowed: baseline + {} MiB); descriptors {} before and after",
         mib(rss_idle),

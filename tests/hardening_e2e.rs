@@ -11,10 +11,11 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anp_proxy::protocol::anpx::ChunkInfo;
 use anp_proxy::ws::{encode_header, OpCodeKind};
@@ -22,7 +23,7 @@ use bytes::BytesMut;
 use common::client::{self, read_response};
 use common::procs::Token;
 use common::rawpeer::{self, RawPeer, MASK};
-use common::{App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN, BOB_TOKEN};
+use common::{wait_until, App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN, BOB_TOKEN};
 
 const RAW_A: &str = "raw-a-secret";
 const RAW_B: &str = "raw-b-secret";
@@ -117,18 +118,9 @@ impl World {
 
     /// Polls /metrics until `series` equals `want`.
     fn wait_metric(&self, series: &str, want: u64) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let v = self.metric(series);
-            if v == want {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "expected {series} = {want} within {WAIT:?}, it stays {v}"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+        wait_until(&format!("{series} = {want}"), WAIT, || {
+            self.metric(series) == want
+        });
     }
 }
 
@@ -269,11 +261,13 @@ fn slow_did_document_fetch_hits_the_handshake_deadline_with_408() {
     });
     let tmp = tempfile::tempdir().unwrap();
     let did = "did:wba:agents.test:rx:slow";
-    let out = std::process::Command::new(common::procs::binary())
-        .args(["did", "new", did, "--out"])
-        .arg(tmp.path())
-        .output()
-        .expect("run `anp-proxy did new`");
+    let out = common::procs::run([
+        OsStr::new("did"),
+        OsStr::new("new"),
+        OsStr::new(did),
+        OsStr::new("--out"),
+        tmp.path().as_os_str(),
+    ]);
     assert!(
         out.status.success(),
         "did new: {}",

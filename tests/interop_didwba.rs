@@ -6,17 +6,20 @@
 //! verify with each SDK's own verifier. Ports are 0; readiness is read from
 //! stdout; no sleeps.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_anp-proxy");
+use common::procs::{self, Gateway, Receiver};
+use common::{client, App};
+
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -52,55 +55,6 @@ fn sdk(args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("sdk.py prints JSON")
 }
 
-/// A child process killed on drop, with its stdout lines on a channel.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn start(args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start anp-proxy");
-        let (tx, lines) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
-            }
-        });
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("[anp-proxy] {l}");
-            }
-        });
-        Proc { child, lines }
-    }
-
-    /// Waits for a stdout line containing `needle`.
-    fn wait_for(&self, needle: &str) -> String {
-        loop {
-            match self.lines.recv_timeout(WAIT) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
-                Err(e) => panic!("expected a stdout line with `{needle}`: {e}"),
-            }
-        }
-    }
-}
-
 fn write(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, text).unwrap();
@@ -118,7 +72,7 @@ fn publish(docs: &Path, did: &str, dir: &Path) {
 }
 
 /// Starts a gateway with `auth` as its `[gateway.auth]` body; returns it and its port.
-fn gateway(dir: &Path, name: &str, auth: &str) -> (Proc, u16) {
+fn gateway(dir: &Path, name: &str, auth: &str) -> (Gateway, u16) {
     let cfg = dir.join(format!("{name}.toml"));
     write(
         &cfg,
@@ -126,15 +80,15 @@ fn gateway(dir: &Path, name: &str, auth: &str) -> (Proc, u16) {
             "[gateway]\nhost = \"127.0.0.1\"\nport = 0\nworkers = 1\n[gateway.auth]\n{auth}\n"
         ),
     );
-    let p = Proc::start(&["gateway", "-c", cfg.to_str().unwrap()]);
-    let line = p.wait_for("anp-proxy gateway listening on http://127.0.0.1:");
-    let port = line
-        .split("127.0.0.1:")
-        .nth(1)
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|s| s.parse().ok())
-        .expect("port in the listening line");
-    (p, port)
+    let gw = Gateway::start_file(&cfg);
+    assert!(
+        gw.listening
+            .starts_with("anp-proxy gateway listening on http://127.0.0.1:"),
+        "{}",
+        gw.listening
+    );
+    let port = gw.addr.port();
+    (gw, port)
 }
 
 fn dids_toml(routes: &[(&str, &str)]) -> String {
@@ -565,37 +519,9 @@ fn sdk_proofs_open_tunnels_or_are_refused_with_their_reason() {
     }
 }
 
-/// A tiny upstream app: answers every request with its path.
-fn app() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming().map_while(Result::ok) {
-            std::thread::spawn(move || {
-                let mut r = BufReader::new(s);
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let path = line.split(' ').nth(1).unwrap_or("").to_owned();
-                    loop {
-                        let mut h = String::new();
-                        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-                            break;
-                        }
-                    }
-                    let body = format!("app saw {path}");
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = r.get_mut().write_all(resp.as_bytes());
-                }
-            });
-        }
-    });
-    port
+/// The test app, answering every request with `app saw PATH`.
+fn app() -> App {
+    App::saying(|r| format!("app saw {}", r.target_text()).into_bytes())
 }
 
 fn receiver(
@@ -605,7 +531,7 @@ fn receiver(
     upstream: u16,
     id: &Path,
     scheme: &str,
-) -> Proc {
+) -> Receiver {
     let cfg = dir.join(format!("{name}.toml"));
     write(
         &cfg,
@@ -615,15 +541,13 @@ fn receiver(
             id.join("key-1_private.pem").display()
         ),
     );
-    Proc::start(&["receiver", "-c", cfg.to_str().unwrap()])
+    Receiver::start_file(&cfg)
 }
 
 fn did_new(dir: &Path, did: &str, flags: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(["did", "new", did, "--out", dir.to_str().unwrap()])
-        .args(flags)
-        .output()
-        .unwrap();
+    let mut args = vec!["did", "new", did, "--out", dir.to_str().unwrap()];
+    args.extend_from_slice(flags);
+    let out = procs::run(args);
     assert!(
         out.status.success(),
         "expected `did new` to succeed: {}",
@@ -633,24 +557,9 @@ fn did_new(dir: &Path, did: &str, flags: &[&str]) -> String {
 }
 
 fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned(),
-    )
+    let headers = [("Host", "127.0.0.1"), ("Connection", "close")];
+    let r = client::request(([127, 0, 0, 1], port).into(), "GET", path, &headers, b"");
+    (r.status, r.body_text())
 }
 
 #[test]
@@ -675,12 +584,15 @@ fn our_receiver_proves_its_did_and_serves_its_routes() {
         dids_toml(&[(&k, "/k"), (&e, "/e")])
     );
     let (_gw, port) = gateway(t, "gw", &auth);
-    let upstream = app();
+    let app = app();
+    let upstream = app.addr.port();
     let url = format!("ws://127.0.0.1:{port}/ws");
-    let _rk = receiver(t, "rk", &url, upstream, &t.join("k"), "didwba");
-    let _re = receiver(t, "re", &url, upstream, &t.join("e"), "http-signatures");
-    _rk.wait_for("anp-proxy receiver tunnel 0 connected to ws://");
-    _re.wait_for("anp-proxy receiver tunnel 0 connected to ws://");
+    let mut rk = receiver(t, "rk", &url, upstream, &t.join("k"), "didwba");
+    let mut re = receiver(t, "re", &url, upstream, &t.join("e"), "http-signatures");
+    rk.proc
+        .wait_stdout("anp-proxy receiver tunnel 0 connected to ws://");
+    re.proc
+        .wait_stdout("anp-proxy receiver tunnel 0 connected to ws://");
     assert_eq!(
         http_get(port, "/k/hello"),
         (200, "app saw /k/hello".into()),

@@ -11,21 +11,12 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::procs::ReceiverConfig;
-use common::{App, Conn, Gateway, GatewayConfig, Receiver, Setup, ALICE_TOKEN};
+use common::{wait_until, App, Conn, Gateway, GatewayConfig, Receiver, Setup, ALICE_TOKEN};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Polls `cond` until it holds or `WAIT` is over.
-fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let until = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < until, "expected {what} within {WAIT:?}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn refuses_connections(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err()
@@ -108,7 +99,7 @@ fn sigterm_drains_in_flight_requests_then_closes_tunnels_with_1001() {
     assert_eq!(idle.request("GET", "/alice/one", &[], b"").status, 200);
 
     gw.signal(libc::SIGTERM);
-    eventually("the gateway to stop accepting connections", || {
+    wait_until("the gateway to stop accepting connections", WAIT, || {
         refuses_connections(addr)
     });
     // The held request keeps the gateway alive, and its tunnel open.
@@ -134,9 +125,7 @@ fn sigterm_drains_in_flight_requests_then_closes_tunnels_with_1001() {
         Some(1001),
         "tunnels are closed with 1001 (going away)"
     );
-    let status = gw
-        .wait_exit(WAIT)
-        .expect("the gateway to exit after draining");
+    let status = gw.proc.wait_exit(WAIT);
     assert!(status.success(), "drain exits 0, got {status}");
     // Its access line was written before the exit (access log on stdout).
     gw.proc.wait_line("the access line of /alice/slow", |l| {
@@ -204,7 +193,9 @@ fn second_gateway_on_the_same_port_takes_over_with_nothing_refused() {
             })
         })
         .collect();
-    eventually("requests to flow", || ok.load(Ordering::Relaxed) > 100);
+    wait_until("requests to flow", WAIT, || {
+        ok.load(Ordering::Relaxed) > 100
+    });
 
     // The successor binds the same port while A still serves, then A
     // drains. Requests B accepts before the receiver moves wait for its
@@ -212,12 +203,12 @@ fn second_gateway_on_the_same_port_takes_over_with_nothing_refused() {
     let b = Gateway::start(&successor);
     assert_eq!(b.addr, a.addr);
     a.signal(libc::SIGTERM);
-    let status = a.wait_exit(WAIT).expect("the first gateway to exit");
+    let status = a.proc.wait_exit(WAIT);
     assert!(status.success(), "drain exits 0, got {status}");
     // The receiver moved to B on its own.
     rx.wait_connected(2);
     let after = ok.load(Ordering::Relaxed);
-    eventually("requests served by the successor alone", || {
+    wait_until("requests served by the successor alone", WAIT, || {
         ok.load(Ordering::Relaxed) > after + 200
     });
     stop.store(true, Ordering::Relaxed);
@@ -250,7 +241,7 @@ fn sighup_reloads_tokens_and_routes_without_dropping_connections() {
     assert_eq!(conn.request("GET", "/carol/a", &[], b"").status, 404);
 
     // A bad file changes nothing.
-    let path = gw.proc.config_path.clone();
+    let path = gw.config_path.clone();
     let good = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, "this is not toml [").unwrap();
     gw.signal(libc::SIGHUP);
@@ -268,7 +259,7 @@ fn sighup_reloads_tokens_and_routes_without_dropping_connections() {
     });
     let mut rc = Receiver::start(gw.addr, app.addr, "carol-secret", 1);
     rc.wait_connected(1);
-    eventually("/carol to be served through carol's tunnel", || {
+    wait_until("/carol to be served through carol's tunnel", WAIT, || {
         common::client::request(gw.addr, "GET", "/carol/x", &[], b"").status == 200
     });
     // The connection opened before both reloads still works, and alice's

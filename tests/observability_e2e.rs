@@ -15,10 +15,10 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::client::{request, send_raw};
-use common::{App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN, BOB_TOKEN};
+use common::{wait_until, App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN, BOB_TOKEN};
 
 /// Hang guard for conditions polled below.
 const WAIT: Duration = Duration::from_secs(30);
@@ -52,42 +52,36 @@ fn stats(admin: SocketAddr) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("admin /stats is not JSON ({e}): {}", r.body_text()))
 }
 
-/// Polls /metrics until `name` reaches `want`; returns the last scrape.
+/// Polls /metrics until `name` reaches `want`; returns that scrape.
 fn metrics_when(admin: SocketAddr, name: &str, want: f64) -> BTreeMap<String, f64> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let m = metrics(admin);
-        if m.get(name).copied().unwrap_or(0.0) >= want || Instant::now() > deadline {
-            return m;
-        }
-        std::thread::yield_now();
-    }
+    let mut m = BTreeMap::new();
+    wait_until(&format!("/metrics {name} >= {want}"), WAIT, || {
+        m = metrics(admin);
+        m.get(name).copied().unwrap_or(0.0) >= want
+    });
+    m
 }
 
 /// Every line of the access log files in `dir` (`access.log.YYYY-MM-DD`
-/// with daily rotation), once there are at least `n`.
+/// with daily rotation), once there are at least `n` whole lines.
 fn access_lines(dir: &Path, n: usize) -> Vec<serde_json::Value> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let mut text = String::new();
+    let mut text = String::new();
+    wait_until(&format!("{n} access log lines"), WAIT, || {
+        text.clear();
         for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             if e.file_name().to_string_lossy().starts_with("access.log") {
                 text += &std::fs::read_to_string(e.path()).unwrap_or_default();
             }
         }
         let complete = text.ends_with('\n') || text.is_empty();
-        let lines: Vec<&str> = text.lines().collect();
-        if (lines.len() >= n && complete) || Instant::now() > deadline {
-            return lines
-                .iter()
-                .map(|l| {
-                    serde_json::from_str(l)
-                        .unwrap_or_else(|e| panic!("access log line is not JSON ({e}): {l:?}"))
-                })
-                .collect();
-        }
-        std::thread::yield_now();
-    }
+        text.lines().count() >= n && complete
+    });
+    text.lines()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("access log line is not JSON ({e}): {l:?}"))
+        })
+        .collect()
 }
 
 /// An address where nothing listens (bound, then closed).
@@ -405,21 +399,14 @@ fn access_log_off_writes_no_line() {
     assert_eq!(m["anp_requests_total{route=\"\",class=\"4xx\"}"], 5.0);
     // The main log is in log_dir (so the directory is the right one) ...
     let dir = log_dir(&gw);
-    let deadline = Instant::now() + WAIT;
-    while !std::fs::read_dir(&dir)
-        .map(|d| {
-            d.flatten()
-                .any(|e| e.file_name().to_string_lossy().starts_with("anp-proxy.log"))
-        })
-        .unwrap_or(false)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no main log in {}",
-            dir.display()
-        );
-        std::thread::yield_now();
-    }
+    wait_until(&format!("a main log in {}", dir.display()), WAIT, || {
+        std::fs::read_dir(&dir)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with("anp-proxy.log"))
+            })
+            .unwrap_or(false)
+    });
     // ... and no access log was ever opened there.
     let names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
@@ -452,10 +439,9 @@ fn access_and_main_logs_rotate_by_size_with_capped_backups() {
     // 404s log a line in both files. Keep sending until both have rotated
     // past their cap: the access log is handed over in batches (every
     // 100 ms), so this takes a few rounds.
-    let deadline = Instant::now() + WAIT * 2;
     let mut sent = 0;
     let mut rounds_after = 0;
-    loop {
+    wait_until("both logs to rotate past their cap", WAIT * 2, || {
         for _ in 0..20 {
             let path = format!("/nowhere/{sent:06}/padding-to-make-lines-longer");
             assert_eq!(request(gw.addr, "GET", &path, &[], b"").status, 404);
@@ -467,12 +453,9 @@ fn access_and_main_logs_rotate_by_size_with_capped_backups() {
         if full {
             // A few more rotations, to see the cap hold.
             rounds_after += 1;
-            if rounds_after > 10 {
-                break;
-            }
         }
-        assert!(Instant::now() < deadline, "logs did not rotate: {n:?}");
-    }
+        rounds_after > 10
+    });
     let n = names();
     assert_eq!(
         n,

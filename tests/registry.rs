@@ -5,20 +5,21 @@
 //! purpose. The end-to-end tests run the real binary: gateway, receiver and
 //! `anp-proxy routes …`, and watch a change reach a connected tunnel.
 
+mod common;
+
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anp_proxy::config::Config;
 use anp_proxy::registry::{Added, Registry, RegistryError};
 
-const BIN: &str = env!("CARGO_BIN_EXE_anp-proxy");
+use common::procs::{self, Gateway, Receiver};
+use common::{client, wait_until, App};
 
 // ---------------------------------------------------------------- backends
 
@@ -106,6 +107,14 @@ impl Setup {
 
     fn registry(&self) -> Registry {
         Registry::open(&self.config()).unwrap()
+    }
+
+    /// `anp-proxy routes ARGS --config` this setup's file.
+    fn routes(&self, args: &[&str]) -> Output {
+        let mut all = vec![OsStr::new("routes")];
+        all.extend(args.iter().map(OsStr::new));
+        all.extend([OsStr::new("--config"), self.cfg_path.as_os_str()]);
+        procs::run(all)
     }
 }
 
@@ -216,13 +225,7 @@ fn unicode_path_round_trips(s: &Setup) {
 
 fn routes_cli(s: &Setup) {
     let run = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .args(["routes"])
-            .args(args)
-            .arg("--config")
-            .arg(&s.cfg_path)
-            .output()
-            .unwrap();
+        let out = s.routes(args);
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -298,120 +301,33 @@ fn sqlite_file_is_created_relative_to_the_config() {
 
 // ------------------------------------------------------------ end to end
 
-/// Kills the child when the test ends, however it ends.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// The test app, answering every request `200 app:<target>`.
+fn app() -> App {
+    App::saying(|r| format!("app:{}", r.target_text()).into_bytes())
 }
 
-/// Starts `anp-proxy ARGS` and waits (at most 30 s) for a stdout line
-/// containing `needle`; returns the process and that line.
-fn start(args: &[&OsStr], needle: &str) -> (Proc, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let needle = needle.to_owned();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if !sent && line.contains(&needle) {
-                let _ = tx.send(line);
-                sent = true;
-            }
-        }
-    });
-    let proc = Proc(child);
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .unwrap_or_else(|_| panic!("no `{:?}` line from {args:?}", args));
-    (proc, line)
-}
-
-/// The local app: answers every request `200 app:<target>`, keep-alive.
-fn start_app() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { continue };
-            std::thread::spawn(move || serve_app(s));
-        }
-    });
-    addr
-}
-
-fn serve_app(s: TcpStream) {
-    let mut w = s.try_clone().unwrap();
-    let mut r = BufReader::new(s);
-    loop {
-        let mut first = String::new();
-        if r.read_line(&mut first).unwrap_or(0) == 0 {
-            return;
-        }
-        let mut len = 0usize;
-        loop {
-            let mut h = String::new();
-            if r.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            if h == "\r\n" {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-        }
-        let mut body = vec![0; len];
-        if r.read_exact(&mut body).is_err() {
-            return;
-        }
-        let target = first.split(' ').nth(1).unwrap_or("").to_owned();
-        let body = format!("app:{target}");
-        let resp = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{body}",
-            body.len()
-        );
-        if w.write_all(resp.as_bytes()).is_err() {
-            return;
-        }
-    }
+/// A receiver for the `live` identity, its config file beside the
+/// gateway's; `extra` goes into `[receiver]`. Waits for its tunnel.
+fn live_receiver(s: &Setup, gw: SocketAddr, app: &App, extra: &str) -> Receiver {
+    let rcfg = s.dir.path().join("receiver.toml");
+    std::fs::write(
+        &rcfg,
+        format!(
+            "mode = \"receiver\"\n[logging]\nlevel = \"warn\"\n[receiver]\ngateway_url = \"ws://{gw}/ws\"\nupstream = \"http://{}\"\ntoken = \"live-token-123\"\n{extra}",
+            app.addr
+        ),
+    )
+    .unwrap();
+    let mut rx = Receiver::start_file(&rcfg);
+    rx.wait_connected(1);
+    rx
 }
 
 /// One GET through the gateway: (status, body). Waits on the response.
 fn get(gw: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(gw).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|x| x.1)
-        .unwrap_or("")
-        .to_owned();
-    (status, body)
+    let headers = [("Host", "gw.test"), ("Connection", "close")];
+    let r = client::request(gw, "GET", path, &headers, b"");
+    (r.status, r.body_text())
 }
 
 /// Requests `path` until its status is `want` on 8 requests in a row
@@ -422,35 +338,27 @@ fn until_status(gw: SocketAddr, path: &str, want: u16) -> Duration {
     let t0 = Instant::now();
     let mut first_ok: Option<Duration> = None;
     let mut in_a_row = 0;
-    loop {
-        let (status, _) = get(gw, path);
-        if status == want {
-            first_ok.get_or_insert(t0.elapsed());
-            in_a_row += 1;
-            if in_a_row == 8 {
-                return first_ok.unwrap();
+    wait_until(
+        &format!("{path} to answer {want} on 8 requests in a row"),
+        Duration::from_secs(10),
+        || {
+            if get(gw, path).0 == want {
+                first_ok.get_or_insert(t0.elapsed());
+                in_a_row += 1;
+            } else {
+                (first_ok, in_a_row) = (None, 0);
             }
-            continue;
-        }
-        (first_ok, in_a_row) = (None, 0);
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "{path}: still {status} after 10 s, want {want}"
-        );
-    }
+            in_a_row == 8
+        },
+    );
+    first_ok.unwrap()
 }
 
 fn live_change_reaches_connected_tunnel(s: &Setup) {
     // The token identity has no path in the config: all its routes come
     // from the registry, under the token's name.
     let routes = |args: &[&str]| {
-        let out = Command::new(BIN)
-            .arg("routes")
-            .args(args)
-            .arg("--config")
-            .arg(&s.cfg_path)
-            .output()
-            .unwrap();
+        let out = s.routes(args);
         assert!(
             out.status.success(),
             "routes {args:?}: {}",
@@ -458,38 +366,10 @@ fn live_change_reaches_connected_tunnel(s: &Setup) {
         );
     };
     routes(&["add", "live", "/first"]);
-    let (_gw, line) = start(
-        &[
-            OsStr::new("gateway"),
-            OsStr::new("--config"),
-            s.cfg_path.as_os_str(),
-        ],
-        "anp-proxy gateway listening on http://",
-    );
-    let gw: SocketAddr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    let app = start_app();
-    let rcfg = s.dir.path().join("receiver.toml");
-    std::fs::write(
-        &rcfg,
-        format!(
-            "mode = \"receiver\"\n[logging]\nlevel = \"warn\"\n[receiver]\ngateway_url = \"ws://{gw}/ws\"\nupstream = \"http://{app}\"\ntoken = \"live-token-123\"\nreconnect_max_delay = 1\n"
-        ),
-    )
-    .unwrap();
-    let (_rx, _) = start(
-        &[
-            OsStr::new("receiver"),
-            OsStr::new("--config"),
-            rcfg.as_os_str(),
-        ],
-        "anp-proxy receiver tunnel",
-    );
+    let gateway = Gateway::start_file(&s.cfg_path);
+    let gw = gateway.addr;
+    let app = app();
+    let _rx = live_receiver(s, gw, &app, "reconnect_max_delay = 1\n");
     // A new tunnel got the registry's route at once.
     let (status, body) = get(gw, "/first/x");
     assert_eq!((status, body.as_str()), (200, "app:/first/x"));
@@ -521,46 +401,12 @@ fn new_tunnel_sees_a_change_at_once(s: &Setup) {
     let mut text = std::fs::read_to_string(&s.cfg_path).unwrap();
     text.push_str("poll_interval = 60\n");
     std::fs::write(&s.cfg_path, text).unwrap();
-    let (_gw, line) = start(
-        &[
-            OsStr::new("gateway"),
-            OsStr::new("--config"),
-            s.cfg_path.as_os_str(),
-        ],
-        "anp-proxy gateway listening on http://",
-    );
-    let gw: SocketAddr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    let out = Command::new(BIN)
-        .args(["routes", "add", "live", "/late"])
-        .arg("--config")
-        .arg(&s.cfg_path)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let gateway = Gateway::start_file(&s.cfg_path);
+    let gw = gateway.addr;
+    assert!(s.routes(&["add", "live", "/late"]).status.success());
     let t0 = Instant::now();
-    let app = start_app();
-    let rcfg = s.dir.path().join("receiver.toml");
-    std::fs::write(
-        &rcfg,
-        format!(
-            "mode = \"receiver\"\n[logging]\nlevel = \"warn\"\n[receiver]\ngateway_url = \"ws://{gw}/ws\"\nupstream = \"http://{app}\"\ntoken = \"live-token-123\"\n"
-        ),
-    )
-    .unwrap();
-    let (_rx, _) = start(
-        &[
-            OsStr::new("receiver"),
-            OsStr::new("--config"),
-            rcfg.as_os_str(),
-        ],
-        "anp-proxy receiver tunnel",
-    );
+    let app = app();
+    let _rx = live_receiver(s, gw, &app, "");
     let took = t0.elapsed();
     assert!(took < Duration::from_secs(5), "tunnel took {took:?}");
     // The other core follows through its inbox, within 5 s.

@@ -23,7 +23,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::procs::{binary, Proc};
-use common::sys::wait_until;
+use common::wait_until;
 use common::{client, App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -376,7 +376,7 @@ fn takeover_joins_and_the_admin_port_follows_the_successor_when_the_old_one_drai
     app.release("held");
     let r = held.join().unwrap();
     assert_eq!(r.status, 200, "the held request: {}", r.summary());
-    let status = a.wait_exit(WAIT).expect("the old gateway to exit");
+    let status = a.proc.wait_exit(WAIT);
     assert!(status.success(), "drain exits 0, got {status}");
     assert_eq!(health(b.addr).unwrap().0, 200);
 }

@@ -21,11 +21,11 @@ mod wire;
 
 use app::{epoch, AppEvent, StreamApp, EVENT_LEN};
 use common::app::{pattern_body, sha256_hex};
+use common::procs::Proc;
 use common::{App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN};
 use sha2::{Digest, Sha256};
-use std::io::{self, BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc, Barrier};
+use std::io;
+use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;
 use wire::{mib, source_sha256, HttpConn, RssSampler, Source};
@@ -670,76 +670,20 @@ fn a_core_without_a_tunnel_crosses_and_counts_it() {
 
 // ---------------------------------------------------------------- plain v1 fallback
 
-struct PyPeer {
-    child: std::process::Child,
-    lines: mpsc::Receiver<String>,
-    reader: Option<thread::JoinHandle<()>>,
-}
-
-impl PyPeer {
-    fn start(gw: &Gateway, app: std::net::SocketAddr) -> (PyPeer, serde_json::Value) {
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/streaming/plain_v1_receiver.py"
-        );
-        let mut child = Command::new("python3")
-            .arg(script)
-            .arg(gw.ws_url())
-            .arg(ALICE_TOKEN)
-            .arg(app.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("python3 must be installed to run the plain v1 receiver");
-        let (tx, lines) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        let reader = thread::spawn(move || {
-            for l in BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                eprintln!("plain-v1 stdout: {l}");
-                let _ = tx.send(l);
-            }
-        });
-        let err = child.stderr.take().unwrap();
-        thread::spawn(move || {
-            for l in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("plain-v1: {l}");
-            }
-        });
-        let p = PyPeer {
-            child,
-            lines,
-            reader: Some(reader),
-        };
-        let line = loop {
-            match p.lines.recv_timeout(Duration::from_secs(30)) {
-                Ok(l) if l.starts_with("CONNECTED ") => break l,
-                Ok(_) => continue,
-                Err(e) => panic!("plain v1 receiver: expected a CONNECTED line: {e}"),
-            }
-        };
-        let hello: serde_json::Value =
-            serde_json::from_str(&line["CONNECTED ".len()..]).expect("CONNECTED json");
-        (p, hello)
-    }
-
-    /// Kills it and returns everything it printed.
-    fn finish(mut self) -> Vec<String> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
-        self.lines.try_iter().collect()
-    }
-}
-
-impl Drop for PyPeer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The plain v1 receiver (tests/streaming/plain_v1_receiver.py) for
+/// alice, once it has printed `CONNECTED {json}`: the process and that
+/// JSON (the gateway's 101).
+fn plain_v1_peer(gw: &Gateway, app: std::net::SocketAddr) -> (Proc, serde_json::Value) {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/streaming/plain_v1_receiver.py"
+    );
+    let args = [script, &gw.ws_url(), ALICE_TOKEN, &app.to_string()];
+    let mut p = Proc::start("plain-v1", "python3", args, &[]);
+    let line = p.wait_line("a CONNECTED line", |l| l.starts_with("CONNECTED "));
+    let hello: serde_json::Value =
+        serde_json::from_str(&line["CONNECTED ".len()..]).expect("CONNECTED json");
+    (p, hello)
 }
 
 fn random_body(n: usize, seed: u64) -> Vec<u8> {
@@ -759,7 +703,7 @@ fn random_body(n: usize, seed: u64) -> Vec<u8> {
 fn plain_v1_receiver_works_through_the_whole_message_fallback() {
     let app = App::start();
     let gw = Gateway::start(&GatewayConfig::default());
-    let (peer, hello) = PyPeer::start(&gw, app.addr);
+    let (peer, hello) = plain_v1_peer(&gw, app.addr);
     assert_eq!(hello["status"], 101, "{hello}");
     let headers = hello["headers"].as_object().expect("101 headers");
     assert!(

@@ -11,19 +11,22 @@
 //! refusals are read from the processes' stdout and stderr; no sleeps (the
 //! timeouts below only bound a failing test).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_anp-proxy");
+use common::procs::{addr_in, Gateway, Receiver};
+use common::App;
+
 const WAIT: Duration = Duration::from_secs(30);
 const TOKEN: &str = "tls-test-token-1";
 
@@ -130,119 +133,7 @@ fn pki() -> Pki {
     }
 }
 
-// ---- processes ------------------------------------------------------------
-
-/// A child process whose stdout and stderr lines arrive on channels.
-struct Proc {
-    child: Child,
-    out: mpsc::Receiver<String>,
-    err: mpsc::Receiver<String>,
-    /// Every line seen so far (for failure messages).
-    seen: Vec<String>,
-}
-
-impl Proc {
-    fn start(mode: &str, config: &Path) -> Proc {
-        let mut child = Command::new(BIN)
-            .arg("--config")
-            .arg(config)
-            .arg(mode)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start anp-proxy");
-        let out = lines(child.stdout.take().unwrap());
-        let err = lines(child.stderr.take().unwrap());
-        Proc {
-            child,
-            out,
-            err,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a stdout line containing `needle`.
-    fn stdout_line(&mut self, needle: &str) -> String {
-        wait_line(&self.out, needle, &mut self.seen)
-    }
-
-    /// Waits for a stderr (log) line containing every one of `needles`.
-    fn log_line(&mut self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.err.recv_timeout(left) {
-                Ok(l) => {
-                    let hit = needles.iter().all(|n| l.contains(n));
-                    self.seen.push(l.clone());
-                    if hit {
-                        return l;
-                    }
-                }
-                Err(_) => panic!(
-                    "expected a log line with {needles:?}; saw:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
-        assert_eq!(rc, 0, "kill({sig}) failed");
-    }
-
-    /// Stdout lines printed so far, without waiting.
-    fn stdout_so_far(&mut self) -> Vec<String> {
-        self.out.try_iter().collect()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn lines<R: Read + Send + 'static>(r: R) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(r).lines() {
-            let Ok(l) = l else { break };
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_line(rx: &mpsc::Receiver<String>, needle: &str, seen: &mut Vec<String>) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) => {
-                seen.push(l.clone());
-                if l.contains(needle) {
-                    return l;
-                }
-            }
-            Err(_) => panic!("expected a line with {needle:?}; saw:\n{}", seen.join("\n")),
-        }
-    }
-}
-
-/// The address after `scheme://` in a ready line, up to the next space or
-/// path.
-fn addr_after(line: &str, scheme: &str) -> String {
-    let rest = &line[line.find(scheme).expect("scheme in line") + scheme.len()..];
-    rest.split([' ', '/']).next().unwrap().to_owned()
-}
+// ---- configs ----------------------------------------------------------------
 
 fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
@@ -272,67 +163,38 @@ fn toml_path(p: &Path) -> String {
 
 // ---- the app behind the receiver ------------------------------------------
 
-/// A tiny HTTP/1.1 app on a std thread: answers every request with
-/// `app saw METHOD PATH`, keep-alive.
-fn app() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { continue };
-            std::thread::spawn(move || serve_app(s));
+/// The test app, answering every request with `app saw METHOD PATH` (and
+/// `with N bytes` when it had a body), or [`big_body`] for a target with
+/// `big` in it.
+fn app() -> App {
+    App::saying(|r| {
+        let target = r.target_text();
+        if target.contains("big") {
+            // Large enough to span many TLS records and ANPX chunks.
+            big_body().into_bytes()
+        } else if r.body_len > 0 {
+            format!("app saw {} {target} with {} bytes", r.method, r.body_len).into_bytes()
+        } else {
+            format!("app saw {} {target}", r.method).into_bytes()
         }
-    });
-    format!("http://{addr}")
+    })
 }
 
-fn serve_app(mut s: TcpStream) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            match s.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        let len: usize = head
-            .lines()
-            .find_map(|l| {
-                let (n, v) = l.split_once(':')?;
-                n.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or(0);
-        while buf.len() < end + len {
-            match s.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        buf.drain(..end + len);
-        let mut first = head.lines().next().unwrap_or("").split(' ');
-        let (method, target) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
-        let body = if target.contains("big") {
-            // Large enough to span many TLS records and ANPX chunks.
-            big_body()
-        } else if len > 0 {
-            format!("app saw {method} {target} with {len} bytes")
-        } else {
-            format!("app saw {method} {target}")
-        };
-        let resp = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        );
-        if s.write_all(resp.as_bytes()).is_err() || s.write_all(body.as_bytes()).is_err() {
-            return;
-        }
-    }
+/// `http://ADDR` of `app`, for `upstream`.
+fn upstream(app: &App) -> String {
+    format!("http://{}", app.addr)
+}
+
+/// A gateway from `config`, checked to listen on `https://`.
+fn https_gateway(config: &Path) -> Gateway {
+    let gw = Gateway::start_file(config);
+    assert!(
+        gw.listening
+            .starts_with("anp-proxy gateway listening on https://"),
+        "{}",
+        gw.listening
+    );
+    gw
 }
 
 fn big_body() -> String {
@@ -390,7 +252,7 @@ struct TlsConn {
 impl TlsConn {
     /// Connects to `addr` trusting only `ca` and completes the handshake;
     /// the handshake's TLS error if it fails.
-    fn connect(addr: &str, ca: &Path) -> Result<TlsConn, rustls::Error> {
+    fn connect(addr: SocketAddr, ca: &Path) -> Result<TlsConn, rustls::Error> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, ServerName};
         let mut roots = rustls::RootCertStore::empty();
@@ -407,8 +269,7 @@ impl TlsConn {
         let tcp = TcpStream::connect(addr).unwrap();
         tcp.set_read_timeout(Some(WAIT)).unwrap();
         tcp.set_write_timeout(Some(WAIT)).unwrap();
-        let ip: std::net::SocketAddr = addr.parse().unwrap();
-        let name = ServerName::from(ip.ip());
+        let name = ServerName::from(addr.ip());
         let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
         let mut s = rustls::StreamOwned::new(conn, tcp);
         while s.conn.is_handshaking() {
@@ -492,31 +353,31 @@ fn https_request_through_a_wss_tunnel() {
         )
         .replace("workers = 1", "workers = 2"),
     );
-    let mut gw = Proc::start("gateway", &gw_cfg);
-    let ready = gw.stdout_line("anp-proxy gateway listening on");
+    let mut gw = Gateway::start_file(&gw_cfg);
+    let ready = &gw.listening;
     assert!(
         ready.starts_with("anp-proxy gateway listening on https://127.0.0.1:")
             && ready.ends_with("(tunnel path /ws, 2 workers)"),
         "{ready}"
     );
-    let addr = addr_after(&ready, "https://");
+    let addr = gw.addr;
 
-    let upstream = app();
+    let app = app();
     let rx_cfg = write_config(
         d,
         "receiver.toml",
         &receiver_config(
             &format!("wss://{addr}/ws"),
-            &upstream,
+            &upstream(&app),
             &format!("ca_file = \"{}\"", toml_path(&pki.ca)),
         )
         .replace("tunnels = 1", "tunnels = 2"),
     );
-    let mut rx = Proc::start("receiver", &rx_cfg);
+    let mut rx = Receiver::start_file(&rx_cfg);
     // Both tunnels, in whichever order they come up.
     let mut up = [false; 2];
     while !up.iter().all(|u| *u) {
-        let line = rx.stdout_line("connected to");
+        let line = rx.proc.wait_stdout("connected to");
         assert!(line.ends_with(&format!("wss://{addr}/ws")), "{line}");
         for (i, u) in up.iter_mut().enumerate() {
             *u |= line.starts_with(&format!("anp-proxy receiver tunnel {i} connected to"));
@@ -552,7 +413,6 @@ fn https_request_through_a_wss_tunnel() {
     let threads: Vec<_> = (0..8)
         .map(|t| {
             let agent = https_agent(&pki.ca, None);
-            let addr = addr.clone();
             std::thread::spawn(move || {
                 for i in 0..5 {
                     let (status, body) = get(&agent, &format!("https://{addr}/svc/c{t}/{i}"));
@@ -565,7 +425,7 @@ fn https_request_through_a_wss_tunnel() {
         t.join().unwrap();
     }
     // Plain HTTP on the TLS port is not served.
-    let mut plain = TcpStream::connect(&addr).unwrap();
+    let mut plain = TcpStream::connect(addr).unwrap();
     plain.set_read_timeout(Some(WAIT)).unwrap();
     plain
         .write_all(b"GET /svc/hello HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -573,7 +433,7 @@ fn https_request_through_a_wss_tunnel() {
     let mut got = Vec::new();
     let _ = plain.read_to_end(&mut got);
     assert!(!got.starts_with(b"HTTP/1.1 200"), "plain HTTP was served");
-    gw.log_line(&["TLS handshake failed"]);
+    gw.proc.wait_log(&["TLS handshake failed"]);
 }
 
 #[test]
@@ -587,32 +447,31 @@ fn receiver_refuses_a_gateway_certificate_it_does_not_trust() {
             "[gateway.tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n",
         ),
     );
-    let mut gw = Proc::start("gateway", &gw_cfg);
-    let addr = addr_after(
-        &gw.stdout_line("anp-proxy gateway listening on"),
-        "https://",
-    );
+    let mut gw = https_gateway(&gw_cfg);
+    let addr = gw.addr;
     let rx_cfg = write_config(
         d,
         "receiver.toml",
         &receiver_config(
             &format!("wss://{addr}/ws"),
-            &app(),
+            &upstream(&app()),
             &format!("ca_file = \"{}\"", toml_path(&pki.other_ca)),
         ),
     );
-    let mut rx = Proc::start("receiver", &rx_cfg);
-    let line = rx.log_line(&["tunnel down", "gateway certificate not trusted"]);
+    let mut rx = Receiver::start_file(&rx_cfg);
+    let line = rx
+        .proc
+        .wait_log(&["tunnel down", "gateway certificate not trusted"]);
     assert!(line.contains("UnknownIssuer"), "{line}");
     // It retries with backoff, and fails the same way again.
-    rx.log_line(&["reconnecting"]);
-    rx.log_line(&["gateway certificate not trusted"]);
+    rx.proc.wait_log(&["reconnecting"]);
+    rx.proc.wait_log(&["gateway certificate not trusted"]);
     assert!(
-        rx.stdout_so_far().is_empty(),
+        rx.proc.stdout_so_far().is_empty(),
         "the receiver must not connect"
     );
     // The gateway saw the client's alert.
-    gw.log_line(&["TLS handshake failed"]);
+    gw.proc.wait_log(&["TLS handshake failed"]);
 }
 
 #[test]
@@ -629,20 +488,18 @@ fn required_client_certificates_on_the_tunnel_port_only() {
              ca_file = \"ca.pem\"\nverify_mode = \"required\"\n",
         ),
     );
-    let mut gw = Proc::start("gateway", &gw_cfg);
-    let public = addr_after(
-        &gw.stdout_line("anp-proxy gateway listening on"),
-        "https://",
-    );
-    let tline = gw.stdout_line("anp-proxy gateway tunnels on");
+    let mut gw = https_gateway(&gw_cfg);
+    let public = gw.addr;
+    let tline = gw.proc.wait_stdout("anp-proxy gateway tunnels on");
     assert!(
         tline.starts_with("anp-proxy gateway tunnels on wss://127.0.0.1:")
             && tline.ends_with("/ws"),
         "{tline}"
     );
-    let tunnel = addr_after(&tline, "wss://");
+    let tunnel = addr_in(&tline);
     assert_ne!(public, tunnel);
-    let upstream = app();
+    let app = app();
+    let upstream = upstream(&app);
     let ca = format!("ca_file = \"{}\"\n", toml_path(&pki.ca));
 
     // No client certificate: refused in the handshake, retried, never up.
@@ -651,11 +508,14 @@ fn required_client_certificates_on_the_tunnel_port_only() {
         "rx-nocert.toml",
         &receiver_config(&format!("wss://{tunnel}/ws"), &upstream, &ca),
     );
-    let mut nocert = Proc::start("receiver", &cfg);
-    let l = nocert.log_line(&["tunnel down", "CertificateRequired"]);
+    let mut nocert = Receiver::start_file(&cfg);
+    let l = nocert
+        .proc
+        .wait_log(&["tunnel down", "CertificateRequired"]);
     assert!(l.contains("gateway refused our client certificate"), "{l}");
-    gw.log_line(&["TLS handshake failed", "peer sent no certificates"]);
-    assert!(nocert.stdout_so_far().is_empty());
+    gw.proc
+        .wait_log(&["TLS handshake failed", "peer sent no certificates"]);
+    assert!(nocert.proc.stdout_so_far().is_empty());
     drop(nocert);
 
     // A certificate from another CA: refused too.
@@ -672,14 +532,14 @@ fn required_client_certificates_on_the_tunnel_port_only() {
             ),
         ),
     );
-    let mut stranger = Proc::start("receiver", &cfg);
-    stranger.log_line(&[
+    let mut stranger = Receiver::start_file(&cfg);
+    stranger.proc.wait_log(&[
         "tunnel down",
         "gateway refused our client certificate",
         "UnknownCA",
     ]);
-    gw.log_line(&["TLS handshake failed", "UnknownIssuer"]);
-    assert!(stranger.stdout_so_far().is_empty());
+    gw.proc.wait_log(&["TLS handshake failed", "UnknownIssuer"]);
+    assert!(stranger.proc.stdout_so_far().is_empty());
     drop(stranger);
 
     // The public port takes no tunnels when a tunnel port exists, even
@@ -694,9 +554,9 @@ fn required_client_certificates_on_the_tunnel_port_only() {
         "rx-public.toml",
         &receiver_config(&format!("wss://{public}/ws"), &upstream, &with_cert),
     );
-    let mut wrong_port = Proc::start("receiver", &cfg);
-    wrong_port.log_line(&["tunnel refused", "501"]);
-    assert!(wrong_port.stdout_so_far().is_empty());
+    let mut wrong_port = Receiver::start_file(&cfg);
+    wrong_port.proc.wait_log(&["tunnel refused", "501"]);
+    assert!(wrong_port.proc.stdout_so_far().is_empty());
     drop(wrong_port);
 
     // A certificate signed by the CA: connected (token auth on top).
@@ -705,8 +565,8 @@ fn required_client_certificates_on_the_tunnel_port_only() {
         "rx-cert.toml",
         &receiver_config(&format!("wss://{tunnel}/ws"), &upstream, &with_cert),
     );
-    let mut rx = Proc::start("receiver", &cfg);
-    rx.stdout_line(&format!(
+    let mut rx = Receiver::start_file(&cfg);
+    rx.proc.wait_stdout(&format!(
         "anp-proxy receiver tunnel 0 connected to wss://{tunnel}/ws"
     ));
 
@@ -732,12 +592,10 @@ fn required_on_the_main_port_with_the_reference_key_and_a_wrong_token() {
              ca_file = \"ca.pem\"\ntls_verify_mode = \"required\"\n",
         ),
     );
-    let mut gw = Proc::start("gateway", &gw_cfg);
-    let addr = addr_after(
-        &gw.stdout_line("anp-proxy gateway listening on"),
-        "https://",
-    );
-    let upstream = app();
+    let gw = https_gateway(&gw_cfg);
+    let addr = gw.addr;
+    let app = app();
+    let upstream = upstream(&app);
     let with_cert = format!(
         "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
         toml_path(&pki.ca),
@@ -748,8 +606,8 @@ fn required_on_the_main_port_with_the_reference_key_and_a_wrong_token() {
     let bad_token = receiver_config(&format!("wss://{addr}/ws"), &upstream, &with_cert)
         .replace(TOKEN, "not-the-token-9");
     let cfg = write_config(d, "rx-badtoken.toml", &bad_token);
-    let mut bad = Proc::start("receiver", &cfg);
-    bad.log_line(&["tunnel refused", "401"]);
+    let mut bad = Receiver::start_file(&cfg);
+    bad.proc.wait_log(&["tunnel refused", "401"]);
     drop(bad);
 
     let cfg = write_config(
@@ -757,8 +615,9 @@ fn required_on_the_main_port_with_the_reference_key_and_a_wrong_token() {
         "rx.toml",
         &receiver_config(&format!("wss://{addr}/ws"), &upstream, &with_cert),
     );
-    let mut rx = Proc::start("receiver", &cfg);
-    rx.stdout_line("anp-proxy receiver tunnel 0 connected to wss://");
+    let mut rx = Receiver::start_file(&cfg);
+    rx.proc
+        .wait_stdout("anp-proxy receiver tunnel 0 connected to wss://");
     let agent = https_agent(&pki.ca, Some(&pki.client));
     let (status, body) = get(&agent, &format!("https://{addr}/svc/y"));
     assert_eq!((status, body.as_str()), (200, "app saw GET /svc/y"));
@@ -780,22 +639,19 @@ fn sighup_reloads_the_certificate_without_dropping_connections() {
         )
         .replace("workers = 1", "workers = 2"),
     );
-    let mut gw = Proc::start("gateway", &gw_cfg);
-    let addr = addr_after(
-        &gw.stdout_line("anp-proxy gateway listening on"),
-        "https://",
-    );
+    let mut gw = https_gateway(&gw_cfg);
+    let addr = gw.addr;
     let rx_cfg = write_config(
         d,
         "receiver.toml",
         &receiver_config(
             &format!("wss://{addr}/ws"),
-            &app(),
+            &upstream(&app()),
             &format!("ca_file = \"{}\"", toml_path(&pki.ca)),
         ),
     );
-    let mut rx = Proc::start("receiver", &rx_cfg);
-    rx.stdout_line(&format!(
+    let mut rx = Receiver::start_file(&rx_cfg);
+    rx.proc.wait_stdout(&format!(
         "anp-proxy receiver tunnel 0 connected to wss://{addr}/ws"
     ));
 
@@ -805,13 +661,13 @@ fn sighup_reloads_the_certificate_without_dropping_connections() {
     assert_ne!(cert_a, cert_b);
 
     // Before: certificate A (CA1); a client trusting only CA2 fails.
-    let mut c1 = TlsConn::connect(&addr, &pki.ca).expect("CA1 client before the reload");
+    let mut c1 = TlsConn::connect(addr, &pki.ca).expect("CA1 client before the reload");
     assert!(c1.peer_cert() == cert_a, "C1 did not get certificate A");
     assert_eq!(
         c1.get("/svc/before"),
         (200, "app saw GET /svc/before".into())
     );
-    let e = TlsConn::connect(&addr, &pki.other_ca)
+    let e = TlsConn::connect(addr, &pki.other_ca)
         .err()
         .expect("a CA2-only client must fail before the reload");
     assert!(is_unknown_issuer(&e), "{e:?}");
@@ -820,18 +676,18 @@ fn sighup_reloads_the_certificate_without_dropping_connections() {
     std::fs::copy(&pki.server_b.0, &crt).unwrap();
     std::fs::copy(&pki.server_b.1, &key).unwrap();
     gw.signal(libc::SIGHUP);
-    let line = gw.stdout_line("anp-proxy reload");
+    let line = gw.proc.wait_stdout("anp-proxy reload");
     assert!(line.starts_with("anp-proxy reloaded "), "{line}");
 
     // New connections (several, to reach both cores) get B: CA2 clients
     // succeed and serve, CA1 clients fail.
     for i in 0..6 {
-        let mut c = TlsConn::connect(&addr, &pki.other_ca)
+        let mut c = TlsConn::connect(addr, &pki.other_ca)
             .unwrap_or_else(|e| panic!("CA2 client {i} after the reload: {e:?}"));
         assert!(c.peer_cert() == cert_b, "new connection {i} did not get B");
         let path = format!("/svc/after/{i}");
         assert_eq!(c.get(&path), (200, format!("app saw GET {path}")));
-        let e = TlsConn::connect(&addr, &pki.ca)
+        let e = TlsConn::connect(addr, &pki.ca)
             .err()
             .expect("a CA1-only client must fail after the reload");
         assert!(is_unknown_issuer(&e), "{e:?}");
@@ -850,22 +706,25 @@ fn sighup_reloads_the_certificate_without_dropping_connections() {
     )
     .unwrap();
     gw.signal(libc::SIGHUP);
-    let line = gw.stdout_line("anp-proxy reload");
+    let line = gw.proc.wait_stdout("anp-proxy reload");
     assert!(line.starts_with("anp-proxy reload failed: "), "{line}");
     assert!(line.contains("gateway.tls.key_file"), "{line}");
-    let mut c = TlsConn::connect(&addr, &pki.other_ca).expect("CA2 client after a failed reload");
+    let mut c = TlsConn::connect(addr, &pki.other_ca).expect("CA2 client after a failed reload");
     assert!(
         c.peer_cert() == cert_b,
         "a failed reload changed the certificate"
     );
     assert_eq!(c.get("/svc/kept"), (200, "app saw GET /svc/kept".into()));
-    assert!(TlsConn::connect(&addr, &pki.ca).is_err());
+    assert!(TlsConn::connect(addr, &pki.ca).is_err());
     assert_eq!(
         c1.get("/svc/c1-last"),
         (200, "app saw GET /svc/c1-last".into())
     );
     // The tunnel (WSS, opened before both reloads) never went down.
-    assert!(rx.stdout_so_far().is_empty(), "the receiver reconnected");
+    assert!(
+        rx.proc.stdout_so_far().is_empty(),
+        "the receiver reconnected"
+    );
 }
 
 /// The tunnel port, sharing `[gateway.tls]`, stays TLS through a reload of
@@ -880,17 +739,13 @@ fn a_reload_never_turns_the_tunnel_port_to_plain_tcp() {
          [gateway.tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n",
     );
     let gw_cfg = write_config(d, "gateway.toml", &text);
-    let mut gw = Proc::start("gateway", &gw_cfg);
-    gw.stdout_line("anp-proxy gateway listening on https://");
-    let tunnel = addr_after(
-        &gw.stdout_line("anp-proxy gateway tunnels on wss://"),
-        "wss://",
-    );
-    TlsConn::connect(&tunnel, &pki.ca).expect("TLS on the tunnel port");
+    let mut gw = https_gateway(&gw_cfg);
+    let tunnel = addr_in(&gw.proc.wait_stdout("anp-proxy gateway tunnels on wss://"));
+    TlsConn::connect(tunnel, &pki.ca).expect("TLS on the tunnel port");
 
     std::fs::write(&gw_cfg, text.replace("tunnel_port = 0\n", "")).unwrap();
     gw.signal(libc::SIGHUP);
-    let line = gw.stdout_line("anp-proxy reload");
+    let line = gw.proc.wait_stdout("anp-proxy reload");
     assert!(line.starts_with("anp-proxy reload failed: "), "{line}");
-    TlsConn::connect(&tunnel, &pki.ca).expect("TLS on the tunnel port after the reload");
+    TlsConn::connect(tunnel, &pki.ca).expect("TLS on the tunnel port after the reload");
 }

@@ -7,7 +7,7 @@
 //!
 //! | request header | effect |
 //! |---|---|
-//! | (none) | 200, body = request body, `X-Echo-*` headers describe the request |
+//! | (none) | 200, body = request body (or, for an app started with [`App::saying`], what it says about the request), `X-Echo-*` headers describe the request |
 //! | `X-Test-Status: N`, `X-Test-Reason: text` | that status line |
 //! | `X-Test-Body-Len: N` | a deterministic body of N bytes ([`pattern_body`]) |
 //! | `X-Test-Chunked: 1` | the body goes out with `Transfer-Encoding: chunked` |
@@ -68,6 +68,11 @@ pub struct RecordedRequest {
 }
 
 impl RecordedRequest {
+    /// The request-target as text (lossy).
+    pub fn target_text(&self) -> String {
+        String::from_utf8_lossy(&self.target).into_owned()
+    }
+
     /// First value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -92,9 +97,13 @@ struct Shared {
     log: Vec<RecordedRequest>,
 }
 
+/// What an app started with [`App::saying`] answers instead of the echo.
+type Say = dyn Fn(&RecordedRequest) -> Vec<u8> + Send + Sync;
+
 struct State {
     shared: Mutex<Shared>,
     changed: Condvar,
+    say: Option<Box<Say>>,
 }
 
 /// A running test app. It lives until the test process ends (threads are
@@ -106,11 +115,23 @@ pub struct App {
 
 impl App {
     pub fn start() -> App {
+        App::start_with(None)
+    }
+
+    /// An app whose default body is `say(request)` instead of the request's
+    /// body (e.g. `app saw GET /path`), for tests that read the answer as
+    /// text; the `X-Test-*` headers and `X-Echo-*` headers work as usual.
+    pub fn saying(say: impl Fn(&RecordedRequest) -> Vec<u8> + Send + Sync + 'static) -> App {
+        App::start_with(Some(Box::new(say)))
+    }
+
+    fn start_with(say: Option<Box<Say>>) -> App {
         let listener = TcpListener::bind("127.0.0.1:0").expect("test app: bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("test app: local_addr");
         let state = Arc::new(State {
             shared: Mutex::new(Shared::default()),
             changed: Condvar::new(),
+            say,
         });
         let st = state.clone();
         thread::Builder::new()
@@ -332,7 +353,7 @@ fn serve_connection(stream: TcpStream, st: &State) -> io::Result<()> {
             b
         };
         let body_sha = sha256_hex(&body);
-        st.shared.lock().unwrap().log.push(RecordedRequest {
+        let recorded = RecordedRequest {
             method: head.method.clone(),
             target: head.target.clone(),
             headers: head.headers.clone(),
@@ -340,7 +361,13 @@ fn serve_connection(stream: TcpStream, st: &State) -> io::Result<()> {
             body_len: body.len(),
             body_sha256: body_sha.clone(),
             chunked,
-        });
+        };
+        let echo_len = body.len();
+        let body = match &st.say {
+            Some(say) => say(&recorded),
+            None => body,
+        };
+        st.shared.lock().unwrap().log.push(recorded);
 
         if let Some(name) = head.get("x-test-hold") {
             if !hold(st, name, &writer) {
@@ -353,7 +380,7 @@ fn serve_connection(stream: TcpStream, st: &State) -> io::Result<()> {
                 .split(',')
                 .any(|t| t.trim() == "close")
         });
-        let response = build_response(&head, body, &body_sha, close)?;
+        let response = build_response(&head, body, echo_len, &body_sha, close)?;
         writer.write_all(&response)?;
         writer.flush()?;
         if close {
@@ -437,7 +464,16 @@ pub fn reason_for(status: u16) -> &'static str {
     }
 }
 
-fn build_response(head: &Head, echo: Vec<u8>, echo_sha: &str, close: bool) -> io::Result<Vec<u8>> {
+/// The response to `head`: `body` (the echo, or what the app says) unless
+/// `X-Test-Body-Len` asks for another; `echo_len` and `echo_sha` describe
+/// the request's body.
+fn build_response(
+    head: &Head,
+    body: Vec<u8>,
+    echo_len: usize,
+    echo_sha: &str,
+    close: bool,
+) -> io::Result<Vec<u8>> {
     let status: u16 = match head.get("x-test-status") {
         Some(v) => v
             .parse()
@@ -448,13 +484,12 @@ fn build_response(head: &Head, echo: Vec<u8>, echo_sha: &str, close: bool) -> io
         .get("x-test-reason")
         .map(str::to_string)
         .unwrap_or_else(|| reason_for(status).to_string());
-    let echo_len = echo.len();
     let body = match head.get("x-test-body-len") {
         Some(v) => pattern_body(
             v.parse()
                 .map_err(|_| bad(format!("bad X-Test-Body-Len {v:?}")))?,
         ),
-        None => echo,
+        None => body,
     };
     let chunked = head.get("x-test-chunked") == Some("1");
     let no_body_status = status == 204 || status == 304;

@@ -1,8 +1,9 @@
 //! Shared pieces of the end-to-end tests: the local test [`app`], a raw
-//! HTTP/1.1 [`client`], [`procs`] to run the real binary, [`sys`] to
-//! look at (and signal) the processes it runs, a raw tunnel peer
-//! ([`rawpeer`]) that sends crafted frames, and an app whose bytes each
-//! test scripts ([`scripted_app`]).
+//! HTTP/1.1 [`client`], [`procs`] to run the real binary (and any other
+//! process a test needs), [`sys`] to look at (and signal) the processes it
+//! runs, a raw tunnel peer ([`rawpeer`]) that sends crafted frames, an app
+//! whose bytes each test scripts ([`scripted_app`]), and [`wait_until`],
+//! the one polling wait.
 #![allow(dead_code)]
 
 pub mod app;
@@ -11,6 +12,7 @@ pub mod procs;
 pub mod rawpeer;
 pub mod scripted_app;
 pub mod sys;
+pub mod wait;
 
 #[allow(unused_imports)]
 pub use app::App;
@@ -18,6 +20,8 @@ pub use app::App;
 pub use client::{Conn, Response};
 #[allow(unused_imports)]
 pub use procs::{Gateway, GatewayConfig, Receiver, ALICE_TOKEN, BOB_TOKEN};
+#[allow(unused_imports)]
+pub use wait::wait_until;
 
 /// The usual arrangement: one app, one gateway, one alice receiver with
 /// `tunnels` tunnels, all connected.

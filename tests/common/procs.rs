@@ -1,18 +1,22 @@
-//! Starting the real `anp-proxy` binary as a gateway or a receiver, each with
-//! its own temporary config file, and waiting on what it prints to stdout
-//! (never on sleeps). stderr (the logs) is forwarded line by line through
-//! `eprintln!`, so libtest shows it only for failing tests. Children are
-//! SIGKILLed on drop.
+//! Starting processes and waiting on what they print, never on sleeps:
+//! the real `anp-proxy` binary as a gateway or a receiver (from a config
+//! the harness writes, or a config file the test wrote), or any other
+//! program a test runs beside them. Every stdout and stderr line is kept
+//! (to wait for, or to count) and forwarded through `eprintln!`, so
+//! libtest shows it only for failing tests. Children are SIGKILLed on drop.
 
-use std::io::{BufRead, BufReader};
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver as Rx, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{self, Receiver as Rx};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
+
+use super::wait::wait_until;
 
 /// Hang guard for start-up and tunnel connection.
 pub const START_WAIT: Duration = Duration::from_secs(30);
@@ -165,15 +169,88 @@ impl ReceiverConfig {
     }
 }
 
-/// A child process with its stdout lines on a channel.
+/// Every line one output pipe of a child has written so far, and whether
+/// the pipe has ended; waiters are woken on each new line.
+#[derive(Default)]
+struct Stream {
+    state: Mutex<StreamState>,
+    grew: Condvar,
+}
+
+#[derive(Default)]
+struct StreamState {
+    lines: Vec<String>,
+    ended: bool,
+}
+
+impl Stream {
+    /// Reads `pipe` line by line on a thread of its own (so the child never
+    /// blocks on a full pipe), echoing each line through `eprintln!` with
+    /// `tag` (libtest shows it for failing tests only).
+    fn pump(pipe: impl Read + Send + 'static, tag: String) -> Arc<Stream> {
+        let stream = Arc::new(Stream::default());
+        let s = stream.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("{tag}: {line}");
+                s.lock().lines.push(line);
+                s.grew.notify_all();
+            }
+            s.lock().ended = true;
+            s.grew.notify_all();
+        });
+        stream
+    }
+
+    fn lock(&self) -> MutexGuard<'_, StreamState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The first line from `*next` on that `pred` accepts, waiting for it
+    /// until `within` has passed; `*next` moves past every line looked at.
+    /// `Err` with the lines passed over when it times out or the pipe ends.
+    fn wait(
+        &self,
+        next: &mut usize,
+        within: Duration,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> Result<String, (Vec<String>, bool)> {
+        let deadline = Instant::now() + within;
+        let first = *next;
+        let mut g = self.lock();
+        loop {
+            while *next < g.lines.len() {
+                *next += 1;
+                if pred(&g.lines[*next - 1]) {
+                    return Ok(g.lines[*next - 1].clone());
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if g.ended || left.is_zero() {
+                return Err((g.lines[first..].to_vec(), g.ended));
+            }
+            g = self
+                .grew
+                .wait_timeout(g, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// A child process whose stdout and stderr lines are kept, to be waited
+/// for (each pipe has a read position that the waits move on) or counted.
+/// SIGKILLed on drop.
 pub struct Proc {
     pub name: String,
     pub child: Child,
+    /// Its working directory, fresh and temporary.
     pub dir: TempDir,
-    pub config_path: PathBuf,
-    lines: Rx<String>,
-    /// Every stderr (log) line so far, for tests that count log lines.
-    stderr: Arc<Mutex<Vec<String>>>,
+    stdout: Arc<Stream>,
+    stderr: Arc<Stream>,
+    stdout_next: usize,
+    stderr_next: usize,
 }
 
 /// The binary under test; `ANP_PROXY_BIN` may point at another build.
@@ -181,69 +258,121 @@ pub fn binary() -> String {
     std::env::var("ANP_PROXY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_anp-proxy").to_string())
 }
 
-impl Proc {
-    /// Runs `anp-proxy SUBCOMMAND --config FILE FLAGS…` with `config`
-    /// written to FILE in a fresh temporary directory.
-    pub fn spawn(name: &str, subcommand: &str, flags: &[&str], config: &str) -> Proc {
-        Proc::spawn_env(name, subcommand, flags, config, &[])
-    }
+/// Runs `anp-proxy ARGS` to completion (a CLI command: `routes …`,
+/// `did new …`) and returns what it printed.
+pub fn run<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Output {
+    let args: Vec<S> = args.into_iter().collect();
+    Command::new(binary())
+        .args(&args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            let shown: Vec<_> = args.iter().map(|a| a.as_ref().to_string_lossy()).collect();
+            panic!("expected to run {} {shown:?}: {e}", binary())
+        })
+}
 
-    /// As [`Proc::spawn`], with extra environment variables.
-    pub fn spawn_env(
+/// `SUBCOMMAND --config CONFIG FLAGS…`.
+fn args<'a>(subcommand: &'a str, config: &'a Path, flags: &'a [&'a str]) -> Vec<&'a OsStr> {
+    let mut v = vec![
+        OsStr::new(subcommand),
+        OsStr::new("--config"),
+        config.as_os_str(),
+    ];
+    v.extend(flags.iter().map(OsStr::new));
+    v
+}
+
+/// The socket address in a ready line, after `://` (any scheme: `http`,
+/// `https`, `ws`, `wss`) up to the next space or `/`.
+pub fn addr_in(line: &str) -> SocketAddr {
+    line.split_once("://")
+        .and_then(|(_, rest)| rest.split([' ', '/']).next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("expected `scheme://ADDRESS` in {line:?}"))
+}
+
+impl Proc {
+    /// Starts `program ARGS` (stdin closed, `RUST_LOG` removed so the log
+    /// lines tests wait on follow the config) with `env` added, in a fresh
+    /// temporary working directory.
+    pub fn start<S: AsRef<OsStr>>(
         name: &str,
-        subcommand: &str,
-        flags: &[&str],
-        config: &str,
+        program: impl AsRef<OsStr>,
+        args: impl IntoIterator<Item = S>,
         env: &[(String, String)],
     ) -> Proc {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("anp-e2e-{name}-"))
-            .tempdir()
-            .expect("tempdir");
-        let config_path = dir.path().join("config.toml");
-        std::fs::write(&config_path, config).expect("write config");
-        let mut child = Command::new(binary())
-            .arg(subcommand)
-            .arg("--config")
-            .arg(&config_path)
-            .args(flags)
+        Proc::start_in(work_dir(name), name, program.as_ref(), args, env)
+    }
+
+    /// `anp-proxy SUBCOMMAND --config CONFIG FLAGS…`, with `env` added.
+    pub fn anp_proxy(
+        name: &str,
+        subcommand: &str,
+        config: &Path,
+        flags: &[&str],
+        env: &[(String, String)],
+    ) -> Proc {
+        Proc::start_in(
+            work_dir(name),
+            name,
+            binary().as_ref(),
+            args(subcommand, config, flags),
+            env,
+        )
+    }
+
+    /// As [`Proc::anp_proxy`], with `config` written to `config.toml` in the
+    /// process's working directory; returns that file's path too.
+    pub fn anp_proxy_toml(
+        name: &str,
+        subcommand: &str,
+        config: &str,
+        flags: &[&str],
+        env: &[(String, String)],
+    ) -> (Proc, PathBuf) {
+        let dir = work_dir(name);
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, config).expect("write config");
+        let args = args(subcommand, &path, flags);
+        let proc = Proc::start_in(dir, name, binary().as_ref(), args, env);
+        (proc, path)
+    }
+
+    /// [`Proc::anp_proxy_toml`] without env, the process only.
+    pub fn spawn(name: &str, subcommand: &str, flags: &[&str], config: &str) -> Proc {
+        Proc::anp_proxy_toml(name, subcommand, config, flags, &[]).0
+    }
+
+    fn start_in<S: AsRef<OsStr>>(
+        dir: TempDir,
+        name: &str,
+        program: &OsStr,
+        args: impl IntoIterator<Item = S>,
+        env: &[(String, String)],
+    ) -> Proc {
+        let mut child = Command::new(program)
+            .args(args)
             .current_dir(dir.path())
+            .env_remove("RUST_LOG")
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("expected to spawn {} {subcommand}: {e}", binary()));
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
+            .unwrap_or_else(|e| panic!("expected to spawn {name} ({program:?}): {e}"));
         let tag = format!("{name}[{}]", child.id());
-        let t = tag.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("{t} stdout: {line}");
-                if tx.send(line).is_err() {
-                    // nobody listens any more; keep draining so the child never blocks
-                }
-            }
-        });
-        let stderr = child.stderr.take().unwrap();
-        let kept = Arc::new(Mutex::new(Vec::new()));
-        let k = kept.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("{tag}: {line}");
-                k.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-            }
-        });
+        let stdout = Stream::pump(child.stdout.take().unwrap(), format!("{tag} stdout"));
+        let stderr = Stream::pump(child.stderr.take().unwrap(), tag);
         Proc {
             name: name.into(),
             child,
             dir,
-            config_path,
-            lines,
-            stderr: kept,
+            stdout,
+            stderr,
+            stdout_next: 0,
+            stderr_next: 0,
         }
     }
 
@@ -251,42 +380,77 @@ impl Proc {
         self.child.id()
     }
 
+    /// Waits for a stdout line satisfying `pred` (past the lines already
+    /// waited over); panics with `what` on timeout or if stdout ends first.
+    pub fn wait_line(&mut self, what: &str, pred: impl FnMut(&str) -> bool) -> String {
+        match self.stdout.wait(&mut self.stdout_next, START_WAIT, pred) {
+            Ok(line) => line,
+            Err((seen, ended)) => self.missed(what, "stdout", seen, ended),
+        }
+    }
+
+    /// Waits for a stdout line containing `needle`.
+    pub fn wait_stdout(&mut self, needle: &str) -> String {
+        self.wait_line(&format!("a line with {needle:?}"), |l| l.contains(needle))
+    }
+
+    /// Waits for a stderr (log) line containing every one of `needles`
+    /// (past the log lines already waited over).
+    pub fn wait_log(&mut self, needles: &[&str]) -> String {
+        let pred = |l: &str| needles.iter().all(|n| l.contains(n));
+        match self.stderr.wait(&mut self.stderr_next, START_WAIT, pred) {
+            Ok(line) => line,
+            Err((seen, ended)) => {
+                self.missed(&format!("a line with {needles:?}"), "stderr", seen, ended)
+            }
+        }
+    }
+
+    fn missed(&mut self, what: &str, pipe: &str, seen: Vec<String>, ended: bool) -> ! {
+        let seen = seen[seen.len().saturating_sub(20)..].join("\n  ");
+        if ended {
+            let status = self
+                .child
+                .wait()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|e| e.to_string());
+            panic!(
+                "{}: expected {what} on {pipe}, but the process closed it (exit: {status}); last lines:\n  {seen}",
+                self.name
+            )
+        }
+        panic!(
+            "{}: expected {what} on {pipe} within {START_WAIT:?}; last lines:\n  {seen}",
+            self.name
+        )
+    }
+
+    /// The stdout lines not waited over yet, without waiting; the next
+    /// wait starts after them.
+    pub fn stdout_so_far(&mut self) -> Vec<String> {
+        let g = self.stdout.lock();
+        let new = g.lines[self.stdout_next..].to_vec();
+        self.stdout_next = g.lines.len();
+        new
+    }
+
     /// The stderr (log) lines received so far, from line `from` on.
     pub fn stderr_lines(&self, from: usize) -> Vec<String> {
-        let v = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
-        v.get(from..).map(<[String]>::to_vec).unwrap_or_default()
+        let g = self.stderr.lock();
+        g.lines
+            .get(from..)
+            .map(<[String]>::to_vec)
+            .unwrap_or_default()
     }
 
     /// How many stderr lines have been received so far.
     pub fn stderr_len(&self) -> usize {
-        self.stderr.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.stderr.lock().lines.len()
     }
 
-    /// Waits for a stdout line satisfying `pred`; panics with `what` on
-    /// timeout or if the process exits first.
-    pub fn wait_line(&mut self, what: &str, mut pred: impl FnMut(&str) -> bool) -> String {
-        let deadline = Instant::now() + START_WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if pred(&line) => return line,
-                Ok(_) => continue,
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "{}: expected {what} on stdout within {START_WAIT:?}, got nothing",
-                        self.name
-                    )
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = self
-                        .child
-                        .wait()
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|e| e.to_string());
-                    panic!("{}: expected {what} on stdout, but the process closed stdout (exit: {status})", self.name)
-                }
-            }
-        }
+    /// Sends `sig` (e.g. `libc::SIGHUP`).
+    pub fn signal(&self, sig: i32) {
+        super::sys::signal(self.pid(), sig);
     }
 
     /// Waits for a stdout line satisfying `pred` or for the process to
@@ -295,22 +459,15 @@ impl Proc {
     pub fn wait_line_or_exit(
         &mut self,
         what: &str,
-        mut pred: impl FnMut(&str) -> bool,
+        pred: impl FnMut(&str) -> bool,
     ) -> Result<String, std::process::ExitStatus> {
-        let deadline = Instant::now() + START_WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if pred(&line) => return Ok(line),
-                Ok(_) => continue,
-                Err(RecvTimeoutError::Timeout) => panic!(
-                    "{}: expected {what} on stdout or an exit within {START_WAIT:?}, got neither",
-                    self.name
-                ),
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(self.child.wait().expect("wait for the child"))
-                }
-            }
+        match self.stdout.wait(&mut self.stdout_next, START_WAIT, pred) {
+            Ok(line) => Ok(line),
+            Err((_, true)) => Err(self.child.wait().expect("wait for the child")),
+            Err((_, false)) => panic!(
+                "{}: expected {what} on stdout or an exit within {START_WAIT:?}, got neither",
+                self.name
+            ),
         }
     }
 
@@ -319,9 +476,30 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// Kills it and returns every stdout line not waited over, up to the
+    /// end of the pipe.
+    pub fn finish(mut self) -> Vec<String> {
+        self.kill();
+        let mut end = self.stdout_next;
+        // Nothing matches: this waits for the pipe's end.
+        let _ = self.stdout.wait(&mut end, START_WAIT, |_| false);
+        self.stdout_so_far()
+    }
+
     /// Non-blocking: has it exited?
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+    pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits (up to `within`) for the process to exit on its own; its status.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let mut status = None;
+        let what = format!("{} to exit", self.name);
+        wait_until(&what, within, || {
+            status = self.exited();
+            status.is_some()
+        });
+        status.unwrap()
     }
 }
 
@@ -331,8 +509,20 @@ impl Drop for Proc {
     }
 }
 
+fn work_dir(name: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("anp-e2e-{name}-"))
+        .tempdir()
+        .expect("tempdir")
+}
+
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// The line it printed when ready:
+    /// `anp-proxy gateway listening on http(s)://ADDR (tunnel path …, N workers)`.
+    pub listening: String,
+    /// The config file it was started with.
+    pub config_path: PathBuf,
     pub proc: Proc,
 }
 
@@ -343,39 +533,14 @@ impl Gateway {
 
     /// Starts a gateway with its admin listener on an ephemeral port
     /// (`admin_port = 0` appended to `[gateway]`); returns it with the
-    /// admin address from `anp-proxy admin listening on http://…`. The two
-    /// start-up lines may come in either order.
+    /// admin address from `anp-proxy admin listening on http://…`.
     pub fn start_with_admin(cfg: &GatewayConfig) -> (Gateway, SocketAddr) {
         let mut cfg = cfg.clone();
         cfg.extra_gateway_toml += "admin_port = 0\n";
-        let mut proc = Proc::spawn("gateway", "gateway", cfg.flags(), &cfg.to_toml());
-        let (mut public, mut admin) = (None, None);
-        while public.is_none() || admin.is_none() {
-            let line = proc.wait_line(
-                "`anp-proxy gateway listening on http://…` and `anp-proxy admin listening on http://…`",
-                |l| l.contains(" listening on http://"),
-            );
-            let addr_txt = line
-                .split("listening on http://")
-                .nth(1)
-                .and_then(|r| r.split_whitespace().next())
-                .unwrap_or("");
-            let addr: SocketAddr = addr_txt
-                .parse()
-                .unwrap_or_else(|e| panic!("gateway: expected a socket address in {line:?}: {e}"));
-            if line.contains("anp-proxy admin listening") {
-                admin = Some(addr);
-            } else if line.contains("anp-proxy gateway listening") {
-                public = Some(addr);
-            }
-        }
-        (
-            Gateway {
-                addr: public.unwrap(),
-                proc,
-            },
-            admin.unwrap(),
-        )
+        let (proc, path) =
+            Proc::anp_proxy_toml("gateway", "gateway", &cfg.to_toml(), cfg.flags(), &[]);
+        let (gw, admin) = Gateway::ready(proc, path, true);
+        (gw, admin.unwrap())
     }
 
     /// Starts a gateway from a whole config text (e.g. [`GatewayConfig::to_toml`]
@@ -395,46 +560,51 @@ impl Gateway {
     }
 
     fn launch(toml: &str, flags: &[&str], env: &[(String, String)]) -> Gateway {
-        let mut proc = Proc::spawn_env("gateway", "gateway", flags, toml, env);
-        let line = proc.wait_line(
-            "the line `anp-proxy gateway listening on http://…`",
-            |l| l.contains("anp-proxy gateway listening on http://"),
-        );
-        let addr_txt = line
-            .split("listening on http://")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .unwrap_or("");
-        let addr: SocketAddr = addr_txt
-            .parse()
-            .unwrap_or_else(|e| panic!("gateway: expected a socket address in {line:?}: {e}"));
+        let (proc, path) = Proc::anp_proxy_toml("gateway", "gateway", toml, flags, env);
+        Gateway::ready(proc, path, false).0
+    }
+
+    /// Starts a gateway from a config file the test wrote (paths in it
+    /// are relative to that file), waiting for its ready line.
+    pub fn start_file(config: &Path) -> Gateway {
+        let proc = Proc::anp_proxy("gateway", "gateway", config, &[], &[]);
+        Gateway::ready(proc, config.to_path_buf(), false).0
+    }
+
+    /// Waits for the ready line (and, with `admin`, the admin listener's;
+    /// the two may come in either order).
+    fn ready(mut proc: Proc, config_path: PathBuf, admin: bool) -> (Gateway, Option<SocketAddr>) {
+        let (mut listening, mut admin_addr) = (None::<String>, None);
+        while listening.is_none() || (admin && admin_addr.is_none()) {
+            let line = proc.wait_line(
+                "`anp-proxy gateway listening on …` (and `anp-proxy admin listening on http://…` if asked)",
+                |l| l.starts_with("anp-proxy gateway listening on ") || l.starts_with("anp-proxy admin listening on "),
+            );
+            if line.starts_with("anp-proxy admin") {
+                admin_addr = Some(addr_in(&line));
+            } else {
+                listening = Some(line);
+            }
+        }
+        let listening = listening.unwrap();
+        let addr = addr_in(&listening);
         assert_ne!(
             addr.port(),
             0,
-            "gateway: expected the real bound port in {line:?}, not 0"
+            "gateway: expected the real bound port in {listening:?}, not 0"
         );
-        Gateway { addr, proc }
+        let gw = Gateway {
+            addr,
+            listening,
+            config_path,
+            proc,
+        };
+        (gw, admin_addr)
     }
 
     /// Sends `sig` (e.g. `libc::SIGTERM`) to the gateway process.
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.proc.child.id() as i32, sig) };
-        assert_eq!(rc, 0, "kill({sig}) on the gateway failed");
-    }
-
-    /// Waits (up to `within`) for the process to exit; its status.
-    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let until = Instant::now() + within;
-        loop {
-            if let Some(s) = self.proc.exited() {
-                return Some(s);
-            }
-            if Instant::now() >= until {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        self.proc.signal(sig);
     }
 
     pub fn start_default() -> Gateway {
@@ -461,8 +631,14 @@ impl Receiver {
     }
 
     pub fn start_with(cfg: &ReceiverConfig) -> Receiver {
+        let (proc, _) = Proc::anp_proxy_toml("receiver", "receiver", &cfg.to_toml(), &[], &cfg.env);
+        Receiver { proc, connected: 0 }
+    }
+
+    /// Starts a receiver from a config file the test wrote.
+    pub fn start_file(config: &Path) -> Receiver {
         Receiver {
-            proc: Proc::spawn_env("receiver", "receiver", &[], &cfg.to_toml(), &cfg.env),
+            proc: Proc::anp_proxy("receiver", "receiver", config, &[], &[]),
             connected: 0,
         }
     }
@@ -472,8 +648,8 @@ impl Receiver {
         while self.connected < n {
             let want = format!("tunnel connection {} of {n}", self.connected + 1);
             self.proc.wait_line(
-                &format!("`anp-proxy receiver tunnel K connected to ws://…` ({want})"),
-                |l| l.contains("anp-proxy receiver tunnel") && l.contains("connected to ws://"),
+                &format!("`anp-proxy receiver tunnel K connected to ws(s)://…` ({want})"),
+                |l| l.starts_with("anp-proxy receiver tunnel") && l.contains(" connected to "),
             );
             self.connected += 1;
         }

@@ -3,8 +3,6 @@
 //! continue or kill it, and the test process's own descriptor limit
 //! (children inherit it).
 
-use std::time::{Duration, Instant};
-
 /// `VmRSS` (resident memory now) of `pid` in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmRSS")
@@ -75,18 +73,4 @@ pub fn raise_nofile_limit() -> u64 {
     #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
     let soft = lim.rlim_cur as u64;
     soft
-}
-
-/// Polls `cond` every 20 ms until it holds; panics with `what` after `limit`.
-/// Returns how long it took (for printing only).
-pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < limit,
-            "expected {what} within {limit:?}, it did not happen"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    start.elapsed()
 }
