@@ -210,7 +210,7 @@ fn write_line(out: &mut Vec<u8>, e: &Entry<'_>, clock: &mut Clock) {
             let mut rid = [0u8; 16];
             out.push(b'"');
             out.extend_from_slice(
-                crate::gateway::tunnel::format_request_id(id, &mut rid).as_bytes(),
+                crate::protocol::request_id::format_request_id(id, &mut rid).as_bytes(),
             );
             out.push(b'"');
         }

@@ -2,20 +2,20 @@
 //! private networks a public address, through WebSocket tunnels that the
 //! private side (the receiver) opens. See `docs/ARCHITECTURE.md`.
 
-pub mod access_log;
+pub(crate) mod access_log;
 pub mod auth;
 pub mod config;
-pub mod fault;
+pub(crate) mod fault;
 pub mod gateway;
 pub mod http;
 pub mod logging;
 pub mod net;
-pub mod pool;
+pub(crate) mod pool;
 pub mod protocol;
 pub mod receiver;
 pub mod registry;
-pub mod runtime;
-pub mod sync;
-pub mod tls;
-pub mod tunnel;
+pub(crate) mod runtime;
+pub(crate) mod sync;
+pub(crate) mod tls;
+pub(crate) mod tunnel;
 pub mod ws;

@@ -83,11 +83,13 @@ impl Permits {
     }
 
     /// Permits free right now.
+    #[cfg(test)]
     pub fn available(&self) -> usize {
         self.inner.free.get()
     }
 
     /// Tasks waiting in line (cancelled ones not counted).
+    #[cfg(test)]
     pub fn waiting(&self) -> usize {
         self.inner.queue.borrow().len() - self.inner.tombstones.get()
     }

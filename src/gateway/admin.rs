@@ -43,7 +43,7 @@ pub fn collect(shared: &Shared) -> Totals {
         }
     }
     drop(tx);
-    let mut totals = Totals::new(shared.workers);
+    let mut totals = Totals::new();
     let deadline = std::time::Instant::now() + CORE_WAIT;
     for _ in 0..asked {
         let left = deadline.saturating_duration_since(std::time::Instant::now());

@@ -250,7 +250,6 @@ pub struct Settings {
     pub max_body_size: usize,
     pub chunk_size: usize,
     pub max_inflight_per_tunnel: usize,
-    pub ping_interval: Option<Duration>,
     /// Longest pause inside a streamed response body.
     pub stream_idle_timeout: Duration,
     pub tunnel_path: String,
@@ -277,7 +276,6 @@ impl Settings {
             max_body_size: g.max_body_size,
             chunk_size: g.chunk_size,
             max_inflight_per_tunnel: g.max_inflight_per_tunnel,
-            ping_interval: secs(g.ping_interval),
             stream_idle_timeout: secs(g.stream_idle_timeout).unwrap_or(Duration::from_secs(3600)),
             tunnel_path: g.tunnel_path.clone(),
             trust_forwarded: g.trust_forwarded,
@@ -574,6 +572,8 @@ impl CoreCtx {
             tunnels_closed = tunnels.len(),
             "core drained"
         );
+        // The last access lines go to the writer before the process exits.
+        self.obs.flush_access_log();
         let _ = done.send(self.index);
     }
 

@@ -207,9 +207,8 @@ pub struct Snapshot {
 /// All cores' snapshots added up.
 #[derive(Debug, Clone)]
 pub struct Totals {
-    /// Cores that answered / cores asked.
+    /// Cores that answered.
     pub cores_answered: usize,
-    pub cores: usize,
     pub in_flight: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -219,10 +218,9 @@ pub struct Totals {
 }
 
 impl Totals {
-    pub fn new(cores: usize) -> Self {
+    pub fn new() -> Self {
         Self {
             cores_answered: 0,
-            cores,
             in_flight: 0,
             bytes_in: 0,
             bytes_out: 0,
@@ -409,7 +407,7 @@ mod tests {
         m.record(Some(b), 503, 1, 2, Duration::from_millis(1));
         m.record(None, 404, 5, 5, Duration::from_micros(10));
         let snap = m.snapshot(0);
-        let mut t = Totals::new(1);
+        let mut t = Totals::new();
         t.add(&snap);
         t.add(&snap);
         assert_eq!(t.routes["/a"], [0, 2, 0, 0, 2]);

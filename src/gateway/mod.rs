@@ -2,25 +2,28 @@
 //! its own `SO_REUSEPORT` listener, serving HTTP/1.1 clients and accepting
 //! receiver tunnels at `tunnel_path` (DESIGN.md, "Data path").
 
-pub mod accept;
-pub mod admin;
-pub mod body;
-pub mod conn;
-pub mod core;
-pub mod error;
-pub mod forward;
-pub mod head;
-pub mod instances;
-pub mod metrics;
-pub mod observe;
-pub mod pace;
-pub mod refusals;
-pub mod respond;
-pub mod routes;
-pub mod takeover;
-pub mod tunnel;
-pub mod tunnel_upgrade;
-pub mod upgrades;
+pub(crate) mod accept;
+pub(crate) mod admin;
+pub(crate) mod body;
+pub(crate) mod conn;
+pub(crate) mod core;
+pub(crate) mod error;
+pub(crate) mod forward;
+pub(crate) mod head;
+pub(crate) mod instances;
+pub(crate) mod metrics;
+pub(crate) mod observe;
+pub(crate) mod pace;
+pub(crate) mod refusals;
+/// The route table lives in the registry (layering: lower layers never
+/// import the gateway); re-exported under its old path.
+pub use crate::registry::routes;
+pub use crate::registry::routes::build_routes;
+pub(crate) mod respond;
+pub(crate) mod takeover;
+pub(crate) mod tunnel;
+pub(crate) mod tunnel_upgrade;
+pub(crate) mod upgrades;
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -30,7 +33,6 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 use self::core::{CoreCtx, CoreMsg, Shared};
-use self::routes::RouteTable;
 use crate::auth::{Authenticator, DidAuth, TokenAuth};
 use crate::config::Config;
 
@@ -44,35 +46,6 @@ pub struct Started {
     pub workers: usize,
     pub threads: Vec<std::thread::JoinHandle<()>>,
     pub shared: Arc<Shared>,
-}
-
-/// Builds the route table from the configured identities.
-pub fn build_routes(cfg: &Config) -> RouteTable {
-    let mut t = RouteTable::new();
-    let tokens = cfg
-        .gateway
-        .auth
-        .tokens
-        .iter()
-        .map(|t| (t.name.as_str(), &t.paths));
-    // A DID identity's name is the DID itself.
-    let dids = cfg
-        .gateway
-        .auth
-        .dids
-        .iter()
-        .map(|d| (d.did.as_str(), &d.paths));
-    for (name, paths) in tokens.chain(dids) {
-        let id: Arc<str> = name.into();
-        for p in paths {
-            if let Some(prev) = t.insert(p, id.clone()) {
-                if prev != id {
-                    tracing::warn!(path = %p, previous = %prev, now = %id, "prefix owned twice; last wins");
-                }
-            }
-        }
-    }
-    t
 }
 
 /// Binds the listeners and starts the worker threads.

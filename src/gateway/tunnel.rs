@@ -81,7 +81,6 @@ pub struct Tunnel {
     /// The receiver instance that opened it (`X-ANPX-Instance`).
     pub instance: String,
     pub features: Features,
-    pub peer: SocketAddr,
     out: OutTx,
     /// Requests in flight, with where their response stands (chunk order,
     /// window): `crate::tunnel::demux`.
@@ -89,22 +88,7 @@ pub struct Tunnel {
     closed: Cell<bool>,
 }
 
-/// `request_id` on the wire: 16 lowercase hex digits of a u64 (core index
-/// in the top bits). Formatted on the stack: no allocation per request.
-pub fn format_request_id(id: u64, buf: &mut [u8; 16]) -> &str {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = HEX[((id >> (60 - 4 * i)) & 0xf) as usize];
-    }
-    std::str::from_utf8(buf).unwrap_or("0000000000000000")
-}
-
-pub fn parse_request_id(s: &str) -> Option<u64> {
-    if s.len() != 16 {
-        return None;
-    }
-    u64::from_str_radix(s, 16).ok()
-}
+pub use crate::protocol::request_id::{format_request_id, parse_request_id};
 
 /// The sending half of a request in flight: streams the body up.
 pub struct Uploader {
@@ -476,7 +460,6 @@ pub async fn run_tunnel<S>(
         identity: identity.clone(),
         instance: owner.instance,
         features,
-        peer,
         out: out.clone(),
         inflight: RefCell::new(Demux::new(Opener::Us, MAX_UNACKED)),
         closed: Cell::new(false),
@@ -829,24 +812,4 @@ fn end_request(tunnel: &Tunnel, key: u64, err: ProxyError, tell_peer: Option<&st
         let _ = tunnel.out.send(Outgoing::Binary(f));
     }
     true
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_id_round_trip() {
-        let mut b = [0u8; 16];
-        for id in [0u64, 1, (3 << 48) | 77, u64::MAX] {
-            let s = format_request_id(id, &mut b).to_owned();
-            assert_eq!(s.len(), 16);
-            assert_eq!(parse_request_id(&s), Some(id));
-        }
-        assert_eq!(parse_request_id("xyz"), None);
-        assert_eq!(
-            parse_request_id("2265b1f5-91b7-4d8f-b358-1027c386bbc4"),
-            None
-        );
-    }
 }

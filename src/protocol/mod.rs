@@ -3,4 +3,5 @@
 
 pub mod anpx;
 pub mod features;
+pub mod request_id;
 pub mod stream;

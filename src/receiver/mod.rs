@@ -3,10 +3,10 @@
 //! request into an HTTP call to the local app, and sends the response back
 //! with the same `request_id` (DESIGN.md, "Receiver").
 
-pub mod sink;
-pub mod tunnel;
-pub mod upstream;
-pub mod url;
+pub(crate) mod sink;
+pub(crate) mod tunnel;
+pub(crate) mod upstream;
+pub(crate) mod url;
 
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};

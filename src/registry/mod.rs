@@ -15,12 +15,13 @@
 pub mod error;
 pub mod mysql;
 pub mod reload;
+pub mod routes;
 pub mod sqlite;
 
 pub use error::RegistryError;
 
+use self::routes::normalize_prefix;
 use crate::config::{Config, DbBackend};
-use crate::gateway::routes::normalize_prefix;
 
 /// One row: `(did, proxy_path)`.
 pub type Row = (String, String);

@@ -17,9 +17,9 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::routes::{IdentityName, RouteTable};
 use super::{Registry, Row};
 use crate::config::{secs, Config};
-use crate::gateway::routes::{IdentityName, RouteTable};
 
 /// A route table and its number: cores keep the highest number they have
 /// seen, so a late message never brings an older table back.
@@ -47,7 +47,7 @@ pub const MIN_REFRESH_GAP: Duration = Duration::from_millis(250);
 /// identity name (a DID or a token's `name`). Where a registry row and the
 /// config give one prefix to two identities, the config wins (logged).
 pub fn route_table(cfg: &Config, rows: &[Row]) -> RouteTable {
-    let mut t = crate::gateway::build_routes(cfg);
+    let mut t = super::routes::build_routes(cfg);
     let mut last: Option<IdentityName> = None;
     for (did, path) in rows {
         // Rows come ordered by did: share one Arc per identity.

@@ -30,10 +30,7 @@ pub trait RequestKey: Clone + Eq + Hash {
 /// The gateway's ids: 16 lowercase hex digits of a u64 it issued.
 impl RequestKey for u64 {
     fn parse(s: &str) -> Option<Self> {
-        if s.len() != 16 {
-            return None;
-        }
-        u64::from_str_radix(s, 16).ok()
+        crate::protocol::request_id::parse_request_id(s)
     }
 }
 
@@ -156,10 +153,6 @@ impl<K: RequestKey, V> Demux<K, V> {
         self.streams.get_mut(key).map(|(_, v)| v)
     }
 
-    pub fn phase(&self, key: &K) -> Option<Phase> {
-        self.streams.get(key).map(|(p, _)| *p)
-    }
-
     pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
     where
         K: Borrow<Q>,
@@ -172,6 +165,7 @@ impl<K: RequestKey, V> Demux<K, V> {
         self.streams.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.streams.is_empty()
     }

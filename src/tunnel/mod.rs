@@ -11,4 +11,4 @@
 pub mod demux;
 pub mod engine;
 
-pub use engine::{Closing, Ended, EngineConfig, FrameSink};
+pub use engine::EngineConfig;

@@ -81,6 +81,35 @@ impl RouteTable {
     }
 }
 
+/// Builds the route table from the configured identities.
+pub fn build_routes(cfg: &crate::config::Config) -> RouteTable {
+    let mut t = RouteTable::new();
+    let tokens = cfg
+        .gateway
+        .auth
+        .tokens
+        .iter()
+        .map(|t| (t.name.as_str(), &t.paths));
+    // A DID identity's name is the DID itself.
+    let dids = cfg
+        .gateway
+        .auth
+        .dids
+        .iter()
+        .map(|d| (d.did.as_str(), &d.paths));
+    for (name, paths) in tokens.chain(dids) {
+        let id: Arc<str> = name.into();
+        for p in paths {
+            if let Some(prev) = t.insert(p, id.clone()) {
+                if prev != id {
+                    tracing::warn!(path = %p, previous = %prev, now = %id, "prefix owned twice; last wins");
+                }
+            }
+        }
+    }
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
