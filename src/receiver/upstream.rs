@@ -375,36 +375,7 @@ impl Upstream {
     ) -> Result<(), Attempt> {
         let failed = |e: UpstreamError| Attempt::Failed(e);
         let mut buf = BytesMut::with_capacity(16 * 1024);
-        let mut interim = false;
-        // A connection is stale (the request may be replayed on a fresh
-        // one) only if the app sent nothing at all, not even an interim.
-        let mut heard = false;
-        let resp = loop {
-            match http::parse_response_head(&buf, &self.limits, is_head) {
-                // We never ask to upgrade (Upgrade is hop-by-hop, never
-                // forwarded): what follows a 101 is not HTTP (RFC 9110 §15.2.2).
-                Ok(Some(h)) if h.status == 101 => {
-                    return Err(failed(UpstreamError::BadResponse(
-                        "101 Switching Protocols to a request that asked for no upgrade".into(),
-                    )))
-                }
-                Ok(Some(h)) if h.is_interim() => {
-                    // Interim responses are not forwarded (DESIGN.md).
-                    interim = true;
-                    let _ = buf.split_to(h.head_len);
-                    continue;
-                }
-                Ok(Some(h)) => break h,
-                Ok(None) => {}
-                Err(e) => return Err(failed(UpstreamError::BadResponse(e.to_string()))),
-            }
-            match read_more(&mut conn, &mut buf).await {
-                Ok(Read::Data) => heard = true,
-                Ok(Read::Eof) | Err(_) if !heard => return Err(Attempt::Stale),
-                Ok(Read::Eof) => return Err(failed(UpstreamError::Closed)),
-                Err(e) => return Err(failed(e.into())),
-            }
-        };
+        let (resp, interim) = self.read_head(&mut conn, &mut buf, is_head).await?;
         let head_bytes = buf.split_to(resp.head_len).freeze();
         let meta = response_meta(&resp, &head_bytes);
         let mut facts = ReuseFacts {
@@ -417,82 +388,17 @@ impl Upstream {
                 && (resp.header(&head_bytes, "content-length").is_some()
                     || resp.header(&head_bytes, "transfer-encoding").is_some()),
         };
+        let io = (&mut conn, &mut buf);
         match resp.body {
-            ResponseBody::None => sink.head(meta, Bytes::new(), true).await.map_err(failed)?,
-            ResponseBody::ContentLength(n) => {
-                let n = n as usize;
-                if buf.len() >= n {
-                    let body = buf.split_to(n).freeze();
-                    sink.head(meta, body, true).await.map_err(failed)?;
-                } else {
-                    let mut left = n - buf.len();
-                    sink.head(meta, buf.split().freeze(), false)
-                        .await
-                        .map_err(failed)?;
-                    while left > 0 {
-                        match read_more(&mut conn, &mut buf).await {
-                            Ok(Read::Data) => {}
-                            Ok(Read::Eof) => return Err(failed(UpstreamError::Closed)),
-                            Err(e) => return Err(failed(e.into())),
-                        }
-                        let take = buf.len().min(left);
-                        left -= take;
-                        sink.data(buf.split_to(take).freeze())
-                            .await
-                            .map_err(failed)?;
-                    }
-                    sink.end().await.map_err(failed)?;
-                }
-            }
-            ResponseBody::Chunked => {
-                let mut dec = ChunkedDecoder::new(64 * 1024);
-                let mut first = BytesMut::new();
-                // Decode what is buffered: a small response is often whole.
-                let done = loop {
-                    match dec.decode(&mut buf) {
-                        Ok(ChunkedStep::Data(d)) => first.extend_from_slice(&d),
-                        Ok(ChunkedStep::Done) => break true,
-                        Ok(ChunkedStep::NeedMore) => break false,
-                        Err(e) => return Err(failed(UpstreamError::BadResponse(e.to_string()))),
-                    }
-                };
-                sink.head(meta, first.freeze(), done)
-                    .await
-                    .map_err(failed)?;
-                if !done {
-                    loop {
-                        match dec.decode(&mut buf) {
-                            Ok(ChunkedStep::Data(d)) => sink.data(d).await.map_err(failed)?,
-                            Ok(ChunkedStep::Done) => break,
-                            Ok(ChunkedStep::NeedMore) => match read_more(&mut conn, &mut buf).await
-                            {
-                                Ok(Read::Data) => {}
-                                Ok(Read::Eof) => return Err(failed(UpstreamError::Closed)),
-                                Err(e) => return Err(failed(e.into())),
-                            },
-                            Err(e) => {
-                                return Err(failed(UpstreamError::BadResponse(e.to_string())))
-                            }
-                        }
-                    }
-                    sink.end().await.map_err(failed)?;
-                }
-            }
+            ResponseBody::None => sink.head(meta, Bytes::new(), true).await,
+            ResponseBody::ContentLength(n) => relay_length(io, n as usize, meta, sink).await,
+            ResponseBody::Chunked => relay_chunked(io, meta, sink).await,
             ResponseBody::UntilClose => {
                 facts.keep_alive = false;
-                sink.head(meta, buf.split().freeze(), false)
-                    .await
-                    .map_err(failed)?;
-                loop {
-                    match read_more(&mut conn, &mut buf).await {
-                        Ok(Read::Data) => sink.data(buf.split().freeze()).await.map_err(failed)?,
-                        Ok(Read::Eof) => break,
-                        Err(e) => return Err(failed(e.into())),
-                    }
-                }
-                sink.end().await.map_err(failed)?;
+                relay_until_close(io, meta, sink).await
             }
         }
+        .map_err(failed)?;
         if reusable(&facts, buf.len()) {
             let mut idle = self.idle.borrow_mut();
             if idle.len() < self.max_idle {
@@ -500,6 +406,121 @@ impl Upstream {
             }
         }
         Ok(())
+    }
+
+    /// Reads up to the final response head (interim responses are read
+    /// and dropped: not forwarded, DESIGN.md); whether one came.
+    async fn read_head(
+        &self,
+        conn: &mut TcpStream,
+        buf: &mut BytesMut,
+        is_head: bool,
+    ) -> Result<(http::ResponseHead, bool), Attempt> {
+        let failed = |e: UpstreamError| Attempt::Failed(e);
+        let mut interim = false;
+        // A connection is stale (the request may be replayed on a fresh
+        // one) only if the app sent nothing at all, not even an interim.
+        let mut heard = false;
+        loop {
+            match http::parse_response_head(buf, &self.limits, is_head) {
+                // We never ask to upgrade (Upgrade is hop-by-hop, never
+                // forwarded): what follows a 101 is not HTTP (RFC 9110 §15.2.2).
+                Ok(Some(h)) if h.status == 101 => {
+                    return Err(failed(UpstreamError::BadResponse(
+                        "101 Switching Protocols to a request that asked for no upgrade".into(),
+                    )))
+                }
+                Ok(Some(h)) if h.is_interim() => {
+                    interim = true;
+                    let _ = buf.split_to(h.head_len);
+                    continue;
+                }
+                Ok(Some(h)) => return Ok((h, interim)),
+                Ok(None) => {}
+                Err(e) => return Err(failed(UpstreamError::BadResponse(e.to_string()))),
+            }
+            match read_more(conn, buf).await {
+                Ok(Read::Data) => heard = true,
+                Ok(Read::Eof) | Err(_) if !heard => return Err(Attempt::Stale),
+                Ok(Read::Eof) => return Err(failed(UpstreamError::Closed)),
+                Err(e) => return Err(failed(e.into())),
+            }
+        }
+    }
+}
+
+/// One more read of a response body; EOF before its end is `Closed`.
+async fn read_body_more(conn: &mut TcpStream, buf: &mut BytesMut) -> Result<(), UpstreamError> {
+    match read_more(conn, buf).await? {
+        Read::Data => Ok(()),
+        Read::Eof => Err(UpstreamError::Closed),
+    }
+}
+
+/// A Content-Length body of `n` bytes, the buffered part with the head.
+async fn relay_length(
+    (conn, buf): (&mut TcpStream, &mut BytesMut),
+    n: usize,
+    meta: ResponseMeta,
+    sink: &mut ResponseSink,
+) -> Result<(), UpstreamError> {
+    if buf.len() >= n {
+        let body = buf.split_to(n).freeze();
+        return sink.head(meta, body, true).await;
+    }
+    let mut left = n - buf.len();
+    sink.head(meta, buf.split().freeze(), false).await?;
+    while left > 0 {
+        read_body_more(conn, buf).await?;
+        let take = buf.len().min(left);
+        left -= take;
+        sink.data(buf.split_to(take).freeze()).await?;
+    }
+    sink.end().await
+}
+
+/// A chunked body, decoded; what is buffered goes with the head (a small
+/// response is often whole).
+async fn relay_chunked(
+    (conn, buf): (&mut TcpStream, &mut BytesMut),
+    meta: ResponseMeta,
+    sink: &mut ResponseSink,
+) -> Result<(), UpstreamError> {
+    let bad = |e: http::ChunkedError| UpstreamError::BadResponse(e.to_string());
+    let mut dec = ChunkedDecoder::new(64 * 1024);
+    let mut first = BytesMut::new();
+    let done = loop {
+        match dec.decode(buf).map_err(bad)? {
+            ChunkedStep::Data(d) => first.extend_from_slice(&d),
+            ChunkedStep::Done => break true,
+            ChunkedStep::NeedMore => break false,
+        }
+    };
+    sink.head(meta, first.freeze(), done).await?;
+    if done {
+        return Ok(());
+    }
+    loop {
+        match dec.decode(buf).map_err(bad)? {
+            ChunkedStep::Data(d) => sink.data(d).await?,
+            ChunkedStep::Done => return sink.end().await,
+            ChunkedStep::NeedMore => read_body_more(conn, buf).await?,
+        }
+    }
+}
+
+/// A body delimited by the connection's close (HTTP/1.0 style).
+async fn relay_until_close(
+    (conn, buf): (&mut TcpStream, &mut BytesMut),
+    meta: ResponseMeta,
+    sink: &mut ResponseSink,
+) -> Result<(), UpstreamError> {
+    sink.head(meta, buf.split().freeze(), false).await?;
+    loop {
+        match read_more(conn, buf).await? {
+            Read::Data => sink.data(buf.split().freeze()).await?,
+            Read::Eof => return sink.end().await,
+        }
     }
 }
 
