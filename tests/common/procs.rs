@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver as Rx, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
@@ -172,8 +172,16 @@ pub struct Proc {
     pub dir: TempDir,
     pub config_path: PathBuf,
     lines: Rx<String>,
-    /// Every stderr (log) line so far, for tests that count log lines.
-    stderr: Arc<Mutex<Vec<String>>>,
+    /// Every stderr (log) line so far, for tests that count log lines;
+    /// the condvar is notified on each new line and at EOF.
+    stderr: Arc<(Mutex<Log>, Condvar)>,
+}
+
+/// The stderr lines of a process, and whether it closed stderr.
+#[derive(Default)]
+pub struct Log {
+    pub lines: Vec<String>,
+    pub closed: bool,
 }
 
 /// The binary under test; `ANP_PROXY_BIN` may point at another build.
@@ -228,14 +236,20 @@ impl Proc {
             }
         });
         let stderr = child.stderr.take().unwrap();
-        let kept = Arc::new(Mutex::new(Vec::new()));
+        let kept = Arc::new((Mutex::new(Log::default()), Condvar::new()));
         let k = kept.clone();
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 eprintln!("{tag}: {line}");
-                k.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                k.0.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .lines
+                    .push(line);
+                k.1.notify_all();
             }
+            k.0.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+            k.1.notify_all();
         });
         Proc {
             name: name.into(),
@@ -253,13 +267,63 @@ impl Proc {
 
     /// The stderr (log) lines received so far, from line `from` on.
     pub fn stderr_lines(&self, from: usize) -> Vec<String> {
-        let v = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
-        v.get(from..).map(<[String]>::to_vec).unwrap_or_default()
+        let v = self.stderr.0.lock().unwrap_or_else(|e| e.into_inner());
+        v.lines
+            .get(from..)
+            .map(<[String]>::to_vec)
+            .unwrap_or_default()
     }
 
     /// How many stderr lines have been received so far.
     pub fn stderr_len(&self) -> usize {
-        self.stderr.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.stderr
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lines
+            .len()
+    }
+
+    /// Waits for a stderr (log) line from line `from` on that satisfies
+    /// `pred` (woken by each new line, no polling); panics with `what` and
+    /// the log after [`START_WAIT`] or when the process closes stderr
+    /// without one.
+    pub fn wait_log_from(
+        &self,
+        from: usize,
+        what: &str,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + START_WAIT;
+        let (lock, cv) = &*self.stderr;
+        let mut log = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = from;
+        loop {
+            while next < log.lines.len() {
+                if pred(&log.lines[next]) {
+                    return log.lines[next].clone();
+                }
+                next += 1;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if log.closed || left.is_zero() {
+                panic!(
+                    "{}: expected {what} in the log{}; it says:\n{}",
+                    self.name,
+                    if log.closed { " before it closed" } else { "" },
+                    log.lines.join("\n")
+                );
+            }
+            log = cv
+                .wait_timeout(log, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// [`Proc::wait_log_from`] from the first line.
+    pub fn wait_log(&self, what: &str, pred: impl FnMut(&str) -> bool) -> String {
+        self.wait_log_from(0, what, pred)
     }
 
     /// Waits for a stdout line satisfying `pred`; panics with `what` on
@@ -328,6 +392,70 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// What a command that runs to its end printed.
+pub struct Finished {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `anp-proxy SUBCOMMAND --config CONFIG FLAGS…` (in CONFIG's
+/// directory) to its end: a command that should stop by itself (`check`,
+/// or a start that must fail). Panics if it is still running after
+/// [`START_WAIT`] (it is killed): e.g. a start that should have failed and
+/// serves instead.
+pub fn run_to_end(subcommand: &str, flags: &[&str], config: &std::path::Path) -> Finished {
+    use std::io::Read;
+    let mut child = Command::new(binary())
+        .arg(subcommand)
+        .arg("--config")
+        .arg(config)
+        .args(flags)
+        .current_dir(config.parent().unwrap())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("expected to spawn {} {subcommand}: {e}", binary()));
+    let (tx, rx) = mpsc::channel::<(bool, String)>();
+    for (is_out, mut pipe) in [
+        (
+            true,
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        ),
+        (false, Box::new(child.stderr.take().unwrap())),
+    ] {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            let _ = tx.send((is_out, text));
+        });
+    }
+    let (mut stdout, mut stderr) = (None, None);
+    let deadline = Instant::now() + START_WAIT;
+    while stdout.is_none() || stderr.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((true, t)) => stdout = Some(t),
+            Ok((false, t)) => stderr = Some(t),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("`anp-proxy {subcommand} {flags:?}` still running after {START_WAIT:?}; expected it to stop by itself");
+            }
+        }
+    }
+    let status = child.wait().expect("wait for the child");
+    let (stdout, stderr) = (stdout.unwrap(), stderr.unwrap());
+    eprintln!("anp-proxy {subcommand} {flags:?}: {status}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    Finished {
+        status,
+        stdout,
+        stderr,
     }
 }
 
