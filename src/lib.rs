@@ -11,6 +11,7 @@ pub mod http;
 pub mod logging;
 pub mod net;
 pub mod pool;
+pub mod preflight;
 pub mod protocol;
 pub mod receiver;
 pub mod registry;

@@ -36,8 +36,16 @@ enum Cmd {
     },
     /// Run the private receiver.
     Receiver,
-    /// Validate the config file and exit.
-    Check,
+    /// Validate the config file and exit: its keys and values, and what a
+    /// start would load from disk for either side (certificates, keys, DID
+    /// documents and private keys; keys matching their certificates) and
+    /// the URL schemes. Touches no network.
+    Check {
+        /// Print the effective configuration (every default filled in) as
+        /// TOML, secrets masked.
+        #[arg(long)]
+        print: bool,
+    },
     /// DID-WBA identities.
     Did {
         #[command(subcommand)]
@@ -167,6 +175,42 @@ fn did_command(cmd: DidCmd) -> ExitCode {
     }
 }
 
+/// `anp-proxy check`: the same preflight a start runs
+/// (`anp_proxy::preflight`), for both sides, since one file may serve
+/// either; then `FILE: ok`, or with `--print` the effective configuration.
+fn check_command(cfg: &Config, path: &std::path::Path, print: bool) -> ExitCode {
+    let gateway = anp_proxy::preflight::gateway(cfg).map(|p| p.warnings);
+    let receiver = anp_proxy::preflight::receiver(cfg).map(|p| p.warnings);
+    let mut failed = false;
+    for side in [gateway, receiver] {
+        match side {
+            Ok(warnings) => {
+                for w in warnings {
+                    eprintln!("anp-proxy: warning: {w}");
+                }
+            }
+            Err(e) => {
+                eprintln!("anp-proxy: {}: {e}", path.display());
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        return ExitCode::from(2);
+    }
+    if print {
+        println!(
+            "# {}: ok. The effective configuration: every default filled in,\n# secrets shown as {}.\n",
+            path.display(),
+            anp_proxy::config::MASK
+        );
+        print!("{}", cfg.effective_toml());
+    } else {
+        println!("{}: ok", path.display());
+    }
+    ExitCode::SUCCESS
+}
+
 /// Exit status after a panic: EX_SOFTWARE (sysexits.h).
 const PANIC_EXIT: i32 = 70;
 
@@ -206,10 +250,7 @@ fn main() -> ExitCode {
             Mode::Gateway
         }
         Some(Cmd::Receiver) => Mode::Receiver,
-        Some(Cmd::Check) => {
-            println!("{}: ok", cli.config.display());
-            return ExitCode::SUCCESS;
-        }
+        Some(Cmd::Check { print }) => return check_command(&cfg, &cli.config, print),
         Some(Cmd::Routes { cmd }) => return routes_command(&cfg, cmd),
         Some(Cmd::Did { .. }) => unreachable!("handled before loading the config"),
         None => cfg.mode,

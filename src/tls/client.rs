@@ -43,17 +43,17 @@ pub fn client_config(
         }
     } else {
         for c in load_certs("receiver.ca_file", &base_dir.join(&r.ca_file))? {
-            roots.add(c).map_err(|source| TlsSetupError::Rustls {
+            roots.add(c).map_err(|error| TlsSetupError::Rustls {
                 key: "receiver.ca_file",
-                source,
+                error,
             })?;
         }
     }
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|source| TlsSetupError::Rustls {
+        .map_err(|error| TlsSetupError::Rustls {
             key: "receiver",
-            source,
+            error,
         })?
         .with_root_certificates(roots);
     let mut cfg = if r.cert_file.is_empty() {
@@ -63,9 +63,9 @@ pub fn client_config(
         let key = load_key("receiver.key_file", &base_dir.join(&r.key_file))?;
         builder
             .with_client_auth_cert(certs, key)
-            .map_err(|source| TlsSetupError::Rustls {
+            .map_err(|error| TlsSetupError::Rustls {
                 key: "receiver.key_file",
-                source,
+                error,
             })?
     };
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
