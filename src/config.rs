@@ -753,8 +753,12 @@ impl Config {
     /// Parses and validates TOML text; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut cfg: Config = toml::from_str(text).map_err(|e| {
-            // toml's own layout (line, caret) kept; the key named first.
-            let detail = e.to_string().trim_end().to_owned();
+            // toml's own layout (line, caret) kept; the key named first;
+            // an unknown key gets the nearest known one, not the list.
+            let mut detail = e.to_string().trim_end().to_owned();
+            if let Some(better) = unknown_key_message(e.message()) {
+                detail = detail.replace(e.message().trim_end(), &better);
+            }
             let message = match e.span().and_then(|s| key_at(text, s.start)) {
                 Some(key) => format!("key `{key}`: {detail}"),
                 None => detail,
@@ -1006,6 +1010,31 @@ impl Config {
     }
 }
 
+/// serde's message for an unknown key (`unknown field `prot`, expected one
+/// of `host`, `port`, …`) as `unknown key `prot`; did you mean `port`?`
+/// when a known key is close (a typo), else without the list of every
+/// valid key (the shipped config.toml documents them). None for any other
+/// message.
+fn unknown_key_message(message: &str) -> Option<String> {
+    let rest = message.trim_end().strip_prefix("unknown field `")?;
+    let (key, expected) = rest.split_once('`')?;
+    // The names serde lists are the ones between backticks.
+    let known = expected.split('`').skip(1).step_by(2);
+    let nearest = known
+        .map(|k| (strsim::osa_distance(key, k), k))
+        .min_by_key(|(d, _)| *d);
+    // "Close": at most a third of the key's length in edits (1 to 3), so
+    // `prot` finds `port` and `certfile` finds `cert_file`, while a key
+    // that resembles nothing gets no guess.
+    let close = (key.chars().count() / 3).clamp(1, 3);
+    Some(match nearest {
+        Some((d, k)) if d <= close => format!("unknown key `{key}`; did you mean `{k}`?"),
+        _ => format!(
+            "unknown key `{key}` (config.toml, as shipped, lists every key with its default)"
+        ),
+    })
+}
+
 /// Does `[gateway.database]` in `text` hold any MySQL-only key?
 fn has_mysql_keys(text: &str) -> bool {
     let Ok(v) = text.parse::<toml::Table>() else {
@@ -1063,6 +1092,44 @@ mod tests {
         let err = Config::parse("[gateway]\nprot = 1\n", Path::new("x.toml")).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("prot") && msg.contains("x.toml"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_key_suggests_the_nearest_known_one_only_when_close() {
+        for (text, key, guess) in [
+            ("[gateway]\nprot = 1\n", "prot", Some("port")),
+            (
+                "[gateway.tls]\ncertfile = 'c'\n",
+                "certfile",
+                Some("cert_file"),
+            ),
+            ("[receiver]\ntimout = 1\n", "timout", None),
+            (
+                "[receiver]\nupstream_timout = 1\n",
+                "upstream_timout",
+                Some("upstream_timeout"),
+            ),
+            ("[gateway]\nwibble = 1\n", "wibble", None),
+            ("mdoe = 'gateway'\n", "mdoe", Some("mode")),
+        ] {
+            let msg = Config::parse(text, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains(&format!("unknown key `{key}`")),
+                "{text}: {msg}"
+            );
+            match guess {
+                Some(g) => assert!(
+                    msg.contains(&format!("did you mean `{g}`?")),
+                    "{text}: {msg}"
+                ),
+                None => assert!(!msg.contains("did you mean"), "{text}: {msg}"),
+            }
+            // Not the list of every key; toml's caret layout kept.
+            assert!(!msg.contains("expected one of"), "{msg}");
+            assert!(msg.contains("\n  |\n") && msg.contains('^'), "{msg}");
+        }
     }
 
     #[test]

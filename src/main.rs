@@ -211,6 +211,19 @@ fn check_command(cfg: &Config, path: &std::path::Path, print: bool) -> ExitCode 
     ExitCode::SUCCESS
 }
 
+/// Says once why the process stops. With the log in a file, the error
+/// goes there and to stderr (the terminal or the service manager); with
+/// the log on stderr, one line there: the log's own (JSON) line when the
+/// log is JSON, else the plain `anp-proxy: …` line.
+fn report_fatal(log: &anp_proxy::logging::LogGuard, json: bool, e: &anyhow::Error) {
+    if log.to_file() || json {
+        tracing::error!("{e:#}");
+    }
+    if log.to_file() || !json {
+        eprintln!("anp-proxy: {e:#}");
+    }
+}
+
 /// Exit status after a panic: EX_SOFTWARE (sysexits.h).
 const PANIC_EXIT: i32 = 70;
 
@@ -255,7 +268,8 @@ fn main() -> ExitCode {
         Some(Cmd::Did { .. }) => unreachable!("handled before loading the config"),
         None => cfg.mode,
     };
-    let _log = anp_proxy::logging::init(&cfg.logging, &cfg.base_dir, cfg.debug);
+    let log = anp_proxy::logging::init(&cfg.logging, &cfg.base_dir, cfg.debug);
+    let json = cfg.logging.format.eq_ignore_ascii_case("json");
     let res = match mode {
         Mode::Gateway => anp_proxy::gateway::run(cfg, &cli.config, opts),
         Mode::Receiver => anp_proxy::receiver::run(cfg),
@@ -263,8 +277,7 @@ fn main() -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("anp-proxy: {e:#}");
+            report_fatal(&log, json, &e);
             ExitCode::FAILURE
         }
     }

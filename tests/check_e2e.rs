@@ -1,11 +1,12 @@
-//! `anp-proxy check` against the real starts (issue #16, item 6):
+//! `anp-proxy check` against the real starts (issue #16, items 6 and 9):
 //! for each configuration a start refuses without touching the network —
 //! a certificate, key, CA, DID document or private key that is missing or
 //! does not load, a key that does not match its certificate, a DID
 //! documents directory that is not there, a `gateway_url` that is not
 //! `ws(s)://`, an `https://` upstream — `check` fails too, naming the same
 //! key, and the start fails with the same words. `check --print` shows the
-//! effective configuration with the secrets masked.
+//! effective configuration with the secrets masked. Errors are said once;
+//! an unknown key gets a "did you mean".
 //!
 //! The real binary, one temporary directory per case; nothing listens
 //! (every gateway here binds port 0 and must not even get that far).
@@ -293,4 +294,61 @@ fn check_print_shows_the_effective_config_with_secrets_masked() {
     let again = write(d, out);
     let f = run_to_end("check", &[], &again);
     assert!(f.status.success(), "{}", f.stderr);
+}
+
+#[test]
+fn an_unknown_key_gets_the_nearest_one_not_the_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "[gateway]\nprot = 8089\n");
+    let f = run_to_end("check", &[], &path);
+    failed_naming(
+        &f,
+        "unknown key",
+        &[
+            "gateway.prot",
+            "did you mean `port`?",
+            "2 | prot = 8089",
+            "^^^^",
+        ],
+    );
+    assert!(!f.stderr.contains("expected one of"), "{}", f.stderr);
+    assert_eq!(f.stderr.matches("unknown key").count(), 1, "{}", f.stderr);
+    // Nothing close: no guess.
+    let path = write(dir.path(), "[gateway]\nwibble = 1\n");
+    let f = run_to_end("gateway", &[], &path);
+    failed_naming(&f, "unknown key", &["unknown key `wibble`"]);
+    assert!(!f.stderr.contains("did you mean"), "{}", f.stderr);
+    assert!(!f.stderr.contains("expected one of"), "{}", f.stderr);
+}
+
+#[test]
+fn a_start_error_is_said_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        &receiver_toml("ws://127.0.0.1:9/ws", "https://127.0.0.1:9", ""),
+    );
+    let f = run_to_end("receiver", &[], &path);
+    failed_naming(
+        &f,
+        "https upstream",
+        &["https:// upstreams are not supported"],
+    );
+    assert_eq!(
+        f.stderr
+            .matches("https:// upstreams are not supported")
+            .count(),
+        1,
+        "said more than once:\n{}",
+        f.stderr
+    );
+    let path = write(
+        dir.path(),
+        &gateway_toml(
+            "[gateway.tls]\nenabled = true\ncert_file = \"a.crt\"\nkey_file = \"a.key\"\n",
+        ),
+    );
+    let f = run_to_end("gateway", &[], &path);
+    failed_naming(&f, "missing certificate", &["a.crt"]);
+    assert_eq!(f.stderr.matches("a.crt").count(), 1, "{}", f.stderr);
 }
