@@ -16,7 +16,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Public HTTP addresses for private services, through ANPX tunnels"
 )]
 struct Cli {
-    /// Config file (used when no subcommand is given).
+    /// The config file (TOML); relative paths in it resolve from its
+    /// directory.
     #[arg(long, short, default_value = "config.toml", global = true)]
     config: PathBuf,
     #[command(subcommand)]

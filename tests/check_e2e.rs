@@ -6,7 +6,8 @@
 //! `ws(s)://`, an `https://` upstream — `check` fails too, naming the same
 //! key, and the start fails with the same words. `check --print` shows the
 //! effective configuration with the secrets masked. Errors are said once;
-//! an unknown key gets a "did you mean".
+//! an unknown key gets a "did you mean"; the help of every subcommand
+//! describes `--config` as what it is.
 //!
 //! The real binary, one temporary directory per case; nothing listens
 //! (every gateway here binds port 0 and must not even get that far).
@@ -351,4 +352,36 @@ fn a_start_error_is_said_once() {
     let f = run_to_end("gateway", &[], &path);
     failed_naming(&f, "missing certificate", &["a.crt"]);
     assert_eq!(f.stderr.matches("a.crt").count(), 1, "{}", f.stderr);
+}
+
+#[test]
+fn every_subcommand_describes_config_as_what_it_is() {
+    for sub in [
+        &["gateway"][..],
+        &["receiver"],
+        &["check"],
+        &["routes", "list"],
+        &[],
+    ] {
+        let o = Command::new(binary())
+            .args(sub)
+            .arg("--help")
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && help.contains("--config"),
+            "{sub:?}: {help}"
+        );
+        assert!(
+            !help.contains("used when no subcommand is given"),
+            "{sub:?}: {help}"
+        );
+    }
+    let o = Command::new(binary())
+        .args(["check", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(help.contains("--print"), "{help}");
 }
