@@ -391,6 +391,7 @@ pub async fn serve_conn<S>(
                 }
                 Err(e) => {
                     let reply = error_reply(&e);
+                    ex.failed(&e, reply.status);
                     let close = reply.close || (!body_read && has_body(&head)) || !keep_alive;
                     let path = String::from_utf8_lossy(raw_path);
                     if reply.status >= 500 {

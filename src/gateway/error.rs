@@ -1,5 +1,11 @@
 //! Why a proxied request failed, and the **one** function that turns a
 //! failure into the status the client sees (DESIGN.md, status table).
+//!
+//! What the client reads is not what the log reads. A 4xx body says what
+//! was wrong with the client's own request; a 5xx body says only which
+//! kind of failure it was, in words fixed per status ([`public_message`]):
+//! the detail (an upstream address, an OS error, a host name, an identity)
+//! is for the gateway's log and access log, never for the public.
 
 use std::fmt::Write as _;
 
@@ -71,7 +77,11 @@ pub fn error_reply(err: &ProxyError) -> ErrorReply {
     };
     let mut body = String::with_capacity(96);
     let _ = write!(body, "{{\"error\":{},", json_str(error_kind(err)));
-    let _ = write!(body, "\"message\":{}", json_str(&err.to_string()));
+    let _ = write!(
+        body,
+        "\"message\":{}",
+        json_str(&public_message(err, status))
+    );
     if let ProxyError::NoRoute(p) = err {
         let _ = write!(body, ",\"path\":{}", json_str(p));
     }
@@ -81,6 +91,23 @@ pub fn error_reply(err: &ProxyError) -> ErrorReply {
         body,
         retry_after,
         close,
+    }
+}
+
+/// The body's `message`: a 4xx (or the 501 refusal) describes the
+/// client's own request; a 5xx is one fixed sentence per status, since its
+/// [`ProxyError`] may carry what the receiver reported (`cannot connect to
+/// upstream 10.0.0.5:8001: Connection refused (os error 111)`) or an
+/// identity's name. The full error is logged by the caller
+/// (`gateway/conn.rs`: `request failed`, and the access log's `error`).
+pub fn public_message(err: &ProxyError, status: u16) -> std::borrow::Cow<'static, str> {
+    match status {
+        502 => "the service behind this route did not answer".into(),
+        503 => {
+            "the service behind this route is not available at the moment; try again later".into()
+        }
+        504 => "the service behind this route did not answer in time".into(),
+        _ => err.to_string().into(),
     }
 }
 
@@ -133,5 +160,32 @@ mod tests {
         let r = error_reply(&ProxyError::NoRoute("/nope/\"x".into()));
         let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(v["path"], "/nope/\"x");
+    }
+
+    #[test]
+    fn server_side_failures_tell_the_client_nothing_internal() {
+        let detail = "cannot connect to upstream 10.0.0.5:8001: Connection refused (os error 111)";
+        for e in [
+            ProxyError::Receiver(detail.into()),
+            ProxyError::BadResponse(format!("{detail} from app.internal.example")),
+            ProxyError::NoTunnel("did:wba:internal.example:alice".into()),
+            ProxyError::TunnelBusy(4096),
+            ProxyError::TunnelClosed,
+            ProxyError::Timeout,
+        ] {
+            let r = error_reply(&e);
+            assert!(r.status >= 500, "{e}");
+            let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+            // The shape stays: a kind and a sentence.
+            assert_eq!(v["error"], error_kind(&e));
+            let m = v["message"].as_str().unwrap();
+            assert!(m.starts_with("the service behind this route"), "{m}");
+            for leak in ["10.0.0.5", "os error", "internal.example", "alice", "4096"] {
+                assert!(!r.body.contains(leak), "{e}: {}", r.body);
+            }
+        }
+        // A client error still says what was wrong with the request.
+        let r = error_reply(&ProxyError::BodyTooLarge(10));
+        assert!(r.body.contains("max_body_size"), "{}", r.body);
     }
 }

@@ -1,0 +1,69 @@
+//! What a refusal says, and to whom (issue #16, item 8): a public client
+//! gets a generic reason for a 5xx, never the upstream's address, an OS
+//! error or a host name, while the gateway's log and access log keep the
+//! detail.
+//!
+//! Real binaries on port 0; every wait is on a line the processes print.
+
+mod common;
+
+use std::net::TcpListener;
+
+use common::procs::Receiver;
+use common::{Gateway, GatewayConfig, ALICE_TOKEN};
+
+/// An address nothing listens on (bound, then closed).
+fn closed_port() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+#[test]
+fn a_502_tells_the_client_nothing_internal_and_the_log_everything() {
+    let mut gw = Gateway::start(&GatewayConfig {
+        logging_toml: "level = \"info\"\nlog_dir = \"\"\naccess_log = true\n".into(),
+        ..GatewayConfig::default()
+    });
+    let upstream = closed_port();
+    let mut rx = Receiver::start(gw.addr, upstream, ALICE_TOKEN, 1);
+    rx.wait_connected(1);
+
+    let r = common::client::request(gw.addr, "GET", "/alice/x", &[], b"");
+    assert_eq!(r.status, 502, "{}", r.summary());
+    let body = r.body_text();
+    let v: serde_json::Value = serde_json::from_str(&body).expect(&body);
+    // The shape of the gateway's error bodies is kept: a kind, a sentence.
+    assert_eq!(v["error"], "receiver_error", "{body}");
+    assert_eq!(
+        v["message"], "the service behind this route did not answer",
+        "{body}"
+    );
+    for leak in [
+        upstream.to_string().as_str(),
+        "127.0.0.1",
+        "os error",
+        "refused",
+        "upstream",
+    ] {
+        assert!(!body.contains(leak), "the body leaks {leak:?}: {body}");
+    }
+
+    // The log has the detail: the upstream's address and the OS error.
+    let addr = upstream.to_string();
+    let line = gw
+        .proc
+        .wait_log("the `request failed` line with the detail", |l| {
+            l.contains("request failed") && l.contains(&addr)
+        });
+    assert!(line.contains("os error"), "{line}");
+    // So has the access log (stdout here: no log_dir).
+    let access = gw.proc.wait_line("the access-log line of the 502", |l| {
+        l.contains("\"status\":502")
+    });
+    let a: serde_json::Value = serde_json::from_str(&access).expect(&access);
+    let detail = a["error"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains(&addr) && detail.contains("os error"),
+        "{access}"
+    );
+}
