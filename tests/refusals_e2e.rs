@@ -1,7 +1,8 @@
-//! What a refusal says, and to whom (issue #16, item 8): a public client
-//! gets a generic reason for a 5xx, never the upstream's address, an OS
-//! error or a host name, while the gateway's log and access log keep the
-//! detail.
+//! What a refusal says, and to whom (issue #16, items 8 and 9): a public
+//! client gets a generic reason for a 5xx, never the upstream's address,
+//! an OS error or a host name, while the gateway's log and access log keep
+//! the detail; a receiver that dials the wrong path is told the tunnel
+//! path.
 //!
 //! Real binaries on port 0; every wait is on a line the processes print.
 
@@ -9,7 +10,7 @@ mod common;
 
 use std::net::TcpListener;
 
-use common::procs::Receiver;
+use common::procs::{Receiver, ReceiverConfig};
 use common::{Gateway, GatewayConfig, ALICE_TOKEN};
 
 /// An address nothing listens on (bound, then closed).
@@ -66,4 +67,21 @@ fn a_502_tells_the_client_nothing_internal_and_the_log_everything() {
         detail.contains(&addr) && detail.contains("os error"),
         "{access}"
     );
+}
+
+#[test]
+fn a_receiver_on_the_wrong_path_is_told_the_tunnel_path() {
+    let gw = Gateway::start(&GatewayConfig::default());
+    let app = closed_port();
+    let mut cfg = ReceiverConfig::new(gw.addr, app, ALICE_TOKEN, 1);
+    cfg.gateway_url = format!("ws://{}/tunnel", gw.addr);
+    cfg.extra_toml += "reconnect_max_delay = 0.5\n";
+    let rx = Receiver::start_with(&cfg);
+    let line = rx
+        .proc
+        .wait_log("the gateway's refusal of the upgrade", |l| {
+            l.contains("gateway refused the tunnel")
+        });
+    assert!(line.contains("501"), "{line}");
+    assert!(line.contains("tunnels are opened on /ws"), "{line}");
 }

@@ -325,7 +325,10 @@ pub async fn serve_conn<S>(
             return;
         }
         if head.upgrade && is_websocket_upgrade(&head, &head_buf) {
-            let err = ProxyError::UpgradeRefused;
+            let err = ProxyError::upgrade_refused(
+                &ctx.settings.tunnel_path,
+                accepts == Accepts::Requests,
+            );
             tracing::info!(%peer, error = %err, "request refused");
             let w = write_error(&mut io, &mut out, &err, is_head, true).await;
             ex.bytes_out += w.bytes;

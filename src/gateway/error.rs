@@ -36,8 +36,10 @@ pub enum ProxyError {
     NoTunnel(String),
     #[error("tunnel in-flight limit reached ({0})")]
     TunnelBusy(usize),
-    #[error("upgrade requests are not supported on this path")]
-    UpgradeRefused,
+    /// `Upgrade: websocket` where no tunnel is opened: a public client's
+    /// WebSocket, or a receiver dialling the wrong path or port.
+    #[error("{}", upgrade_refused_message(.0))]
+    UpgradeRefused(TunnelHint),
     #[error("receiver reported an error: {0}")]
     Receiver(String),
     #[error("tunnel closed before the response arrived")]
@@ -46,6 +48,43 @@ pub enum ProxyError {
     BadResponse(String),
     #[error("no response within timeout")]
     Timeout,
+}
+
+/// Where tunnels are opened, for the refusal of an upgrade elsewhere: a
+/// receiver that dials the wrong path learns the right one (it is no
+/// secret: every receiver is configured with it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TunnelHint {
+    /// On this port, at this path (`tunnel_path`).
+    Path(String),
+    /// Not on this port: on the gateway's `tunnel_port`, at this path.
+    TunnelPort(String),
+}
+
+impl ProxyError {
+    /// The refusal of a WebSocket upgrade that opens no tunnel here:
+    /// `elsewhere` when this port takes no tunnels at all (`tunnel_port`
+    /// is set), else the path was not `tunnel_path`.
+    pub fn upgrade_refused(tunnel_path: &str, elsewhere: bool) -> ProxyError {
+        let p = tunnel_path.to_owned();
+        ProxyError::UpgradeRefused(if elsewhere {
+            TunnelHint::TunnelPort(p)
+        } else {
+            TunnelHint::Path(p)
+        })
+    }
+}
+
+fn upgrade_refused_message(hint: &TunnelHint) -> String {
+    match hint {
+        TunnelHint::Path(p) => {
+            format!("upgrade requests are not supported on this path; tunnels are opened on {p}")
+        }
+        TunnelHint::TunnelPort(p) => format!(
+            "upgrade requests are not supported on this port; tunnels are opened on {p} at the \
+             gateway's tunnel port"
+        ),
+    }
 }
 
 /// What the client is told about a [`ProxyError`].
@@ -69,7 +108,7 @@ pub fn error_reply(err: &ProxyError) -> ErrorReply {
         ProxyError::BodyTooLarge(_) => (413, None, true),
         ProxyError::NoTunnel(_) => (503, Some(5), false),
         ProxyError::TunnelBusy(_) => (503, Some(1), false),
-        ProxyError::UpgradeRefused => (501, None, true),
+        ProxyError::UpgradeRefused(_) => (501, None, true),
         ProxyError::Receiver(_) | ProxyError::TunnelClosed | ProxyError::BadResponse(_) => {
             (502, None, false)
         }
@@ -120,7 +159,7 @@ pub fn error_kind(err: &ProxyError) -> &'static str {
         ProxyError::BodyTooLarge(_) => "body_too_large",
         ProxyError::NoTunnel(_) => "no_tunnel",
         ProxyError::TunnelBusy(_) => "tunnel_busy",
-        ProxyError::UpgradeRefused => "upgrade_refused",
+        ProxyError::UpgradeRefused(_) => "upgrade_refused",
         ProxyError::Receiver(_) => "receiver_error",
         ProxyError::TunnelClosed => "tunnel_closed",
         ProxyError::BadResponse(_) => "bad_response",
@@ -187,5 +226,16 @@ mod tests {
         // A client error still says what was wrong with the request.
         let r = error_reply(&ProxyError::BodyTooLarge(10));
         assert!(r.body.contains("max_body_size"), "{}", r.body);
+    }
+
+    #[test]
+    fn a_refused_upgrade_names_where_tunnels_are_opened() {
+        let r = error_reply(&ProxyError::UpgradeRefused(TunnelHint::Path("/ws".into())));
+        assert_eq!(r.status, 501);
+        assert!(r.body.contains("tunnels are opened on /ws"), "{}", r.body);
+        let r = error_reply(&ProxyError::UpgradeRefused(TunnelHint::TunnelPort(
+            "/ws".into(),
+        )));
+        assert!(r.body.contains("tunnel port"), "{}", r.body);
     }
 }
