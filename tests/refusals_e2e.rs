@@ -2,7 +2,8 @@
 //! client gets a generic reason for a 5xx, never the upstream's address,
 //! an OS error or a host name, while the gateway's log and access log keep
 //! the detail; a receiver that dials the wrong path is told the tunnel
-//! path.
+//! path; a receiver that dials `wss://` to a plain-TCP port is told that
+//! the gateway does not speak TLS there.
 //!
 //! Real binaries on port 0; every wait is on a line the processes print.
 
@@ -84,4 +85,32 @@ fn a_receiver_on_the_wrong_path_is_told_the_tunnel_path() {
         });
     assert!(line.contains("501"), "{line}");
     assert!(line.contains("tunnels are opened on /ws"), "{line}");
+}
+
+#[test]
+fn wss_to_a_plain_gateway_says_the_port_does_not_speak_tls() {
+    let gw = Gateway::start(&GatewayConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let ca = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let mut cfg = ReceiverConfig::new(gw.addr, closed_port(), ALICE_TOKEN, 1);
+    cfg.gateway_url = format!("wss://{}/ws", gw.addr);
+    cfg.extra_toml += &format!(
+        "reconnect_max_delay = 0.5\nca_file = {}\n",
+        serde_json::to_string(&ca_path.display().to_string()).unwrap()
+    );
+    let rx = Receiver::start_with(&cfg);
+    let line = rx.proc.wait_log("the tunnel's failure", |l| {
+        l.contains("tunnel down") || l.contains("tunnel refused")
+    });
+    assert!(
+        line.contains("does not speak TLS on that port") && line.contains(&gw.addr.to_string()),
+        "{line}"
+    );
+    assert!(!line.contains("InvalidContentType"), "{line}");
 }
