@@ -105,6 +105,9 @@ pub struct Entry<'a> {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub duration: Duration,
+    /// Why the gateway failed the request, in full, when its reply to the
+    /// client says only the kind (a 5xx: `gateway::error::public_message`).
+    pub error: Option<&'a str>,
 }
 
 /// One core's writer: lines go into `buf`, batches to the writer thread.
@@ -182,7 +185,7 @@ impl Clock {
 
 /// Appends `e` as one JSON object and a newline. Field order is fixed:
 /// time, client, method, path, route, identity, request_id, status,
-/// bytes_in, bytes_out, duration_ms.
+/// bytes_in, bytes_out, duration_ms, error.
 fn write_line(out: &mut Vec<u8>, e: &Entry<'_>, clock: &mut Clock) {
     let since = e
         .time
@@ -216,14 +219,17 @@ fn write_line(out: &mut Vec<u8>, e: &Entry<'_>, clock: &mut Clock) {
         }
         None => out.extend_from_slice(b"null"),
     }
-    let _ = writeln!(
+    let _ = write!(
         out,
-        ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":{:.3}}}",
+        ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":{:.3}",
         e.status,
         e.bytes_in,
         e.bytes_out,
         e.duration.as_secs_f64() * 1000.0
     );
+    out.extend_from_slice(b",\"error\":");
+    opt_str(out, e.error.map(str::as_bytes));
+    out.extend_from_slice(b"}\n");
 }
 
 fn opt_str(out: &mut Vec<u8>, v: Option<&[u8]>) {
@@ -283,6 +289,7 @@ mod tests {
             bytes_in: 12,
             bytes_out: 345,
             duration: Duration::from_micros(1500),
+            error: Some("receiver reported an error: cannot connect to upstream 10.0.0.5:1"),
         }
     }
 
@@ -305,8 +312,12 @@ mod tests {
         assert_eq!(v["bytes_in"], 12);
         assert_eq!(v["bytes_out"], 345);
         assert_eq!(v["duration_ms"], 1.5);
+        assert_eq!(
+            v["error"],
+            "receiver reported an error: cannot connect to upstream 10.0.0.5:1"
+        );
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
-        assert_eq!(keys.len(), 11, "{keys:?}");
+        assert_eq!(keys.len(), 12, "{keys:?}");
     }
 
     #[test]
@@ -317,6 +328,7 @@ mod tests {
         e.route = None;
         e.identity = None;
         e.request_id = None;
+        e.error = None;
         let mut out = Vec::new();
         let mut clock = Clock::default();
         write_line(&mut out, &e, &mut clock);
@@ -327,7 +339,7 @@ mod tests {
             .filter(|l| !l.is_empty())
             .map(|l| serde_json::from_slice(l).unwrap())
             .collect();
-        for k in ["method", "path", "route", "identity", "request_id"] {
+        for k in ["method", "path", "route", "identity", "request_id", "error"] {
             assert!(lines[0][k].is_null(), "{k}: {}", lines[0]);
         }
         assert_eq!(lines[0]["time"], "2024-02-29T23:59:58.123Z");

@@ -11,7 +11,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Errors of loading or validating a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +90,12 @@ impl std::ops::Deref for Seconds {
     }
 }
 
+impl Serialize for Seconds {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(self.0)
+    }
+}
+
 impl<'de> Deserialize<'de> for Seconds {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = f64::deserialize(d)?;
@@ -98,7 +104,7 @@ impl<'de> Deserialize<'de> for Seconds {
 }
 
 /// Which side this process runs when no subcommand names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     #[default]
@@ -106,7 +112,7 @@ pub enum Mode {
     Receiver,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub mode: Mode,
@@ -119,7 +125,7 @@ pub struct Config {
     pub base_dir: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoggingConfig {
     /// `trace`, `debug`, `info`, `warn`, `error`, or an env-filter directive.
@@ -141,7 +147,7 @@ pub struct LoggingConfig {
 }
 
 /// `[logging] rotation`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Rotation {
     #[default]
@@ -163,7 +169,7 @@ impl Default for LoggingConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
     pub host: String,
@@ -320,7 +326,7 @@ impl Default for GatewayConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub tokens: Vec<TokenEntry>,
@@ -379,7 +385,7 @@ impl Default for AuthConfig {
 }
 
 /// Path prefixes a DID identity serves: `[[gateway.auth.dids]]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DidEntry {
     pub did: String,
@@ -388,7 +394,7 @@ pub struct DidEntry {
 }
 
 /// Where the route registry (the `did_proxy_path` table) lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DbBackend {
     /// An embedded SQLite file at `path`.
@@ -398,7 +404,7 @@ pub enum DbBackend {
 }
 
 /// `[gateway.database]`: the route registry.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     /// Absent: `mysql` when any MySQL key is written (the reference's
@@ -410,6 +416,7 @@ pub struct DatabaseConfig {
     pub port: u16,
     pub user: String,
     /// Secret: never printed. `ANP_DB_PASSWORD` overrides it.
+    #[serde(serialize_with = "masked")]
     pub password: String,
     pub database: String,
     pub charset: String,
@@ -473,7 +480,7 @@ impl fmt::Debug for DatabaseConfig {
             .field("host", &self.host)
             .field("port", &self.port)
             .field("user", &self.user)
-            .field("password", &"<redacted>")
+            .field("password", &MASK)
             .field("database", &self.database)
             .field("poll_interval", &self.poll_interval)
             .finish_non_exhaustive()
@@ -482,7 +489,7 @@ impl fmt::Debug for DatabaseConfig {
 
 /// `gateway.duplicate_tunnels`: what a second receiver instance of an
 /// identity that already has tunnels gets (docs/OPERATIONS.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum DuplicateTunnels {
     /// Both instances serve (requests are spread); a warning is logged.
@@ -495,7 +502,7 @@ pub enum DuplicateTunnels {
 }
 
 /// How a receiver proves its DID on the upgrade.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 pub enum AuthScheme {
     /// `Authorization: DIDWba …`
     #[default]
@@ -507,10 +514,11 @@ pub enum AuthScheme {
 }
 
 /// A shared-secret identity: `Authorization: Bearer <token>` on the upgrade.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenEntry {
     pub name: String,
+    #[serde(serialize_with = "masked")]
     pub token: String,
     #[serde(default)]
     pub paths: Vec<String>,
@@ -520,19 +528,21 @@ impl fmt::Debug for TokenEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenEntry")
             .field("name", &self.name)
-            .field("token", &"<redacted>")
+            .field("token", &MASK)
             .field("paths", &self.paths)
             .finish()
     }
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReceiverConfig {
     /// `ws://host:port/ws` or `wss://…`.
     pub gateway_url: String,
     /// Base URL of the local app, `http://host:port`.
     pub upstream: String,
+    /// Secret: never printed.
+    #[serde(serialize_with = "masked")]
     pub token: String,
     /// Tunnels to keep open; 0 = as many as the gateway reports.
     pub tunnels: usize,
@@ -625,7 +635,7 @@ impl fmt::Debug for ReceiverConfig {
         f.debug_struct("ReceiverConfig")
             .field("gateway_url", &self.gateway_url)
             .field("upstream", &self.upstream)
-            .field("token", &"<redacted>")
+            .field("token", &MASK)
             .field("tunnels", &self.tunnels)
             .field("max_concurrent", &self.max_concurrent)
             .field("did_document", &self.did_document)
@@ -638,7 +648,7 @@ impl fmt::Debug for ReceiverConfig {
 }
 
 /// Client certificates a TLS listener asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum VerifyMode {
     /// None asked for.
@@ -651,7 +661,7 @@ pub enum VerifyMode {
 }
 
 /// `[gateway.tls]` / `[gateway.tunnel_tls]`: a TLS listener (rustls).
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     pub enabled: bool,
@@ -685,6 +695,15 @@ impl TlsConfig {
         None
     }
 }
+
+/// What a secret serializes as (`check --print`): [`MASK`] when set, so
+/// the reader sees that one is configured but never its value.
+fn masked<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if v.is_empty() { "" } else { MASK })
+}
+
+/// The stand-in for a secret's value in printed configurations.
+pub const MASK: &str = "<redacted>";
 
 /// Seconds (as written in the file) to a `Duration`; 0 or less = none.
 pub fn secs(v: impl Into<f64>) -> Option<Duration> {
@@ -734,8 +753,12 @@ impl Config {
     /// Parses and validates TOML text; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut cfg: Config = toml::from_str(text).map_err(|e| {
-            // toml's own layout (line, caret) kept; the key named first.
-            let detail = e.to_string().trim_end().to_owned();
+            // toml's own layout (line, caret) kept; the key named first;
+            // an unknown key gets the nearest known one, not the list.
+            let mut detail = e.to_string().trim_end().to_owned();
+            if let Some(better) = unknown_key_message(e.message()) {
+                detail = detail.replace(e.message().trim_end(), &better);
+            }
             let message = match e.span().and_then(|s| key_at(text, s.start)) {
                 Some(key) => format!("key `{key}`: {detail}"),
                 None => detail,
@@ -750,6 +773,16 @@ impl Config {
         }
         cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// The configuration in force as TOML, every default filled in, for
+    /// `anp-proxy check --print`. Secrets (tokens, the database password)
+    /// are [`MASK`]; file paths are shown as written.
+    pub fn effective_toml(&self) -> String {
+        let mut c = self.clone();
+        // The backend in force, not "absent" (see DatabaseConfig::backend).
+        c.gateway.database.backend = Some(c.gateway.database.backend());
+        toml::to_string(&c).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -977,6 +1010,31 @@ impl Config {
     }
 }
 
+/// serde's message for an unknown key (`unknown field `prot`, expected one
+/// of `host`, `port`, …`) as `unknown key `prot`; did you mean `port`?`
+/// when a known key is close (a typo), else without the list of every
+/// valid key (the shipped config.toml documents them). None for any other
+/// message.
+fn unknown_key_message(message: &str) -> Option<String> {
+    let rest = message.trim_end().strip_prefix("unknown field `")?;
+    let (key, expected) = rest.split_once('`')?;
+    // The names serde lists are the ones between backticks.
+    let known = expected.split('`').skip(1).step_by(2);
+    let nearest = known
+        .map(|k| (strsim::osa_distance(key, k), k))
+        .min_by_key(|(d, _)| *d);
+    // "Close": at most a third of the key's length in edits (1 to 3), so
+    // `prot` finds `port` and `certfile` finds `cert_file`, while a key
+    // that resembles nothing gets no guess.
+    let close = (key.chars().count() / 3).clamp(1, 3);
+    Some(match nearest {
+        Some((d, k)) if d <= close => format!("unknown key `{key}`; did you mean `{k}`?"),
+        _ => format!(
+            "unknown key `{key}` (config.toml, as shipped, lists every key with its default)"
+        ),
+    })
+}
+
 /// Does `[gateway.database]` in `text` hold any MySQL-only key?
 fn has_mysql_keys(text: &str) -> bool {
     let Ok(v) = text.parse::<toml::Table>() else {
@@ -1034,6 +1092,64 @@ mod tests {
         let err = Config::parse("[gateway]\nprot = 1\n", Path::new("x.toml")).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("prot") && msg.contains("x.toml"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_key_suggests_the_nearest_known_one_only_when_close() {
+        for (text, key, guess) in [
+            ("[gateway]\nprot = 1\n", "prot", Some("port")),
+            (
+                "[gateway.tls]\ncertfile = 'c'\n",
+                "certfile",
+                Some("cert_file"),
+            ),
+            ("[receiver]\ntimout = 1\n", "timout", None),
+            (
+                "[receiver]\nupstream_timout = 1\n",
+                "upstream_timout",
+                Some("upstream_timeout"),
+            ),
+            ("[gateway]\nwibble = 1\n", "wibble", None),
+            ("mdoe = 'gateway'\n", "mdoe", Some("mode")),
+        ] {
+            let msg = Config::parse(text, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                msg.contains(&format!("unknown key `{key}`")),
+                "{text}: {msg}"
+            );
+            match guess {
+                Some(g) => assert!(
+                    msg.contains(&format!("did you mean `{g}`?")),
+                    "{text}: {msg}"
+                ),
+                None => assert!(!msg.contains("did you mean"), "{text}: {msg}"),
+            }
+            // Not the list of every key; toml's caret layout kept.
+            assert!(!msg.contains("expected one of"), "{msg}");
+            assert!(msg.contains("\n  |\n") && msg.contains('^'), "{msg}");
+        }
+    }
+
+    #[test]
+    fn effective_toml_fills_defaults_masks_secrets_and_parses_back() {
+        let text = "[[gateway.auth.tokens]]\nname='a'\ntoken='supersecret1'\npaths=['/a']\n\
+                    [gateway.database]\nhost='db'\npassword='pw-secret-1'\n\
+                    [receiver]\ntoken='rx-secret-1'\nprivate_key='k.pem'\ndid_document='d.json'\n";
+        let c = Config::parse(text, Path::new("x.toml")).unwrap();
+        let out = c.effective_toml();
+        for secret in ["supersecret1", "pw-secret-1", "rx-secret-1"] {
+            assert!(!out.contains(secret), "{out}");
+        }
+        assert!(out.contains(MASK), "{out}");
+        assert!(out.contains("private_key = \"k.pem\""), "{out}");
+        assert!(out.contains("backend = \"mysql\""), "{out}");
+        assert!(out.contains("max_head_size = 65536"), "{out}");
+        let back = Config::parse(&out, Path::new("printed.toml")).expect(&out);
+        assert_eq!(back.gateway.auth.tokens[0].name, "a");
+        assert_eq!(back.gateway.timeout, c.gateway.timeout);
+        assert_eq!(back.gateway.database.backend(), DbBackend::Mysql);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod http;
 pub mod logging;
 pub mod net;
 pub(crate) mod pool;
+pub mod preflight;
 pub mod protocol;
 pub mod receiver;
 pub mod registry;

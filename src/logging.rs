@@ -17,7 +17,14 @@ use crate::config::{LoggingConfig, Rotation};
 pub const MAIN_LOG: &str = "anp-proxy.log";
 
 /// Keeps the file writer alive; drop flushes.
-pub struct LogGuard(#[allow(dead_code)] Option<tracing_appender::non_blocking::WorkerGuard>);
+pub struct LogGuard(Option<tracing_appender::non_blocking::WorkerGuard>);
+
+impl LogGuard {
+    /// The log goes to a file in `log_dir` (not to stderr).
+    pub fn to_file(&self) -> bool {
+        self.0.is_some()
+    }
+}
 
 /// A writer for `dir/name` that rotates by the config's rules:
 ///

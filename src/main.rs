@@ -16,7 +16,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Public HTTP addresses for private services, through ANPX tunnels"
 )]
 struct Cli {
-    /// Config file (used when no subcommand is given).
+    /// The config file (TOML); relative paths in it resolve from its
+    /// directory.
     #[arg(long, short, default_value = "config.toml", global = true)]
     config: PathBuf,
     #[command(subcommand)]
@@ -36,8 +37,16 @@ enum Cmd {
     },
     /// Run the private receiver.
     Receiver,
-    /// Validate the config file and exit.
-    Check,
+    /// Validate the config file and exit: its keys and values, and what a
+    /// start would load from disk for either side (certificates, keys, DID
+    /// documents and private keys; keys matching their certificates) and
+    /// the URL schemes. Touches no network.
+    Check {
+        /// Print the effective configuration (every default filled in) as
+        /// TOML, secrets masked.
+        #[arg(long)]
+        print: bool,
+    },
     /// DID-WBA identities.
     Did {
         #[command(subcommand)]
@@ -167,6 +176,55 @@ fn did_command(cmd: DidCmd) -> ExitCode {
     }
 }
 
+/// `anp-proxy check`: the same preflight a start runs
+/// (`anp_proxy::preflight`), for both sides, since one file may serve
+/// either; then `FILE: ok`, or with `--print` the effective configuration.
+fn check_command(cfg: &Config, path: &std::path::Path, print: bool) -> ExitCode {
+    let gateway = anp_proxy::preflight::gateway(cfg).map(|p| p.warnings);
+    let receiver = anp_proxy::preflight::receiver(cfg).map(|p| p.warnings);
+    let mut failed = false;
+    for side in [gateway, receiver] {
+        match side {
+            Ok(warnings) => {
+                for w in warnings {
+                    eprintln!("anp-proxy: warning: {w}");
+                }
+            }
+            Err(e) => {
+                eprintln!("anp-proxy: {}: {e}", path.display());
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        return ExitCode::from(2);
+    }
+    if print {
+        println!(
+            "# {}: ok. The effective configuration: every default filled in,\n# secrets shown as {}.\n",
+            path.display(),
+            anp_proxy::config::MASK
+        );
+        print!("{}", cfg.effective_toml());
+    } else {
+        println!("{}: ok", path.display());
+    }
+    ExitCode::SUCCESS
+}
+
+/// Says once why the process stops. With the log in a file, the error
+/// goes there and to stderr (the terminal or the service manager); with
+/// the log on stderr, one line there: the log's own (JSON) line when the
+/// log is JSON, else the plain `anp-proxy: …` line.
+fn report_fatal(log: &anp_proxy::logging::LogGuard, json: bool, e: &anyhow::Error) {
+    if log.to_file() || json {
+        tracing::error!("{e:#}");
+    }
+    if log.to_file() || !json {
+        eprintln!("anp-proxy: {e:#}");
+    }
+}
+
 /// Exit status after a panic: EX_SOFTWARE (sysexits.h).
 const PANIC_EXIT: i32 = 70;
 
@@ -206,15 +264,13 @@ fn main() -> ExitCode {
             Mode::Gateway
         }
         Some(Cmd::Receiver) => Mode::Receiver,
-        Some(Cmd::Check) => {
-            println!("{}: ok", cli.config.display());
-            return ExitCode::SUCCESS;
-        }
+        Some(Cmd::Check { print }) => return check_command(&cfg, &cli.config, print),
         Some(Cmd::Routes { cmd }) => return routes_command(&cfg, cmd),
         Some(Cmd::Did { .. }) => unreachable!("handled before loading the config"),
         None => cfg.mode,
     };
-    let _log = anp_proxy::logging::init(&cfg.logging, &cfg.base_dir, cfg.debug);
+    let log = anp_proxy::logging::init(&cfg.logging, &cfg.base_dir, cfg.debug);
+    let json = cfg.logging.format.eq_ignore_ascii_case("json");
     let res = match mode {
         Mode::Gateway => anp_proxy::gateway::run(cfg, &cli.config, opts),
         Mode::Receiver => anp_proxy::receiver::run(cfg),
@@ -222,8 +278,7 @@ fn main() -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("anp-proxy: {e:#}");
+            report_fatal(&log, json, &e);
             ExitCode::FAILURE
         }
     }

@@ -17,6 +17,7 @@ use super::conn::{self, Accepts};
 use super::core::CoreCtx;
 use crate::config::{Config, TlsConfig};
 use crate::tls::server::{self as tls_server, Section};
+use crate::tls::TlsSetupError;
 
 /// One worker's socket on one port, and how to serve what it accepts.
 pub struct Listener {
@@ -36,7 +37,9 @@ pub struct Acceptors {
 }
 
 /// Loads the certificates and keys of both ports (failing on a bad file).
-pub fn load_acceptors(cfg: &Config) -> anyhow::Result<Acceptors> {
+/// Called through [`crate::preflight::gateway`], which `check`, start and
+/// reload share.
+pub fn load_acceptors(cfg: &Config) -> Result<Acceptors, TlsSetupError> {
     let g = &cfg.gateway;
     let public = acceptor(Section::Gateway, &g.tls, cfg)?;
     let tunnel = match (&g.tunnel_port, &g.tunnel_tls) {
@@ -58,7 +61,11 @@ pub struct Bound {
     pub acceptors: Acceptors,
 }
 
-fn acceptor(section: Section, t: &TlsConfig, cfg: &Config) -> anyhow::Result<Option<TlsAcceptor>> {
+fn acceptor(
+    section: Section,
+    t: &TlsConfig,
+    cfg: &Config,
+) -> Result<Option<TlsAcceptor>, TlsSetupError> {
     if !t.enabled {
         return Ok(None);
     }
@@ -66,11 +73,10 @@ fn acceptor(section: Section, t: &TlsConfig, cfg: &Config) -> anyhow::Result<Opt
     Ok(Some(TlsAcceptor::from(sc)))
 }
 
-/// Loads the TLS configurations (failing start on a bad file) and binds
-/// `workers` sockets on each port.
-pub fn bind(cfg: &Config, workers: usize) -> anyhow::Result<Bound> {
+/// Binds `workers` sockets on each port; `acceptors` come from
+/// [`crate::preflight::gateway`].
+pub fn bind(cfg: &Config, workers: usize, acceptors: Acceptors) -> anyhow::Result<Bound> {
     let g = &cfg.gateway;
-    let acceptors = load_acceptors(cfg)?;
     let addr = crate::net::resolve(&g.host, g.port)
         .with_context(|| format!("gateway.host `{}`", g.host))?;
     let (addr, public) = crate::net::bind_workers(addr, workers)

@@ -261,7 +261,10 @@ where
                 String::from_utf8_lossy(raw_path).into_owned(),
             ))
         } else if head.upgrade && is_websocket_upgrade(head, head_buf) {
-            Some(ProxyError::UpgradeRefused)
+            Some(ProxyError::upgrade_refused(
+                &ctx.settings.tunnel_path,
+                self.accepts == Accepts::Requests,
+            ))
         } else {
             None
         };
@@ -351,6 +354,7 @@ where
             }
             Err((e, body_read)) => {
                 let reply = error_reply(&e);
+                ex.failed(&e, reply.status);
                 let close = reply.close || (!body_read && has_body(head)) || !keep_alive;
                 let (raw_path, _) = split_target(&head_buf[head.target.clone()]);
                 let path = String::from_utf8_lossy(raw_path);

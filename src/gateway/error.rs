@@ -1,5 +1,11 @@
 //! Why a proxied request failed, and the **one** function that turns a
 //! failure into the status the client sees (DESIGN.md, status table).
+//!
+//! What the client reads is not what the log reads. A 4xx body says what
+//! was wrong with the client's own request; a 5xx body says only which
+//! kind of failure it was, in words fixed per status ([`public_message`]):
+//! the detail (an upstream address, an OS error, a host name, an identity)
+//! is for the gateway's log and access log, never for the public.
 
 use std::fmt::Write as _;
 
@@ -30,8 +36,10 @@ pub enum ProxyError {
     NoTunnel(String),
     #[error("tunnel in-flight limit reached ({0})")]
     TunnelBusy(usize),
-    #[error("upgrade requests are not supported on this path")]
-    UpgradeRefused,
+    /// `Upgrade: websocket` where no tunnel is opened: a public client's
+    /// WebSocket, or a receiver dialling the wrong path or port.
+    #[error("{}", upgrade_refused_message(.0))]
+    UpgradeRefused(TunnelHint),
     #[error("receiver reported an error: {0}")]
     Receiver(String),
     #[error("tunnel closed before the response arrived")]
@@ -40,6 +48,43 @@ pub enum ProxyError {
     BadResponse(String),
     #[error("no response within timeout")]
     Timeout,
+}
+
+/// Where tunnels are opened, for the refusal of an upgrade elsewhere: a
+/// receiver that dials the wrong path learns the right one (it is no
+/// secret: every receiver is configured with it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TunnelHint {
+    /// On this port, at this path (`tunnel_path`).
+    Path(String),
+    /// Not on this port: on the gateway's `tunnel_port`, at this path.
+    TunnelPort(String),
+}
+
+impl ProxyError {
+    /// The refusal of a WebSocket upgrade that opens no tunnel here:
+    /// `elsewhere` when this port takes no tunnels at all (`tunnel_port`
+    /// is set), else the path was not `tunnel_path`.
+    pub fn upgrade_refused(tunnel_path: &str, elsewhere: bool) -> ProxyError {
+        let p = tunnel_path.to_owned();
+        ProxyError::UpgradeRefused(if elsewhere {
+            TunnelHint::TunnelPort(p)
+        } else {
+            TunnelHint::Path(p)
+        })
+    }
+}
+
+fn upgrade_refused_message(hint: &TunnelHint) -> String {
+    match hint {
+        TunnelHint::Path(p) => {
+            format!("upgrade requests are not supported on this path; tunnels are opened on {p}")
+        }
+        TunnelHint::TunnelPort(p) => format!(
+            "upgrade requests are not supported on this port; tunnels are opened on {p} at the \
+             gateway's tunnel port"
+        ),
+    }
 }
 
 /// What the client is told about a [`ProxyError`].
@@ -63,7 +108,7 @@ pub fn error_reply(err: &ProxyError) -> ErrorReply {
         ProxyError::BodyTooLarge(_) => (413, None, true),
         ProxyError::NoTunnel(_) => (503, Some(5), false),
         ProxyError::TunnelBusy(_) => (503, Some(1), false),
-        ProxyError::UpgradeRefused => (501, None, true),
+        ProxyError::UpgradeRefused(_) => (501, None, true),
         ProxyError::Receiver(_) | ProxyError::TunnelClosed | ProxyError::BadResponse(_) => {
             (502, None, false)
         }
@@ -71,7 +116,11 @@ pub fn error_reply(err: &ProxyError) -> ErrorReply {
     };
     let mut body = String::with_capacity(96);
     let _ = write!(body, "{{\"error\":{},", json_str(error_kind(err)));
-    let _ = write!(body, "\"message\":{}", json_str(&err.to_string()));
+    let _ = write!(
+        body,
+        "\"message\":{}",
+        json_str(&public_message(err, status))
+    );
     if let ProxyError::NoRoute(p) = err {
         let _ = write!(body, ",\"path\":{}", json_str(p));
     }
@@ -84,6 +133,23 @@ pub fn error_reply(err: &ProxyError) -> ErrorReply {
     }
 }
 
+/// The body's `message`: a 4xx (or the 501 refusal) describes the
+/// client's own request; a 5xx is one fixed sentence per status, since its
+/// [`ProxyError`] may carry what the receiver reported (`cannot connect to
+/// upstream 10.0.0.5:8001: Connection refused (os error 111)`) or an
+/// identity's name. The full error is logged by the caller
+/// (`gateway/conn.rs`: `request failed`, and the access log's `error`).
+pub fn public_message(err: &ProxyError, status: u16) -> std::borrow::Cow<'static, str> {
+    match status {
+        502 => "the service behind this route did not answer".into(),
+        503 => {
+            "the service behind this route is not available at the moment; try again later".into()
+        }
+        504 => "the service behind this route did not answer in time".into(),
+        _ => err.to_string().into(),
+    }
+}
+
 /// A short, stable name for logs, metrics and the JSON body.
 pub fn error_kind(err: &ProxyError) -> &'static str {
     match err {
@@ -93,7 +159,7 @@ pub fn error_kind(err: &ProxyError) -> &'static str {
         ProxyError::BodyTooLarge(_) => "body_too_large",
         ProxyError::NoTunnel(_) => "no_tunnel",
         ProxyError::TunnelBusy(_) => "tunnel_busy",
-        ProxyError::UpgradeRefused => "upgrade_refused",
+        ProxyError::UpgradeRefused(_) => "upgrade_refused",
         ProxyError::Receiver(_) => "receiver_error",
         ProxyError::TunnelClosed => "tunnel_closed",
         ProxyError::BadResponse(_) => "bad_response",
@@ -133,5 +199,43 @@ mod tests {
         let r = error_reply(&ProxyError::NoRoute("/nope/\"x".into()));
         let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(v["path"], "/nope/\"x");
+    }
+
+    #[test]
+    fn server_side_failures_tell_the_client_nothing_internal() {
+        let detail = "cannot connect to upstream 10.0.0.5:8001: Connection refused (os error 111)";
+        for e in [
+            ProxyError::Receiver(detail.into()),
+            ProxyError::BadResponse(format!("{detail} from app.internal.example")),
+            ProxyError::NoTunnel("did:wba:internal.example:alice".into()),
+            ProxyError::TunnelBusy(4096),
+            ProxyError::TunnelClosed,
+            ProxyError::Timeout,
+        ] {
+            let r = error_reply(&e);
+            assert!(r.status >= 500, "{e}");
+            let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+            // The shape stays: a kind and a sentence.
+            assert_eq!(v["error"], error_kind(&e));
+            let m = v["message"].as_str().unwrap();
+            assert!(m.starts_with("the service behind this route"), "{m}");
+            for leak in ["10.0.0.5", "os error", "internal.example", "alice", "4096"] {
+                assert!(!r.body.contains(leak), "{e}: {}", r.body);
+            }
+        }
+        // A client error still says what was wrong with the request.
+        let r = error_reply(&ProxyError::BodyTooLarge(10));
+        assert!(r.body.contains("max_body_size"), "{}", r.body);
+    }
+
+    #[test]
+    fn a_refused_upgrade_names_where_tunnels_are_opened() {
+        let r = error_reply(&ProxyError::UpgradeRefused(TunnelHint::Path("/ws".into())));
+        assert_eq!(r.status, 501);
+        assert!(r.body.contains("tunnels are opened on /ws"), "{}", r.body);
+        let r = error_reply(&ProxyError::UpgradeRefused(TunnelHint::TunnelPort(
+            "/ws".into(),
+        )));
+        assert!(r.body.contains("tunnel port"), "{}", r.body);
     }
 }

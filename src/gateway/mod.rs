@@ -52,7 +52,12 @@ pub struct Started {
 pub fn start(cfg: Config) -> anyhow::Result<Started> {
     let cfg = Arc::new(cfg);
     let workers = cfg.gateway_workers();
-    let bound = accept::bind(&cfg, workers)?;
+    // Files and URLs, exactly as `anp-proxy check` checks them.
+    let plan = crate::preflight::gateway(&cfg)?;
+    for w in &plan.warnings {
+        tracing::warn!("{w}");
+    }
+    let bound = accept::bind(&cfg, workers, plan.acceptors)?;
     let addr = bound.addr;
     // The registry is read here, before any runtime starts (blocking), then
     // by its poller thread; never on a core.
@@ -276,9 +281,9 @@ fn reload(shared: &Shared, path: &std::path::Path) {
         Ok(c) => Arc::new(c),
         Err(e) => return failed(e.to_string()),
     };
-    let acceptors = match accept::load_acceptors(&cfg) {
-        Ok(a) => a,
-        Err(e) => return failed(format!("{e:#}")),
+    let acceptors = match crate::preflight::gateway(&cfg) {
+        Ok(plan) => plan.acceptors,
+        Err(e) => return failed(e.to_string()),
     };
     // The listeners stay as started: a file under which one of them would
     // speak TLS or not differently (including a tunnel port that shares

@@ -54,11 +54,24 @@ pub struct Exchange<'a> {
     pub bytes_in: u64,
     /// Response bytes written.
     pub bytes_out: u64,
+    /// The full reason of a failure whose reply to the client is generic
+    /// (5xx), for the access log's `error`.
+    pub error: Option<String>,
 }
 
 impl Exchange<'_> {
     pub fn set_route(&mut self, route: &Route) {
         self.route = Some(self.obs.metrics.slot(route));
+    }
+
+    /// The request failed with `err`, answered `status`: keeps the detail
+    /// for the access log when the client's reply does not carry it (a
+    /// 5xx; a 4xx body says it already). Allocates, on the failure path
+    /// only, and only when the access log is on.
+    pub fn failed(&mut self, err: &super::error::ProxyError, status: u16) {
+        if self.obs.access.is_some() && status >= 500 {
+            self.error = Some(err.to_string());
+        }
     }
 }
 
@@ -94,6 +107,7 @@ impl CoreObs {
             request_id: None,
             bytes_in: head_len as u64,
             bytes_out: 0,
+            error: None,
         }
     }
 
@@ -113,8 +127,8 @@ impl CoreObs {
             ex.route,
             ex.request_id,
             status,
-            ex.bytes_in,
-            ex.bytes_out,
+            (ex.bytes_in, ex.bytes_out),
+            ex.error.as_deref(),
         );
     }
 
@@ -128,7 +142,16 @@ impl CoreObs {
         bytes_in: u64,
         bytes_out: u64,
     ) {
-        self.record(started, peer, None, None, None, status, bytes_in, bytes_out);
+        self.record(
+            started,
+            peer,
+            None,
+            None,
+            None,
+            status,
+            (bytes_in, bytes_out),
+            None,
+        );
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -140,8 +163,8 @@ impl CoreObs {
         route: Option<u32>,
         request_id: Option<u64>,
         status: u16,
-        bytes_in: u64,
-        bytes_out: u64,
+        (bytes_in, bytes_out): (u64, u64),
+        error: Option<&str>,
     ) {
         let took = started.elapsed();
         self.metrics
@@ -161,6 +184,7 @@ impl CoreObs {
             bytes_in,
             bytes_out,
             duration: took,
+            error,
         };
         match route {
             Some(slot) => self.metrics.with_slot(slot, |p, id| {

@@ -113,37 +113,20 @@ fn instance_id(configured: &str, dir: &std::path::Path) -> String {
 /// Most tunnel slots a receiver starts when the gateway decides.
 const MAX_TUNNELS: usize = 64;
 
+/// Runs the receiver in the foreground, forever (a fatal start error
+/// returns).
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     let r = cfg.receiver.clone();
-    let gateway = url::parse(&r.gateway_url, ("ws", "wss")).context("receiver.gateway_url")?;
-    let upstream = url::parse(&r.upstream, ("http", "https")).context("receiver.upstream")?;
-    // wss://: one client configuration for every core (an Arc), built
-    // before any tunnel so a bad file stops the start with its key named.
-    let tls = if gateway.tls {
-        let cfg = crate::tls::client::client_config(&r, &cfg.base_dir)?;
-        let dialer = crate::tls::client::Dialer::new(cfg, gateway.host_name())
-            .context("receiver.gateway_url: host is not a valid TLS server name")?;
-        Some(dialer)
-    } else {
-        if !r.ca_file.is_empty() || !r.cert_file.is_empty() {
-            tracing::warn!("receiver.ca_file / cert_file are ignored: gateway_url is not wss://");
-        }
-        None
-    };
-    if upstream.tls {
-        anyhow::bail!("receiver.upstream: https:// upstreams are not supported; the app is called over plain HTTP");
+    // URLs, TLS files and the DID key, exactly as `anp-proxy check` checks
+    // them (crate::preflight); a bad one stops the start with its key named.
+    let plan = crate::preflight::receiver(&cfg)?;
+    for w in &plan.warnings {
+        tracing::warn!("{w}");
     }
-    let did = if r.did_document.is_empty() {
-        None
-    } else {
-        let signer = crate::auth::didwba::DidSigner::load(
-            &cfg.base_dir.join(&r.did_document),
-            &cfg.base_dir.join(&r.private_key),
-        )
-        .context("receiver.did_document / receiver.private_key")?;
+    let (gateway, upstream, tls, did) = (plan.gateway, plan.upstream, plan.tls, plan.did);
+    if let Some(signer) = &did {
         tracing::info!(did = signer.did(), scheme = ?r.auth_scheme, "receiver proves its DID on the upgrade");
-        Some(Arc::new(signer))
-    };
+    }
     let instance = instance_id(&r.instance_id, &cfg.base_dir);
     tracing::info!(instance = %instance, "receiver instance");
     let cores = std::thread::available_parallelism()

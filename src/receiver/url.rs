@@ -36,23 +36,24 @@ impl Url {
 #[error("invalid URL `{url}`: {why}")]
 pub struct UrlError {
     pub url: String,
-    pub why: &'static str,
+    pub why: String,
 }
 
 /// Parses `scheme://host[:port][/path]` for the given scheme pair
 /// (plain, secure), e.g. ("ws", "wss") or ("http", "https").
 pub fn parse(url: &str, schemes: (&str, &str)) -> Result<Url, UrlError> {
-    let err = |why| UrlError {
+    let err = |why: &str| UrlError {
         url: url.to_owned(),
-        why,
+        why: why.to_owned(),
     };
-    let (scheme, rest) = url.split_once("://").ok_or(err("missing scheme"))?;
+    let must = format!("must start with {}:// or {}://", schemes.0, schemes.1);
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| err(&must))?;
     let tls = if scheme.eq_ignore_ascii_case(schemes.0) {
         false
     } else if scheme.eq_ignore_ascii_case(schemes.1) {
         true
     } else {
-        return Err(err("unsupported scheme"));
+        return Err(err(&format!("scheme `{scheme}://`: {must}")));
     };
     let (auth, path) = match rest.find(['/', '?']) {
         Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], &rest[i..]),
@@ -68,7 +69,9 @@ pub fn parse(url: &str, schemes: (&str, &str)) -> Result<Url, UrlError> {
         return Err(err("missing or unsupported authority"));
     }
     let (host, port) = if let Some(stripped) = auth.strip_prefix('[') {
-        let end = stripped.find(']').ok_or(err("unclosed IPv6 bracket"))?;
+        let end = stripped
+            .find(']')
+            .ok_or_else(|| err("unclosed IPv6 bracket"))?;
         let host = &auth[..end + 2];
         let after = &stripped[end + 1..];
         let port = match after.strip_prefix(':') {

@@ -43,17 +43,17 @@ pub fn client_config(
         }
     } else {
         for c in load_certs("receiver.ca_file", &base_dir.join(&r.ca_file))? {
-            roots.add(c).map_err(|source| TlsSetupError::Rustls {
+            roots.add(c).map_err(|error| TlsSetupError::Rustls {
                 key: "receiver.ca_file",
-                source,
+                error,
             })?;
         }
     }
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|source| TlsSetupError::Rustls {
+        .map_err(|error| TlsSetupError::Rustls {
             key: "receiver",
-            source,
+            error,
         })?
         .with_root_certificates(roots);
     let mut cfg = if r.cert_file.is_empty() {
@@ -63,9 +63,9 @@ pub fn client_config(
         let key = load_key("receiver.key_file", &base_dir.join(&r.key_file))?;
         builder
             .with_client_auth_cert(certs, key)
-            .map_err(|source| TlsSetupError::Rustls {
+            .map_err(|error| TlsSetupError::Rustls {
                 key: "receiver.key_file",
-                source,
+                error,
             })?
     };
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -94,9 +94,10 @@ impl Dialer {
 
     /// The client handshake on a connected socket.
     pub async fn handshake(&self, tcp: TcpStream) -> Result<GatewayStream, HandshakeError> {
+        let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
         match self.connector.connect(self.server_name.clone(), tcp).await {
             Ok(s) => Ok(GatewayStream::Tls(Box::new(s))),
-            Err(e) => Err(HandshakeError::from_tls(&e)),
+            Err(e) => Err(HandshakeError::from_tls(&e, &peer)),
         }
     }
 }
@@ -113,14 +114,28 @@ pub enum HandshakeError {
     /// the first read).
     #[error("gateway refused our client certificate ({0}); see receiver.cert_file / key_file")]
     ClientCertRefused(String),
+    /// Our ClientHello was answered with something that is not a TLS
+    /// record (a plain HTTP `400`, typically): `wss://` to a port that
+    /// speaks plain TCP.
+    #[error(
+        "the gateway at {0} does not speak TLS on that port (it answered in plain text): \
+         use ws:// for it, or the port where the gateway has [gateway.tls] enabled"
+    )]
+    NotTls(String),
     #[error("TLS handshake with the gateway failed: {0}")]
     Other(String),
 }
 
 impl HandshakeError {
-    fn from_tls(e: &monoio_rustls::TlsError) -> Self {
+    /// `peer`: the address dialled, for the message.
+    fn from_tls(e: &monoio_rustls::TlsError, peer: &str) -> Self {
         match handshake_rustls_error(e) {
             Some(rustls::Error::InvalidCertificate(c)) => Self::Untrusted(format!("{c:?}")),
+            // The first bytes back were not a TLS record header (rustls
+            // reads the content type first: `H` of `HTTP/1.1` is none).
+            Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) => {
+                Self::NotTls(peer.to_owned())
+            }
             Some(r) => Self::from_rustls(r).unwrap_or_else(|| Self::Other(describe(e))),
             None => Self::Other(describe(e)),
         }

@@ -40,16 +40,18 @@ pub enum TlsSetupError {
     },
     #[error("`{key}` {path}: no certificate in the file")]
     NoCertificate { key: &'static str, path: PathBuf },
-    #[error("`{key}`: {source}")]
+    // The rustls errors are fields named `error`, not `source`: thiserror
+    // would make a `source` the cause, and `{:#}` would say it twice.
+    #[error("`{key}`: {error}")]
     Rustls {
         key: &'static str,
-        source: rustls::Error,
+        error: rustls::Error,
     },
-    #[error("`{key}` {path}: {source}")]
+    #[error("`{key}` {path}: {error}")]
     Verifier {
         key: &'static str,
         path: PathBuf,
-        source: rustls::server::VerifierBuilderError,
+        error: rustls::server::VerifierBuilderError,
     },
     #[error("no usable certificate in the system trust store ({0}); set `receiver.ca_file`")]
     NoSystemRoots(String),

@@ -44,9 +44,9 @@ pub fn server_config(
     let key = load_key(keys.key_file, &base_dir.join(&t.key_file))?;
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|source| TlsSetupError::Rustls {
+        .map_err(|error| TlsSetupError::Rustls {
             key: keys.section,
-            source,
+            error,
         })?;
     let builder = match t.verify_mode {
         VerifyMode::None => builder.with_no_client_auth(),
@@ -54,9 +54,9 @@ pub fn server_config(
             let path = base_dir.join(&t.ca_file);
             let mut roots = RootCertStore::empty();
             for c in load_certs(keys.ca_file, &path)? {
-                roots.add(c).map_err(|source| TlsSetupError::Rustls {
+                roots.add(c).map_err(|error| TlsSetupError::Rustls {
                     key: keys.ca_file,
-                    source,
+                    error,
                 })?;
             }
             let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
@@ -65,19 +65,19 @@ pub fn server_config(
             } else {
                 v
             };
-            let verifier = v.build().map_err(|source| TlsSetupError::Verifier {
+            let verifier = v.build().map_err(|error| TlsSetupError::Verifier {
                 key: keys.ca_file,
                 path,
-                source,
+                error,
             })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
     let mut cfg = builder
         .with_single_cert(certs, key)
-        .map_err(|source| TlsSetupError::Rustls {
+        .map_err(|error| TlsSetupError::Rustls {
             key: keys.key_file,
-            source,
+            error,
         })?;
     // Only HTTP/1.1 (and WebSocket over it) is spoken here; a client that
     // offers ALPN without it is refused in the handshake, not misparsed.

@@ -406,6 +406,15 @@ impl Proc {
         }
     }
 
+    /// Waits for a stderr (log) line satisfying `pred` (past the log
+    /// lines already waited over).
+    pub fn wait_log_where(&mut self, what: &str, pred: impl FnMut(&str) -> bool) -> String {
+        match self.stderr.wait(&mut self.stderr_next, START_WAIT, pred) {
+            Ok(line) => line,
+            Err((seen, ended)) => self.missed(what, "stderr", seen, ended),
+        }
+    }
+
     fn missed(&mut self, what: &str, pipe: &str, seen: Vec<String>, ended: bool) -> ! {
         let seen = seen[seen.len().saturating_sub(20)..].join("\n  ");
         if ended {
@@ -733,5 +742,69 @@ impl Relay {
                     "relay: expected the gateway to answer a tunnel attempt within {START_WAIT:?}"
                 )
             })
+    }
+}
+
+/// What a command that runs to its end printed.
+pub struct Finished {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `anp-proxy SUBCOMMAND --config CONFIG FLAGS…` (in CONFIG's
+/// directory) to its end: a command that should stop by itself (`check`,
+/// or a start that must fail). Panics if it is still running after
+/// [`START_WAIT`] (it is killed): e.g. a start that should have failed and
+/// serves instead.
+pub fn run_to_end(subcommand: &str, flags: &[&str], config: &std::path::Path) -> Finished {
+    use std::io::Read;
+    let mut child = Command::new(binary())
+        .arg(subcommand)
+        .arg("--config")
+        .arg(config)
+        .args(flags)
+        .current_dir(config.parent().unwrap())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("expected to spawn {} {subcommand}: {e}", binary()));
+    let (tx, rx) = mpsc::channel::<(bool, String)>();
+    for (is_out, mut pipe) in [
+        (
+            true,
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        ),
+        (false, Box::new(child.stderr.take().unwrap())),
+    ] {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            let _ = tx.send((is_out, text));
+        });
+    }
+    let (mut stdout, mut stderr) = (None, None);
+    let deadline = Instant::now() + START_WAIT;
+    while stdout.is_none() || stderr.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((true, t)) => stdout = Some(t),
+            Ok((false, t)) => stderr = Some(t),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("`anp-proxy {subcommand} {flags:?}` still running after {START_WAIT:?}; expected it to stop by itself");
+            }
+        }
+    }
+    let status = child.wait().expect("wait for the child");
+    let (stdout, stderr) = (stdout.unwrap(), stderr.unwrap());
+    eprintln!("anp-proxy {subcommand} {flags:?}: {status}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    Finished {
+        status,
+        stdout,
+        stderr,
     }
 }
