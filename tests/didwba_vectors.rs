@@ -258,8 +258,8 @@ fn spoiled_proofs_are_refused_with_their_reason() {
         let e = Verifier::new(cfg)
             .precheck(&req, c.ts, &|_| true)
             .unwrap_err();
+        // Its status (401) is the error plane's: gateway/error.rs tests.
         assert_eq!(e.reason(), "service_domain_mismatch", "{n}");
-        assert_eq!(e.status(), 401, "{n}");
     }
 }
 

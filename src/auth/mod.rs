@@ -60,16 +60,6 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    /// 401 for a missing or bad proof, 403 for a valid identity that may
-    /// not attach.
-    pub fn status(&self) -> u16 {
-        match self {
-            AuthError::NoRoutes(_) => 403,
-            AuthError::Did(e) => e.status(),
-            _ => 401,
-        }
-    }
-
     /// The identity is proven (or its proof not yet checked) but owns no
     /// route: worth asking the registry again before refusing.
     pub fn is_no_routes(&self) -> bool {

@@ -48,7 +48,7 @@ pub(super) async fn read_more<S: AsyncReadRent>(
 }
 
 /// One read of request-body bytes under the body's pace: 408
-/// (`BodyTimeout`) when it stalls, 400 when the client leaves mid-body.
+/// (`BodyTimeout`) when it stalls, `ClientGone` when the client leaves.
 pub(super) async fn read_paced<S: AsyncReadRent>(
     io: &mut S,
     buf: &mut BytesMut,
@@ -61,7 +61,7 @@ pub(super) async fn read_paced<S: AsyncReadRent>(
             pace.add(buf.len() - before);
             Ok(())
         }
-        ReadOutcome::Eof => Err(ProxyError::BadRequest("client went away mid-body")),
+        ReadOutcome::Eof => Err(ProxyError::ClientGone("mid-body")),
         ReadOutcome::TimedOut => Err(ProxyError::BodyTimeout(
             limit.map_or(Stall::Gap, |(_, why)| why),
         )),

@@ -13,7 +13,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, Splitable};
 
 use super::body::{read_more, BodyReader, ReadOutcome};
 use super::core::{Busy, CoreCtx, ProxyRequest};
-use super::error::{error_kind, error_reply, ProxyError};
+use super::error::{error_kind, error_reply, ProxyError, UpgradeError};
 use super::forward::build_request_meta;
 use super::head::{HeadClock, HeadLimits, HeadTimeout};
 use super::observe::Exchange;
@@ -192,16 +192,8 @@ where
             HeadTimeout::Upgrade => {
                 self.ctx.shared.upgrades.note_timeout();
                 tracing::warn!(%peer, reason = "handshake_timeout", "tunnel upgrade refused: head not complete within handshake_timeout");
-                let msg = "upgrade head not complete in time";
-                refuse(
-                    &mut self.io,
-                    &mut self.out,
-                    408,
-                    "handshake_timeout",
-                    msg,
-                    None,
-                )
-                .await;
+                let err = ProxyError::Upgrade(UpgradeError::HeadTimeout);
+                refuse(&mut self.io, &mut self.out, &err).await;
             }
             HeadTimeout::Request => self.refuse_head(ProxyError::HeadTimeout, began).await,
         }
@@ -352,16 +344,24 @@ where
                 .await;
                 (ok, status)
             }
+            Err((ProxyError::ClientGone(when), _)) => {
+                // Nobody to answer: logged as that, not as a refusal.
+                let e = ProxyError::ClientGone(when);
+                tracing::info!(%peer, error = %e, side = e.side().as_str(), "client went away");
+                ex.failed(&e, 499);
+                (false, 499)
+            }
             Err((e, body_read)) => {
                 let reply = error_reply(&e);
                 ex.failed(&e, reply.status);
                 let close = reply.close || (!body_read && has_body(head)) || !keep_alive;
                 let (raw_path, _) = split_target(&head_buf[head.target.clone()]);
                 let path = String::from_utf8_lossy(raw_path);
+                let side = e.side().as_str();
                 if reply.status >= 500 {
-                    tracing::warn!(%peer, %path, error = %e, kind = error_kind(&e), status = reply.status, "request failed");
+                    tracing::warn!(%peer, %path, error = %e, kind = error_kind(&e), side, status = reply.status, "request failed");
                 } else {
-                    tracing::info!(%peer, %path, error = %e, kind = error_kind(&e), status = reply.status, "request refused");
+                    tracing::info!(%peer, %path, error = %e, kind = error_kind(&e), side, status = reply.status, "request refused");
                 }
                 let w = write_error(&mut self.io, &mut self.out, &e, is_head, close).await;
                 ex.bytes_out += w.bytes;
@@ -447,7 +447,10 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
         out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
         ex.bytes_out += out.len() as u64;
         if !write_out(io, out).await {
-            return Err((ProxyError::BadRequest("client went away"), false));
+            return Err((
+                ProxyError::ClientGone("before 100 Continue was written"),
+                false,
+            ));
         }
     }
     // A `stream` tunnel on this core: the body goes up as it arrives.

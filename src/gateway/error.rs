@@ -48,6 +48,73 @@ pub enum ProxyError {
     BadResponse(String),
     #[error("no response within timeout")]
     Timeout,
+    /// The client went away (mid-body, or before its answer): nothing is
+    /// written; logged as that (status 499 in the access log, never 400).
+    #[error("client went away: {0}")]
+    ClientGone(&'static str),
+    /// A tunnel upgrade refused: authentication, caps, handshake.
+    #[error(transparent)]
+    Upgrade(#[from] UpgradeError),
+}
+
+/// Why a tunnel upgrade was refused. The statuses are decided in
+/// [`error_reply`] like every other.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpgradeError {
+    /// Token or DID-WBA proof refused, or the identity owns no route.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
+    /// Too many unanswered upgrades (per IP or in all); `retry`: seconds.
+    #[error("{0}")]
+    Pending(super::upgrades::UpgradeRefusal, u32),
+    #[error("upgrade not authenticated in time")]
+    HandshakeTimeout,
+    #[error("upgrade head not complete in time")]
+    HeadTimeout,
+    #[error("another receiver instance is connected for this identity")]
+    DuplicateInstance,
+    #[error("X-ANPX-Instance must be 1 to 64 of A-Z a-z 0-9 . _ -")]
+    BadInstance,
+    #[error("{0}")]
+    BadHandshake(String),
+}
+
+impl UpgradeError {
+    /// The stable reason name (JSON `error`, logs, `/metrics`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            UpgradeError::Auth(e) => e.reason(),
+            UpgradeError::Pending(r, _) => r.reason(),
+            UpgradeError::HandshakeTimeout | UpgradeError::HeadTimeout => "handshake_timeout",
+            UpgradeError::DuplicateInstance => "duplicate_instance",
+            UpgradeError::BadInstance => "bad_instance",
+            UpgradeError::BadHandshake(_) => "bad_handshake",
+        }
+    }
+}
+
+/// Which side of the proxy a failure came from (logs and the access log):
+/// the public client, the gateway itself, a tunnel (its WebSocket or its
+/// peer's protocol), the receiver, or the app behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Gateway,
+    Tunnel,
+    Receiver,
+    App,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Gateway => "gateway",
+            Side::Tunnel => "tunnel",
+            Side::Receiver => "receiver",
+            Side::App => "app",
+        }
+    }
 }
 
 /// Where tunnels are opened, for the refusal of an upgrade elsewhere: a
@@ -98,9 +165,32 @@ pub struct ErrorReply {
     pub close: bool,
 }
 
+/// The status a refused tunnel upgrade gets (the refusal closes).
+fn upgrade_status(e: &UpgradeError) -> (u16, Option<u32>) {
+    use super::upgrades::UpgradeRefusal;
+    use crate::auth::didwba::DidAuthError;
+    use crate::auth::AuthError;
+    match e {
+        UpgradeError::Auth(AuthError::NoRoutes(_))
+        | UpgradeError::Auth(AuthError::Did(DidAuthError::NoRoutes(_))) => (403, None),
+        UpgradeError::Auth(AuthError::Did(DidAuthError::NonceCacheFull)) => (503, Some(1)),
+        UpgradeError::Auth(_) => (401, None),
+        UpgradeError::Pending(UpgradeRefusal::PerIp(_), retry) => (429, Some(*retry)),
+        UpgradeError::Pending(UpgradeRefusal::Global(_), retry) => (503, Some(*retry)),
+        UpgradeError::HandshakeTimeout | UpgradeError::HeadTimeout => (408, None),
+        UpgradeError::DuplicateInstance => (409, None),
+        UpgradeError::BadInstance | UpgradeError::BadHandshake(_) => (400, None),
+    }
+}
+
 /// The one mapping from failures to statuses.
 pub fn error_reply(err: &ProxyError) -> ErrorReply {
     let (status, retry_after, close) = match err {
+        ProxyError::ClientGone(_) => (499, None, true),
+        ProxyError::Upgrade(u) => {
+            let (status, retry) = upgrade_status(u);
+            (status, retry, true)
+        }
         ProxyError::Head(h) => (h.status(), None, true),
         ProxyError::BadRequest(_) => (400, None, true),
         ProxyError::HeadTimeout | ProxyError::BodyTimeout(_) => (408, None, true),
@@ -140,6 +230,10 @@ pub fn error_reply(err: &ProxyError) -> ErrorReply {
 /// identity's name. The full error is logged by the caller
 /// (`gateway/conn.rs`: `request failed`, and the access log's `error`).
 pub fn public_message(err: &ProxyError, status: u16) -> std::borrow::Cow<'static, str> {
+    if let ProxyError::Upgrade(u) = err {
+        // Told to the receiver that asked, about its own upgrade.
+        return u.to_string().into();
+    }
     match status {
         502 => "the service behind this route did not answer".into(),
         503 => {
@@ -153,7 +247,15 @@ pub fn public_message(err: &ProxyError, status: u16) -> std::borrow::Cow<'static
 /// A short, stable name for logs, metrics and the JSON body.
 pub fn error_kind(err: &ProxyError) -> &'static str {
     match err {
-        ProxyError::Head(_) | ProxyError::BadRequest(_) => "bad_request",
+        ProxyError::Head(h) => match h.status() {
+            414 => "uri_too_long",
+            431 => "header_fields_too_large",
+            501 => "not_implemented",
+            _ => "bad_request",
+        },
+        ProxyError::BadRequest(_) => "bad_request",
+        ProxyError::ClientGone(_) => "client_gone",
+        ProxyError::Upgrade(u) => u.reason(),
         ProxyError::HeadTimeout | ProxyError::BodyTimeout(_) => "request_timeout",
         ProxyError::NoRoute(_) => "no_route",
         ProxyError::BodyTooLarge(_) => "body_too_large",
@@ -167,6 +269,33 @@ pub fn error_kind(err: &ProxyError) -> &'static str {
     }
 }
 
+impl ProxyError {
+    /// Which side failed.
+    pub fn side(&self) -> Side {
+        match self {
+            ProxyError::Head(_)
+            | ProxyError::BadRequest(_)
+            | ProxyError::HeadTimeout
+            | ProxyError::BodyTimeout(_)
+            | ProxyError::BodyTooLarge(_)
+            | ProxyError::NoRoute(_)
+            | ProxyError::UpgradeRefused(_)
+            | ProxyError::ClientGone(_) => Side::Client,
+            ProxyError::TunnelBusy(_) => Side::Gateway,
+            ProxyError::NoTunnel(_) | ProxyError::TunnelClosed => Side::Tunnel,
+            ProxyError::BadResponse(_) | ProxyError::Timeout => Side::Receiver,
+            // What the receiver reports is the app's failure (cannot
+            // connect, bad response, timeout upstream).
+            ProxyError::Receiver(_) => Side::App,
+            ProxyError::Upgrade(UpgradeError::Pending(_, _)) => Side::Gateway,
+            ProxyError::Upgrade(UpgradeError::Auth(crate::auth::AuthError::Did(
+                crate::auth::didwba::DidAuthError::NonceCacheFull,
+            ))) => Side::Gateway,
+            ProxyError::Upgrade(_) => Side::Receiver,
+        }
+    }
+}
+
 fn json_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
@@ -174,6 +303,167 @@ fn json_str(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every variant: its status, kind, side, and whether the reply closes.
+    #[test]
+    fn the_error_plane_table() {
+        use super::super::upgrades::UpgradeRefusal;
+        use crate::auth::didwba::DidAuthError;
+        use crate::auth::AuthError;
+        use crate::http::HeadError;
+        let up = |u| ProxyError::Upgrade(u);
+        let rows: Vec<(ProxyError, u16, &str, Side)> = vec![
+            (
+                ProxyError::Head(HeadError::UriTooLong),
+                414,
+                "uri_too_long",
+                Side::Client,
+            ),
+            (
+                ProxyError::BadRequest("x"),
+                400,
+                "bad_request",
+                Side::Client,
+            ),
+            (
+                ProxyError::ClientGone("mid-body"),
+                499,
+                "client_gone",
+                Side::Client,
+            ),
+            (
+                ProxyError::HeadTimeout,
+                408,
+                "request_timeout",
+                Side::Client,
+            ),
+            (
+                ProxyError::BodyTimeout(super::super::pace::Stall::Rate),
+                408,
+                "request_timeout",
+                Side::Client,
+            ),
+            (
+                ProxyError::NoRoute("/x".into()),
+                404,
+                "no_route",
+                Side::Client,
+            ),
+            (
+                ProxyError::BodyTooLarge(1),
+                413,
+                "body_too_large",
+                Side::Client,
+            ),
+            (
+                ProxyError::upgrade_refused("/ws", false),
+                501,
+                "upgrade_refused",
+                Side::Client,
+            ),
+            (
+                ProxyError::NoTunnel("a".into()),
+                503,
+                "no_tunnel",
+                Side::Tunnel,
+            ),
+            (ProxyError::TunnelBusy(1), 503, "tunnel_busy", Side::Gateway),
+            (ProxyError::TunnelClosed, 502, "tunnel_closed", Side::Tunnel),
+            (
+                ProxyError::Receiver("boom".into()),
+                502,
+                "receiver_error",
+                Side::App,
+            ),
+            (
+                ProxyError::BadResponse("x".into()),
+                502,
+                "bad_response",
+                Side::Receiver,
+            ),
+            (ProxyError::Timeout, 504, "timeout", Side::Receiver),
+            (
+                up(UpgradeError::Auth(AuthError::UnknownToken)),
+                401,
+                "unknown_token",
+                Side::Receiver,
+            ),
+            (
+                up(UpgradeError::Auth(AuthError::Did(
+                    DidAuthError::ServiceDomain("x".into()),
+                ))),
+                401,
+                "service_domain_mismatch",
+                Side::Receiver,
+            ),
+            (
+                up(UpgradeError::Auth(AuthError::NoRoutes("a".into()))),
+                403,
+                "no_routes",
+                Side::Receiver,
+            ),
+            (
+                up(UpgradeError::Auth(AuthError::Did(
+                    DidAuthError::NonceCacheFull,
+                ))),
+                503,
+                "nonce_cache_full",
+                Side::Gateway,
+            ),
+            (
+                up(UpgradeError::Pending(UpgradeRefusal::PerIp(3), 10)),
+                429,
+                "pending_upgrades_per_ip",
+                Side::Gateway,
+            ),
+            (
+                up(UpgradeError::Pending(UpgradeRefusal::Global(3), 10)),
+                503,
+                "pending_upgrades",
+                Side::Gateway,
+            ),
+            (
+                up(UpgradeError::HandshakeTimeout),
+                408,
+                "handshake_timeout",
+                Side::Receiver,
+            ),
+            (
+                up(UpgradeError::DuplicateInstance),
+                409,
+                "duplicate_instance",
+                Side::Receiver,
+            ),
+            (
+                up(UpgradeError::BadInstance),
+                400,
+                "bad_instance",
+                Side::Receiver,
+            ),
+            (
+                up(UpgradeError::BadHandshake("x".into())),
+                400,
+                "bad_handshake",
+                Side::Receiver,
+            ),
+        ];
+        for (e, status, kind, side) in rows {
+            let r = error_reply(&e);
+            assert_eq!(
+                (r.status, error_kind(&e), e.side()),
+                (status, kind, side),
+                "{e}"
+            );
+            let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+            assert_eq!(v["error"], kind, "{e}");
+            if matches!(e, ProxyError::Upgrade(_) | ProxyError::ClientGone(_)) {
+                assert!(r.close, "{e}: an upgrade refusal closes");
+            }
+            if matches!(e, ProxyError::Upgrade(UpgradeError::Pending(..))) {
+                assert_eq!(r.retry_after, Some(10), "{e}");
+            }
+        }
+    }
 
     #[test]
     fn status_table() {

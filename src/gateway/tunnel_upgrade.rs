@@ -13,13 +13,14 @@ use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Splitable};
 
 use super::core::{CoreCtx, CoreMsg, TunnelHandoff, TunnelOwner};
+use super::error::{error_reply, ProxyError, UpgradeError};
 use super::instances::Placement;
-use super::respond::{push_header_num, write_out};
+use super::respond::write_error;
 use super::tunnel::run_tunnel;
 use super::upgrades::UpgradeSlot;
 use crate::auth::UpgradeRequest;
 use crate::config::DuplicateTunnels;
-use crate::http::{self, RequestHead};
+use crate::http::RequestHead;
 use crate::net::Movable;
 use crate::protocol::features::{
     valid_instance, Features, FEATURES_HEADER, INSTANCE_HEADER, TUNNELS_HEADER,
@@ -41,19 +42,13 @@ pub(super) async fn upgrade_slot<S: AsyncWriteRent>(
     match ctx.shared.upgrades.try_acquire(peer.ip()) {
         Ok(s) => Some(s),
         Err(e) => {
-            tracing::warn!(%peer, reason = e.reason(), error = %e, status = e.status(), "tunnel upgrade refused");
-            let retry = ctx.shared.config.gateway.handshake_timeout.ceil().max(1.0) as u64;
-            refuse(io, out, e.status(), e.reason(), &e.to_string(), Some(retry)).await;
+            let retry = ctx.shared.config.gateway.handshake_timeout.ceil().max(1.0) as u32;
+            let err = ProxyError::Upgrade(UpgradeError::Pending(e, retry));
+            tracing::warn!(%peer, reason = e.reason(), error = %e, status = error_reply(&err).status, "tunnel upgrade refused");
+            refuse(io, out, &err).await;
             None
         }
     }
-}
-
-/// A refusal decided while authenticating an upgrade (already logged).
-struct Refused {
-    status: u16,
-    reason: &'static str,
-    message: String,
 }
 
 /// What authentication decided for an upgrade.
@@ -101,17 +96,17 @@ pub(super) async fn accept_tunnel<S>(
         instance,
     } = match decided {
         Ok(Ok(a)) => a,
-        Ok(Err(r)) => {
-            ctx.shared.obs.auth_failures.record(r.reason);
-            refuse(&mut io, &mut out, r.status, r.reason, &r.message, None).await;
+        Ok(Err(e)) => {
+            ctx.shared.obs.auth_failures.record(e.reason());
+            refuse(&mut io, &mut out, &ProxyError::Upgrade(e)).await;
             return;
         }
         Err(_) => {
             ctx.shared.upgrades.note_timeout();
             ctx.shared.obs.auth_failures.record("handshake_timeout");
             tracing::warn!(%peer, reason = "handshake_timeout", "tunnel upgrade refused: not authenticated within handshake_timeout");
-            let msg = "upgrade not authenticated in time";
-            refuse(&mut io, &mut out, 408, "handshake_timeout", msg, None).await;
+            let err = ProxyError::Upgrade(UpgradeError::HandshakeTimeout);
+            refuse(&mut io, &mut out, &err).await;
             return;
         }
     };
@@ -132,8 +127,8 @@ pub(super) async fn accept_tunnel<S>(
             ctx.shared.obs.auth_failures.record("duplicate_instance");
             tracing::warn!(%peer, identity = %owner.identity, instance = %owner.instance, connected = ?others,
                 reason = "duplicate_instance", "tunnel upgrade refused: another receiver instance holds this identity's tunnels (duplicate_tunnels = refuse)");
-            let msg = "another receiver instance is connected for this identity";
-            refuse(&mut io, &mut out, 409, "duplicate_instance", msg, None).await;
+            let err = ProxyError::Upgrade(UpgradeError::DuplicateInstance);
+            refuse(&mut io, &mut out, &err).await;
             return;
         }
     };
@@ -198,7 +193,7 @@ async fn authenticate_upgrade(
     head_buf: &Bytes,
     peer: SocketAddr,
     tls: bool,
-) -> Result<Accepted, Refused> {
+) -> Result<Accepted, UpgradeError> {
     let headers: Vec<(&str, &[u8])> = head
         .headers
         .iter()
@@ -220,11 +215,7 @@ async fn authenticate_upgrade(
         Ok(a) => a,
         Err(e) => {
             tracing::info!(%peer, error = %e, "tunnel upgrade refused: bad handshake");
-            return Err(Refused {
-                status: 400,
-                reason: "bad_handshake",
-                message: e.to_string(),
-            });
+            return Err(UpgradeError::BadHandshake(e.to_string()));
         }
     };
     let req = UpgradeRequest {
@@ -251,11 +242,7 @@ async fn authenticate_upgrade(
     };
     let refused = |e: crate::auth::AuthError| {
         tracing::warn!(%peer, reason = e.reason(), error = %e, "tunnel upgrade refused");
-        Refused {
-            status: e.status(),
-            reason: e.reason(),
-            message: e.to_string(),
-        }
+        UpgradeError::Auth(e)
     };
     let identity = identity.map_err(refused)?;
     let owned =
@@ -274,11 +261,7 @@ async fn authenticate_upgrade(
         Some(v) if valid_instance(v) => String::from_utf8_lossy(v).into_owned(),
         Some(_) => {
             tracing::warn!(%peer, reason = "bad_instance", "tunnel upgrade refused: invalid X-ANPX-Instance");
-            return Err(Refused {
-                status: 400,
-                reason: "bad_instance",
-                message: "X-ANPX-Instance must be 1 to 64 of A-Z a-z 0-9 . _ -".into(),
-            });
+            return Err(UpgradeError::BadInstance);
         }
     };
     Ok(Accepted {
@@ -289,24 +272,9 @@ async fn authenticate_upgrade(
     })
 }
 
-pub(super) async fn refuse<S: AsyncWriteRent>(
-    io: &mut S,
-    out: &mut Vec<u8>,
-    status: u16,
-    reason: &str,
-    message: &str,
-    retry_after: Option<u64>,
-) {
-    let body = serde_json::json!({ "error": reason, "message": message }).to_string();
-    out.clear();
-    http::headers::write_status_line(out, status, http::headers::reason_phrase(status));
-    out.extend_from_slice(b"content-type: application/json\r\nconnection: close\r\n");
-    push_header_num(out, "content-length", body.len());
-    if let Some(s) = retry_after {
-        push_header_num(out, "retry-after", s as usize);
-    }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body.as_bytes());
-    write_out(io, out).await;
+/// Answers a refused upgrade (status from [`error_reply`], the one map)
+/// and closes the connection.
+pub(super) async fn refuse<S: AsyncWriteRent>(io: &mut S, out: &mut Vec<u8>, err: &ProxyError) {
+    write_error(io, out, err, false, true).await;
     let _ = io.shutdown().await;
 }

@@ -32,16 +32,6 @@ pub enum UpgradeRefusal {
 }
 
 impl UpgradeRefusal {
-    /// 429 for one client over its share (RFC 6585 §4), 503 when the
-    /// gateway as a whole is saturated (RFC 9110 §15.6.4). Both carry
-    /// `Retry-After`.
-    pub fn status(&self) -> u16 {
-        match self {
-            UpgradeRefusal::PerIp(_) => 429,
-            UpgradeRefusal::Global(_) => 503,
-        }
-    }
-
     /// Stable name, for logs, the refusal body and `/metrics`.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -212,11 +202,11 @@ mod tests {
         let _b = l.try_acquire(ip("::ffff:10.0.0.1")).unwrap();
         let e = l.try_acquire(ip("10.0.0.3")).unwrap_err();
         assert_eq!(e, UpgradeRefusal::Global(2));
-        assert_eq!((e.status(), e.reason()), (503, "pending_upgrades"));
+        assert_eq!(e.reason(), "pending_upgrades");
         let l = UpgradeLimiter::new(1, 10);
         let _a = l.try_acquire(ip("10.0.0.1")).unwrap();
         let e = l.try_acquire(ip("::ffff:10.0.0.1")).unwrap_err();
-        assert_eq!((e.status(), e.reason()), (429, "pending_upgrades_per_ip"));
+        assert_eq!(e.reason(), "pending_upgrades_per_ip");
     }
 
     #[test]

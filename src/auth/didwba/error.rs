@@ -52,16 +52,6 @@ pub enum DidAuthError {
 }
 
 impl DidAuthError {
-    /// 403 only for a proven identity without routes; 503 when the nonce
-    /// cache is full (the gateway cannot tell a replay apart); 401 else.
-    pub fn status(&self) -> u16 {
-        match self {
-            DidAuthError::NoRoutes(_) => 403,
-            DidAuthError::NonceCacheFull => 503,
-            _ => 401,
-        }
-    }
-
     /// Stable reason name for the JSON body, logs and metrics.
     pub fn reason(&self) -> &'static str {
         match self {
