@@ -5,7 +5,9 @@
 //! by the CA, while public clients on the other port need none. SIGHUP
 //! swaps the certificate for new connections while open ones keep theirs,
 //! a key that does not load changes nothing, and a reload never leaves a
-//! TLS port speaking plain TCP.
+//! TLS port speaking plain TCP. A receiver whose `ca_file` is the
+//! gateway's own self-signed certificate connects; another self-signed
+//! certificate for the same names is refused (issue #16 item 11).
 //!
 //! A throwaway PKI is made per test with rcgen. Ports are 0; readiness and
 //! refusals are read from the processes' stdout and stderr; no sleeps (the
@@ -23,7 +25,11 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_anp-proxy");
+/// The binary under test; `ANP_PROXY_BIN` may point at another build (as
+/// in tests/common/procs.rs).
+fn bin() -> String {
+    std::env::var("ANP_PROXY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_anp-proxy").to_string())
+}
 const WAIT: Duration = Duration::from_secs(30);
 const TOKEN: &str = "tls-test-token-1";
 
@@ -143,7 +149,7 @@ struct Proc {
 
 impl Proc {
     fn start(mode: &str, config: &Path) -> Proc {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .arg("--config")
             .arg(config)
             .arg(mode)
@@ -574,6 +580,82 @@ fn https_request_through_a_wss_tunnel() {
     let _ = plain.read_to_end(&mut got);
     assert!(!got.starts_with(b"HTTP/1.1 200"), "plain HTTP was served");
     gw.log_line(&["TLS handshake failed"]);
+}
+
+/// A self-signed certificate as `openssl req -x509 -newkey rsa:2048 -nodes
+/// -subj /CN=localhost -addext subjectAltName=…` makes it: its own issuer,
+/// `CA:TRUE`, the names in subjectAltName. Writes NAME.crt / NAME.key.
+fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let key = KeyPair::generate().unwrap();
+    let mut p =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    p.distinguished_name.push(DnType::CommonName, "localhost");
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let cert = p.self_signed(&key).unwrap();
+    let (c, k) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k)
+}
+
+#[test]
+fn a_receiver_trusts_the_gateways_self_signed_certificate_as_its_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (gw_crt, _) = self_signed(d, "gw");
+    let (stranger, _) = self_signed(d, "stranger");
+    // TLS on the tunnel port only, so a plain client checks the data path.
+    let gw_cfg = write_config(
+        d,
+        "gateway.toml",
+        &gateway_config(
+            "tunnel_port = 0\n[gateway.tunnel_tls]\nenabled = true\ncert_file = \"gw.crt\"\nkey_file = \"gw.key\"\n",
+        ),
+    );
+    let mut gw = Proc::start("gateway", &gw_cfg);
+    let public = addr_after(&gw.stdout_line("anp-proxy gateway listening on"), "http://");
+    let tunnel = addr_after(&gw.stdout_line("anp-proxy gateway tunnels on"), "wss://");
+    let upstream = app();
+
+    // Another self-signed certificate for the same names: not trusted.
+    let cfg = write_config(
+        d,
+        "rx-stranger.toml",
+        &receiver_config(
+            &format!("wss://{tunnel}/ws"),
+            &upstream,
+            &format!("ca_file = \"{}\"", toml_path(&stranger)),
+        ),
+    );
+    let mut wrong = Proc::start("receiver", &cfg);
+    wrong.log_line(&["tunnel down", "gateway certificate not trusted"]);
+    assert!(wrong.stdout_so_far().is_empty());
+    drop(wrong);
+
+    // The gateway's own certificate as ca_file: the tunnel comes up.
+    let cfg = write_config(
+        d,
+        "rx.toml",
+        &receiver_config(
+            &format!("wss://{tunnel}/ws"),
+            &upstream,
+            &format!("ca_file = \"{}\"", toml_path(&gw_crt)),
+        ),
+    );
+    let mut rx = Proc::start("receiver", &cfg);
+    let line = rx.stdout_line("connected to");
+    assert!(line.ends_with(&format!("wss://{tunnel}/ws")), "{line}");
+    let mut c = TcpStream::connect(&public).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    c.write_all(b"GET /svc/self-signed HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut got = String::new();
+    c.read_to_string(&mut got).unwrap();
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.ends_with("app saw GET /svc/self-signed"), "{got}");
 }
 
 #[test]
