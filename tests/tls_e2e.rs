@@ -7,7 +7,8 @@
 //! a key that does not load changes nothing, and a reload never leaves a
 //! TLS port speaking plain TCP. A receiver whose `ca_file` is the
 //! gateway's own self-signed certificate connects; another self-signed
-//! certificate for the same names is refused (issue #16 item 11).
+//! certificate for the same names is refused; plain HTTP sent to a TLS
+//! port is answered with a 400 that says so (issue #16 item 11).
 //!
 //! A throwaway PKI is made per test with rcgen. Ports are 0; readiness and
 //! refusals are read from the processes' stdout and stderr; no sleeps (the
@@ -579,7 +580,45 @@ fn https_request_through_a_wss_tunnel() {
     let mut got = Vec::new();
     let _ = plain.read_to_end(&mut got);
     assert!(!got.starts_with(b"HTTP/1.1 200"), "plain HTTP was served");
-    gw.log_line(&["TLS handshake failed"]);
+    gw.log_line(&["plain HTTP on a TLS port"]);
+}
+
+#[test]
+fn plain_http_to_a_tls_port_is_told_to_use_https() {
+    let pki = pki();
+    let d = pki.dir.path();
+    let gw_cfg = write_config(
+        d,
+        "gateway.toml",
+        &gateway_config(
+            "[gateway.tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n",
+        ),
+    );
+    let mut gw = Proc::start("gateway", &gw_cfg);
+    let addr = addr_after(
+        &gw.stdout_line("anp-proxy gateway listening on"),
+        "https://",
+    );
+    // `curl http://` to an HTTPS port: a plain-text answer it can read,
+    // then the connection closes (read_to_end returns).
+    let mut plain = TcpStream::connect(&addr).unwrap();
+    plain.set_read_timeout(Some(WAIT)).unwrap();
+    plain
+        .write_all(b"GET /svc/hello HTTP/1.1\r\nhost: x\r\nuser-agent: curl\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    plain.read_to_end(&mut got).expect("an answer, then EOF");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert!(text.contains("this port speaks HTTPS"), "{text}");
+    gw.log_line(&["plain HTTP on a TLS port"]);
+    // The port still speaks TLS to everyone else.
+    let (status, _) = get(
+        &https_agent(&pki.ca, None),
+        &format!("https://{addr}/nobody"),
+    );
+    assert_eq!(status, 404);
 }
 
 /// A self-signed certificate as `openssl req -x509 -newkey rsa:2048 -nodes
