@@ -53,7 +53,7 @@ log_tail() {
 # latter is stopped: a restart then leaves the old gateway serving).
 launch() {
   [ -x "$BIN" ] || cargo build --release >&2
-  "$BIN" check --config "$CONFIG" >/dev/null
+  "$BIN" check "$role" --config "$CONFIG" >/dev/null
   touch "$LOG"
   local from; from=$(wc -c <"$LOG")
   nohup "$BIN" "$role" --config "$CONFIG" "$@" >>"$LOG" 2>&1 &

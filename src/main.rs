@@ -42,6 +42,10 @@ enum Cmd {
     /// documents and private keys; keys matching their certificates) and
     /// the URL schemes. Touches no network.
     Check {
+        /// Check only what this side loads (a host that runs one side
+        /// need not hold the other side's files); both when omitted.
+        #[arg(value_enum)]
+        side: Option<Side>,
         /// Print the effective configuration (every default filled in) as
         /// TOML, secrets masked.
         #[arg(long)]
@@ -59,6 +63,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: RoutesCmd,
     },
+}
+
+/// `anp-proxy check [gateway|receiver]`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Side {
+    Gateway,
+    Receiver,
 }
 
 #[derive(Subcommand)]
@@ -177,14 +188,25 @@ fn did_command(cmd: DidCmd) -> ExitCode {
 }
 
 /// `anp-proxy check`: the same preflight a start runs
-/// (`anp_proxy::preflight`), for both sides, since one file may serve
-/// either; then `FILE: ok`, or with `--print` the effective configuration.
-fn check_command(cfg: &Config, path: &std::path::Path, print: bool) -> ExitCode {
-    let gateway = anp_proxy::preflight::gateway(cfg).map(|p| p.warnings);
-    let receiver = anp_proxy::preflight::receiver(cfg).map(|p| p.warnings);
+/// (`anp_proxy::preflight`), for `side`, or for both sides since one file
+/// may serve either; then `FILE: ok`, or with `--print` the effective
+/// configuration.
+fn check_command(
+    cfg: &Config,
+    path: &std::path::Path,
+    side: Option<Side>,
+    print: bool,
+) -> ExitCode {
+    let mut results = Vec::new();
+    if side != Some(Side::Receiver) {
+        results.push(anp_proxy::preflight::gateway(cfg).map(|p| p.warnings));
+    }
+    if side != Some(Side::Gateway) {
+        results.push(anp_proxy::preflight::receiver(cfg).map(|p| p.warnings));
+    }
     let mut failed = false;
-    for side in [gateway, receiver] {
-        match side {
+    for result in results {
+        match result {
             Ok(warnings) => {
                 for w in warnings {
                     eprintln!("anp-proxy: warning: {w}");
@@ -264,7 +286,7 @@ fn main() -> ExitCode {
             Mode::Gateway
         }
         Some(Cmd::Receiver) => Mode::Receiver,
-        Some(Cmd::Check { print }) => return check_command(&cfg, &cli.config, print),
+        Some(Cmd::Check { side, print }) => return check_command(&cfg, &cli.config, side, print),
         Some(Cmd::Routes { cmd }) => return routes_command(&cfg, cmd),
         Some(Cmd::Did { .. }) => unreachable!("handled before loading the config"),
         None => cfg.mode,

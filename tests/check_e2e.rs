@@ -259,6 +259,36 @@ fn did_files_fail_check_as_they_fail_the_start() {
 }
 
 #[test]
+fn check_of_one_side_needs_only_that_sides_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    cert(d, "gw", false);
+    // The gateway's files are here; the receiver's CA is not (it lives on
+    // the receiver's host).
+    let path = write(
+        d,
+        &format!(
+            "{}\n[gateway.tls]\nenabled = true\ncert_file = \"gw.crt\"\nkey_file = \"gw.key\"\n\
+             [receiver]\ngateway_url = \"wss://localhost:8443/ws\"\nca_file = \"elsewhere/ca.pem\"\n",
+            gateway_toml("")
+        ),
+    );
+    let f = run_to_end("check", &["gateway"], &path);
+    assert!(f.status.success(), "{}", f.stderr);
+    assert!(f.stdout.contains(": ok"), "{}", f.stdout);
+    failed_naming(
+        &run_to_end("check", &["receiver"], &path),
+        "check receiver",
+        &["receiver.ca_file", "elsewhere/ca.pem"],
+    );
+    failed_naming(
+        &run_to_end("check", &[], &path),
+        "check (both sides)",
+        &["receiver.ca_file"],
+    );
+}
+
+#[test]
 fn check_print_shows_the_effective_config_with_secrets_masked() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

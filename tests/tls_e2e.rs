@@ -5,7 +5,13 @@
 //! by the CA, while public clients on the other port need none. SIGHUP
 //! swaps the certificate for new connections while open ones keep theirs,
 //! a key that does not load changes nothing, and a reload never leaves a
-//! TLS port speaking plain TCP.
+//! TLS port speaking plain TCP. A receiver whose `ca_file` is the
+//! gateway's own self-signed certificate connects; another self-signed
+//! certificate for the same names is refused; plain HTTP sent to a TLS
+//! port is answered with a 400 that says so (issue #16 item 11). A receiver whose `ca_file` is the
+//! gateway's own self-signed certificate connects; another self-signed
+//! certificate for the same names is refused; plain HTTP sent to a TLS
+//! port is answered with a 400 that says so (issue #16 item 11).
 //!
 //! A throwaway PKI is made per test with rcgen. Ports are 0; readiness and
 //! refusals are read from the processes' stdout and stderr; no sleeps (the
@@ -433,7 +439,120 @@ fn https_request_through_a_wss_tunnel() {
     let mut got = Vec::new();
     let _ = plain.read_to_end(&mut got);
     assert!(!got.starts_with(b"HTTP/1.1 200"), "plain HTTP was served");
-    gw.proc.wait_log(&["TLS handshake failed"]);
+    gw.proc.wait_log(&["plain HTTP on a TLS port"]);
+}
+
+#[test]
+fn plain_http_to_a_tls_port_is_told_to_use_https() {
+    let pki = pki();
+    let d = pki.dir.path();
+    let gw_cfg = write_config(
+        d,
+        "gateway.toml",
+        &gateway_config(
+            "[gateway.tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n",
+        ),
+    );
+    let mut gw = Gateway::start_file(&gw_cfg);
+    let addr = gw.addr;
+    // `curl http://` to an HTTPS port: a plain-text answer it can read,
+    // then the connection closes (read_to_end returns).
+    let mut plain = TcpStream::connect(addr).unwrap();
+    plain.set_read_timeout(Some(WAIT)).unwrap();
+    plain
+        .write_all(b"GET /svc/hello HTTP/1.1\r\nhost: x\r\nuser-agent: curl\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    plain.read_to_end(&mut got).expect("an answer, then EOF");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert!(text.contains("this port speaks HTTPS"), "{text}");
+    gw.proc.wait_log(&["plain HTTP on a TLS port"]);
+    // The port still speaks TLS to everyone else.
+    let (status, _) = get(
+        &https_agent(&pki.ca, None),
+        &format!("https://{addr}/nobody"),
+    );
+    assert_eq!(status, 404);
+}
+
+/// A self-signed certificate as `openssl req -x509 -newkey rsa:2048 -nodes
+/// -subj /CN=localhost -addext subjectAltName=…` makes it: its own issuer,
+/// `CA:TRUE`, the names in subjectAltName. Writes NAME.crt / NAME.key.
+fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let key = KeyPair::generate().unwrap();
+    let mut p =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    p.distinguished_name.push(DnType::CommonName, "localhost");
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let cert = p.self_signed(&key).unwrap();
+    let (c, k) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k)
+}
+
+#[test]
+fn a_receiver_trusts_the_gateways_self_signed_certificate_as_its_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (gw_crt, _) = self_signed(d, "gw");
+    let (stranger, _) = self_signed(d, "stranger");
+    // TLS on the tunnel port only, so a plain client checks the data path.
+    let gw_cfg = write_config(
+        d,
+        "gateway.toml",
+        &gateway_config(
+            "tunnel_port = 0\n[gateway.tunnel_tls]\nenabled = true\ncert_file = \"gw.crt\"\nkey_file = \"gw.key\"\n",
+        ),
+    );
+    let mut gw = Gateway::start_file(&gw_cfg);
+    let public = gw.addr;
+    let tunnel = addr_in(&gw.proc.wait_stdout("anp-proxy gateway tunnels on wss://"));
+    let app = app();
+
+    // Another self-signed certificate for the same names: not trusted.
+    let cfg = write_config(
+        d,
+        "rx-stranger.toml",
+        &receiver_config(
+            &format!("wss://{tunnel}/ws"),
+            &upstream(&app),
+            &format!("ca_file = \"{}\"", toml_path(&stranger)),
+        ),
+    );
+    let mut wrong = Receiver::start_file(&cfg);
+    wrong
+        .proc
+        .wait_log(&["tunnel down", "gateway certificate not trusted"]);
+    assert!(wrong.proc.stdout_so_far().is_empty());
+    drop(wrong);
+
+    // The gateway's own certificate as ca_file: the tunnel comes up.
+    let cfg = write_config(
+        d,
+        "rx.toml",
+        &receiver_config(
+            &format!("wss://{tunnel}/ws"),
+            &upstream(&app),
+            &format!("ca_file = \"{}\"", toml_path(&gw_crt)),
+        ),
+    );
+    let mut rx = Receiver::start_file(&cfg);
+    let line = rx.proc.wait_stdout("connected to");
+    assert!(line.ends_with(&format!("wss://{tunnel}/ws")), "{line}");
+    let mut c = TcpStream::connect(public).unwrap();
+    c.set_read_timeout(Some(WAIT)).unwrap();
+    c.write_all(b"GET /svc/self-signed HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut got = String::new();
+    c.read_to_string(&mut got).unwrap();
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.ends_with("app saw GET /svc/self-signed"), "{got}");
 }
 
 #[test]

@@ -11,16 +11,20 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, Split};
 use monoio::net::TcpStream;
 use monoio::BufResult;
 use monoio_rustls::{ClientTlsStream, TlsConnector};
+use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
 
+use super::verify::GatewayVerifier;
 use super::{describe, handshake_rustls_error, load_certs, load_key, provider, TlsSetupError};
 use crate::config::ReceiverConfig;
 
 /// Builds the receiver's TLS configuration (relative paths from
 /// `base_dir`).
 ///
-/// Trust: `ca_file` when set, else the operating system's store
+/// Trust: `ca_file` when set (a certificate of it presented as the
+/// gateway's own is accepted too: `tls/verify.rs`), else the operating
+/// system's store
 /// (rustls-native-certs: `/etc/ssl/certs` and friends, `SSL_CERT_FILE`),
 /// so an operator's own CA installed system-wide works without a key in
 /// our config. We do not bundle webpki-roots: a gateway behind a private
@@ -29,8 +33,14 @@ pub fn client_config(
     r: &ReceiverConfig,
     base_dir: &Path,
 ) -> Result<Arc<ClientConfig>, TlsSetupError> {
-    let mut roots = RootCertStore::empty();
-    if r.ca_file.is_empty() {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|error| TlsSetupError::Rustls {
+            key: "receiver",
+            error,
+        })?;
+    let builder = if r.ca_file.is_empty() {
+        let mut roots = RootCertStore::empty();
         let found = rustls_native_certs::load_native_certs();
         let (added, _ignored) = roots.add_parsable_certificates(found.certs);
         if added == 0 {
@@ -41,21 +51,32 @@ pub fn client_config(
                 .unwrap_or_else(|| "it is empty".into());
             return Err(TlsSetupError::NoSystemRoots(why));
         }
+        builder.with_root_certificates(roots)
     } else {
-        for c in load_certs("receiver.ca_file", &base_dir.join(&r.ca_file))? {
-            roots.add(c).map_err(|error| TlsSetupError::Rustls {
+        // webpki against ca_file, and a self-signed gateway certificate
+        // that is itself in ca_file accepted as pinned (tls/verify.rs).
+        let path = base_dir.join(&r.ca_file);
+        let pinned = load_certs("receiver.ca_file", &path)?;
+        let mut roots = RootCertStore::empty();
+        for c in &pinned {
+            roots
+                .add(c.clone())
+                .map_err(|error| TlsSetupError::Rustls {
+                    key: "receiver.ca_file",
+                    error,
+                })?;
+        }
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|error| TlsSetupError::Verifier {
                 key: "receiver.ca_file",
+                path,
                 error,
             })?;
-        }
-    }
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|error| TlsSetupError::Rustls {
-            key: "receiver",
-            error,
-        })?
-        .with_root_certificates(roots);
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(GatewayVerifier::new(webpki, pinned)))
+    };
     let mut cfg = if r.cert_file.is_empty() {
         builder.with_no_client_auth()
     } else {

@@ -21,6 +21,7 @@
 
 pub mod client;
 pub mod server;
+pub mod verify;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -119,31 +119,145 @@ impl Section {
 }
 
 /// Runs the server handshake on an accepted socket, bounded by `limit`.
-/// A failure (bad or missing client certificate, plain HTTP on a TLS port,
-/// a stalled peer) is logged at info and the connection dropped: the peer
-/// learns why from the TLS alert, not from us.
+/// A failure (bad or missing client certificate, a stalled peer) is logged
+/// at info and the connection dropped: the peer learns why from the TLS
+/// alert, not from us. A peer whose first byte is not a TLS handshake
+/// record (plain HTTP to an HTTPS port: `curl http://` instead of
+/// `https://`) gets a plain-text `400` saying so, which it can read,
+/// instead of a connection closed without a word.
 pub async fn accept(
     acceptor: &TlsAcceptor,
     stream: TcpStream,
     peer: SocketAddr,
     limit: Option<Duration>,
 ) -> Option<ServerStream> {
-    let hs = acceptor.accept(stream);
+    let work = async move {
+        match first_byte(&stream).await {
+            Some(TLS_HANDSHAKE) => Some(acceptor.accept(stream).await),
+            Some(_) => {
+                tracing::info!(%peer, "plain HTTP on a TLS port: answered 400");
+                // Bounded even when `header_timeout` is off.
+                let _ = monoio::time::timeout(PLAIN_LIMIT, answer_plain(stream)).await;
+                None
+            }
+            None => None, // closed (or failed) before its first byte
+        }
+    };
     let res = match limit {
-        Some(d) => match monoio::time::timeout(d, hs).await {
+        Some(d) => match monoio::time::timeout(d, work).await {
             Ok(r) => r,
             Err(_) => {
                 tracing::info!(%peer, "TLS handshake timed out");
                 return None;
             }
         },
-        None => hs.await,
+        None => work.await,
     };
+    let res = res?;
     match res {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::info!(%peer, error = %describe(&e), "TLS handshake failed");
             None
         }
+    }
+}
+
+/// The content type of a TLS handshake record (RFC 8446 §5.1): the first
+/// byte of every ClientHello.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// How long a connection that spoke plain text to a TLS port is kept at
+/// most (`header_timeout` bounds it too, when set).
+const PLAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// The connection's first byte, left in the socket (`MSG_PEEK`) for the
+/// handshake to read; None when the peer closed first or on an error.
+async fn first_byte(stream: &TcpStream) -> Option<u8> {
+    use std::os::fd::AsRawFd as _;
+    loop {
+        stream.readable(false).await.ok()?;
+        let mut b = 0u8;
+        // SAFETY: recv(2) into one byte we own, on a socket we own;
+        // MSG_PEEK leaves the byte queued, MSG_DONTWAIT never blocks.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                (&mut b as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            1 => return Some(b),
+            0 => return None,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::Interrupted
+                {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// What a plain-text client on a TLS port reads.
+const PLAIN_ANSWER: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
+content-type: text/plain\r\n\
+content-length: 70\r\n\
+connection: close\r\n\
+\r\n\
+this port speaks HTTPS: use https:// (receivers: wss://), not http://\n";
+
+/// Reads the plain-text request head (at most 16 KiB), answers
+/// [`PLAIN_ANSWER`], and lingers until the client closes (at most 64 KiB
+/// more), so that closing with unread bytes does not reset the connection
+/// before the client has read the answer. The caller bounds it in time.
+async fn answer_plain(mut stream: TcpStream) {
+    use monoio::io::{AsyncReadRent as _, AsyncWriteRent as _, AsyncWriteRentExt as _};
+    let mut seen = Vec::with_capacity(1024);
+    let mut buf = vec![0u8; 4096];
+    while seen.len() < 16 * 1024 && memchr::memmem::find(&seen, b"\r\n\r\n").is_none() {
+        let (r, b) = stream.read(buf).await;
+        buf = b;
+        match r {
+            Ok(0) | Err(_) => return,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    let (r, _) = stream.write_all(PLAIN_ANSWER).await;
+    if r.is_err() {
+        return;
+    }
+    let _ = stream.shutdown().await;
+    let mut drained = 0usize;
+    while drained < 64 * 1024 {
+        let (r, b) = stream.read(buf).await;
+        buf = b;
+        match r {
+            Ok(0) | Err(_) => return,
+            Ok(n) => drained += n,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plain_answer_is_a_well_formed_response() {
+        let text = std::str::from_utf8(PLAIN_ANSWER).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(body.len(), len, "{body:?}");
+        assert!(head.starts_with("HTTP/1.1 400 "));
     }
 }
