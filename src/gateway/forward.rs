@@ -362,13 +362,7 @@ mod tests {
             .unwrap();
         let peer: SocketAddr = "192.0.2.1:5".parse().unwrap();
         let meta = build_request_meta(&head, raw, "/", b"/", b"", peer, false, None, false);
-        let names: Vec<&str> = meta
-            .header_list
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|(n, _)| n.as_str())
-            .collect();
+        let names = crate::protocol::anpx::meta::list_names(&meta.header_list);
         assert_eq!(
             names,
             [

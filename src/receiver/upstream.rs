@@ -724,13 +724,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let m = response_meta(&resp, raw);
-        let names: Vec<&str> = m
-            .header_list
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|(n, _)| n.as_str())
-            .collect();
+        let names = crate::protocol::anpx::meta::list_names(&m.header_list);
         assert_eq!(names, ["X-Kept", "Content-Length"]);
         let flat: Vec<&str> = m.headers.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(flat, ["x-kept", "content-length"]);
