@@ -41,22 +41,58 @@ pub fn build_request_meta(
     chunked_len: Option<usize>,
     trust_forwarded: bool,
 ) -> RequestMeta {
-    let proto = if tls { "https" } else { "http" };
+    let (mut list, seen) = client_headers(head, buf, chunked_len, trust_forwarded);
+    if let Some(n) = chunked_len {
+        list.push(("content-length".into(), n.to_string()));
+    }
+    push_forwarding(&mut list, seen, peer, tls);
+    let headers = flat_headers(&list);
+    let target = &buf[head.target.clone()];
+    RequestMeta {
+        method: head.method(buf).to_owned(),
+        path: path.to_owned(),
+        headers,
+        query: parse_query(raw_query),
+        raw_target: Some(latin1_to_string(origin_form(target))),
+        header_list: Some(list),
+    }
+}
+
+/// What the client's own forwarding headers said (kept only with
+/// `trust_forwarded`), and its Host.
+#[derive(Default)]
+struct Forwarded {
+    xff: Option<String>,
+    fwd: Option<String>,
+    host: Option<String>,
+    have_proto: bool,
+    have_host: bool,
+}
+
+/// The client's header lines that travel on, in order, duplicates kept:
+/// hop-by-hop fields (and those `Connection` names), `Expect`, a
+/// Content-Length replaced by the dechunked length, and forwarding
+/// headers unless trusted are left out.
+fn client_headers(
+    head: &RequestHead,
+    buf: &[u8],
+    chunked_len: Option<usize>,
+    trust_forwarded: bool,
+) -> (Vec<(String, String)>, Forwarded) {
     let hop = HopByHop::of(
         head.headers
             .iter()
             .map(|h| (&buf[h.name.clone()], &buf[h.value.clone()])),
     );
     let mut list: Vec<(String, String)> = Vec::with_capacity(head.headers.len() + 4);
-    let mut prior_xff: Option<String> = None;
-    let mut prior_fwd: Option<String> = None;
-    let mut host: Option<String> = None;
-    let mut have_proto = false;
-    let mut have_fhost = false;
+    let mut seen = Forwarded::default();
+    let join = |prior: Option<String>, v: String| match prior {
+        Some(p) => format!("{p}, {v}"),
+        None => v,
+    };
     for h in &head.headers {
         let name = &buf[h.name.clone()];
         let value = &buf[h.value.clone()];
-        let name_s = std::str::from_utf8(name).unwrap_or_default();
         if hop.drops(name) || name.eq_ignore_ascii_case(b"expect") {
             continue;
         }
@@ -69,47 +105,46 @@ pub fn build_request_meta(
             }
             let v = latin1_to_string(value);
             if name.eq_ignore_ascii_case(b"x-forwarded-for") {
-                prior_xff = Some(match prior_xff {
-                    Some(p) => format!("{p}, {v}"),
-                    None => v,
-                });
+                seen.xff = Some(join(seen.xff.take(), v));
                 continue;
             }
             if name.eq_ignore_ascii_case(b"forwarded") {
-                prior_fwd = Some(match prior_fwd {
-                    Some(p) => format!("{p}, {v}"),
-                    None => v,
-                });
+                seen.fwd = Some(join(seen.fwd.take(), v));
                 continue;
             }
-            have_proto |= name.eq_ignore_ascii_case(b"x-forwarded-proto");
-            have_fhost |= name.eq_ignore_ascii_case(b"x-forwarded-host");
+            seen.have_proto |= name.eq_ignore_ascii_case(b"x-forwarded-proto");
+            seen.have_host |= name.eq_ignore_ascii_case(b"x-forwarded-host");
         }
         if name.eq_ignore_ascii_case(b"host") {
-            host = Some(latin1_to_string(value));
+            seen.host = Some(latin1_to_string(value));
         }
+        let name_s = std::str::from_utf8(name).unwrap_or_default();
         list.push((name_s.to_owned(), latin1_to_string(value)));
     }
-    if let Some(n) = chunked_len {
-        list.push(("content-length".into(), n.to_string()));
-    }
+    (list, seen)
+}
+
+/// `X-Forwarded-For/-Proto/-Host` and `Forwarded` (RFC 7239) for this hop,
+/// appended to what a trusted client sent.
+fn push_forwarding(list: &mut Vec<(String, String)>, seen: Forwarded, peer: SocketAddr, tls: bool) {
+    let proto = if tls { "https" } else { "http" };
     let ip = peer.ip().to_canonical();
     let ip_s = ip.to_string();
     list.push((
         "x-forwarded-for".into(),
-        match prior_xff {
+        match seen.xff {
             Some(p) => format!("{p}, {ip_s}"),
             None => ip_s,
         },
     ));
-    if !have_proto {
+    if !seen.have_proto {
         list.push(("x-forwarded-proto".into(), proto.into()));
     }
-    if let (Some(h), false) = (&host, have_fhost) {
+    if let (Some(h), false) = (&seen.host, seen.have_host) {
         list.push(("x-forwarded-host".into(), h.clone()));
     }
     let mut fwd = format!("for={}", forwarded_for(ip));
-    if let Some(h) = &host {
+    if let Some(h) = &seen.host {
         if h.bytes()
             .all(|b| b.is_ascii_graphic() && b != b'"' && b != b';' && b != b',')
         {
@@ -123,15 +158,17 @@ pub fn build_request_meta(
     fwd.push_str(proto);
     list.push((
         "forwarded".into(),
-        match prior_fwd {
+        match seen.fwd {
             Some(p) => format!("{p}, {fwd}"),
             None => fwd,
         },
     ));
+}
 
-    // The flat v1 map: lower-case names, duplicates joined (RFC 9110 §5.3).
+/// The flat v1 map: lower-case names, duplicates joined (RFC 9110 §5.3).
+fn flat_headers(list: &[(String, String)]) -> Vec<(String, String)> {
     let mut headers: Vec<(String, String)> = Vec::with_capacity(list.len());
-    for (n, v) in &list {
+    for (n, v) in list {
         let lower = n.to_ascii_lowercase();
         match headers.iter_mut().find(|(k, _)| *k == lower) {
             Some((_, existing)) => {
@@ -141,15 +178,7 @@ pub fn build_request_meta(
             None => headers.push((lower, v.clone())),
         }
     }
-    let target = &buf[head.target.clone()];
-    RequestMeta {
-        method: head.method(buf).to_owned(),
-        path: path.to_owned(),
-        headers,
-        query: parse_query(raw_query),
-        raw_target: Some(latin1_to_string(origin_form(target))),
-        header_list: Some(list),
-    }
+    headers
 }
 
 /// The origin-form part of a target (absolute-form loses scheme+authority).

@@ -89,24 +89,25 @@ pub(super) async fn accept_tunnel<S>(
         }
         None => Ok(checked.await),
     };
+    let refused = match decided {
+        Ok(Ok(a)) => Ok(a),
+        Ok(Err(e)) => Err(e),
+        Err(_) => {
+            ctx.shared.upgrades.note_timeout();
+            tracing::warn!(%peer, reason = "handshake_timeout", "tunnel upgrade refused: not authenticated within handshake_timeout");
+            Err(UpgradeError::HandshakeTimeout)
+        }
+    };
     let Accepted {
         accept,
         identity,
         features,
         instance,
-    } = match decided {
-        Ok(Ok(a)) => a,
-        Ok(Err(e)) => {
+    } = match refused {
+        Ok(a) => a,
+        Err(e) => {
             ctx.shared.obs.auth_failures.record(e.reason());
             refuse(&mut io, &mut out, &ProxyError::Upgrade(e)).await;
-            return;
-        }
-        Err(_) => {
-            ctx.shared.upgrades.note_timeout();
-            ctx.shared.obs.auth_failures.record("handshake_timeout");
-            tracing::warn!(%peer, reason = "handshake_timeout", "tunnel upgrade refused: not authenticated within handshake_timeout");
-            let err = ProxyError::Upgrade(UpgradeError::HandshakeTimeout);
-            refuse(&mut io, &mut out, &err).await;
             return;
         }
     };
@@ -149,23 +150,30 @@ pub(super) async fn accept_tunnel<S>(
                 peer,
                 handshake: out,
             };
-            ctx.shared
-                .counters
-                .tunnel_handoffs_total
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::debug!(%peer, identity = %identity.name, from = ctx.index, to = target, "tunnel handed to another core");
-            if ctx.shared.inboxes[target]
-                .unbounded_send(CoreMsg::Tunnel(h))
-                .is_err()
-            {
-                tracing::error!(%peer, "core inbox closed; tunnel dropped");
-            }
+            hand_off(&ctx, target, h);
         }
         return;
     }
     // run_tunnel queues the 101 before its first await.
     drop(slot);
     run_tunnel(ctx, io, leftover, owner, features, peer, out, tls).await;
+}
+
+/// Moves an accepted tunnel's socket to core `target`, which registers it
+/// and sends its 101 (the socket goes as a plain fd).
+fn hand_off(ctx: &CoreCtx, target: usize, h: TunnelHandoff) {
+    let peer = h.peer;
+    ctx.shared
+        .counters
+        .tunnel_handoffs_total
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::debug!(%peer, identity = %h.owner.identity, from = ctx.index, to = target, "tunnel handed to another core");
+    if ctx.shared.inboxes[target]
+        .unbounded_send(CoreMsg::Tunnel(h))
+        .is_err()
+    {
+        tracing::error!(%peer, "core inbox closed; tunnel dropped");
+    }
 }
 
 /// A second receiver instance joined an identity under `share` or

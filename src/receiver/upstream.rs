@@ -222,104 +222,72 @@ impl Upstream {
         sink: &mut ResponseSink,
         credit: &mut dyn FnMut(usize),
     ) -> Result<(), UpstreamError> {
-        let is_head = meta.method == "HEAD";
-        let host = self.url.host_header();
         match body {
-            ReqBody::Full(body) => {
-                let mut head = Vec::with_capacity(1024);
-                write_request_head(&mut head, meta, BodyLen::Known(body.len()), &host)?;
-                let head = Bytes::from(head);
-                if let Some(mut conn) = self.take_idle() {
-                    match self.send_full(&mut conn, &head, &body).await {
-                        Ok(early) => match self.read_response(conn, is_head, early, sink).await {
-                            Err(Attempt::Stale) => {}
-                            Err(Attempt::Failed(e)) => return Err(e),
-                            Ok(()) => return Ok(()),
-                        },
-                        Err(Attempt::Stale) => {}
-                        Err(Attempt::Failed(e)) => return Err(e),
-                    }
-                }
-                let mut conn = self.connect().await?;
-                let early = self
-                    .send_full(&mut conn, &head, &body)
-                    .await
-                    .map_err(Attempt::into_error)?;
-                self.read_response(conn, is_head, early, sink)
-                    .await
-                    .map_err(Attempt::into_error)
-            }
-            ReqBody::Stream(mut rx) => {
-                // A streamed body cannot be replayed: one attempt.
-                let len = declared_length(meta);
-                let framing = match len {
-                    Some(n) => BodyLen::Known(n),
-                    None => BodyLen::Chunked,
-                };
-                let mut head = Vec::with_capacity(1024);
-                write_request_head(&mut head, meta, framing, &host)?;
-                let mut conn = match self.take_idle() {
-                    Some(c) => c,
-                    None => self.connect().await?,
-                };
-                let (r, _) = conn.write_all(head).await;
-                r?;
-                let mut sent = 0usize;
-                // The app answered before it had the whole body: one
-                // non-blocking peek per piece until it happens.
-                let mut early = false;
-                let mut line: Vec<u8> = Vec::with_capacity(24);
-                loop {
-                    match rx.recv().await {
-                        Some(ReqEvent::Data(d)) => {
-                            let n = d.len();
-                            if n == 0 {
-                                continue;
-                            }
-                            early = early || pending(&conn) != Pending::Nothing;
-                            sent += n;
-                            if len.is_some_and(|l| sent > l) {
-                                return Err(UpstreamError::BadRequest(
-                                    "request body longer than its Content-Length",
-                                ));
-                            }
-                            if framing == BodyLen::Chunked {
-                                // The size line, formatted into a reused
-                                // buffer (no allocation per chunk).
-                                line.clear();
-                                http::write_chunk_header(&mut line, n);
-                                let (r, l) = conn.write_all(line).await;
-                                line = l;
-                                r?;
-                            }
-                            let (r, _) = conn.write_all(d).await;
-                            r?;
-                            if framing == BodyLen::Chunked {
-                                let (r, _) = conn.write_all(&b"\r\n"[..]).await;
-                                r?;
-                            }
-                            credit(n);
-                        }
-                        Some(ReqEvent::End) => break,
-                        // The tunnel or the client went away mid-upload:
-                        // dropping the connection aborts the app's request.
-                        None => return Err(UpstreamError::Aborted),
-                    }
-                }
-                if framing == BodyLen::Chunked {
-                    early = early || pending(&conn) != Pending::Nothing;
-                    let (r, _) = conn.write_all(http::LAST_CHUNK).await;
-                    r?;
-                } else if len.is_some_and(|l| sent != l) {
-                    return Err(UpstreamError::BadRequest(
-                        "request body shorter than its Content-Length",
-                    ));
-                }
-                self.read_response(conn, is_head, early, sink)
-                    .await
-                    .map_err(Attempt::into_error)
+            ReqBody::Full(body) => self.call_whole(meta, body, sink).await,
+            ReqBody::Stream(rx) => self.call_streamed(meta, rx, sink, credit).await,
+        }
+    }
+
+    /// A request whose body is all here: replayable, so a stale pooled
+    /// connection is retried once on a fresh one.
+    async fn call_whole(
+        &self,
+        meta: &RequestMeta,
+        body: Bytes,
+        sink: &mut ResponseSink,
+    ) -> Result<(), UpstreamError> {
+        let is_head = meta.method == "HEAD";
+        let mut head = Vec::with_capacity(1024);
+        let host = self.url.host_header();
+        write_request_head(&mut head, meta, BodyLen::Known(body.len()), &host)?;
+        let head = Bytes::from(head);
+        if let Some(mut conn) = self.take_idle() {
+            match self.send_full(&mut conn, &head, &body).await {
+                Ok(early) => match self.read_response(conn, is_head, early, sink).await {
+                    Err(Attempt::Stale) => {}
+                    Err(Attempt::Failed(e)) => return Err(e),
+                    Ok(()) => return Ok(()),
+                },
+                Err(Attempt::Stale) => {}
+                Err(Attempt::Failed(e)) => return Err(e),
             }
         }
+        let mut conn = self.connect().await?;
+        let early = self
+            .send_full(&mut conn, &head, &body)
+            .await
+            .map_err(Attempt::into_error)?;
+        self.read_response(conn, is_head, early, sink)
+            .await
+            .map_err(Attempt::into_error)
+    }
+
+    /// A request whose body streams in: one attempt (it cannot be
+    /// replayed), Content-Length kept, else chunked to the app.
+    async fn call_streamed(
+        &self,
+        meta: &RequestMeta,
+        rx: local_sync::mpsc::unbounded::Rx<ReqEvent>,
+        sink: &mut ResponseSink,
+        credit: &mut dyn FnMut(usize),
+    ) -> Result<(), UpstreamError> {
+        let len = declared_length(meta);
+        let framing = match len {
+            Some(n) => BodyLen::Known(n),
+            None => BodyLen::Chunked,
+        };
+        let mut head = Vec::with_capacity(1024);
+        write_request_head(&mut head, meta, framing, &self.url.host_header())?;
+        let mut conn = match self.take_idle() {
+            Some(c) => c,
+            None => self.connect().await?,
+        };
+        let (r, _) = conn.write_all(head).await;
+        r?;
+        let early = send_streamed_body(&mut conn, rx, len, credit).await?;
+        self.read_response(conn, meta.method == "HEAD", early, sink)
+            .await
+            .map_err(Attempt::into_error)
     }
 
     /// A pooled connection that is quiet: one with bytes or EOF already
@@ -447,6 +415,67 @@ impl Upstream {
             }
         }
     }
+}
+
+/// Writes a streamed request body to the app as its pieces come: as they
+/// are with a Content-Length (`len`), else chunked. Whether the app wrote
+/// before it had the whole body (one non-blocking peek per piece).
+async fn send_streamed_body(
+    conn: &mut TcpStream,
+    mut rx: local_sync::mpsc::unbounded::Rx<ReqEvent>,
+    len: Option<usize>,
+    credit: &mut dyn FnMut(usize),
+) -> Result<bool, UpstreamError> {
+    let chunked = len.is_none();
+    let mut sent = 0usize;
+    let mut early = false;
+    // The size line, formatted into a reused buffer (no allocation per
+    // chunk).
+    let mut line: Vec<u8> = Vec::with_capacity(24);
+    loop {
+        let d = match rx.recv().await {
+            Some(ReqEvent::Data(d)) => d,
+            Some(ReqEvent::End) => break,
+            // The tunnel or the client went away mid-upload: dropping the
+            // connection aborts the app's request.
+            None => return Err(UpstreamError::Aborted),
+        };
+        let n = d.len();
+        if n == 0 {
+            continue;
+        }
+        early = early || pending(conn) != Pending::Nothing;
+        sent += n;
+        if len.is_some_and(|l| sent > l) {
+            return Err(UpstreamError::BadRequest(
+                "request body longer than its Content-Length",
+            ));
+        }
+        if chunked {
+            line.clear();
+            http::write_chunk_header(&mut line, n);
+            let (r, l) = conn.write_all(line).await;
+            line = l;
+            r?;
+        }
+        let (r, _) = conn.write_all(d).await;
+        r?;
+        if chunked {
+            let (r, _) = conn.write_all(&b"\r\n"[..]).await;
+            r?;
+        }
+        credit(n);
+    }
+    if chunked {
+        early = early || pending(conn) != Pending::Nothing;
+        let (r, _) = conn.write_all(http::LAST_CHUNK).await;
+        r?;
+    } else if len.is_some_and(|l| sent != l) {
+        return Err(UpstreamError::BadRequest(
+            "request body shorter than its Content-Length",
+        ));
+    }
+    Ok(early)
 }
 
 /// One more read of a response body; EOF before its end is `Closed`.
