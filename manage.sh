@@ -107,18 +107,34 @@ restart() {
   echo "$role restarted (pid $old -> $new), log: $LOG"
 }
 
+# SIGHUP, then waits (up to 10 s) for the gateway to say how it went:
+# `anp-proxy reloaded …` (exit 0) or `anp-proxy reload failed: …` (exit 1).
 reload() {
   if ! running; then echo "$role not running" >&2; exit 3; fi
+  local from; from=$(($(wc -l <"$LOG") + 1))
   kill -HUP "$(cat "$PID")"
-  echo "$role: reload requested (see $LOG for 'anp-proxy reloaded' or 'reload failed')"
+  local line=""
+  for _ in $(seq 1 100); do
+    line=$(tail -n "+$from" "$LOG" | grep -m1 'anp-proxy reloaded\|anp-proxy reload failed' || true)
+    [ -n "$line" ] && break
+    sleep 0.1
+  done
+  if [ -z "$line" ]; then
+    echo "$role: reload requested, no answer within 10 s (see $LOG)" >&2; exit 1
+  fi
+  echo "$role: $line"
+  case "$line" in *"reload failed"*) exit 1 ;; esac
 }
 
 status() {
   if ! running; then echo "$role: not running"; return 3; fi
   local p; p=$(cat "$PID")
   echo "$role: running, pid $p, up $(ps -o etime= -p "$p" | tr -d ' ')"
-  if command -v ss >/dev/null; then
-    echo "listening:"; ss -ltnp 2>/dev/null | grep "pid=$p," | awk '{print "  " $4}' | sort -u
+  if command -v ss >/dev/null && [ "$role" = gateway ]; then
+    echo "listening:"; { ss -ltnp 2>/dev/null | grep "pid=$p," || true; } | awk '{print "  " $4}' | sort -u
+  elif command -v ss >/dev/null; then
+    # A receiver listens on nothing: its tunnels and app calls are outgoing.
+    echo "connections:"; { ss -tnp state established 2>/dev/null | grep "pid=$p," || true; } | awk '{print "  " $3 " -> " $4}' | sort -u
   fi
   if [ "$role" = gateway ] && command -v curl >/dev/null; then
     # The ready lines the gateway printed last (the log is appended to).
