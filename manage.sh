@@ -4,7 +4,10 @@
 # the log live under ./run/ (override with ANP_RUN_DIR); the config is
 # ./config.toml (override with ANP_CONFIG).
 #   stop     SIGTERM: the gateway drains (finishes requests in flight within
-#            shutdown_grace, closes tunnels with 1001), then exits.
+#            shutdown_grace, closes tunnels with 1001), then exits; a
+#            receiver tells the gateway it is draining, finishes its
+#            requests in flight within its shutdown_grace, closes its
+#            tunnels with 1001 and exits 0.
 #   restart  gateway: starts the new process on the same ports first
 #            (`--takeover`: SO_REUSEPORT, the public and the admin port),
 #            then drains the old one: no refused connection.
@@ -29,7 +32,8 @@ alive() {
 
 running() { [ -f "$PID" ] && alive "$(cat "$PID")"; }
 
-# Seconds `stop` waits for a drain before SIGKILL (shutdown_grace is 30).
+# Seconds `stop` waits for a drain before SIGKILL (shutdown_grace is 30 on
+# either side).
 STOP_WAIT=${ANP_STOP_WAIT:-40}
 
 # Seconds `start` and `restart` wait for the new process's ready line.

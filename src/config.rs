@@ -589,6 +589,9 @@ pub struct ReceiverConfig {
     pub max_pings_per_second: usize,
     /// Seconds a tunnel that ended may take to send its last frames.
     pub tunnel_close_grace: Seconds,
+    /// Seconds a SIGTERM/SIGINT shutdown waits for requests in flight
+    /// before it closes the tunnels anyway (0 = don't wait).
+    pub shutdown_grace: Seconds,
     /// Seconds to connect to the gateway (TCP, and TLS for `wss://`).
     pub connect_timeout: Seconds,
     /// Seconds from connected to the gateway's 101.
@@ -623,6 +626,7 @@ impl Default for ReceiverConfig {
             max_inflight_per_tunnel: 4096,
             max_pings_per_second: 10,
             tunnel_close_grace: Seconds(2.0),
+            shutdown_grace: Seconds(30.0),
             connect_timeout: Seconds(10.0),
             handshake_timeout: Seconds(30.0),
             instance_id: String::new(),
@@ -1075,10 +1079,12 @@ mod tests {
             assert!(e.contains(&format!("key `{key}`")), "{line}: {e}");
             assert!(e.contains("x.toml"), "{e}");
         }
-        let ok = "[receiver]\ntunnel_max_message_size = 2000000\ntunnel_max_fragments = 8\nmax_pings_per_second = 5\ntunnel_close_grace = 1\nconnect_timeout = 3\nhandshake_timeout = 5\nmax_inflight_per_tunnel = 10\n";
+        let ok = "[receiver]\ntunnel_max_message_size = 2000000\ntunnel_max_fragments = 8\nmax_pings_per_second = 5\ntunnel_close_grace = 1\nconnect_timeout = 3\nhandshake_timeout = 5\nmax_inflight_per_tunnel = 10\nshutdown_grace = 1.5\n";
         let c = Config::parse(ok, Path::new("x.toml")).unwrap();
         assert_eq!(c.receiver.tunnel_max_fragments, 8);
         assert_eq!(c.receiver.connect_timeout.get(), 3.0);
+        assert_eq!(c.receiver.shutdown_grace.get(), 1.5);
+        assert_eq!(ReceiverConfig::default().shutdown_grace.get(), 30.0);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Single-thread async primitives that stay correct under cancellation.
 //!
-//! Owns [`Permits`], the receiver's bound on concurrent upstream calls.
+//! Owns [`Permits`], the receiver's bound on concurrent upstream calls,
+//! and [`Flag`], a latch tasks wait on.
 //! Never holds a `RefCell` borrow while it wakes a task or drops a value
 //! that could run code (a waker, a permit): that is the class of bug that
 //! killed receivers twice (issue #15). `local_sync`'s semaphore returned a
@@ -200,6 +201,43 @@ impl Drop for Acquire {
 impl Drop for Permit {
     fn drop(&mut self) {
         self.inner.release();
+    }
+}
+
+/// A one-way latch a few tasks can wait on: the gateway's accept loops
+/// and drain, the receiver's tunnels when it shuts down. Raised once;
+/// wakes its waiters after the borrow of their list has ended.
+#[derive(Default)]
+pub struct Flag {
+    set: Cell<bool>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl Flag {
+    pub fn is_set(&self) -> bool {
+        self.set.get()
+    }
+
+    pub fn raise(&self) {
+        self.set.set(true);
+        let woken = std::mem::take(&mut *self.wakers.borrow_mut());
+        for w in woken {
+            w.wake();
+        }
+    }
+
+    /// Completes once the flag is raised.
+    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.set.get() {
+                return Poll::Ready(());
+            }
+            let mut w = self.wakers.borrow_mut();
+            if !w.iter().any(|x| x.will_wake(cx.waker())) {
+                w.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
     }
 }
 

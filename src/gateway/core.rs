@@ -26,6 +26,7 @@ use crate::auth::Authenticator;
 use crate::config::{secs, Config};
 use crate::protocol::anpx::{RequestMeta, ResponseMeta};
 use crate::registry::reload::{PollerMsg, RoutesUpdate};
+use crate::sync::Flag;
 
 /// A request ready for a tunnel. `Send`: it may cross to another core.
 #[derive(Debug)]
@@ -315,6 +316,10 @@ pub struct CoreCtx {
     /// Generation of `routes` ([`RoutesUpdate`]): older ones are ignored.
     routes_generation: Cell<u64>,
     tunnels: RefCell<HashMap<IdentityName, Vec<Rc<Tunnel>>>>,
+    /// Tunnels whose receiver is leaving (PROTOCOL.md §7.4): out of
+    /// `tunnels` and the book, so no new request goes to them; kept here
+    /// until they end, for a drain of this gateway to wait for and close.
+    leaving: RefCell<Vec<Rc<Tunnel>>>,
     /// Read and write buffers lent to connections while they work.
     pub pool: crate::pool::BufPool,
     seq: Cell<u64>,
@@ -331,40 +336,6 @@ pub struct CoreCtx {
     pub last_accept: Cell<std::time::Instant>,
     /// Request metrics and access log of this core.
     pub obs: super::observe::CoreObs,
-}
-
-/// A one-way latch a few tasks can wait on (accept loops, the drain).
-#[derive(Default)]
-pub struct Flag {
-    set: Cell<bool>,
-    wakers: RefCell<Vec<std::task::Waker>>,
-}
-
-impl Flag {
-    pub fn is_set(&self) -> bool {
-        self.set.get()
-    }
-
-    pub fn raise(&self) {
-        self.set.set(true);
-        for w in self.wakers.borrow_mut().drain(..) {
-            w.wake();
-        }
-    }
-
-    /// Completes once the flag is raised.
-    pub fn wait(&self) -> impl std::future::Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.set.get() {
-                return std::task::Poll::Ready(());
-            }
-            let mut w = self.wakers.borrow_mut();
-            if !w.iter().any(|x| x.will_wake(cx.waker())) {
-                w.push(cx.waker().clone());
-            }
-            std::task::Poll::Pending
-        })
-    }
 }
 
 /// Marks a client connection busy (counted in [`CoreCtx::busy`]) while it
@@ -398,6 +369,7 @@ impl CoreCtx {
             routes,
             routes_generation,
             tunnels: RefCell::new(HashMap::new()),
+            leaving: RefCell::new(Vec::new()),
             pool: crate::pool::BufPool::new(4 * 1024, 4096),
             seq: Cell::new(0),
             next_tunnel_id: Cell::new(0),
@@ -469,17 +441,47 @@ impl CoreCtx {
             .push(t);
     }
 
+    /// A tunnel that ended: out of this core, and out of the book unless
+    /// it had already left it when its receiver said it was leaving.
     pub fn unregister_tunnel(&self, t: &Rc<Tunnel>) {
-        let mut map = self.tunnels.borrow_mut();
-        if let Some(v) = map.get_mut(&t.identity) {
-            if let Some(i) = v.iter().position(|x| Rc::ptr_eq(x, t)) {
-                v.remove(i);
-                self.shared.tunnel_left(&t.owner(), self.index);
-            }
-            if v.is_empty() {
-                map.remove(&t.identity);
-            }
+        if self.take_tunnel(t) {
+            self.shared.tunnel_left(&t.owner(), self.index);
+            return;
         }
+        self.leaving.borrow_mut().retain(|x| !Rc::ptr_eq(x, t));
+    }
+
+    /// Removes `t` from the tunnels new requests may use; false if it is
+    /// not (or no longer) one of them.
+    fn take_tunnel(&self, t: &Rc<Tunnel>) -> bool {
+        let mut map = self.tunnels.borrow_mut();
+        let Some(v) = map.get_mut(&t.identity) else {
+            return false;
+        };
+        let Some(i) = v.iter().position(|x| Rc::ptr_eq(x, t)) else {
+            return false;
+        };
+        v.remove(i);
+        if v.is_empty() {
+            map.remove(&t.identity);
+        }
+        true
+    }
+
+    /// The receiver of `t` is leaving (PROTOCOL.md §7.4): no new request
+    /// goes to it from any core: it leaves `tunnels` (what
+    /// [`Self::local_tunnel`] and [`Self::has_tunnel`] look at) and the
+    /// book (what other cores look at). Its requests in flight still
+    /// complete: responses arrive on the tunnel's own reader. If it was
+    /// the identity's last tunnel, new requests take the no-tunnel path
+    /// (`no_tunnel_wait`, then 503). False if it was already leaving.
+    pub fn tunnel_draining(&self, t: &Rc<Tunnel>) -> bool {
+        if !self.take_tunnel(t) {
+            return false;
+        }
+        self.shared.tunnel_left(&t.owner(), self.index);
+        self.leaving.borrow_mut().push(t.clone());
+        true
     }
 
     /// A local tunnel for `identity`; a client connection sticks to one by
@@ -518,14 +520,16 @@ impl CoreCtx {
         false
     }
 
-    /// Requests in flight on this core's tunnels.
+    /// Every tunnel on this core, leaving ones included (cold path).
+    fn all_tunnels(&self) -> Vec<Rc<Tunnel>> {
+        let mut all: Vec<Rc<Tunnel>> = self.tunnels.borrow().values().flatten().cloned().collect();
+        all.extend(self.leaving.borrow().iter().cloned());
+        all
+    }
+
+    /// Requests in flight on this core's tunnels, leaving ones included.
     fn tunnel_inflight(&self) -> usize {
-        self.tunnels
-            .borrow()
-            .values()
-            .flatten()
-            .map(|t| t.inflight_len())
-            .sum()
+        self.all_tunnels().iter().map(|t| t.inflight_len()).sum()
     }
 
     /// Phase 1 of the drain of this core: accept loops stop (they watch
@@ -558,13 +562,14 @@ impl CoreCtx {
     /// Phase 2: every tunnel here is closed with 1001 so its receiver
     /// reconnects (to a successor gateway, if one listens).
     async fn close_tunnels(self: Rc<Self>, done: std::sync::mpsc::Sender<usize>) {
-        let tunnels: Vec<Rc<Tunnel>> = self.tunnels.borrow().values().flatten().cloned().collect();
+        let tunnels = self.all_tunnels();
         for t in &tunnels {
             t.going_away();
         }
         // The receivers answer the close; give them a moment, not forever.
         let until = std::time::Instant::now() + Duration::from_secs(2);
-        while !self.tunnels.borrow().is_empty() && std::time::Instant::now() < until {
+        let open = |c: &Self| !c.tunnels.borrow().is_empty() || !c.leaving.borrow().is_empty();
+        while open(&self) && std::time::Instant::now() < until {
             monoio::time::sleep(Duration::from_millis(10)).await;
         }
         tracing::info!(

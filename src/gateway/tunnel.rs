@@ -479,6 +479,7 @@ pub async fn run_tunnel<S>(
             max_assemblies: ctx.settings.max_inflight_per_tunnel,
         }),
         refused: &ctx.shared.anpx_refused,
+        ctx: &ctx,
     };
     let (why, closing) = engine::run(io, leftover, out, rx, &cfg, &mut sink).await;
     match &why {
@@ -506,6 +507,7 @@ struct GatewayFrames<'a> {
     /// Whole messages of a plain v1 peer.
     reasm: Reassembler,
     refused: &'a FrameRefusals,
+    ctx: &'a CoreCtx,
 }
 
 impl FrameSink for GatewayFrames<'_> {
@@ -525,6 +527,16 @@ impl FrameSink for GatewayFrames<'_> {
         });
         if let Some(w) = window {
             w.add(bytes.min(DEFAULT_WINDOW));
+        }
+    }
+
+    /// The receiver is leaving (PROTOCOL.md §7.4): new requests go to
+    /// other tunnels; the ones in flight here complete.
+    fn draining(&mut self) {
+        let t = &self.tunnel;
+        if self.ctx.tunnel_draining(t) {
+            tracing::info!(identity = %t.identity, instance = %t.instance, tunnel = t.id,
+                in_flight = t.inflight_len(), "receiver draining: tunnel takes no new requests");
         }
     }
 }

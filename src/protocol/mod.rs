@@ -2,6 +2,7 @@
 //! negotiated extensions (§7). Sans-IO: bytes in, typed values out.
 
 pub mod anpx;
+pub mod control;
 pub mod features;
 pub mod request_id;
 pub mod stream;

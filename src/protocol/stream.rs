@@ -204,7 +204,8 @@ pub fn classify(msg: &Bytes, expect: FrameType) -> Result<Incoming, StreamError>
     })
 }
 
-/// A credit control message (WebSocket text).
+/// A credit control message (WebSocket text; parsed by
+/// [`super::control::parse`]).
 pub fn credit_message(request_id: &str, bytes: usize) -> Vec<u8> {
     let mut v = Vec::with_capacity(64 + request_id.len());
     v.extend_from_slice(b"{\"type\":\"credit\",\"request_id\":");
@@ -217,23 +218,6 @@ pub fn credit_message(request_id: &str, bytes: usize) -> Vec<u8> {
     v.extend_from_slice(bytes.to_string().as_bytes());
     v.push(b'}');
     v
-}
-
-#[derive(serde::Deserialize)]
-struct Control {
-    #[serde(rename = "type")]
-    ty: String,
-    #[serde(default)]
-    request_id: String,
-    #[serde(default)]
-    bytes: u64,
-}
-
-/// Parses a credit message; other control messages (heartbeats, …) → None.
-pub fn parse_credit(text: &[u8]) -> Option<(String, usize)> {
-    let c: Control = serde_json::from_slice(text).ok()?;
-    (c.ty == "credit" && !c.request_id.is_empty())
-        .then(|| (c.request_id, usize::try_from(c.bytes).unwrap_or(usize::MAX)))
 }
 
 #[cfg(test)]
@@ -321,14 +305,6 @@ mod tests {
             classify(&out.freeze(), FrameType::Response),
             Err(StreamError::MissingMeta(_))
         ));
-    }
-
-    #[test]
-    fn credit_round_trip() {
-        let m = credit_message("a\"b", 4096);
-        assert_eq!(parse_credit(&m), Some(("a\"b".to_owned(), 4096)));
-        assert_eq!(parse_credit(b"{\"type\":\"heartbeat\"}"), None);
-        assert_eq!(parse_credit(b"not json"), None);
     }
 
     #[test]

@@ -1,19 +1,24 @@
 //! The private receiver: keeps `tunnels` WebSocket tunnels open to the
 //! gateway (spread over one monoio runtime per core), turns each ANPX
 //! request into an HTTP call to the local app, and sends the response back
-//! with the same `request_id` (DESIGN.md, "Receiver").
+//! with the same `request_id` (DESIGN.md, "Receiver"). SIGTERM/SIGINT
+//! shut it down gracefully (`drain.rs`).
 
+pub(crate) mod drain;
 pub(crate) mod sink;
 pub(crate) mod tunnel;
 pub(crate) mod upstream;
 pub(crate) mod url;
 
+use std::io::Write as _;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
+use self::drain::{CoreDrain, DrainOrder};
 use self::tunnel::{run_slot, CoreRx};
 use self::upstream::Upstream;
 use crate::config::{secs, Config};
@@ -113,9 +118,15 @@ fn instance_id(configured: &str, dir: &std::path::Path) -> String {
 /// Most tunnel slots a receiver starts when the gateway decides.
 const MAX_TUNNELS: usize = 64;
 
-/// Runs the receiver in the foreground, forever (a fatal start error
-/// returns).
+/// Runs the receiver in the foreground until SIGTERM or SIGINT has shut
+/// it down (a second one exits at once, status 1); a fatal start error
+/// returns.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
+    // Installed before any core starts: from its first `connected` line
+    // on, a signal shuts the receiver down instead of killing it.
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("cannot install signal handlers")?;
     let r = cfg.receiver.clone();
     // URLs, TLS files and the DID key, exactly as `anp-proxy check` checks
     // them (crate::preflight); a bad one stops the start with its key named.
@@ -140,8 +151,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let threads = cores.min(slots).min(r.max_concurrent).max(1);
     let count = Arc::new(TunnelCount::new(r.tunnels));
     tracing::info!(gateway = %r.gateway_url, upstream = %r.upstream, tunnels = r.tunnels, threads, "receiver starting");
-    let mut handles = Vec::new();
+    let mut orders = Vec::with_capacity(threads);
     for t in 0..threads {
+        let (order_tx, order_rx) = futures_channel::oneshot::channel::<DrainOrder>();
+        orders.push(order_tx);
         let gateway = gateway.clone();
         let upstream = upstream.clone();
         let r = r.clone();
@@ -171,7 +184,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 reconnect_max: secs(r.reconnect_max_delay)
                     .unwrap_or(std::time::Duration::from_secs(30)),
                 count,
+                drain: CoreDrain::default(),
             });
+            monoio::spawn(drain::shut_down(ctx.clone(), order_rx, t));
             let mut tasks = Vec::new();
             let mut i = t;
             while i < slots {
@@ -181,14 +196,78 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             for task in tasks {
                 task.await;
             }
-            // All slots ended (more threads than tunnels): idle.
+            // All slots ended (more threads than tunnels, or shut down):
+            // idle until the process exits.
             std::future::pending::<()>().await;
         })
         .context("cannot spawn receiver thread")?;
-        handles.push(h);
+        // Not joined: a core never returns, and a panic ends the process.
+        drop(h);
     }
-    for h in handles {
-        let _ = h.join();
+    let grace = r.shutdown_grace.or_zero();
+    serve_signals(signals, orders, grace, r.tunnel_close_grace.or_zero())
+}
+
+/// The main thread's life after start: waits for SIGTERM/SIGINT. The
+/// first starts the shutdown (`drain.rs`); a second one exits at once.
+fn serve_signals(
+    mut signals: signal_hook::iterator::Signals,
+    orders: Vec<futures_channel::oneshot::Sender<DrainOrder>>,
+    grace: Duration,
+    close_grace: Duration,
+) -> anyhow::Result<()> {
+    let handle = signals.handle();
+    let mut orders = Some(orders);
+    for sig in signals.forever() {
+        let Some(orders) = orders.take() else {
+            tracing::warn!(
+                signal = sig,
+                "second signal while shutting down: exiting now"
+            );
+            std::process::exit(1);
+        };
+        shut_down(orders, grace, close_grace, handle.clone());
     }
     Ok(())
+}
+
+/// Tells every core to shut down within `grace`; a thread waits for their
+/// reports (at the latest until the tunnels' `close_grace` and a margin
+/// are over too), then ends the signal loop so `run` returns and the
+/// process exits 0 with its logs written.
+fn shut_down(
+    orders: Vec<futures_channel::oneshot::Sender<DrainOrder>>,
+    grace: Duration,
+    close_grace: Duration,
+    signals: signal_hook::iterator::Handle,
+) {
+    tracing::info!(grace = ?grace, "shutting down: finishing requests in flight, taking no new ones");
+    let until = Instant::now() + grace;
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let cores = orders
+        .into_iter()
+        .filter_map(|o| {
+            o.send(DrainOrder {
+                until,
+                done: done_tx.clone(),
+            })
+            .ok()
+        })
+        .count();
+    let _ = std::thread::Builder::new()
+        .name("anp-rx-drain".into())
+        .spawn(move || {
+            let give_up = until + close_grace + Duration::from_secs(1);
+            let mut reported = 0;
+            while reported < cores {
+                let left = give_up.saturating_duration_since(Instant::now());
+                match done.recv_timeout(left) {
+                    Ok(_) => reported += 1,
+                    Err(_) => break,
+                }
+            }
+            tracing::info!(cores, cores_done = reported, "receiver stopped; exiting");
+            let _ = std::io::stdout().flush();
+            signals.close();
+        });
 }

@@ -1,7 +1,8 @@
 //! One tunnel slot of the receiver: dial the gateway, authenticate on the
 //! upgrade, serve ANPX requests until the tunnel drops, then reconnect with
 //! exponential backoff and jitter. Says in its log why a connection was
-//! refused.
+//! refused. Once the receiver shuts down (`drain.rs`) a slot lets its
+//! tunnel leave and does not reconnect.
 
 use std::cell::RefCell;
 use std::io::Write as _;
@@ -12,6 +13,7 @@ use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
 
+use super::drain::{self, CoreDrain, Leaving};
 use super::sink::ResponseSink;
 use super::upstream::{ReqBody, ReqEvent, Upstream, UpstreamError};
 use super::url::Url;
@@ -54,6 +56,8 @@ pub struct CoreRx {
     pub max_body: usize,
     pub reconnect_max: Duration,
     pub count: std::sync::Arc<TunnelCount>,
+    /// SIGTERM/SIGINT: this core's shutdown (`receiver/drain.rs`).
+    pub drain: CoreDrain,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +83,7 @@ enum TunnelError {
     Tls(#[from] crate::tls::client::HandshakeError),
 }
 
-/// Keeps tunnel `index` up forever.
+/// Keeps tunnel `index` up until the receiver shuts down.
 pub async fn run_slot(ctx: Rc<CoreRx>, index: usize) {
     if index > 0 {
         // Slots past the first wait to learn how many the gateway wants.
@@ -91,8 +95,17 @@ pub async fn run_slot(ctx: Rc<CoreRx>, index: usize) {
     let base = Duration::from_millis(250);
     let mut delay = base;
     loop {
+        if ctx.drain.draining.is_set() {
+            return;
+        }
         let started = Instant::now();
-        match connect_and_serve(&ctx, index).await {
+        let result = connect_and_serve(&ctx, index).await;
+        if ctx.drain.draining.is_set() {
+            // Shutting down: the tunnel was closed on purpose.
+            tracing::info!(tunnel = index, "tunnel closed; receiver shutting down");
+            return;
+        }
+        match result {
             Ok(()) => {}
             Err(e @ TunnelError::GoingAway(_)) => {
                 // A draining gateway: reconnect at once (a successor on the
@@ -121,7 +134,10 @@ pub async fn run_slot(ctx: Rc<CoreRx>, index: usize) {
         // Full jitter in [delay/2, delay): receivers don't reconnect in step.
         let jittered = delay.mul_f64(0.5 + rand::random::<f64>() * 0.5);
         tracing::info!(tunnel = index, after = ?jittered, "reconnecting");
-        monoio::time::sleep(jittered).await;
+        monoio::select! {
+            _ = monoio::time::sleep(jittered) => {}
+            _ = ctx.drain.draining.wait() => return,
+        }
         delay = (delay * 2).min(ctx.reconnect_max);
     }
 }
@@ -276,6 +292,7 @@ where
 {
     let (out, rx) = engine::queue();
     let reqs: Reqs = Rc::new(RefCell::new(Demux::new(Opener::Peer, usize::MAX)));
+    let leaving = Rc::new(Leaving::default());
     let mut sink = ReceiverFrames {
         ctx: ctx.clone(),
         out: out.clone(),
@@ -286,14 +303,29 @@ where
             max_message_size: ctx.max_body + 64 * 1024,
             max_assemblies: ctx.max_inflight,
         }),
+        leaving: leaving.clone(),
     };
+    ctx.drain.tunnel_started();
+    let in_flight = {
+        let reqs = reqs.clone();
+        move || reqs.borrow().len()
+    };
+    monoio::spawn(drain::leave(
+        ctx.clone(),
+        out.clone(),
+        leaving.clone(),
+        index,
+        in_flight,
+    ));
     let (ended, closing) = engine::run(io, leftover, out, rx, &ctx.engine, &mut sink).await;
+    leaving.ended.raise();
     // Dropping the entries cancels the upstream calls still running: their
     // responses have nowhere to go. Taken out first: no borrow is held
     // while their channels wake tasks.
     let gone: Vec<(String, RxReq)> = reqs.borrow_mut().drain();
     drop(gone);
     closing.finish().await;
+    ctx.drain.tunnel_ended();
     Err(match ended {
         Ended::Closed {
             code: Some(1001),
@@ -319,6 +351,8 @@ struct ReceiverFrames {
     index: usize,
     /// Whole messages from a plain v1 gateway.
     reasm: Reassembler,
+    /// This tunnel's part in a shutdown (`receiver/drain.rs`).
+    leaving: Rc<Leaving>,
 }
 
 impl FrameSink for ReceiverFrames {
@@ -336,6 +370,11 @@ impl FrameSink for ReceiverFrames {
         if let Some(w) = window {
             w.add(bytes.min(DEFAULT_WINDOW));
         }
+    }
+
+    /// The answer to our draining ping, or to a keepalive one.
+    fn pong(&mut self, payload: &[u8]) {
+        self.leaving.pong(payload);
     }
 }
 
@@ -688,6 +727,7 @@ mod cancel_props {
             max_body: 1 << 20,
             reconnect_max: Duration::from_secs(1),
             count: std::sync::Arc::new(super::super::TunnelCount::new(1)),
+            drain: CoreDrain::default(),
         })
     }
 
@@ -729,6 +769,7 @@ mod cancel_props {
                     max_message_size: 1 << 20,
                     max_assemblies: 64,
                 }),
+                leaving: Rc::new(Leaving::default()),
             };
             let mut deliver = |f: BytesMut| frames.frame(f.freeze());
             for op in ops {

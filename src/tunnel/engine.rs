@@ -2,10 +2,11 @@
 //! gather with `writev`) and the receiver (client role, masks).
 //!
 //! [`run`] reads WebSocket events until the tunnel ends and hands ANPX
-//! frames and credit to the role's [`FrameSink`]; it answers pings within
-//! the budget, sends pings every `ping_interval`, cuts a peer silent for
-//! three intervals, and fails the tunnel with the close code a protocol
-//! error calls for (RFC 6455 §7.4.1). It returns *before* waiting for the
+//! frames, credit, a peer's draining notice and pongs to the role's
+//! [`FrameSink`] (text is parsed by `protocol::control`); it answers
+//! pings within the budget, sends pings every `ping_interval`, cuts a peer
+//! silent for three intervals, and fails the tunnel with the close code a
+//! protocol error calls for (RFC 6455 §7.4.1). It returns *before* waiting for the
 //! writer, so the role can unregister the tunnel and fail what was in
 //! flight at once; then [`Closing::finish`] gives the last frames (the
 //! Close) at most `close_grace` to leave, and drops the socket and queue
@@ -20,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use local_sync::oneshot;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Splitable};
 
-use crate::protocol::stream;
+use crate::protocol::control::{self, Control};
 use crate::ws::conn::{run_writer, ConnError, OutRx, OutTx, Outgoing, WsReader};
 use crate::ws::error::CLOSE_POLICY;
 use crate::ws::ping_limit::PingBudget;
@@ -51,6 +52,13 @@ pub trait FrameSink {
     fn frame(&mut self, msg: Bytes);
     /// The peer returned `bytes` of credit for `request_id` (`stream`).
     fn credit(&mut self, request_id: &str, bytes: usize);
+    /// The peer is leaving (PROTOCOL.md §7.4): it wants no new requests;
+    /// those in flight still complete. Only a receiver sends it, so a
+    /// receiver's sink keeps this default: ignored, like any text (§6).
+    fn draining(&mut self) {}
+    /// A pong arrived with `payload` (an answer to one of the role's own
+    /// pings; the engine's keepalive pings need no answer handled).
+    fn pong(&mut self, _payload: &[u8]) {}
 }
 
 /// Why a tunnel ended.
@@ -179,13 +187,14 @@ async fn read_loop<R: AsyncReadRent, F: FrameSink>(
     loop {
         match reader.next().await {
             Ok(Event::Binary(msg)) => sink.frame(msg),
-            Ok(Event::Text(t)) => {
-                // Credit (`stream`); any other text is activity only (§6).
-                if let Some((rid, n)) = stream::parse_credit(&t) {
-                    sink.credit(&rid, n);
-                }
-            }
-            Ok(Event::Pong(_)) => {}
+            // Credit (`stream`) and the draining notice; any other text is
+            // activity only (§6).
+            Ok(Event::Text(t)) => match control::parse(&t) {
+                Some(Control::Credit { request_id, bytes }) => sink.credit(&request_id, bytes),
+                Some(Control::Draining) => sink.draining(),
+                None => {}
+            },
+            Ok(Event::Pong(p)) => sink.pong(&p),
             Ok(Event::Ping(p)) => {
                 if !pings.allow(Instant::now()) {
                     let _ = out.send(Outgoing::Close(CLOSE_POLICY, "ping flood".into()));
