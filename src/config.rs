@@ -103,6 +103,21 @@ impl<'de> Deserialize<'de> for Seconds {
     }
 }
 
+/// A key and why its value is refused (before the file is named).
+type Invalid = (&'static str, String);
+
+fn bad(key: &'static str, message: String) -> Invalid {
+    (key, message)
+}
+
+fn invalid(path: &Path, (key, message): Invalid) -> ConfigError {
+    ConfigError::Invalid {
+        path: path.to_owned(),
+        key,
+        message,
+    }
+}
+
 /// Which side this process runs when no subcommand names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -268,7 +283,7 @@ pub struct GatewayConfig {
     pub admin_port: u16,
     /// Seconds an admin connection may take to send its request head, and
     /// to take the response; past it the connection is closed.
-    pub admin_header_timeout: f64,
+    pub admin_header_timeout: Seconds,
     /// Admin connections served at once; one more is answered 503 and
     /// closed.
     pub admin_max_connections: usize,
@@ -318,7 +333,7 @@ impl Default for GatewayConfig {
             // Absent key: a free port, printed at start (so several gateways
             // on one machine never collide); the shipped file says 8090.
             admin_port: 0,
-            admin_header_timeout: 2.0,
+            admin_header_timeout: Seconds(2.0),
             admin_max_connections: 16,
             auth: AuthConfig::default(),
             database: DatabaseConfig::default(),
@@ -790,18 +805,24 @@ impl Config {
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let bad = |key: &'static str, message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            key,
-            message,
-        };
+        let g = &self.gateway;
         if self.logging.max_size < 4096 {
-            return Err(bad(
-                "logging.max_size",
-                "must be at least 4096 bytes".into(),
+            return Err(invalid(
+                path,
+                bad("logging.max_size", "must be at least 4096 bytes".into()),
             ));
         }
-        let g = &self.gateway;
+        Self::check_gateway(g)
+            .and_then(|()| Self::check_tokens(&g.auth))
+            .and_then(|()| Self::check_auth(&g.auth))
+            .and_then(|()| Self::check_database(&g.database))
+            .and_then(|()| Self::check_receiver(&self.receiver))
+            .and_then(|()| Self::check_tls(g))
+            .map_err(|e| invalid(path, e))
+    }
+
+    /// `[gateway]`: paths, sizes, timeouts and caps.
+    fn check_gateway(g: &GatewayConfig) -> Result<(), Invalid> {
         if !g.tunnel_path.starts_with('/') {
             return Err(bad("gateway.tunnel_path", "must start with `/`".into()));
         }
@@ -817,7 +838,7 @@ impl Config {
         if g.handshake_timeout.get() <= 0.0 {
             return Err(bad("gateway.handshake_timeout", "must be > 0".into()));
         }
-        if g.admin_header_timeout.is_nan() || g.admin_header_timeout <= 0.0 {
+        if g.admin_header_timeout.get() <= 0.0 {
             return Err(bad("gateway.admin_header_timeout", "must be > 0".into()));
         }
         for (key, v) in [
@@ -839,8 +860,13 @@ impl Config {
                 return Err(bad(key, "must be > 0".into()));
             }
         }
+        Ok(())
+    }
+
+    /// `[[gateway.auth.tokens]]`: names unique, tokens long enough, absolute paths.
+    fn check_tokens(a: &AuthConfig) -> Result<(), Invalid> {
         let mut names = std::collections::HashSet::new();
-        for t in &g.auth.tokens {
+        for t in &a.tokens {
             if t.name.is_empty() {
                 return Err(bad("gateway.auth.tokens.name", "must not be empty".into()));
             }
@@ -865,7 +891,11 @@ impl Config {
                 }
             }
         }
-        let a = &g.auth;
+        Ok(())
+    }
+
+    /// `[gateway.auth]` DIDs and the resolver.
+    fn check_auth(a: &AuthConfig) -> Result<(), Invalid> {
         let mut dids = std::collections::HashSet::new();
         for d in &a.dids {
             if let Err(e) = crate::auth::didwba::did::parse(&d.did) {
@@ -905,7 +935,11 @@ impl Config {
         if a.resolver_timeout.get() <= 0.0 {
             return Err(bad("gateway.auth.resolver_timeout", "must be > 0".into()));
         }
-        let d = &g.database;
+        Ok(())
+    }
+
+    /// `[gateway.database]`.
+    fn check_database(d: &DatabaseConfig) -> Result<(), Invalid> {
         if d.backend() == DbBackend::Sqlite && d.path.is_empty() {
             return Err(bad("gateway.database.path", "must not be empty".into()));
         }
@@ -934,7 +968,11 @@ impl Config {
                 return Err(bad(key, "must be > 0".into()));
             }
         }
-        let r = &self.receiver;
+        Ok(())
+    }
+
+    /// `[receiver]`.
+    fn check_receiver(r: &ReceiverConfig) -> Result<(), Invalid> {
         if r.did_document.is_empty() != r.private_key.is_empty() {
             return Err(bad(
                 "receiver.private_key",
@@ -958,6 +996,17 @@ impl Config {
                 format!("{} is outside 1024..=16777216", r.chunk_size),
             ));
         }
+        if r.cert_file.is_empty() != r.key_file.is_empty() {
+            return Err(bad(
+                "receiver.key_file",
+                "`cert_file` and `key_file` go together".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The gateway's TLS tables and the tunnel port.
+    fn check_tls(g: &GatewayConfig) -> Result<(), Invalid> {
         const TLS_KEYS: [[&str; 3]; 2] = [
             [
                 "gateway.tls.cert_file",
@@ -986,12 +1035,6 @@ impl Config {
                 "gateway.tunnel_port",
                 "must differ from `gateway.port` (leave it out for tunnels on the public port)"
                     .into(),
-            ));
-        }
-        if r.cert_file.is_empty() != r.key_file.is_empty() {
-            return Err(bad(
-                "receiver.key_file",
-                "`cert_file` and `key_file` go together".into(),
             ));
         }
         Ok(())

@@ -69,7 +69,9 @@ impl AdminSettings {
         let g = &c.gateway;
         AdminSettings {
             // Validated > 0 (config.rs); the fallback is the default.
-            header_timeout: crate::config::secs(g.admin_header_timeout)
+            header_timeout: g
+                .admin_header_timeout
+                .duration()
                 .unwrap_or(Duration::from_secs(2)),
             max_connections: g.admin_max_connections,
         }
