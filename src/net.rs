@@ -85,6 +85,77 @@ impl Movable for monoio::net::TcpStream {
     }
 }
 
+/// What one non-blocking look at a socket found (`peek_byte`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peek {
+    /// A byte is waiting (left queued for the next read).
+    Byte(u8),
+    /// The peer closed its side.
+    Closed,
+    /// Nothing yet.
+    Empty,
+    /// Interrupted by a signal (EINTR): look again.
+    Interrupted,
+    /// An error (ECONNRESET…).
+    Error,
+}
+
+/// Looks at the next byte without reading or waiting: `recv(MSG_PEEK |
+/// MSG_DONTWAIT)`, one syscall, the same on io_uring and epoll (monoio
+/// keeps ordinary descriptors).
+pub fn peek_byte(sock: &impl std::os::fd::AsRawFd) -> Peek {
+    let mut b = 0u8;
+    // SAFETY: recv(2) on the descriptor `sock` owns, open for the call (it
+    // is borrowed), into one byte on this stack frame with length 1.
+    // MSG_PEEK leaves the byte queued; MSG_DONTWAIT returns at once, so the
+    // core never blocks.
+    let n = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            (&mut b as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        1 => Peek::Byte(b),
+        0 => Peek::Closed,
+        _ => match io::Error::last_os_error().kind() {
+            io::ErrorKind::WouldBlock => Peek::Empty,
+            io::ErrorKind::Interrupted => Peek::Interrupted,
+            _ => Peek::Error,
+        },
+    }
+}
+
+/// The deadline of [`read_by`] passed first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Elapsed;
+
+/// One read appended to `buf` (grown when less than 4 KiB is spare),
+/// before `deadline` if there is one: the read's result, or [`Elapsed`].
+pub async fn read_by<R: monoio::io::AsyncReadRent>(
+    io: &mut R,
+    buf: &mut bytes::BytesMut,
+    deadline: Option<std::time::Instant>,
+) -> Result<io::Result<usize>, Elapsed> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(16 * 1024);
+    }
+    let b = std::mem::take(buf);
+    let (res, b) = match deadline {
+        Some(d) => {
+            let left = d.saturating_duration_since(std::time::Instant::now());
+            monoio::time::timeout(left, read_append(io, b))
+                .await
+                .map_err(|_| Elapsed)?
+        }
+        None => read_append(io, b).await,
+    };
+    *buf = b;
+    Ok(res)
+}
+
 /// Reads into the spare capacity of `buf`, after the bytes it holds.
 ///
 /// monoio's `IoBufMut` for `BytesMut` writes at the *start* of the buffer

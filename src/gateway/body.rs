@@ -21,29 +21,16 @@ pub(super) enum ReadOutcome {
     TimedOut,
 }
 
+/// One read with the head's or body's deadline (`net::read_by`).
 pub(super) async fn read_more<S: AsyncReadRent>(
     io: &mut S,
     buf: &mut BytesMut,
     deadline: Option<Instant>,
 ) -> ReadOutcome {
-    if buf.capacity() - buf.len() < 4096 {
-        buf.reserve(16 * 1024);
-    }
-    let b = std::mem::take(buf);
-    let (res, b) = match deadline {
-        Some(d) => {
-            let left = d.saturating_duration_since(Instant::now());
-            match monoio::time::timeout(left, crate::net::read_append(io, b)).await {
-                Ok(r) => r,
-                Err(_) => return ReadOutcome::TimedOut,
-            }
-        }
-        None => crate::net::read_append(io, b).await,
-    };
-    *buf = b;
-    match res {
-        Ok(0) | Err(_) => ReadOutcome::Eof,
-        Ok(_) => ReadOutcome::Data,
+    match crate::net::read_by(io, buf, deadline).await {
+        Err(_) => ReadOutcome::TimedOut,
+        Ok(Ok(0)) | Ok(Err(_)) => ReadOutcome::Eof,
+        Ok(Ok(_)) => ReadOutcome::Data,
     }
 }
 

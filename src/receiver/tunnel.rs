@@ -257,15 +257,9 @@ async fn read_some<S: AsyncReadRent>(
     buf: &mut BytesMut,
     deadline: Instant,
 ) -> Result<(), TunnelError> {
-    if buf.capacity() - buf.len() < 4096 {
-        buf.reserve(16 * 1024);
-    }
-    let b = std::mem::take(buf);
-    let left = deadline.saturating_duration_since(Instant::now());
-    let (res, b) = monoio::time::timeout(left, crate::net::read_append(io, b))
+    let res = crate::net::read_by(io, buf, Some(deadline))
         .await
         .map_err(|_| TunnelError::Timeout)?;
-    *buf = b;
     match res {
         Ok(0) => Err(TunnelError::Handshake(
             "gateway closed the connection".into(),

@@ -10,7 +10,6 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -53,9 +52,7 @@ pub struct Upstream {
 }
 
 fn is_token(s: &[u8]) -> bool {
-    !s.is_empty()
-        && s.iter()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b))
+    !s.is_empty() && s.iter().all(|b| http::headers::is_tchar(*b))
 }
 
 const PATH_SET: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
@@ -594,29 +591,16 @@ enum Pending {
     Closed,
 }
 
-/// Looks without reading or waiting: `recv(MSG_PEEK | MSG_DONTWAIT)` on
-/// the socket, one syscall, the same on io_uring and epoll (monoio keeps
-/// ordinary descriptors).
+/// What is waiting on an idle or busy upstream connection
+/// (`net::peek_byte`).
 fn pending(conn: &TcpStream) -> Pending {
-    let mut byte = 0u8;
-    // SAFETY: `recv(2)` on the descriptor `conn` owns, which stays open for
-    // the call (borrowed); the buffer is one byte on this stack frame and
-    // the length passed is 1. MSG_PEEK leaves the byte queued for the next
-    // read; MSG_DONTWAIT makes it return at once, so the core never blocks.
-    let n = unsafe {
-        libc::recv(
-            conn.as_raw_fd(),
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    match n {
-        0 => Pending::Closed,
-        n if n > 0 => Pending::Data,
-        _ if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock => Pending::Nothing,
-        // EINTR or a real error (ECONNRESET…): not provably quiet.
-        _ => Pending::Closed,
+    match crate::net::peek_byte(conn) {
+        crate::net::Peek::Empty => Pending::Nothing,
+        crate::net::Peek::Byte(_) => Pending::Data,
+        // Closed, or not provably quiet (EINTR, ECONNRESET…).
+        crate::net::Peek::Closed | crate::net::Peek::Interrupted | crate::net::Peek::Error => {
+            Pending::Closed
+        }
     }
 }
 

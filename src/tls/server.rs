@@ -174,31 +174,13 @@ const PLAIN_LIMIT: Duration = Duration::from_secs(10);
 /// The connection's first byte, left in the socket (`MSG_PEEK`) for the
 /// handshake to read; None when the peer closed first or on an error.
 async fn first_byte(stream: &TcpStream) -> Option<u8> {
-    use std::os::fd::AsRawFd as _;
+    use crate::net::{peek_byte, Peek};
     loop {
         stream.readable(false).await.ok()?;
-        let mut b = 0u8;
-        // SAFETY: recv(2) into one byte we own, on a socket we own;
-        // MSG_PEEK leaves the byte queued, MSG_DONTWAIT never blocks.
-        let n = unsafe {
-            libc::recv(
-                stream.as_raw_fd(),
-                (&mut b as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        match n {
-            1 => return Some(b),
-            0 => return None,
-            _ => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::WouldBlock
-                    && e.kind() != std::io::ErrorKind::Interrupted
-                {
-                    return None;
-                }
-            }
+        match peek_byte(stream) {
+            Peek::Byte(b) => return Some(b),
+            Peek::Empty | Peek::Interrupted => {}
+            Peek::Closed | Peek::Error => return None,
         }
     }
 }

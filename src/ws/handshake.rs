@@ -13,6 +13,7 @@
 //! does not re-export its `data-encoding` dependency, which is not on our
 //! dependency list either: hence the small decoder at the end of this file.
 
+use crate::http::headers::is_tchar;
 use tungstenite::handshake::derive_accept_key;
 
 use super::error::HandshakeError;
@@ -344,11 +345,6 @@ fn write_extra_headers(out: &mut Vec<u8>, headers: &[(&str, &str)]) {
             write_header(out, name, value);
         }
     }
-}
-
-/// `tchar` of RFC 9110 §5.6.2: the bytes a header name may hold.
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// Strict standard-alphabet base64 (RFC 4648 §4) with padding: length a
