@@ -75,7 +75,7 @@ pub async fn serve_conn<S>(
         let started = c.clock.began().unwrap_or_else(Instant::now);
         c.clock.done();
         let head_buf = c.buf.split_to(head.head_len).freeze();
-        let (raw_path, _) = split_target(&head_buf[head.target.clone()]);
+        let (raw_path, _) = head.path_query(&head_buf);
         // 2. The tunnel upgrade leaves the HTTP loop.
         if c.accepts != Accepts::Requests
             && raw_path == ctx.settings.tunnel_path.as_bytes()
@@ -243,7 +243,7 @@ where
     ) -> bool {
         let ctx = self.ctx.clone();
         let peer = self.peer;
-        let (raw_path, _) = split_target(&head_buf[head.target.clone()]);
+        let (raw_path, _) = head.path_query(head_buf);
         let method = head.method(head_buf);
         let is_head = method == "HEAD";
         let mut ex = ctx.obs.begin(started, head.head_len);
@@ -355,7 +355,7 @@ where
                 let reply = error_reply(&e);
                 ex.failed(&e, reply.status);
                 let close = reply.close || (!body_read && has_body(head)) || !keep_alive;
-                let (raw_path, _) = split_target(&head_buf[head.target.clone()]);
+                let (raw_path, _) = head.path_query(head_buf);
                 let path = String::from_utf8_lossy(raw_path);
                 let side = e.side().as_str();
                 if reply.status >= 500 {
@@ -382,29 +382,6 @@ fn is_websocket_upgrade(head: &RequestHead, buf: &[u8]) -> bool {
     })
 }
 
-/// Splits a request-target into raw path and raw query (without `?`).
-/// Absolute-form (`http://host/p?q`) yields its path.
-pub fn split_target(target: &[u8]) -> (&[u8], &[u8]) {
-    let mut t = target;
-    if !t.starts_with(b"/") {
-        if let Some(i) = find(t, b"://") {
-            let rest = &t[i + 3..];
-            t = match rest.iter().position(|b| *b == b'/' || *b == b'?') {
-                Some(j) => &rest[j..],
-                None => b"/",
-            };
-        }
-    }
-    match t.iter().position(|b| *b == b'?') {
-        Some(i) => (&t[..i], &t[i + 1..]),
-        None => (t, &[]),
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
 type ProxyOutcome = Result<RespHead, (ProxyError, bool)>;
 
 #[allow(clippy::too_many_arguments)]
@@ -420,8 +397,7 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
     tls: bool,
     ex: &mut Exchange<'_>,
 ) -> ProxyOutcome {
-    let target = &head_buf[head.target.clone()];
-    let (raw_path, raw_query) = split_target(target);
+    let (raw_path, raw_query) = head.path_query(head_buf);
     let path = percent_encoding::percent_decode(raw_path).decode_utf8_lossy();
     crate::fault::maybe_panic(&path);
     if has_dot_segment(&path) {
@@ -616,15 +592,6 @@ fn has_dot_segment(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn split_target_forms() {
-        assert_eq!(split_target(b"/a/b?x=1&y"), (&b"/a/b"[..], &b"x=1&y"[..]));
-        assert_eq!(split_target(b"/a"), (&b"/a"[..], &b""[..]));
-        assert_eq!(split_target(b"http://h:1/p?q"), (&b"/p"[..], &b"q"[..]));
-        assert_eq!(split_target(b"http://h:1"), (&b"/"[..], &b""[..]));
-        assert_eq!(split_target(b"*"), (&b"*"[..], &b""[..]));
-    }
 
     #[test]
     fn dot_segments() {

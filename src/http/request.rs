@@ -112,6 +112,21 @@ impl RequestHead {
         }
     }
 
+    /// The raw path and raw query (without `?`) of the target, as bytes of
+    /// `buf`: from the parsed form, no search. An absolute-form target
+    /// with an empty path (`http://h`, `http://h?q`) has the path `/`.
+    pub fn path_query<'a>(&self, buf: &'a [u8]) -> (&'a [u8], &'a [u8]) {
+        let t: &'a [u8] = match &self.form {
+            TargetForm::Origin | TargetForm::Asterisk => &buf[self.target.clone()],
+            TargetForm::Absolute { path, .. } => &buf[path.clone()],
+        };
+        let (p, q) = match t.iter().position(|b| *b == b'?') {
+            Some(i) => (&t[..i], &t[i + 1..]),
+            None => (t, &[][..]),
+        };
+        (if p.is_empty() { b"/" } else { p }, q)
+    }
+
     /// First value of field `name` (case-insensitive).
     pub fn header<'a>(&self, buf: &'a [u8], name: &str) -> Option<&'a [u8]> {
         find_header(&self.headers, buf, name)
@@ -380,6 +395,36 @@ fn target_form(head: &[u8], method: &str, target: &str) -> Result<TargetForm, He
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn path_query_from_each_form() {
+        for (req, path, query) in [
+            (
+                &b"GET /a/b?x=1&y HTTP/1.1\r\nHost: h\r\n\r\n"[..],
+                &b"/a/b"[..],
+                &b"x=1&y"[..],
+            ),
+            (b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n", b"/a", b""),
+            (
+                b"GET http://h:1/p?q HTTP/1.1\r\nHost: h:1\r\n\r\n",
+                b"/p",
+                b"q",
+            ),
+            (b"GET http://h:1 HTTP/1.1\r\nHost: h:1\r\n\r\n", b"/", b""),
+            (b"GET http://h?q HTTP/1.1\r\nHost: h\r\n\r\n", b"/", b"q"),
+            (b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n", b"*", b""),
+        ] {
+            let h = parse_request_head(req, &Limits::default())
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                h.path_query(req),
+                (path, query),
+                "{}",
+                String::from_utf8_lossy(req)
+            );
+        }
+    }
 
     fn parse(buf: &[u8]) -> Result<Option<RequestHead>, HeadError> {
         parse_request_head(buf, &Limits::default())
