@@ -669,11 +669,11 @@ const MAX_UNACKED: usize = DEFAULT_WINDOW + 2 * (1 << 20);
 /// `stream` peer: heads go to the client at once, bodies as they come.
 /// What a frame means is the demultiplexer's decision; this acts on it.
 fn on_stream_frame(tunnel: &Rc<Tunnel>, counts: &FrameRefusals, msg: Bytes) {
-    let inc = match stream::classify(&msg, FrameType::Response) {
+    let mut inc = match stream::classify(&msg, FrameType::Response) {
         Ok(i) => i,
         Err(e) => return refuse_undecodable(tunnel, counts, &msg, &e),
     };
-    let decision = tunnel.inflight.borrow_mut().decide(&inc);
+    let decision = tunnel.inflight.borrow_mut().decide(&mut inc);
     match (decision, inc) {
         (Decision::Head { key, complete }, Incoming::Whole { meta, body, .. })
         | (
@@ -708,7 +708,7 @@ fn on_stream_frame(tunnel: &Rc<Tunnel>, counts: &FrameRefusals, msg: Bytes) {
                 tunnel,
                 counts,
                 FrameRefusal::of_demux(why),
-                request_id(&inc),
+                inc.request_id(),
                 &what,
             );
             if let Some(key) = fail {
@@ -720,7 +720,7 @@ fn on_stream_frame(tunnel: &Rc<Tunnel>, counts: &FrameRefusals, msg: Bytes) {
             // timeout land here.
             tracing::debug!(
                 tunnel = tunnel.id,
-                request_id = request_id(&inc),
+                request_id = inc.request_id(),
                 what,
                 "late frame dropped"
             );
@@ -730,15 +730,6 @@ fn on_stream_frame(tunnel: &Rc<Tunnel>, counts: &FrameRefusals, msg: Bytes) {
             // with their frame kinds above.
             debug_assert!(false, "decision {d:?} for {inc:?}");
         }
-    }
-}
-
-fn request_id(inc: &Incoming) -> &str {
-    match inc {
-        Incoming::Whole { request_id, .. }
-        | Incoming::Start { request_id, .. }
-        | Incoming::More { request_id, .. }
-        | Incoming::Error { request_id, .. } => request_id,
     }
 }
 

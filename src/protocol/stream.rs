@@ -142,6 +142,18 @@ pub enum Incoming {
     Error { request_id: String, message: String },
 }
 
+impl Incoming {
+    /// The `request_id` the frame names.
+    pub fn request_id(&self) -> &str {
+        match self {
+            Incoming::Whole { request_id, .. }
+            | Incoming::Start { request_id, .. }
+            | Incoming::More { request_id, .. }
+            | Incoming::Error { request_id, .. } => request_id,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
     #[error(transparent)]

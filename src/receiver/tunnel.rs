@@ -432,14 +432,14 @@ impl ReceiverFrames {
     /// frame means is the demultiplexer's decision; this acts on it.
     fn stream_frame(&mut self, msg: Bytes) {
         let index = self.index;
-        let inc = match stream::classify(&msg, FrameType::Request) {
+        let mut inc = match stream::classify(&msg, FrameType::Request) {
             Ok(i) => i,
             Err(e) => {
                 tracing::warn!(tunnel = index, error = %e, "invalid ANPX frame refused");
                 return;
             }
         };
-        let decision = self.reqs.borrow_mut().decide(&inc);
+        let decision = self.reqs.borrow_mut().decide(&mut inc);
         match (decision, inc) {
             (Decision::Open { key, complete }, Incoming::Whole { meta, body, .. })
             | (Decision::Open { key, complete }, Incoming::Start { meta, body, .. }) => {
@@ -473,7 +473,8 @@ impl ReceiverFrames {
                 }
             }
             (Decision::Refuse { fail, what, .. }, inc) => {
-                let request_id = fail.as_deref().unwrap_or("-");
+                // The frame's id, or (taken by the demux) the failed one.
+                let request_id = fail.as_deref().unwrap_or(inc.request_id());
                 tracing::warn!(tunnel = index, request_id, frame = ?inc_kind(&inc), what, "ANPX frame refused");
                 if let Some(key) = fail {
                     // Dropping the entry abandons the upstream call; the

@@ -24,20 +24,29 @@ use crate::protocol::stream::Incoming;
 /// How a role names its requests in the table.
 pub trait RequestKey: Clone + Eq + Hash {
     /// The key for a wire `request_id`; None when it cannot be one of ours.
-    fn parse(request_id: &str) -> Option<Self>;
+    /// A key that is the id itself takes the frame's string (no copy per
+    /// frame); [`give_back`](Self::give_back) returns it when no decision
+    /// keeps it.
+    fn take(request_id: &mut String) -> Option<Self>;
+
+    fn give_back(self, _request_id: &mut String) {}
 }
 
 /// The gateway's ids: 16 lowercase hex digits of a u64 it issued.
 impl RequestKey for u64 {
-    fn parse(s: &str) -> Option<Self> {
+    fn take(s: &mut String) -> Option<Self> {
         crate::protocol::request_id::parse_request_id(s)
     }
 }
 
 /// The receiver's: any id the gateway chose.
 impl RequestKey for String {
-    fn parse(s: &str) -> Option<Self> {
-        Some(s.to_owned())
+    fn take(s: &mut String) -> Option<Self> {
+        Some(std::mem::take(s))
+    }
+
+    fn give_back(self, s: &mut String) {
+        *s = self;
     }
 }
 
@@ -184,7 +193,7 @@ impl<K: RequestKey, V> Demux<K, V> {
 
     /// Decides what `frame` means. Updates the phase; never removes an
     /// entry (the role removes it when it is done with the value).
-    pub fn decide(&mut self, frame: &Incoming) -> Decision<K> {
+    pub fn decide(&mut self, frame: &mut Incoming) -> Decision<K> {
         match frame {
             Incoming::Whole { request_id, .. } => self.head(request_id, true, 0),
             Incoming::Start {
@@ -199,22 +208,27 @@ impl<K: RequestKey, V> Demux<K, V> {
                 body,
                 last,
             } => self.more(request_id, *idx, body.len(), *last),
-            Incoming::Error { request_id, .. } => match K::parse(request_id) {
+            Incoming::Error { request_id, .. } => match K::take(request_id) {
                 Some(key) if self.streams.contains_key(&key) => Decision::PeerError { key },
-                _ => Decision::Late {
-                    what: "error frame for a request not in flight",
-                },
+                other => {
+                    if let Some(k) = other {
+                        k.give_back(request_id);
+                    }
+                    Decision::Late {
+                        what: "error frame for a request not in flight",
+                    }
+                }
             },
         }
     }
 
-    fn head(&mut self, request_id: &str, complete: bool, len: usize) -> Decision<K> {
+    fn head(&mut self, request_id: &mut String, complete: bool, len: usize) -> Decision<K> {
         let unknown = Decision::Refuse {
             why: Refusal::UnknownRequest,
             fail: None,
             what: "message for a request not in flight on this tunnel",
         };
-        let Some(key) = K::parse(request_id) else {
+        let Some(key) = K::take(request_id) else {
             return unknown;
         };
         let next = if complete {
@@ -227,12 +241,18 @@ impl<K: RequestKey, V> Demux<K, V> {
         };
         match (self.opener, self.streams.get_mut(&key)) {
             (Opener::Peer, None) => Decision::Open { key, complete },
-            (Opener::Peer, Some(_)) => Decision::Refuse {
-                why: Refusal::Duplicate,
-                fail: None,
-                what: "request id already in flight",
-            },
-            (Opener::Us, None) => unknown,
+            (Opener::Peer, Some(_)) => {
+                key.give_back(request_id);
+                Decision::Refuse {
+                    why: Refusal::Duplicate,
+                    fail: None,
+                    what: "request id already in flight",
+                }
+            }
+            (Opener::Us, None) => {
+                key.give_back(request_id);
+                unknown
+            }
             (Opener::Us, Some((phase @ Phase::AwaitingHead, _))) => {
                 *phase = next;
                 Decision::Head { key, complete }
@@ -245,8 +265,8 @@ impl<K: RequestKey, V> Demux<K, V> {
         }
     }
 
-    fn more(&mut self, request_id: &str, idx: u32, len: usize, last: bool) -> Decision<K> {
-        let Some(key) = K::parse(request_id) else {
+    fn more(&mut self, request_id: &mut String, idx: u32, len: usize, last: bool) -> Decision<K> {
+        let Some(key) = K::take(request_id) else {
             return Decision::Refuse {
                 why: Refusal::UnknownRequest,
                 fail: None,
@@ -255,6 +275,7 @@ impl<K: RequestKey, V> Demux<K, V> {
         };
         let max_unacked = self.max_unacked;
         let Some((phase, _)) = self.streams.get_mut(&key) else {
+            key.give_back(request_id);
             return Decision::Late {
                 what: "chunk for a finished request",
             };
@@ -320,24 +341,27 @@ mod tests {
         let mut d: Demux<u64, ()> = Demux::new(Opener::Us, 100);
         d.expect(7, ());
         assert_eq!(
-            d.decide(&start(7, false)),
+            d.decide(&mut start(7, false)),
             Decision::Head {
                 key: 7,
                 complete: false
             }
         );
         assert_eq!(
-            d.decide(&more(7, 1, false)),
+            d.decide(&mut more(7, 1, false)),
             Decision::Data {
                 key: 7,
                 last: false
             }
         );
         assert_eq!(
-            d.decide(&more(7, 2, true)),
+            d.decide(&mut more(7, 2, true)),
             Decision::Data { key: 7, last: true }
         );
-        assert!(matches!(d.decide(&more(7, 3, true)), Decision::Late { .. }));
+        assert!(matches!(
+            d.decide(&mut more(7, 3, true)),
+            Decision::Late { .. }
+        ));
     }
 
     #[test]
@@ -349,19 +373,22 @@ mod tests {
             fail: Some(1),
             what,
         };
-        assert_eq!(d.decide(&more(1, 1, false)), order("chunk before chunk 0"));
-        d.decide(&start(1, false));
         assert_eq!(
-            d.decide(&start(1, false)),
+            d.decide(&mut more(1, 1, false)),
+            order("chunk before chunk 0")
+        );
+        d.decide(&mut start(1, false));
+        assert_eq!(
+            d.decide(&mut start(1, false)),
             order("a second head (chunk 0) for one message")
         );
         assert_eq!(
-            d.decide(&more(1, 2, false)),
+            d.decide(&mut more(1, 2, false)),
             order("chunk out of order or repeated")
         );
         // Unknown ids are refused without failing anything.
         assert!(matches!(
-            d.decide(&start(9, true)),
+            d.decide(&mut start(9, true)),
             Decision::Refuse {
                 why: Refusal::UnknownRequest,
                 fail: None,
@@ -374,10 +401,10 @@ mod tests {
     fn window_overrun() {
         let mut d: Demux<u64, ()> = Demux::new(Opener::Us, 5);
         d.expect(1, ());
-        d.decide(&start(1, false)); // 2 unacked
-        d.decide(&more(1, 1, false)); // 4
+        d.decide(&mut start(1, false)); // 2 unacked
+        d.decide(&mut more(1, 1, false)); // 4
         assert!(matches!(
-            d.decide(&more(1, 2, false)),
+            d.decide(&mut more(1, 2, false)),
             Decision::Refuse {
                 why: Refusal::Window,
                 ..
@@ -385,11 +412,11 @@ mod tests {
         ));
         let mut d: Demux<u64, ()> = Demux::new(Opener::Us, 5);
         d.expect(1, ());
-        d.decide(&start(1, false));
+        d.decide(&mut start(1, false));
         d.credited(&1, 2);
-        d.decide(&more(1, 1, false));
+        d.decide(&mut more(1, 1, false));
         assert_eq!(
-            d.decide(&more(1, 2, false)),
+            d.decide(&mut more(1, 2, false)),
             Decision::Data {
                 key: 1,
                 last: false
@@ -402,7 +429,7 @@ mod tests {
         let mut d: Demux<String, ()> = Demux::new(Opener::Peer, usize::MAX);
         let key = format!("{:016x}", 3);
         assert_eq!(
-            d.decide(&start(3, false)),
+            d.decide(&mut start(3, false)),
             Decision::Open {
                 key: key.clone(),
                 complete: false
@@ -410,14 +437,14 @@ mod tests {
         );
         d.insert(key.clone(), (), false);
         assert!(matches!(
-            d.decide(&start(3, true)),
+            d.decide(&mut start(3, true)),
             Decision::Refuse {
                 why: Refusal::Duplicate,
                 ..
             }
         ));
         assert_eq!(
-            d.decide(&more(3, 1, true)),
+            d.decide(&mut more(3, 1, true)),
             Decision::Data { key, last: true }
         );
     }
@@ -474,8 +501,8 @@ mod tests {
                 for k in issued { d.expect(k as u64, (0, false)); }
             }
             for f in &frames {
-                let inc = incoming(f);
-                match d.decide(&inc) {
+                let mut inc = incoming(f);
+                match d.decide(&mut inc) {
                     Decision::Head { key, complete } => {
                         prop_assert!(!peer_opens);
                         let v = d.get_mut(&key).unwrap();
