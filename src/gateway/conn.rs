@@ -330,7 +330,7 @@ where
         match result {
             Ok(r) => {
                 let http10 = head.version_minor == 0;
-                let status = r.meta.status;
+                let status = r.meta.status();
                 let ok = write_response(
                     &mut self.io,
                     &mut self.out,
@@ -397,7 +397,7 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
     tls: bool,
     ex: &mut Exchange<'_>,
 ) -> ProxyOutcome {
-    let (raw_path, raw_query) = head.path_query(head_buf);
+    let (raw_path, _) = head.path_query(head_buf);
     let path = percent_encoding::percent_decode(raw_path).decode_utf8_lossy();
     crate::fault::maybe_panic(&path);
     if has_dot_segment(&path) {
@@ -434,13 +434,7 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
         .local_tunnel(&identity, conn_id)
         .filter(|t| t.features.stream)
     {
-        let target = Target {
-            path: &path,
-            raw_path,
-            raw_query,
-            peer,
-            tls,
-        };
+        let target = Target { peer, tls };
         return stream_request(ctx, io, buf, head, head_buf, &target, t, ex).await;
     }
     // Otherwise the whole body first (plain v1 peer, or the rare cross-core
@@ -456,9 +450,6 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
     let meta = build_request_meta(
         head,
         head_buf,
-        &path,
-        raw_path,
-        raw_query,
         peer,
         tls,
         chunked.then_some(body.len()),
@@ -476,11 +467,8 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
         .map_err(|e| (e, true))
 }
 
-/// Where a request came from and what it asked for.
-struct Target<'a> {
-    path: &'a str,
-    raw_path: &'a [u8],
-    raw_query: &'a [u8],
+/// Where a request came from.
+struct Target {
     peer: SocketAddr,
     tls: bool,
 }
@@ -498,7 +486,7 @@ async fn stream_request<S: AsyncReadRent>(
     buf: &mut BytesMut,
     head: &RequestHead,
     head_buf: &Bytes,
-    target: &Target<'_>,
+    target: &Target,
     tunnel: Rc<Tunnel>,
     ex: &mut Exchange<'_>,
 ) -> ProxyOutcome {
@@ -515,9 +503,6 @@ async fn stream_request<S: AsyncReadRent>(
     let meta = build_request_meta(
         head,
         head_buf,
-        target.path,
-        target.raw_path,
-        target.raw_query,
         target.peer,
         target.tls,
         (chunked && complete).then_some(first.len()),

@@ -24,21 +24,21 @@ use super::routes::{IdentityName, RouteTable};
 use super::tunnel::Tunnel;
 use crate::auth::Authenticator;
 use crate::config::{secs, Config};
-use crate::protocol::anpx::{RequestMeta, ResponseMeta};
+use crate::protocol::anpx::binmeta;
 use crate::registry::reload::{PollerMsg, RoutesUpdate};
 use crate::sync::Flag;
 
 /// A request ready for a tunnel. `Send`: it may cross to another core.
 #[derive(Debug)]
 pub struct ProxyRequest {
-    pub meta: RequestMeta,
+    pub meta: binmeta::Request,
     pub body: Bytes,
 }
 
 /// A whole response from the receiver.
 #[derive(Debug)]
 pub struct ProxyResponse {
-    pub meta: ResponseMeta,
+    pub meta: binmeta::Response,
     pub body: Bytes,
     /// The ANPX `request_id` it travelled under (access log).
     pub request_id: u64,

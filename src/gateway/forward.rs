@@ -6,7 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::http::headers::HopByHop;
 use crate::http::{self, RequestHead};
-use crate::protocol::anpx::{latin1_to_string, string_to_latin1, RequestMeta, ResponseMeta};
+use crate::protocol::anpx::binmeta::{self, Builder};
+use crate::protocol::anpx::{latin1_to_string, RequestMeta};
 
 fn is_forwarding_header(name: &[u8]) -> bool {
     [
@@ -19,77 +20,90 @@ fn is_forwarding_header(name: &[u8]) -> bool {
     .any(|n| name.eq_ignore_ascii_case(n))
 }
 
-fn forwarded_for(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+/// `ip` as text on the stack (no allocation per request).
+struct IpText {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl IpText {
+    fn new(ip: IpAddr) -> IpText {
+        use std::io::Write;
+        let mut buf = [0u8; 48];
+        let mut w = &mut buf[..];
+        let _ = write!(w, "{ip}");
+        let len = 48 - w.len();
+        IpText { buf, len }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
-/// Builds the ANPX request meta from a parsed head. `chunked_len`: the
-/// dechunked body length when the client sent chunked (the app then gets
-/// a `Content-Length`).
-#[allow(clippy::too_many_arguments)]
+/// Builds the request meta from a parsed head, straight from its ranges
+/// into one buffer: the origin-form target as received, the client's
+/// header lines in order (duplicates kept) minus what a proxy must drop,
+/// and this hop's forwarding headers. `chunked_len`: the dechunked body
+/// length when the client sent chunked (the app then gets a
+/// `Content-Length`).
 pub fn build_request_meta(
     head: &RequestHead,
     buf: &[u8],
-    path: &str,
-    _raw_path: &[u8],
-    raw_query: &[u8],
     peer: SocketAddr,
     tls: bool,
     chunked_len: Option<usize>,
     trust_forwarded: bool,
-) -> RequestMeta {
-    let (mut list, seen) = client_headers(head, buf, chunked_len, trust_forwarded);
+) -> binmeta::Request {
+    let target = origin_form(&buf[head.target.clone()]);
+    // The head's length bounds what is copied; 192 for our own lines.
+    let mut b = Builder::request(head.method(buf).as_bytes(), target, head.head_len + 192);
+    let seen = client_headers(&mut b, head, buf, chunked_len, trust_forwarded);
     if let Some(n) = chunked_len {
-        list.push(("content-length".into(), n.to_string()));
+        b.field(b"content-length", itoa::Buffer::new().format(n).as_bytes());
     }
-    push_forwarding(&mut list, seen, peer, tls);
-    let headers = flat_headers(&list);
-    let target = &buf[head.target.clone()];
-    RequestMeta {
-        method: head.method(buf).to_owned(),
-        path: path.to_owned(),
-        headers,
-        query: parse_query(raw_query),
-        raw_target: Some(latin1_to_string(origin_form(target))),
-        header_list: Some(list),
-    }
+    push_forwarding(&mut b, seen, peer, tls);
+    b.finish_request()
 }
 
 /// What the client's own forwarding headers said (kept only with
 /// `trust_forwarded`), and its Host.
 #[derive(Default)]
-struct Forwarded {
-    xff: Option<String>,
-    fwd: Option<String>,
-    host: Option<String>,
+struct Forwarded<'a> {
+    xff: Option<Vec<u8>>,
+    fwd: Option<Vec<u8>>,
+    host: Option<&'a [u8]>,
     have_proto: bool,
     have_host: bool,
 }
 
-/// The client's header lines that travel on, in order, duplicates kept:
-/// hop-by-hop fields (and those `Connection` names), `Expect`, a
+fn join(prior: &mut Option<Vec<u8>>, v: &[u8]) {
+    match prior {
+        Some(p) => {
+            p.extend_from_slice(b", ");
+            p.extend_from_slice(v);
+        }
+        None => *prior = Some(v.to_vec()),
+    }
+}
+
+/// Writes the client's header lines that travel on, in order, duplicates
+/// kept: hop-by-hop fields (and those `Connection` names), `Expect`, a
 /// Content-Length replaced by the dechunked length, and forwarding
 /// headers unless trusted are left out.
-fn client_headers(
+fn client_headers<'a>(
+    b: &mut Builder,
     head: &RequestHead,
-    buf: &[u8],
+    buf: &'a [u8],
     chunked_len: Option<usize>,
     trust_forwarded: bool,
-) -> (Vec<(String, String)>, Forwarded) {
+) -> Forwarded<'a> {
     let hop = HopByHop::of(
         head.headers
             .iter()
             .map(|h| (&buf[h.name.clone()], &buf[h.value.clone()])),
     );
-    let mut list: Vec<(String, String)> = Vec::with_capacity(head.headers.len() + 4);
     let mut seen = Forwarded::default();
-    let join = |prior: Option<String>, v: String| match prior {
-        Some(p) => format!("{p}, {v}"),
-        None => v,
-    };
     for h in &head.headers {
         let name = &buf[h.name.clone()];
         let value = &buf[h.value.clone()];
@@ -103,82 +117,107 @@ fn client_headers(
             if !trust_forwarded {
                 continue;
             }
-            let v = latin1_to_string(value);
             if name.eq_ignore_ascii_case(b"x-forwarded-for") {
-                seen.xff = Some(join(seen.xff.take(), v));
+                join(&mut seen.xff, value);
                 continue;
             }
             if name.eq_ignore_ascii_case(b"forwarded") {
-                seen.fwd = Some(join(seen.fwd.take(), v));
+                join(&mut seen.fwd, value);
                 continue;
             }
             seen.have_proto |= name.eq_ignore_ascii_case(b"x-forwarded-proto");
             seen.have_host |= name.eq_ignore_ascii_case(b"x-forwarded-host");
         }
         if name.eq_ignore_ascii_case(b"host") {
-            seen.host = Some(latin1_to_string(value));
+            seen.host = Some(value);
         }
-        let name_s = std::str::from_utf8(name).unwrap_or_default();
-        list.push((name_s.to_owned(), latin1_to_string(value)));
+        b.field(name, value);
     }
-    (list, seen)
+    seen
 }
 
 /// `X-Forwarded-For/-Proto/-Host` and `Forwarded` (RFC 7239) for this hop,
 /// appended to what a trusted client sent.
-fn push_forwarding(list: &mut Vec<(String, String)>, seen: Forwarded, peer: SocketAddr, tls: bool) {
-    let proto = if tls { "https" } else { "http" };
+fn push_forwarding(b: &mut Builder, seen: Forwarded<'_>, peer: SocketAddr, tls: bool) {
+    let proto: &[u8] = if tls { b"https" } else { b"http" };
     let ip = peer.ip().to_canonical();
-    let ip_s = ip.to_string();
-    list.push((
-        "x-forwarded-for".into(),
-        match seen.xff {
-            Some(p) => format!("{p}, {ip_s}"),
-            None => ip_s,
-        },
-    ));
+    let ip_s = IpText::new(ip);
+    match &seen.xff {
+        Some(p) => b.field_parts(b"x-forwarded-for", &[p, b", ", ip_s.as_bytes()]),
+        None => b.field(b"x-forwarded-for", ip_s.as_bytes()),
+    }
     if !seen.have_proto {
-        list.push(("x-forwarded-proto".into(), proto.into()));
+        b.field(b"x-forwarded-proto", proto);
     }
-    if let (Some(h), false) = (&seen.host, seen.have_host) {
-        list.push(("x-forwarded-host".into(), h.clone()));
+    if let (Some(h), false) = (seen.host, seen.have_host) {
+        b.field(b"x-forwarded-host", h);
     }
-    let mut fwd = format!("for={}", forwarded_for(ip));
-    if let Some(h) = &seen.host {
-        if h.bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b';' && b != b',')
+    // RFC 7239 §6: an IPv6 address is quoted and bracketed.
+    let (open, close): (&[u8], &[u8]) = match ip {
+        IpAddr::V4(_) => (b"", b""),
+        IpAddr::V6(_) => (b"\"[", b"]\""),
+    };
+    let quoted;
+    let host: (&[u8], &[u8]) = match seen.host {
+        Some(h)
+            if h.iter()
+                .all(|b| b.is_ascii_graphic() && *b != b'"' && *b != b';' && *b != b',') =>
         {
-            fwd.push_str(";host=");
-            fwd.push_str(h);
-        } else {
-            fwd.push_str(&format!(";host={:?}", h));
+            (b";host=", h)
         }
-    }
-    fwd.push_str(";proto=");
-    fwd.push_str(proto);
-    list.push((
-        "forwarded".into(),
-        match seen.fwd {
-            Some(p) => format!("{p}, {fwd}"),
-            None => fwd,
-        },
-    ));
+        Some(h) => {
+            quoted = format!("{:?}", crate::protocol::anpx::latin1_to_string(h));
+            (b";host=", quoted.as_bytes())
+        }
+        None => (b"", b""),
+    };
+    let (prior, sep): (&[u8], &[u8]) = match &seen.fwd {
+        Some(p) => (p, b", "),
+        None => (b"", b""),
+    };
+    b.field_parts(
+        b"forwarded",
+        &[
+            prior,
+            sep,
+            b"for=",
+            open,
+            ip_s.as_bytes(),
+            close,
+            host.0,
+            host.1,
+            b";proto=",
+            proto,
+        ],
+    );
 }
 
-/// The flat v1 map: lower-case names, duplicates joined (RFC 9110 §5.3).
-fn flat_headers(list: &[(String, String)]) -> Vec<(String, String)> {
-    let mut headers: Vec<(String, String)> = Vec::with_capacity(list.len());
-    for (n, v) in list {
-        let lower = n.to_ascii_lowercase();
-        match headers.iter_mut().find(|(k, _)| *k == lower) {
-            Some((_, existing)) => {
-                existing.push_str(", ");
-                existing.push_str(v);
-            }
-            None => headers.push((lower, v.clone())),
-        }
-    }
-    headers
+/// The JSON meta for a peer without `binmeta` (PROTOCOL.md §4): method,
+/// percent-decoded path, the flat header map and the query map; with
+/// `exact`, also the raw target and the header list as Latin-1 text.
+pub fn request_json(meta: &binmeta::Request, exact: bool) -> Vec<u8> {
+    let target = meta.target();
+    let (raw_path, raw_query) = match target.iter().position(|b| *b == b'?') {
+        Some(i) => (&target[..i], &target[i + 1..]),
+        None => (target, &b""[..]),
+    };
+    let list: Vec<(String, String)> = meta
+        .fields()
+        .map(|(n, v)| (String::from_utf8_lossy(n).into_owned(), latin1_to_string(v)))
+        .collect();
+    let json = RequestMeta {
+        method: String::from_utf8_lossy(meta.method()).into_owned(),
+        path: percent_encoding::percent_decode(raw_path)
+            .decode_utf8_lossy()
+            .into_owned(),
+        headers: binmeta::flat(&list),
+        query: parse_query(raw_query),
+        raw_target: exact.then(|| latin1_to_string(target)),
+        header_list: exact.then_some(list),
+    };
+    let mut out = Vec::with_capacity(512);
+    json.to_json(&mut out);
+    out
 }
 
 /// The origin-form part of a target (absolute-form loses scheme+authority).
@@ -245,51 +284,38 @@ pub enum Framing {
 /// `Connection` names (our receiver strips them already; a plain v1 or
 /// third-party one may not) and the app's framing headers are replaced by
 /// ours.
-pub fn write_response_head(out: &mut Vec<u8>, meta: &ResponseMeta, framing: Framing, close: bool) {
-    let status = meta.status;
-    let reason = if !meta.reason.is_empty()
-        && meta
-            .reason
-            .bytes()
-            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80)
-    {
-        meta.reason.as_str()
-    } else {
-        http::headers::reason_phrase(status)
+pub fn write_response_head(
+    out: &mut Vec<u8>,
+    meta: &binmeta::Response,
+    framing: Framing,
+    close: bool,
+) {
+    let status = meta.status();
+    let reason = match meta.reason() {
+        b"" => http::headers::reason_phrase(status).as_bytes(),
+        // Replaced by the canonical one if it could split the head.
+        r => r,
     };
     http::headers::write_status_line(out, status, reason);
     let keep_cl = framing == Framing::None && status != 204;
-    let fields = meta.header_list.as_deref().unwrap_or(&meta.headers);
-    // Connection tokens are ASCII, so the Latin-1 text of an exact value
-    // reads the same as its bytes.
-    let hop = HopByHop::of(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
-    for (name, value) in fields {
+    let hop = HopByHop::of(meta.fields());
+    for (name, value) in meta.fields() {
         if hop.drops(name)
-            || (name.eq_ignore_ascii_case("content-length") && !keep_cl)
-            || !valid_field_name(name.as_bytes())
+            || (name.eq_ignore_ascii_case(b"content-length") && !keep_cl)
+            || !valid_field_name(name)
+            || !valid_field_value(value)
         {
             continue;
         }
-        let value: Vec<u8> = if meta.header_list.is_some() {
-            match string_to_latin1(value) {
-                Some(v) => v,
-                None => value.as_bytes().to_vec(),
-            }
-        } else {
-            value.as_bytes().to_vec()
-        };
-        if !valid_field_value(&value) {
-            continue;
-        }
-        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(name);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(&value);
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
     match framing {
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
             out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -304,6 +330,7 @@ pub fn write_response_head(out: &mut Vec<u8>, meta: &ResponseMeta, framing: Fram
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::anpx::ResponseMeta;
 
     #[test]
     fn query_pairs_keep_order_and_duplicates() {
@@ -338,7 +365,12 @@ mod tests {
             ]),
         };
         let mut out = Vec::new();
-        write_response_head(&mut out, &meta, Framing::Length(3), false);
+        write_response_head(
+            &mut out,
+            &binmeta::Response::from_json_meta(&meta),
+            Framing::Length(3),
+            false,
+        );
         let s = String::from_utf8(out).unwrap();
         assert_eq!(
             s,
@@ -371,7 +403,12 @@ mod tests {
                 header_list,
             };
             let mut out = Vec::new();
-            write_response_head(&mut out, &meta, Framing::Length(0), false);
+            write_response_head(
+                &mut out,
+                &binmeta::Response::from_json_meta(&meta),
+                Framing::Length(0),
+                false,
+            );
             let s = String::from_utf8(out).unwrap().to_ascii_lowercase();
             assert_eq!(
                 s, "http/1.1 200 ok\r\nx-kept: yes\r\ncontent-length: 0\r\n\r\n",
@@ -390,8 +427,11 @@ mod tests {
             .unwrap()
             .unwrap();
         let peer: SocketAddr = "192.0.2.1:5".parse().unwrap();
-        let meta = build_request_meta(&head, raw, "/", b"/", b"", peer, false, None, false);
-        let names = crate::protocol::anpx::meta::list_names(&meta.header_list);
+        let meta = build_request_meta(&head, raw, peer, false, None, false);
+        let names: Vec<&str> = meta
+            .fields()
+            .map(|(n, _)| std::str::from_utf8(n).unwrap())
+            .collect();
         assert_eq!(
             names,
             [
@@ -403,10 +443,75 @@ mod tests {
                 "forwarded"
             ]
         );
-        assert!(!meta
+        // The JSON form of a plain v1 peer says the same.
+        let json = RequestMeta::from_json(&request_json(&meta, false)).unwrap();
+        assert!(json.header_list.is_none() && json.raw_target.is_none());
+        assert!(!json
             .headers
             .iter()
             .any(|(n, _)| n.starts_with("x-hop") || n == "x-second"));
+        assert_eq!(json.headers.len(), names.len());
+    }
+
+    /// This hop's forwarding headers: appended to a trusted client's,
+    /// IPv6 quoted and bracketed in `Forwarded` (RFC 7239 §6); the JSON form
+    /// splits path and query.
+    #[test]
+    fn forwarding_headers_and_the_json_form() {
+        let raw: &[u8] = b"POST /a%20b?x=1&y=%2F HTTP/1.1\r\nHost: h.example:8080\r\n\
+            X-Forwarded-For: 10.0.0.1\r\nForwarded: for=10.0.0.1\r\n\
+            X-Forwarded-For: 10.0.0.2\r\n\r\n";
+        let head = http::parse_request_head(raw, &http::Limits::default())
+            .unwrap()
+            .unwrap();
+        let peer: SocketAddr = "[2001:db8::1]:5".parse().unwrap();
+        let fields = |m: &binmeta::Request| -> Vec<(String, String)> {
+            m.fields()
+                .map(|(n, v)| (latin1_to_string(n), latin1_to_string(v)))
+                .collect()
+        };
+        let trusted = build_request_meta(&head, raw, peer, true, Some(7), true);
+        assert_eq!(trusted.target(), b"/a%20b?x=1&y=%2F");
+        let got = fields(&trusted);
+        let want = [
+            ("Host", "h.example:8080"),
+            ("content-length", "7"),
+            ("x-forwarded-for", "10.0.0.1, 10.0.0.2, 2001:db8::1"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "h.example:8080"),
+            (
+                "forwarded",
+                "for=10.0.0.1, for=\"[2001:db8::1]\";host=h.example:8080;proto=https",
+            ),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(got, want);
+        let untrusted = build_request_meta(
+            &head,
+            raw,
+            "192.0.2.9:1".parse().unwrap(),
+            false,
+            None,
+            false,
+        );
+        let got = fields(&untrusted);
+        assert!(got.contains(&("x-forwarded-for".into(), "192.0.2.9".into())));
+        assert!(got.contains(&(
+            "forwarded".into(),
+            "for=192.0.2.9;host=h.example:8080;proto=http".into()
+        )));
+        let json = RequestMeta::from_json(&request_json(&untrusted, true)).unwrap();
+        assert_eq!(json.method, "POST");
+        assert_eq!(json.path, "/a b");
+        assert_eq!(
+            json.query,
+            [("x".to_string(), "1".to_string()), ("y".into(), "/".into())]
+        );
+        assert_eq!(json.raw_target.as_deref(), Some("/a%20b?x=1&y=%2F"));
+        assert_eq!(json.header_list.unwrap().len(), got.len());
     }
 
     #[test]
@@ -418,15 +523,30 @@ mod tests {
             header_list: None,
         };
         let mut out = Vec::new();
-        write_response_head(&mut out, &meta, Framing::None, false);
+        write_response_head(
+            &mut out,
+            &binmeta::Response::from_json_meta(&meta),
+            Framing::None,
+            false,
+        );
         assert!(String::from_utf8_lossy(&out).contains("content-length: 42\r\n"));
         meta.status = 204;
         out.clear();
-        write_response_head(&mut out, &meta, Framing::None, false);
+        write_response_head(
+            &mut out,
+            &binmeta::Response::from_json_meta(&meta),
+            Framing::None,
+            false,
+        );
         assert!(!String::from_utf8_lossy(&out).contains("content-length"));
         meta.status = 200;
         out.clear();
-        write_response_head(&mut out, &meta, Framing::Chunked, true);
+        write_response_head(
+            &mut out,
+            &binmeta::Response::from_json_meta(&meta),
+            Framing::Chunked,
+            true,
+        );
         let s = String::from_utf8_lossy(&out);
         assert!(s.contains("transfer-encoding: chunked\r\n") && !s.contains("content-length"));
         assert!(s.ends_with("connection: close\r\n\r\n"));

@@ -10,7 +10,7 @@ use super::error::{error_reply, ProxyError};
 use super::forward::{write_response_head, Framing};
 use super::tunnel::{BodyEvent, BodyStream, RespBody, RespHead};
 use crate::http;
-use crate::protocol::anpx::ResponseMeta;
+use crate::protocol::anpx::binmeta;
 
 /// Bodies at most this large are copied behind the head so the response
 /// leaves in one write; larger ones go as a second write without a copy.
@@ -62,7 +62,7 @@ pub(super) async fn write_response<S: AsyncWriteRent>(
     sent_total: &mut u64,
 ) -> bool {
     out.clear();
-    let status = resp.meta.status;
+    let status = resp.meta.status();
     let no_body = is_head || status == 204 || status == 304 || (100..200).contains(&status);
     let stream = match resp.body {
         RespBody::Full(body) => {
@@ -185,16 +185,15 @@ async fn write_stream<S: AsyncWriteRent>(
 }
 
 /// The app's Content-Length, when it sent a valid one.
-pub(super) fn app_content_length(meta: &ResponseMeta) -> Option<u64> {
-    let list = meta.header_list.as_ref().unwrap_or(&meta.headers);
+pub(super) fn app_content_length(meta: &binmeta::Response) -> Option<u64> {
     let mut found = None;
-    for (n, v) in list {
-        if n.eq_ignore_ascii_case("content-length") {
-            let v = v.trim();
-            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+    for (n, v) in meta.fields() {
+        if n.eq_ignore_ascii_case(b"content-length") {
+            let v = v.trim_ascii();
+            if v.is_empty() || v.len() > 19 || !v.iter().all(|b| b.is_ascii_digit()) {
                 return None;
             }
-            let n: u64 = v.parse().ok()?;
+            let n = v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
             if found.is_some_and(|f| f != n) {
                 return None;
             }
@@ -223,7 +222,11 @@ pub(super) async fn write_error<S: AsyncWriteRent>(
 ) -> ErrorWritten {
     let r = error_reply(err);
     out.clear();
-    http::headers::write_status_line(out, r.status, http::headers::reason_phrase(r.status));
+    http::headers::write_status_line(
+        out,
+        r.status,
+        http::headers::reason_phrase(r.status).as_bytes(),
+    );
     out.extend_from_slice(b"content-type: application/json\r\n");
     push_header_num(out, "content-length", r.body.len());
     if let Some(s) = r.retry_after {

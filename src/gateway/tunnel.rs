@@ -33,7 +33,7 @@ use super::error::ProxyError;
 use super::refusals::{FrameRefusal, FrameRefusals};
 use super::routes::IdentityName;
 use crate::protocol::anpx::{
-    self, FrameType, Message, MetaRef, Reassembler, RequestMeta, ResponseMeta,
+    self, binmeta, FrameType, Message, MetaRef, Reassembler, ResponseMeta,
 };
 use crate::protocol::features::Features;
 use crate::protocol::stream::{self, Incoming, StreamEncoder, Window, DEFAULT_WINDOW};
@@ -45,7 +45,7 @@ use crate::ws::error::CLOSE_POLICY;
 /// A response head, and how its body arrives.
 #[derive(Debug)]
 pub struct RespHead {
-    pub meta: ResponseMeta,
+    pub meta: binmeta::Response,
     pub body: RespBody,
 }
 
@@ -109,18 +109,6 @@ pub struct Waiter {
 }
 
 impl Tunnel {
-    /// Meta JSON for this peer: plain v1 peers never see keys they did not
-    /// negotiate.
-    fn meta_json(&self, meta: &mut RequestMeta) -> Vec<u8> {
-        if !self.features.exact {
-            meta.raw_target = None;
-            meta.header_list = None;
-        }
-        let mut json = Vec::with_capacity(512);
-        meta.to_json(&mut json);
-        json
-    }
-
     fn admit(&self, ctx: &CoreCtx) -> Result<(u64, HeadRx, Rc<Window>), ProxyError> {
         if self.closed.get() {
             return Err(ProxyError::TunnelClosed);
@@ -149,14 +137,22 @@ impl Tunnel {
     pub fn start(
         self: &Rc<Self>,
         ctx: &CoreCtx,
-        mut meta: RequestMeta,
+        meta: binmeta::Request,
         first: Bytes,
         complete: bool,
     ) -> Result<(Uploader, Waiter), ProxyError> {
         debug_assert!(complete || self.features.stream);
         let (id, rx, window) = self.admit(ctx)?;
         let mut rid = [0u8; 16];
-        let json = self.meta_json(&mut meta);
+        // Our own peers take the meta as built; others get JSON with
+        // only the keys they negotiated.
+        let json;
+        let meta = if self.features.binmeta {
+            meta.as_bytes()
+        } else {
+            json = super::forward::request_json(&meta, self.features.exact);
+            &json[..]
+        };
         let mut enc = StreamEncoder::new(FrameType::Request);
         format_request_id(id, &mut rid);
         // On the stack: no allocation per request for the id.
@@ -166,7 +162,7 @@ impl Tunnel {
             anpx::encode_message(
                 FrameType::Request,
                 rids,
-                Some(MetaRef::Request(&json)),
+                Some(MetaRef::Request(meta)),
                 &first,
                 ctx.settings.chunk_size,
                 &mut frames,
@@ -176,7 +172,7 @@ impl Tunnel {
                 .all(|f| self.out.send(Outgoing::Binary(f)).is_ok())
         } else {
             // The first piece was taken within one window by the caller.
-            let (head, split) = enc.head_parts(rids, MetaRef::Request(&json), &first, false);
+            let (head, split) = enc.head_parts(rids, MetaRef::Request(meta), &first, false);
             window.take_now(first.len());
             self.out
                 .send(Outgoing::Parts {
@@ -613,7 +609,7 @@ fn on_frame(tunnel: &Tunnel, reasm: &mut Reassembler, counts: &FrameRefusals, ms
             body,
         })) => {
             let head = RespHead {
-                meta,
+                meta: binmeta::Response::from_json_meta(&meta),
                 body: RespBody::Full(body),
             };
             if deliver_head(tunnel, &request_id, Ok(head)) != Delivery::Delivered {
@@ -684,7 +680,7 @@ fn on_stream_frame(tunnel: &Rc<Tunnel>, counts: &FrameRefusals, msg: Bytes) {
                 last: _,
                 ..
             },
-        ) => stream_head(tunnel, counts, key, complete, &meta, body),
+        ) => stream_head(tunnel, counts, key, complete, meta, body),
         (Decision::Data { key, last }, Incoming::More { body, .. }) => {
             let mut map = tunnel.inflight.borrow_mut();
             if let Some(tx) = map.get(&key).and_then(|e| e.body.as_ref()) {
@@ -761,12 +757,18 @@ fn stream_head(
     counts: &FrameRefusals,
     key: u64,
     complete: bool,
-    meta: &[u8],
+    meta: Bytes,
     body: Bytes,
 ) {
     let mut rid = [0u8; 16];
     let rids = format_request_id(key, &mut rid);
-    let meta = match ResponseMeta::from_json(meta) {
+    // Binary from our own receivers (`binmeta`), JSON from any other.
+    let parsed = if binmeta::is_binary(&meta) {
+        binmeta::Response::parse(meta)
+    } else {
+        ResponseMeta::from_json(&meta).map(|m| binmeta::Response::from_json_meta(&m))
+    };
+    let meta = match parsed {
         Ok(m) => m,
         Err(e) => {
             let e = ProxyError::BadResponse(e.to_string());

@@ -194,10 +194,10 @@ pub fn reason_phrase(status: u16) -> &'static str {
 /// `reason-phrase = 1*( HTAB / SP / VCHAR / obs-text )` (RFC 9112 §4).
 /// Anything else (above all CR and LF) would let a reason copied from the
 /// app split the response.
-fn is_valid_reason(reason: &str) -> bool {
+fn is_valid_reason(reason: &[u8]) -> bool {
     reason
-        .bytes()
-        .all(|b| b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80)
+        .iter()
+        .all(|&b| b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80)
 }
 
 /// Append `HTTP/1.1 {status} {reason}\r\n` (RFC 9112 §4). A reason holding
@@ -205,7 +205,7 @@ fn is_valid_reason(reason: &str) -> bool {
 /// reason relayed from the app can never inject a line. A status outside
 /// 100..=999 is a caller bug; it is clamped rather than written as a
 /// malformed status-line.
-pub fn write_status_line(out: &mut Vec<u8>, status: u16, reason: &str) {
+pub fn write_status_line(out: &mut Vec<u8>, status: u16, reason: &[u8]) {
     debug_assert!(
         (100..=999).contains(&status),
         "status {status} not 3 digits"
@@ -214,7 +214,7 @@ pub fn write_status_line(out: &mut Vec<u8>, status: u16, reason: &str) {
     let reason = if is_valid_reason(reason) {
         reason
     } else {
-        reason_phrase(status)
+        reason_phrase(status).as_bytes()
     };
     // Hand-formatted: `write!` goes through the fmt machinery, which is
     // several times slower than three digit pushes on this per-response path.
@@ -227,7 +227,7 @@ pub fn write_status_line(out: &mut Vec<u8>, status: u16, reason: &str) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(&digits);
     out.push(b' ');
-    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(reason);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -343,9 +343,9 @@ mod tests {
     #[test]
     fn status_line_written_exactly() {
         let mut out = Vec::new();
-        write_status_line(&mut out, 200, "OK");
-        write_status_line(&mut out, 404, "");
-        write_status_line(&mut out, 502, "Bad\r\nX-Injected: 1");
+        write_status_line(&mut out, 200, b"OK");
+        write_status_line(&mut out, 404, b"");
+        write_status_line(&mut out, 502, b"Bad\r\nX-Injected: 1");
         assert_eq!(
             out,
             b"HTTP/1.1 200 OK\r\nHTTP/1.1 404 \r\nHTTP/1.1 502 Bad Gateway\r\n".to_vec()

@@ -144,19 +144,22 @@ pub fn parse_request_head(buf: &[u8], limits: &Limits) -> Result<Option<RequestH
     };
     let head = &buf[..scan.head_end];
 
+    // Slots on the stack first; the heap only for a head with more than
+    // STACK_HEADERS headers under a limit that allows it (see
+    // `parse_response_head`). Default config on purpose: it refuses
+    // obs-fold, whitespace before the colon, and repeated spaces in the
+    // request-line (RFC 9112 §3, §5.1).
     let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
     let mut heap;
-    let slots: &mut [httparse::Header<'_>] = if limits.max_headers <= STACK_HEADERS {
-        &mut stack[..limits.max_headers]
-    } else {
-        // Only with a configured limit above STACK_HEADERS.
+    let mut req = httparse::Request::new(&mut stack[..limits.max_headers.min(STACK_HEADERS)]);
+    let mut parsed = req.parse(head);
+    if matches!(parsed, Err(httparse::Error::TooManyHeaders)) && limits.max_headers > STACK_HEADERS
+    {
         heap = vec![httparse::EMPTY_HEADER; limits.max_headers];
-        &mut heap
-    };
-    // Default config on purpose: it refuses obs-fold, whitespace before the
-    // colon, and repeated spaces in the request-line (RFC 9112 §3, §5.1).
-    let mut req = httparse::Request::new(slots);
-    match req.parse(head) {
+        req = httparse::Request::new(&mut heap);
+        parsed = req.parse(head);
+    }
+    match parsed {
         Ok(httparse::Status::Complete(n)) if n == scan.head_end => {}
         // The pre-scan found the empty line, so httparse must agree.
         Ok(_) => return Err(HeadError::Malformed("head end mismatch")),

@@ -36,6 +36,10 @@ pub struct Features {
     pub stream: bool,
     /// A gateway error frame for a live request = the client went away.
     pub cancel: bool,
+    /// Metas as length-prefixed bytes instead of JSON (PROTOCOL.md §7.5).
+    /// Only together with `stream` (the reassembler of whole messages
+    /// reads JSON only).
+    pub binmeta: bool,
 }
 
 impl Features {
@@ -44,6 +48,7 @@ impl Features {
         exact: true,
         stream: true,
         cancel: true,
+        binmeta: true,
     };
 
     /// Parses a comma-separated token list; unknown tokens are ignored.
@@ -57,6 +62,8 @@ impl Features {
                 f.stream = true;
             } else if tok.eq_ignore_ascii_case(b"cancel") {
                 f.cancel = true;
+            } else if tok.eq_ignore_ascii_case(b"binmeta") {
+                f.binmeta = true;
             }
         }
         f
@@ -68,6 +75,7 @@ impl Features {
             exact: self.exact && other.exact,
             stream: self.stream && other.stream,
             cancel: self.cancel && other.cancel,
+            binmeta: self.binmeta && other.binmeta && self.stream && other.stream,
         }
     }
 
@@ -82,6 +90,9 @@ impl Features {
         }
         if self.cancel {
             v.push("cancel");
+        }
+        if self.binmeta {
+            v.push("binmeta");
         }
         v.join(", ")
     }
@@ -111,7 +122,12 @@ mod tests {
         );
         assert_eq!(
             Features::SUPPORTED.to_header_value(),
-            "exact, stream, cancel"
+            "exact, stream, cancel, binmeta"
+        );
+        assert!(
+            !Features::parse(b"binmeta")
+                .intersect(Features::SUPPORTED)
+                .binmeta
         );
         assert!(!Features::parse(b"exact").stream);
     }

@@ -8,20 +8,21 @@ use std::rc::Rc;
 use bytes::{Bytes, BytesMut};
 
 use super::upstream::UpstreamError;
-use crate::protocol::anpx::{self, FrameType, MetaRef, ResponseMeta};
+use crate::protocol::anpx::{self, binmeta, FrameType, MetaRef};
+use crate::protocol::features::Features;
 use crate::protocol::stream::{self, StreamEncoder, Window};
 use crate::ws::conn::{OutTx, Outgoing};
 
 pub struct ResponseSink {
     out: OutTx,
     request_id: String,
-    stream: bool,
+    features: Features,
     window: Rc<Window>,
     chunk_size: usize,
     max_body: usize,
     enc: StreamEncoder,
     /// Plain v1: the head and body so far.
-    held: Option<(ResponseMeta, BytesMut)>,
+    held: Option<(binmeta::Response, BytesMut)>,
     /// Something was sent: a failure now must end the response visibly.
     started: bool,
 }
@@ -30,7 +31,7 @@ impl ResponseSink {
     pub fn new(
         out: OutTx,
         request_id: String,
-        stream: bool,
+        features: Features,
         window: Rc<Window>,
         chunk_size: usize,
         max_body: usize,
@@ -38,7 +39,7 @@ impl ResponseSink {
         Self {
             out,
             request_id,
-            stream,
+            features,
             window,
             chunk_size,
             max_body,
@@ -85,18 +86,30 @@ impl ResponseSink {
     /// when that is the whole body.
     pub async fn head(
         &mut self,
-        meta: ResponseMeta,
+        meta: binmeta::Response,
         body: Bytes,
         complete: bool,
     ) -> Result<(), UpstreamError> {
-        let mut json = Vec::with_capacity(512);
+        // Our own gateways take the meta as built; others get JSON with
+        // only the keys they negotiated.
+        let f = self.features;
+        let json;
+        let wire = if f.binmeta {
+            meta.as_bytes()
+        } else if complete || f.stream {
+            let mut j = Vec::with_capacity(512);
+            meta.to_json_meta(f.exact).to_json(&mut j);
+            json = j;
+            &json[..]
+        } else {
+            &[][..]
+        };
         if complete {
-            meta.to_json(&mut json);
             let mut frames = Vec::with_capacity(1);
             anpx::encode_message(
                 FrameType::Response,
                 &self.request_id,
-                Some(MetaRef::Response(&json)),
+                Some(MetaRef::Response(wire)),
                 &body,
                 self.chunk_size,
                 &mut frames,
@@ -106,20 +119,19 @@ impl ResponseSink {
             }
             return Ok(());
         }
-        if !self.stream {
+        if !f.stream {
             if body.len() > self.max_body {
                 return Err(UpstreamError::TooLarge(self.max_body));
             }
             self.held = Some((meta, BytesMut::from(&body[..])));
             return Ok(());
         }
-        meta.to_json(&mut json);
         let first =
-            stream::piece_size(self.chunk_size, &self.request_id, json.len()).min(body.len());
+            stream::piece_size(self.chunk_size, &self.request_id, wire.len()).min(body.len());
         self.take_window(first).await?;
         let f = self.enc.head_parts(
             &self.request_id,
-            MetaRef::Response(&json),
+            MetaRef::Response(wire),
             &body[..first],
             false,
         );

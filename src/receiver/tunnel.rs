@@ -20,7 +20,7 @@ use super::url::Url;
 use super::TunnelCount;
 use crate::auth::didwba::{self, DidSigner};
 use crate::config::AuthScheme;
-use crate::protocol::anpx::{self, FrameType, Message, Reassembler, RequestMeta};
+use crate::protocol::anpx::{self, binmeta, FrameType, Message, Reassembler, RequestMeta};
 use crate::protocol::features::{Features, FEATURES_HEADER, INSTANCE_HEADER, TUNNELS_HEADER};
 use crate::protocol::stream::{self, Incoming, Window, DEFAULT_WINDOW};
 use crate::tls::client::GatewayStream;
@@ -381,16 +381,25 @@ impl ReceiverFrames {
                 request_id,
                 meta,
                 body,
-            })) => start_request(
-                &self.ctx,
-                &self.out,
-                &self.reqs,
-                self.features,
-                request_id,
-                meta,
-                ReqBody::Full(body),
-                None,
-            ),
+            })) => match super::upstream::from_json_meta(&meta) {
+                Ok(meta) => start_request(
+                    &self.ctx,
+                    &self.out,
+                    &self.reqs,
+                    self.features,
+                    request_id,
+                    meta,
+                    ReqBody::Full(body),
+                    None,
+                ),
+                Err(e) => {
+                    tracing::warn!(tunnel = index, %request_id, error = %e, "invalid request meta refused");
+                    let _ = self.out.send(Outgoing::Binary(anpx::encode_error(
+                        &request_id,
+                        &e.to_string(),
+                    )));
+                }
+            },
             Ok(Some(Message::Error {
                 request_id,
                 message,
@@ -443,7 +452,7 @@ impl ReceiverFrames {
         match (decision, inc) {
             (Decision::Open { key, complete }, Incoming::Whole { meta, body, .. })
             | (Decision::Open { key, complete }, Incoming::Start { meta, body, .. }) => {
-                self.open(key, complete, &meta, body)
+                self.open(key, complete, meta, body)
             }
             (Decision::Data { key, last }, Incoming::More { body, .. }) => {
                 let mut map = self.reqs.borrow_mut();
@@ -495,14 +504,22 @@ impl ReceiverFrames {
 
     /// A new request: its upstream call starts now, with the body whole
     /// (`complete`) or fed piece by piece as it comes.
-    fn open(&mut self, key: String, complete: bool, meta: &[u8], body: Bytes) {
-        let meta = match RequestMeta::from_json(meta) {
+    fn open(&mut self, key: String, complete: bool, meta: Bytes, body: Bytes) {
+        // Binary from our own gateways (`binmeta`), JSON from any other.
+        let parsed = if binmeta::is_binary(&meta) {
+            binmeta::Request::parse(meta).map_err(|e| e.to_string())
+        } else {
+            RequestMeta::from_json(&meta)
+                .map_err(|e| e.to_string())
+                .and_then(|m| super::upstream::from_json_meta(&m).map_err(|e| e.to_string()))
+        };
+        let meta = match parsed {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(tunnel = self.index, request_id = %key, error = %e, "invalid request meta refused");
                 let _ = self
                     .out
-                    .send(Outgoing::Binary(anpx::encode_error(&key, &e.to_string())));
+                    .send(Outgoing::Binary(anpx::encode_error(&key, &e)));
                 return;
             }
         };
@@ -545,7 +562,7 @@ fn start_request(
     reqs: &Reqs,
     features: Features,
     request_id: String,
-    meta: RequestMeta,
+    meta: binmeta::Request,
     body: ReqBody,
     body_tx: Option<local_sync::mpsc::unbounded::Tx<ReqEvent>>,
 ) {
@@ -564,7 +581,7 @@ fn start_request(
     let sink = ResponseSink::new(
         out.clone(),
         request_id,
-        features.stream,
+        features,
         window,
         ctx.chunk_size,
         ctx.max_body,
@@ -586,13 +603,16 @@ async fn handle_request(
     ctx: Rc<CoreRx>,
     out: OutTx,
     reqs: Reqs,
-    meta: RequestMeta,
+    meta: binmeta::Request,
     body: ReqBody,
     mut sink: ResponseSink,
     cancel: local_sync::oneshot::Receiver<()>,
 ) {
     let request_id = sink.request_id().to_owned();
-    crate::fault::maybe_panic(&meta.path);
+    // The path without the query (it may carry secrets): for the log.
+    let target = String::from_utf8_lossy(meta.target());
+    let path = target.split('?').next().unwrap_or_default();
+    crate::fault::maybe_panic(path);
     let work = async {
         // Never more than max_concurrent upstream calls at once; excess waits.
         let _permit = ctx.permits.acquire().await;
@@ -618,7 +638,7 @@ async fn handle_request(
             tracing::debug!(%request_id, "upstream call abandoned");
         }
         Some(Err(e)) => {
-            tracing::warn!(%request_id, method = %meta.method, path = %meta.path, error = %e, "upstream call failed");
+            tracing::warn!(%request_id, method = %String::from_utf8_lossy(meta.method()), path = %path, error = %e, "upstream call failed");
             let _ = out.send(Outgoing::Binary(anpx::encode_error(
                 &request_id,
                 &e.to_string(),

@@ -20,7 +20,8 @@ use super::sink::ResponseSink;
 use super::url::Url;
 use crate::http::headers::HopByHop;
 use crate::http::{self, ChunkedDecoder, ChunkedStep, ResponseBody};
-use crate::protocol::anpx::{latin1_to_string, string_to_latin1, RequestMeta, ResponseMeta};
+use crate::protocol::anpx::binmeta::{self, Builder};
+use crate::protocol::anpx::{string_to_latin1, RequestMeta};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -75,7 +76,7 @@ const QUERY_SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMER
 /// The request-target: the exact one when the gateway sent it, otherwise
 /// rebuilt from the decoded path and query (plain ANPX v1).
 fn request_target(meta: &RequestMeta) -> Result<Vec<u8>, UpstreamError> {
-    let t = match &meta.raw_target {
+    Ok(match &meta.raw_target {
         Some(raw) => {
             string_to_latin1(raw).ok_or(UpstreamError::BadRequest("raw_target not latin-1"))?
         }
@@ -89,62 +90,76 @@ fn request_target(meta: &RequestMeta) -> Result<Vec<u8>, UpstreamError> {
             }
             t.into_bytes()
         }
-    };
-    if t.is_empty() || t.iter().any(|b| *b <= b' ' || *b == 0x7f) {
+    })
+}
+
+/// A JSON meta (a gateway without `binmeta`) in the binary form the rest
+/// of the receiver reads: the exact target and header list when sent
+/// (their values Latin-1 code points, PROTOCOL.md §7.1), else the target
+/// rebuilt and the flat map.
+pub fn from_json_meta(meta: &RequestMeta) -> Result<binmeta::Request, UpstreamError> {
+    let target = request_target(meta)?;
+    let exact = meta.header_list.is_some();
+    let list = meta.header_list.as_ref().unwrap_or(&meta.headers);
+    let mut b = Builder::request(meta.method.as_bytes(), &target, 512);
+    for (name, value) in list {
+        match exact.then(|| string_to_latin1(value)).flatten() {
+            Some(v) => b.field(name.as_bytes(), &v),
+            None => b.field(name.as_bytes(), value.as_bytes()),
+        }
+    }
+    Ok(b.finish_request())
+}
+
+/// Writes the upstream request head, straight from the meta's bytes.
+/// Refused: a method that is not a token, a target with spaces or
+/// controls. Dropped: hop-by-hop fields and those the client's
+/// `Connection` names (a v1 gateway may leave them in; ours has removed
+/// them already), names that are not tokens, values that could split the
+/// head, a second Host.
+pub fn write_request_head(
+    out: &mut Vec<u8>,
+    meta: &binmeta::Request,
+    body: BodyLen,
+    upstream_host: &str,
+) -> Result<(), UpstreamError> {
+    let method = meta.method();
+    if !is_token(method) {
+        return Err(UpstreamError::BadRequest("method is not a token"));
+    }
+    let target = meta.target();
+    if target.is_empty() || target.iter().any(|b| *b <= b' ' || *b == 0x7f) {
         return Err(UpstreamError::BadRequest(
             "request-target has spaces or controls",
         ));
     }
-    Ok(t)
-}
-
-/// Writes the upstream request head.
-pub fn write_request_head(
-    out: &mut Vec<u8>,
-    meta: &RequestMeta,
-    body: BodyLen,
-    upstream_host: &str,
-) -> Result<(), UpstreamError> {
-    if !is_token(meta.method.as_bytes()) {
-        return Err(UpstreamError::BadRequest("method is not a token"));
-    }
-    out.extend_from_slice(meta.method.as_bytes());
+    out.extend_from_slice(method);
     out.push(b' ');
-    out.extend_from_slice(&request_target(meta)?);
+    out.extend_from_slice(target);
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let exact = meta.header_list.is_some();
-    let list = meta.header_list.as_ref().unwrap_or(&meta.headers);
-    // A v1 gateway (the reference) may leave the client's Connection-named
-    // fields in; ours has removed them already.
-    let hop = HopByHop::of(list.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+    let hop = HopByHop::of(meta.fields());
     let mut has_host = false;
     let mut had_cl = false;
-    for (name, value) in list {
-        let n = name.as_bytes();
-        if hop.drops(n) || !is_token(n) {
+    for (name, value) in meta.fields() {
+        if hop.drops(name) || !is_token(name) {
             continue;
         }
-        if name.eq_ignore_ascii_case("content-length") {
+        if name.eq_ignore_ascii_case(b"content-length") {
             had_cl = true;
             continue; // recomputed below from the body actually sent
         }
-        let v = if exact {
-            string_to_latin1(value).unwrap_or_else(|| value.as_bytes().to_vec())
-        } else {
-            value.as_bytes().to_vec()
-        };
-        if v.iter().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+        if value.iter().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
             continue;
         }
-        if name.eq_ignore_ascii_case("host") {
+        if name.eq_ignore_ascii_case(b"host") {
             if has_host {
                 continue;
             }
             has_host = true;
         }
-        out.extend_from_slice(n);
+        out.extend_from_slice(name);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(&v);
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
     if !has_host {
@@ -153,11 +168,9 @@ pub fn write_request_head(
         out.extend_from_slice(b"\r\n");
     }
     match body {
-        BodyLen::Known(n)
-            if n > 0 || had_cl || matches!(meta.method.as_str(), "POST" | "PUT" | "PATCH") =>
-        {
+        BodyLen::Known(n) if n > 0 || had_cl || matches!(method, b"POST" | b"PUT" | b"PATCH") => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
             out.extend_from_slice(b"\r\n");
         }
         BodyLen::Known(_) => {}
@@ -214,7 +227,7 @@ impl Upstream {
     /// `credit(n)` is called as request body bytes reach the app.
     pub async fn call(
         &self,
-        meta: &RequestMeta,
+        meta: &binmeta::Request,
         body: ReqBody,
         sink: &mut ResponseSink,
         credit: &mut dyn FnMut(usize),
@@ -229,11 +242,11 @@ impl Upstream {
     /// connection is retried once on a fresh one.
     async fn call_whole(
         &self,
-        meta: &RequestMeta,
+        meta: &binmeta::Request,
         body: Bytes,
         sink: &mut ResponseSink,
     ) -> Result<(), UpstreamError> {
-        let is_head = meta.method == "HEAD";
+        let is_head = meta.method() == b"HEAD";
         let mut head = Vec::with_capacity(1024);
         let host = self.url.host_header();
         write_request_head(&mut head, meta, BodyLen::Known(body.len()), &host)?;
@@ -263,7 +276,7 @@ impl Upstream {
     /// replayed), Content-Length kept, else chunked to the app.
     async fn call_streamed(
         &self,
-        meta: &RequestMeta,
+        meta: &binmeta::Request,
         rx: local_sync::mpsc::unbounded::Rx<ReqEvent>,
         sink: &mut ResponseSink,
         credit: &mut dyn FnMut(usize),
@@ -282,7 +295,7 @@ impl Upstream {
         let (r, _) = conn.write_all(head).await;
         r?;
         let early = send_streamed_body(&mut conn, rx, len, credit).await?;
-        self.read_response(conn, meta.method == "HEAD", early, sink)
+        self.read_response(conn, meta.method() == b"HEAD", early, sink)
             .await
             .map_err(Attempt::into_error)
     }
@@ -487,7 +500,7 @@ async fn read_body_more(conn: &mut TcpStream, buf: &mut BytesMut) -> Result<(), 
 async fn relay_length(
     (conn, buf): (&mut TcpStream, &mut BytesMut),
     n: usize,
-    meta: ResponseMeta,
+    meta: binmeta::Response,
     sink: &mut ResponseSink,
 ) -> Result<(), UpstreamError> {
     if buf.len() >= n {
@@ -509,7 +522,7 @@ async fn relay_length(
 /// response is often whole).
 async fn relay_chunked(
     (conn, buf): (&mut TcpStream, &mut BytesMut),
-    meta: ResponseMeta,
+    meta: binmeta::Response,
     sink: &mut ResponseSink,
 ) -> Result<(), UpstreamError> {
     let bad = |e: http::ChunkedError| UpstreamError::BadResponse(e.to_string());
@@ -538,7 +551,7 @@ async fn relay_chunked(
 /// A body delimited by the connection's close (HTTP/1.0 style).
 async fn relay_until_close(
     (conn, buf): (&mut TcpStream, &mut BytesMut),
-    meta: ResponseMeta,
+    meta: binmeta::Response,
     sink: &mut ResponseSink,
 ) -> Result<(), UpstreamError> {
     sink.head(meta, buf.split().freeze(), false).await?;
@@ -623,11 +636,11 @@ pub enum BodyLen {
 }
 
 /// The Content-Length the client declared, as forwarded in the meta.
-fn declared_length(meta: &RequestMeta) -> Option<usize> {
-    let list = meta.header_list.as_ref().unwrap_or(&meta.headers);
-    list.iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse().ok())
+fn declared_length(meta: &binmeta::Request) -> Option<usize> {
+    let (_, v) = meta
+        .fields()
+        .find(|(n, _)| n.eq_ignore_ascii_case(b"content-length"))?;
+    std::str::from_utf8(v).ok()?.trim().parse().ok()
 }
 
 enum Attempt {
@@ -645,43 +658,28 @@ impl Attempt {
     }
 }
 
-/// ANPX response meta: the flat v1 map and the exact header list, without
-/// the hop-by-hop fields and those the app's `Connection` names.
-fn response_meta(resp: &http::ResponseHead, buf: &[u8]) -> ResponseMeta {
-    let mut list = Vec::with_capacity(resp.headers.len());
-    let mut flat: Vec<(String, String)> = Vec::with_capacity(resp.headers.len());
-    let hop = HopByHop::of(
+/// ANPX response meta, straight from the head's bytes: the header lines
+/// in order, without the hop-by-hop fields and those the app's
+/// `Connection` names.
+fn response_meta(resp: &http::ResponseHead, buf: &[u8]) -> binmeta::Response {
+    let fields = || {
         resp.headers
             .iter()
-            .map(|h| (&buf[h.name.clone()], &buf[h.value.clone()])),
-    );
-    for h in &resp.headers {
-        let raw_name = &buf[h.name.clone()];
+            .map(|h| (&buf[h.name.clone()], &buf[h.value.clone()]))
+    };
+    let hop = HopByHop::of(fields());
+    let mut b = Builder::response(resp.status, &buf[resp.reason.clone()], buf.len() + 64);
+    for (name, value) in fields() {
         // With both Content-Length and Transfer-Encoding the length is
         // wrong (RFC 9112 §6.3): it must not travel on.
-        if hop.drops(raw_name)
-            || (resp.content_length_ignored && raw_name.eq_ignore_ascii_case(b"content-length"))
+        if hop.drops(name)
+            || (resp.content_length_ignored && name.eq_ignore_ascii_case(b"content-length"))
         {
             continue;
         }
-        let name = String::from_utf8_lossy(raw_name).into_owned();
-        let value = latin1_to_string(&buf[h.value.clone()]);
-        let lower = name.to_ascii_lowercase();
-        match flat.iter_mut().find(|(k, _)| *k == lower) {
-            Some((_, v)) => {
-                v.push_str(", ");
-                v.push_str(&value);
-            }
-            None => flat.push((lower, value.clone())),
-        }
-        list.push((name, value));
+        b.field(name, value);
     }
-    ResponseMeta {
-        status: resp.status,
-        reason: String::from_utf8_lossy(&buf[resp.reason.clone()]).into_owned(),
-        headers: flat,
-        header_list: Some(list),
-    }
+    b.finish_response()
 }
 
 #[cfg(test)]
@@ -702,7 +700,13 @@ mod tests {
     #[test]
     fn plain_v1_target_is_reencoded() {
         let mut out = Vec::new();
-        write_request_head(&mut out, &meta(None), BodyLen::Known(0), "up:1").unwrap();
+        write_request_head(
+            &mut out,
+            &from_json_meta(&meta(None)).unwrap(),
+            BodyLen::Known(0),
+            "up:1",
+        )
+        .unwrap();
         let s = String::from_utf8(out).unwrap();
         assert!(
             s.starts_with("GET /a%20b/%E4%B8%AD?q=1%202&q=%26 HTTP/1.1\r\n"),
@@ -722,7 +726,13 @@ mod tests {
             ("x-kept".into(), "yes".into()),
         ];
         let mut out = Vec::new();
-        write_request_head(&mut out, &m, BodyLen::Known(0), "up:1").unwrap();
+        write_request_head(
+            &mut out,
+            &from_json_meta(&m).unwrap(),
+            BodyLen::Known(0),
+            "up:1",
+        )
+        .unwrap();
         let s = String::from_utf8(out).unwrap();
         assert!(s.ends_with("\r\nhost: gw\r\nx-kept: yes\r\n\r\n"), "{s}");
         assert!(!s.contains("secret") && !s.contains("connection"), "{s}");
@@ -737,9 +747,10 @@ mod tests {
             .unwrap()
             .unwrap();
         let m = response_meta(&resp, raw);
-        let names = crate::protocol::anpx::meta::list_names(&m.header_list);
-        assert_eq!(names, ["X-Kept", "Content-Length"]);
-        let flat: Vec<&str> = m.headers.iter().map(|(n, _)| n.as_str()).collect();
+        let names: Vec<&[u8]> = m.fields().map(|(n, _)| n).collect();
+        assert_eq!(names, [&b"X-Kept"[..], b"Content-Length"]);
+        let json = m.to_json_meta(false);
+        let flat: Vec<&str> = json.headers.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(flat, ["x-kept", "content-length"]);
     }
 
@@ -810,7 +821,7 @@ mod tests {
         let mut out = Vec::new();
         write_request_head(
             &mut out,
-            &meta(Some("/x?a=%20&a")),
+            &from_json_meta(&meta(Some("/x?a=%20&a"))).unwrap(),
             BodyLen::Known(3),
             "up:1",
         )
@@ -818,9 +829,13 @@ mod tests {
         assert!(out.starts_with(b"GET /x?a=%20&a HTTP/1.1\r\n"));
         assert!(String::from_utf8_lossy(&out).contains("content-length: 3\r\n"));
         let mut out = Vec::new();
-        assert!(
-            write_request_head(&mut out, &meta(Some("/x y")), BodyLen::Known(0), "up").is_err()
-        );
+        assert!(write_request_head(
+            &mut out,
+            &from_json_meta(&meta(Some("/x y"))).unwrap(),
+            BodyLen::Known(0),
+            "up"
+        )
+        .is_err());
     }
 }
 

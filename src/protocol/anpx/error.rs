@@ -79,6 +79,9 @@ pub enum MetaError {
     /// `status` outside 100..=999.
     #[error("status {0} outside 100..=999")]
     Status(u64),
+    /// A binary meta (`binmeta`, PROTOCOL.md §7.5) that does not parse.
+    #[error("binary meta: {0}")]
+    Binary(&'static str),
 }
 
 impl MetaError {
@@ -86,6 +89,7 @@ impl MetaError {
         match self {
             MetaError::Json(_) => "meta json",
             MetaError::Status(_) => "meta status",
+            MetaError::Binary(_) => "meta binary",
         }
     }
 }

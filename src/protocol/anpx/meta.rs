@@ -48,12 +48,6 @@ pub struct ResponseMeta {
     pub header_list: Option<Vec<(String, String)>>,
 }
 
-/// The names in an `exact` header list, in order (tests of both roles).
-#[cfg(test)]
-pub(crate) fn list_names(list: &Option<Vec<(String, String)>>) -> Vec<&str> {
-    list.iter().flatten().map(|(n, _)| n.as_str()).collect()
-}
-
 /// What `resp_meta` may hold before `status` is range-checked: any integer
 /// is read so that an out-of-range one gets its own error.
 #[derive(Deserialize)]

@@ -13,6 +13,7 @@
 //! binary message per frame; the control text messages of §6 are not its
 //! business.
 
+pub mod binmeta;
 pub mod decode;
 pub mod encode;
 pub mod error;
