@@ -2,7 +2,11 @@
 # manage.sh start|stop|status|restart|reload|logs [gateway|receiver] — run
 # anp-proxy as a background service from this directory. The pid file and
 # the log live under ./run/ (override with ANP_RUN_DIR); the config is
-# ./config.toml (override with ANP_CONFIG).
+# ./config.toml (override with ANP_CONFIG; without either, no file: the
+# defaults and ANP_PROXY_<TABLE>__<KEY> variables, which the process
+# inherits in any case and which override the file).
+#   start    runs `anp-proxy check` first: a configuration it refuses is
+#            never launched (the reason is printed, exit 2).
 #   stop     SIGTERM: the gateway drains (finishes requests in flight within
 #            shutdown_grace, closes tunnels with 1001), then exits; a
 #            receiver tells the gateway it is draining, finishes its
@@ -11,6 +15,11 @@
 #   restart  gateway: starts the new process on the same ports first
 #            (`--takeover`: SO_REUSEPORT, the public and the admin port),
 #            then drains the old one: no refused connection.
+#            receiver: starts the new receiver first and waits for its
+#            tunnels, then SIGTERMs the old one, which drains (the gateway
+#            sends it nothing new, its requests in flight finish): no gap.
+#            Under the gateway's `duplicate_tunnels = "refuse"` the new one
+#            is refused while the old one holds tunnels: stop, then start.
 #   reload   SIGHUP: routes, tokens and certificates, no connection dropped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -18,6 +27,9 @@ cmd=${1:-status}
 role=${2:-gateway}
 RUN_DIR=${ANP_RUN_DIR:-./run}
 CONFIG=${ANP_CONFIG:-./config.toml}
+# No file at the default place and none asked for: run on the defaults and
+# the environment (anp-proxy's own rule without --config).
+if [ -z "${ANP_CONFIG:-}" ] && [ ! -e "$CONFIG" ]; then CONFIG_ARGS=(); else CONFIG_ARGS=(--config "$CONFIG"); fi
 BIN=${ANP_BIN:-./target/release/anp-proxy}
 PID="$RUN_DIR/anp-proxy-$role.pid"
 LOG="$RUN_DIR/anp-proxy-$role.log"
@@ -57,10 +69,9 @@ log_tail() {
 # latter is stopped: a restart then leaves the old gateway serving).
 launch() {
   [ -x "$BIN" ] || cargo build --release >&2
-  "$BIN" check "$role" --config "$CONFIG" >/dev/null
   touch "$LOG"
   local from; from=$(wc -c <"$LOG")
-  nohup "$BIN" "$role" --config "$CONFIG" "$@" >>"$LOG" 2>&1 &
+  nohup "$BIN" "$role" ${CONFIG_ARGS[@]+"${CONFIG_ARGS[@]}"} "$@" >>"$LOG" 2>&1 &
   local p=$! waited=0
   until ready_since "$from"; do
     if ! alive "$p"; then
@@ -76,8 +87,20 @@ launch() {
   echo "$p"
 }
 
+# `anp-proxy check` of this side: what it refuses would not start. Its
+# reason goes to stderr; nothing is launched and the log is not touched.
+# (Called on its own, not inside launch's $(…): there `set -e` is off.)
+checked() {
+  [ -x "$BIN" ] || cargo build --release >&2
+  if ! "$BIN" check "$role" ${CONFIG_ARGS[@]+"${CONFIG_ARGS[@]}"} >/dev/null; then
+    echo "$role not started: the configuration does not check (above)" >&2
+    exit 2
+  fi
+}
+
 start() {
   if running; then echo "$role already running (pid $(cat "$PID"))"; return 0; fi
+  checked
   local p; p=$(launch) || exit 1
   echo "$p" >"$PID"
   echo "$role started (pid $p), log: $LOG"
@@ -103,9 +126,17 @@ stop() {
 # before the old process drains, so no connection is refused; the old one
 # closes its admin listener as the drain starts; receivers follow on 1001.
 restart() {
-  if [ "$role" != gateway ] || ! running; then stop; start; return; fi
+  if ! running; then stop; start; return; fi
+  checked
   local old; old=$(cat "$PID")
-  local new; new=$(launch --takeover) || exit 1
+  local new
+  if [ "$role" = gateway ]; then
+    new=$(launch --takeover) || exit 1
+  else
+    # A second receiver beside the old one (same instance id: the gateway
+    # sees more tunnels of the same receiver), then the old one drains.
+    new=$(launch) || exit 1
+  fi
   echo "$new" >"$PID"
   term_and_wait "$old"
   echo "$role restarted (pid $old -> $new), log: $LOG"

@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod overlay;
+pub use overlay::{Origin, Overrides, Source, ENV_PREFIX};
+
 /// Errors of loading or validating a configuration file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -23,12 +26,18 @@ pub enum ConfigError {
     },
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("invalid config file {path}: key `{key}`: {message}")]
+    /// A value refused: `origin` names where it was set ("config file
+    /// x.toml", "environment variable ANP_PROXY_GATEWAY__PORT", "flag
+    /// --port").
+    #[error("invalid {origin}: key `{key}`: {message}")]
     Invalid {
-        path: PathBuf,
-        key: &'static str,
+        origin: String,
+        key: String,
         message: String,
     },
+    /// A variable or flag that is not a key and value at all.
+    #[error("invalid {origin}: {message}")]
+    Override { origin: String, message: String },
 }
 
 /// A duration key, in seconds: a finite number from 0 to [`Seconds::MAX`]
@@ -110,14 +119,6 @@ fn bad(key: &'static str, message: String) -> Invalid {
     (key, message)
 }
 
-fn invalid(path: &Path, (key, message): Invalid) -> ConfigError {
-    ConfigError::Invalid {
-        path: path.to_owned(),
-        key,
-        message,
-    }
-}
-
 /// Which side this process runs when no subcommand names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -138,6 +139,10 @@ pub struct Config {
     /// Directory of the config file; relative paths in it resolve from here.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// Where the values came from: the file, environment, flags
+    /// (`config/overlay.rs`).
+    #[serde(skip)]
+    pub origin: Origin,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -754,26 +759,21 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
 }
 
 impl Config {
-    /// Reads, parses and validates `path`.
+    /// Reads, parses and validates `path`, without environment or flags.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut cfg = Self::parse(&text, path)?;
-        cfg.base_dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map(Path::to_owned)
-            .unwrap_or_else(|| PathBuf::from("."));
-        Ok(cfg)
+        Self::load_with(Some(path), Overrides::default())
     }
 
     /// Parses and validates TOML text; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut cfg: Config = toml::from_str(text).map_err(|e| {
-            // toml's own layout (line, caret) kept; the key named first;
-            // an unknown key gets the nearest known one, not the list.
+        Self::build(Some((text, path)), Overrides::default())
+    }
+
+    /// The file's text alone through serde, not yet validated: a refusal
+    /// keeps toml's layout (line, caret) and names the key first; an
+    /// unknown key gets the nearest known one, not the list.
+    fn from_text(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
             let mut detail = e.to_string().trim_end().to_owned();
             if let Some(better) = unknown_key_message(e.message()) {
                 detail = detail.replace(e.message().trim_end(), &better);
@@ -786,30 +786,32 @@ impl Config {
                 path: path.to_owned(),
                 message,
             }
-        })?;
-        if cfg.gateway.database.backend.is_none() && has_mysql_keys(text) {
-            cfg.gateway.database.backend = Some(DbBackend::Mysql);
-        }
-        cfg.validate(path)?;
-        Ok(cfg)
+        })
     }
 
     /// The configuration in force as TOML, every default filled in, for
-    /// `anp-proxy check --print`. Secrets (tokens, the database password)
-    /// are [`MASK`]; file paths are shown as written.
+    /// `anp-proxy check --print`, each value that is not a default noted
+    /// with where it came from (`# file`, `# env …`, `# flag …`). Secrets
+    /// (tokens, the database password) are [`MASK`]; file paths are shown
+    /// as written.
     pub fn effective_toml(&self) -> String {
         let mut c = self.clone();
         // The backend in force, not "absent" (see DatabaseConfig::backend).
         c.gateway.database.backend = Some(c.gateway.database.backend());
-        toml::to_string(&c).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
+        match toml::to_string(&c) {
+            Ok(printed) => self.origin.annotate(&printed),
+            Err(e) => format!("# cannot print the configuration: {e}\n"),
+        }
     }
 
-    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+    /// Values the types allow but the program does not, naming the key
+    /// (the caller names where it was set).
+    fn validate(&self) -> Result<(), Invalid> {
         let g = &self.gateway;
         if self.logging.max_size < 4096 {
-            return Err(invalid(
-                path,
-                bad("logging.max_size", "must be at least 4096 bytes".into()),
+            return Err(bad(
+                "logging.max_size",
+                "must be at least 4096 bytes".into(),
             ));
         }
         Self::check_gateway(g)
@@ -818,7 +820,6 @@ impl Config {
             .and_then(|()| Self::check_database(&g.database))
             .and_then(|()| Self::check_receiver(&self.receiver))
             .and_then(|()| Self::check_tls(g))
-            .map_err(|e| invalid(path, e))
     }
 
     /// `[gateway]`: paths, sizes, timeouts and caps.
@@ -1082,11 +1083,9 @@ fn unknown_key_message(message: &str) -> Option<String> {
     })
 }
 
-/// Does `[gateway.database]` in `text` hold any MySQL-only key?
-fn has_mysql_keys(text: &str) -> bool {
-    let Ok(v) = text.parse::<toml::Table>() else {
-        return false;
-    };
+/// Does `[gateway.database]` (of the file and overrides) hold any
+/// MySQL-only key?
+fn has_mysql_keys(v: &toml::Table) -> bool {
     v.get("gateway")
         .and_then(|g| g.get("database"))
         .and_then(|d| d.as_table())

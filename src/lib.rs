@@ -18,5 +18,7 @@ pub mod registry;
 pub(crate) mod runtime;
 pub(crate) mod sync;
 pub(crate) mod tls;
+/// `anp-proxy cert new`: a private CA and a certificate it signed.
+pub use tls::create as cert;
 pub(crate) mod tunnel;
 pub mod ws;

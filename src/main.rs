@@ -1,9 +1,11 @@
-//! The `anp-proxy` binary: `gateway`, `receiver`, or the config's `mode`.
+//! The `anp-proxy` binary: `gateway`, `receiver`, or the config's `mode`;
+//! `check`, and the tools that make what a config names (`did new`,
+//! `cert new`, `token new`, `routes`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anp_proxy::config::{Config, Mode};
+use anp_proxy::config::{Config, ConfigError, Mode, Overrides};
 use clap::{Parser, Subcommand};
 
 #[global_allocator]
@@ -15,14 +17,28 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     version,
     about = "Public HTTP addresses for private services, through ANPX tunnels"
 )]
+#[command(after_help = "\
+Every config key can also be set by an environment variable,
+ANP_PROXY_<TABLE>__<KEY> (ANP_PROXY_RECEIVER__TOKEN, ANP_PROXY_GATEWAY__TLS__CERT_FILE),
+or by --set TABLE.KEY=VALUE. A flag beats a variable, a variable beats the file,
+the file beats the default. `anp-proxy check --print` shows where each value came from.")]
 struct Cli {
     /// The config file (TOML); relative paths in it resolve from its
-    /// directory.
-    #[arg(long, short, default_value = "config.toml", global = true)]
-    config: PathBuf,
+    /// directory. Default: ./config.toml when it exists, else none (the
+    /// defaults, environment variables and flags).
+    #[arg(long, short, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Set a config key, above the file and the environment: `--set
+    /// gateway.port=8080`, `--set receiver.upstream=http://127.0.0.1:3000`
+    /// (repeatable; lists and tables as TOML values).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    set: Vec<String>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
+
+/// Without `--config`, this file when it exists.
+const DEFAULT_CONFIG: &str = "config.toml";
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -34,9 +50,33 @@ enum Cmd {
         /// is refused, naming the process that holds it.
         #[arg(long)]
         takeover: bool,
+        /// `gateway.host`: the address to listen on.
+        #[arg(long, value_name = "HOST")]
+        host: Option<String>,
+        /// `gateway.port`: the public port.
+        #[arg(long, value_name = "PORT")]
+        port: Option<String>,
     },
-    /// Run the private receiver.
-    Receiver,
+    /// Run the private receiver. With no config file, these flags (or the
+    /// ANP_PROXY_RECEIVER__* variables) are all it needs: `anp-proxy
+    /// receiver --gateway-url wss://gw.example/ws --token … --upstream
+    /// http://127.0.0.1:8000`.
+    Receiver {
+        /// `receiver.gateway_url`: the gateway's tunnel URL, ws:// or wss://.
+        #[arg(long, value_name = "URL")]
+        gateway_url: Option<String>,
+        /// `receiver.token` (visible to other local users in the process
+        /// list: ANP_PROXY_RECEIVER__TOKEN is the safer way).
+        #[arg(long, value_name = "TOKEN")]
+        token: Option<String>,
+        /// `receiver.upstream`: the local app, http://host:port.
+        #[arg(long, value_name = "URL")]
+        upstream: Option<String>,
+        /// `receiver.ca_file`: the CA the gateway's certificate must chain
+        /// to (`wss://`), e.g. the ca.crt of `anp-proxy cert new`.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<String>,
+    },
     /// Validate the config file and exit: its keys and values, and what a
     /// start would load from disk for either side (certificates, keys, DID
     /// documents and private keys; keys matching their certificates) and
@@ -55,6 +95,16 @@ enum Cmd {
     Did {
         #[command(subcommand)]
         cmd: DidCmd,
+    },
+    /// TLS certificates for a gateway (and receivers' client certificates).
+    Cert {
+        #[command(subcommand)]
+        cmd: CertCmd,
+    },
+    /// Tunnel tokens (`[[gateway.auth.tokens]]`).
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
     },
     /// The route registry (`[gateway.database]`): which identity serves
     /// which path prefix. Running gateways pick changes up within
@@ -187,16 +237,150 @@ fn did_command(cmd: DidCmd) -> ExitCode {
     }
 }
 
+#[derive(Subcommand)]
+enum CertCmd {
+    /// A private CA and a certificate it signed for NAMEs (host names and
+    /// IP addresses the gateway is reached by): writes OUT/ca.crt,
+    /// OUT/ca.key, OUT/FILE.crt and OUT/FILE.key (keys mode 0600; never
+    /// overwrites) and prints the config lines that use them. Receivers
+    /// trust the gateway with `ca_file = OUT/ca.crt`.
+    New {
+        /// e.g. gw.example.com 203.0.113.7 localhost 127.0.0.1
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+        /// Directory to write into (created if missing).
+        #[arg(long, default_value = "tls", value_name = "DIR")]
+        out: PathBuf,
+        /// File name of the certificate and key, without extension
+        /// (default: gateway, or receiver with --client).
+        #[arg(long, value_name = "FILE")]
+        file: Option<String>,
+        /// Days the certificate is valid, 1 to 36500 (the CA: ten times
+        /// as long).
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=36500))]
+        days: u32,
+        /// A receiver's client certificate (mTLS on a tunnel port with
+        /// `verify_mode = "required"`) instead of a gateway's.
+        #[arg(long)]
+        client: bool,
+    },
+}
+
+/// A TOML string literal (quoted, escaped) for printed config lines.
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+fn cert_command(cmd: CertCmd) -> ExitCode {
+    let CertCmd::New {
+        names,
+        out,
+        file,
+        days,
+        client,
+    } = cmd;
+    let default_file = if client { "receiver" } else { "gateway" };
+    let req = anp_proxy::cert::CertRequest {
+        names: names.clone(),
+        out,
+        file_name: file.unwrap_or_else(|| default_file.to_owned()),
+        days,
+        client,
+    };
+    let c = match anp_proxy::cert::create(&req) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("anp-proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    eprintln!(
+        "anp-proxy: wrote {}, {} (private), {} and {} (private)",
+        c.ca_cert.display(),
+        c.ca_key.display(),
+        c.cert.display(),
+        c.key.display()
+    );
+    let p = |p: &Path| toml_str(&p.display().to_string());
+    println!(
+        "# Paths are as written here: relative ones resolve from the config file's directory."
+    );
+    if client {
+        println!(
+            "\n# The receiver's config:\n[receiver]\ncert_file = {}\nkey_file = {}\n\n\
+             # The gateway's tunnel port asks for it:\n[gateway.tunnel_tls]\nca_file = {}\nverify_mode = \"required\"",
+            p(&c.cert),
+            p(&c.key),
+            p(&c.ca_cert)
+        );
+    } else {
+        println!(
+            "\n# The gateway's config:\n[gateway.tls]\nenabled = true\ncert_file = {}\nkey_file = {}\n\n\
+             # Each receiver's config (or: anp-proxy receiver --ca-file {}):\n[receiver]\n\
+             gateway_url = {}\nca_file = {}",
+            p(&c.cert),
+            p(&c.key),
+            c.ca_cert.display(),
+            toml_str(&format!("wss://{}:8089/ws", url_host(&names[0]))),
+            p(&c.ca_cert)
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// A name as a URL's host: an IPv6 address in brackets.
+fn url_host(name: &str) -> String {
+    match name.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(_)) => format!("[{name}]"),
+        _ => name.to_owned(),
+    }
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// A new random token (256 bits) for identity NAME: printed alone on
+    /// stdout (`TOKEN=$(anp-proxy token new alice)`), with the gateway's
+    /// `[[gateway.auth.tokens]]` entry and the receiver's setting on
+    /// stderr. Nothing is written: add the entry to the gateway's config.
+    New {
+        /// The identity's name (what routes and logs call it).
+        name: String,
+        /// A path prefix the identity serves (repeatable), e.g. /alice.
+        #[arg(long = "path", value_name = "PREFIX")]
+        paths: Vec<String>,
+    },
+}
+
+fn token_command(cmd: TokenCmd) -> ExitCode {
+    let TokenCmd::New { name, paths } = cmd;
+    if name.trim().is_empty() {
+        eprintln!("anp-proxy: the identity's name must not be empty");
+        return ExitCode::from(2);
+    }
+    if let Some(p) = paths.iter().find(|p| !p.starts_with('/')) {
+        eprintln!("anp-proxy: --path `{p}` must start with `/`");
+        return ExitCode::from(2);
+    }
+    let token = anp_proxy::auth::token::generate();
+    let paths: Vec<String> = paths.iter().map(|p| toml_str(p)).collect();
+    eprintln!(
+        "anp-proxy: a new token for `{name}`. In the gateway's config:\n\n\
+         [[gateway.auth.tokens]]\nname = {}\ntoken = {}\npaths = [{}]\n\n\
+         For the receiver: ANP_PROXY_RECEIVER__TOKEN={token} (or --token, or `token` in [receiver]).",
+        toml_str(&name),
+        toml_str(&token),
+        paths.join(", ")
+    );
+    println!("{token}");
+    ExitCode::SUCCESS
+}
+
 /// `anp-proxy check`: the same preflight a start runs
 /// (`anp_proxy::preflight`), for `side`, or for both sides since one file
 /// may serve either; then `FILE: ok`, or with `--print` the effective
 /// configuration.
-fn check_command(
-    cfg: &Config,
-    path: &std::path::Path,
-    side: Option<Side>,
-    print: bool,
-) -> ExitCode {
+fn check_command(cfg: &Config, side: Option<Side>, print: bool) -> ExitCode {
+    let label = cfg.origin.label();
     let mut results = Vec::new();
     if side != Some(Side::Receiver) {
         results.push(anp_proxy::preflight::gateway(cfg).map(|p| p.warnings));
@@ -213,7 +397,7 @@ fn check_command(
                 }
             }
             Err(e) => {
-                eprintln!("anp-proxy: {}: {e}", path.display());
+                eprintln!("anp-proxy: {label}: {e}");
                 failed = true;
             }
         }
@@ -223,13 +407,14 @@ fn check_command(
     }
     if print {
         println!(
-            "# {}: ok. The effective configuration: every default filled in,\n# secrets shown as {}.\n",
-            path.display(),
+            "# {label}: ok. The effective configuration: every default filled in,\n\
+             # secrets shown as {}; a value that is not the default says where it\n\
+             # came from (file, env VARIABLE, flag --FLAG).\n",
             anp_proxy::config::MASK
         );
         print!("{}", cfg.effective_toml());
     } else {
-        println!("{}: ok", path.display());
+        println!("{label}: ok");
     }
     ExitCode::SUCCESS
 }
@@ -266,13 +451,63 @@ fn exit_on_panic() {
     }));
 }
 
+/// The configuration in force: the file (`--config`, else ./config.toml
+/// when present, else none), the environment's ANP_PROXY_* variables,
+/// `--set`, then the subcommand's own flags (`direct`).
+fn load_config(cli: &Cli, direct: Overrides) -> Result<Config, ConfigError> {
+    let file = match &cli.config {
+        Some(p) => Some(p.clone()),
+        None => Path::new(DEFAULT_CONFIG)
+            .exists()
+            .then(|| PathBuf::from(DEFAULT_CONFIG)),
+    };
+    let mut overrides = Overrides::from_env(std::env::vars_os())?;
+    for s in &cli.set {
+        overrides.push_set(s)?;
+    }
+    overrides.extend(direct);
+    Config::load_with(file.as_deref(), overrides)
+}
+
+/// The subcommand's own flags as the keys they set.
+fn direct_flags(cmd: &Option<Cmd>) -> Overrides {
+    let mut o = Overrides::default();
+    let mut put = |key: &str, v: &Option<String>, flag: &str| {
+        if let Some(v) = v {
+            o.push_flag(key, v, flag);
+        }
+    };
+    match cmd {
+        Some(Cmd::Gateway { host, port, .. }) => {
+            put("gateway.host", host, "--host");
+            put("gateway.port", port, "--port");
+        }
+        Some(Cmd::Receiver {
+            gateway_url,
+            token,
+            upstream,
+            ca_file,
+        }) => {
+            put("receiver.gateway_url", gateway_url, "--gateway-url");
+            put("receiver.token", token, "--token");
+            put("receiver.upstream", upstream, "--upstream");
+            put("receiver.ca_file", ca_file, "--ca-file");
+        }
+        _ => {}
+    }
+    o
+}
+
 fn main() -> ExitCode {
     exit_on_panic();
     let cli = Cli::parse();
-    if let Some(Cmd::Did { cmd }) = cli.cmd {
-        return did_command(cmd);
+    match cli.cmd {
+        Some(Cmd::Did { cmd }) => return did_command(cmd),
+        Some(Cmd::Cert { cmd }) => return cert_command(cmd),
+        Some(Cmd::Token { cmd }) => return token_command(cmd),
+        _ => {}
     }
-    let cfg = match Config::load(&cli.config) {
+    let cfg = match load_config(&cli, direct_flags(&cli.cmd)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("anp-proxy: {e}");
@@ -281,20 +516,26 @@ fn main() -> ExitCode {
     };
     let mut opts = anp_proxy::gateway::RunOptions::default();
     let mode = match cli.cmd {
-        Some(Cmd::Gateway { takeover }) => {
+        Some(Cmd::Gateway { takeover, .. }) => {
             opts.takeover = takeover;
             Mode::Gateway
         }
-        Some(Cmd::Receiver) => Mode::Receiver,
-        Some(Cmd::Check { side, print }) => return check_command(&cfg, &cli.config, side, print),
+        Some(Cmd::Receiver { .. }) => Mode::Receiver,
+        Some(Cmd::Check { side, print }) => return check_command(&cfg, side, print),
         Some(Cmd::Routes { cmd }) => return routes_command(&cfg, cmd),
-        Some(Cmd::Did { .. }) => unreachable!("handled before loading the config"),
+        Some(Cmd::Did { .. } | Cmd::Cert { .. } | Cmd::Token { .. }) => {
+            unreachable!("handled before loading the config")
+        }
         None => cfg.mode,
     };
     let log = anp_proxy::logging::init(&cfg.logging, &cfg.base_dir, cfg.debug);
+    if cfg.origin.file.is_none() {
+        tracing::info!("no config file: defaults, environment variables and flags");
+    }
     let json = cfg.logging.format.eq_ignore_ascii_case("json");
+    let label = PathBuf::from(cfg.origin.label());
     let res = match mode {
-        Mode::Gateway => anp_proxy::gateway::run(cfg, &cli.config, opts),
+        Mode::Gateway => anp_proxy::gateway::run(cfg, &label, opts),
         Mode::Receiver => anp_proxy::receiver::run(cfg),
     };
     match res {

@@ -266,9 +266,10 @@ fn drain(shared: Arc<Shared>, signals: signal_hook::iterator::Handle) {
         });
 }
 
-/// SIGHUP: re-reads the config file; routes, tokens and TLS certificates
-/// take effect without dropping a connection. Other keys need a restart.
-/// A file that does not load changes nothing (logged).
+/// SIGHUP: re-reads the config file (the start's environment variables
+/// and flags applied again on top: `Config::reload`); routes, tokens and
+/// TLS certificates take effect without dropping a connection. Other keys
+/// need a restart. A file that does not load changes nothing (logged).
 fn reload(shared: &Shared, path: &std::path::Path) {
     // One stdout line per SIGHUP, for operators and scripts to wait on.
     let failed = |why: String| {
@@ -277,7 +278,7 @@ fn reload(shared: &Shared, path: &std::path::Path) {
         let _ = writeln!(out, "anp-proxy reload failed: {why}");
         let _ = out.flush();
     };
-    let cfg = match Config::load(path) {
+    let cfg = match shared.config.reload() {
         Ok(c) => Arc::new(c),
         Err(e) => return failed(e.to_string()),
     };

@@ -2,7 +2,8 @@
 //! (DESIGN.md, "TLS"): the gateway's HTTPS/WSS listeners with optional or
 //! required client certificates (`server.rs`), and the receiver's `wss://`
 //! dialling with gateway verification and an optional client certificate
-//! (`client.rs`). This module builds configurations once at start and
+//! (`client.rs`); `anp-proxy cert new`'s private CA and certificates
+//! (`create.rs`). This module builds configurations once at start and
 //! wraps streams; it never decides routing or identity (tunnel auth still
 //! runs on the upgrade, on top of TLS).
 //!
@@ -20,6 +21,7 @@
 //! handed to another core (`Movable::MOVABLE = false`, `server.rs`).
 
 pub mod client;
+pub mod create;
 pub mod server;
 pub mod verify;
 
