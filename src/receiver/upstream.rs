@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use std::io;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
@@ -45,10 +45,20 @@ pub enum UpstreamError {
     TunnelGone,
 }
 
+/// What a response read buffer holds at least before each read of a head.
+const READ_BUF: usize = 16 * 1024;
+
 pub struct Upstream {
     url: Url,
     idle: RefCell<Vec<TcpStream>>,
     max_idle: usize,
+    /// Response read buffers, reused: one that comes back empty keeps its
+    /// allocation, which `reserve` reclaims once the body pieces split
+    /// from it have been written to the tunnel (no allocation per response
+    /// in steady state).
+    bufs: RefCell<Vec<BytesMut>>,
+    /// The `Host` sent when the client's request has none.
+    host: String,
     limits: http::Limits,
 }
 
@@ -201,9 +211,11 @@ async fn read_more<S: AsyncReadRent>(io: &mut S, buf: &mut BytesMut) -> io::Resu
 impl Upstream {
     pub fn new(url: Url, max_idle: usize) -> Self {
         Self {
+            host: url.host_header(),
             url,
             idle: RefCell::new(Vec::new()),
             max_idle,
+            bufs: RefCell::new(Vec::new()),
             limits: http::Limits {
                 max_request_line: 64 * 1024,
                 max_head: 256 * 1024,
@@ -248,8 +260,8 @@ impl Upstream {
     ) -> Result<(), UpstreamError> {
         let is_head = meta.method() == b"HEAD";
         let mut head = Vec::with_capacity(1024);
-        let host = self.url.host_header();
-        write_request_head(&mut head, meta, BodyLen::Known(body.len()), &host)?;
+        let host = &self.host;
+        write_request_head(&mut head, meta, BodyLen::Known(body.len()), host)?;
         let head = Bytes::from(head);
         if let Some(mut conn) = self.take_idle() {
             match self.send_full(&mut conn, &head, &body).await {
@@ -287,7 +299,7 @@ impl Upstream {
             None => BodyLen::Chunked,
         };
         let mut head = Vec::with_capacity(1024);
-        write_request_head(&mut head, meta, framing, &self.url.host_header())?;
+        write_request_head(&mut head, meta, framing, &self.host)?;
         let mut conn = match self.take_idle() {
             Some(c) => c,
             None => self.connect().await?,
@@ -352,10 +364,11 @@ impl Upstream {
         sink: &mut ResponseSink,
     ) -> Result<(), Attempt> {
         let failed = |e: UpstreamError| Attempt::Failed(e);
-        let mut buf = BytesMut::with_capacity(16 * 1024);
+        let mut buf = self.bufs.borrow_mut().pop().unwrap_or_default();
+        buf.reserve(READ_BUF);
         let (resp, interim) = self.read_head(&mut conn, &mut buf, is_head).await?;
-        let head_bytes = buf.split_to(resp.head_len).freeze();
-        let meta = response_meta(&resp, &head_bytes);
+        let head_bytes = &buf[..resp.head_len];
+        let meta = response_meta(&resp, head_bytes);
         let mut facts = ReuseFacts {
             keep_alive: resp.keep_alive,
             head_request: is_head,
@@ -363,9 +376,10 @@ impl Upstream {
             early,
             // RFC 9110 §8.6, RFC 9112 §6.1: never in a 204.
             framed_204: resp.status == 204
-                && (resp.header(&head_bytes, "content-length").is_some()
-                    || resp.header(&head_bytes, "transfer-encoding").is_some()),
+                && (resp.header(head_bytes, "content-length").is_some()
+                    || resp.header(head_bytes, "transfer-encoding").is_some()),
         };
+        buf.advance(resp.head_len);
         let io = (&mut conn, &mut buf);
         match resp.body {
             ResponseBody::None => sink.head(meta, Bytes::new(), true).await,
@@ -382,6 +396,11 @@ impl Upstream {
             if idle.len() < self.max_idle {
                 idle.push(conn);
             }
+        }
+        let mut bufs = self.bufs.borrow_mut();
+        if bufs.len() < self.max_idle.max(1) {
+            buf.clear();
+            bufs.push(buf);
         }
         Ok(())
     }
