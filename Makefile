@@ -46,34 +46,56 @@ clean:
 	$(CARGO) clean
 
 # --- Benchmarks and profiling (issue #4; benches/README.md, perf/README.md) ---
-.PHONY: bench bench-quick bench-deps bench-micro flamegraph perf-stat
+.PHONY: bench bench-quick bench-counts bench-bins bench-allocs-bin bench-deps bench-micro flamegraph perf-stat
 
-# direct vs nginx vs anp-proxy, interleaved; writes bench-results/latest.{json,svg}.
-bench:
+ALLOC_BIN := target/release/anp-proxy-count-allocs
+
+bench-bins:
 	$(CARGO) build --release --bin anp-proxy --bin anp-loadgen --bin anp-bench-app
-	python3 benches/bench.py
 
-# The same in under 2 minutes (fewer cells, shorter runs).
-bench-quick:
-	$(CARGO) build --release --bin anp-proxy --bin anp-loadgen --bin anp-bench-app
-	python3 benches/bench.py --quick
+# The count-allocs build for `bench.py --allocs`, in the same target dir
+# (only anp-proxy itself compiles again), copied aside; then the normal
+# binary is put back in its place.
+bench-allocs-bin:
+	$(CARGO) build --release --features count-allocs --bin anp-proxy
+	cp target/release/anp-proxy $(ALLOC_BIN)
+	$(CARGO) build --release --bin anp-proxy
 
-# nginx (comparison target) and wrk from Debian packages; run as root.
+# direct vs nginx vs anp-proxy, interleaved, CPU per request of each proxy
+# process; then counting runs: syscalls, io_uring calls and allocations per
+# request. Writes bench-results/latest.{json,svg}.
+bench: bench-bins bench-allocs-bin
+	python3 benches/bench.py --syscalls --allocs
+
+# The same in under 2 minutes (fewer cells, shorter runs; no allocation
+# counts: they need the second build).
+bench-quick: bench-bins
+	python3 benches/bench.py --quick --syscalls
+
+# Only the per-request counts (CPU, syscalls, io_uring, allocations) at
+# 1 KiB / 64 connections: no matrix, no idle-connection test (~1 minute).
+bench-counts: bench-bins bench-allocs-bin
+	python3 benches/bench.py --quick --no-matrix --idle-conns 0 --syscalls --allocs
+
+# nginx (comparison target), wrk and perf (syscall counts, flame graphs)
+# from Debian packages; run as root.
 bench-deps:
-	apt-get update && (apt-get install -y nginx-light wrk || apt-get install -y nginx wrk)
+	apt-get update && (apt-get install -y nginx-light wrk linux-perf || apt-get install -y nginx wrk linux-perf)
 
 # Criterion micro-benches: ANPX codec, WebSocket framing, route lookup.
 bench-micro:
 	$(CARGO) bench --bench anpx --bench ws --bench routes
 
-# Flamegraph of the gateway under load: perf/flamegraph.sh [gateway|receiver].
-flamegraph:
-	$(CARGO) build --release --bin anp-proxy --bin anp-loadgen --bin anp-bench-app
-	./perf/flamegraph.sh gateway
+# Flame graphs of the gateway and the receiver under load (1 KiB, 64
+# connections): bench-results/flamegraph-{gateway,receiver}[-TAG].svg.
+# FLAME_BIN=PATH profiles another anp-proxy build (a baseline), FLAME_TAG
+# names the files (perf/README.md, "Before and after").
+flamegraph: bench-bins
+	ANP_BIN=$(FLAME_BIN) TAG=$(FLAME_TAG) ./perf/flamegraph.sh gateway
+	ANP_BIN=$(FLAME_BIN) TAG=$(FLAME_TAG) ./perf/flamegraph.sh receiver
 
 # Context switches and syscalls per request: perf/stat.sh.
-perf-stat:
-	$(CARGO) build --release --bin anp-proxy --bin anp-loadgen --bin anp-bench-app
+perf-stat: bench-bins
 	./perf/stat.sh gateway
 
 # --- Fuzzing (issue #6; fuzz/README.md) ---

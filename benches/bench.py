@@ -15,12 +15,25 @@ turn (A B C A B C ...) so that machine drift hits all of them alike, and
 reports the median over repetitions. Memory: RSS of gateway and receiver at
 idle, peak under load, and with 10,000 idle keep-alive client connections.
 
+CPU per request (issue 11): utime + stime of each proxy process (nginx's
+whole process tree; the gateway; the receiver) read from /proc at the
+start and at the end of every measured window (anp-loadgen --mark-window
+says when), divided by the requests that window completed.
+
+Counting runs (separate, short, 1 KiB / 64 connections by default), after
+the matrix: `--syscalls` counts syscalls, io_uring_enter calls and io_uring
+submissions of each proxy process with `perf stat` tracepoints over the
+window; `--allocs` runs a gateway and receiver built with
+`--features count-allocs` and reads their allocation counters (SIGUSR2)
+at both ends of the window.
+
 Writes DIR/latest.json and DIR/latest.svg (DIR defaults to bench-results/).
 Numbers are reported, never asserted. Python 3 standard library only.
 """
 
 import argparse
 import datetime
+import errno
 import json
 import os
 import platform
@@ -41,6 +54,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import chart  # noqa: E402  (benches/chart.py)
 
 BIN = os.path.join(ROOT, "target", "release")
+# `make bench-allocs-bin` builds it (--features count-allocs).
+ALLOC_BIN = os.path.join(BIN, "anp-proxy-count-allocs")
 TOKEN = "bench-token-123"
 
 # Targets the report is relative to (the proxy under test).
@@ -53,6 +68,7 @@ GOALS = {
     "rps_vs_nginx_1k_64": 1.0,
     "rps_vs_direct_1k_64": 0.6,
     "fixed_p99_vs_nginx": 1.5,
+    "cpu_vs_nginx_1k_64": 1.0,
     "idle_conn_kib": 16.0,
 }
 
@@ -74,6 +90,18 @@ class Procs:
         p.name, p.out_path, p.err_path = name, out.name, err.name
         self.procs.append(p)
         return p
+
+    def stop(self, p):
+        """Stops one process (and its group) now."""
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
     def stop_all(self):
         for p in reversed(self.procs):
@@ -150,6 +178,214 @@ def tree_rss_kib(pid):
     return total + sum(rss_kib(k)[0] for k in kids)
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ticks(pid):
+    """utime + stime of the whole thread group of `pid` (every thread,
+    live or exited), in clock ticks, from /proc/PID/stat; None when the
+    process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            s = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name (field 2) may hold spaces: count from its ')'.
+    rest = s[s.rindex(")") + 2:].split()
+    return int(rest[11]) + int(rest[12])  # fields 14 (utime) and 15 (stime)
+
+
+def tree_pids(pid):
+    """`pid` and all its descendants (nginx: the master and its workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo += [int(x) for x in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return out
+
+
+def tree_cpu_ticks(pid):
+    ticks = [cpu_ticks(p) for p in tree_pids(pid)]
+    return sum(t for t in ticks if t is not None)
+
+
+class CpuProbe:
+    """CPU µs per request of each named process over the window:
+    `procs` maps a name to (pid, whole_tree)."""
+
+    def __init__(self, procs):
+        self.procs = procs
+        self.t0 = self.t1 = None
+
+    def read(self):
+        return {n: (tree_cpu_ticks(p) if tree else cpu_ticks(p)) for n, (p, tree) in self.procs.items()}
+
+    def window_start(self):
+        self.t0 = self.read()
+
+    def window_end(self):
+        self.t1 = self.read()
+
+    def result(self, requests):
+        if not (self.t0 and self.t1 and requests):
+            return {}
+        by = {n: round((self.t1[n] - self.t0[n]) / CLK_TCK * 1e6 / requests, 2)
+              for n in self.procs if self.t0[n] is not None and self.t1[n] is not None}
+        return {"cpu_us_per_request": round(sum(by.values()), 2), "cpu_us_by_process": by}
+
+
+ALLOC_LINE = r"alloc-counts seq={} allocations=(\d+) reallocations=(\d+) deallocations=(\d+) allocated_bytes=(\d+)"
+
+
+class AllocProbe:
+    """Allocations per request of processes built with `count-allocs`:
+    SIGUSR2 at both ends of the window, each answered by a stdout line
+    (src/alloc_count.rs) that this waits for. `procs` maps a name to the
+    Popen of a counting build; `seq` counts the lines each has printed."""
+
+    seq = {}
+
+    def __init__(self, procs):
+        self.procs = procs
+        self.c0 = self.c1 = None
+
+    def read(self):
+        # Signal all first, then wait: the moment that counts is the signal.
+        want = {}
+        for n, p in self.procs.items():
+            want[n] = AllocProbe.seq.get(p.pid, 0)
+            AllocProbe.seq[p.pid] = want[n] + 1
+            os.kill(p.pid, signal.SIGUSR2)
+        out = {}
+        for n, p in self.procs.items():
+            m = wait_for_line(p, ALLOC_LINE.format(want[n]), timeout=10)
+            out[n] = [int(x) for x in m.groups()]
+        return out
+
+    def window_start(self):
+        self.c0 = self.read()
+
+    def window_end(self):
+        self.c1 = self.read()
+
+    def result(self, requests):
+        if not (self.c0 and self.c1 and requests):
+            return {}
+        d = {n: [b - a for a, b in zip(self.c0[n], self.c1[n])] for n in self.procs}
+        return {
+            # alloc + alloc_zeroed + realloc: every call that may allocate.
+            "allocs_per_request_by_process": {n: round((v[0] + v[1]) / requests, 2) for n, v in d.items()},
+            "reallocs_per_request_by_process": {n: round(v[1] / requests, 2) for n, v in d.items()},
+            "frees_per_request_by_process": {n: round(v[2] / requests, 2) for n, v in d.items()},
+            "alloc_bytes_per_request_by_process": {n: round(v[3] / requests) for n, v in d.items()},
+        }
+
+
+# perf tracepoints (software; no hardware counters needed). The first is
+# every syscall; io_uring_submit_req fires once per submitted SQE.
+PERF_EVENTS = {
+    "raw_syscalls:sys_enter": "syscalls",
+    "syscalls:sys_enter_io_uring_enter": "io_uring_enter",
+    "io_uring:io_uring_submit_req": "io_uring_sqes",
+}
+
+
+def find_perf():
+    return shutil.which("perf")
+
+
+class SyscallProbe:
+    """Syscalls, io_uring_enter calls and io_uring submissions per request
+    of each named process: one `perf stat -p PIDS` per process, started
+    disabled before the load (`-D -1`) and switched on and off through its
+    control FIFO at the ends of the window. `procs` maps a name to a list
+    of pids (every thread of each is counted)."""
+
+    def __init__(self, procs, tmp):
+        self.procs = procs
+        self.tmp = tmp
+        self.perfs = {}
+
+    def prepare(self):
+        for n, pids in self.procs.items():
+            base = os.path.join(self.tmp, f"perf-{n}-{os.getpid()}-{time.monotonic_ns()}")
+            ctl, ack, out = base + ".ctl", base + ".ack", base + ".csv"
+            os.mkfifo(ctl)
+            os.mkfifo(ack)
+            argv = [find_perf(), "stat", "-x,", "-D", "-1", "--control", f"fifo:{ctl},{ack}",
+                    "-e", ",".join(PERF_EVENTS), "-p", ",".join(map(str, pids)), "-o", out,
+                    "--", "sleep", "600"]
+            p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(base + ".perf-err", "w"),
+                                 start_new_session=True)
+            self.perfs[n] = {"proc": p, "ctl": self.open_ctl(ctl, p, base + ".perf-err"), "ack": open(ack),
+                             "out": out, "err": base + ".perf-err"}
+
+    @staticmethod
+    def open_ctl(path, proc, err):
+        """The control FIFO, once perf has opened its end (perf is then
+        set up and waiting, disabled); an error if perf exits first."""
+        while True:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                os.set_blocking(fd, True)
+                return os.fdopen(fd, "w")
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: no reader yet
+                    raise
+            if proc.poll() is not None:
+                raise RuntimeError(f"perf stat exited ({proc.returncode}): " + open(err).read()[-500:])
+            time.sleep(0.02)
+
+    def command(self, what):
+        for v in self.perfs.values():
+            v["ctl"].write(what + "\n")
+            v["ctl"].flush()
+        for v in self.perfs.values():
+            v["ack"].readline()
+
+    def window_start(self):
+        self.command("enable")
+
+    def window_end(self):
+        self.command("disable")
+
+    def finish(self):
+        for v in self.perfs.values():
+            # SIGINT ends perf's `sleep` and perf writes its counts.
+            os.killpg(v["proc"].pid, signal.SIGINT)
+        for v in self.perfs.values():
+            v["proc"].wait(10)
+            v["ctl"].close()
+            v["ack"].close()
+
+    def result(self, requests):
+        by = {}
+        for n, v in self.perfs.items():
+            counts = {}
+            with open(v["out"]) as f:
+                for line in f:
+                    parts = line.strip().split(",")
+                    if len(parts) > 2 and parts[2] in PERF_EVENTS and re.fullmatch(r"[0-9.]+", parts[0]):
+                        counts[PERF_EVENTS[parts[2]]] = float(parts[0])
+            if not counts:
+                raise RuntimeError(f"perf stat for {n} counted nothing: " + open(v["err"]).read()[-500:])
+            by[n] = counts
+        if not requests:
+            return {}
+        per = lambda k: {n: round(c[k] / requests, 2) for n, c in by.items() if k in c}
+        return {
+            "syscalls_per_request_by_process": per("syscalls"),
+            "io_uring_enter_per_request_by_process": per("io_uring_enter"),
+            "io_uring_sqes_per_request_by_process": per("io_uring_sqes"),
+        }
+
+
 def machine_info(workers):
     model = "unknown"
     try:
@@ -196,7 +432,7 @@ pid {dir}/nginx.pid;
 error_log {dir}/nginx-error.log warn;
 events {{ worker_connections 16384; multi_accept on; }}
 http {{
-    access_log off;
+    access_log {access_log};
     client_body_temp_path {dir}/client_body;
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
@@ -223,8 +459,12 @@ http {{
 }}
 """
 
+# access_log: the same for nginx and the gateway (`--access-log`): off by
+# default, on for both with the flag (each to a file of its own).
 GATEWAY_CONF = """[logging]
 level = "error"
+access_log = {access_log}
+log_dir = "{log_dir}"
 [gateway]
 host = "127.0.0.1"
 port = 0
@@ -254,6 +494,10 @@ class Bench:
         self.tmp = tmp
         self.procs = Procs()
         self.targets = {}  # name -> base URL
+        # name -> {process name: (pid, whole tree)}: whose CPU a run of
+        # that target reads (direct has no proxy process).
+        self.proxies = {}
+        self.notes = []  # what a counting run could not measure
         self.mem_samples = []  # filled by the sampler during anp-proxy runs
 
     # -- starting -----------------------------------------------------------
@@ -272,20 +516,23 @@ class Bench:
             os.makedirs(ndir, exist_ok=True)
             conf = os.path.join(ndir, "nginx.conf")
             with open(conf, "w") as f:
-                f.write(NGINX_CONF.format(workers=a.workers, nofile=a.nofile, dir=ndir, app_port=app_port, port=port))
+                f.write(NGINX_CONF.format(workers=a.workers, nofile=a.nofile, dir=ndir, app_port=app_port, port=port,
+                                          access_log=f"{ndir}/access.log" if a.access_log else "off"))
             self.nginx = self.procs.start("nginx", [nginx, "-p", ndir, "-c", conf], self.tmp)
             wait_port(port, self.nginx)
             self.targets["nginx"] = f"http://127.0.0.1:{port}"
+            # The master and its workers (daemon off: the master is our child).
+            self.proxies["nginx"] = {"nginx": (self.nginx.pid, True)}
         else:
             self.nginx = None
             why = "--no-nginx given" if a.no_nginx else "no nginx binary found (make bench-deps installs it)"
             log(f"SKIPPED nginx target: {why}")
 
+        self.app_port = app_port
         self.gateway, self.receiver, gw_port = self.start_anp("", f"{BIN}/anp-proxy", app_port)
-        self.targets[ANP] = f"http://127.0.0.1:{gw_port}"
+        self.add_anp(ANP, self.gateway, self.receiver, gw_port)
         if a.baseline_bin:
-            _, _, base_port = self.start_anp("-base", a.baseline_bin, app_port)
-            self.targets[BASE] = f"http://127.0.0.1:{base_port}"
+            self.add_anp(BASE, *self.start_anp("-base", a.baseline_bin, app_port))
         log("targets: " + ", ".join(f"{k}={v}" for k, v in self.targets.items()))
 
     def start_anp(self, suffix, binary, app_port):
@@ -293,7 +540,9 @@ class Bench:
         a = self.args
         gw_conf = os.path.join(self.tmp, f"gateway{suffix}.toml")
         with open(gw_conf, "w") as f:
-            f.write(GATEWAY_CONF.format(workers=a.workers, token=TOKEN))
+            log_dir = os.path.join(self.tmp, f"gateway{suffix}-logs") if a.access_log else ""
+            f.write(GATEWAY_CONF.format(workers=a.workers, token=TOKEN, access_log=str(a.access_log).lower(),
+                                        log_dir=log_dir))
         gw = self.procs.start(f"gateway{suffix}", [binary, "gateway", "--config", gw_conf], self.tmp)
         m = wait_for_line(gw, r"listening on http://127\.0\.0\.1:(\d+) .*?(\d+) workers")
         gw_port = int(m.group(1))
@@ -305,15 +554,23 @@ class Bench:
         wait_for_line(rx, r"tunnel \d+ connected", count=int(m.group(2)))
         return gw, rx, gw_port
 
+    def add_anp(self, name, gw, rx, port):
+        self.targets[name] = f"http://127.0.0.1:{port}"
+        self.proxies[name] = {"gateway": (gw.pid, False), "receiver": (rx.pid, False)}
+
     def tunnels_reconnected(self):
         with open(self.receiver.out_path) as f:
             return sum(1 for line in f if "connected" in line)
 
     # -- load ---------------------------------------------------------------
 
-    def loadgen(self, target, body, conns, duration, warmup, rate=None, sample=False):
+    def loadgen(self, target, body, conns, duration, warmup, rate=None, sample=False, probes=(), url=None):
+        """One anp-loadgen run against `target`; its JSON result, plus the
+        CPU per request of the target's proxy processes and whatever
+        `probes` (objects with window_start/window_end/result) measured
+        over the same window."""
         argv = [
-            f"{BIN}/anp-loadgen", "--json", "--url", f"{self.targets[target]}/bytes/{body}",
+            f"{BIN}/anp-loadgen", "--json", "--mark-window", "--url", f"{url or self.targets[target]}/bytes/{body}",
             "-c", str(conns), "-d", str(duration), "--warmup", str(warmup),
             "-t", str(self.args.loadgen_threads), "--timeout", "5",
         ]
@@ -321,6 +578,9 @@ class Bench:
             argv += ["--rate", f"{rate:.0f}"]
         if self.args.req_body:
             argv += ["--req-body", str(self.args.req_body)]
+        probes = [CpuProbe(self.proxies.get(target, {}))] + list(probes)
+        for pr in probes:
+            getattr(pr, "prepare", lambda: None)()
         stop = threading.Event()
         peak = {"gateway": 0, "receiver": 0}
         sampler = None
@@ -331,13 +591,45 @@ class Bench:
                     peak["receiver"] = max(peak["receiver"], rss_kib(self.receiver.pid)[0])
             sampler = threading.Thread(target=run, daemon=True)
             sampler.start()
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=duration + warmup + 60)
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        err, marks, failure = [], [], []
+
+        def read_stderr():
+            # Each probe reads its counters as soon as the window opens or
+            # closes (a few ms after, at most).
+            for line in p.stderr:
+                mark = line.strip()
+                if mark in ("WINDOW_START", "WINDOW_END") and not failure:
+                    try:
+                        for pr in probes:
+                            (pr.window_start if mark == "WINDOW_START" else pr.window_end)()
+                        marks.append(mark)
+                    except Exception as e:  # reported after the run
+                        failure.append(e)
+                else:
+                    err.append(line)
+        reader = threading.Thread(target=read_stderr, daemon=True)
+        reader.start()
+        # Not communicate(): it would read stderr too, and the marks with it.
+        killer = threading.Timer(duration + warmup + 60, p.kill)
+        killer.start()
+        out = p.stdout.read()
+        p.wait()
+        killer.cancel()
+        reader.join(30)
         stop.set()
         if sampler:
             sampler.join()
-        if p.returncode != 0 or not p.stdout.strip():
-            raise RuntimeError(f"anp-loadgen failed ({p.returncode}): {p.stderr[-1000:]}")
-        r = json.loads(p.stdout.strip().splitlines()[-1])
+        for pr in probes:
+            getattr(pr, "finish", lambda: None)()
+        if failure:
+            raise RuntimeError(f"measuring {target}: {failure[0]}")
+        if p.returncode != 0 or not out.strip():
+            raise RuntimeError(f"anp-loadgen failed ({p.returncode}): {''.join(err)[-1000:]}")
+        r = json.loads(out.strip().splitlines()[-1])
+        if marks == ["WINDOW_START", "WINDOW_END"]:
+            for pr in probes:
+                r.update(pr.result(r["requests"]))
         if sample:
             r["rss_peak_kib"] = peak
         return r
@@ -350,10 +642,51 @@ class Bench:
                 r = self.loadgen(t, body, conns, duration, warmup, rate=rate, sample=(t == ANP))
                 per[t].append(r)
                 log(f"  [{mode} {fmt_bytes(body)} c={conns} rep {rep + 1}/{reps}] {t:9s} "
-                    f"{r['rps']:9.0f} rps  p50 {r['p50_us']:6d}us  p99 {r['p99_us']:6d}us  errors {r['errors']}")
+                    f"{r['rps']:9.0f} rps  p50 {r['p50_us']:6d}us  p99 {r['p99_us']:6d}us  errors {r['errors']}"
+                    + (f"  cpu {r['cpu_us_per_request']:.1f}us/req {r['cpu_us_by_process']}"
+                       if "cpu_us_per_request" in r else ""))
         out = []
         for t, runs in per.items():
             out.append(summarise(t, mode, body, conns, runs, rate))
+        return out
+
+    # -- counting runs --------------------------------------------------------
+
+    def counting_runs(self, bodies, conns, duration, warmup, syscalls, alloc_bins):
+        """Short separate runs that count per request: syscalls and
+        io_uring calls of every proxy target (perf tracepoints), and
+        allocations of counting builds (`alloc_bins`: [(target, binary)]),
+        each started for its run and stopped after it."""
+        out = []
+        if syscalls:
+            for t in list(self.targets):
+                procs = self.proxies.get(t)
+                if not procs:
+                    continue
+                pids = {n: (tree_pids(pid) if tree else [pid]) for n, (pid, tree) in procs.items()}
+                for body in bodies:
+                    log(f"count: syscalls, {t}, {fmt_bytes(body)}, {conns} connections")
+                    try:
+                        r = self.loadgen(t, body, conns, duration, warmup, probes=[SyscallProbe(pids, self.tmp)])
+                    except RuntimeError as e:  # perf refused (not root?): say so, go on
+                        self.notes.append(f"syscall counts of {t}: {e}")
+                        log(f"  {self.notes[-1]}")
+                        continue
+                    out.append(count_summary(t, t, body, conns, r))
+        for target, binary in alloc_bins:
+            suffix = "-allocs" if target == ANP else "-base-allocs"
+            label = f"{target}/allocs"
+            gw, rx, port = self.start_anp(suffix, binary, self.app_port)
+            self.proxies[label] = {"gateway": (gw.pid, False), "receiver": (rx.pid, False)}
+            try:
+                for body in bodies:
+                    log(f"count: allocations, {label}, {fmt_bytes(body)}, {conns} connections")
+                    r = self.loadgen(label, body, conns, duration, warmup, url=f"http://127.0.0.1:{port}",
+                                     probes=[AllocProbe({"gateway": gw, "receiver": rx})])
+                    out.append(count_summary(label, target, body, conns, r))
+            finally:
+                self.procs.stop(rx)
+                self.procs.stop(gw)
         return out
 
     # -- memory -------------------------------------------------------------
@@ -427,6 +760,32 @@ def summarise(target, mode, body, conns, runs, rate):
         "p99_all": [r["p99_us"] for r in runs],
         "errors_all": [r["errors"] for r in runs],
         "rss_peak_kib": med.get("rss_peak_kib"),
+        **cpu_summary(runs),
+    }
+
+
+def cpu_summary(runs):
+    """CPU per request of a cell: the repetition with the median sum (its
+    own median, not necessarily the run the rps comes from), its split by
+    process, and every repetition's sum."""
+    with_cpu = [r for r in runs if r.get("cpu_us_by_process")]
+    if not with_cpu:
+        return {}
+    ordered = sorted(with_cpu, key=lambda r: r["cpu_us_per_request"])
+    med = ordered[len(ordered) // 2]
+    return {
+        "cpu_us_per_request": med["cpu_us_per_request"],
+        "cpu_us_by_process": med["cpu_us_by_process"],
+        "cpu_us_per_request_all": [r.get("cpu_us_per_request") for r in runs],
+    }
+
+
+def count_summary(label, target, body, conns, r):
+    """One counting run: its cell, rate and every per-request figure."""
+    return {
+        "label": label, "target": target, "body_bytes": body, "connections": conns,
+        "seconds": r["seconds"], "requests": r["requests"], "rps": round(r["rps"], 1), "errors": r["errors"],
+        **{k: v for k, v in r.items() if k.endswith("_by_process") or k == "cpu_us_per_request"},
     }
 
 
@@ -452,25 +811,46 @@ def ratio(a, b):
 
 
 def add_ratios(runs):
+    """Ratios of each anp-proxy build (anp-proxy, anp-base) to direct and
+    nginx in the same cell, and of anp-proxy to anp-base (A/B)."""
     for r in runs:
-        if r["target"] != ANP:
+        if r["target"] not in (ANP, BASE):
             continue
         key = (r["mode"], r["body_bytes"], r["connections"], r.get("target_rate"))
-        d = find(runs, "direct", *key)
-        n = find(runs, "nginx", *key)
-        r["rps_vs_direct"] = ratio(r["rps"], d and d["rps"])
-        r["rps_vs_nginx"] = ratio(r["rps"], n and n["rps"])
-        r["p99_vs_direct"] = ratio(r["p99_us"], d and d["p99_us"])
-        r["p99_vs_nginx"] = ratio(r["p99_us"], n and n["p99_us"])
+        others = [("direct", find(runs, "direct", *key)), ("nginx", find(runs, "nginx", *key))]
+        if r["target"] == ANP:
+            others.append(("base", find(runs, BASE, *key)))
+        for name, o in others:
+            if o is None:
+                continue
+            r[f"rps_vs_{name}"] = ratio(r["rps"], o["rps"])
+            r[f"p99_vs_{name}"] = ratio(r["p99_us"], o["p99_us"])
+            if name != "direct":
+                r[f"cpu_vs_{name}"] = ratio(r.get("cpu_us_per_request"), o.get("cpu_us_per_request"))
+
+
+def fx(x):
+    return f"{x:.2f}" if x is not None else ""
+
+
+def short(name):
+    return {"gateway": "gw", "receiver": "rx"}.get(name, name)
 
 
 def table(report):
     runs = report["runs"]
     targets = [t for t in ("direct", "nginx", ANP, BASE) if any(r["target"] == t for r in runs)]
+    ab = BASE in targets
     lines = []
-    hdr = f"{'mode':10s} {'body':>6s} {'conns':>5s} {'target':9s} {'rps':>9s} {'MB/s':>8s} {'p50us':>7s} {'p99us':>7s} {'p99.9us':>8s} {'errors':>6s}  {'xnginx':>6s} {'xdirect':>7s}"
-    lines.append(hdr)
-    lines.append("-" * len(hdr))
+    if not runs:
+        lines.append("(no interleaved runs: --no-matrix)")
+    hdr = (f"{'mode':10s} {'body':>6s} {'conns':>5s} {'target':9s} {'rps':>9s} {'MB/s':>8s} {'p50us':>7s} "
+           f"{'p99us':>7s} {'p99.9us':>8s} {'errors':>6s}  {'xnginx':>6s} {'xdirect':>7s}"
+           + (f" {'xbase':>6s}" if ab else "")
+           + f"  {'cpuus/req':>9s} {'cpu-xng':>7s}" + (f" {'cpu-xbase':>9s}" if ab else "") + "  cpu by process")
+    if runs:
+        lines.append(hdr)
+        lines.append("-" * len(hdr))
     cells = []
     for r in runs:
         c = (r["mode"], r["body_bytes"], r["connections"], r.get("target_rate"))
@@ -481,19 +861,46 @@ def table(report):
             r = find(runs, t, mode, body, conns, rate)
             if not r:
                 continue
-            if mode == "closed":
-                xn, xd = r.get("rps_vs_nginx"), r.get("rps_vs_direct")
-            else:
-                xn, xd = r.get("p99_vs_nginx"), r.get("p99_vs_direct")
-            fx = lambda x: f"{x:.2f}" if x is not None else ""
+            k = "rps" if mode == "closed" else "p99"
+            xn, xd, xb = r.get(f"{k}_vs_nginx"), r.get(f"{k}_vs_direct"), r.get(f"{k}_vs_base")
             label = mode if mode == "closed" else f"rate{r['target_rate']:.0f}"
+            cpu = r.get("cpu_us_per_request")
+            by = r.get("cpu_us_by_process") or {}
             lines.append(
                 f"{label:10s} {fmt_bytes(body):>6s} {conns:5d} {t:9s} {r['rps']:9.0f} {r['mb_per_s']:8.1f} "
                 f"{r['p50_us']:7d} {r['p99_us']:7d} {r['p999_us']:8d} {r['errors']:6d}  {fx(xn):>6s} {fx(xd):>7s}"
+                + (f" {fx(xb):>6s}" if ab else "")
+                + f"  {(f'{cpu:.1f}' if cpu is not None else ''):>9s} {fx(r.get('cpu_vs_nginx')):>7s}"
+                + (f" {fx(r.get('cpu_vs_base')):>9s}" if ab else "")
+                + ("  " + " ".join(f"{short(n)} {v:.1f}" for n, v in by.items()) if len(by) > 1 else "")
                 + ("  (below the rate: saturated)" if rate and r["rps"] < 0.97 * rate else "")
             )
         lines.append("")
-    lines.append("ratios: closed rows = anp-proxy rps / other rps; fixed-rate rows = anp-proxy p99 / other p99")
+    if runs:
+        lines.append("ratios: closed rows = anp rps / other rps; fixed-rate rows = anp p99 / other p99;"
+                     " cpu = proxy CPU µs per request (utime+stime over the window; anp = gateway + receiver),"
+                     " cpu-x* = anp cpu / other cpu")
+    counts = report.get("counts")
+    if counts:
+        lines.append("")
+        lines.append("per request, counting runs (separate from the runs above):")
+        chdr = (f"  {'target':16s} {'process':8s} {'body':>6s} {'conns':>5s} {'rps':>8s} {'cpuus':>7s} {'syscalls':>8s} "
+                f"{'uring_enter':>11s} {'uring_sqes':>10s} {'allocs':>7s} {'reallocs':>8s} {'frees':>7s} {'alloc_B':>8s}")
+        lines.append(chdr)
+        for c in counts:
+            procs = list(c.get("cpu_us_by_process") or {}) or list(c.get("allocs_per_request_by_process") or {})
+            for n in procs:
+                g = lambda key: (c.get(key) or {}).get(n)
+                f = lambda x, w: f"{x:{w}.2f}" if isinstance(x, float) else (f"{x:{w}d}" if x is not None else " " * w)
+                lines.append(
+                    f"  {c['label']:16s} {n:8s} {fmt_bytes(c['body_bytes']):>6s} {c['connections']:5d} {c['rps']:8.0f} "
+                    f"{f(g('cpu_us_by_process'), 7)} {f(g('syscalls_per_request_by_process'), 8)} "
+                    f"{f(g('io_uring_enter_per_request_by_process'), 11)} {f(g('io_uring_sqes_per_request_by_process'), 10)} "
+                    f"{f(g('allocs_per_request_by_process'), 7)} {f(g('reallocs_per_request_by_process'), 8)} "
+                    f"{f(g('frees_per_request_by_process'), 7)} {f(g('alloc_bytes_per_request_by_process'), 8)}")
+        lines.append("  allocs = alloc + realloc calls; alloc_B = bytes asked for; the alloc columns come from a"
+                     " count-allocs build (label .../allocs). rps and cpuus here are with the counters attached:"
+                     " compare them with the matrix above, not across tables")
     mem = report.get("memory", {})
     if mem:
         lines.append("")
@@ -543,6 +950,8 @@ def goals(report):
     f = fr[0] if fr else {}
     add("fixed-rate p99 anp-proxy/nginx        <=", GOALS["fixed_p99_vs_nginx"], f.get("p99_vs_nginx"),
         lambda m: m <= GOALS["fixed_p99_vs_nginx"], f)
+    add("cpu/req anp-proxy/nginx, 1 KiB, 64 conns <=", GOALS["cpu_vs_nginx_1k_64"], a.get("cpu_vs_nginx"),
+        lambda m: m <= GOALS["cpu_vs_nginx_1k_64"], a)
     ic = report.get("memory", {}).get("idle_connections_gateway") or {}
     add("gateway KiB per idle connection       <=", GOALS["idle_conn_kib"], ic.get("per_connection_kib"),
         lambda m: m <= GOALS["idle_conn_kib"])
@@ -563,6 +972,21 @@ def main():
     ap.add_argument("--bodies", help="comma-separated response body sizes in bytes (overrides the matrix)")
     ap.add_argument("--conns", help="comma-separated connection counts (overrides the matrix)")
     ap.add_argument("--no-fixed-rate", action="store_true", help="skip the fixed-rate latency cells")
+    ap.add_argument("--access-log", action="store_true",
+                    help="access logs on, for nginx and the gateway alike (each to a file); default off for both")
+    ap.add_argument("--no-matrix", action="store_true",
+                    help="skip the interleaved closed-loop and fixed-rate cells (only memory and counting runs)")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="counting runs: syscalls, io_uring_enter calls and io_uring submissions per request of "
+                         "every proxy process (perf stat tracepoints; needs perf and root)")
+    ap.add_argument("--allocs", action="store_true",
+                    help="counting runs: allocations per request of gateway and receiver, from a count-allocs "
+                         "build (`make bench-allocs-bin`, or --alloc-bin)")
+    ap.add_argument("--alloc-bin", default=ALLOC_BIN, help=f"the count-allocs build of anp-proxy (default {ALLOC_BIN})")
+    ap.add_argument("--baseline-alloc-bin", help="a count-allocs build of the baseline, counted as anp-base/allocs")
+    ap.add_argument("--count-bodies", default="1024", help="response body sizes of the counting runs (default 1024)")
+    ap.add_argument("--count-conns", type=int, default=64, help="connections of the counting runs (default 64)")
+    ap.add_argument("--count-secs", type=float, help="measured seconds of each counting run (default 3, quick 2)")
     args = ap.parse_args()
     args.nofile = raise_fd_limit()
 
@@ -579,6 +1003,15 @@ def main():
     for b in ("anp-proxy", "anp-loadgen", "anp-bench-app"):
         if not os.access(f"{BIN}/{b}", os.X_OK):
             sys.exit(f"missing {BIN}/{b}: run `cargo build --release --bins` first")
+    alloc_bins = []
+    if args.allocs:
+        if not os.access(args.alloc_bin, os.X_OK):
+            sys.exit(f"missing {args.alloc_bin}: run `make bench-allocs-bin` (or give --alloc-bin)")
+        alloc_bins.append((ANP, args.alloc_bin))
+        if args.baseline_alloc_bin:
+            alloc_bins.append((BASE, args.baseline_alloc_bin))
+    count_bodies = [int(x) for x in args.count_bodies.split(",")]
+    count_secs = args.count_secs or (2 if args.quick else 3)
 
     t0 = time.time()
     tmp = tempfile.mkdtemp(prefix="anp-bench-")
@@ -586,7 +1019,9 @@ def main():
     report = {"machine": machine_info(args.workers), "settings": {
         "quick": args.quick, "duration_s": duration, "warmup_s": warmup, "reps": reps,
         "loadgen_threads": args.loadgen_threads, "app_threads": args.app_threads,
-        "req_body_bytes": args.req_body, "fd_limit": args.nofile,
+        "req_body_bytes": args.req_body, "fd_limit": args.nofile, "access_log": args.access_log,
+        "counting_runs": {"syscalls": args.syscalls, "allocs": args.allocs, "bodies": count_bodies,
+                          "connections": args.count_conns, "duration_s": count_secs},
         "note": "all processes share the same cores; medians of interleaved repetitions",
     }, "runs": [], "memory": {}, "skipped": []}
 
@@ -617,6 +1052,8 @@ def main():
             time.sleep(0.5)
             mem["after_idle_test"] = {"gateway": rss_kib(gw)[0], "receiver": rss_kib(rx)[0]}
 
+        if args.no_matrix:
+            bodies, conns_list, args.no_fixed_rate = [], [], True
         for body in bodies:
             for conns in conns_list:
                 log(f"cell: closed, {fmt_bytes(body)}, {conns} connections")
@@ -649,6 +1086,22 @@ def main():
             {"body_bytes": r["body_bytes"], "connections": r["connections"], "mode": r["mode"], **r["rss_peak_kib"]}
             for r in report["runs"] if r.get("rss_peak_kib")
         ]
+        syscalls = args.syscalls
+        if syscalls and not find_perf():
+            report["skipped"].append("syscall counts: no perf (make bench-deps installs linux-perf)")
+            syscalls = False
+        if args.allocs and args.baseline_bin and not args.baseline_alloc_bin:
+            report["skipped"].append("anp-base allocations: no --baseline-alloc-bin")
+        if syscalls or alloc_bins:
+            report["counts"] = bench.counting_runs(count_bodies, args.count_conns, count_secs, warmup,
+                                                   syscalls, alloc_bins)
+            report["skipped"] += bench.notes
+            # Each count also on the matrix run of its target and cell.
+            for c in report["counts"]:
+                r = find(report["runs"], c["target"], "closed", c["body_bytes"], c["connections"])
+                if r:
+                    r.update({k: v for k, v in c.items() if k.endswith("_per_request_by_process")
+                              and k != "cpu_us_by_process"})
         report["tunnel_connects"] = bench.tunnels_reconnected()
         for name, p in (("gateway", bench.gateway), ("receiver", bench.receiver), ("app", bench.app)):
             if p.poll() is not None:

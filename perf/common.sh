@@ -1,10 +1,13 @@
 # Shared by perf/flamegraph.sh and perf/stat.sh (sourced, not run): starts
 # anp-bench-app, the gateway and a receiver on free loopback ports, and
 # stops them on exit. Sets APP_PORT, GW_PORT, GW_PID, RX_PID, WORK.
+# ANP_BIN=PATH runs another anp-proxy binary (a baseline) as gateway and
+# receiver; the load generator and the app stay this tree's.
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=$ROOT/target/release
-for b in anp-proxy anp-loadgen anp-bench-app; do
-    [ -x "$BIN/$b" ] || { echo "missing $BIN/$b: cargo build --release --bins" >&2; exit 1; }
+ANP_BIN=${ANP_BIN:-$BIN/anp-proxy}
+for b in "$ANP_BIN" "$BIN/anp-loadgen" "$BIN/anp-bench-app"; do
+    [ -x "$b" ] || { echo "missing $b: cargo build --release --bins" >&2; exit 1; }
 done
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 WORK=$(mktemp -d /tmp/anp-perf.XXXXXX)
@@ -32,9 +35,12 @@ start_stack() {
     PIDS+=($!)
     wait_line "$WORK/app.out" "listening on"
     APP_PORT=$(sed -n 's/.*127\.0\.0\.1:\([0-9]*\).*/\1/p' "$WORK/app.out")
+    # No access log: one JSON line per request would be profiled too
+    # (nginx in benches/bench.py has its access log off as well).
     cat >"$WORK/gateway.toml" <<TOML
 [logging]
 level = "error"
+access_log = false
 [gateway]
 host = "127.0.0.1"
 port = 0
@@ -44,7 +50,7 @@ name = "bench"
 token = "bench-token-123"
 paths = ["/"]
 TOML
-    "$BIN/anp-proxy" gateway --config "$WORK/gateway.toml" >"$WORK/gateway.out" 2>"$WORK/gateway.err" &
+    "$ANP_BIN" gateway --config "$WORK/gateway.toml" >"$WORK/gateway.out" 2>"$WORK/gateway.err" &
     GW_PID=$!
     PIDS+=($GW_PID)
     wait_line "$WORK/gateway.out" "listening on"
@@ -59,7 +65,7 @@ token = "bench-token-123"
 tunnels = 0
 max_concurrent = 1024
 TOML
-    "$BIN/anp-proxy" receiver --config "$WORK/receiver.toml" >"$WORK/receiver.out" 2>"$WORK/receiver.err" &
+    "$ANP_BIN" receiver --config "$WORK/receiver.toml" >"$WORK/receiver.out" 2>"$WORK/receiver.err" &
     RX_PID=$!
     PIDS+=($RX_PID)
     wait_line "$WORK/receiver.out" "connected" "$workers"

@@ -3,6 +3,9 @@
 //! private side (the receiver) opens. See `docs/ARCHITECTURE.md`.
 
 pub(crate) mod access_log;
+// Benchmark builds only (`--features count-allocs`, benches/README.md).
+#[cfg(feature = "count-allocs")]
+pub mod alloc_count;
 pub mod auth;
 pub mod config;
 pub(crate) mod fault;

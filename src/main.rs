@@ -8,8 +8,15 @@ use std::process::ExitCode;
 use anp_proxy::config::{Config, ConfigError, Mode, Overrides};
 use clap::{Parser, Subcommand};
 
+#[cfg(not(feature = "count-allocs"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A measurement build (`--features count-allocs`): mimalloc, every call
+/// counted; SIGUSR2 prints the counts (src/alloc_count.rs).
+#[cfg(feature = "count-allocs")]
+#[global_allocator]
+static GLOBAL: anp_proxy::alloc_count::Counting = anp_proxy::alloc_count::Counting;
 
 #[derive(Parser)]
 #[command(
@@ -500,6 +507,11 @@ fn direct_flags(cmd: &Option<Cmd>) -> Overrides {
 
 fn main() -> ExitCode {
     exit_on_panic();
+    #[cfg(feature = "count-allocs")]
+    if let Err(e) = anp_proxy::alloc_count::report_on_sigusr2() {
+        eprintln!("anp-proxy: cannot start the allocation-count reporter: {e}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     match cli.cmd {
         Some(Cmd::Did { cmd }) => return did_command(cmd),

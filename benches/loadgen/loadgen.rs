@@ -72,6 +72,11 @@ struct Args {
     /// Idle mode: seconds to hold them.
     #[arg(long, default_value_t = 10.0)]
     hold: f64,
+    /// Print `WINDOW_START` and `WINDOW_END` lines on stderr when the
+    /// measured window opens and closes (bench.py reads the proxies' CPU
+    /// time, allocation and syscall counters at those two moments).
+    #[arg(long)]
+    mark_window: bool,
 }
 
 fn main() {
@@ -146,6 +151,11 @@ fn main() {
                 .expect("spawn loadgen thread")
         })
         .collect();
+    if args.mark_window {
+        // The workers use these same instants; this thread only waits.
+        mark_at(measure_from, "WINDOW_START");
+        mark_at(end, "WINDOW_END");
+    }
     let mut total = Stats::new();
     for h in handles {
         total.merge(&h.join().expect("loadgen thread panicked"));
@@ -179,6 +189,12 @@ fn main() {
         );
         println!("{v}");
     }
+}
+
+/// Prints `what` on stderr at `when` (at once if that has passed).
+fn mark_at(when: Instant, what: &str) {
+    std::thread::sleep(when.saturating_duration_since(Instant::now()));
+    eprintln!("{what}");
 }
 
 fn idle(args: &Args, addr: SocketAddr, request: Bytes, threads: usize, n: usize) {
