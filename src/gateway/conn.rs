@@ -408,8 +408,10 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
         return Err((ProxyError::NoRoute(path.into_owned()), false));
     };
     ex.set_route(route);
-    let identity = route.identity.clone();
-    if !ctx.wait_for_tunnel(&identity).await {
+    // Borrowed from this core's table (`routes` lives to the end): no
+    // atomic reference count touched per request.
+    let identity = &route.identity;
+    if !ctx.wait_for_tunnel(identity).await {
         return Err((ProxyError::NoTunnel(identity.to_string()), false));
     }
     let max = ctx.settings.max_body_size;
@@ -431,7 +433,7 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
     }
     // A `stream` tunnel on this core: the body goes up as it arrives.
     if let Some(t) = ctx
-        .local_tunnel(&identity, conn_id)
+        .local_tunnel(identity, conn_id)
         .filter(|t| t.features.stream)
     {
         let target = Target { peer, tls };
@@ -455,7 +457,7 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
         chunked.then_some(body.len()),
         ctx.settings.trust_forwarded,
     );
-    ctx.dispatch(&identity, ProxyRequest { meta, body }, conn_id)
+    ctx.dispatch(identity, ProxyRequest { meta, body }, conn_id)
         .await
         .map(|r| {
             ex.request_id = Some(r.request_id);
