@@ -1,5 +1,6 @@
 //! A tunnel upgrade on the public (or tunnel) port, from its head to the
-//! running tunnel: the pending-upgrade slot (`upgrades.rs`), authentication
+//! running tunnel: the pending-upgrade slot and the core's handshake turn
+//! (`upgrades.rs`), authentication
 //! under `handshake_timeout` (tokens, DID-WBA: `crate::auth`), the
 //! `duplicate_tunnels` decision, placement on the core with the fewest
 //! tunnels of the identity and the hand-off of the socket to it, the 101,
@@ -17,7 +18,7 @@ use super::error::{error_reply, ProxyError, UpgradeError};
 use super::instances::Placement;
 use super::respond::write_error;
 use super::tunnel::run_tunnel;
-use super::upgrades::UpgradeSlot;
+use super::upgrades::{UpgradeRefusal, UpgradeSlot};
 use crate::auth::UpgradeRequest;
 use crate::config::DuplicateTunnels;
 use crate::http::RequestHead;
@@ -80,9 +81,30 @@ pub(super) async fn accept_tunnel<S>(
     S::OwnedWrite: AsyncWriteRent + 'static,
 {
     let mut out = Vec::with_capacity(512);
+    // This core's handshake turn (`handshake_rate`): a reconnect storm is
+    // served at a steady pace; too long a queue is refused with when to
+    // come back.
+    let turn = match ctx.shared.upgrades.pace(ctx.index) {
+        Ok(wait) => wait,
+        Err(e) => {
+            let retry = match e {
+                UpgradeRefusal::Paced(secs) => secs,
+                _ => 1,
+            };
+            let err = ProxyError::Upgrade(UpgradeError::Pending(e, retry));
+            tracing::warn!(%peer, reason = e.reason(), error = %e, status = error_reply(&err).status, "tunnel upgrade refused");
+            refuse(&mut io, &mut out, &err).await;
+            return;
+        }
+    };
     // No IO on `io` inside: dropping it at the deadline leaves the stream
     // usable for the 408.
-    let checked = authenticate_upgrade(&ctx, head, head_buf, peer, tls);
+    let checked = async {
+        if !turn.is_zero() {
+            monoio::time::sleep(turn).await;
+        }
+        authenticate_upgrade(&ctx, head, head_buf, peer, tls).await
+    };
     let decided = match deadline {
         Some(d) => {
             monoio::time::timeout(d.saturating_duration_since(Instant::now()), checked).await
@@ -238,7 +260,7 @@ async fn authenticate_upgrade(
         headers: &headers,
         tls,
     };
-    let owns_routes = |name: &str| ctx.routes().prefixes_of(name).next().is_some();
+    let owns_routes = |name: &str| ctx.routes().owns_any(name);
     let identity = match ctx.shared.auth.authenticate(&req, &owns_routes).await {
         // A route registered since the last poll applies to a new tunnel
         // at once: read the registry, then decide again (a DID proof
