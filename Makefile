@@ -46,12 +46,20 @@ clean:
 	$(CARGO) clean
 
 # --- Benchmarks and profiling (issue #4; benches/README.md, perf/README.md) ---
-.PHONY: bench bench-quick bench-deps bench-micro flamegraph perf-stat
+.PHONY: bench bench-quick bench-deps bench-micro bench-storm flamegraph perf-stat
 
-# direct vs nginx vs anp-proxy, interleaved; writes bench-results/latest.{json,svg}.
+# direct vs nginx vs anp-proxy, interleaved; writes bench-results/latest.{json,svg};
+# then the reconnect storm (bench-storm).
 bench:
-	$(CARGO) build --release --bin anp-proxy --bin anp-loadgen --bin anp-bench-app
+	$(CARGO) build --release --bin anp-proxy --bin anp-loadgen --bin anp-bench-app --bin anp-storm
 	python3 benches/bench.py
+	python3 benches/storm.py
+
+# A gateway restart with 10,000 tunnels of distinct identities, before/after
+# the issue-17 pacing; writes bench-results/storm.json (STORM_ARGS=--quick: 2,000).
+bench-storm:
+	$(CARGO) build --release --bin anp-proxy --bin anp-storm
+	python3 benches/storm.py $(STORM_ARGS)
 
 # The same in under 2 minutes (fewer cells, shorter runs).
 bench-quick:
@@ -62,9 +70,10 @@ bench-quick:
 bench-deps:
 	apt-get update && (apt-get install -y nginx-light wrk || apt-get install -y nginx wrk)
 
-# Criterion micro-benches: ANPX codec, WebSocket framing, route lookup.
+# Criterion micro-benches: ANPX codec, WebSocket framing, route lookup and
+# registry polls at 100k rows, DID-WBA handshake verification.
 bench-micro:
-	$(CARGO) bench --bench anpx --bench ws --bench routes
+	$(CARGO) bench --bench anpx --bench ws --bench routes --bench didwba
 
 # Flamegraph of the gateway under load: perf/flamegraph.sh [gateway|receiver].
 flamegraph:

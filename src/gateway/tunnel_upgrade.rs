@@ -33,7 +33,9 @@ pub(super) fn handshake_deadline(ctx: &CoreCtx, start: Instant) -> Option<Instan
 }
 
 /// Takes a pending-upgrade slot for `peer`, or answers 429/503 with
-/// Retry-After (the longest a slot can stay taken) and returns `None`.
+/// Retry-After (the longest a slot can stay taken; for the global cap with
+/// paced handshakes, the time the pace takes to drain the queue) and
+/// returns `None`.
 pub(super) async fn upgrade_slot<S: AsyncWriteRent>(
     ctx: &CoreCtx,
     io: &mut S,
@@ -43,7 +45,18 @@ pub(super) async fn upgrade_slot<S: AsyncWriteRent>(
     match ctx.shared.upgrades.try_acquire(peer.ip()) {
         Ok(s) => Some(s),
         Err(e) => {
-            let retry = ctx.shared.config.gateway.handshake_timeout.ceil().max(1.0) as u32;
+            let g = &ctx.shared.config.gateway;
+            let longest = g.handshake_timeout.ceil().max(1.0) as u32;
+            // A full queue in a reconnect storm drains at the handshake
+            // pace: come back when it has (sooner than the longest a slot
+            // can stay taken), not all at that same later second.
+            let retry = match e {
+                UpgradeRefusal::Global(n) if g.handshake_rate > 0 => {
+                    let rate = g.handshake_rate as f64 * ctx.shared.workers as f64;
+                    ((n as f64 / rate).ceil() as u32).clamp(1, longest)
+                }
+                _ => longest,
+            };
             let err = ProxyError::Upgrade(UpgradeError::Pending(e, retry));
             tracing::warn!(%peer, reason = e.reason(), error = %e, status = error_reply(&err).status, "tunnel upgrade refused");
             refuse(io, out, &err).await;
