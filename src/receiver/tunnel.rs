@@ -90,6 +90,16 @@ enum TunnelError {
     Tls(#[from] crate::tls::client::HandshakeError),
 }
 
+impl TunnelError {
+    /// A refusal's `Retry-After`: when the gateway asked us to come back.
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            TunnelError::Refused { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
 /// Keeps tunnel `index` up until the receiver shuts down.
 pub async fn run_slot(ctx: Rc<CoreRx>, index: usize) {
     if index > 0 {
@@ -131,13 +141,11 @@ pub async fn run_slot(ctx: Rc<CoreRx>, index: usize) {
                 eprintln!("anp-proxy: receiver {e}; exiting");
                 std::process::exit(crate::protocol::features::EXIT_REPLACED);
             }
-            Err(TunnelError::Refused {
-                status,
-                body,
-                retry_after,
-            }) => {
-                tracing::error!(tunnel = index, status, body = %body, retry_after = ?retry_after, "tunnel refused");
-                backoff::Ended::Refused { retry_after }
+            Err(e @ TunnelError::Refused { .. }) => {
+                tracing::error!(tunnel = index, error = %e, "tunnel refused");
+                backoff::Ended::Refused {
+                    retry_after: e.retry_after(),
+                }
             }
             Err(e) => {
                 tracing::warn!(tunnel = index, error = %e, "tunnel down");
