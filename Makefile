@@ -46,12 +46,18 @@ clean:
 	$(CARGO) clean
 
 # --- Benchmarks and profiling (issue #4; benches/README.md, perf/README.md) ---
-.PHONY: bench bench-quick bench-counts bench-bins bench-allocs-bin bench-deps bench-micro flamegraph perf-stat
+.PHONY: bench bench-quick bench-counts bench-bins bench-allocs-bin bench-deps bench-micro bench-storm flamegraph perf-stat
 
 ALLOC_BIN := target/release/anp-proxy-count-allocs
 
 bench-bins:
-	$(CARGO) build --release --bin anp-proxy --bin anp-loadgen --bin anp-bench-app
+	$(CARGO) build --release --bin anp-proxy --bin anp-loadgen --bin anp-bench-app --bin anp-storm
+
+# A gateway restart with 10,000 tunnels of distinct identities, before/after
+# the issue-17 pacing; writes bench-results/storm.json (STORM_ARGS=--quick: 2,000).
+bench-storm:
+	$(CARGO) build --release --bin anp-proxy --bin anp-storm
+	python3 benches/storm.py $(STORM_ARGS)
 
 # The count-allocs build for `bench.py --allocs`, in the same target dir
 # (only anp-proxy itself compiles again), copied aside; then the normal
@@ -66,6 +72,7 @@ bench-allocs-bin:
 # request. Writes bench-results/latest.{json,svg}.
 bench: bench-bins bench-allocs-bin
 	python3 benches/bench.py --syscalls --allocs
+	python3 benches/storm.py
 
 # The same in under 2 minutes (fewer cells, shorter runs; no allocation
 # counts: they need the second build).
@@ -82,9 +89,10 @@ bench-counts: bench-bins bench-allocs-bin
 bench-deps:
 	apt-get update && (apt-get install -y nginx-light wrk linux-perf || apt-get install -y nginx wrk linux-perf)
 
-# Criterion micro-benches: ANPX codec, WebSocket framing, route lookup.
+# Criterion micro-benches: ANPX codec, WebSocket framing, route lookup and
+# registry polls at 100k rows, DID-WBA handshake verification.
 bench-micro:
-	$(CARGO) bench --bench anpx --bench ws --bench routes
+	$(CARGO) bench --bench anpx --bench ws --bench routes --bench didwba
 
 # Flame graphs of the gateway and the receiver under load (1 KiB, 64
 # connections): bench-results/flamegraph-{gateway,receiver}[-TAG].svg.

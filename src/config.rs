@@ -251,6 +251,12 @@ pub struct GatewayConfig {
     /// Tunnel upgrades not yet answered, all clients together; beyond it:
     /// 503 + Retry-After.
     pub max_pending_upgrades: usize,
+    /// Tunnel handshakes each core starts per second once its burst is
+    /// spent; an upgrade beyond waits its turn (at most half of
+    /// `handshake_timeout`, else 503 + Retry-After). 0: unpaced.
+    pub handshake_rate: u32,
+    /// Handshakes a core starts at once before `handshake_rate` applies.
+    pub handshake_burst: u32,
     /// Seconds an upgrade may take from its first byte to the 101: reading
     /// the head, authentication (DID document fetch included); 408 after.
     pub handshake_timeout: Seconds,
@@ -323,6 +329,8 @@ impl Default for GatewayConfig {
             max_inflight_per_tunnel: 4096,
             max_pending_upgrades_per_ip: 16,
             max_pending_upgrades: 1024,
+            handshake_rate: 2000,
+            handshake_burst: 200,
             handshake_timeout: Seconds(10.0),
             max_pings_per_second: 10,
             // Receivers may use a chunk size of their own up to 1 MiB.
@@ -444,8 +452,12 @@ pub struct DatabaseConfig {
     pub connect_timeout: Seconds,
     pub min_connections: usize,
     pub max_connections: usize,
-    /// Seconds between re-reads of the table by the gateway.
+    /// Seconds between the gateway's looks at the registry's change
+    /// counter (one row); logged changes are read when it moved.
     pub poll_interval: Seconds,
+    /// Seconds between full re-reads of the table, for writers that bypass
+    /// the change log (0: never).
+    pub resync_interval: Seconds,
 }
 
 /// Keys that only mean something to MySQL: their presence without
@@ -477,6 +489,7 @@ impl Default for DatabaseConfig {
             min_connections: 1,
             max_connections: 10,
             poll_interval: Seconds(2.0),
+            resync_interval: Seconds(300.0),
         }
     }
 }
@@ -503,6 +516,7 @@ impl fmt::Debug for DatabaseConfig {
             .field("password", &MASK)
             .field("database", &self.database)
             .field("poll_interval", &self.poll_interval)
+            .field("resync_interval", &self.resync_interval)
             .finish_non_exhaustive()
     }
 }
@@ -838,6 +852,12 @@ impl Config {
         }
         if g.handshake_timeout.get() <= 0.0 {
             return Err(bad("gateway.handshake_timeout", "must be > 0".into()));
+        }
+        if g.handshake_rate > 0 && g.handshake_burst == 0 {
+            return Err(bad(
+                "gateway.handshake_burst",
+                "must be > 0 when handshake_rate is set".into(),
+            ));
         }
         if g.admin_header_timeout.get() <= 0.0 {
             return Err(bad("gateway.admin_header_timeout", "must be > 0".into()));

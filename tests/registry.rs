@@ -282,7 +282,148 @@ macro_rules! on_both_backends {
     };
 }
 
+/// Every write is logged with the version bumped in the same transaction;
+/// a write that changes nothing logs nothing.
+fn changes_are_logged_with_the_version(s: &Setup) {
+    let mut r = s.registry();
+    let v0 = r.version().unwrap();
+    assert_eq!(r.last_seq().unwrap(), 0);
+    let alice = "did:wba:a.example:alice";
+    r.add(alice, "/a").unwrap();
+    r.add(alice, "/b/ad.json").unwrap();
+    assert_eq!(r.add(alice, "/a").unwrap(), Added::Already);
+    assert!(r.add("did:wba:b.example:bob", "/a/").is_err());
+    assert_eq!(r.remove(alice, "/b/").unwrap(), 1);
+    assert_eq!(r.remove(alice, "/nothing").unwrap(), 0);
+    let v = r.version().unwrap();
+    assert_eq!(v.version, v0.version + 3, "three writes changed a row");
+    let log: Vec<(String, bool)> = r
+        .changes_since(0)
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.proxy_path, c.added))
+        .collect();
+    assert_eq!(
+        log,
+        [
+            ("/a".to_owned(), true),
+            ("/b/ad.json".to_owned(), true),
+            ("/b/ad.json".to_owned(), false)
+        ]
+    );
+    let last = r.last_seq().unwrap();
+    assert!(r.changes_since(last).unwrap().is_empty());
+    // Another handle (the gateway's poller, in real life) sees the same.
+    assert_eq!(s.registry().version().unwrap(), v);
+}
+
+/// `n` rows `did:wba:bulk.example:aI → /bulk/aI/`, written straight into
+/// the table in one transaction (through `Registry::add` they would take
+/// minutes), as a tool that bypasses the change log would.
+fn bulk_insert(s: &Setup, n: usize) {
+    let cfg = s.config();
+    let db = &cfg.gateway.database;
+    drop(s.registry()); // creates the tables
+    let row = |i: usize| (format!("did:wba:bulk.example:a{i}"), format!("/bulk/a{i}/"));
+    match db.backend() {
+        anp_proxy::config::DbBackend::Sqlite => {
+            let mut conn = rusqlite::Connection::open(cfg.database_path()).unwrap();
+            let tx = conn.transaction().unwrap();
+            {
+                let mut st = tx
+                    .prepare("INSERT INTO did_proxy_path (did, proxy_path) VALUES (?1, ?2)")
+                    .unwrap();
+                for i in 0..n {
+                    st.execute(row(i)).unwrap();
+                }
+            }
+            tx.commit().unwrap();
+        }
+        anp_proxy::config::DbBackend::Mysql => {
+            use ::mysql::prelude::Queryable;
+            let url = format!(
+                "mysql://{}:{}@{}:{}/{}",
+                db.user, db.password, db.host, db.port, db.database
+            );
+            let mut conn = ::mysql::Conn::new(::mysql::Opts::from_url(&url).unwrap()).unwrap();
+            for start in (0..n).step_by(1000) {
+                let values: Vec<String> = (start..n.min(start + 1000))
+                    .map(|i| {
+                        let (d, p) = row(i);
+                        format!("('{d}','{p}')")
+                    })
+                    .collect();
+                conn.query_drop(format!(
+                    "INSERT INTO did_proxy_path (did, proxy_path) VALUES {}",
+                    values.join(",")
+                ))
+                .unwrap();
+            }
+        }
+    }
+}
+
+/// One counter from the admin listener's `/metrics`.
+fn metric(admin: SocketAddr, name: &str) -> u64 {
+    let r = client::request(admin, "GET", "/metrics", &[("Connection", "close")], b"");
+    assert_eq!(r.status, 200);
+    let text = r.body_text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no `{name}` in /metrics:\n{text}"))
+}
+
+/// 100,000 rows, unchanged: the poller reads the version row, never the
+/// table again (its rows-read counter stays at the start's full read); a
+/// change made with the CLI then costs one change row, and reaches the
+/// gateway within 5 s like in the tests above (a poll, then a new table of
+/// 100,000 routes built in memory and copied by each core: O(rows) work,
+/// slow in a debug build on a loaded machine); so does a removal.
+fn large_unchanged_table_is_not_reread(s: &Setup) {
+    const ROWS: u64 = 100_000;
+    bulk_insert(s, ROWS as usize);
+    let mut text = std::fs::read_to_string(&s.cfg_path).unwrap();
+    text = text.replacen("[gateway]\n", "[gateway]\nadmin_port = 0\n", 1);
+    text.push_str("poll_interval = 0.5\n");
+    std::fs::write(&s.cfg_path, text).unwrap();
+    let (gateway, admin) = common::procs::Gateway::start_file_with_admin(&s.cfg_path);
+    let gw = gateway.addr;
+    let polls = |read: &str| {
+        metric(
+            admin,
+            &format!("anp_proxy_registry_polls_total{{read=\"{read}\"}}"),
+        )
+    };
+    let rows_read = || metric(admin, "anp_proxy_registry_rows_read_total");
+    wait_until(
+        "five polls that found the version unchanged",
+        Duration::from_secs(20),
+        || polls("version") >= 5,
+    );
+    assert_eq!(rows_read(), ROWS, "only the start's read touched the table");
+    assert_eq!(polls("full"), 1);
+    assert_eq!(polls("changes"), 0);
+
+    let app = app();
+    assert!(s.routes(&["add", "live", "/late"]).status.success());
+    let _rx = live_receiver(s, gw, &app, "");
+    let took = until_status(gw, "/late/x", 200);
+    assert!(took <= Duration::from_secs(5), "add took {took:?}");
+    // One logged change read (the tunnel's read-on-miss or a poll).
+    assert_eq!(rows_read(), ROWS + 1);
+    // A bulk row is served by nobody (no tunnel) but is routed: 503, not 404.
+    assert_eq!(get(gw, "/bulk/a99999/x").0, 503);
+
+    assert!(s.routes(&["remove", "live", "/late"]).status.success());
+    let took = until_status(gw, "/late/x", 404);
+    assert!(took <= Duration::from_secs(5), "remove took {took:?}");
+    assert_eq!(rows_read(), ROWS + 2);
+    assert_eq!(polls("full"), 1, "no full read after the start");
+}
+
 on_both_backends!(
+    changes_are_logged_with_the_version,
+    large_unchanged_table_is_not_reread,
     add_list_remove,
     duplicate_is_refused_with_owner,
     ad_json_serves_parent,
@@ -291,6 +432,47 @@ on_both_backends!(
     live_change_reaches_connected_tunnel,
     new_tunnel_sees_a_change_at_once,
 );
+
+/// A database file made by the previous version (the table alone, rows in
+/// it) opens, keeps its rows, gains the change log, and takes changes.
+#[test]
+fn sqlite_file_of_the_previous_version_upgrades_in_place() {
+    let s = Setup::new(&format!("{FIXED}{}", sqlite_section().unwrap()));
+    let path = s.config().database_path();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    {
+        // The previous version's schema, verbatim.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS did_proxy_path (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                did VARCHAR(255) NOT NULL,
+                proxy_path VARCHAR(255) NOT NULL,
+                created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+                updated_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
+                UNIQUE(proxy_path)
+            );
+            CREATE INDEX IF NOT EXISTS idx_did_proxy_path_did ON did_proxy_path(did);
+            INSERT INTO did_proxy_path (did, proxy_path) VALUES ('live', '/old');",
+        )
+        .unwrap();
+    }
+    let mut r = s.registry();
+    assert_eq!(
+        r.list_all().unwrap(),
+        [("live".to_owned(), "/old".to_owned())]
+    );
+    assert_eq!(r.version().unwrap().version, 0);
+    assert_eq!(r.add("live", "/new").unwrap(), Added::New);
+    assert_eq!(r.version().unwrap().version, 1);
+    assert_eq!(r.changes_since(0).unwrap().len(), 1);
+    // And a gateway serves the old row.
+    let gateway = Gateway::start_file(&s.cfg_path);
+    let app = app();
+    let _rx = live_receiver(&s, gateway.addr, &app, "");
+    assert_eq!(get(gateway.addr, "/old/x"), (200, "app:/old/x".to_owned()));
+    assert_eq!(get(gateway.addr, "/new/x"), (200, "app:/new/x".to_owned()));
+}
 
 #[test]
 fn sqlite_file_is_created_relative_to_the_config() {

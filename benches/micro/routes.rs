@@ -1,12 +1,16 @@
-//! Route lookup with 10,000 prefixes (longest path-segment prefix, one hash
-//! probe per segment): hits at several depths and a miss that walks every
-//! segment. Run: `make bench-micro` or `cargo bench --bench routes`.
+//! Route lookup (longest path-segment prefix, one hash probe per segment)
+//! at 100 and at 100,000 prefixes: it must stay flat. And the registry
+//! poller's two reads on a 100,000-row SQLite table: the poll that finds
+//! nothing changed (one row of `registry_meta`) against the full read every
+//! poll used to make. Run: `make bench-micro` or `cargo bench --bench routes`.
 
 use std::sync::Arc;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 
 use anp_proxy::gateway::routes::RouteTable;
+use anp_proxy::registry::sqlite::SqliteRegistry;
+use anp_proxy::registry::Registry;
 
 fn table(n: usize) -> RouteTable {
     let mut t = RouteTable::new();
@@ -18,24 +22,66 @@ fn table(n: usize) -> RouteTable {
 }
 
 fn lookup(c: &mut Criterion) {
-    let t = table(10_000);
-    let mut g = c.benchmark_group("routes/lookup 10k");
-    g.throughput(Throughput::Elements(1));
-    let cases = [
-        ("exact", "/tenant42/svc4242"),
-        ("3 segments deeper", "/tenant42/svc4242/api/v1/items"),
-        ("8 segments deeper", "/tenant42/svc4242/a/b/c/d/e/f/g/h"),
-        ("miss (walks to root)", "/nobody/here/at/all/x/y"),
-    ];
-    for (name, path) in cases {
-        g.bench_function(name, |b| {
-            b.iter(|| black_box(t.lookup(black_box(path))).is_some())
+    for n in [100, 100_000] {
+        let t = table(n);
+        let mut g = c.benchmark_group(format!("routes/lookup {n}"));
+        g.throughput(Throughput::Elements(1));
+        let cases = [
+            ("exact", "/tenant42/svc42"),
+            ("3 segments deeper", "/tenant42/svc42/api/v1/items"),
+            ("8 segments deeper", "/tenant42/svc42/a/b/c/d/e/f/g/h"),
+            ("miss (walks to root)", "/nobody/here/at/all/x/y"),
+        ];
+        for (name, path) in cases {
+            g.bench_function(name, |b| {
+                b.iter(|| black_box(t.lookup(black_box(path))).is_some())
+            });
+        }
+        g.bench_function("owns_any (tunnel upgrade)", |b| {
+            b.iter(|| black_box(t.owns_any(black_box("agent-42"))))
         });
+        g.finish();
     }
-    g.finish();
-    c.bench_function("routes/build 10k", |b| {
-        b.iter(|| black_box(table(10_000)).len())
+    c.bench_function("routes/build 100k", |b| {
+        b.iter(|| black_box(table(100_000)).len())
     });
+}
+
+/// A registry file with `n` rows, written in one transaction (the CLI
+/// would log each; the poller's reads are what is measured here).
+fn registry(dir: &std::path::Path, n: usize) -> Registry {
+    let path = dir.join("routes.db");
+    let reg = SqliteRegistry::open(&path).unwrap();
+    let mut conn = rusqlite::Connection::open(&path).unwrap();
+    let tx = conn.transaction().unwrap();
+    {
+        let mut st = tx
+            .prepare("INSERT INTO did_proxy_path (did, proxy_path) VALUES (?1, ?2)")
+            .unwrap();
+        for i in 0..n {
+            st.execute((
+                format!("did:wba:a.example:agent{i}"),
+                format!("/agents/a{i}/"),
+            ))
+            .unwrap();
+        }
+    }
+    tx.commit().unwrap();
+    Registry::from_backend(Box::new(reg))
+}
+
+fn poll(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut reg = registry(dir.path(), 100_000);
+    let mut g = c.benchmark_group("registry/poll 100k rows");
+    g.sample_size(20);
+    g.bench_function("unchanged (version row)", |b| {
+        b.iter(|| black_box(reg.version().unwrap()))
+    });
+    g.bench_function("full read (before)", |b| {
+        b.iter(|| black_box(reg.list_all().unwrap()).len())
+    });
+    g.finish();
 }
 
 criterion_group! {
@@ -44,6 +90,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(std::time::Duration::from_secs(1))
         .measurement_time(std::time::Duration::from_secs(2));
-    targets = lookup
+    targets = lookup, poll
 }
 criterion_main!(benches);

@@ -443,6 +443,9 @@ pub fn metrics_text(shared: &Shared) -> String {
     }
     shared.upgrades.write_metrics(&mut s);
     shared.anpx_refused.write_metrics(&mut s);
+    if let Some(r) = shared.registry_stats.get() {
+        r.write_metrics(&mut s);
+    }
     s
 }
 

@@ -118,6 +118,8 @@ pub struct Shared {
     /// The registry thread's "read now" queue (none in embedders that
     /// start no registry).
     registry_refresh: OnceLock<std::sync::mpsc::Sender<PollerMsg>>,
+    /// What the registry poller read (`/metrics`); set when it starts.
+    pub registry_stats: OnceLock<Arc<crate::registry::reload::PollStats>>,
     /// identity → tunnels per core and per receiver instance.
     tunnel_book: Mutex<super::instances::TunnelBook>,
     pub inboxes: Vec<xmpsc::UnboundedSender<CoreMsg>>,
@@ -139,9 +141,15 @@ impl Shared {
         inboxes: Vec<xmpsc::UnboundedSender<CoreMsg>>,
     ) -> Self {
         let workers = inboxes.len();
-        let upgrades = super::upgrades::UpgradeLimiter::new(
-            config.gateway.max_pending_upgrades_per_ip,
-            config.gateway.max_pending_upgrades,
+        let g = &config.gateway;
+        // Half the handshake's time may go to waiting for its turn.
+        let max_wait = crate::config::secs(g.handshake_timeout)
+            .map_or(std::time::Duration::from_secs(5), |d| d / 2);
+        let upgrades = super::upgrades::UpgradeLimiter::paced(
+            g.max_pending_upgrades_per_ip,
+            g.max_pending_upgrades,
+            workers,
+            super::upgrades::Pace::new(g.handshake_rate, g.handshake_burst, max_wait),
         );
         Self {
             config,
@@ -151,6 +159,7 @@ impl Shared {
                 table: routes,
             }),
             registry_refresh: OnceLock::new(),
+            registry_stats: OnceLock::new(),
             tunnel_book: Mutex::new(super::instances::TunnelBook::new(workers)),
             inboxes,
             counters: Counters::default(),
@@ -563,8 +572,18 @@ impl CoreCtx {
     /// reconnects (to a successor gateway, if one listens).
     async fn close_tunnels(self: Rc<Self>, done: std::sync::mpsc::Sender<usize>) {
         let tunnels = self.all_tunnels();
+        // Every receiver comes back at once otherwise: the reason asks them
+        // to spread over the time a successor paced like us needs for all
+        // our tunnels (PROTOCOL.md §7.3).
+        let total = self.shared.tunnel_count();
+        let spread = crate::protocol::reconnect::spread_for(
+            total,
+            self.shared.config.gateway.handshake_rate,
+            self.shared.workers,
+        );
+        let reason = crate::protocol::reconnect::going_away_reason(total, spread);
         for t in &tunnels {
-            t.going_away();
+            t.going_away(&reason);
         }
         // The receivers answer the close; give them a moment, not forever.
         let until = std::time::Instant::now() + Duration::from_secs(2);

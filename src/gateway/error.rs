@@ -176,7 +176,9 @@ fn upgrade_status(e: &UpgradeError) -> (u16, Option<u32>) {
         UpgradeError::Auth(AuthError::Did(DidAuthError::NonceCacheFull)) => (503, Some(1)),
         UpgradeError::Auth(_) => (401, None),
         UpgradeError::Pending(UpgradeRefusal::PerIp(_), retry) => (429, Some(*retry)),
-        UpgradeError::Pending(UpgradeRefusal::Global(_), retry) => (503, Some(*retry)),
+        UpgradeError::Pending(UpgradeRefusal::Global(_) | UpgradeRefusal::Paced(_), retry) => {
+            (503, Some(*retry))
+        }
         UpgradeError::HandshakeTimeout | UpgradeError::HeadTimeout => (408, None),
         UpgradeError::DuplicateInstance => (409, None),
         UpgradeError::BadInstance | UpgradeError::BadHandshake(_) => (400, None),

@@ -62,9 +62,9 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
     // The registry is read here, before any runtime starts (blocking), then
     // by its poller thread; never on a core.
     let mut registry = crate::registry::Registry::open(&cfg).context("route registry")?;
-    let rows = registry.list_all().context("route registry")?;
-    let routes = Arc::new(crate::registry::reload::route_table(&cfg, &rows));
-    tracing::info!(registry = %registry.describe(), rows = rows.len(), routes = routes.len(), "routes loaded");
+    let snapshot = crate::registry::reload::snapshot(&mut registry).context("route registry")?;
+    let routes = Arc::new(crate::registry::reload::route_table(&cfg, &snapshot.rows));
+    tracing::info!(registry = %registry.describe(), rows = snapshot.rows.len(), routes = routes.len(), "routes loaded");
     let mut auth = Authenticator::new(TokenAuth::new(&cfg.gateway.auth.tokens));
     if cfg.gateway.auth.did_wba_enabled {
         auth = auth.with_did(DidAuth::from_config(&cfg.gateway.auth, &cfg.base_dir));
@@ -86,11 +86,13 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
     let (refresh_tx, refresh_rx) = std::sync::mpsc::channel();
     shared.set_registry_refresh(refresh_tx);
     let poller_shared = Arc::downgrade(&shared);
+    let stats = shared.registry_stats.get_or_init(Default::default).clone();
     crate::registry::reload::spawn_poller(
         registry,
         cfg.clone(),
-        rows,
+        snapshot,
         shared.routes().table,
+        stats,
         refresh_rx,
         move |u| poller_shared.upgrade().is_some_and(|s| s.publish_routes(u)),
     )

@@ -273,12 +273,10 @@ impl Tunnel {
 
     /// Drain: admit nothing more and close the WebSocket with 1001 (going
     /// away), so the receiver reconnects, to a successor gateway if one
-    /// listens on the port.
-    pub fn going_away(&self) {
+    /// listens on the port; `reason` says over how long (PROTOCOL.md §7.3).
+    pub fn going_away(&self, reason: &str) {
         self.closed.set(true);
-        let _ = self
-            .out
-            .send(Outgoing::Close(1001, "gateway shutting down".into()));
+        let _ = self.out.send(Outgoing::Close(1001, reason.into()));
     }
 
     /// `duplicate_tunnels = "replace"`: another instance of this identity

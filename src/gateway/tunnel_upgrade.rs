@@ -1,5 +1,6 @@
 //! A tunnel upgrade on the public (or tunnel) port, from its head to the
-//! running tunnel: the pending-upgrade slot (`upgrades.rs`), authentication
+//! running tunnel: the pending-upgrade slot and the core's handshake turn
+//! (`upgrades.rs`), authentication
 //! under `handshake_timeout` (tokens, DID-WBA: `crate::auth`), the
 //! `duplicate_tunnels` decision, placement on the core with the fewest
 //! tunnels of the identity and the hand-off of the socket to it, the 101,
@@ -17,7 +18,7 @@ use super::error::{error_reply, ProxyError, UpgradeError};
 use super::instances::Placement;
 use super::respond::write_error;
 use super::tunnel::run_tunnel;
-use super::upgrades::UpgradeSlot;
+use super::upgrades::{UpgradeRefusal, UpgradeSlot};
 use crate::auth::UpgradeRequest;
 use crate::config::DuplicateTunnels;
 use crate::http::RequestHead;
@@ -32,7 +33,9 @@ pub(super) fn handshake_deadline(ctx: &CoreCtx, start: Instant) -> Option<Instan
 }
 
 /// Takes a pending-upgrade slot for `peer`, or answers 429/503 with
-/// Retry-After (the longest a slot can stay taken) and returns `None`.
+/// Retry-After (the longest a slot can stay taken; for the global cap with
+/// paced handshakes, the time the pace takes to drain the queue) and
+/// returns `None`.
 pub(super) async fn upgrade_slot<S: AsyncWriteRent>(
     ctx: &CoreCtx,
     io: &mut S,
@@ -42,7 +45,18 @@ pub(super) async fn upgrade_slot<S: AsyncWriteRent>(
     match ctx.shared.upgrades.try_acquire(peer.ip()) {
         Ok(s) => Some(s),
         Err(e) => {
-            let retry = ctx.shared.config.gateway.handshake_timeout.ceil().max(1.0) as u32;
+            let g = &ctx.shared.config.gateway;
+            let longest = g.handshake_timeout.ceil().max(1.0) as u32;
+            // A full queue in a reconnect storm drains at the handshake
+            // pace: come back when it has (sooner than the longest a slot
+            // can stay taken), not all at that same later second.
+            let retry = match e {
+                UpgradeRefusal::Global(n) if g.handshake_rate > 0 => {
+                    let rate = g.handshake_rate as f64 * ctx.shared.workers as f64;
+                    ((n as f64 / rate).ceil() as u32).clamp(1, longest)
+                }
+                _ => longest,
+            };
             let err = ProxyError::Upgrade(UpgradeError::Pending(e, retry));
             tracing::warn!(%peer, reason = e.reason(), error = %e, status = error_reply(&err).status, "tunnel upgrade refused");
             refuse(io, out, &err).await;
@@ -80,9 +94,30 @@ pub(super) async fn accept_tunnel<S>(
     S::OwnedWrite: AsyncWriteRent + 'static,
 {
     let mut out = Vec::with_capacity(512);
+    // This core's handshake turn (`handshake_rate`): a reconnect storm is
+    // served at a steady pace; too long a queue is refused with when to
+    // come back.
+    let turn = match ctx.shared.upgrades.pace(ctx.index) {
+        Ok(wait) => wait,
+        Err(e) => {
+            let retry = match e {
+                UpgradeRefusal::Paced(secs) => secs,
+                _ => 1,
+            };
+            let err = ProxyError::Upgrade(UpgradeError::Pending(e, retry));
+            tracing::warn!(%peer, reason = e.reason(), error = %e, status = error_reply(&err).status, "tunnel upgrade refused");
+            refuse(&mut io, &mut out, &err).await;
+            return;
+        }
+    };
     // No IO on `io` inside: dropping it at the deadline leaves the stream
     // usable for the 408.
-    let checked = authenticate_upgrade(&ctx, head, head_buf, peer, tls);
+    let checked = async {
+        if !turn.is_zero() {
+            monoio::time::sleep(turn).await;
+        }
+        authenticate_upgrade(&ctx, head, head_buf, peer, tls).await
+    };
     let decided = match deadline {
         Some(d) => {
             monoio::time::timeout(d.saturating_duration_since(Instant::now()), checked).await
@@ -238,7 +273,7 @@ async fn authenticate_upgrade(
         headers: &headers,
         tls,
     };
-    let owns_routes = |name: &str| ctx.routes().prefixes_of(name).next().is_some();
+    let owns_routes = |name: &str| ctx.routes().owns_any(name);
     let identity = match ctx.shared.auth.authenticate(&req, &owns_routes).await {
         // A route registered since the last poll applies to a new tunnel
         // at once: read the registry, then decide again (a DID proof

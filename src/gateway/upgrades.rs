@@ -10,6 +10,12 @@
 //! `max_pending_upgrades_per_ip` slots per client address (more: 429) and
 //! `max_pending_upgrades` in all (more: 503), both with `Retry-After`.
 //!
+//! Once its head is in, an upgrade waits for its core's handshake turn
+//! ([`Pace`], `handshake_rate` after `handshake_burst`) before it is
+//! authenticated, so a reconnect storm is served at a steady rate instead
+//! of being refused en masse; one that would wait over half of
+//! `handshake_timeout` is refused (503, Retry-After = that wait).
+//!
 //! Cold path only (one lock per upgrade attempt, never per request), so a
 //! `Mutex` in [`super::core::Shared`] is the simple, right tool.
 //! Never: touch a socket or a core's state.
@@ -19,6 +25,7 @@ use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Why an upgrade got no slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -29,6 +36,10 @@ pub enum UpgradeRefusal {
     /// The process already holds `max_pending_upgrades`.
     #[error("{0} tunnel upgrades are already pending")]
     Global(usize),
+    /// This core's handshake pace (`handshake_rate`) would make it wait
+    /// longer than half of `handshake_timeout`: this many seconds.
+    #[error("handshakes are paced; this one would wait {0} s")]
+    Paced(u32),
 }
 
 impl UpgradeRefusal {
@@ -37,6 +48,7 @@ impl UpgradeRefusal {
         match self {
             UpgradeRefusal::PerIp(_) => "pending_upgrades_per_ip",
             UpgradeRefusal::Global(_) => "pending_upgrades",
+            UpgradeRefusal::Paced(_) => "handshake_rate",
         }
     }
 }
@@ -56,6 +68,59 @@ pub struct UpgradeLimiter {
     refused_per_ip: AtomicU64,
     refused_global: AtomicU64,
     timed_out: AtomicU64,
+    /// One pace per core (`handshake_rate`), each locked only by its core.
+    pace: Vec<Mutex<Pace>>,
+    paced: AtomicU64,
+    refused_paced: AtomicU64,
+}
+
+/// Handshake pacing for one core, sans-IO (the caller passes the clock):
+/// the generic cell rate algorithm. `burst` handshakes start at once, then
+/// one every `1/rate` s; an upgrade is told how long to wait for its turn,
+/// or, when that would exceed `max_wait`, refused with that wait (its
+/// Retry-After) without taking a turn.
+#[derive(Debug, Clone)]
+pub struct Pace {
+    interval: Duration,
+    /// `burst - 1` intervals: how far ahead of now the schedule may run
+    /// free (the first of a burst is on time; the others are early).
+    tolerance: Duration,
+    max_wait: Duration,
+    /// When the next turn is due if nobody used the burst.
+    next: Option<Instant>,
+}
+
+impl Pace {
+    /// `rate` 0: unpaced.
+    pub fn new(rate: u32, burst: u32, max_wait: Duration) -> Self {
+        let interval = if rate == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(1.0 / rate as f64)
+        };
+        Self {
+            interval,
+            tolerance: interval * burst.saturating_sub(1),
+            max_wait,
+            next: None,
+        }
+    }
+
+    /// How long an upgrade arriving `now` waits for its turn, or `Err`
+    /// with the wait it was refused for.
+    pub fn admit(&mut self, now: Instant) -> Result<Duration, Duration> {
+        if self.interval.is_zero() {
+            return Ok(Duration::ZERO);
+        }
+        let next = self.next.map_or(now, |n| n.max(now));
+        let start = next.checked_sub(self.tolerance).map_or(now, |s| s.max(now));
+        let wait = start - now;
+        if wait > self.max_wait {
+            return Err(wait);
+        }
+        self.next = Some(next + self.interval);
+        Ok(wait)
+    }
 }
 
 /// One pending upgrade; dropping it frees the slot.
@@ -67,6 +132,11 @@ pub struct UpgradeSlot {
 
 impl UpgradeLimiter {
     pub fn new(per_ip: usize, global: usize) -> Arc<Self> {
+        Self::paced(per_ip, global, 0, Pace::new(0, 0, Duration::ZERO))
+    }
+
+    /// With a handshake pace for each of `cores`.
+    pub fn paced(per_ip: usize, global: usize, cores: usize, pace: Pace) -> Arc<Self> {
         Arc::new(Self {
             per_ip,
             global,
@@ -74,7 +144,37 @@ impl UpgradeLimiter {
             refused_per_ip: AtomicU64::new(0),
             refused_global: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
+            pace: (0..cores).map(|_| Mutex::new(pace.clone())).collect(),
+            paced: AtomicU64::new(0),
+            refused_paced: AtomicU64::new(0),
         })
+    }
+
+    /// Core `core`'s turn for a handshake: how long to wait for it, or the
+    /// refusal (counted; [`UpgradeRefusal::Paced`]) when the wait would be
+    /// too long.
+    pub fn pace(&self, core: usize) -> Result<Duration, UpgradeRefusal> {
+        let Some(p) = self.pace.get(core) else {
+            return Ok(Duration::ZERO);
+        };
+        let r = p
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(Instant::now());
+        match r {
+            Ok(wait) => {
+                if !wait.is_zero() {
+                    self.paced.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(wait)
+            }
+            Err(wait) => {
+                self.refused_paced.fetch_add(1, Ordering::Relaxed);
+                Err(UpgradeRefusal::Paced(
+                    wait.as_secs_f64().ceil().max(1.0) as u32
+                ))
+            }
+        }
     }
 
     /// Takes a slot for `ip`, or says which cap is full (and counts it).
@@ -94,7 +194,7 @@ impl UpgradeLimiter {
             drop(s);
             let c = match r {
                 UpgradeRefusal::PerIp(_) => &self.refused_per_ip,
-                UpgradeRefusal::Global(_) => &self.refused_global,
+                UpgradeRefusal::Global(_) | UpgradeRefusal::Paced(_) => &self.refused_global,
             };
             c.fetch_add(1, Ordering::Relaxed);
             return Err(r);
@@ -133,6 +233,7 @@ impl UpgradeLimiter {
         for (reason, c) in [
             ("pending_upgrades_per_ip", &self.refused_per_ip),
             ("pending_upgrades", &self.refused_global),
+            ("handshake_rate", &self.refused_paced),
             ("handshake_timeout", &self.timed_out),
         ] {
             let _ = writeln!(
@@ -141,6 +242,13 @@ impl UpgradeLimiter {
                 c.load(Ordering::Relaxed)
             );
         }
+    }
+}
+
+impl UpgradeLimiter {
+    /// Upgrades that waited for their turn under `handshake_rate`.
+    pub fn paced_total(&self) -> u64 {
+        self.paced.load(Ordering::Relaxed)
     }
 }
 
@@ -207,6 +315,46 @@ mod tests {
         let _a = l.try_acquire(ip("10.0.0.1")).unwrap();
         let e = l.try_acquire(ip("::ffff:10.0.0.1")).unwrap_err();
         assert_eq!(e.reason(), "pending_upgrades_per_ip");
+    }
+
+    #[test]
+    fn pace_lets_a_burst_through_then_spaces_turns() {
+        let ms = Duration::from_millis;
+        // 1000/s, a burst of 3, waits up to 5 ms.
+        let mut p = Pace::new(1000, 3, ms(5));
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(p.admit(t0), Ok(Duration::ZERO));
+        }
+        // Then one turn per millisecond, queued behind each other.
+        for k in 1..=5 {
+            assert_eq!(p.admit(t0), Ok(ms(k)), "turn {k}");
+        }
+        // A sixth would wait 6 ms: refused, and takes no turn.
+        assert_eq!(p.admit(t0), Err(ms(6)));
+        assert_eq!(p.admit(t0), Err(ms(6)));
+        // Time passing frees turns; a quiet spell refills the burst.
+        assert_eq!(p.admit(t0 + ms(6)), Ok(Duration::ZERO));
+        let later = t0 + ms(1000);
+        for _ in 0..3 {
+            assert_eq!(p.admit(later), Ok(Duration::ZERO));
+        }
+        assert_eq!(p.admit(later), Ok(ms(1)));
+    }
+
+    #[test]
+    fn unpaced_never_waits() {
+        let mut p = Pace::new(0, 0, Duration::ZERO);
+        let t0 = Instant::now();
+        for _ in 0..10_000 {
+            assert_eq!(p.admit(t0), Ok(Duration::ZERO));
+        }
+        let l = UpgradeLimiter::paced(1, 1, 2, Pace::new(1, 1, Duration::ZERO));
+        assert_eq!(l.pace(0), Ok(Duration::ZERO));
+        assert_eq!(l.pace(0), Err(UpgradeRefusal::Paced(1)));
+        // Each core has its own pace.
+        assert_eq!(l.pace(1), Ok(Duration::ZERO));
+        assert_eq!(l.pace(7), Ok(Duration::ZERO));
     }
 
     #[test]

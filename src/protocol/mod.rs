@@ -4,5 +4,6 @@
 pub mod anpx;
 pub mod control;
 pub mod features;
+pub mod reconnect;
 pub mod request_id;
 pub mod stream;

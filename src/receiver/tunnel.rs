@@ -1,6 +1,7 @@
 //! One tunnel slot of the receiver: dial the gateway, authenticate on the
-//! upgrade, serve ANPX requests until the tunnel drops, then reconnect with
-//! exponential backoff and jitter. Says in its log why a connection was
+//! upgrade, serve ANPX requests until the tunnel drops, then reconnect when
+//! `backoff.rs` says (a draining gateway's spread, a refusal's
+//! `Retry-After`, or exponential backoff with jitter). Says in its log why a connection was
 //! refused. Once the receiver shuts down (`drain.rs`) a slot lets its
 //! tunnel leave and does not reconnect.
 
@@ -13,6 +14,7 @@ use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
 
+use super::backoff::{self, Backoff};
 use super::drain::{self, CoreDrain, Leaving};
 use super::sink::ResponseSink;
 use super::upstream::{ReqBody, ReqEvent, Upstream, UpstreamError};
@@ -68,7 +70,12 @@ enum TunnelError {
         source: std::io::Error,
     },
     #[error("gateway refused the tunnel: {status} {body}")]
-    Refused { status: u16, body: String },
+    Refused {
+        status: u16,
+        body: String,
+        /// `Retry-After` of a 429/503: when to come back.
+        retry_after: Option<Duration>,
+    },
     #[error("handshake: {0}")]
     Handshake(String),
     #[error("tunnel ended: {0}")]
@@ -83,6 +90,16 @@ enum TunnelError {
     Tls(#[from] crate::tls::client::HandshakeError),
 }
 
+impl TunnelError {
+    /// A refusal's `Retry-After`: when the gateway asked us to come back.
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            TunnelError::Refused { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
 /// Keeps tunnel `index` up until the receiver shuts down.
 pub async fn run_slot(ctx: Rc<CoreRx>, index: usize) {
     if index > 0 {
@@ -92,8 +109,7 @@ pub async fn run_slot(ctx: Rc<CoreRx>, index: usize) {
             return;
         }
     }
-    let base = Duration::from_millis(250);
-    let mut delay = base;
+    let mut backoff = Backoff::new(ctx.reconnect_max);
     loop {
         if ctx.drain.draining.is_set() {
             return;
@@ -105,16 +121,18 @@ pub async fn run_slot(ctx: Rc<CoreRx>, index: usize) {
             tracing::info!(tunnel = index, "tunnel closed; receiver shutting down");
             return;
         }
-        match result {
-            Ok(()) => {}
-            Err(e @ TunnelError::GoingAway(_)) => {
-                // A draining gateway: reconnect at once (a successor on the
-                // same port takes the tunnel), spread over 100 ms.
-                tracing::info!(tunnel = index, error = %e, "tunnel closed by the gateway");
-                delay = base;
-                let pause = Duration::from_millis(rand::random::<u64>() % 100);
-                monoio::time::sleep(pause).await;
-                continue;
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff.reset(); // it was up for a while: reconnect promptly
+        }
+        let ended = match result {
+            Ok(()) => backoff::Ended::Down,
+            Err(TunnelError::GoingAway(reason)) => {
+                // A draining gateway: a successor on the same port takes
+                // the tunnel; come back at a random moment within the
+                // spread its reason asks for (PROTOCOL.md §7.3).
+                let spread = crate::protocol::reconnect::spread_of(&reason);
+                tracing::info!(tunnel = index, reason = %reason, spread = ?spread, "tunnel closed by the gateway (going away)");
+                backoff::Ended::GoingAway { spread }
             }
             Err(e @ TunnelError::Replaced(_)) => {
                 // The gateway's `duplicate_tunnels = "replace"`: the newest
@@ -124,21 +142,22 @@ pub async fn run_slot(ctx: Rc<CoreRx>, index: usize) {
                 std::process::exit(crate::protocol::features::EXIT_REPLACED);
             }
             Err(e @ TunnelError::Refused { .. }) => {
-                tracing::error!(tunnel = index, error = %e, "tunnel refused")
+                tracing::error!(tunnel = index, error = %e, "tunnel refused");
+                backoff::Ended::Refused {
+                    retry_after: e.retry_after(),
+                }
             }
-            Err(e) => tracing::warn!(tunnel = index, error = %e, "tunnel down"),
-        }
-        if started.elapsed() > Duration::from_secs(10) {
-            delay = base; // it was up for a while: reconnect promptly
-        }
-        // Full jitter in [delay/2, delay): receivers don't reconnect in step.
-        let jittered = delay.mul_f64(0.5 + rand::random::<f64>() * 0.5);
-        tracing::info!(tunnel = index, after = ?jittered, "reconnecting");
+            Err(e) => {
+                tracing::warn!(tunnel = index, error = %e, "tunnel down");
+                backoff::Ended::Down
+            }
+        };
+        let pause = backoff.next(ended, rand::random::<f64>());
+        tracing::info!(tunnel = index, after = ?pause, "reconnecting");
         monoio::select! {
-            _ = monoio::time::sleep(jittered) => {}
+            _ = monoio::time::sleep(pause) => {}
             _ = ctx.drain.draining.wait() => return,
         }
-        delay = (delay * 2).min(ctx.reconnect_max);
     }
 }
 
@@ -208,6 +227,9 @@ async fn connect_and_serve(ctx: &Rc<CoreRx>, index: usize) -> Result<(), TunnelE
         read_some(&mut io, &mut buf, deadline).await?;
     };
     if !resp.is_upgrade() {
+        let retry_after = resp
+            .header("retry-after")
+            .and_then(backoff::parse_retry_after);
         let _ = buf.split_to(resp.head_len);
         let want = match resp.body_hint {
             ws::BodyHint::Length(n) => n.min(4096),
@@ -223,6 +245,7 @@ async fn connect_and_serve(ctx: &Rc<CoreRx>, index: usize) -> Result<(), TunnelE
         return Err(TunnelError::Refused {
             status: resp.status,
             body,
+            retry_after,
         });
     }
     let features = resp

@@ -8,6 +8,15 @@
 //! the registry too. A `proxy_path` ending in `/ad.json` serves its parent
 //! prefix (`routes::normalize_prefix`).
 //!
+//! Change detection (issue 17): every write through [`Registry`] bumps
+//! `registry_meta.version` and appends to `registry_changes` in the same
+//! transaction, so the poller ([`reload`]) reads one row to learn nothing
+//! changed, and only the logged changes when something did. The tables are
+//! created on open, so a database made by an earlier version upgrades in
+//! place; writers that bypass this code (another tool writing
+//! `did_proxy_path`) are caught by the poller's full re-read every
+//! `resync_interval`.
+//!
 //! Every call here blocks on a database: never call it on a monoio
 //! runtime's thread. The gateway reads the table on its own thread
 //! ([`reload`]) and hands cores finished route tables.
@@ -26,6 +35,28 @@ use crate::config::{Config, DbBackend};
 /// One row: `(did, proxy_path)`.
 pub type Row = (String, String);
 
+/// How many changes the change log keeps (`registry_changes`): a poller
+/// further behind than this reads the table in full once.
+pub const CHANGE_LOG_KEEP: u64 = 10_000;
+
+/// The registry's change counter (`registry_meta`, one row read by primary
+/// key): `version` goes up by one in every transaction that changes a row;
+/// `pruned_through` is the highest change sequence no longer in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Version {
+    pub version: u64,
+    pub pruned_through: u64,
+}
+
+/// One logged change: a row added or removed, in commit order (`seq`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub seq: u64,
+    pub did: String,
+    pub proxy_path: String,
+    pub added: bool,
+}
+
 /// What one database must do; [`Registry`] adds the rules on top.
 pub trait Backend: Send {
     /// For logs: which database, without secrets.
@@ -33,12 +64,23 @@ pub trait Backend: Send {
     /// Every row, ordered by `did`, then `proxy_path`.
     fn list_all(&mut self) -> Result<Vec<Row>, RegistryError>;
     fn routes_of(&mut self, did: &str) -> Result<Vec<Row>, RegistryError>;
+    /// Rows whose `proxy_path` is `prefix` or starts with `prefix/`
+    /// (an index range, not a scan).
+    fn with_prefix(&mut self, prefix: &str) -> Result<Vec<Row>, RegistryError>;
     /// The `did` of the row holding exactly `path`.
     fn owner_of(&mut self, path: &str) -> Result<Option<String>, RegistryError>;
-    /// Inserts unless `path` exists; true when a row was added.
+    /// Inserts unless `path` exists; true when a row was added. A row
+    /// added is logged (`registry_changes`) and the version bumped in the
+    /// same transaction.
     fn insert(&mut self, did: &str, path: &str) -> Result<bool, RegistryError>;
-    /// Deletes the exact row; how many went.
+    /// Deletes the exact row; how many went (logged like `insert`).
     fn delete(&mut self, did: &str, path: &str) -> Result<u64, RegistryError>;
+    /// The change counter: one row, read by primary key.
+    fn version(&mut self) -> Result<Version, RegistryError>;
+    /// The highest change sequence logged so far (0: none).
+    fn last_seq(&mut self) -> Result<u64, RegistryError>;
+    /// Changes with a sequence above `after`, in order.
+    fn changes_since(&mut self, after: u64) -> Result<Vec<Change>, RegistryError>;
 }
 
 /// What [`Registry::add`] did.
@@ -74,6 +116,21 @@ impl Registry {
         self.backend.describe()
     }
 
+    /// The change counter (cheap: one row by primary key).
+    pub fn version(&mut self) -> Result<Version, RegistryError> {
+        self.backend.version()
+    }
+
+    /// The highest change sequence logged so far.
+    pub fn last_seq(&mut self) -> Result<u64, RegistryError> {
+        self.backend.last_seq()
+    }
+
+    /// The changes after sequence `after`, in commit order.
+    pub fn changes_since(&mut self, after: u64) -> Result<Vec<Change>, RegistryError> {
+        self.backend.changes_since(after)
+    }
+
     /// Every `(did, proxy_path)`, ordered by `did`, then `proxy_path`.
     pub fn list_all(&mut self) -> Result<Vec<Row>, RegistryError> {
         self.backend.list_all()
@@ -95,8 +152,15 @@ impl Registry {
         check(did, path)?;
         let prefix = normalize_prefix(path);
         // The table's UNIQUE(proxy_path) only sees exact strings; `/a`,
-        // `/a/` and `/a/ad.json` are one prefix.
-        for (owner, p) in self.backend.list_all()? {
+        // `/a/` and `/a/ad.json` are one prefix. Every spelling of a prefix
+        // starts with it, so an index range finds them (the root prefix,
+        // `""`, is every row: read them all).
+        let same = if prefix.is_empty() {
+            self.backend.list_all()?
+        } else {
+            self.backend.with_prefix(prefix)?
+        };
+        for (owner, p) in same {
             if owner != did && normalize_prefix(&p) == prefix {
                 return Err(RegistryError::Owned { path: p, owner });
             }

@@ -19,6 +19,10 @@ pub struct Route {
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     by_prefix: HashMap<Arc<str>, Route>,
+    /// How many prefixes each identity owns: a tunnel upgrade asks whether
+    /// its identity owns any, and with 100,000 routes a walk over
+    /// `by_prefix` per upgrade would cost more than the handshake.
+    owned: HashMap<IdentityName, usize>,
 }
 
 /// Normalises a configured prefix: trailing `/` and a final `/ad.json`
@@ -36,11 +40,24 @@ impl RouteTable {
     /// Adds `prefix` for `identity`; returns the previous owner if any.
     pub fn insert(&mut self, prefix: &str, identity: IdentityName) -> Option<IdentityName> {
         let key: Arc<str> = normalize_prefix(prefix).into();
+        *self.owned.entry(identity.clone()).or_insert(0) += 1;
         let route = Route {
             prefix: key.clone(),
             identity,
         };
-        self.by_prefix.insert(key, route).map(|r| r.identity)
+        let prev = self.by_prefix.insert(key, route).map(|r| r.identity)?;
+        if let Some(n) = self.owned.get_mut(&prev) {
+            *n -= 1;
+            if *n == 0 {
+                self.owned.remove(&prev);
+            }
+        }
+        Some(prev)
+    }
+
+    /// Whether `identity` owns at least one prefix (one hash probe).
+    pub fn owns_any(&self, identity: &str) -> bool {
+        self.owned.contains_key(identity)
     }
 
     /// Who owns exactly `prefix` (after normalisation), if anyone.
@@ -72,7 +89,8 @@ impl RouteTable {
         }
     }
 
-    /// Prefixes owned by `identity`.
+    /// Prefixes owned by `identity` (a walk over every route: not for
+    /// per-upgrade use, see [`RouteTable::owns_any`]).
     pub fn prefixes_of<'a>(&'a self, identity: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.by_prefix
             .values()
@@ -166,5 +184,21 @@ mod tests {
         assert_eq!(owner(&t, "/agents/a9999/x/y/z"), Some("id9999"));
         assert_eq!(owner(&t, "/agents/a10000/x"), None);
         assert_eq!(t.len(), 10_000);
+    }
+
+    #[test]
+    fn owns_any_follows_reassigned_prefixes() {
+        let mut t = table(&[("/a", "x"), ("/b/", "x"), ("/c", "y")]);
+        assert!(t.owns_any("x") && t.owns_any("y") && !t.owns_any("z"));
+        // `/c/ad.json` is `/c`: y loses its only prefix to z.
+        assert_eq!(t.insert("/c/ad.json", "z".into()).as_deref(), Some("y"));
+        assert!(!t.owns_any("y") && t.owns_any("z"));
+        // Re-inserting a prefix for its owner keeps the count right.
+        t.insert("/a/", "x".into());
+        t.insert("/b", "w".into());
+        assert!(t.owns_any("x"));
+        t.insert("/a", "w".into());
+        assert!(!t.owns_any("x"));
+        assert_eq!(t.prefixes_of("w").count(), 2);
     }
 }

@@ -1,6 +1,8 @@
 //! The embedded registry: one SQLite file (rusqlite, bundled), created with
 //! its directory on first open. WAL mode, so `anp-proxy routes …` can write
-//! while a gateway's poller reads.
+//! while a gateway's poller reads. `registry_meta` and `registry_changes`
+//! (the change counter and log, `super::Version`) are created when missing,
+//! so a file made by an earlier version keeps working.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,7 +10,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::error::RegistryError;
-use super::{Backend, Row};
+use super::{Backend, Change, Row, Version};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS did_proxy_path (
@@ -20,6 +22,18 @@ CREATE TABLE IF NOT EXISTS did_proxy_path (
     UNIQUE(proxy_path)
 );
 CREATE INDEX IF NOT EXISTS idx_did_proxy_path_did ON did_proxy_path(did);
+CREATE TABLE IF NOT EXISTS registry_meta (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL DEFAULT 0,
+    pruned_through INTEGER NOT NULL DEFAULT 0
+);
+INSERT OR IGNORE INTO registry_meta (id, version, pruned_through) VALUES (1, 0, 0);
+CREATE TABLE IF NOT EXISTS registry_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    did VARCHAR(255) NOT NULL,
+    proxy_path VARCHAR(255) NOT NULL,
+    added INTEGER NOT NULL
+);
 ";
 
 pub struct SqliteRegistry {
@@ -56,6 +70,43 @@ impl SqliteRegistry {
             path: self.path.clone(),
             source,
         }
+    }
+
+    /// Runs `change` (one row written, or none) in an immediate
+    /// transaction; when it wrote, logs it, bumps the version and prunes the
+    /// log, in the same transaction.
+    fn logged(
+        &mut self,
+        did: &str,
+        path: &str,
+        added: bool,
+        change: &str,
+    ) -> rusqlite::Result<u64> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let n = tx.execute(change, params![did, path])? as u64;
+        if n > 0 {
+            tx.execute(
+                "INSERT INTO registry_changes (did, proxy_path, added) VALUES (?1, ?2, ?3)",
+                params![did, path, added],
+            )?;
+            let seq = tx.last_insert_rowid();
+            tx.execute(
+                "UPDATE registry_meta SET version = version + 1 WHERE id = 1",
+                [],
+            )?;
+            let floor = seq - super::CHANGE_LOG_KEEP as i64;
+            if floor > 0 {
+                tx.execute("DELETE FROM registry_changes WHERE seq <= ?1", [floor])?;
+                tx.execute(
+                    "UPDATE registry_meta SET pruned_through = MAX(pruned_through, ?1) WHERE id = 1",
+                    [floor],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(n)
     }
 
     fn rows(&self, sql: &str, args: &[&dyn rusqlite::ToSql]) -> rusqlite::Result<Vec<Row>> {
@@ -97,23 +148,77 @@ impl Backend for SqliteRegistry {
             .map_err(|e| self.err(e))
     }
 
+    fn with_prefix(&mut self, prefix: &str) -> Result<Vec<Row>, RegistryError> {
+        // `prefix`, or `prefix/…`: a range of the unique index ('0' follows '/').
+        self.rows(
+            "SELECT did, proxy_path FROM did_proxy_path WHERE proxy_path = ?1 \
+             OR (proxy_path >= ?1 || '/' AND proxy_path < ?1 || '0') ORDER BY did, proxy_path",
+            &[&prefix],
+        )
+        .map_err(|e| self.err(e))
+    }
+
     fn insert(&mut self, did: &str, path: &str) -> Result<bool, RegistryError> {
-        self.conn
-            .execute(
-                "INSERT OR IGNORE INTO did_proxy_path (did, proxy_path) VALUES (?1, ?2)",
-                params![did, path],
-            )
-            .map(|n| n == 1)
-            .map_err(|e| self.err(e))
+        self.logged(
+            did,
+            path,
+            true,
+            "INSERT OR IGNORE INTO did_proxy_path (did, proxy_path) VALUES (?1, ?2)",
+        )
+        .map(|n| n == 1)
+        .map_err(|e| self.err(e))
     }
 
     fn delete(&mut self, did: &str, path: &str) -> Result<u64, RegistryError> {
+        self.logged(
+            did,
+            path,
+            false,
+            "DELETE FROM did_proxy_path WHERE did = ?1 AND proxy_path = ?2",
+        )
+        .map_err(|e| self.err(e))
+    }
+
+    fn version(&mut self) -> Result<Version, RegistryError> {
         self.conn
-            .execute(
-                "DELETE FROM did_proxy_path WHERE did = ?1 AND proxy_path = ?2",
-                params![did, path],
+            .query_row(
+                "SELECT version, pruned_through FROM registry_meta WHERE id = 1",
+                [],
+                |r| {
+                    Ok(Version {
+                        version: r.get::<_, i64>(0)? as u64,
+                        pruned_through: r.get::<_, i64>(1)? as u64,
+                    })
+                },
             )
-            .map(|n| n as u64)
             .map_err(|e| self.err(e))
+    }
+
+    fn last_seq(&mut self) -> Result<u64, RegistryError> {
+        self.conn
+            .query_row(
+                "SELECT COALESCE(MAX(seq), 0) FROM registry_changes",
+                [],
+                |r| r.get::<_, i64>(0).map(|n| n as u64),
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    fn changes_since(&mut self, after: u64) -> Result<Vec<Change>, RegistryError> {
+        let run = || -> rusqlite::Result<Vec<Change>> {
+            let mut st = self.conn.prepare_cached(
+                "SELECT seq, did, proxy_path, added FROM registry_changes WHERE seq > ?1 ORDER BY seq",
+            )?;
+            let rows = st.query_map([after as i64], |r| {
+                Ok(Change {
+                    seq: r.get::<_, i64>(0)? as u64,
+                    did: r.get(1)?,
+                    proxy_path: r.get(2)?,
+                    added: r.get(3)?,
+                })
+            })?;
+            rows.collect()
+        };
+        run().map_err(|e| self.err(e))
     }
 }

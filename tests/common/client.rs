@@ -235,8 +235,16 @@ pub struct Conn {
 
 impl Conn {
     pub fn connect(addr: SocketAddr) -> Conn {
-        let stream = TcpStream::connect(addr)
-            .unwrap_or_else(|e| panic!("expected to connect to {addr}: {e}"));
+        Conn::try_connect(addr).unwrap_or_else(|e| panic!("expected to connect to {addr}: {e}"))
+    }
+
+    /// [`Conn::connect`], saying why it could not.
+    pub fn try_connect(addr: SocketAddr) -> io::Result<Conn> {
+        let stream = TcpStream::connect(addr)?;
+        Ok(Conn::on(addr, stream))
+    }
+
+    fn on(addr: SocketAddr, stream: TcpStream) -> Conn {
         stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
         stream.set_write_timeout(Some(READ_TIMEOUT)).unwrap();
         let _ = stream.set_nodelay(true);
@@ -399,4 +407,18 @@ pub fn request(
     body: &[u8],
 ) -> Response {
     Conn::connect(addr).request(method, target, headers, body)
+}
+
+/// [`request`] on a new connection, returning an IO failure (refused,
+/// reset, closed before a response) instead of panicking.
+pub fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> io::Result<Response> {
+    let mut c = Conn::try_connect(addr)?;
+    c.send(method, target, headers, body)?;
+    c.read()
 }

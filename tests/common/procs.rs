@@ -389,6 +389,20 @@ impl Proc {
         }
     }
 
+    /// [`Proc::wait_line`] with its own time limit (a run longer than
+    /// [`START_WAIT`], e.g. 10,000 tunnels on a loaded machine).
+    pub fn wait_line_within(
+        &mut self,
+        what: &str,
+        within: Duration,
+        pred: impl FnMut(&str) -> bool,
+    ) -> String {
+        match self.stdout.wait(&mut self.stdout_next, within, pred) {
+            Ok(line) => line,
+            Err((seen, ended)) => self.missed(what, "stdout", seen, ended),
+        }
+    }
+
     /// Waits for a stdout line containing `needle`.
     pub fn wait_stdout(&mut self, needle: &str) -> String {
         self.wait_line(&format!("a line with {needle:?}"), |l| l.contains(needle))
@@ -578,6 +592,14 @@ impl Gateway {
     pub fn start_file(config: &Path) -> Gateway {
         let proc = Proc::anp_proxy("gateway", "gateway", config, &[], &[]);
         Gateway::ready(proc, config.to_path_buf(), false).0
+    }
+
+    /// [`Gateway::start_file`] for a config whose `[gateway]` has
+    /// `admin_port = 0`: also returns the admin listener's address.
+    pub fn start_file_with_admin(config: &Path) -> (Gateway, SocketAddr) {
+        let proc = Proc::anp_proxy("gateway", "gateway", config, &[], &[]);
+        let (gw, admin) = Gateway::ready(proc, config.to_path_buf(), true);
+        (gw, admin.unwrap())
     }
 
     /// Waits for the ready line (and, with `admin`, the admin listener's;
