@@ -358,7 +358,8 @@ where
                 let (raw_path, _) = head.path_query(head_buf);
                 let path = String::from_utf8_lossy(raw_path);
                 let side = e.side().as_str();
-                if reply.status >= 500 {
+                // Shedding is the overload's expected answer: info, like 429.
+                if reply.status >= 500 && !matches!(e, ProxyError::Shed(_)) {
                     tracing::warn!(%peer, %path, error = %e, kind = error_kind(&e), side, status = reply.status, "request failed");
                 } else {
                     tracing::info!(%peer, %path, error = %e, kind = error_kind(&e), side, status = reply.status, "request refused");
@@ -404,7 +405,15 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
         return Err((ProxyError::BadRequest("dot-segment in path"), false));
     }
     let routes = ctx.routes();
-    let Some(route) = routes.lookup(&path) else {
+    let route = routes.lookup(&path);
+    // Rate limits (gateway/admission.rs): before anything else is spent.
+    let rated = super::ratelimit::Request {
+        peer: peer.ip(),
+        path: &path,
+        route: route.map(|r| (&*r.prefix, &*r.identity)),
+    };
+    ctx.admission.rate_check(&rated).map_err(|e| (e, false))?;
+    let Some(route) = route else {
         return Err((ProxyError::NoRoute(path.into_owned()), false));
     };
     ex.set_route(route);
@@ -412,6 +421,13 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
     if !ctx.wait_for_tunnel(&identity).await {
         return Err((ProxyError::NoTunnel(identity.to_string()), false));
     }
+    // A place in flight for the identity (its queue, fair turns, or 503
+    // at once); held until the response head is here or the request fails.
+    let _place = ctx
+        .admission
+        .enter(&identity)
+        .await
+        .map_err(|e| (e, false))?;
     let max = ctx.settings.max_body_size;
     if let BodyKind::ContentLength(n) = head.body {
         if n > max as u64 {
