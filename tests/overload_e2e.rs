@@ -366,3 +366,26 @@ fn max_connections_per_ip_refuses_at_accept() {
         },
     );
 }
+
+/// A client that closes its connection while its request waits for the
+/// app cancels the request at the receiver, and its place in flight is
+/// free again: the next request is served, not shed.
+#[test]
+fn a_client_that_leaves_cancels_its_request_and_frees_its_place() {
+    let extra = "max_inflight_per_identity = 1\nmax_queue_per_identity = 0\n";
+    let mut r = rig(&cfg(1, extra), false);
+    let mut c = Conn::connect(r.gw.addr);
+    c.send("GET", "/alice/orphan", &[("X-Test-Hold", "orphan")], b"")
+        .unwrap();
+    r.app.wait_arrived("orphan");
+    // The place is taken: another request is shed.
+    assert_eq!(request(r.gw.addr, "GET", "/alice/x", &[], b"").status, 503);
+    drop(c);
+    r.rx[0]
+        .proc
+        .wait_log(&["request cancelled by the gateway", "client went away"]);
+    wait_until("the place is free", Duration::from_secs(10), || {
+        metric(r.admin, "anp_identity_in_flight{identity=\"alice\"}") == 0
+    });
+    assert_eq!(request(r.gw.addr, "GET", "/alice/y", &[], b"").status, 200);
+}

@@ -386,7 +386,7 @@ fn is_websocket_upgrade(head: &RequestHead, buf: &[u8]) -> bool {
 type ProxyOutcome = Result<RespHead, (ProxyError, bool)>;
 
 #[allow(clippy::too_many_arguments)]
-async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
+async fn proxy_one<S: AsyncReadRent + AsyncWriteRent + Movable>(
     ctx: &CoreCtx,
     io: &mut S,
     buf: &mut BytesMut,
@@ -508,7 +508,7 @@ struct Target<'a> {
 /// a small body. A client that goes away mid-upload aborts the request at
 /// the receiver (`cancel`).
 #[allow(clippy::too_many_arguments)]
-async fn stream_request<S: AsyncReadRent>(
+async fn stream_request<S: AsyncReadRent + Movable>(
     ctx: &CoreCtx,
     io: &mut S,
     buf: &mut BytesMut,
@@ -545,7 +545,7 @@ async fn stream_request<S: AsyncReadRent>(
             .start(ctx, meta, first, true)
             .map_err(|e| (e, false))?;
         ex.request_id = Some(waiter.request_id());
-        return waiter.wait(s.timeout).await.map_err(|e| (e, true));
+        return wait_head(io, &mut waiter, s.timeout).await;
     }
     let piece = stream::piece_size(s.chunk_size, "0123456789abcdef", 0);
     let rest = if first.len() > piece {
@@ -564,7 +564,37 @@ async fn stream_request<S: AsyncReadRent>(
         up.abort(&e.to_string());
         return Err((e, false));
     }
-    waiter.wait(s.timeout).await.map_err(|e| (e, true))
+    wait_head(io, &mut waiter, s.timeout).await
+}
+
+/// Waits for the response head. A client that closes its connection
+/// meanwhile cancels the request at the receiver: under overload, clients
+/// that gave up would otherwise leave their requests running ahead of live
+/// ones (each holding a receiver permit and an app call), and the work
+/// done for nobody grows until no request is answered in time.
+async fn wait_head<S: Movable>(
+    io: &S,
+    waiter: &mut super::tunnel::Waiter,
+    timeout: std::time::Duration,
+) -> ProxyOutcome {
+    enum Got {
+        Head(Result<RespHead, ProxyError>),
+        Gone,
+    }
+    let got = monoio::select! {
+        r = waiter.wait(timeout) => Got::Head(r),
+        () = io.closed_by_peer() => Got::Gone,
+    };
+    match got {
+        Got::Head(r) => r.map_err(|e| (e, true)),
+        Got::Gone => {
+            waiter.abandon();
+            Err((
+                ProxyError::ClientGone("before the response head arrived"),
+                true,
+            ))
+        }
+    }
 }
 
 /// The rest of a streamed upload after chunk 0: `pending` (gathered but
