@@ -284,6 +284,34 @@ pub struct GatewayConfig {
     /// one (a receiver reconnecting, a gateway just started) before 503;
     /// 0 = answer 503 at once.
     pub no_tunnel_wait: Seconds,
+    /// Client connections from one address (IPv4, or IPv6 /64) at once,
+    /// all cores together; one more is closed at accept (counted in
+    /// `anp_connections_refused_total{reason="per_ip"}`, logged at most
+    /// once a second per core). 0 = no per-address limit.
+    pub max_connections_per_ip: usize,
+    /// Requests of one identity (the owner of the matched route) waiting
+    /// for an answer on one core at once; more wait in that identity's
+    /// queue (`max_queue_per_identity`). A request counts from admission
+    /// until its response head arrives or it fails.
+    pub max_inflight_per_identity: usize,
+    /// Requests of one identity that may wait on one core for a place
+    /// in flight; one more is answered 503 + Retry-After at once. 0 = no
+    /// queue (shed as soon as `max_inflight_per_identity` is reached).
+    pub max_queue_per_identity: usize,
+    /// Seconds a queued request waits for a place before 503 +
+    /// Retry-After.
+    pub queue_timeout: Seconds,
+    /// Requests in flight on one core, all identities together; waiting
+    /// requests are then admitted round-robin across identities (fair
+    /// shares). 0 = no core-wide limit.
+    pub max_inflight_per_core: usize,
+    /// Token-bucket buckets one core keeps for `rate_limits`; past it,
+    /// idle (full) buckets are dropped first, then the least recently
+    /// used.
+    pub rate_limit_table_size: usize,
+    /// `[[gateway.rate_limits]]`: token buckets by client address, route
+    /// or identity (429 + Retry-After beyond). None by default.
+    pub rate_limits: Vec<RateLimitRule>,
     /// Serve `/stats` and `/metrics` on `admin_host:admin_port`.
     pub admin_enabled: bool,
     /// Address of the admin listener (keep it on loopback).
@@ -341,6 +369,13 @@ impl Default for GatewayConfig {
             trust_forwarded: false,
             shutdown_grace: Seconds(30.0),
             no_tunnel_wait: Seconds(2.0),
+            max_connections_per_ip: 0,
+            max_inflight_per_identity: 1024,
+            max_queue_per_identity: 1024,
+            queue_timeout: Seconds(5.0),
+            max_inflight_per_core: 0,
+            rate_limit_table_size: 65_536,
+            rate_limits: Vec::new(),
             admin_enabled: true,
             admin_host: "127.0.0.1".into(),
             // Absent key: a free port, printed at start (so several gateways
@@ -351,6 +386,72 @@ impl Default for GatewayConfig {
             auth: AuthConfig::default(),
             database: DatabaseConfig::default(),
         }
+    }
+}
+
+/// What a `[[gateway.rate_limits]]` entry counts requests by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateScope {
+    /// The client's address, cut to `ip_prefix_v4` / `ip_prefix_v6` bits.
+    ClientIp,
+    /// The matched route prefix.
+    Route,
+    /// The identity owning the matched route.
+    Identity,
+}
+
+impl RateScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateScope::ClientIp => "client_ip",
+            RateScope::Route => "route",
+            RateScope::Identity => "identity",
+        }
+    }
+}
+
+/// One `[[gateway.rate_limits]]` entry: a token bucket per client
+/// address (prefix), route or identity, refilled at `rate` per second up
+/// to `burst`. Each core keeps its own buckets (docs/OPERATIONS.md, "Rate
+/// limits": at most `workers` times the limit in all).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitRule {
+    /// The policy's name in the `RateLimit-Policy` / `RateLimit` headers
+    /// (1 to 32 of A-Z a-z 0-9 _ . -); absent = the scope's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub scope: RateScope,
+    /// A path prefix (scopes `client_ip` and `route`) or an identity name
+    /// (scope `identity`) the entry applies to; absent = all requests.
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub matches: Option<String>,
+    /// Requests per second (tokens added), > 0.
+    pub rate: f64,
+    /// Requests that may come at once (bucket size), >= 1.
+    pub burst: u32,
+    /// Scope `client_ip`: IPv4 addresses sharing this many leading bits
+    /// share a bucket.
+    #[serde(default = "default_prefix_v4")]
+    pub ip_prefix_v4: u8,
+    /// Scope `client_ip`: the same for IPv6.
+    #[serde(default = "default_prefix_v6")]
+    pub ip_prefix_v6: u8,
+}
+
+fn default_prefix_v4() -> u8 {
+    32
+}
+
+fn default_prefix_v6() -> u8 {
+    64
+}
+
+impl RateLimitRule {
+    /// The policy name: `name`, else the scope's.
+    pub fn policy_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(self.scope.as_str())
     }
 }
 
@@ -862,6 +963,7 @@ impl Config {
         if g.admin_header_timeout.get() <= 0.0 {
             return Err(bad("gateway.admin_header_timeout", "must be > 0".into()));
         }
+        Self::check_limits(g)?;
         for (key, v) in [
             ("gateway.max_connections", g.max_connections),
             ("gateway.max_request_line", g.max_request_line),
@@ -879,6 +981,71 @@ impl Config {
         ] {
             if v == 0 {
                 return Err(bad(key, "must be > 0".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Overload keys: admission and `[[gateway.rate_limits]]`.
+    fn check_limits(g: &GatewayConfig) -> Result<(), Invalid> {
+        for (key, v) in [
+            (
+                "gateway.max_inflight_per_identity",
+                g.max_inflight_per_identity,
+            ),
+            ("gateway.rate_limit_table_size", g.rate_limit_table_size),
+        ] {
+            if v == 0 {
+                return Err(bad(key, "must be > 0".into()));
+            }
+        }
+        if g.queue_timeout.get() <= 0.0 {
+            return Err(bad("gateway.queue_timeout", "must be > 0".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for r in &g.rate_limits {
+            let name = r.policy_name();
+            let name_ok = (1..=32).contains(&name.len())
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+            if !name_ok {
+                return Err(bad(
+                    "gateway.rate_limits.name",
+                    format!("`{name}` must be 1 to 32 of A-Z a-z 0-9 _ . -"),
+                ));
+            }
+            if !names.insert(name) {
+                return Err(bad(
+                    "gateway.rate_limits.name",
+                    format!("`{name}` names two entries: give each its own `name`"),
+                ));
+            }
+            if !(r.rate.is_finite() && r.rate > 0.0) {
+                return Err(bad(
+                    "gateway.rate_limits.rate",
+                    format!("{} (entry `{name}`) must be a number > 0", r.rate),
+                ));
+            }
+            if r.burst == 0 {
+                return Err(bad(
+                    "gateway.rate_limits.burst",
+                    format!("entry `{name}`: must be >= 1"),
+                ));
+            }
+            if r.ip_prefix_v4 > 32 || r.ip_prefix_v6 > 128 {
+                return Err(bad(
+                    "gateway.rate_limits.ip_prefix_v4",
+                    format!("entry `{name}`: at most 32 (IPv4) and 128 (IPv6) bits"),
+                ));
+            }
+            if let Some(m) = &r.matches {
+                if r.scope != RateScope::Identity && !m.starts_with('/') {
+                    return Err(bad(
+                        "gateway.rate_limits.match",
+                        format!("entry `{name}`: a path prefix must start with `/`"),
+                    ));
+                }
             }
         }
         Ok(())
@@ -1312,6 +1479,74 @@ mod tests {
             ),
         ] {
             let msg = Config::parse(text, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains(key), "{text}: {msg}");
+        }
+    }
+
+    #[test]
+    fn rate_limits_parse_validate_and_print_back() {
+        let text = "[gateway]\nmax_inflight_per_core = 8\n\
+                    [[gateway.rate_limits]]\nscope = 'client_ip'\nrate = 16.7\nburst = 1000\n\
+                    [[gateway.rate_limits]]\nname = 'alice-route'\nscope = 'route'\n\
+                    match = '/alice'\nrate = 5\nburst = 10\nip_prefix_v6 = 48\n";
+        let c = Config::parse(text, Path::new("x.toml")).unwrap();
+        let r = &c.gateway.rate_limits;
+        assert_eq!(
+            (r[0].scope, r[0].ip_prefix_v4, r[0].ip_prefix_v6),
+            (RateScope::ClientIp, 32, 64)
+        );
+        assert_eq!(r[0].policy_name(), "client_ip");
+        assert_eq!(
+            (r[1].policy_name(), r[1].matches.as_deref()),
+            ("alice-route", Some("/alice"))
+        );
+        let back = Config::parse(&c.effective_toml(), Path::new("p.toml")).unwrap();
+        assert_eq!(back.gateway.rate_limits, c.gateway.rate_limits);
+        assert_eq!(back.gateway.max_inflight_per_core, 8);
+        let rule = |body: &str| format!("[[gateway.rate_limits]]\n{body}\n");
+        for (text, key) in [
+            (
+                rule("scope='client_ip'\nrate=0\nburst=1"),
+                "gateway.rate_limits.rate",
+            ),
+            (
+                rule("scope='client_ip'\nrate=1\nburst=0"),
+                "gateway.rate_limits.burst",
+            ),
+            (
+                rule("scope='route'\nmatch='alice'\nrate=1\nburst=1"),
+                "gateway.rate_limits.match",
+            ),
+            (
+                rule("scope='client_ip'\nrate=1\nburst=1\nip_prefix_v4=33"),
+                "gateway.rate_limits.ip_prefix_v4",
+            ),
+            (
+                rule("scope='client_ip'\nname='a b'\nrate=1\nburst=1"),
+                "gateway.rate_limits.name",
+            ),
+            (
+                rule("scope='identity'\nrate=1\nburst=1")
+                    + &rule("scope='identity'\nrate=2\nburst=1"),
+                "gateway.rate_limits.name",
+            ),
+            (rule("scope='ip'\nrate=1\nburst=1"), "scope"),
+            (
+                rule("scope='client_ip'\nrate=1\nburst=1\nwindow=3"),
+                "window",
+            ),
+            (
+                "[gateway]\nqueue_timeout = 0\n".into(),
+                "gateway.queue_timeout",
+            ),
+            (
+                "[gateway]\nmax_inflight_per_identity = 0\n".into(),
+                "gateway.max_inflight_per_identity",
+            ),
+        ] {
+            let msg = Config::parse(&text, Path::new("x.toml"))
                 .unwrap_err()
                 .to_string();
             assert!(msg.contains(key), "{text}: {msg}");

@@ -66,6 +66,15 @@ pub trait Movable: Sized {
     fn wait_readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> {
         std::future::ready(Ok(()))
     }
+
+    /// Resolves once the peer has closed the connection (or it failed),
+    /// looking without reading: while the gateway waits for a response,
+    /// a client that left cancels its request. Stays pending once bytes
+    /// are waiting (a pipelined request is not a close). Transports that
+    /// cannot tell without reading (TLS) never resolve.
+    fn closed_by_peer(&self) -> impl std::future::Future<Output = ()> {
+        std::future::pending()
+    }
 }
 
 impl Movable for monoio::net::TcpStream {
@@ -82,6 +91,19 @@ impl Movable for monoio::net::TcpStream {
 
     fn wait_readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> {
         self.readable(false)
+    }
+
+    async fn closed_by_peer(&self) {
+        loop {
+            if self.readable(false).await.is_err() {
+                return;
+            }
+            match peek_byte(self) {
+                Peek::Closed | Peek::Error => return,
+                Peek::Byte(_) => std::future::pending::<()>().await,
+                Peek::Empty | Peek::Interrupted => {}
+            }
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! The gateway's listeners and accept loops: the public port, and with
 //! `tunnel_port` a second port that takes only tunnel upgrades, each as
 //! one `SO_REUSEPORT` socket per worker, each optionally TLS. An accepted
-//! socket is counted against `max_connections`, shaken hands with (TLS,
+//! socket is counted against `max_connections` and `max_connections_per_ip`
+//! (refused: closed at once, counted, logged at most once a second), shaken hands with (TLS,
 //! under `header_timeout`), and handed to [`conn::serve_conn`] on this
 //! core. Never touches another core's state.
 
@@ -14,6 +15,7 @@ use anyhow::Context as _;
 use monoio_rustls::TlsAcceptor;
 
 use super::conn::{self, Accepts};
+use super::conn_limits::ConnRefusal;
 use super::core::CoreCtx;
 use crate::config::{Config, TlsConfig};
 use crate::tls::server::{self as tls_server, Section};
@@ -132,6 +134,7 @@ pub async fn accept_loop(ctx: Rc<CoreCtx>, l: Listener, seq: Rc<Cell<u64>>) {
     };
     // One canceller for every accept; used once, when the drain starts.
     let canceller = monoio::io::Canceller::new();
+    let log = RefusalLog::default();
     loop {
         let mut accept = std::pin::pin!(listener.cancelable_accept(canceller.handle()));
         let accepted = monoio::select! {
@@ -144,13 +147,13 @@ pub async fn accept_loop(ctx: Rc<CoreCtx>, l: Listener, seq: Rc<Cell<u64>>) {
                 // connection to serve like the swept ones below.
                 let _ = canceller.cancel();
                 if let Ok((stream, peer)) = accept.await {
-                    admit(&ctx, l.tunnel_port, l.accepts, &seq, stream, peer);
+                    admit(&ctx, (l.tunnel_port, l.accepts, &log), &seq, stream, peer);
                 }
                 break;
             }
         };
         match accepted {
-            Ok((stream, peer)) => admit(&ctx, l.tunnel_port, l.accepts, &seq, stream, peer),
+            Ok((stream, peer)) => admit(&ctx, (l.tunnel_port, l.accepts, &log), &seq, stream, peer),
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
@@ -183,7 +186,7 @@ pub async fn accept_loop(ctx: Rc<CoreCtx>, l: Listener, seq: Rc<Cell<u64>>) {
         match monoio::net::TcpStream::from_std(std) {
             Ok(stream) => {
                 swept += 1;
-                admit(&ctx, l.tunnel_port, l.accepts, &seq, stream, peer);
+                admit(&ctx, (l.tunnel_port, l.accepts, &log), &seq, stream, peer);
             }
             Err(e) => tracing::warn!(error = %e, "cannot register a swept connection"),
         }
@@ -202,21 +205,61 @@ pub async fn accept_loop(ctx: Rc<CoreCtx>, l: Listener, seq: Rc<Cell<u64>>) {
     );
 }
 
-/// Counts an accepted connection against `max_connections` and serves it
-/// on this core.
+/// Refusals at accept are logged at most once a second per accept loop
+/// (a flood must not become a flood of log lines); the line says how many
+/// were not logged since the last one. The counts are on `/metrics`.
+#[derive(Default)]
+pub struct RefusalLog {
+    last: Cell<Option<std::time::Instant>>,
+    quiet: Cell<u64>,
+}
+
+impl RefusalLog {
+    fn refused(&self, peer: SocketAddr, why: ConnRefusal, limit: usize) {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .get()
+            .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1))
+        {
+            self.quiet.set(self.quiet.get() + 1);
+            return;
+        }
+        self.last.set(Some(now));
+        let not_logged = self.quiet.replace(0);
+        let key = match why {
+            ConnRefusal::MaxConnections => "max_connections",
+            ConnRefusal::PerIp => "max_connections_per_ip",
+        };
+        tracing::warn!(%peer, reason = why.reason(), limit, not_logged, "connection refused: {key} reached");
+    }
+}
+
+/// Counts an accepted connection against `max_connections` and
+/// `max_connections_per_ip` and serves it on this core.
 fn admit(
     ctx: &Rc<CoreCtx>,
-    tunnel_port: bool,
-    accepts: Accepts,
+    l: (bool, Accepts, &RefusalLog),
     seq: &Cell<u64>,
     stream: monoio::net::TcpStream,
     peer: SocketAddr,
 ) {
-    let max = ctx.shared.config.gateway.max_connections;
+    let (tunnel_port, accepts, log) = l;
+    let g = &ctx.shared.config.gateway;
     let counters = &ctx.shared.counters;
-    if counters.connections.fetch_add(1, Ordering::Relaxed) >= max {
+    let limits = &ctx.shared.conn_limits;
+    let per_ip = match limits.admit(peer.ip()) {
+        Ok(slot) => slot,
+        Err(why) => {
+            log.refused(peer, why, g.max_connections_per_ip);
+            drop(stream);
+            return;
+        }
+    };
+    if counters.connections.fetch_add(1, Ordering::Relaxed) >= g.max_connections {
         counters.connections.fetch_sub(1, Ordering::Relaxed);
-        tracing::warn!(%peer, max_connections = max, "connection refused: max_connections reached");
+        limits.refused(ConnRefusal::MaxConnections);
+        log.refused(peer, ConnRefusal::MaxConnections, g.max_connections);
         drop(stream);
         return;
     }
@@ -254,5 +297,6 @@ fn admit(
             .counters
             .connections
             .fetch_sub(1, Ordering::Relaxed);
+        drop(per_ip);
     });
 }

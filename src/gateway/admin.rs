@@ -446,6 +446,13 @@ pub fn metrics_text(shared: &Shared) -> String {
     if let Some(r) = shared.registry_stats.get() {
         r.write_metrics(&mut s);
     }
+    let _ = writeln!(s, "# HELP anp_connections_refused_total Client connections closed at accept, by reason (max_connections, max_connections_per_ip).\n# TYPE anp_connections_refused_total counter");
+    for (reason, n) in shared.conn_limits.refusals() {
+        let _ = writeln!(
+            s,
+            "anp_connections_refused_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
     s
 }
 

@@ -358,7 +358,8 @@ where
                 let (raw_path, _) = head.path_query(head_buf);
                 let path = String::from_utf8_lossy(raw_path);
                 let side = e.side().as_str();
-                if reply.status >= 500 {
+                // Shedding is the overload's expected answer: info, like 429.
+                if reply.status >= 500 && !matches!(e, ProxyError::Shed(_)) {
                     tracing::warn!(%peer, %path, error = %e, kind = error_kind(&e), side, status = reply.status, "request failed");
                 } else {
                     tracing::info!(%peer, %path, error = %e, kind = error_kind(&e), side, status = reply.status, "request refused");
@@ -385,7 +386,7 @@ fn is_websocket_upgrade(head: &RequestHead, buf: &[u8]) -> bool {
 type ProxyOutcome = Result<RespHead, (ProxyError, bool)>;
 
 #[allow(clippy::too_many_arguments)]
-async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
+async fn proxy_one<S: AsyncReadRent + AsyncWriteRent + Movable>(
     ctx: &CoreCtx,
     io: &mut S,
     buf: &mut BytesMut,
@@ -404,7 +405,15 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
         return Err((ProxyError::BadRequest("dot-segment in path"), false));
     }
     let routes = ctx.routes();
-    let Some(route) = routes.lookup(&path) else {
+    let route = routes.lookup(&path);
+    // Rate limits (gateway/admission.rs): before anything else is spent.
+    let rated = super::ratelimit::Request {
+        peer: peer.ip(),
+        path: &path,
+        route: route.map(|r| (&*r.prefix, &*r.identity)),
+    };
+    ctx.admission.rate_check(&rated).map_err(|e| (e, false))?;
+    let Some(route) = route else {
         return Err((ProxyError::NoRoute(path.into_owned()), false));
     };
     ex.set_route(route);
@@ -414,6 +423,13 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent>(
     if !ctx.wait_for_tunnel(identity).await {
         return Err((ProxyError::NoTunnel(identity.to_string()), false));
     }
+    // A place in flight for the identity (its queue, fair turns, or 503
+    // at once); held until the response head is here or the request fails.
+    let _place = ctx
+        .admission
+        .enter(identity)
+        .await
+        .map_err(|e| (e, false))?;
     let max = ctx.settings.max_body_size;
     if let BodyKind::ContentLength(n) = head.body {
         if n > max as u64 {
@@ -482,7 +498,7 @@ struct Target {
 /// a small body. A client that goes away mid-upload aborts the request at
 /// the receiver (`cancel`).
 #[allow(clippy::too_many_arguments)]
-async fn stream_request<S: AsyncReadRent>(
+async fn stream_request<S: AsyncReadRent + Movable>(
     ctx: &CoreCtx,
     io: &mut S,
     buf: &mut BytesMut,
@@ -516,7 +532,7 @@ async fn stream_request<S: AsyncReadRent>(
             .start(ctx, meta, first, true)
             .map_err(|e| (e, false))?;
         ex.request_id = Some(waiter.request_id());
-        return waiter.wait(s.timeout).await.map_err(|e| (e, true));
+        return wait_head(io, &mut waiter, s.timeout).await;
     }
     let piece = stream::piece_size(s.chunk_size, "0123456789abcdef", 0);
     let rest = if first.len() > piece {
@@ -535,7 +551,37 @@ async fn stream_request<S: AsyncReadRent>(
         up.abort(&e.to_string());
         return Err((e, false));
     }
-    waiter.wait(s.timeout).await.map_err(|e| (e, true))
+    wait_head(io, &mut waiter, s.timeout).await
+}
+
+/// Waits for the response head. A client that closes its connection
+/// meanwhile cancels the request at the receiver: under overload, clients
+/// that gave up would otherwise leave their requests running ahead of live
+/// ones (each holding a receiver permit and an app call), and the work
+/// done for nobody grows until no request is answered in time.
+async fn wait_head<S: Movable>(
+    io: &S,
+    waiter: &mut super::tunnel::Waiter,
+    timeout: std::time::Duration,
+) -> ProxyOutcome {
+    enum Got {
+        Head(Result<RespHead, ProxyError>),
+        Gone,
+    }
+    let got = monoio::select! {
+        r = waiter.wait(timeout) => Got::Head(r),
+        () = io.closed_by_peer() => Got::Gone,
+    };
+    match got {
+        Got::Head(r) => r.map_err(|e| (e, true)),
+        Got::Gone => {
+            waiter.abandon();
+            Err((
+                ProxyError::ClientGone("before the response head arrived"),
+                true,
+            ))
+        }
+    }
 }
 
 /// The rest of a streamed upload after chunk 0: `pending` (gathered but

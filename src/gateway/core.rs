@@ -90,6 +90,10 @@ pub enum CoreMsg {
     Tls(super::accept::Acceptors, std::sync::mpsc::Sender<usize>),
     /// The admin thread asks for this core's metrics (`gateway/metrics.rs`).
     Metrics(std::sync::mpsc::Sender<super::metrics::Snapshot>),
+    /// SIGHUP: the rate limits and admission limits of the reloaded
+    /// config (`gateway/admission.rs`). Sent before [`CoreMsg::Tls`], whose
+    /// answer therefore also means these are in force.
+    Limits(Arc<Config>),
     /// `duplicate_tunnels = "replace"`: close this core's tunnels of
     /// `identity` that another instance than `keep` opened.
     Evict {
@@ -131,6 +135,8 @@ pub struct Shared {
     pub upgrades: Arc<super::upgrades::UpgradeLimiter>,
     /// ANPX frames refused, by reason (error path).
     pub anpx_refused: super::refusals::FrameRefusals,
+    /// Connections per client address, refusals at accept (per connection).
+    pub conn_limits: Arc<super::conn_limits::ConnLimits>,
 }
 
 impl Shared {
@@ -151,6 +157,8 @@ impl Shared {
             workers,
             super::upgrades::Pace::new(g.handshake_rate, g.handshake_burst, max_wait),
         );
+        let conn_limits =
+            super::conn_limits::ConnLimits::new(config.gateway.max_connections_per_ip);
         Self {
             config,
             auth,
@@ -167,6 +175,7 @@ impl Shared {
             workers,
             upgrades,
             anpx_refused: Default::default(),
+            conn_limits,
         }
     }
 
@@ -345,6 +354,8 @@ pub struct CoreCtx {
     pub last_accept: Cell<std::time::Instant>,
     /// Request metrics and access log of this core.
     pub obs: super::observe::CoreObs,
+    /// Rate limits and places in flight per identity (`admission.rs`).
+    pub admission: super::admission::Admission,
 }
 
 /// Marks a client connection busy (counted in [`CoreCtx::busy`]) while it
@@ -371,7 +382,9 @@ impl CoreCtx {
         let routes = RefCell::new(Rc::new(RouteTable::clone(&first.table)));
         let routes_generation = Cell::new(first.generation);
         let obs = super::observe::CoreObs::new(&shared.obs);
+        let admission = super::admission::Admission::new(&shared.config.gateway);
         Self {
+            admission,
             index,
             shared,
             settings,
@@ -676,7 +689,13 @@ impl CoreCtx {
                     }
                 }
                 CoreMsg::Metrics(reply) => {
-                    let _ = reply.send(ctx.obs.metrics.snapshot(ctx.index));
+                    let mut snap = ctx.obs.metrics.snapshot(ctx.index);
+                    snap.admission = ctx.admission.snapshot();
+                    let _ = reply.send(snap);
+                }
+                CoreMsg::Limits(cfg) => {
+                    ctx.admission.reconfigure(&cfg.gateway);
+                    tracing::debug!(core = ctx.index, "limits replaced");
                 }
                 CoreMsg::Routes(u) => {
                     // Tunnels stay; an identity left without routes gets

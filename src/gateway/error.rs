@@ -36,6 +36,16 @@ pub enum ProxyError {
     NoTunnel(String),
     #[error("tunnel in-flight limit reached ({0})")]
     TunnelBusy(usize),
+    /// A `[[gateway.rate_limits]]` bucket is empty (429).
+    #[error("rate limit exceeded: {0}")]
+    RateLimited(Box<super::ratelimit::Limited>),
+    /// The identity's in-flight places and queue are full, or the wait
+    /// in its queue passed `queue_timeout` (503 at once).
+    #[error("{}", match .0 {
+        Shed::QueueFull => "identity's in-flight limit and queue are full",
+        Shed::QueueTimeout => "no in-flight place for the identity within queue_timeout",
+    })]
+    Shed(Shed),
     /// `Upgrade: websocket` where no tunnel is opened: a public client's
     /// WebSocket, or a receiver dialling the wrong path or port.
     #[error("{}", upgrade_refused_message(.0))]
@@ -55,6 +65,23 @@ pub enum ProxyError {
     /// A tunnel upgrade refused: authentication, caps, handshake.
     #[error(transparent)]
     Upgrade(#[from] UpgradeError),
+}
+
+/// Why a request was shed by admission (`gateway/admission.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shed {
+    QueueFull,
+    QueueTimeout,
+}
+
+impl Shed {
+    /// The `reason` label of `anp_shed_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Shed::QueueFull => "queue_full",
+            Shed::QueueTimeout => "queue_timeout",
+        }
+    }
 }
 
 /// Why a tunnel upgrade was refused. The statuses are decided in
@@ -163,6 +190,8 @@ pub struct ErrorReply {
     pub retry_after: Option<u32>,
     /// Close the client connection after this reply.
     pub close: bool,
+    /// More header fields (a 429's `RateLimit-Policy` and `RateLimit`).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 /// The status a refused tunnel upgrade gets (the refusal closes).
@@ -200,6 +229,8 @@ pub fn error_reply(err: &ProxyError) -> ErrorReply {
         ProxyError::BodyTooLarge(_) => (413, None, true),
         ProxyError::NoTunnel(_) => (503, Some(5), false),
         ProxyError::TunnelBusy(_) => (503, Some(1), false),
+        ProxyError::RateLimited(l) => (429, Some(l.retry_after), false),
+        ProxyError::Shed(_) => (503, Some(1), false),
         ProxyError::UpgradeRefused(_) => (501, None, true),
         ProxyError::Receiver(_) | ProxyError::TunnelClosed | ProxyError::BadResponse(_) => {
             (502, None, false)
@@ -217,11 +248,19 @@ pub fn error_reply(err: &ProxyError) -> ErrorReply {
         let _ = write!(body, ",\"path\":{}", json_str(p));
     }
     body.push('}');
+    let headers = match err {
+        ProxyError::RateLimited(l) => vec![
+            ("ratelimit-policy", l.policy.clone()),
+            ("ratelimit", l.state.clone()),
+        ],
+        _ => Vec::new(),
+    };
     ErrorReply {
         status,
         body,
         retry_after,
         close,
+        headers,
     }
 }
 
@@ -263,6 +302,8 @@ pub fn error_kind(err: &ProxyError) -> &'static str {
         ProxyError::BodyTooLarge(_) => "body_too_large",
         ProxyError::NoTunnel(_) => "no_tunnel",
         ProxyError::TunnelBusy(_) => "tunnel_busy",
+        ProxyError::RateLimited(_) => "rate_limited",
+        ProxyError::Shed(s) => s.reason(),
         ProxyError::UpgradeRefused(_) => "upgrade_refused",
         ProxyError::Receiver(_) => "receiver_error",
         ProxyError::TunnelClosed => "tunnel_closed",
@@ -283,7 +324,8 @@ impl ProxyError {
             | ProxyError::NoRoute(_)
             | ProxyError::UpgradeRefused(_)
             | ProxyError::ClientGone(_) => Side::Client,
-            ProxyError::TunnelBusy(_) => Side::Gateway,
+            ProxyError::RateLimited(_) => Side::Client,
+            ProxyError::TunnelBusy(_) | ProxyError::Shed(_) => Side::Gateway,
             ProxyError::NoTunnel(_) | ProxyError::TunnelClosed => Side::Tunnel,
             ProxyError::BadResponse(_) | ProxyError::Timeout => Side::Receiver,
             // What the receiver reports is the app's failure (cannot
@@ -370,6 +412,30 @@ mod tests {
                 Side::Tunnel,
             ),
             (ProxyError::TunnelBusy(1), 503, "tunnel_busy", Side::Gateway),
+            (
+                ProxyError::RateLimited(Box::new(super::super::ratelimit::Limited {
+                    scope: crate::config::RateScope::ClientIp,
+                    policy_name: "p".into(),
+                    policy: "\"p\";q=5;w=10".into(),
+                    state: "\"p\";r=0;t=3".into(),
+                    retry_after: 3,
+                })),
+                429,
+                "rate_limited",
+                Side::Client,
+            ),
+            (
+                ProxyError::Shed(Shed::QueueFull),
+                503,
+                "queue_full",
+                Side::Gateway,
+            ),
+            (
+                ProxyError::Shed(Shed::QueueTimeout),
+                503,
+                "queue_timeout",
+                Side::Gateway,
+            ),
             (ProxyError::TunnelClosed, 502, "tunnel_closed", Side::Tunnel),
             (
                 ProxyError::Receiver("boom".into()),
@@ -463,6 +529,20 @@ mod tests {
             }
             if matches!(e, ProxyError::Upgrade(UpgradeError::Pending(..))) {
                 assert_eq!(r.retry_after, Some(10), "{e}");
+            }
+            if let ProxyError::RateLimited(_) = e {
+                assert_eq!(r.retry_after, Some(3));
+                assert_eq!(
+                    r.headers,
+                    vec![
+                        ("ratelimit-policy", "\"p\";q=5;w=10".to_string()),
+                        ("ratelimit", "\"p\";r=0;t=3".to_string())
+                    ]
+                );
+                assert!(!r.close, "a 429 keeps the connection");
+            }
+            if let ProxyError::Shed(_) = e {
+                assert_eq!(r.retry_after, Some(1), "{e}: shed with Retry-After");
             }
         }
     }

@@ -181,6 +181,7 @@ impl CoreMetrics {
             duration_sum_us: self.duration_sum_us.get(),
             latency: self.latency.borrow().clone(),
             routes,
+            admission: Default::default(),
         }
     }
 }
@@ -202,6 +203,63 @@ pub struct Snapshot {
     pub latency: Histogram<u64>,
     /// Route prefix (`""` = no route) → requests per status class.
     pub routes: BTreeMap<String, [u64; 5]>,
+    /// Rate limits, shedding, per-identity gauges (`admission.rs`).
+    pub admission: super::admission::AdmissionSnapshot,
+}
+
+/// Admission totals over all cores.
+#[derive(Debug, Clone, Default)]
+pub struct AdmissionTotals {
+    /// identity → (in flight, queued), all cores.
+    pub identities: BTreeMap<String, (u64, u64)>,
+    /// queue_full, queue_timeout.
+    pub shed: [u64; 2],
+    /// client_ip, route, identity.
+    pub limited: [u64; 3],
+    pub buckets: u64,
+    pub evicted_idle: u64,
+    pub evicted_active: u64,
+}
+
+impl AdmissionTotals {
+    fn add(&mut self, a: &super::admission::AdmissionSnapshot) {
+        for (id, f, q) in &a.identities {
+            let e = self.identities.entry(id.clone()).or_default();
+            e.0 += f;
+            e.1 += q;
+        }
+        for (t, f) in self.shed.iter_mut().zip(a.shed) {
+            *t += f;
+        }
+        for (t, f) in self.limited.iter_mut().zip(a.rates.limited) {
+            *t += f;
+        }
+        self.buckets += a.rates.buckets;
+        self.evicted_idle += a.rates.evicted_idle;
+        self.evicted_active += a.rates.evicted_active;
+    }
+
+    /// Prometheus text (appended to `s`).
+    pub fn render(&self, s: &mut String) {
+        let _ = writeln!(s, "# HELP anp_rate_limited_total Requests answered 429 by a rate limit, by scope.\n# TYPE anp_rate_limited_total counter");
+        for (scope, n) in ["client_ip", "route", "identity"].iter().zip(self.limited) {
+            let _ = writeln!(s, "anp_rate_limited_total{{scope=\"{scope}\"}} {n}");
+        }
+        let _ = writeln!(s, "# HELP anp_shed_total Requests answered 503 at once by admission, by reason.\n# TYPE anp_shed_total counter");
+        for (reason, n) in ["queue_full", "queue_timeout"].iter().zip(self.shed) {
+            let _ = writeln!(s, "anp_shed_total{{reason=\"{reason}\"}} {n}");
+        }
+        let _ = writeln!(s, "# HELP anp_identity_in_flight Requests of an identity holding a place in flight (all cores).\n# TYPE anp_identity_in_flight gauge");
+        for (id, (f, _)) in &self.identities {
+            let _ = writeln!(s, "anp_identity_in_flight{{identity={}}} {f}", label(id));
+        }
+        let _ = writeln!(s, "# HELP anp_identity_queue_depth Requests of an identity waiting for a place in flight (all cores).\n# TYPE anp_identity_queue_depth gauge");
+        for (id, (_, q)) in &self.identities {
+            let _ = writeln!(s, "anp_identity_queue_depth{{identity={}}} {q}", label(id));
+        }
+        let _ = writeln!(s, "# HELP anp_rate_limit_buckets Token buckets held (all cores).\n# TYPE anp_rate_limit_buckets gauge\nanp_rate_limit_buckets {}", self.buckets);
+        let _ = writeln!(s, "# HELP anp_rate_limit_evictions_total Buckets dropped from a full table: refilled ones (idle) and least recently used ones (active).\n# TYPE anp_rate_limit_evictions_total counter\nanp_rate_limit_evictions_total{{kind=\"idle\"}} {}\nanp_rate_limit_evictions_total{{kind=\"active\"}} {}", self.evicted_idle, self.evicted_active);
+    }
 }
 
 /// All cores' snapshots added up.
@@ -215,6 +273,7 @@ pub struct Totals {
     pub duration_sum_us: u64,
     pub latency: Histogram<u64>,
     pub routes: BTreeMap<String, [u64; 5]>,
+    pub admission: AdmissionTotals,
 }
 
 impl Totals {
@@ -227,6 +286,7 @@ impl Totals {
             duration_sum_us: 0,
             latency: new_histogram(),
             routes: BTreeMap::new(),
+            admission: AdmissionTotals::default(),
         }
     }
 
@@ -241,6 +301,7 @@ impl Totals {
         for (route, counts) in &s.routes {
             add5(self.routes.entry(route.clone()).or_default(), counts);
         }
+        self.admission.add(&s.admission);
     }
 
     pub fn requests_total(&self) -> u64 {
@@ -363,6 +424,7 @@ pub fn render_prometheus(s: &mut String, t: &Totals, auth: &BTreeMap<&'static st
     for (reason, n) in auth {
         let _ = writeln!(s, "anp_auth_failures_total{{reason={}}} {n}", label(reason));
     }
+    t.admission.render(s);
     let _ = writeln!(
         s,
         "# HELP anp_metrics_cores Cores whose counters are included in this scrape (a core that did not answer in time is left out).\n# TYPE anp_metrics_cores gauge\nanp_metrics_cores {}",

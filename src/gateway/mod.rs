@@ -4,8 +4,10 @@
 
 pub(crate) mod accept;
 pub(crate) mod admin;
+pub(crate) mod admission;
 pub(crate) mod body;
 pub(crate) mod conn;
+pub(crate) mod conn_limits;
 pub(crate) mod core;
 pub(crate) mod error;
 pub(crate) mod forward;
@@ -14,6 +16,7 @@ pub(crate) mod instances;
 pub(crate) mod metrics;
 pub(crate) mod observe;
 pub(crate) mod pace;
+pub(crate) mod ratelimit;
 pub(crate) mod refusals;
 /// The route table lives in the registry (layering: lower layers never
 /// import the gateway); re-exported under its old path.
@@ -269,9 +272,10 @@ fn drain(shared: Arc<Shared>, signals: signal_hook::iterator::Handle) {
 }
 
 /// SIGHUP: re-reads the config file (the start's environment variables
-/// and flags applied again on top: `Config::reload`); routes, tokens and
-/// TLS certificates take effect without dropping a connection. Other keys
-/// need a restart. A file that does not load changes nothing (logged).
+/// and flags applied again on top: `Config::reload`); routes, tokens, TLS
+/// certificates, rate limits, admission limits and `max_connections_per_ip`
+/// take effect without dropping a connection. Other keys need a restart.
+/// A file that does not load changes nothing (logged).
 fn reload(shared: &Shared, path: &std::path::Path) {
     // One stdout line per SIGHUP, for operators and scripts to wait on.
     let failed = |why: String| {
@@ -300,6 +304,14 @@ fn reload(shared: &Shared, path: &std::path::Path) {
     shared
         .auth
         .set_tokens(TokenAuth::new(&cfg.gateway.auth.tokens));
+    shared
+        .conn_limits
+        .set_per_ip(cfg.gateway.max_connections_per_ip);
+    // Rate and admission limits: queued ahead of the TLS swap below, so
+    // every core has them once it has answered that.
+    for inbox in &shared.inboxes {
+        let _ = inbox.unbounded_send(CoreMsg::Limits(cfg.clone()));
+    }
     // The stdout line below means "in force": wait for every core to have
     // swapped its acceptors (bounded, should one be stuck).
     let (tx, rx) = std::sync::mpsc::channel();
@@ -332,7 +344,8 @@ fn reload(shared: &Shared, path: &std::path::Path) {
         tokens = cfg.gateway.auth.tokens.len(),
         dids = cfg.gateway.auth.dids.len(),
         routes_reloaded = routes,
-        "configuration reloaded (routes, tokens, certificates)"
+        rate_limits = cfg.gateway.rate_limits.len(),
+        "configuration reloaded (routes, tokens, certificates, limits)"
     );
     let mut out = std::io::stdout();
     let _ = writeln!(out, "anp-proxy reloaded {}", path.display());

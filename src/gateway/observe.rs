@@ -66,10 +66,11 @@ impl Exchange<'_> {
 
     /// The request failed with `err`, answered `status`: keeps the detail
     /// for the access log when the client's reply does not carry it (a
-    /// 5xx; a 4xx body says it already). Allocates, on the failure path
-    /// only, and only when the access log is on.
+    /// 5xx; a 4xx body says it already), and for a 429 (which limit).
+    /// Allocates, on the failure path only, and only when the access log
+    /// is on.
     pub fn failed(&mut self, err: &super::error::ProxyError, status: u16) {
-        if self.obs.access.is_some() && status >= 500 {
+        if self.obs.access.is_some() && (status >= 500 || status == 429) {
             self.error = Some(err.to_string());
         }
     }

@@ -232,6 +232,12 @@ pub(super) async fn write_error<S: AsyncWriteRent>(
     if let Some(s) = r.retry_after {
         push_header_num(out, "retry-after", s as usize);
     }
+    for (name, value) in &r.headers {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     if close || r.close {
         out.extend_from_slice(b"connection: close\r\n");
     }

@@ -355,6 +355,13 @@ impl Waiter {
         self.id
     }
 
+    /// The client left before the response head: forget the request and
+    /// abort it at the receiver (`cancel` peers), so no work goes on for
+    /// nobody (`gateway/conn.rs::wait_head`).
+    pub fn abandon(&self) {
+        self.tunnel.cancel(self.id, "client went away");
+    }
+
     /// Waits for the response head, at most `timeout`.
     pub async fn wait(&mut self, timeout: Duration) -> Result<RespHead, ProxyError> {
         let Some(rx) = self.rx.take() else {

@@ -257,6 +257,35 @@ impl Conn {
         }
     }
 
+    /// [`Conn::connect`] from a chosen local address (Linux routes all of
+    /// 127.0.0.0/8 to loopback, so `127.0.0.2` is a second client).
+    pub fn connect_from(addr: SocketAddr, local: std::net::IpAddr) -> Conn {
+        Conn::try_connect_from(addr, local)
+            .unwrap_or_else(|e| panic!("expected to connect to {addr} from {local}: {e}"))
+    }
+
+    /// [`Conn::connect_from`] that returns the error.
+    pub fn try_connect_from(addr: SocketAddr, local: std::net::IpAddr) -> io::Result<Conn> {
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        sock.bind(&SocketAddr::new(local, 0).into())?;
+        sock.connect(&addr.into())?;
+        let stream: TcpStream = sock.into();
+        stream.set_read_timeout(Some(READ_TIMEOUT))?;
+        stream.set_write_timeout(Some(READ_TIMEOUT))?;
+        let _ = stream.set_nodelay(true);
+        let writer = stream.try_clone()?;
+        Ok(Conn {
+            addr,
+            reader: BufReader::with_capacity(64 * 1024, stream),
+            writer,
+            pending: VecDeque::new(),
+        })
+    }
+
     /// A second handle on the socket, for writing from another thread.
     pub fn try_clone_writer(&self) -> TcpStream {
         self.writer.try_clone().expect("clone the client socket")

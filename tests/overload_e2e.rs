@@ -1,0 +1,391 @@
+//! Overload and abuse, end to end (issue 12): token-bucket rate limits
+//! (429 with `Retry-After` and the RateLimit fields), per-identity places
+//! in flight with a bounded queue (503 at once past it), fair turns across
+//! identities, connections per client address.
+//!
+//! Every test counts and orders, never times: a rate limit uses a refill
+//! rate so low (0.001/s) that no token comes back during the test, a
+//! stuck app holds its requests until released, and queues are observed
+//! through `/metrics` with `wait_until`.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use common::client::{request, READ_TIMEOUT};
+use common::{wait_until, App, Conn, Gateway, GatewayConfig, Receiver, ALICE_TOKEN, BOB_TOKEN};
+
+const LOOPBACK: &str = "127.0.0.1";
+const CLIENT: &str = "127.0.0.5";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn cfg(workers: u32, extra: &str) -> GatewayConfig {
+    GatewayConfig {
+        workers,
+        extra_gateway_toml: extra.into(),
+        ..GatewayConfig::default()
+    }
+}
+
+/// `[[gateway.rate_limits]]` with one entry that never refills during a
+/// test (inline, so the harness's `[gateway]` keys can follow it); `more`:
+/// `, key = value` pairs.
+fn rule(scope: &str, burst: u32, more: &str) -> String {
+    format!("rate_limits = [{{ scope = \"{scope}\", rate = 0.001, burst = {burst}{more} }}]\n")
+}
+
+/// A gateway (admin on), an app, and receivers for alice and, if asked, bob.
+struct Rig {
+    app: App,
+    gw: Gateway,
+    admin: SocketAddr,
+    rx: Vec<Receiver>,
+}
+
+fn rig(c: &GatewayConfig, bob: bool) -> Rig {
+    let app = App::start();
+    let (gw, admin) = Gateway::start_with_admin(c);
+    let tunnels = c.workers;
+    let mut rx = vec![Receiver::start(gw.addr, app.addr, ALICE_TOKEN, tunnels)];
+    if bob {
+        rx.push(Receiver::start(gw.addr, app.addr, BOB_TOKEN, tunnels));
+    }
+    for r in &mut rx {
+        r.wait_connected(tunnels as usize);
+    }
+    Rig { app, gw, admin, rx }
+}
+
+/// The value of the `/metrics` sample whose name and labels are `sample`.
+fn metric(admin: SocketAddr, sample: &str) -> u64 {
+    let r = request(admin, "GET", "/metrics", &[], b"");
+    assert_eq!(r.status, 200);
+    let text = r.body_text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn after_the_burst_the_next_request_gets_429_with_the_ratelimit_fields() {
+    let r = rig(&cfg(1, &rule("client_ip", 3, ", name = \"per-ip\"")), false);
+    let mut c = Conn::connect_from(r.gw.addr, ip(LOOPBACK));
+    for i in 0..3 {
+        let resp = c.request("GET", &format!("/alice/{i}"), &[], b"");
+        assert_eq!(
+            resp.status,
+            200,
+            "request {i} within the burst: {}",
+            resp.summary()
+        );
+    }
+    let resp = c.request("GET", "/alice/3", &[], b"");
+    assert_eq!(resp.status, 429, "{}", resp.summary());
+    // 1 token missing at 0.001/s: 1000 s.
+    assert_eq!(resp.header("retry-after"), Some("1000"));
+    assert_eq!(
+        resp.header("ratelimit-policy"),
+        Some("\"per-ip\";q=3;w=3000")
+    );
+    assert_eq!(resp.header("ratelimit"), Some("\"per-ip\";r=0;t=1000"));
+    assert!(
+        resp.body_text().contains("rate_limited"),
+        "{}",
+        resp.body_text()
+    );
+    // The connection stays usable (and limited).
+    assert_eq!(c.request("GET", "/alice/4", &[], b"").status, 429);
+    assert_eq!(
+        r.app.requests().len(),
+        3,
+        "refused requests never reach the app"
+    );
+    // Another source address has its own bucket.
+    let mut other = Conn::connect_from(r.gw.addr, ip("127.0.0.2"));
+    assert_eq!(other.request("GET", "/alice/x", &[], b"").status, 200);
+    let mut gw = r.gw;
+    gw.proc
+        .wait_log(&["request refused", "rate_limited", "per-ip"]);
+    assert_eq!(
+        metric(r.admin, "anp_rate_limited_total{scope=\"client_ip\"}"),
+        2
+    );
+}
+
+#[test]
+fn a_route_scope_limit_applies_to_its_prefix_and_not_to_another() {
+    let r = rig(&cfg(1, &rule("route", 2, ", match = \"/alice\"")), false);
+    let mut c = Conn::connect(r.gw.addr);
+    assert_eq!(c.request("GET", "/alice/a", &[], b"").status, 200);
+    assert_eq!(c.request("GET", "/alice/b", &[], b"").status, 200);
+    assert_eq!(c.request("GET", "/alice/c", &[], b"").status, 429);
+    // From another address too: the bucket is the route's.
+    let mut other = Conn::connect_from(r.gw.addr, ip("127.0.0.2"));
+    assert_eq!(other.request("GET", "/alice/d", &[], b"").status, 429);
+    // alice's other prefix is not under `/alice`.
+    for i in 0..5 {
+        let resp = c.request("GET", &format!("/shared/alice/{i}"), &[], b"");
+        assert_eq!(resp.status, 200, "{}", resp.summary());
+    }
+    assert_eq!(
+        metric(r.admin, "anp_rate_limited_total{scope=\"route\"}"),
+        2
+    );
+}
+
+#[test]
+fn a_sighup_that_raises_the_limit_takes_effect() {
+    let c1 = cfg(1, &rule("identity", 1, ", match = \"alice\""));
+    let mut r = rig(&c1, false);
+    let mut c = Conn::connect(r.gw.addr);
+    assert_eq!(c.request("GET", "/alice/1", &[], b"").status, 200);
+    assert_eq!(c.request("GET", "/alice/2", &[], b"").status, 429);
+    // Same address, same port: only the limit changes.
+    let text = std::fs::read_to_string(&r.gw.config_path).unwrap();
+    let raised = text.replace("burst = 1,", "burst = 4,");
+    assert_ne!(raised, text);
+    std::fs::write(&r.gw.config_path, raised).unwrap();
+    r.gw.signal(libc::SIGHUP);
+    r.gw.proc.wait_stdout("anp-proxy reloaded");
+    for i in 0..4 {
+        let resp = c.request("GET", &format!("/alice/r{i}"), &[], b"");
+        assert_eq!(
+            resp.status,
+            200,
+            "after the reload, {i}: {}",
+            resp.summary()
+        );
+    }
+    assert_eq!(c.request("GET", "/alice/r4", &[], b"").status, 429);
+}
+
+/// Each core has full-size buckets (docs/OPERATIONS.md): with 2 workers
+/// and burst 3, one address spreading connections over both cores gets
+/// at least 3 and at most 2 × 3 requests through, never more.
+#[test]
+fn across_cores_one_address_gets_between_burst_and_workers_times_burst() {
+    let r = rig(&cfg(2, &rule("client_ip", 3, "")), false);
+    let (mut ok, mut limited) = (0, 0);
+    for i in 0..40 {
+        let resp = request(r.gw.addr, "GET", &format!("/alice/{i}"), &[], b"");
+        match resp.status {
+            200 => ok += 1,
+            429 => limited += 1,
+            s => panic!("unexpected {s}: {}", resp.summary()),
+        }
+    }
+    assert!((3..=6).contains(&ok), "{ok} passed, {limited} limited");
+    assert_eq!(ok + limited, 40);
+}
+
+/// A flood of distinct source addresses: the table keeps at most
+/// `rate_limit_table_size` buckets per core, dropping the least recently
+/// used, and every new address still gets its burst.
+#[test]
+fn the_bucket_table_stays_bounded_under_many_distinct_addresses() {
+    let extra = format!("rate_limit_table_size = 16\n{}", rule("client_ip", 1, ""));
+    let r = rig(&cfg(1, &extra), false);
+    let mut n = 0;
+    for a in 1..=3u8 {
+        for b in 1..=80u8 {
+            let src = IpAddr::from([127, 0, a, b]);
+            let resp = Conn::connect_from(r.gw.addr, src).request("GET", "/alice/x", &[], b"");
+            assert_eq!(resp.status, 200, "from {src}: {}", resp.summary());
+            n += 1;
+        }
+    }
+    let buckets = metric(r.admin, "anp_rate_limit_buckets");
+    assert!(buckets <= 16, "{buckets} buckets");
+    let evicted = metric(r.admin, "anp_rate_limit_evictions_total{kind=\"active\"}");
+    assert_eq!(evicted + buckets, n, "every bucket is held or was evicted");
+}
+
+/// alice's app never answers: 2 in flight, 2 queued, and every further
+/// request for alice is answered 503 + Retry-After at once (not 504 after
+/// `timeout`, which is 60 s here) while bob's paced requests all succeed.
+#[test]
+fn a_stuck_identity_is_shed_at_once_while_another_is_served() {
+    let extra = "max_inflight_per_identity = 2\nmax_queue_per_identity = 2\nqueue_timeout = 60\n";
+    let mut c = cfg(1, extra);
+    c.timeout = 60.0;
+    let r = rig(&c, true);
+    let stuck = [("X-Test-Hold", "stuck")];
+    // Two in flight, held by the app.
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let mut conn = Conn::connect(r.gw.addr);
+        conn.send("GET", &format!("/alice/held{i}"), &stuck, b"")
+            .unwrap();
+        held.push(conn);
+    }
+    wait_until("alice has 2 in flight", Duration::from_secs(10), || {
+        metric(r.admin, "anp_identity_in_flight{identity=\"alice\"}") == 2
+    });
+    // Two queued.
+    for i in 0..2 {
+        let mut conn = Conn::connect(r.gw.addr);
+        conn.send("GET", &format!("/alice/queued{i}"), &stuck, b"")
+            .unwrap();
+        held.push(conn);
+    }
+    wait_until("alice has 2 queued", Duration::from_secs(10), || {
+        metric(r.admin, "anp_identity_queue_depth{identity=\"alice\"}") == 2
+    });
+    // A flood at many times that capacity: every one shed at once, with
+    // bob's paced requests in between.
+    let mut flood = Conn::connect(r.gw.addr);
+    flood.set_read_timeout(READ_TIMEOUT.min(Duration::from_secs(30)));
+    let mut bob = Conn::connect(r.gw.addr);
+    for i in 0..50 {
+        let resp = flood.request("GET", &format!("/alice/flood{i}"), &stuck, b"");
+        assert_eq!(resp.status, 503, "{}", resp.summary());
+        assert_eq!(resp.header("retry-after"), Some("1"));
+        assert!(
+            resp.body_text().contains("queue_full"),
+            "{}",
+            resp.body_text()
+        );
+        if i % 5 == 0 {
+            let b = bob.request("GET", &format!("/bob/{i}"), &[], b"");
+            assert_eq!(b.status, 200, "bob during alice's flood: {}", b.summary());
+        }
+    }
+    assert_eq!(metric(r.admin, "anp_shed_total{reason=\"queue_full\"}"), 50);
+    assert_eq!(
+        metric(r.admin, "anp_identity_in_flight{identity=\"alice\"}"),
+        2
+    );
+    let mut gw = r.gw;
+    gw.proc.wait_log(&["request refused", "queue_full"]);
+}
+
+/// With one place per core, waiting identities take turns: alice queued
+/// four requests before bob queued two, yet bob's are served second and
+/// fourth, not after all of alice's.
+#[test]
+fn waiting_identities_are_admitted_in_turn_not_in_arrival_order() {
+    let extra = "max_inflight_per_core = 1\nmax_inflight_per_identity = 100\nqueue_timeout = 60\n";
+    let r = rig(&cfg(1, extra), true);
+    let send = |path: &str, hold: &str| {
+        let mut conn = Conn::connect(r.gw.addr);
+        conn.send("GET", path, &[("X-Test-Hold", hold)], b"")
+            .unwrap();
+        conn
+    };
+    let mut conns = vec![send("/alice/first", "first")];
+    r.app.wait_arrived("first");
+    let queued = |who: &str| {
+        metric(
+            r.admin,
+            &format!("anp_identity_queue_depth{{identity=\"{who}\"}}"),
+        )
+    };
+    for i in 1..=4 {
+        conns.push(send(&format!("/alice/{i}"), &format!("a{i}")));
+        wait_until("alice's request queued", Duration::from_secs(10), || {
+            queued("alice") == i
+        });
+    }
+    for i in 1..=2 {
+        conns.push(send(&format!("/bob/{i}"), &format!("b{i}")));
+        wait_until("bob's request queued", Duration::from_secs(10), || {
+            queued("bob") == i
+        });
+    }
+    // One place: each release lets exactly the next one in.
+    let mut order = Vec::new();
+    let mut last = "first".to_string();
+    let names = ["a1", "a2", "a3", "a4", "b1", "b2"];
+    for _ in 0..names.len() {
+        r.app.release(&last);
+        let next = wait_for_one_new(&r.app, &names, &order);
+        order.push(next.clone());
+        last = next;
+    }
+    r.app.release(&last);
+    assert_eq!(order, ["a1", "b1", "a2", "b2", "a3", "a4"]);
+    for mut c in conns {
+        assert_eq!(c.read().unwrap().status, 200);
+    }
+}
+
+/// Waits until one more of `names` than `seen` has arrived at the app and
+/// returns it (exactly one: the core has one place).
+fn wait_for_one_new(app: &App, names: &[&str], seen: &[String]) -> String {
+    let mut found = None;
+    wait_until(
+        "the next request reaches the app",
+        Duration::from_secs(10),
+        || {
+            let new: Vec<&str> = names
+                .iter()
+                .copied()
+                .filter(|n| app.has_arrived(n) && !seen.iter().any(|s| s == n))
+                .collect();
+            assert!(new.len() <= 1, "two admitted at once: {new:?}");
+            found = new.first().map(|s| s.to_string());
+            found.is_some()
+        },
+    );
+    found.unwrap()
+}
+
+/// `max_connections_per_ip = 2`: a third connection from the same address
+/// is closed at accept (counted, logged); another address is served. The
+/// clients use 127.0.0.5: the receiver's tunnel comes from 127.0.0.1.
+#[test]
+fn max_connections_per_ip_refuses_at_accept() {
+    let mut r = rig(&cfg(1, "max_connections_per_ip = 2\n"), false);
+    let mut a = Conn::connect_from(r.gw.addr, ip(CLIENT));
+    let mut b = Conn::connect_from(r.gw.addr, ip(CLIENT));
+    assert_eq!(a.request("GET", "/alice/a", &[], b"").status, 200);
+    assert_eq!(b.request("GET", "/alice/b", &[], b"").status, 200);
+    let mut third = Conn::connect_from(r.gw.addr, ip(CLIENT));
+    let _ = third.send("GET", "/alice/c", &[], b"");
+    assert!(third.is_closed_by_peer(), "the third connection is closed");
+    r.gw.proc
+        .wait_log(&["connection refused: max_connections_per_ip reached"]);
+    assert_eq!(
+        metric(r.admin, "anp_connections_refused_total{reason=\"per_ip\"}"),
+        1
+    );
+    let mut other = Conn::connect_from(r.gw.addr, ip("127.0.0.3"));
+    assert_eq!(other.request("GET", "/alice/d", &[], b"").status, 200);
+    // A place comes back when a connection closes.
+    drop(a);
+    wait_until(
+        "a closed connection frees its place",
+        Duration::from_secs(10),
+        || {
+            let mut c = Conn::connect_from(r.gw.addr, ip(CLIENT));
+            c.send("GET", "/alice/e", &[], b"").is_ok() && c.read().is_ok_and(|x| x.status == 200)
+        },
+    );
+}
+
+/// A client that closes its connection while its request waits for the
+/// app cancels the request at the receiver, and its place in flight is
+/// free again: the next request is served, not shed.
+#[test]
+fn a_client_that_leaves_cancels_its_request_and_frees_its_place() {
+    let extra = "max_inflight_per_identity = 1\nmax_queue_per_identity = 0\n";
+    let mut r = rig(&cfg(1, extra), false);
+    let mut c = Conn::connect(r.gw.addr);
+    c.send("GET", "/alice/orphan", &[("X-Test-Hold", "orphan")], b"")
+        .unwrap();
+    r.app.wait_arrived("orphan");
+    // The place is taken: another request is shed.
+    assert_eq!(request(r.gw.addr, "GET", "/alice/x", &[], b"").status, 503);
+    drop(c);
+    r.rx[0]
+        .proc
+        .wait_log(&["request cancelled by the gateway", "client went away"]);
+    wait_until("the place is free", Duration::from_secs(10), || {
+        metric(r.admin, "anp_identity_in_flight{identity=\"alice\"}") == 0
+    });
+    assert_eq!(request(r.gw.addr, "GET", "/alice/y", &[], b"").status, 200);
+}
