@@ -46,12 +46,20 @@ clean:
 	$(CARGO) clean
 
 # --- Benchmarks and profiling (issue #4; benches/README.md, perf/README.md) ---
-.PHONY: bench bench-quick bench-deps bench-micro flamegraph perf-stat
+.PHONY: bench bench-quick bench-deps bench-micro bench-tunnels flamegraph perf-stat
 
-# direct vs nginx vs anp-proxy, interleaved; writes bench-results/latest.{json,svg}.
+# direct vs nginx vs anp-proxy, interleaved; writes bench-results/latest.{json,svg};
+# then the tunnels section (bench-tunnels).
 bench:
 	$(CARGO) build --release --bin anp-proxy --bin anp-loadgen --bin anp-bench-app
 	python3 benches/bench.py
+	python3 benches/tunnels.py
+
+# KiB per idle tunnel (gateway and receiver) and handshakes per second, at
+# 1,000 and 10,000 tunnels; writes bench-results/tunnels.json (issue 17).
+bench-tunnels:
+	$(CARGO) build --release --bin anp-proxy --bin anp-loadgen --bin anp-bench-app
+	python3 benches/tunnels.py
 
 # The same in under 2 minutes (fewer cells, shorter runs).
 bench-quick:
