@@ -67,8 +67,8 @@ struct Accepted {
 pub(super) async fn accept_tunnel<S>(
     ctx: Rc<CoreCtx>,
     mut io: S,
-    head: &RequestHead,
-    head_buf: &Bytes,
+    head: RequestHead,
+    head_buf: Bytes,
     leftover: BytesMut,
     peer: SocketAddr,
     tls: bool,
@@ -76,13 +76,13 @@ pub(super) async fn accept_tunnel<S>(
     deadline: Option<Instant>,
 ) where
     S: AsyncReadRent + AsyncWriteRent + Splitable + Movable + 'static,
-    S::OwnedRead: AsyncReadRent + 'static,
+    S::OwnedRead: AsyncReadRent + crate::net::Readable + 'static,
     S::OwnedWrite: AsyncWriteRent + 'static,
 {
     let mut out = Vec::with_capacity(512);
     // No IO on `io` inside: dropping it at the deadline leaves the stream
     // usable for the 408.
-    let checked = authenticate_upgrade(&ctx, head, head_buf, peer, tls);
+    let checked = authenticate_upgrade(&ctx, &head, &head_buf, peer, tls);
     let decided = match deadline {
         Some(d) => {
             monoio::time::timeout(d.saturating_duration_since(Instant::now()), checked).await
@@ -98,6 +98,8 @@ pub(super) async fn accept_tunnel<S>(
             Err(UpgradeError::HandshakeTimeout)
         }
     };
+    // The head's buffer is not kept for the tunnel's life.
+    drop((head, head_buf));
     let Accepted {
         accept,
         identity,
