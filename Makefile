@@ -46,9 +46,15 @@ clean:
 	$(CARGO) clean
 
 # --- Benchmarks and profiling (issue #4; benches/README.md, perf/README.md) ---
-.PHONY: bench bench-quick bench-counts bench-bins bench-allocs-bin bench-deps bench-micro bench-storm flamegraph perf-stat
+.PHONY: bench bench-quick bench-counts bench-bins bench-allocs-bin bench-deps bench-micro bench-storm bench-tunnels flamegraph perf-stat
 
 ALLOC_BIN := target/release/anp-proxy-count-allocs
+
+# KiB per idle tunnel (gateway and receiver) and handshakes per second, at
+# 1,000 and 10,000 tunnels; writes bench-results/tunnels.json (issue 17).
+bench-tunnels:
+	$(CARGO) build --release --bin anp-proxy --bin anp-loadgen --bin anp-bench-app
+	python3 benches/tunnels.py
 
 bench-bins:
 	$(CARGO) build --release --bin anp-proxy --bin anp-loadgen --bin anp-bench-app --bin anp-storm
@@ -72,6 +78,7 @@ bench-allocs-bin:
 # request. Writes bench-results/latest.{json,svg}.
 bench: bench-bins bench-allocs-bin
 	python3 benches/bench.py --syscalls --allocs
+	python3 benches/tunnels.py
 	python3 benches/storm.py
 
 # The same in under 2 minutes (fewer cells, shorter runs; no allocation

@@ -54,15 +54,14 @@ pub fn bind_workers(addr: SocketAddr, n: usize) -> io::Result<(SocketAddr, Vec<T
     Ok((actual, all))
 }
 
-/// A client transport whose socket can be handed to another core's runtime
-/// (plain TCP can; a TLS session keeps its state on this core).
-pub trait Movable: Sized {
-    const MOVABLE: bool;
-    fn into_owned_fd(self) -> Result<std::os::fd::OwnedFd, Self>;
-
-    /// Waits until the socket has something to read, holding no buffer
-    /// (an idle keep-alive connection then costs no read buffer).
-    /// Transports that buffer internally (TLS) return at once.
+/// A transport that can wait for bytes without lending a buffer: an idle
+/// keep-alive connection or an idle tunnel then holds no read buffer
+/// (monoio's reads own their buffer until they complete, and a read cannot
+/// be dropped without losing what it read).
+pub trait Readable {
+    /// Waits until the socket has something to read. Transports that
+    /// buffer internally (TLS: rustls may already hold decrypted bytes)
+    /// return at once, and so keep holding a buffer while idle.
     fn wait_readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> {
         std::future::ready(Ok(()))
     }
@@ -77,19 +76,10 @@ pub trait Movable: Sized {
     }
 }
 
-impl Movable for monoio::net::TcpStream {
-    const MOVABLE: bool = true;
-    fn into_owned_fd(self) -> Result<std::os::fd::OwnedFd, Self> {
-        use std::os::fd::{FromRawFd, IntoRawFd};
-        // into_raw_fd deregisters the socket from this runtime and gives up
-        // ownership without closing it; it panics only if the stream was
-        // split (it is not: the whole stream is ours here).
-        let fd = self.into_raw_fd();
-        // SAFETY: `fd` is an open socket that nothing else owns any more.
-        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
-    }
-
+impl Readable for monoio::net::TcpStream {
     fn wait_readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> {
+        // A PollAdd on io_uring, the readiness state on epoll; dropping it
+        // consumes nothing.
         self.readable(false)
     }
 
@@ -104,6 +94,38 @@ impl Movable for monoio::net::TcpStream {
                 Peek::Empty | Peek::Interrupted => {}
             }
         }
+    }
+}
+
+/// The read half of a split stream (the tunnel reader) waits like the
+/// whole stream.
+impl<T: Readable> Readable for monoio::io::OwnedReadHalf<T> {
+    fn wait_readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> {
+        // SAFETY: the halves share the stream through an `Rc<UnsafeCell>`
+        // on one thread, exactly as monoio's own `OwnedReadHalf` methods
+        // (`read`, `peer_addr`) reach it; `wait_readable` takes `&self`
+        // and touches only the descriptor, never the write half's state.
+        unsafe { &*self.0.get() }.wait_readable()
+    }
+}
+
+/// A client transport whose socket can be handed to another core's runtime
+/// (plain TCP can; a TLS session keeps its state on this core).
+pub trait Movable: Sized + Readable {
+    const MOVABLE: bool;
+    fn into_owned_fd(self) -> Result<std::os::fd::OwnedFd, Self>;
+}
+
+impl Movable for monoio::net::TcpStream {
+    const MOVABLE: bool = true;
+    fn into_owned_fd(self) -> Result<std::os::fd::OwnedFd, Self> {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        // into_raw_fd deregisters the socket from this runtime and gives up
+        // ownership without closing it; it panics only if the stream was
+        // split (it is not: the whole stream is ours here).
+        let fd = self.into_raw_fd();
+        // SAFETY: `fd` is an open socket that nothing else owns any more.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
     }
 }
 

@@ -2,6 +2,9 @@
 //! to a connection while it works on a request and taken back while it
 //! idles, so an idle keep-alive connection holds no buffer and a busy one
 //! does not allocate per request. `Rc`-owned by one core: no locks.
+//! [`FreeList`] is the same for the tunnels' buffers (`ws/conn.rs`: read
+//! buffers and write batches, one thread-local list each), so an idle
+//! tunnel holds none of them either.
 
 use std::cell::RefCell;
 
@@ -61,6 +64,52 @@ impl BufPool {
                 v.push(b);
             }
         }
+    }
+}
+
+/// A bounded free list of one thread (a core's runtime), for a
+/// `thread_local!`: what a busy connection borrows and an idle one gives
+/// back. No locks; at most `keep` items are kept, surplus ones dropped.
+pub struct FreeList<T> {
+    items: RefCell<Vec<T>>,
+    keep: usize,
+}
+
+impl<T> FreeList<T> {
+    pub const fn new(keep: usize) -> Self {
+        Self {
+            items: RefCell::new(Vec::new()),
+            keep,
+        }
+    }
+
+    pub fn take(&self) -> Option<T> {
+        self.items.borrow_mut().pop()
+    }
+
+    /// Keeps `t` unless the list is full. The caller has already decided
+    /// it is worth keeping (cleared, not grown too large).
+    pub fn give(&self, t: T) {
+        let mut v = self.items.borrow_mut();
+        if v.len() < self.keep {
+            v.push(t);
+            return;
+        }
+        // Dropped after the borrow ends (crate::sync: no borrow held while
+        // a value with a `Drop` goes).
+        drop(v);
+        drop(t);
+    }
+
+    /// Items kept (tests).
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.items.borrow().len()
+    }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -126,5 +175,18 @@ mod tests {
         assert_eq!(p.writes.borrow().len(), 1);
         p.give_write(Vec::with_capacity(KEEP_MAX + 1));
         assert_eq!(p.writes.borrow().len(), 1);
+    }
+
+    #[test]
+    fn free_list_keeps_at_most_its_bound() {
+        let l = FreeList::new(2);
+        assert!(l.take().is_none());
+        for i in 0..3 {
+            l.give(vec![i]);
+        }
+        assert_eq!(l.len(), 2);
+        assert_eq!(l.take(), Some(vec![1]));
+        assert_eq!(l.take(), Some(vec![0]));
+        assert!(l.is_empty());
     }
 }

@@ -46,7 +46,7 @@ pub async fn serve_conn<S>(
     accepts: Accepts,
 ) where
     S: AsyncReadRent + AsyncWriteRent + Splitable + Movable + 'static,
-    S::OwnedRead: AsyncReadRent + 'static,
+    S::OwnedRead: AsyncReadRent + crate::net::Readable + 'static,
     S::OwnedWrite: AsyncWriteRent + 'static,
 {
     let s = &ctx.settings;
@@ -112,7 +112,7 @@ struct Client<S> {
 impl<S> Client<S>
 where
     S: AsyncReadRent + AsyncWriteRent + Splitable + Movable + 'static,
-    S::OwnedRead: AsyncReadRent + 'static,
+    S::OwnedRead: AsyncReadRent + crate::net::Readable + 'static,
     S::OwnedWrite: AsyncWriteRent + 'static,
 {
     /// Reads the next request head: an idle keep-alive wait for its first
@@ -227,9 +227,11 @@ where
             },
         };
         let dl = handshake_deadline(&ctx, began);
+        // Nothing of the HTTP loop is kept for the tunnel's life.
+        ctx.pool.give_write(std::mem::take(&mut self.out));
         let (io, buf, peer, tls) = (self.io, self.buf, self.peer, self.tls);
         Box::pin(accept_tunnel(
-            ctx, io, &head, &head_buf, buf, peer, tls, slot, dl,
+            ctx, io, head, head_buf, buf, peer, tls, slot, dl,
         ))
         .await;
     }

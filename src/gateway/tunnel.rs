@@ -451,7 +451,7 @@ pub async fn run_tunnel<S>(
     tls: bool,
 ) where
     S: Splitable + 'static,
-    S::OwnedRead: AsyncReadRent + 'static,
+    S::OwnedRead: AsyncReadRent + crate::net::Readable + 'static,
     S::OwnedWrite: AsyncWriteRent + 'static,
 {
     let (out, rx) = engine::queue();
@@ -529,6 +529,11 @@ impl FrameSink for GatewayFrames<'_> {
         if let Some(w) = window {
             w.add(bytes.min(DEFAULT_WINDOW));
         }
+    }
+
+    /// Responses are due while requests are in flight.
+    fn busy(&self) -> bool {
+        self.tunnel.inflight_len() > 0
     }
 
     /// The receiver is leaving (PROTOCOL.md §7.4): new requests go to

@@ -81,8 +81,8 @@ struct Accepted {
 pub(super) async fn accept_tunnel<S>(
     ctx: Rc<CoreCtx>,
     mut io: S,
-    head: &RequestHead,
-    head_buf: &Bytes,
+    head: RequestHead,
+    head_buf: Bytes,
     leftover: BytesMut,
     peer: SocketAddr,
     tls: bool,
@@ -90,7 +90,7 @@ pub(super) async fn accept_tunnel<S>(
     deadline: Option<Instant>,
 ) where
     S: AsyncReadRent + AsyncWriteRent + Splitable + Movable + 'static,
-    S::OwnedRead: AsyncReadRent + 'static,
+    S::OwnedRead: AsyncReadRent + crate::net::Readable + 'static,
     S::OwnedWrite: AsyncWriteRent + 'static,
 {
     let mut out = Vec::with_capacity(512);
@@ -116,7 +116,7 @@ pub(super) async fn accept_tunnel<S>(
         if !turn.is_zero() {
             monoio::time::sleep(turn).await;
         }
-        authenticate_upgrade(&ctx, head, head_buf, peer, tls).await
+        authenticate_upgrade(&ctx, &head, &head_buf, peer, tls).await
     };
     let decided = match deadline {
         Some(d) => {
@@ -133,6 +133,8 @@ pub(super) async fn accept_tunnel<S>(
             Err(UpgradeError::HandshakeTimeout)
         }
     };
+    // The head's buffer is not kept for the tunnel's life.
+    drop((head, head_buf));
     let Accepted {
         accept,
         identity,

@@ -189,6 +189,17 @@ fn auth_headers(ctx: &CoreRx, host: &str) -> Vec<(&'static str, String)> {
 }
 
 async fn connect_and_serve(ctx: &Rc<CoreRx>, index: usize) -> Result<(), TunnelError> {
+    // The handshake's locals (request, headers, response) are not kept for
+    // the tunnel's life.
+    let (io, buf, features) = connect(ctx, index).await?;
+    serve(ctx, io, buf, index, features).await
+}
+
+/// Dials and upgrades: the stream, bytes read past the 101, the features.
+async fn connect(
+    ctx: &Rc<CoreRx>,
+    index: usize,
+) -> Result<(GatewayStream, BytesMut, Features), TunnelError> {
     let addr = ctx.gateway.authority();
     let connect = TcpStream::connect(addr.as_str());
     let io = match monoio::time::timeout(ctx.connect_timeout, connect).await {
@@ -272,7 +283,7 @@ async fn connect_and_serve(ctx: &Rc<CoreRx>, index: usize) -> Result<(), TunnelE
         );
         let _ = out.flush();
     }
-    serve(ctx, io, buf, index, features).await
+    Ok((io, buf, features))
 }
 
 async fn read_some<S: AsyncReadRent>(
@@ -304,7 +315,7 @@ async fn serve<S>(
 ) -> Result<(), TunnelError>
 where
     S: Splitable,
-    S::OwnedRead: AsyncReadRent + 'static,
+    S::OwnedRead: AsyncReadRent + crate::net::Readable + 'static,
     S::OwnedWrite: AsyncWriteRent + 'static,
 {
     let (out, rx) = engine::queue();
@@ -387,6 +398,11 @@ impl FrameSink for ReceiverFrames {
         if let Some(w) = window {
             w.add(bytes.min(DEFAULT_WINDOW));
         }
+    }
+
+    /// Request bodies and credit come while requests are in flight.
+    fn busy(&self) -> bool {
+        !self.reqs.borrow().is_empty()
     }
 
     /// The answer to our draining ping, or to a keepalive one.
@@ -783,7 +799,7 @@ mod cancel_props {
             let addr = listener.local_addr().unwrap();
             monoio::spawn(app(listener));
             let ctx = core(addr, permits);
-            let (out, _rx) = local_sync::mpsc::unbounded::channel();
+            let (out, _rx) = crate::tunnel::engine::queue();
             let reqs: Reqs = Rc::new(RefCell::new(Demux::new(Opener::Peer, usize::MAX)));
             let features = Features::SUPPORTED;
             let mut enc: HashMap<u8, anpx_stream::StreamEncoder> = HashMap::new();

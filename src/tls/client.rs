@@ -198,6 +198,17 @@ pub enum GatewayStream {
 // is when its IO is), and the enum adds no state shared between halves.
 unsafe impl Split for GatewayStream {}
 
+/// Plain TCP waits for readiness; TLS returns at once (rustls may hold
+/// decrypted bytes the socket no longer shows).
+impl crate::net::Readable for GatewayStream {
+    async fn wait_readable(&self) -> std::io::Result<()> {
+        match self {
+            GatewayStream::Plain(s) => s.readable(false).await,
+            GatewayStream::Tls(_) => Ok(()),
+        }
+    }
+}
+
 impl AsyncReadRent for GatewayStream {
     async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
         match self {

@@ -15,10 +15,14 @@ use rustls::{RootCertStore, ServerConfig};
 
 use super::{describe, load_certs, load_key, provider, TlsSetupError};
 use crate::config::{TlsConfig, VerifyMode};
-use crate::net::Movable;
+use crate::net::{Movable, Readable};
 
 /// The TLS stream a gateway connection runs on.
 pub type ServerStream = ServerTlsStream<TcpStream>;
+
+/// rustls may hold decrypted bytes the socket no longer shows: a TLS
+/// stream is always "readable" and keeps its read buffer while idle.
+impl Readable for ServerStream {}
 
 /// A TLS session's state (keys, sequence numbers, buffered records) lives
 /// in this core's memory: only the bare socket could move, and it would

@@ -174,7 +174,6 @@ impl<K: RequestKey, V> Demux<K, V> {
         self.streams.len()
     }
 
-    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.streams.is_empty()
     }

@@ -59,6 +59,10 @@ pub trait FrameSink {
     /// A pong arrived with `payload` (an answer to one of the role's own
     /// pings; the engine's keepalive pings need no answer handled).
     fn pong(&mut self, _payload: &[u8]) {}
+    /// Whether frames are expected soon (requests in flight): the reader
+    /// then keeps its buffer while it waits. An idle tunnel's reader gives
+    /// it back and waits for readiness holding none (`ws/conn.rs`).
+    fn busy(&self) -> bool;
 }
 
 /// Why a tunnel ended.
@@ -118,7 +122,7 @@ impl Closing {
 /// A new tunnel's outgoing queue: the role sends on `OutTx` (its handshake
 /// reply, frames, credit) before and while [`run`] drives it.
 pub fn queue() -> (OutTx, OutRx) {
-    local_sync::mpsc::unbounded::channel()
+    crate::ws::queue::channel()
 }
 
 /// Runs the tunnel on `io` until it ends; `leftover` holds bytes read past
@@ -133,7 +137,7 @@ pub async fn run<S, F>(
 ) -> (Ended, Closing)
 where
     S: Splitable,
-    S::OwnedRead: AsyncReadRent + 'static,
+    S::OwnedRead: AsyncReadRent + crate::net::Readable + 'static,
     S::OwnedWrite: AsyncWriteRent + 'static,
     F: FrameSink,
 {
@@ -177,7 +181,7 @@ async fn pinger(out: OutTx, alive: Rc<Cell<bool>>, every: Duration) {
     }
 }
 
-async fn read_loop<R: AsyncReadRent, F: FrameSink>(
+async fn read_loop<R: AsyncReadRent + crate::net::Readable, F: FrameSink>(
     reader: &mut WsReader<R>,
     out: &OutTx,
     max_pings: usize,
@@ -185,7 +189,7 @@ async fn read_loop<R: AsyncReadRent, F: FrameSink>(
 ) -> Ended {
     let mut pings = PingBudget::new(max_pings);
     loop {
-        match reader.next().await {
+        match reader.next(sink.busy()).await {
             Ok(Event::Binary(msg)) => sink.frame(msg),
             // Credit (`stream`) and the draining notice; any other text is
             // activity only (§6).

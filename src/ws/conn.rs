@@ -16,13 +16,14 @@ use std::io;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use local_sync::mpsc::unbounded;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 
 use super::frame::{
     apply_mask, encode_close, encode_header, mask_for, Decoder, Event, OpCodeKind as OpCode, Role,
 };
 use super::WsError;
+use crate::net::Readable;
+use crate::pool::FreeList;
 
 /// Something for the writer task to send.
 #[derive(Debug)]
@@ -48,8 +49,8 @@ pub enum Outgoing {
     Close(u16, String),
 }
 
-pub type OutTx = unbounded::Tx<Outgoing>;
-pub type OutRx = unbounded::Rx<Outgoing>;
+pub type OutTx = super::queue::Tx<Outgoing>;
+pub type OutRx = super::queue::Rx<Outgoing>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
@@ -64,34 +65,99 @@ pub enum ConnError {
 }
 
 /// Reads WebSocket events from one connection.
+///
+/// The read buffer is lent by this thread's pool ([`READS`]) while bytes
+/// come, and given back when everything read has been decoded and the
+/// caller expects nothing soon (`next(false)`): the reader then waits for
+/// readiness holding no buffer ([`crate::net::Readable`]), so an idle
+/// tunnel costs no read buffer. It grows on demand for a large message;
+/// one grown past [`READ_KEEP_MAX`] is not kept by the pool.
 pub struct WsReader<R> {
     io: R,
+    /// Empty, without capacity, while idle.
     buf: BytesMut,
     decoder: Decoder,
     idle: Option<Duration>,
 }
 
 const READ_CHUNK: usize = 64 * 1024;
+/// Read buffers larger than this are not kept by the pool.
+const READ_KEEP_MAX: usize = 2 * READ_CHUNK;
+/// Buffers of each kind (reads, write batches) kept per thread: at most
+/// this many idle 64 KiB buffers stay allocated on a core after a burst.
+const POOL_KEEP: usize = 64;
 
-impl<R: AsyncReadRent> WsReader<R> {
+thread_local! {
+    /// Tunnel read buffers of this thread (a core's runtime).
+    static READS: FreeList<BytesMut> = const { FreeList::new(POOL_KEEP) };
+    /// Write batches of the copying writer.
+    static BATCHES: FreeList<BytesMut> = const { FreeList::new(POOL_KEEP) };
+    /// Write batches of the vectored writer.
+    static GATHERS: FreeList<Gather> = const { FreeList::new(POOL_KEEP) };
+}
+
+/// An empty read buffer of [`READ_CHUNK`] bytes, from the pool if it has one.
+fn take_read() -> BytesMut {
+    READS
+        .with(|p| p.take())
+        .unwrap_or_else(|| BytesMut::with_capacity(READ_CHUNK))
+}
+
+/// Gives an emptied read buffer back. One that frames still point into
+/// (their `Bytes` keep the storage) or that grew large is dropped instead.
+fn give_read(mut b: BytesMut) {
+    debug_assert!(b.is_empty());
+    // `try_reclaim` succeeds only when no `Bytes` still shares the storage.
+    if b.capacity() <= READ_KEEP_MAX && b.try_reclaim(READ_CHUNK) {
+        READS.with(|p| p.give(b));
+    }
+}
+
+impl<R: AsyncReadRent + Readable> WsReader<R> {
     /// `leftover`: bytes already read past the handshake.
     pub fn new(io: R, leftover: BytesMut, decoder: Decoder, idle: Option<Duration>) -> Self {
+        // The handshake's buffer is not the pool's: keep it only if it
+        // holds bytes to decode.
+        let buf = if leftover.is_empty() {
+            BytesMut::new()
+        } else {
+            leftover
+        };
         Self {
             io,
-            buf: leftover,
+            buf,
             decoder,
             idle,
         }
     }
 
     /// The next event; `Err(Idle)` when the peer sent nothing (not even a
-    /// pong) for the idle window.
-    pub async fn next(&mut self) -> Result<Event, ConnError> {
+    /// pong) for the idle window. `busy`: frames are expected soon (the
+    /// role has requests in flight), so a wait keeps the read buffer and
+    /// reads straight into it; otherwise a wait with nothing buffered
+    /// gives the buffer back and waits for readiness first.
+    pub async fn next(&mut self, busy: bool) -> Result<Event, ConnError> {
         loop {
             if let Some(ev) = self.decoder.decode(&mut self.buf)? {
                 return Ok(ev);
             }
-            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            if self.buf.is_empty() && !busy {
+                if self.buf.capacity() > 0 {
+                    give_read(std::mem::take(&mut self.buf));
+                }
+                let ready = self.io.wait_readable();
+                let ready = match self.idle {
+                    Some(d) => match monoio::time::timeout(d, ready).await {
+                        Ok(r) => r,
+                        Err(_) => return Err(ConnError::Idle(d)),
+                    },
+                    None => ready.await,
+                };
+                ready?;
+            }
+            if self.buf.capacity() == 0 {
+                self.buf = take_read();
+            } else if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
                 self.buf.reserve(READ_CHUNK);
             }
             let buf = std::mem::take(&mut self.buf);
@@ -111,6 +177,21 @@ impl<R: AsyncReadRent> WsReader<R> {
                 Ok(_) => {}
                 Err(e) => return Err(e.into()),
             }
+        }
+    }
+
+    /// Whether a read buffer is held (tests; an idle reader holds none).
+    #[cfg(test)]
+    pub fn holds_buffer(&self) -> bool {
+        self.buf.capacity() > 0
+    }
+}
+
+impl<R> Drop for WsReader<R> {
+    fn drop(&mut self) {
+        let b = std::mem::take(&mut self.buf);
+        if b.is_empty() && b.capacity() > 0 {
+            give_read(b);
         }
     }
 }
@@ -139,11 +220,51 @@ pub async fn run_writer<W: AsyncWriteRent>(
     }
 }
 
+/// How long a writer keeps its batch after the last message: a tunnel
+/// with traffic reuses it from one wakeup to the next, and one that went
+/// quiet gives it back to the pool (an idle tunnel holds no write buffer).
+const BATCH_LINGER: Duration = Duration::from_secs(1);
+
+/// The next message to send. While one comes within [`BATCH_LINGER`] the
+/// writer keeps `held`; after that `held` goes back to the pool through
+/// `give` and the wait goes on holding nothing. None: the queue closed.
+async fn next_message<B>(rx: &mut OutRx, held: &mut Option<B>, give: fn(B)) -> Option<Outgoing> {
+    if let Ok(m) = rx.try_recv() {
+        return Some(m);
+    }
+    if held.is_some() {
+        // A channel receive is cancel-safe: the timeout loses nothing.
+        if let Ok(m) = monoio::time::timeout(BATCH_LINGER, rx.recv()).await {
+            return m;
+        }
+        if let Some(b) = held.take() {
+            give(b);
+        }
+    }
+    rx.recv().await
+}
+
+fn take_batch() -> BytesMut {
+    BATCHES
+        .with(|p| p.take())
+        .unwrap_or_else(|| BytesMut::with_capacity(READ_CHUNK))
+}
+
+/// A batch that grew past [`READ_KEEP_MAX`] (large bodies copied in) is
+/// dropped rather than kept.
+fn give_batch(mut b: BytesMut) {
+    b.clear();
+    if b.capacity() <= READ_KEEP_MAX {
+        BATCHES.with(|p| p.give(b));
+    }
+}
+
 /// Copying writer: each wakeup's messages are encoded (and masked) into
 /// one buffer, sent with one `write_all`.
 async fn run_copying<W: AsyncWriteRent>(mut io: W, mut rx: OutRx, role: Role) -> io::Result<()> {
-    let mut batch = BytesMut::with_capacity(READ_CHUNK);
-    while let Some(first) = rx.recv().await {
+    let mut held: Option<BytesMut> = None;
+    while let Some(first) = next_message(&mut rx, &mut held, give_batch).await {
+        let mut batch = held.take().unwrap_or_else(take_batch);
         let mut closing = encode_outgoing(&mut batch, role, first);
         while !closing && batch.len() < BATCH_MAX {
             match rx.try_recv() {
@@ -151,13 +272,16 @@ async fn run_copying<W: AsyncWriteRent>(mut io: W, mut rx: OutRx, role: Role) ->
                 Err(_) => break,
             }
         }
-        let (res, b) = io.write_all(batch).await;
+        let (res, mut b) = io.write_all(batch).await;
         res?;
-        batch = b;
-        batch.clear();
+        b.clear();
+        held = Some(b);
         if closing {
             break;
         }
+    }
+    if let Some(b) = held {
+        give_batch(b);
     }
     let _ = io.shutdown().await;
     Ok(())
@@ -337,11 +461,23 @@ impl Gather {
     }
 }
 
+fn take_gather() -> Gather {
+    GATHERS.with(|p| p.take()).unwrap_or_else(Gather::new)
+}
+
+/// Gives a reset gather back, unless small pieces grew it large.
+fn give_gather(g: Gather) {
+    if g.small.capacity() <= READ_KEEP_MAX {
+        GATHERS.with(|p| p.give(g));
+    }
+}
+
 /// Vectored writer (server role, plain TCP): one `writev` per wakeup, body
 /// buffers sent where they are.
 async fn run_vectored<W: AsyncWriteRent>(mut io: W, mut rx: OutRx) -> io::Result<()> {
-    let mut g = Gather::new();
-    while let Some(first) = rx.recv().await {
+    let mut held: Option<Gather> = None;
+    while let Some(first) = next_message(&mut rx, &mut held, give_gather).await {
+        let mut g = held.take().unwrap_or_else(take_gather);
         let mut closing = g.push(first);
         while !closing && !g.full() {
             match rx.try_recv() {
@@ -367,9 +503,13 @@ async fn run_vectored<W: AsyncWriteRent>(mut io: W, mut rx: OutRx) -> io::Result
             }
         }
         g.reset();
+        held = Some(g);
         if closing {
             break;
         }
+    }
+    if let Some(g) = held {
+        give_gather(g);
     }
     let _ = io.shutdown().await;
     Ok(())
@@ -438,7 +578,7 @@ mod tests {
         ] {
             let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = l.local_addr().unwrap();
-            let (tx, rx) = unbounded::channel();
+            let (tx, rx) = crate::ws::queue::channel();
             let mut expect = Vec::new();
             for _ in 0..4 {
                 for (m, e) in messages() {
@@ -463,14 +603,119 @@ mod tests {
             };
             let mut r = WsReader::new(s, BytesMut::new(), Decoder::new(peer, limits), None);
             for (i, want) in expect.iter().enumerate() {
-                let got = r.next().await.unwrap();
+                let got = r.next(i % 2 == 0).await.unwrap();
                 assert_eq!(
                     format!("{got:?}"),
                     format!("{want:?}"),
                     "message {i} ({role:?}, vectored {vectored})"
                 );
             }
-            assert!(matches!(r.next().await, Err(ConnError::Eof)));
+            assert!(matches!(r.next(false).await, Err(ConnError::Eof)));
+            writer.await;
+        }
+    }
+
+    /// An idle reader holds no buffer: once what it read is decoded and
+    /// nothing is in flight, its buffer is back in the pool while it
+    /// waits; a busy one keeps it. The next message still arrives whole.
+    #[monoio::test_all(timer_enabled = true)]
+    async fn idle_reader_gives_its_buffer_back() {
+        use std::future::Future;
+        use std::task::Poll;
+        let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = crate::ws::queue::channel();
+        let writer = monoio::spawn(async move {
+            let c = monoio::net::TcpStream::connect(addr).await.unwrap();
+            run_writer(c, rx, Role::Client, false).await.unwrap();
+        });
+        let (s, _) = l.accept().await.unwrap();
+        let limits = Limits {
+            max_frame_payload: 1 << 20,
+            max_message: 1 << 20,
+            max_fragments: 16,
+        };
+        let mut r = WsReader::new(s, BytesMut::new(), Decoder::new(Role::Server, limits), None);
+        let pooled = || READS.with(|p| p.len());
+        let before = pooled();
+        tx.send(Outgoing::Text(b"one".to_vec())).unwrap();
+        assert!(matches!(r.next(false).await, Ok(Event::Text(_))));
+        assert!(r.holds_buffer(), "a reader that just read holds its buffer");
+        // Idle: the wait hands the buffer back before it parks.
+        {
+            let mut next = std::pin::pin!(r.next(false));
+            let first = std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await;
+            assert!(first.is_pending(), "nothing was sent");
+            assert_eq!(
+                pooled(),
+                before + 1,
+                "the idle reader's buffer is in the pool"
+            );
+            tx.send(Outgoing::Text(b"two".to_vec())).unwrap();
+            let ev = next.await.unwrap();
+            assert_eq!(
+                format!("{ev:?}"),
+                format!("{:?}", Event::Text("two".into()))
+            );
+        }
+        assert_eq!(pooled(), before, "taken again for the read");
+        // Busy: the buffer stays with the reader while it waits.
+        {
+            let mut next = std::pin::pin!(r.next(true));
+            let first = std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await;
+            assert!(first.is_pending());
+            assert_eq!(pooled(), before, "a busy reader keeps its buffer");
+            tx.send(Outgoing::Text(b"three".to_vec())).unwrap();
+            assert!(matches!(next.await, Ok(Event::Text(_))));
+        }
+        drop(tx);
+        assert!(matches!(r.next(false).await, Err(ConnError::Eof)));
+        writer.await;
+    }
+
+    /// A writer that went quiet gives its batch back to the pool (after
+    /// `BATCH_LINGER`), and takes one again for the next message.
+    #[monoio::test_all(timer_enabled = true)]
+    async fn quiet_writer_gives_its_batch_back() {
+        for vectored in [true, false] {
+            let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let (tx, rx) = crate::ws::queue::channel();
+            let writer = monoio::spawn(async move {
+                let c = monoio::net::TcpStream::connect(addr).await.unwrap();
+                run_writer(c, rx, Role::Server, vectored).await.unwrap();
+            });
+            let (s, _) = l.accept().await.unwrap();
+            let limits = Limits {
+                max_frame_payload: 1 << 20,
+                max_message: 1 << 20,
+                max_fragments: 16,
+            };
+            let mut r = WsReader::new(s, BytesMut::new(), Decoder::new(Role::Client, limits), None);
+            let pooled = || {
+                if vectored {
+                    GATHERS.with(|p| p.len())
+                } else {
+                    BATCHES.with(|p| p.len())
+                }
+            };
+            let before = pooled();
+            for i in 0..3 {
+                tx.send(Outgoing::Text(format!("m{i}").into_bytes()))
+                    .unwrap();
+                assert!(matches!(r.next(false).await, Ok(Event::Text(_))));
+                // Waits on the condition, with a generous deadline.
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                while pooled() != before + 1 {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the quiet writer kept its batch (vectored {vectored})"
+                    );
+                    monoio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            drop(tx);
+            assert!(matches!(r.next(false).await, Err(ConnError::Eof)));
             writer.await;
         }
     }

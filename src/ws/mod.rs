@@ -9,6 +9,7 @@
 //! - [`handshake`]: the opening handshake, both sides.
 //! - [`error`]: [`WsError`] (with its close code) and [`HandshakeError`].
 //! - [`ping_limit`]: a pings-per-second budget (a flood fails with 1008).
+//! - [`queue`]: a tunnel's outgoing queue (allocates nothing while idle).
 //!
 //! Never: block, touch a socket, or negotiate extensions (no
 //! permessage-deflate: ANPX bodies are sent as they are, so RSV bits are
@@ -19,6 +20,7 @@ pub mod error;
 pub mod frame;
 pub mod handshake;
 pub mod ping_limit;
+pub mod queue;
 
 pub use error::{HandshakeError, WsError};
 pub use frame::{
