@@ -200,7 +200,30 @@ def didwba():
           b'sig1=:c2lnbmF0dXJl:, other=:YQ==:')
 
 
+def binmeta():
+    """docs/PROTOCOL.md §7.5: request and response metas, bytes kept."""
+    def b(x):
+        return struct.pack(">I", len(x)) + x
+
+    def fields(fs):
+        return struct.pack(">I", len(fs)) + b"".join(b(n) + b(v) for n, v in fs)
+
+    def req(m, t, fs):
+        return b"\xb1" + b(m) + b(t) + fields(fs)
+
+    def resp(status, reason, fs):
+        return b"\xb1" + struct.pack(">H", status) + b(reason) + fields(fs)
+
+    write("binmeta", "request_get", req(b"GET", b"/alice/a%20b?x=1",
+                                        [(b"Host", b"h"), (b"X-Dup", b"1"), (b"x-dup", b"2")]))
+    write("binmeta", "request_bytes", req(b"POST", b"/\xff",
+                                          [(b"X-Raw", b"caf\xe9"), (b"content-length", b"3")]))
+    write("binmeta", "response_ok", resp(200, b"OK", [(b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2")]))
+    write("binmeta", "response_empty", resp(204, b"", []))
+
+
 if __name__ == "__main__":
+    binmeta()
     anpx()
     http()
     ws()
