@@ -158,18 +158,16 @@ impl Tunnel {
         // On the stack: no allocation per request for the id.
         let rids = std::str::from_utf8(&rid).unwrap_or_default();
         let sent = if complete {
-            let mut frames = Vec::with_capacity(1);
-            anpx::encode_message(
+            let mut sent = true;
+            anpx::encode_message_with(
                 FrameType::Request,
                 rids,
                 Some(MetaRef::Request(meta)),
                 &first,
                 ctx.settings.chunk_size,
-                &mut frames,
+                |f| sent = sent && self.out.send(Outgoing::Binary(f)).is_ok(),
             );
-            frames
-                .into_iter()
-                .all(|f| self.out.send(Outgoing::Binary(f)).is_ok())
+            sent
         } else {
             // The first piece was taken within one window by the caller.
             let (head, split) = enc.head_parts(rids, MetaRef::Request(meta), &first, false);

@@ -53,10 +53,6 @@ impl ResponseSink {
         &self.request_id
     }
 
-    fn send(&mut self, f: BytesMut) -> Result<(), UpstreamError> {
-        self.send_out(Outgoing::Binary(f))
-    }
-
     fn send_out(&mut self, m: Outgoing) -> Result<(), UpstreamError> {
         self.started = true;
         self.out.send(m).map_err(|_| UpstreamError::TunnelGone)
@@ -105,19 +101,24 @@ impl ResponseSink {
             &[][..]
         };
         if complete {
-            let mut frames = Vec::with_capacity(1);
-            anpx::encode_message(
+            self.started = true;
+            let mut sent = Ok(());
+            let out = &self.out;
+            anpx::encode_message_with(
                 FrameType::Response,
                 &self.request_id,
                 Some(MetaRef::Response(wire)),
                 &body,
                 self.chunk_size,
-                &mut frames,
+                |f| {
+                    if sent.is_ok() {
+                        sent = out
+                            .send(Outgoing::Binary(f))
+                            .map_err(|_| UpstreamError::TunnelGone);
+                    }
+                },
             );
-            for f in frames {
-                self.send(f)?;
-            }
-            return Ok(());
+            return sent;
         }
         if !f.stream {
             if body.len() > self.max_body {

@@ -187,11 +187,24 @@ pub fn encode_message(
     chunk_size: usize,
     out: &mut Vec<BytesMut>,
 ) {
+    encode_message_with(ty, request_id, meta, body, chunk_size, |f| out.push(f));
+}
+
+/// [`encode_message`], each frame handed to `emit` as it is made (no
+/// vector of frames: the usual message is one frame).
+pub fn encode_message_with(
+    ty: FrameType,
+    request_id: &str,
+    meta: Option<MetaRef<'_>>,
+    body: &[u8],
+    chunk_size: usize,
+    mut emit: impl FnMut(BytesMut),
+) {
     let chunk_size = chunk_size.max(MIN_CHUNK_SIZE);
     if frame_len(request_id, meta, body.len(), None) <= chunk_size {
         let mut frame = BytesMut::new();
         encode_frame(ty, request_id, meta, body, None, &mut frame);
-        out.push(frame);
+        emit(frame);
         return;
     }
     // Room is budgeted as if every frame had chunk_tot, final_chunk and a
@@ -214,7 +227,7 @@ pub fn encode_message(
         let meta = if idx == 0 { meta } else { None };
         let mut frame = BytesMut::new();
         encode_frame(ty, request_id, meta, slice, Some(chunk), &mut frame);
-        out.push(frame);
+        emit(frame);
     }
 }
 

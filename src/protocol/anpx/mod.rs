@@ -24,8 +24,8 @@ pub mod tlv;
 
 pub use decode::{decode_frame, unverified_request_id, Frame};
 pub use encode::{
-    encode_error, encode_frame, encode_frame_split, encode_message, frame_len, ChunkInfo, MetaRef,
-    DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE,
+    encode_error, encode_frame, encode_frame_split, encode_message, encode_message_with, frame_len,
+    ChunkInfo, MetaRef, DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
 pub use error::{DecodeError, MetaError, ReassemblyError};
 pub use header::{FrameType, Header, HEADER_LEN};
