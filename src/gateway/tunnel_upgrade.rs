@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Splitable};
@@ -76,7 +76,8 @@ struct Accepted {
 
 /// Authenticates a tunnel upgrade under `handshake_timeout` (408 past it)
 /// and, on success, runs the tunnel. `slot` is held until the 101 is
-/// queued, whatever the outcome.
+/// queued, whatever the outcome. Phases: this core's handshake turn,
+/// authentication within the deadline, placement on a core, the 101.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn accept_tunnel<S>(
     ctx: Rc<CoreCtx>,
@@ -94,45 +95,11 @@ pub(super) async fn accept_tunnel<S>(
     S::OwnedWrite: AsyncWriteRent + 'static,
 {
     let mut out = Vec::with_capacity(512);
-    // This core's handshake turn (`handshake_rate`): a reconnect storm is
-    // served at a steady pace; too long a queue is refused with when to
-    // come back.
-    let turn = match ctx.shared.upgrades.pace(ctx.index) {
-        Ok(wait) => wait,
-        Err(e) => {
-            let retry = match e {
-                UpgradeRefusal::Paced(secs) => secs,
-                _ => 1,
-            };
-            let err = ProxyError::Upgrade(UpgradeError::Pending(e, retry));
-            tracing::warn!(%peer, reason = e.reason(), error = %e, status = error_reply(&err).status, "tunnel upgrade refused");
-            refuse(&mut io, &mut out, &err).await;
-            return;
-        }
+    let turn = match handshake_turn(&ctx, peer) {
+        Ok(t) => t,
+        Err(err) => return refuse(&mut io, &mut out, &err).await,
     };
-    // No IO on `io` inside: dropping it at the deadline leaves the stream
-    // usable for the 408.
-    let checked = async {
-        if !turn.is_zero() {
-            monoio::time::sleep(turn).await;
-        }
-        authenticate_upgrade(&ctx, &head, &head_buf, peer, tls).await
-    };
-    let decided = match deadline {
-        Some(d) => {
-            monoio::time::timeout(d.saturating_duration_since(Instant::now()), checked).await
-        }
-        None => Ok(checked.await),
-    };
-    let refused = match decided {
-        Ok(Ok(a)) => Ok(a),
-        Ok(Err(e)) => Err(e),
-        Err(_) => {
-            ctx.shared.upgrades.note_timeout();
-            tracing::warn!(%peer, reason = "handshake_timeout", "tunnel upgrade refused: not authenticated within handshake_timeout");
-            Err(UpgradeError::HandshakeTimeout)
-        }
-    };
+    let checked = authenticate_in_time(&ctx, &head, &head_buf, peer, tls, turn, deadline).await;
     // The head's buffer is not kept for the tunnel's life.
     drop((head, head_buf));
     let Accepted {
@@ -140,43 +107,22 @@ pub(super) async fn accept_tunnel<S>(
         identity,
         features,
         instance,
-    } = match refused {
+    } = match checked {
         Ok(a) => a,
         Err(e) => {
             ctx.shared.obs.auth_failures.record(e.reason());
-            refuse(&mut io, &mut out, &ProxyError::Upgrade(e)).await;
-            return;
+            return refuse(&mut io, &mut out, &ProxyError::Upgrade(e)).await;
         }
     };
     let owner = TunnelOwner {
         identity: identity.name.clone(),
         instance,
     };
-    // Tunnels are sharded by core: this one goes where its identity has the
-    // fewest, so requests on every core find a local tunnel.
-    let target = match ctx.shared.place_tunnel(&owner, ctx.index, S::MOVABLE) {
-        Placement::Placed { core, others } => {
-            if !others.is_empty() {
-                second_instance(&ctx, &owner, &others, peer);
-            }
-            core
-        }
-        Placement::Refused { others } => {
-            ctx.shared.obs.auth_failures.record("duplicate_instance");
-            tracing::warn!(%peer, identity = %owner.identity, instance = %owner.instance, connected = ?others,
-                reason = "duplicate_instance", "tunnel upgrade refused: another receiver instance holds this identity's tunnels (duplicate_tunnels = refuse)");
-            let err = ProxyError::Upgrade(UpgradeError::DuplicateInstance);
-            refuse(&mut io, &mut out, &err).await;
-            return;
-        }
+    let target = match place(&ctx, &owner, peer, S::MOVABLE) {
+        Ok(core) => core,
+        Err(err) => return refuse(&mut io, &mut out, &err).await,
     };
-    let feat = features.to_header_value();
-    let tunnels = ctx.shared.workers.to_string();
-    let mut extra: Vec<(&str, &str)> = vec![(TUNNELS_HEADER, tunnels.as_str())];
-    if !feat.is_empty() {
-        extra.push((FEATURES_HEADER, feat.as_str()));
-    }
-    crate::ws::handshake::write_101(&mut out, &accept, &extra);
+    write_accept(&mut out, &accept, features, ctx.shared.workers);
     if target != ctx.index {
         if let Ok(fd) = io.into_owned_fd() {
             let h = TunnelHandoff {
@@ -194,6 +140,89 @@ pub(super) async fn accept_tunnel<S>(
     // run_tunnel queues the 101 before its first await.
     drop(slot);
     run_tunnel(ctx, io, leftover, owner, features, peer, out, tls).await;
+}
+
+/// This core's handshake turn (`handshake_rate`): a reconnect storm is
+/// served at a steady pace; too long a queue is refused with when to come
+/// back.
+fn handshake_turn(ctx: &CoreCtx, peer: SocketAddr) -> Result<Duration, ProxyError> {
+    ctx.shared.upgrades.pace(ctx.index).map_err(|e| {
+        let retry = match e {
+            UpgradeRefusal::Paced(secs) => secs,
+            _ => 1,
+        };
+        let err = ProxyError::Upgrade(UpgradeError::Pending(e, retry));
+        tracing::warn!(%peer, reason = e.reason(), error = %e, status = error_reply(&err).status, "tunnel upgrade refused");
+        err
+    })
+}
+
+/// Waits for the turn, then authenticates, all before `deadline`. No IO
+/// on the client's stream inside: dropping this at the deadline leaves
+/// the stream usable for the 408.
+async fn authenticate_in_time(
+    ctx: &CoreCtx,
+    head: &RequestHead,
+    head_buf: &Bytes,
+    peer: SocketAddr,
+    tls: bool,
+    turn: Duration,
+    deadline: Option<Instant>,
+) -> Result<Accepted, UpgradeError> {
+    let checked = async {
+        if !turn.is_zero() {
+            monoio::time::sleep(turn).await;
+        }
+        authenticate_upgrade(ctx, head, head_buf, peer, tls).await
+    };
+    let Some(d) = deadline else {
+        return checked.await;
+    };
+    match monoio::time::timeout(d.saturating_duration_since(Instant::now()), checked).await {
+        Ok(r) => r,
+        Err(_) => {
+            ctx.shared.upgrades.note_timeout();
+            tracing::warn!(%peer, reason = "handshake_timeout", "tunnel upgrade refused: not authenticated within handshake_timeout");
+            Err(UpgradeError::HandshakeTimeout)
+        }
+    }
+}
+
+/// Tunnels are sharded by core: this one goes where its identity has the
+/// fewest, so requests on every core find a local tunnel. Refused when
+/// another receiver instance holds the identity (`duplicate_tunnels =
+/// "refuse"`).
+fn place(
+    ctx: &CoreCtx,
+    owner: &TunnelOwner,
+    peer: SocketAddr,
+    movable: bool,
+) -> Result<usize, ProxyError> {
+    match ctx.shared.place_tunnel(owner, ctx.index, movable) {
+        Placement::Placed { core, others } => {
+            if !others.is_empty() {
+                second_instance(ctx, owner, &others, peer);
+            }
+            Ok(core)
+        }
+        Placement::Refused { others } => {
+            ctx.shared.obs.auth_failures.record("duplicate_instance");
+            tracing::warn!(%peer, identity = %owner.identity, instance = %owner.instance, connected = ?others,
+                reason = "duplicate_instance", "tunnel upgrade refused: another receiver instance holds this identity's tunnels (duplicate_tunnels = refuse)");
+            Err(ProxyError::Upgrade(UpgradeError::DuplicateInstance))
+        }
+    }
+}
+
+/// The 101: how many tunnels to keep and the features in force.
+fn write_accept(out: &mut Vec<u8>, accept: &str, features: Features, workers: usize) {
+    let feat = features.to_header_value();
+    let tunnels = workers.to_string();
+    let mut extra: Vec<(&str, &str)> = vec![(TUNNELS_HEADER, tunnels.as_str())];
+    if !feat.is_empty() {
+        extra.push((FEATURES_HEADER, feat.as_str()));
+    }
+    crate::ws::handshake::write_101(out, accept, &extra);
 }
 
 /// Moves an accepted tunnel's socket to core `target`, which registers it

@@ -200,14 +200,30 @@ impl<'a> Iterator for Fields<'a> {
     }
 }
 
+/// The buffer of a validated meta and where its header lines start: what
+/// requests and responses share.
+#[derive(Clone, PartialEq, Eq)]
+struct Parsed {
+    raw: Bytes,
+    fields: usize,
+    count: u32,
+}
+
+impl Parsed {
+    fn fields(&self) -> Fields<'_> {
+        Fields {
+            rest: &self.raw[self.fields..],
+            left: self.count,
+        }
+    }
+}
+
 /// A request meta, validated; its parts borrow the one buffer.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Request {
-    raw: Bytes,
+    p: Parsed,
     method: Range<usize>,
     target: Range<usize>,
-    fields: usize,
-    count: u32,
 }
 
 impl Request {
@@ -218,33 +234,28 @@ impl Request {
         let target = r.bytes()?;
         let (fields, count) = r.fields()?;
         Ok(Request {
-            raw,
+            p: Parsed { raw, fields, count },
             method,
             target,
-            fields,
-            count,
         })
     }
 
     pub fn method(&self) -> &[u8] {
-        &self.raw[self.method.clone()]
+        &self.p.raw[self.method.clone()]
     }
 
     /// The request-target as the client sent it (origin form).
     pub fn target(&self) -> &[u8] {
-        &self.raw[self.target.clone()]
+        &self.p.raw[self.target.clone()]
     }
 
     pub fn fields(&self) -> Fields<'_> {
-        Fields {
-            rest: &self.raw[self.fields..],
-            left: self.count,
-        }
+        self.p.fields()
     }
 
     /// The wire form, for the `http_meta` TLV.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.raw
+        &self.p.raw
     }
 }
 
@@ -253,7 +264,7 @@ impl std::fmt::Debug for Request {
         f.debug_struct("Request")
             .field("method", &String::from_utf8_lossy(self.method()))
             .field("target", &String::from_utf8_lossy(self.target()))
-            .field("fields", &self.count)
+            .field("fields", &self.p.count)
             .finish()
     }
 }
@@ -261,11 +272,9 @@ impl std::fmt::Debug for Request {
 /// A response meta, validated; its parts borrow the one buffer.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Response {
-    raw: Bytes,
+    p: Parsed,
     status: u16,
     reason: Range<usize>,
-    fields: usize,
-    count: u32,
 }
 
 impl Response {
@@ -280,11 +289,9 @@ impl Response {
         let reason = r.bytes()?;
         let (fields, count) = r.fields()?;
         Ok(Response {
-            raw,
+            p: Parsed { raw, fields, count },
             status,
             reason,
-            fields,
-            count,
         })
     }
 
@@ -293,19 +300,16 @@ impl Response {
     }
 
     pub fn reason(&self) -> &[u8] {
-        &self.raw[self.reason.clone()]
+        &self.p.raw[self.reason.clone()]
     }
 
     pub fn fields(&self) -> Fields<'_> {
-        Fields {
-            rest: &self.raw[self.fields..],
-            left: self.count,
-        }
+        self.p.fields()
     }
 
     /// The wire form, for the `resp_meta` TLV.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.raw
+        &self.p.raw
     }
 
     /// From the JSON form (a peer without `binmeta`): the `exact` list when
@@ -362,7 +366,7 @@ impl std::fmt::Debug for Response {
         f.debug_struct("Response")
             .field("status", &self.status)
             .field("reason", &String::from_utf8_lossy(self.reason()))
-            .field("fields", &self.count)
+            .field("fields", &self.p.count)
             .finish()
     }
 }
