@@ -674,8 +674,17 @@ impl fmt::Debug for TokenEntry {
 pub struct ReceiverConfig {
     /// `ws://host:port/ws` or `wss://…`.
     pub gateway_url: String,
-    /// Base URL of the local app, `http://host:port`.
+    /// The local app: `http://host:port`, `https://host:port` (verified
+    /// against `upstream_ca_file`, else `ca_file`, else the system's trust
+    /// store) or `unix:/path/to/app.sock`.
     pub upstream: String,
+    /// PEM CA certificate(s) an `https://` upstream's certificate must
+    /// chain to; empty = `ca_file` when set, else the system's trust store.
+    pub upstream_ca_file: String,
+    /// The `Host` the app is sent instead of the client's (and the TLS
+    /// name an `https://` upstream is verified against); empty = the
+    /// client's `Host`, unchanged.
+    pub upstream_host: String,
     /// Secret: never printed.
     #[serde(serialize_with = "masked")]
     pub token: String,
@@ -742,6 +751,8 @@ impl Default for ReceiverConfig {
         Self {
             gateway_url: "ws://127.0.0.1:8089/ws".into(),
             upstream: "http://127.0.0.1:8000".into(),
+            upstream_ca_file: String::new(),
+            upstream_host: String::new(),
             token: String::new(),
             tunnels: 0,
             max_concurrent: 256,
@@ -774,6 +785,7 @@ impl fmt::Debug for ReceiverConfig {
         f.debug_struct("ReceiverConfig")
             .field("gateway_url", &self.gateway_url)
             .field("upstream", &self.upstream)
+            .field("upstream_host", &self.upstream_host)
             .field("token", &MASK)
             .field("tunnels", &self.tunnels)
             .field("max_concurrent", &self.max_concurrent)

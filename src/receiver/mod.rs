@@ -4,6 +4,7 @@
 //! with the same `request_id` (DESIGN.md, "Receiver"). SIGTERM/SIGINT
 //! shut it down gracefully (`drain.rs`).
 
+pub(crate) mod app_conn;
 pub mod backoff;
 pub(crate) mod drain;
 pub(crate) mod sink;

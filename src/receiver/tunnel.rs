@@ -750,7 +750,8 @@ mod cancel_props {
     }
 
     fn core(app: SocketAddr, permits: usize) -> Rc<CoreRx> {
-        let up = super::super::url::parse(&format!("http://{app}"), ("http", "https")).unwrap();
+        let up = super::super::app_conn::parse(&format!("http://{app}")).unwrap();
+        let up = super::super::app_conn::AppTarget::new(up, "", None).unwrap();
         let gw = super::super::url::parse("ws://127.0.0.1:9/ws", ("ws", "wss")).unwrap();
         Rc::new(CoreRx {
             gateway: gw,
