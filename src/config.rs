@@ -1083,10 +1083,10 @@ impl Config {
                 ));
             }
             for p in &t.paths {
-                if !p.starts_with('/') {
+                if let Err(why) = crate::registry::routes::check_route(p) {
                     return Err(bad(
                         "gateway.auth.tokens.paths",
-                        format!("`{p}` of `{}` must start with `/`", t.name),
+                        format!("{why} (of `{}`)", t.name),
                     ));
                 }
             }
@@ -1108,10 +1108,10 @@ impl Config {
                 ));
             }
             for p in &d.paths {
-                if !p.starts_with('/') {
+                if let Err(why) = crate::registry::routes::check_route(p) {
                     return Err(bad(
                         "gateway.auth.dids.paths",
-                        format!("`{p}` of `{}` must start with `/`", d.did),
+                        format!("{why} (of `{}`)", d.did),
                     ));
                 }
             }

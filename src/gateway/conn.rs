@@ -407,7 +407,11 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent + Movable>(
         return Err((ProxyError::BadRequest("dot-segment in path"), false));
     }
     let routes = ctx.routes();
-    let route = routes.lookup(&path);
+    let host = match routes.has_host_routes() {
+        true => head.header(head_buf, "host"),
+        false => None,
+    };
+    let route = routes.lookup_at(host, &path);
     // Rate limits (gateway/admission.rs): before anything else is spent.
     let rated = super::ratelimit::Request {
         peer: peer.ip(),
