@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anp_proxy::config::{Config, ConfigError, Mode, Overrides};
 use clap::{Parser, Subcommand};
 
-#[cfg(not(feature = "count-allocs"))]
+#[cfg(not(any(feature = "count-allocs", feature = "system-alloc")))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -310,6 +310,7 @@ impl Settings {
                 crate::tunnel::EngineConfig {
                     role: crate::ws::Role::Server,
                     vectored: true,
+                    zero_mask: false,
                     ping_interval: secs(g.ping_interval),
                     limits: crate::ws::Limits {
                         max_frame_payload: max_message,

@@ -40,6 +40,9 @@ pub struct Features {
     /// Only together with `stream` (the reassembler of whole messages
     /// reads JSON only).
     pub binmeta: bool,
+    /// The receiver masks its frames with the all-zero key (PROTOCOL.md
+    /// §7.6): framing per RFC 6455, no copy or XOR of what it sends.
+    pub zeromask: bool,
 }
 
 impl Features {
@@ -49,6 +52,7 @@ impl Features {
         stream: true,
         cancel: true,
         binmeta: true,
+        zeromask: true,
     };
 
     /// Parses a comma-separated token list; unknown tokens are ignored.
@@ -64,6 +68,8 @@ impl Features {
                 f.cancel = true;
             } else if tok.eq_ignore_ascii_case(b"binmeta") {
                 f.binmeta = true;
+            } else if tok.eq_ignore_ascii_case(b"zeromask") {
+                f.zeromask = true;
             }
         }
         f
@@ -76,6 +82,7 @@ impl Features {
             stream: self.stream && other.stream,
             cancel: self.cancel && other.cancel,
             binmeta: self.binmeta && other.binmeta && self.stream && other.stream,
+            zeromask: self.zeromask && other.zeromask,
         }
     }
 
@@ -93,6 +100,9 @@ impl Features {
         }
         if self.binmeta {
             v.push("binmeta");
+        }
+        if self.zeromask {
+            v.push("zeromask");
         }
         v.join(", ")
     }

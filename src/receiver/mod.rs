@@ -77,6 +77,7 @@ fn engine_config(r: &crate::config::ReceiverConfig) -> crate::tunnel::EngineConf
     crate::tunnel::EngineConfig {
         role: crate::ws::Role::Client,
         vectored: false,
+        zero_mask: false,
         ping_interval: secs(r.ping_interval),
         limits: crate::ws::Limits {
             max_frame_payload: r.tunnel_max_message_size,

@@ -345,7 +345,13 @@ where
         index,
         in_flight,
     ));
-    let (ended, closing) = engine::run(io, leftover, out, rx, &ctx.engine, &mut sink).await;
+    // Per tunnel: a gateway that negotiated `zeromask` gets frames with the
+    // all-zero key, and on plain TCP their bodies go out where they are
+    // (one `writev`, no copy); over TLS rustls copies anyway.
+    let mut engine = ctx.engine.clone();
+    engine.zero_mask = features.zeromask;
+    engine.vectored = features.zeromask && ctx.tls.is_none();
+    let (ended, closing) = engine::run(io, leftover, out, rx, &engine, &mut sink).await;
     leaving.ended.raise();
     // Dropping the entries cancels the upstream calls still running: their
     // responses have nowhere to go. Taken out first: no borrow is held
@@ -766,6 +772,7 @@ mod cancel_props {
             engine: crate::tunnel::EngineConfig {
                 role: Role::Client,
                 vectored: false,
+                zero_mask: false,
                 ping_interval: None,
                 limits: ws::Limits {
                     max_frame_payload: 1 << 20,
