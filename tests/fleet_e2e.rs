@@ -8,10 +8,17 @@
 //!   one), the other keeps serving, and the killed one's slots back off on
 //!   their own.
 //!
+//! - `a_did_proof_accepted_by_one_gateway_is_a_replay_at_another`: two
+//!   gateways sharing one SQLite registry file; a DID-WBA upgrade header
+//!   that one accepted (101) is refused by the other (401 nonce_replayed),
+//!   and by the first too.
+//!
 //! Real binaries on real sockets, ports 0; every wait is on a line or a
 //! response, never a sleep.
 
 mod common;
+
+use std::path::Path;
 
 use common::procs::ReceiverConfig;
 use common::{client, App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN};
@@ -65,4 +72,78 @@ fn one_receiver_serves_through_every_gateway_and_survives_one_lost() {
             .all(|l| !(l.contains("gateway down") && l.contains(&b.ws_url()))),
         "the surviving gateway was never down"
     );
+}
+
+/// `anp-proxy did new DID --out dir`, and the document copied to where
+/// `did_documents_dir = docs` looks for it.
+fn did_new(dir: &Path, docs: &Path, did: &str) {
+    let out = common::procs::run(["did", "new", did, "--out", dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "did new: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut p = docs.to_path_buf();
+    for part in did.strip_prefix("did:wba:").unwrap().split(':') {
+        p.push(part);
+    }
+    std::fs::create_dir_all(&p).unwrap();
+    std::fs::copy(dir.join("did.json"), p.join("did.json")).unwrap();
+}
+
+/// A raw WebSocket upgrade carrying `auth`: the status and the body.
+fn upgrade(gw: std::net::SocketAddr, auth: &str) -> (u16, String) {
+    let mut req = Vec::new();
+    anp_proxy::ws::handshake::write_client_request(
+        &mut req,
+        &gw.to_string(),
+        "/ws",
+        "dGhlIHNhbXBsZSBub25jZQ==",
+        &[("Authorization", auth)],
+    );
+    let r = client::send_raw(gw, &req);
+    (r.status, r.body_text())
+}
+
+#[test]
+fn a_did_proof_accepted_by_one_gateway_is_a_replay_at_another() {
+    use anp_proxy::auth::didwba::{self, DidSigner};
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let did = "did:wba:agents.test:fleet:k";
+    did_new(&t.join("k"), &t.join("docs"), did);
+    let extra = format!(
+        "auth.did_documents_dir = {:?}\nauth.dids = [{{ did = \"{did}\", paths = [\"/k\"] }}]\n\
+         database.backend = \"sqlite\"\ndatabase.path = {:?}\n",
+        t.join("docs").to_str().unwrap(),
+        t.join("fleet.db").to_str().unwrap()
+    );
+    let cfg = GatewayConfig {
+        workers: 1,
+        extra_gateway_toml: extra,
+        ..GatewayConfig::default()
+    };
+    let a = Gateway::start(&cfg);
+    let b = Gateway::start(&cfg);
+    let signer = DidSigner::load(&t.join("k/did.json"), &t.join("k/key-1_private.pem")).unwrap();
+    // `service` is the Host without its port: one header fits both.
+    let header = signer.didwba_header(
+        "127.0.0.1",
+        &didwba::sign::fresh_nonce(),
+        &didwba::time::format_utc(didwba::time::now_unix()),
+    );
+    let (status, body) = upgrade(a.addr, &header);
+    assert_eq!(status, 101, "gateway A accepts the proof: {body}");
+    let (status, body) = upgrade(b.addr, &header);
+    assert_eq!(status, 401, "gateway B refuses the replay: {body}");
+    assert!(body.contains("nonce_replayed"), "{body}");
+    let (status, body) = upgrade(a.addr, &header);
+    assert_eq!(status, 401, "and so does A: {body}");
+    // A fresh proof still opens a tunnel on B.
+    let fresh = signer.didwba_header(
+        "127.0.0.1",
+        &didwba::sign::fresh_nonce(),
+        &didwba::time::format_utc(didwba::time::now_unix()),
+    );
+    assert_eq!(upgrade(b.addr, &fresh).0, 101);
 }
