@@ -13,6 +13,13 @@
 //!   that one accepted (101) is refused by the other (401 nonce_replayed),
 //!   and by the first too.
 //!
+//! - `proxy_protocol_names_the_client_to_the_app_the_log_and_the_limits`:
+//!   a gateway with `proxy_protocol = true`; v1 and v2 headers; the client
+//!   address they carry reaches the app's `X-Forwarded-For` and
+//!   `Forwarded`, the access log, and `max_connections_per_ip` (counted per
+//!   PROXY client, not per balancer); a connection without the header is
+//!   refused and logged with its reason.
+//!
 //! Real binaries on real sockets, ports 0; every wait is on a line or a
 //! response, never a sleep.
 
@@ -146,4 +153,87 @@ fn a_did_proof_accepted_by_one_gateway_is_a_replay_at_another() {
         &didwba::time::format_utc(didwba::time::now_unix()),
     );
     assert_eq!(upgrade(b.addr, &fresh).0, 101);
+}
+
+/// A v2 PROXY header (TCP over IPv4) for `src` → `dst`.
+fn v2_header(src: std::net::SocketAddrV4, dst: std::net::SocketAddrV4) -> Vec<u8> {
+    let mut b = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    b.extend_from_slice(&src.ip().octets());
+    b.extend_from_slice(&dst.ip().octets());
+    b.extend_from_slice(&src.port().to_be_bytes());
+    b.extend_from_slice(&dst.port().to_be_bytes());
+    b
+}
+
+#[test]
+fn proxy_protocol_names_the_client_to_the_app_the_log_and_the_limits() {
+    let app = App::start();
+    let cfg = GatewayConfig {
+        workers: 1,
+        // Per listener: the tunnel port takes receivers without a header.
+        extra_gateway_toml: "proxy_protocol = true\nmax_connections_per_ip = 1\ntunnel_port = 0\n"
+            .into(),
+        ..GatewayConfig::default()
+    };
+    let mut gw = Gateway::start(&cfg);
+    let tunnels = gw.proc.wait_stdout("anp-proxy gateway tunnels on ws://");
+    let tunnel_addr = common::procs::addr_in(&tunnels);
+    let mut rx = Receiver::start(tunnel_addr, app.addr, ALICE_TOKEN, 1);
+    rx.wait_connected(1);
+
+    // v1: the app and the access log see 203.0.113.9.
+    let mut c = client::Conn::connect(gw.addr);
+    c.write_raw(b"PROXY TCP4 203.0.113.9 127.0.0.1 40001 80\r\n", &[])
+        .unwrap();
+    let r = c.request("GET", "/alice/pp-v1", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.summary());
+    let seen = &app.requests_to("/alice/pp-v1")[0];
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("203.0.113.9"),
+        "{seen:?}"
+    );
+    let fwd = seen.header("forwarded").unwrap_or_default();
+    assert!(fwd.contains("for=203.0.113.9"), "Forwarded: {fwd}");
+    let line = gw.proc.wait_line("the access line of /alice/pp-v1", |l| {
+        l.contains("/alice/pp-v1")
+    });
+    assert!(line.contains("\"client\":\"203.0.113.9:40001\""), "{line}");
+
+    // Per-IP limit of 1, per PROXY client: 203.0.113.9 already holds `c`,
+    // so a second connection of it is refused; 198.51.100.7 (v2) is not.
+    let mut again = client::Conn::connect(gw.addr);
+    again
+        .write_raw(b"PROXY TCP4 203.0.113.9 127.0.0.1 40002 80\r\n", &[])
+        .unwrap();
+    assert!(
+        again.is_closed_by_peer(),
+        "second connection of 203.0.113.9"
+    );
+    gw.proc
+        .wait_log(&["connection refused", "max_connections_per_ip"]);
+    let mut other = client::Conn::connect(gw.addr);
+    let hdr = v2_header(
+        "198.51.100.7:40003".parse().unwrap(),
+        "127.0.0.1:80".parse().unwrap(),
+    );
+    other.write_raw(&hdr, &[]).unwrap();
+    let r = other.request("GET", "/alice/pp-v2", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.summary());
+    let seen = &app.requests_to("/alice/pp-v2")[0];
+    assert_eq!(
+        seen.header("x-forwarded-for"),
+        Some("198.51.100.7"),
+        "{seen:?}"
+    );
+    drop(c);
+
+    // No header: refused, and the log says why.
+    let mut bare = client::Conn::connect(gw.addr);
+    bare.write_raw(b"GET /alice/bare HTTP/1.1\r\nHost: x\r\n\r\n", &["GET"])
+        .unwrap();
+    assert!(bare.is_closed_by_peer(), "a connection without the header");
+    gw.proc
+        .wait_log(&["no valid PROXY protocol header", "proxy_header_missing"]);
+    assert!(app.requests_to("/alice/bare").is_empty());
 }
