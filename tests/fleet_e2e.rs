@@ -20,6 +20,11 @@
 //!   PROXY client, not per balancer); a connection without the header is
 //!   refused and logged with its reason.
 //!
+//! - `health_says_draining_with_503_once_a_drain_has_begun`: the admin
+//!   port's `/health` is 200 `ok` while the gateway accepts and 503
+//!   `draining` once SIGTERM started the drain (asked on a connection the
+//!   admin port took before it closed), while a request in flight finishes.
+//!
 //! Real binaries on real sockets, ports 0; every wait is on a line or a
 //! response, never a sleep.
 
@@ -236,4 +241,42 @@ fn proxy_protocol_names_the_client_to_the_app_the_log_and_the_limits() {
     gw.proc
         .wait_log(&["no valid PROXY protocol header", "proxy_header_missing"]);
     assert!(app.requests_to("/alice/bare").is_empty());
+}
+
+#[test]
+fn health_says_draining_with_503_once_a_drain_has_begun() {
+    let app = App::start();
+    let cfg = GatewayConfig {
+        workers: 1,
+        extra_gateway_toml: "admin_header_timeout = 60\n".into(),
+        ..GatewayConfig::default()
+    };
+    let (mut gw, admin) = Gateway::start_with_admin(&cfg);
+    let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 1);
+    rx.wait_connected(1);
+    let r = client::request(admin, "GET", "/health", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.summary());
+    assert!(
+        r.body_text().contains("\"status\":\"ok\""),
+        "{}",
+        r.summary()
+    );
+    // A request in flight keeps the draining gateway alive.
+    let addr = gw.addr;
+    let held = std::thread::spawn(move || {
+        client::request(addr, "GET", "/alice/held", &[("X-Test-Hold", "h")], b"")
+    });
+    app.wait_arrived("h");
+    let mut asking = client::Conn::connect(admin);
+    gw.signal(libc::SIGTERM);
+    gw.proc.wait_log(&["admin listener closed (draining)"]);
+    let r = asking.request("GET", "/health", &[], b"");
+    assert_eq!(r.status, 503, "{}", r.summary());
+    assert!(
+        r.body_text().contains("\"status\":\"draining\""),
+        "{}",
+        r.summary()
+    );
+    app.release("h");
+    assert_eq!(held.join().unwrap().status, 200);
 }
