@@ -202,6 +202,13 @@ pub struct GatewayConfig {
     /// the public port; 0 = any free port (printed at start). When set, the
     /// public port refuses tunnel upgrades.
     pub tunnel_port: Option<u16>,
+    /// Every connection on the public port starts with a PROXY protocol
+    /// header (v1 or v2, from a load balancer in front); its client address
+    /// is the one logged, forwarded and limited. A connection without a
+    /// valid header is refused. Only for a port only the balancer reaches.
+    pub proxy_protocol: bool,
+    /// The same for `tunnel_port`.
+    pub tunnel_proxy_protocol: bool,
     /// HTTPS and WSS on the public port (and on the tunnel port unless
     /// `[gateway.tunnel_tls]` is written).
     pub tls: TlsConfig,
@@ -338,6 +345,8 @@ impl Default for GatewayConfig {
             workers: 0,
             tunnel_path: "/ws".into(),
             tunnel_port: None,
+            proxy_protocol: false,
+            tunnel_proxy_protocol: false,
             tls: TlsConfig::default(),
             tunnel_tls: None,
             timeout: Seconds(30.0),
@@ -475,6 +484,10 @@ pub struct AuthConfig {
     pub timestamp_window_future: u64,
     /// Live one-time nonces remembered; when full, new proofs are refused.
     pub nonce_cache_size: usize,
+    /// Also record every spent nonce in the registry database
+    /// (`did_nonces`), so a proof accepted by one gateway of a fleet
+    /// sharing the database is refused as a replay by the others.
+    pub shared_nonces: bool,
     /// Let document fetches reach private, loopback or link-local addresses.
     pub allow_private_resolver_targets: bool,
     /// Seconds a fetched document is reused.
@@ -502,6 +515,7 @@ impl Default for AuthConfig {
             timestamp_window_past: 300,
             timestamp_window_future: 60,
             nonce_cache_size: 100_000,
+            shared_nonces: true,
             allow_private_resolver_targets: false,
             document_cache_ttl: Seconds(300.0),
             document_negative_cache_ttl: Seconds(30.0),
@@ -669,11 +683,92 @@ impl fmt::Debug for TokenEntry {
     }
 }
 
+/// `[receiver] gateway_url`: one URL or several. A TOML string may name
+/// several separated by commas (so an environment variable or
+/// `--gateway-url` can list them); a TOML array names one per item.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GatewayUrls(Vec<String>);
+
+impl GatewayUrls {
+    pub fn one(url: &str) -> Self {
+        Self(vec![url.to_owned()])
+    }
+
+    pub fn new(urls: Vec<String>) -> Self {
+        Self(urls)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn split(s: &str) -> Vec<String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl fmt::Display for GatewayUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join(","))
+    }
+}
+
+impl PartialEq<&str> for GatewayUrls {
+    fn eq(&self, other: &&str) -> bool {
+        self.0.len() == 1 && self.0[0] == *other
+    }
+}
+
+impl Serialize for GatewayUrls {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => s.serialize_str(one),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for GatewayUrls {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        let urls = match OneOrMany::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a URL string or a list of URL strings")
+        })? {
+            OneOrMany::One(s) => Self::split(&s),
+            OneOrMany::Many(v) => v.iter().flat_map(|s| Self::split(s)).collect(),
+        };
+        Ok(Self(urls))
+    }
+}
+
 #[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReceiverConfig {
-    /// `ws://host:port/ws` or `wss://…`.
-    pub gateway_url: String,
+    /// The gateways' tunnel URLs, `ws://host:port/ws` or `wss://…`: one
+    /// string (commas separate several) or a list. The receiver keeps a
+    /// tunnel set to every one, and to every address a host name resolves to.
+    pub gateway_url: GatewayUrls,
+    /// Seconds between DNS lookups of the gateways' host names (addresses
+    /// that appear get a tunnel set, ones that vanish are left); 0 = look
+    /// up once at start.
+    pub gateway_resolve_interval: Seconds,
     /// The local app: `http://host:port`, `https://host:port` (verified
     /// against `upstream_ca_file`, else `ca_file`, else the system's trust
     /// store) or `unix:/path/to/app.sock`.
@@ -749,7 +844,8 @@ pub struct ReceiverConfig {
 impl Default for ReceiverConfig {
     fn default() -> Self {
         Self {
-            gateway_url: "ws://127.0.0.1:8089/ws".into(),
+            gateway_url: GatewayUrls::one("ws://127.0.0.1:8089/ws"),
+            gateway_resolve_interval: Seconds(30.0),
             upstream: "http://127.0.0.1:8000".into(),
             upstream_ca_file: String::new(),
             upstream_host: String::new(),
@@ -1173,6 +1269,12 @@ impl Config {
 
     /// `[receiver]`.
     fn check_receiver(r: &ReceiverConfig) -> Result<(), Invalid> {
+        if r.gateway_url.is_empty() {
+            return Err(bad(
+                "receiver.gateway_url",
+                "names no gateway (give a URL or a list of them)".into(),
+            ));
+        }
         if r.did_document.is_empty() != r.private_key.is_empty() {
             return Err(bad(
                 "receiver.private_key",
@@ -1326,6 +1428,35 @@ mod tests {
         assert_eq!(c.receiver.connect_timeout.get(), 3.0);
         assert_eq!(c.receiver.shutdown_grace.get(), 1.5);
         assert_eq!(ReceiverConfig::default().shutdown_grace.get(), 30.0);
+    }
+
+    #[test]
+    fn gateway_url_is_one_url_a_comma_list_or_an_array() {
+        let parse = |t: &str| Config::parse(t, Path::new("x.toml"));
+        let c = parse("[receiver]\ngateway_url = 'ws://a/ws'\n").unwrap();
+        assert_eq!(c.receiver.gateway_url, "ws://a/ws");
+        let c = parse("[receiver]\ngateway_url = 'ws://a/ws, ws://b/ws'\n").unwrap();
+        assert_eq!(
+            c.receiver.gateway_url.iter().collect::<Vec<_>>(),
+            ["ws://a/ws", "ws://b/ws"]
+        );
+        let c =
+            parse("[receiver]\ngateway_url = ['ws://a/ws', 'ws://b/ws', 'ws://c/ws']\n").unwrap();
+        assert_eq!(c.receiver.gateway_url.len(), 3);
+        assert_eq!(
+            c.receiver.gateway_url.to_string(),
+            "ws://a/ws,ws://b/ws,ws://c/ws"
+        );
+        assert_eq!(
+            ReceiverConfig::default().gateway_resolve_interval.get(),
+            30.0
+        );
+        for bad in ["gateway_url = []", "gateway_url = ' , '", "gateway_url = 3"] {
+            let e = parse(&format!("[receiver]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("receiver.gateway_url"), "{bad}: {e}");
+        }
     }
 
     #[test]

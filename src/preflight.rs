@@ -53,9 +53,9 @@ pub struct GatewayPlan {
 /// What a receiver loads before it dials: both URLs, the TLS dialer
 /// (`wss://`), and the DID signer when it proves a DID.
 pub struct ReceiverPlan {
-    pub gateway: Url,
+    /// Every `gateway_url`, each with its dialer when it is `wss://`.
+    pub gateways: Vec<(Url, Option<Dialer>)>,
     pub upstream: AppTarget,
-    pub tls: Option<Dialer>,
     pub did: Option<Arc<DidSigner>>,
     pub warnings: Vec<String>,
 }
@@ -132,19 +132,19 @@ fn document_file(path: &Path) -> Result<(), String> {
 pub fn receiver(cfg: &Config) -> Result<ReceiverPlan, PreflightError> {
     let r = &cfg.receiver;
     let mut warnings = Vec::new();
-    let gateway =
-        url::parse(&r.gateway_url, ("ws", "wss")).map_err(|error| PreflightError::Url {
+    let mut gateways = Vec::with_capacity(r.gateway_url.len());
+    for u in r.gateway_url.iter() {
+        let gateway = url::parse(u, ("ws", "wss")).map_err(|error| PreflightError::Url {
             key: "receiver.gateway_url",
             error,
         })?;
+        gateways.push(gateway);
+    }
     let upstream = upstream(cfg)?;
-    let tls = if gateway.tls {
-        // One client configuration for every core, built before any
-        // tunnel so a bad file stops the start with its key named.
-        let tls = crate::tls::client::client_config(r, &cfg.base_dir)?;
-        let dialer = Dialer::new(tls, gateway.host_name())
-            .map_err(|_| PreflightError::ServerName(gateway.host_name().to_owned()))?;
-        Some(dialer)
+    // One client configuration for every core and gateway, built before
+    // any tunnel so a bad file stops the start with its key named.
+    let tls = if gateways.iter().any(|g| g.tls) {
+        Some(crate::tls::client::client_config(r, &cfg.base_dir)?)
     } else {
         if !r.ca_file.is_empty() || !r.cert_file.is_empty() {
             warnings.push(
@@ -153,6 +153,19 @@ pub fn receiver(cfg: &Config) -> Result<ReceiverPlan, PreflightError> {
         }
         None
     };
+    let gateways = gateways
+        .into_iter()
+        .map(|gateway| {
+            let dialer = match (&tls, gateway.tls) {
+                (Some(tls), true) => Some(
+                    Dialer::new(tls.clone(), gateway.host_name())
+                        .map_err(|_| PreflightError::ServerName(gateway.host_name().to_owned()))?,
+                ),
+                _ => None,
+            };
+            Ok((gateway, dialer))
+        })
+        .collect::<Result<Vec<_>, PreflightError>>()?;
     let did = if r.did_document.is_empty() {
         None
     } else {
@@ -164,9 +177,8 @@ pub fn receiver(cfg: &Config) -> Result<ReceiverPlan, PreflightError> {
         Some(Arc::new(signer))
     };
     Ok(ReceiverPlan {
-        gateway,
+        gateways,
         upstream,
-        tls,
         did,
         warnings,
     })
@@ -209,7 +221,26 @@ mod tests {
             dir.path(),
         ))
         .unwrap();
-        assert!(ok.tls.is_none() && ok.did.is_none());
+        assert!(ok.gateways.iter().all(|(_, d)| d.is_none()) && ok.did.is_none());
+        // A fleet: every URL checked, the bad one named.
+        let ok = receiver(&cfg(
+            "[receiver]\ngateway_url = ['ws://a.invalid/ws', 'ws://b.invalid:9/ws']\n",
+            dir.path(),
+        ))
+        .unwrap();
+        assert_eq!(ok.gateways.len(), 2);
+        assert_eq!(ok.gateways[1].0.authority(), "b.invalid:9");
+        let e = receiver(&cfg(
+            "[receiver]\ngateway_url = 'ws://a.invalid/ws, http://b.invalid/ws'\n",
+            dir.path(),
+        ))
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("receiver.gateway_url") && e.contains("http://b.invalid"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -325,6 +325,38 @@ fn changes_are_logged_with_the_version(s: &Setup) {
     assert_eq!(s.registry().version().unwrap(), v);
 }
 
+/// The DID-WBA nonce cache a fleet shares (`did_nonces`): a nonce spent
+/// through one handle (one gateway) is a replay through another until it
+/// expires; expired rows are replaced and pruned.
+fn nonces_are_shared_by_every_handle(s: &Setup) {
+    use anp_proxy::registry::nonce_key;
+    let (mut a, mut b) = (s.registry(), s.registry());
+    let k = nonce_key("did:wba:a.example:alice", "0123456789abcdef");
+    assert!(a.spend_nonce(&k, 1_000, 500).unwrap(), "first spend");
+    assert!(
+        !b.spend_nonce(&k, 1_000, 600).unwrap(),
+        "replayed to another"
+    );
+    assert!(
+        !a.spend_nonce(&k, 1_000, 600).unwrap(),
+        "replayed to the same"
+    );
+    let other = nonce_key("did:wba:b.example:bob", "0123456789abcdef");
+    assert!(
+        b.spend_nonce(&other, 2_000, 600).unwrap(),
+        "nonces are per DID"
+    );
+    assert!(
+        b.spend_nonce(&k, 3_000, 1_000).unwrap(),
+        "expired: spent anew"
+    );
+    assert_eq!(a.prune_nonces(2_000).unwrap(), 1, "bob's row expired");
+    assert!(
+        !a.spend_nonce(&k, 3_000, 2_000).unwrap(),
+        "the live row kept"
+    );
+}
+
 /// `n` rows `did:wba:bulk.example:aI → /bulk/aI/`, written straight into
 /// the table in one transaction (through `Registry::add` they would take
 /// minutes), as a tool that bypasses the change log would.
@@ -431,6 +463,7 @@ fn large_unchanged_table_is_not_reread(s: &Setup) {
 
 on_both_backends!(
     changes_are_logged_with_the_version,
+    nonces_are_shared_by_every_handle,
     large_unchanged_table_is_not_reread,
     add_list_remove,
     duplicate_is_refused_with_owner,

@@ -4,7 +4,14 @@
 //! socket is counted against `max_connections` and `max_connections_per_ip`
 //! (refused: closed at once, counted, logged at most once a second), shaken hands with (TLS,
 //! under `header_timeout`), and handed to [`conn::serve_conn`] on this
-//! core. Never touches another core's state.
+//! core. On a listener with `proxy_protocol` the PROXY header is read
+//! first (`proxy_protocol.rs`, under `header_timeout`) and the client
+//! address it names is the connection's peer from then on: the per-IP
+//! limit is applied to it once it is known (`max_connections` before, so
+//! connections still sending their header are bounded too), and
+//! `serve_conn` gets it, so `X-Forwarded-For`, `Forwarded`, the access log
+//! and the rate limits see the client, not the balancer. Never touches
+//! another core's state.
 
 use std::cell::Cell;
 use std::net::SocketAddr;
@@ -17,6 +24,7 @@ use monoio_rustls::TlsAcceptor;
 use super::conn::{self, Accepts};
 use super::conn_limits::ConnRefusal;
 use super::core::CoreCtx;
+use super::proxy_protocol::{self, ProxyHeaderError};
 use crate::config::{Config, TlsConfig};
 use crate::tls::server::{self as tls_server, Section};
 use crate::tls::TlsSetupError;
@@ -27,6 +35,8 @@ pub struct Listener {
     /// The tunnel port (TLS from [`Acceptors::tunnel`]) or the public one.
     pub tunnel_port: bool,
     pub accepts: Accepts,
+    /// Every connection starts with a PROXY protocol header.
+    pub proxy_protocol: bool,
 }
 
 /// The TLS acceptors of the two ports (`None`: plain TCP). Each core holds
@@ -95,6 +105,7 @@ pub fn bind(cfg: &Config, workers: usize, acceptors: Acceptors) -> anyhow::Resul
                 socket,
                 tunnel_port: false,
                 accepts: public_accepts,
+                proxy_protocol: g.proxy_protocol,
             }]
         })
         .collect();
@@ -109,6 +120,7 @@ pub fn bind(cfg: &Config, workers: usize, acceptors: Acceptors) -> anyhow::Resul
                 socket,
                 tunnel_port: true,
                 accepts: Accepts::Tunnels,
+                proxy_protocol: g.tunnel_proxy_protocol,
             });
         }
         tunnel = Some((taddr, acceptors.tunnel.is_some()));
@@ -134,7 +146,12 @@ pub async fn accept_loop(ctx: Rc<CoreCtx>, l: Listener, seq: Rc<Cell<u64>>) {
     };
     // One canceller for every accept; used once, when the drain starts.
     let canceller = monoio::io::Canceller::new();
-    let log = RefusalLog::default();
+    let log = Rc::new(RefusalLog::default());
+    let how = How {
+        tunnel_port: l.tunnel_port,
+        accepts: l.accepts,
+        proxy_protocol: l.proxy_protocol,
+    };
     loop {
         let mut accept = std::pin::pin!(listener.cancelable_accept(canceller.handle()));
         let accepted = monoio::select! {
@@ -147,13 +164,13 @@ pub async fn accept_loop(ctx: Rc<CoreCtx>, l: Listener, seq: Rc<Cell<u64>>) {
                 // connection to serve like the swept ones below.
                 let _ = canceller.cancel();
                 if let Ok((stream, peer)) = accept.await {
-                    admit(&ctx, (l.tunnel_port, l.accepts, &log), &seq, stream, peer);
+                    admit(&ctx, how, &log, &seq, stream, peer);
                 }
                 break;
             }
         };
         match accepted {
-            Ok((stream, peer)) => admit(&ctx, (l.tunnel_port, l.accepts, &log), &seq, stream, peer),
+            Ok((stream, peer)) => admit(&ctx, how, &log, &seq, stream, peer),
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
@@ -186,7 +203,7 @@ pub async fn accept_loop(ctx: Rc<CoreCtx>, l: Listener, seq: Rc<Cell<u64>>) {
         match monoio::net::TcpStream::from_std(std) {
             Ok(stream) => {
                 swept += 1;
-                admit(&ctx, (l.tunnel_port, l.accepts, &log), &seq, stream, peer);
+                admit(&ctx, how, &log, &seq, stream, peer);
             }
             Err(e) => tracing::warn!(error = %e, "cannot register a swept connection"),
         }
@@ -206,16 +223,26 @@ pub async fn accept_loop(ctx: Rc<CoreCtx>, l: Listener, seq: Rc<Cell<u64>>) {
 }
 
 /// Refusals at accept are logged at most once a second per accept loop
-/// (a flood must not become a flood of log lines); the line says how many
-/// were not logged since the last one. The counts are on `/metrics`.
+/// and kind (limits; PROXY headers) — a flood must not become a flood of
+/// log lines; the line says how many were not logged since the last one.
+/// The limit counts are on `/metrics`.
 #[derive(Default)]
 pub struct RefusalLog {
+    limits: Turn,
+    headers: Turn,
+}
+
+/// One kind's once-a-second turn.
+#[derive(Default)]
+struct Turn {
     last: Cell<Option<std::time::Instant>>,
     quiet: Cell<u64>,
 }
 
-impl RefusalLog {
-    fn refused(&self, peer: SocketAddr, why: ConnRefusal, limit: usize) {
+impl Turn {
+    /// Whether a refusal may be logged now, and how many were not since
+    /// the last one that was.
+    fn take(&self) -> Option<u64> {
         let now = std::time::Instant::now();
         if self
             .last
@@ -223,10 +250,27 @@ impl RefusalLog {
             .is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1))
         {
             self.quiet.set(self.quiet.get() + 1);
-            return;
+            return None;
         }
         self.last.set(Some(now));
-        let not_logged = self.quiet.replace(0);
+        Some(self.quiet.replace(0))
+    }
+}
+
+impl RefusalLog {
+    /// A connection on a `proxy_protocol` listener without a valid header.
+    fn bad_header(&self, peer: SocketAddr, why: &ProxyHeaderError) {
+        let Some(not_logged) = self.headers.take() else {
+            return;
+        };
+        tracing::warn!(%peer, reason = why.reason(), error = %why, not_logged,
+            "connection refused: no valid PROXY protocol header");
+    }
+
+    fn refused(&self, peer: SocketAddr, why: ConnRefusal, limit: usize) {
+        let Some(not_logged) = self.limits.take() else {
+            return;
+        };
         let key = match why {
             ConnRefusal::MaxConnections => "max_connections",
             ConnRefusal::PerIp => "max_connections_per_ip",
@@ -235,25 +279,41 @@ impl RefusalLog {
     }
 }
 
+/// How a listener's connections are served.
+#[derive(Clone, Copy)]
+struct How {
+    tunnel_port: bool,
+    accepts: Accepts,
+    proxy_protocol: bool,
+}
+
 /// Counts an accepted connection against `max_connections` and
-/// `max_connections_per_ip` and serves it on this core.
+/// `max_connections_per_ip` and serves it on this core (on a
+/// `proxy_protocol` listener: the per-IP count once the header named the
+/// client).
 fn admit(
     ctx: &Rc<CoreCtx>,
-    l: (bool, Accepts, &RefusalLog),
+    how: How,
+    log: &Rc<RefusalLog>,
     seq: &Cell<u64>,
     stream: monoio::net::TcpStream,
     peer: SocketAddr,
 ) {
-    let (tunnel_port, accepts, log) = l;
     let g = &ctx.shared.config.gateway;
     let counters = &ctx.shared.counters;
     let limits = &ctx.shared.conn_limits;
-    let per_ip = match limits.admit(peer.ip()) {
-        Ok(slot) => slot,
-        Err(why) => {
-            log.refused(peer, why, g.max_connections_per_ip);
-            drop(stream);
-            return;
+    // The balancer's address says nothing about the client: counted per
+    // IP only once the header is read.
+    let per_ip = if how.proxy_protocol {
+        None
+    } else {
+        match limits.admit(peer.ip()) {
+            Ok(slot) => Some(slot),
+            Err(why) => {
+                log.refused(peer, why, g.max_connections_per_ip);
+                drop(stream);
+                return;
+            }
         }
     };
     if counters.connections.fetch_add(1, Ordering::Relaxed) >= g.max_connections {
@@ -268,35 +328,79 @@ fn admit(
     seq.set(seq.get() + 1);
     let conn_id = ((ctx.index as u64) << 48) | seq.get();
     let ctx = ctx.clone();
-    let tls = {
-        let a = ctx.acceptors.borrow();
-        if tunnel_port {
-            a.tunnel.clone()
-        } else {
-            a.public.clone()
-        }
-    };
+    let log = log.clone();
     monoio::spawn(async move {
-        match tls {
-            None => conn::serve_conn(ctx.clone(), stream, peer, conn_id, false, accepts).await,
-            Some(acceptor) => {
-                // Boxed: a TLS session's state is large and would
-                // otherwise size every plain connection's task too.
-                Box::pin(async {
-                    // The handshake shares the head's deadline: a client
-                    // that stalls it holds a connection slot no longer.
-                    let limit = ctx.settings.header_timeout;
-                    if let Some(s) = tls_server::accept(&acceptor, stream, peer, limit).await {
-                        conn::serve_conn(ctx.clone(), s, peer, conn_id, true, accepts).await;
-                    }
-                })
-                .await
+        let mut stream = stream;
+        let mut peer = peer;
+        let mut per_ip = per_ip;
+        if how.proxy_protocol {
+            let limit = ctx.settings.header_timeout;
+            match proxy_protocol::read_header(&mut stream, peer, limit).await {
+                Ok(client) => peer = client,
+                Err(why) => {
+                    log.bad_header(peer, &why);
+                    drop(stream);
+                    ctx.shared
+                        .counters
+                        .connections
+                        .fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+            match ctx.shared.conn_limits.admit(peer.ip()) {
+                Ok(slot) => per_ip = Some(slot),
+                Err(why) => {
+                    let g = &ctx.shared.config.gateway;
+                    log.refused(peer, why, g.max_connections_per_ip);
+                    drop(stream);
+                    ctx.shared
+                        .counters
+                        .connections
+                        .fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
             }
         }
+        serve(&ctx, how, stream, peer, conn_id).await;
         ctx.shared
             .counters
             .connections
             .fetch_sub(1, Ordering::Relaxed);
         drop(per_ip);
     });
+}
+
+/// Serves one admitted connection, plain or after its TLS handshake.
+async fn serve(
+    ctx: &Rc<CoreCtx>,
+    how: How,
+    stream: monoio::net::TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+) {
+    let accepts = how.accepts;
+    let tls = {
+        let a = ctx.acceptors.borrow();
+        if how.tunnel_port {
+            a.tunnel.clone()
+        } else {
+            a.public.clone()
+        }
+    };
+    match tls {
+        None => conn::serve_conn(ctx.clone(), stream, peer, conn_id, false, accepts).await,
+        Some(acceptor) => {
+            // Boxed: a TLS session's state is large and would
+            // otherwise size every plain connection's task too.
+            Box::pin(async {
+                // The handshake shares the head's deadline: a client
+                // that stalls it holds a connection slot no longer.
+                let limit = ctx.settings.header_timeout;
+                if let Some(s) = tls_server::accept(&acceptor, stream, peer, limit).await {
+                    conn::serve_conn(ctx.clone(), s, peer, conn_id, true, accepts).await;
+                }
+            })
+            .await
+        }
+    }
 }

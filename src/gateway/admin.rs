@@ -213,7 +213,7 @@ fn admit(inner: &Arc<Inner>, conn: TcpStream, peer: SocketAddr) {
         .name("anp-admin-conn".into())
         .spawn(move || {
             let mut conn = conn;
-            if let Err(e) = serve(&slot.0.shared, &mut conn, timeout) {
+            if let Err(e) = serve(&slot.0, &mut conn, timeout) {
                 tracing::debug!(%peer, error = %e, "admin connection failed");
             }
             // The slot is free before the client sees the close: a client
@@ -245,7 +245,8 @@ fn refuse(mut conn: TcpStream) {
     }
 }
 
-fn serve(shared: &Shared, conn: &mut TcpStream, timeout: Duration) -> std::io::Result<()> {
+fn serve(inner: &Inner, conn: &mut TcpStream, timeout: Duration) -> std::io::Result<()> {
+    let shared = &*inner.shared;
     let deadline = Instant::now() + timeout;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
@@ -293,7 +294,18 @@ fn serve(shared: &Shared, conn: &mut TcpStream, timeout: Duration) -> std::io::R
             "text/plain; version=0.0.4",
             &metrics_text(shared),
         ),
-        ("GET", "/health") => respond(conn, 200, "application/json", &health_json(shared)),
+        ("GET", "/health") => {
+            // Once a drain has begun: 503, so whatever still asks here (a
+            // connection accepted before the listener closed) stops sending.
+            let draining = inner.closing.load(Ordering::SeqCst);
+            let status = if draining { 503 } else { 200 };
+            respond(
+                conn,
+                status,
+                "application/json",
+                &health_json(shared, draining),
+            )
+        }
         _ => respond(conn, 404, "text/plain", "not found\n"),
     }
 }
@@ -310,10 +322,11 @@ fn respond(conn: &mut TcpStream, status: u16, ctype: &str, body: &str) -> std::i
 
 /// `/health` on the admin port: the details the public `/health` keeps to
 /// itself. `pid` tells which process answered (during a takeover both
-/// gateways listen on this port).
-pub fn health_json(shared: &Shared) -> String {
+/// gateways listen on this port). `status` is `ok` while the gateway
+/// accepts, `draining` once its drain has begun (answered 503).
+pub fn health_json(shared: &Shared, draining: bool) -> String {
     serde_json::json!({
-        "status": "ok",
+        "status": if draining { "draining" } else { "ok" },
         "tunnels": shared.tunnel_count(),
         "pid": std::process::id(),
     })

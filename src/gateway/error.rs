@@ -202,7 +202,9 @@ fn upgrade_status(e: &UpgradeError) -> (u16, Option<u32>) {
     match e {
         UpgradeError::Auth(AuthError::NoRoutes(_))
         | UpgradeError::Auth(AuthError::Did(DidAuthError::NoRoutes(_))) => (403, None),
-        UpgradeError::Auth(AuthError::Did(DidAuthError::NonceCacheFull)) => (503, Some(1)),
+        UpgradeError::Auth(AuthError::Did(
+            DidAuthError::NonceCacheFull | DidAuthError::NonceStore(_),
+        )) => (503, Some(1)),
         UpgradeError::Auth(_) => (401, None),
         UpgradeError::Pending(UpgradeRefusal::PerIp(_), retry) => (429, Some(*retry)),
         UpgradeError::Pending(UpgradeRefusal::Global(_) | UpgradeRefusal::Paced(_), retry) => {
@@ -333,7 +335,8 @@ impl ProxyError {
             ProxyError::Receiver(_) => Side::App,
             ProxyError::Upgrade(UpgradeError::Pending(_, _)) => Side::Gateway,
             ProxyError::Upgrade(UpgradeError::Auth(crate::auth::AuthError::Did(
-                crate::auth::didwba::DidAuthError::NonceCacheFull,
+                crate::auth::didwba::DidAuthError::NonceCacheFull
+                | crate::auth::didwba::DidAuthError::NonceStore(_),
             ))) => Side::Gateway,
             ProxyError::Upgrade(_) => Side::Receiver,
         }
@@ -476,6 +479,14 @@ mod tests {
                 ))),
                 503,
                 "nonce_cache_full",
+                Side::Gateway,
+            ),
+            (
+                up(UpgradeError::Auth(AuthError::Did(
+                    DidAuthError::NonceStore("db down".into()),
+                ))),
+                503,
+                "nonce_store_unavailable",
                 Side::Gateway,
             ),
             (

@@ -16,6 +16,7 @@ pub(crate) mod instances;
 pub(crate) mod metrics;
 pub(crate) mod observe;
 pub(crate) mod pace;
+pub(crate) mod proxy_protocol;
 pub(crate) mod ratelimit;
 pub(crate) mod refusals;
 /// The route table lives in the registry (layering: lower layers never
@@ -70,7 +71,7 @@ pub fn start(cfg: Config) -> anyhow::Result<Started> {
     tracing::info!(registry = %registry.describe(), rows = snapshot.rows.len(), routes = routes.len(), "routes loaded");
     let mut auth = Authenticator::new(TokenAuth::new(&cfg.gateway.auth.tokens));
     if cfg.gateway.auth.did_wba_enabled {
-        auth = auth.with_did(DidAuth::from_config(&cfg.gateway.auth, &cfg.base_dir));
+        auth = auth.with_did(DidAuth::for_gateway(&cfg)?);
     }
     let mut inboxes = Vec::with_capacity(workers);
     let mut inbox_rx = Vec::with_capacity(workers);

@@ -4,7 +4,8 @@
 //! every live tunnel [`leave`]s: it tells the gateway it is draining
 //! (PROTOCOL.md §7.4) so no new request is sent to it, lets the requests
 //! in flight finish, then closes with 1001. What is still in flight when
-//! the deadline passes is abandoned, and logged.
+//! the deadline passes is abandoned, and logged. A tunnel to a gateway
+//! address that left DNS (`fleet.rs`) leaves the same way.
 //!
 //! Never: locks, or anything on the request path. A core learns of the
 //! shutdown through its own [`Flag`]; the only cross-thread traffic is one
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::fleet::CoreGateway;
 use super::tunnel::CoreRx;
 use crate::protocol::control::{DRAINING_MESSAGE, DRAINING_PING};
 use crate::sync::Flag;
@@ -111,16 +113,19 @@ impl Leaving {
 /// are done, or the deadline passes, the tunnel is closed with 1001.
 pub async fn leave(
     ctx: Rc<CoreRx>,
+    gw: Rc<CoreGateway>,
     out: OutTx,
     state: Rc<Leaving>,
     index: usize,
     in_flight: impl Fn() -> usize,
 ) {
-    monoio::select! {
-        _ = ctx.drain.draining.wait() => {}
+    // The receiver shuts down, or this gateway's address left DNS (then
+    // the tunnel has `shutdown_grace` to finish, like a shutdown).
+    let until = monoio::select! {
+        _ = ctx.drain.draining.wait() => ctx.drain.until(),
+        _ = gw.gone.wait() => Instant::now() + ctx.shutdown_grace,
         _ = state.ended.wait() => return,
-    }
-    let until = ctx.drain.until();
+    };
     let _ = out.send(Outgoing::Text(DRAINING_MESSAGE.to_vec()));
     let _ = out.send(Outgoing::Ping(Bytes::from_static(DRAINING_PING)));
     tracing::info!(

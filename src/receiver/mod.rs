@@ -1,5 +1,6 @@
-//! The private receiver: keeps `tunnels` WebSocket tunnels open to the
-//! gateway (spread over one monoio runtime per core), turns each ANPX
+//! The private receiver: keeps `tunnels` WebSocket tunnels open to every
+//! gateway of its fleet (`fleet.rs`; spread over one monoio runtime per
+//! core), turns each ANPX
 //! request into an HTTP call to the local app, and sends the response back
 //! with the same `request_id` (DESIGN.md, "Receiver"). SIGTERM/SIGINT
 //! shut it down gracefully (`drain.rs`).
@@ -7,6 +8,7 @@
 pub(crate) mod app_conn;
 pub mod backoff;
 pub(crate) mod drain;
+pub mod fleet;
 pub(crate) mod sink;
 pub(crate) mod tunnel;
 pub(crate) mod upstream;
@@ -15,17 +17,18 @@ pub(crate) mod url;
 use std::io::Write as _;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
 use self::drain::{CoreDrain, DrainOrder};
-use self::tunnel::{run_slot, CoreRx};
+use self::tunnel::CoreRx;
 use self::upstream::Upstream;
 use crate::config::{secs, Config};
 
-/// How many tunnels to keep: configured, or learnt from the gateway's 101.
+/// How many tunnels to keep to one gateway: configured, or learnt from its
+/// 101.
 pub struct TunnelCount {
     value: AtomicUsize,
     waiters: Mutex<Vec<futures_channel::oneshot::Sender<()>>>,
@@ -137,7 +140,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     for w in &plan.warnings {
         tracing::warn!("{w}");
     }
-    let (gateway, upstream, tls, did) = (plan.gateway, plan.upstream, plan.tls, plan.did);
+    let (gateways, upstream, did) = (plan.gateways, plan.upstream, plan.did);
     if let Some(signer) = &did {
         tracing::info!(did = signer.did(), scheme = ?r.auth_scheme, "receiver proves its DID on the upgrade");
     }
@@ -152,25 +155,22 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         MAX_TUNNELS
     };
     let threads = cores.min(slots).min(r.max_concurrent).max(1);
-    let count = Arc::new(TunnelCount::new(r.tunnels));
-    tracing::info!(gateway = %r.gateway_url, upstream = %r.upstream, tunnels = r.tunnels, threads, "receiver starting");
+    tracing::info!(gateways = %r.gateway_url, upstream = %r.upstream, tunnels = r.tunnels, threads, "receiver starting");
     let mut orders = Vec::with_capacity(threads);
+    let mut fleet = Vec::with_capacity(threads);
     for t in 0..threads {
         let (order_tx, order_rx) = futures_channel::oneshot::channel::<DrainOrder>();
         orders.push(order_tx);
-        let gateway = gateway.clone();
+        let (fleet_tx, fleet_rx) = futures_channel::mpsc::unbounded();
+        fleet.push(fleet_tx);
         let upstream = upstream.clone();
         let r = r.clone();
-        let count = count.clone();
         let did = did.clone();
-        let tls = tls.clone();
         let instance = instance.clone();
         // max_concurrent split over cores; the sum is exactly the limit.
         let permits = r.max_concurrent / threads + usize::from(t < r.max_concurrent % threads);
         let h = crate::runtime::spawn_core(format!("anp-rx-{t}"), move || async move {
             let ctx = Rc::new(CoreRx {
-                gateway,
-                tls,
                 token: r.token.clone(),
                 instance,
                 did,
@@ -186,27 +186,26 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 max_body: r.max_body_size,
                 reconnect_max: secs(r.reconnect_max_delay)
                     .unwrap_or(std::time::Duration::from_secs(30)),
-                count,
+                shutdown_grace: r.shutdown_grace.or_zero(),
                 drain: CoreDrain::default(),
             });
             monoio::spawn(drain::shut_down(ctx.clone(), order_rx, t));
-            let mut tasks = Vec::new();
-            let mut i = t;
-            while i < slots {
-                tasks.push(monoio::spawn(run_slot(ctx.clone(), i)));
-                i += threads;
-            }
-            for task in tasks {
-                task.await;
-            }
-            // All slots ended (more threads than tunnels, or shut down):
-            // idle until the process exits.
+            // Each gateway's slots start when the resolver finds it.
+            fleet::run_core(ctx, fleet_rx, t, threads, slots).await;
+            // Idle until the process exits.
             std::future::pending::<()>().await;
         })
         .context("cannot spawn receiver thread")?;
         // Not joined: a core never returns, and a panic ends the process.
         drop(h);
     }
+    fleet::spawn_resolver(
+        gateways,
+        r.gateway_resolve_interval.duration(),
+        r.tunnels,
+        fleet,
+    )
+    .context("cannot spawn the gateway resolver thread")?;
     let grace = r.shutdown_grace.or_zero();
     serve_signals(signals, orders, grace, r.tunnel_close_grace.or_zero())
 }

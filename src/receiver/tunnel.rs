@@ -2,8 +2,10 @@
 //! upgrade, serve ANPX requests until the tunnel drops, then reconnect when
 //! `backoff.rs` says (a draining gateway's spread, a refusal's
 //! `Retry-After`, or exponential backoff with jitter). Says in its log why a connection was
-//! refused. Once the receiver shuts down (`drain.rs`) a slot lets its
-//! tunnel leave and does not reconnect.
+//! refused. Once the receiver shuts down (`drain.rs`), or its gateway's
+//! address is gone from DNS (`fleet.rs`), a slot lets its tunnel leave and
+//! does not reconnect. A slot belongs to one gateway of the fleet: its
+//! backoff, and the gateway's tunnel count and status, are that gateway's.
 
 use std::cell::RefCell;
 use std::io::Write as _;
@@ -16,10 +18,10 @@ use monoio::net::TcpStream;
 
 use super::backoff::{self, Backoff};
 use super::drain::{self, CoreDrain, Leaving};
+use super::fleet::CoreGateway;
 use super::sink::ResponseSink;
 use super::upstream::{ReqBody, ReqEvent, Upstream, UpstreamError};
 use super::url::Url;
-use super::TunnelCount;
 use crate::auth::didwba::{self, DidSigner};
 use crate::config::AuthScheme;
 use crate::protocol::anpx::{self, binmeta, FrameType, Message, Reassembler, RequestMeta};
@@ -33,9 +35,6 @@ use crate::ws::conn::{OutTx, Outgoing};
 
 /// Everything one receiver core shares among its tunnel slots.
 pub struct CoreRx {
-    pub gateway: Url,
-    /// Set for `wss://`: the TLS connector and the gateway's server name.
-    pub tls: Option<crate::tls::client::Dialer>,
     pub token: String,
     /// `X-ANPX-Instance` on every upgrade (`receiver.instance_id`).
     pub instance: String,
@@ -57,7 +56,9 @@ pub struct CoreRx {
     pub upstream_timeout: Option<Duration>,
     pub max_body: usize,
     pub reconnect_max: Duration,
-    pub count: std::sync::Arc<TunnelCount>,
+    /// `shutdown_grace`: also what a tunnel to a gateway address gone from
+    /// DNS gets to finish its requests.
+    pub shutdown_grace: Duration,
     /// SIGTERM/SIGINT: this core's shutdown (`receiver/drain.rs`).
     pub drain: CoreDrain,
 }
@@ -100,25 +101,42 @@ impl TunnelError {
     }
 }
 
-/// Keeps tunnel `index` up until the receiver shuts down.
-pub async fn run_slot(ctx: Rc<CoreRx>, index: usize) {
+/// Keeps tunnel `index` to gateway `gw` up until the receiver shuts down
+/// or the gateway's address is gone.
+pub async fn run_slot(ctx: Rc<CoreRx>, gw: Rc<CoreGateway>, index: usize) {
     if index > 0 {
         // Slots past the first wait to learn how many the gateway wants.
-        let want = ctx.count.get().await;
+        let want = monoio::select! {
+            n = gw.gw.count.get() => n,
+            _ = gw.gone.wait() => return,
+        };
         if index >= want {
             return;
         }
     }
+    let gateway = gw.gw.label.as_str();
     let mut backoff = Backoff::new(ctx.reconnect_max);
     loop {
-        if ctx.drain.draining.is_set() {
+        if ctx.drain.draining.is_set() || gw.gone.is_set() {
             return;
         }
         let started = Instant::now();
-        let result = connect_and_serve(&ctx, index).await;
+        let result = connect_and_serve(&ctx, &gw, index).await;
         if ctx.drain.draining.is_set() {
             // Shutting down: the tunnel was closed on purpose.
-            tracing::info!(tunnel = index, "tunnel closed; receiver shutting down");
+            tracing::info!(
+                tunnel = index,
+                gateway,
+                "tunnel closed; receiver shutting down"
+            );
+            return;
+        }
+        if gw.gone.is_set() {
+            tracing::info!(
+                tunnel = index,
+                gateway,
+                "tunnel closed; gateway address gone, not redialling"
+            );
             return;
         }
         if started.elapsed() > Duration::from_secs(10) {
@@ -131,32 +149,33 @@ pub async fn run_slot(ctx: Rc<CoreRx>, index: usize) {
                 // the tunnel; come back at a random moment within the
                 // spread its reason asks for (PROTOCOL.md §7.3).
                 let spread = crate::protocol::reconnect::spread_of(&reason);
-                tracing::info!(tunnel = index, reason = %reason, spread = ?spread, "tunnel closed by the gateway (going away)");
+                tracing::info!(tunnel = index, gateway, reason = %reason, spread = ?spread, "tunnel closed by the gateway (going away)");
                 backoff::Ended::GoingAway { spread }
             }
             Err(e @ TunnelError::Replaced(_)) => {
                 // The gateway's `duplicate_tunnels = "replace"`: the newest
                 // instance wins; fighting back would make both flap.
-                tracing::error!(tunnel = index, error = %e, "not reconnecting; exiting");
+                tracing::error!(tunnel = index, gateway, error = %e, "not reconnecting; exiting");
                 eprintln!("anp-proxy: receiver {e}; exiting");
                 std::process::exit(crate::protocol::features::EXIT_REPLACED);
             }
             Err(e @ TunnelError::Refused { .. }) => {
-                tracing::error!(tunnel = index, error = %e, "tunnel refused");
+                tracing::error!(tunnel = index, gateway, error = %e, "tunnel refused");
                 backoff::Ended::Refused {
                     retry_after: e.retry_after(),
                 }
             }
             Err(e) => {
-                tracing::warn!(tunnel = index, error = %e, "tunnel down");
+                tracing::warn!(tunnel = index, gateway, error = %e, "tunnel down");
                 backoff::Ended::Down
             }
         };
         let pause = backoff.next(ended, rand::random::<f64>());
-        tracing::info!(tunnel = index, after = ?pause, "reconnecting");
+        tracing::info!(tunnel = index, after = ?pause, gateway, "reconnecting");
         monoio::select! {
             _ = monoio::time::sleep(pause) => {}
             _ = ctx.drain.draining.wait() => return,
+            _ = gw.gone.wait() => return,
         }
     }
 }
@@ -164,7 +183,7 @@ pub async fn run_slot(ctx: Rc<CoreRx>, index: usize) {
 /// The upgrade's proof of identity: a bearer token, or a DID-WBA proof
 /// with a fresh nonce and time for this attempt (`service` = the gateway
 /// URL's host without port; `@target-uri` = the ws URL as dialled).
-fn auth_headers(ctx: &CoreRx, host: &str) -> Vec<(&'static str, String)> {
+fn auth_headers(ctx: &CoreRx, gateway: &Url, host: &str) -> Vec<(&'static str, String)> {
     let Some(signer) = &ctx.did else {
         return vec![("Authorization", format!("Bearer {}", ctx.token))];
     };
@@ -173,42 +192,64 @@ fn auth_headers(ctx: &CoreRx, host: &str) -> Vec<(&'static str, String)> {
     match ctx.auth_scheme {
         AuthScheme::DidWba => vec![(
             "Authorization",
-            signer.didwba_header(
-                ctx.gateway.host_name(),
-                &nonce,
-                &didwba::time::format_utc(now),
-            ),
+            signer.didwba_header(gateway.host_name(), &nonce, &didwba::time::format_utc(now)),
         )],
         AuthScheme::HttpSignatures => {
-            let scheme = if ctx.gateway.tls { "wss" } else { "ws" };
-            let uri = format!("{scheme}://{host}{}", ctx.gateway.path);
+            let scheme = if gateway.tls { "wss" } else { "ws" };
+            let uri = format!("{scheme}://{host}{}", gateway.path);
             let (input, sig) = signer.http_signature("GET", &uri, host, now, &nonce);
             vec![("Signature-Input", input), ("Signature", sig)]
         }
     }
 }
 
-async fn connect_and_serve(ctx: &Rc<CoreRx>, index: usize) -> Result<(), TunnelError> {
+async fn connect_and_serve(
+    ctx: &Rc<CoreRx>,
+    gw: &Rc<CoreGateway>,
+    index: usize,
+) -> Result<(), TunnelError> {
     // The handshake's locals (request, headers, response) are not kept for
     // the tunnel's life.
-    let (io, buf, features) = connect(ctx, index).await?;
-    serve(ctx, io, buf, index, features).await
+    let (io, buf, features) = match connect(ctx, gw, index).await {
+        Ok(c) => c,
+        Err(e) => {
+            gw.gw.status.failed();
+            return Err(e);
+        }
+    };
+    if gw.gw.status.connected() == 1 {
+        tracing::info!(gateway = %gw.gw.label, "gateway up: first tunnel connected");
+    }
+    gw.gw.log_status();
+    let result = serve(ctx, gw, io, buf, index, features).await;
+    if gw.gw.status.ended() == 0 {
+        tracing::warn!(gateway = %gw.gw.label, "gateway down: no tunnel connected to it");
+    }
+    gw.gw.log_status();
+    result
 }
 
 /// Dials and upgrades: the stream, bytes read past the 101, the features.
 async fn connect(
     ctx: &Rc<CoreRx>,
+    gw: &CoreGateway,
     index: usize,
 ) -> Result<(GatewayStream, BytesMut, Features), TunnelError> {
-    let addr = ctx.gateway.authority();
-    let connect = TcpStream::connect(addr.as_str());
+    let gateway = &gw.gw.url;
+    let addr = gw.gw.addr;
+    let connect = TcpStream::connect(addr);
     let io = match monoio::time::timeout(ctx.connect_timeout, connect).await {
         Ok(Ok(s)) => s,
-        Ok(Err(source)) => return Err(TunnelError::Connect { addr, source }),
+        Ok(Err(source)) => {
+            return Err(TunnelError::Connect {
+                addr: addr.to_string(),
+                source,
+            })
+        }
         Err(_) => return Err(TunnelError::Timeout),
     };
     let _ = io.set_nodelay(true);
-    let mut io = match &ctx.tls {
+    let mut io = match &gw.gw.dialer {
         None => GatewayStream::Plain(io),
         Some(d) => match monoio::time::timeout(ctx.connect_timeout, d.handshake(io)).await {
             Ok(r) => r?,
@@ -216,13 +257,13 @@ async fn connect(
         },
     };
     let key = ws::client_key();
-    let host = ctx.gateway.host_header();
-    let mut headers = auth_headers(ctx, &host);
+    let host = gateway.host_header();
+    let mut headers = auth_headers(ctx, gateway, &host);
     headers.push((FEATURES_HEADER, Features::SUPPORTED.to_header_value()));
     headers.push((INSTANCE_HEADER, ctx.instance.clone()));
     let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
     let mut req = Vec::with_capacity(1024);
-    ws::write_client_request(&mut req, &host, &ctx.gateway.path, &key, &headers);
+    ws::write_client_request(&mut req, &host, &gateway.path, &key, &headers);
     let (r, _) = io.write_all(req).await;
     r.map_err(|e| TunnelError::Handshake(e.to_string()))?;
 
@@ -269,17 +310,15 @@ async fn connect(
         .and_then(|v| v.trim().parse::<usize>().ok())
         .unwrap_or(1)
         .clamp(1, 64);
-    ctx.count.offer(want);
+    gw.gw.count.offer(want);
     let _ = buf.split_to(resp.head_len);
-    tracing::info!(tunnel = index, gateway = %addr, features = %features.to_header_value(), "tunnel connected");
+    tracing::info!(tunnel = index, gateway = %gw.gw.label, features = %features.to_header_value(), "tunnel connected");
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
             out,
-            "anp-proxy receiver tunnel {index} connected to {}://{}{}",
-            if ctx.gateway.tls { "wss" } else { "ws" },
-            ctx.gateway.authority(),
-            ctx.gateway.path
+            "anp-proxy receiver tunnel {index} connected to {}",
+            gw.gw.label
         );
         let _ = out.flush();
     }
@@ -308,6 +347,7 @@ async fn read_some<S: AsyncReadRent>(
 
 async fn serve<S>(
     ctx: &Rc<CoreRx>,
+    gw: &Rc<CoreGateway>,
     io: S,
     leftover: BytesMut,
     index: usize,
@@ -340,6 +380,7 @@ where
     };
     monoio::spawn(drain::leave(
         ctx.clone(),
+        gw.clone(),
         out.clone(),
         leaving.clone(),
         index,
@@ -350,7 +391,7 @@ where
     // (one `writev`, no copy); over TLS rustls copies anyway.
     let mut engine = ctx.engine.clone();
     engine.zero_mask = features.zeromask;
-    engine.vectored = features.zeromask && ctx.tls.is_none();
+    engine.vectored = features.zeromask && gw.gw.dialer.is_none();
     let (ended, closing) = engine::run(io, leftover, out, rx, &engine, &mut sink).await;
     leaving.ended.raise();
     // Dropping the entries cancels the upstream calls still running: their
@@ -758,10 +799,7 @@ mod cancel_props {
     fn core(app: SocketAddr, permits: usize) -> Rc<CoreRx> {
         let up = super::super::app_conn::parse(&format!("http://{app}")).unwrap();
         let up = super::super::app_conn::AppTarget::new(up, "", None).unwrap();
-        let gw = super::super::url::parse("ws://127.0.0.1:9/ws", ("ws", "wss")).unwrap();
         Rc::new(CoreRx {
-            gateway: gw,
-            tls: None,
             token: String::new(),
             instance: "prop".into(),
             did: None,
@@ -788,7 +826,7 @@ mod cancel_props {
             upstream_timeout: None,
             max_body: 1 << 20,
             reconnect_max: Duration::from_secs(1),
-            count: std::sync::Arc::new(super::super::TunnelCount::new(1)),
+            shutdown_grace: Duration::from_secs(1),
             drain: CoreDrain::default(),
         })
     }

@@ -17,6 +17,11 @@
 //! `did_proxy_path`) are caught by the poller's full re-read every
 //! `resync_interval`.
 //!
+//! Spent DID-WBA nonces (issue 13): `did_nonces`, one row per proof a
+//! gateway accepted (a SHA-256 of DID and nonce, and when the row may go),
+//! so gateways sharing the database refuse a proof replayed from one to
+//! another (`auth::didwba::shared`). Expired rows are deleted as it goes.
+//!
 //! Every call here blocks on a database: never call it on a monoio
 //! runtime's thread. The gateway reads the table on its own thread
 //! ([`reload`]) and hands cores finished route tables.
@@ -81,6 +86,32 @@ pub trait Backend: Send {
     fn last_seq(&mut self) -> Result<u64, RegistryError>;
     /// Changes with a sequence above `after`, in order.
     fn changes_since(&mut self, after: u64) -> Result<Vec<Change>, RegistryError>;
+    /// Records a spent nonce under `key` until `expires` (Unix seconds):
+    /// true when it was not recorded yet (or only by a row expired by
+    /// `now`), false when a live row holds it (a replay). Atomic across
+    /// every process sharing the database (the key is unique).
+    fn spend_nonce(
+        &mut self,
+        key: &NonceKey,
+        expires: i64,
+        now: i64,
+    ) -> Result<bool, RegistryError>;
+    /// Deletes the nonce rows expired by `now`; how many went.
+    fn prune_nonces(&mut self, now: i64) -> Result<u64, RegistryError>;
+}
+
+/// A spent nonce's row key: SHA-256 of `did`, a newline, `nonce` (fixed
+/// width whatever the DID's length; the DID and nonce are not stored).
+pub type NonceKey = [u8; 32];
+
+/// The [`NonceKey`] of `did`'s `nonce`.
+pub fn nonce_key(did: &str, nonce: &str) -> NonceKey {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(did.as_bytes());
+    h.update(b"\n");
+    h.update(nonce.as_bytes());
+    h.finalize().into()
 }
 
 /// What [`Registry::add`] did.
@@ -129,6 +160,22 @@ impl Registry {
     /// The changes after sequence `after`, in commit order.
     pub fn changes_since(&mut self, after: u64) -> Result<Vec<Change>, RegistryError> {
         self.backend.changes_since(after)
+    }
+
+    /// Records `key` spent until `expires`: false for a replay
+    /// ([`Backend::spend_nonce`]).
+    pub fn spend_nonce(
+        &mut self,
+        key: &NonceKey,
+        expires: i64,
+        now: i64,
+    ) -> Result<bool, RegistryError> {
+        self.backend.spend_nonce(key, expires, now)
+    }
+
+    /// Deletes expired nonce rows; how many went.
+    pub fn prune_nonces(&mut self, now: i64) -> Result<u64, RegistryError> {
+        self.backend.prune_nonces(now)
     }
 
     /// Every `(did, proxy_path)`, ordered by `did`, then `proxy_path`.

@@ -9,7 +9,7 @@ use mysql::prelude::Queryable;
 use mysql::{Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, PooledConn, TxOpts};
 
 use super::error::RegistryError;
-use super::{Backend, Change, Row, Version};
+use super::{Backend, Change, NonceKey, Row, Version};
 use crate::config::{secs, DatabaseConfig};
 
 /// `utf8mb4_bin`: paths and DIDs compare byte for byte, as in SQLite, so
@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS did_proxy_path (
 /// database made by an earlier version upgrades in place. Writers take the
 /// `registry_meta` row lock first, so changes commit in `seq` order (InnoDB
 /// hands out auto-increment values before commit).
-const CHANGE_SCHEMA: [&str; 3] = [
+const CHANGE_SCHEMA: [&str; 4] = [
     "CREATE TABLE IF NOT EXISTS registry_meta (
     id TINYINT UNSIGNED NOT NULL PRIMARY KEY,
     version BIGINT UNSIGNED NOT NULL DEFAULT 0,
@@ -42,6 +42,12 @@ const CHANGE_SCHEMA: [&str; 3] = [
     proxy_path VARCHAR(255) NOT NULL,
     added TINYINT NOT NULL
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+    // Spent DID-WBA nonces shared by the gateways (`super::nonce_key`).
+    "CREATE TABLE IF NOT EXISTS did_nonces (
+    nonce_key BINARY(32) NOT NULL PRIMARY KEY,
+    expires BIGINT NOT NULL,
+    KEY idx_did_nonces_expires (expires)
+) ENGINE=InnoDB",
 ];
 
 pub struct MysqlRegistry {
@@ -227,5 +233,35 @@ impl Backend for MysqlRegistry {
                 added: added != 0,
             })
             .collect())
+    }
+
+    fn spend_nonce(
+        &mut self,
+        key: &NonceKey,
+        expires: i64,
+        now: i64,
+    ) -> Result<bool, RegistryError> {
+        let mut c = self.conn()?;
+        let run = |c: &mut PooledConn| -> Result<bool, mysql::Error> {
+            // The primary key decides between gateways racing with one
+            // proof: one INSERT IGNORE lands, the other affects no row.
+            c.exec_drop(
+                "DELETE FROM did_nonces WHERE nonce_key = ? AND expires <= ?",
+                (&key[..], now),
+            )?;
+            c.exec_drop(
+                "INSERT IGNORE INTO did_nonces (nonce_key, expires) VALUES (?, ?)",
+                (&key[..], expires),
+            )?;
+            Ok(c.affected_rows() == 1)
+        };
+        run(&mut c).map_err(|e| self.err(e))
+    }
+
+    fn prune_nonces(&mut self, now: i64) -> Result<u64, RegistryError> {
+        let mut c = self.conn()?;
+        c.exec_drop("DELETE FROM did_nonces WHERE expires <= ?", (now,))
+            .map_err(|e| self.err(e))?;
+        Ok(c.affected_rows())
     }
 }

@@ -415,6 +415,17 @@ mod tests {
             let db = self.0.lock().unwrap();
             Ok(db.log.iter().filter(|c| c.seq > after).cloned().collect())
         }
+        fn spend_nonce(
+            &mut self,
+            _: &crate::registry::NonceKey,
+            _: i64,
+            _: i64,
+        ) -> Result<bool, crate::registry::RegistryError> {
+            unreachable!()
+        }
+        fn prune_nonces(&mut self, _: i64) -> Result<u64, crate::registry::RegistryError> {
+            unreachable!()
+        }
     }
 
     impl FakeDb {

@@ -1,7 +1,8 @@
 //! The embedded registry: one SQLite file (rusqlite, bundled), created with
 //! its directory on first open. WAL mode, so `anp-proxy routes …` can write
 //! while a gateway's poller reads. `registry_meta` and `registry_changes`
-//! (the change counter and log, `super::Version`) are created when missing,
+//! (the change counter and log, `super::Version`) and `did_nonces` (spent
+//! DID-WBA nonces) are created when missing,
 //! so a file made by an earlier version keeps working.
 
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::error::RegistryError;
-use super::{Backend, Change, Row, Version};
+use super::{Backend, Change, NonceKey, Row, Version};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS did_proxy_path (
@@ -34,6 +35,11 @@ CREATE TABLE IF NOT EXISTS registry_changes (
     proxy_path VARCHAR(255) NOT NULL,
     added INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS did_nonces (
+    nonce_key BLOB PRIMARY KEY,
+    expires INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idx_did_nonces_expires ON did_nonces(expires);
 ";
 
 pub struct SqliteRegistry {
@@ -220,5 +226,35 @@ impl Backend for SqliteRegistry {
             rows.collect()
         };
         run().map_err(|e| self.err(e))
+    }
+
+    fn spend_nonce(
+        &mut self,
+        key: &NonceKey,
+        expires: i64,
+        now: i64,
+    ) -> Result<bool, RegistryError> {
+        let run = || -> rusqlite::Result<bool> {
+            // Two statements, no transaction needed: the key is unique, so
+            // of two gateways racing with one proof only one insert lands.
+            self.conn
+                .prepare_cached("DELETE FROM did_nonces WHERE nonce_key = ?1 AND expires <= ?2")?
+                .execute(params![&key[..], now])?;
+            let n = self
+                .conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO did_nonces (nonce_key, expires) VALUES (?1, ?2)",
+                )?
+                .execute(params![&key[..], expires])?;
+            Ok(n == 1)
+        };
+        run().map_err(|e| self.err(e))
+    }
+
+    fn prune_nonces(&mut self, now: i64) -> Result<u64, RegistryError> {
+        self.conn
+            .execute("DELETE FROM did_nonces WHERE expires <= ?1", [now])
+            .map(|n| n as u64)
+            .map_err(|e| self.err(e))
     }
 }

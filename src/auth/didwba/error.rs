@@ -23,6 +23,9 @@ pub enum DidAuthError {
     NonceReplayed,
     #[error("too many nonces in flight; try again later")]
     NonceCacheFull,
+    /// The shared nonce cache (the registry database) could not record it.
+    #[error("shared nonce cache unavailable: {0}")]
+    NonceStore(String),
     #[error("service domain `{0}` is not one this gateway serves")]
     ServiceDomain(String),
     #[error("missing Host header")]
@@ -63,6 +66,7 @@ impl DidAuthError {
             DidAuthError::SignatureExpired(_) => "signature_expired",
             DidAuthError::NonceReplayed => "nonce_replayed",
             DidAuthError::NonceCacheFull => "nonce_cache_full",
+            DidAuthError::NonceStore(_) => "nonce_store_unavailable",
             DidAuthError::ServiceDomain(_) => "service_domain_mismatch",
             DidAuthError::MissingHost => "missing_host",
             DidAuthError::NoRoutes(_) => "no_routes",

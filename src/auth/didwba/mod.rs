@@ -10,6 +10,7 @@
 //! document checks); [`resolve`] fetches documents (dir, base URL or HTTPS,
 //! with limits and caches); [`DidAuth`] joins them for the gateway.
 //! [`sign`] is the receiver's side and [`create`] is `anp-proxy did new`.
+//! [`shared`] records spent nonces in the registry database, for a fleet.
 //! Never runs on the request path: only on tunnel upgrades.
 
 pub mod binding;
@@ -21,6 +22,7 @@ pub mod header;
 pub mod keys;
 pub mod nonce;
 pub mod resolve;
+pub mod shared;
 pub mod sign;
 pub mod sigs;
 pub mod time;
@@ -34,13 +36,27 @@ pub use resolve::{Resolver, ResolverConfig, Source};
 pub use sign::{DidSigner, SigningKey};
 pub use verify::{DidRequest, Verifier, VerifierConfig};
 
-use crate::config::AuthConfig;
+use crate::config::{AuthConfig, Config};
+use crate::registry::{Registry, RegistryError};
 
-/// The gateway's DID-WBA verifier and document resolver.
+pub use shared::SharedNonces;
+
+/// The gateway's DID-WBA verifier and document resolver, and the fleet's
+/// shared nonce cache when `shared_nonces` is on.
 #[derive(Debug)]
 pub struct DidAuth {
     pub verifier: Verifier,
     pub resolver: Resolver,
+    pub shared: Option<SharedNonces>,
+}
+
+/// Why the shared nonce cache did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedNoncesError {
+    #[error("gateway.auth.shared_nonces: {0}")]
+    Registry(#[from] RegistryError),
+    #[error("gateway.auth.shared_nonces: cannot start its thread: {0}")]
+    Thread(#[from] std::io::Error),
 }
 
 impl DidAuth {
@@ -48,7 +64,24 @@ impl DidAuth {
         Self {
             verifier: Verifier::new(verifier),
             resolver: Resolver::new(resolver),
+            shared: None,
         }
+    }
+
+    /// The gateway's: [`Self::from_config`], and with
+    /// `[gateway.auth] shared_nonces` the shared nonce cache over its own
+    /// handle on the registry database (blocks: call before the cores run).
+    pub fn for_gateway(cfg: &Config) -> Result<Self, SharedNoncesError> {
+        let mut auth = Self::from_config(&cfg.gateway.auth, &cfg.base_dir);
+        if cfg.gateway.auth.shared_nonces {
+            let store = SharedNonces::start(Registry::open(cfg)?)?;
+            tracing::info!(
+                database = store.describe(),
+                "DID nonces shared through the registry database"
+            );
+            auth.shared = Some(store);
+        }
+        Ok(auth)
     }
 
     /// From `[gateway.auth]`; relative paths resolve from `base_dir`.
@@ -103,6 +136,12 @@ impl DidAuth {
         // The fetch may have taken a while: judge the nonce at the time it
         // is recorded.
         self.verifier.finish(&pre, req, &doc, time::now_unix())?;
+        // Then the fleet's: a proof another gateway took is a replay here.
+        if let Some(shared) = &self.shared {
+            shared
+                .spend(pre.did().did, pre.nonce(), self.verifier.nonce_expiry(&pre))
+                .await?;
+        }
         Ok(pre.did().did.to_owned())
     }
 }

@@ -115,6 +115,10 @@ impl<'a> Prechecked<'a> {
     pub fn did(&self) -> &DidWba<'a> {
         &self.did
     }
+
+    pub fn nonce(&self) -> &'a str {
+        self.nonce
+    }
 }
 
 #[derive(Debug)]
@@ -265,6 +269,12 @@ impl Verifier {
         })
     }
 
+    /// Until when `p`'s nonce must be remembered: after that its timestamp
+    /// is outside the window, which refuses a replay by itself.
+    pub fn nonce_expiry(&self, p: &Prechecked<'_>) -> i64 {
+        p.timestamp.saturating_add(self.cfg.window_past as i64 + 1)
+    }
+
     /// Checks the proof against the DID's document, then spends the nonce.
     pub fn finish(
         &self,
@@ -304,7 +314,7 @@ impl Verifier {
                 input, signature, ..
             } => verify_http(input, signature, req, &key)?,
         }
-        let expires = p.timestamp.saturating_add(self.cfg.window_past as i64 + 1);
+        let expires = self.nonce_expiry(p);
         self.nonces
             .lock()
             .unwrap_or_else(|e| e.into_inner())
