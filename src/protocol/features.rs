@@ -132,7 +132,13 @@ mod tests {
         );
         assert_eq!(
             Features::SUPPORTED.to_header_value(),
-            "exact, stream, cancel, binmeta"
+            "exact, stream, cancel, binmeta, zeromask"
+        );
+        // `zeromask` needs nothing else.
+        assert!(
+            Features::parse(b"zeromask")
+                .intersect(Features::SUPPORTED)
+                .zeromask
         );
         assert!(
             !Features::parse(b"binmeta")
