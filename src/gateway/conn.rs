@@ -85,6 +85,11 @@ pub async fn serve_conn<S>(
         }
         // Named the tunnel path but is no upgrade: an ordinary request.
         drop(upgrade);
+        // A public client's WebSocket also leaves the loop: pass-through
+        // (gateway/passthrough.rs), or the 501 a peer without it gets.
+        if c.accepts != Accepts::Tunnels && head.upgrade && is_websocket_upgrade(&head, &head_buf) {
+            return c.into_passthrough(head, head_buf, started).await;
+        }
         // 3. Everything else is counted and access-logged.
         if !c.serve_request(&head, &head_buf, started).await {
             return;
@@ -232,6 +237,25 @@ where
         let (io, buf, peer, tls) = (self.io, self.buf, self.peer, self.tls);
         Box::pin(accept_tunnel(
             ctx, io, head, head_buf, buf, peer, tls, slot, dl,
+        ))
+        .await;
+    }
+
+    /// A WebSocket upgrade on a public path: the connection leaves the
+    /// HTTP loop for `passthrough::serve`, which answers or relays it.
+    async fn into_passthrough(mut self, head: RequestHead, head_buf: Bytes, started: Instant) {
+        // A long-lived stream does not hold a drain (its tunnel's in-flight
+        // entry does, until `shutdown_grace`).
+        drop(self.busy.take());
+        let from = super::passthrough::From {
+            peer: self.peer,
+            conn_id: self.conn_id,
+            tls: self.tls,
+            tunnels_elsewhere: self.accepts == Accepts::Requests,
+        };
+        let (ctx, io, buf, out) = (self.ctx, self.io, self.buf, self.out);
+        Box::pin(super::passthrough::serve(
+            ctx, io, buf, out, head, head_buf, from, started,
         ))
         .await;
     }

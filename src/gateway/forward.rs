@@ -66,6 +66,54 @@ pub fn build_request_meta(
     b.finish_request()
 }
 
+/// [`build_request_meta`] for a WebSocket upgrade (PROTOCOL.md §7.6):
+/// the same fields, plus the client's `Upgrade` field(s), which name the
+/// protocol the app is asked to switch to. `Connection` stays out (the
+/// receiver writes `Connection: upgrade` to the app itself); the
+/// `Sec-WebSocket-*` fields are end-to-end and travel as any other.
+pub fn build_upgrade_meta(
+    head: &RequestHead,
+    buf: &[u8],
+    peer: SocketAddr,
+    tls: bool,
+    trust_forwarded: bool,
+) -> binmeta::Request {
+    let target = origin_form(&buf[head.target.clone()]);
+    let mut b = Builder::request(head.method(buf).as_bytes(), target, head.head_len + 192);
+    let seen = client_headers(&mut b, head, buf, None, trust_forwarded);
+    for h in &head.headers {
+        if buf[h.name.clone()].eq_ignore_ascii_case(b"upgrade") {
+            b.field(b"upgrade", &buf[h.value.clone()]);
+        }
+    }
+    push_forwarding(&mut b, seen, peer, tls);
+    b.finish_request()
+}
+
+/// The 101 written to the client for an upgraded stream: the app's
+/// fields as relayed (its `Upgrade` and `Sec-WebSocket-*`), minus any
+/// framing or other hop-by-hop field, plus `Connection: upgrade`. What
+/// follows on the connection is the app's bytes.
+pub fn write_upgrade_head(out: &mut Vec<u8>, meta: &binmeta::Response) {
+    http::headers::write_status_line(out, 101, b"Switching Protocols");
+    let hop = HopByHop::of(meta.fields());
+    for (name, value) in meta.fields() {
+        let keep = name.eq_ignore_ascii_case(b"upgrade") || !hop.drops(name);
+        if !keep
+            || name.eq_ignore_ascii_case(b"content-length")
+            || !valid_field_name(name)
+            || !valid_field_value(value)
+        {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"connection: upgrade\r\n\r\n");
+}
+
 /// What the client's own forwarding headers said (kept only with
 /// `trust_forwarded`), and its Host.
 #[derive(Default)]

@@ -40,6 +40,11 @@ pub struct Features {
     /// Only together with `stream` (the reassembler of whole messages
     /// reads JSON only).
     pub binmeta: bool,
+    /// WebSocket pass-through (PROTOCOL.md §7.6): an `Upgrade` request
+    /// answered 101 becomes a full-duplex byte stream under its
+    /// `request_id`. Only together with `stream` (it rides on streamed
+    /// bodies and their credit).
+    pub upgrade: bool,
 }
 
 impl Features {
@@ -49,6 +54,7 @@ impl Features {
         stream: true,
         cancel: true,
         binmeta: true,
+        upgrade: true,
     };
 
     /// Parses a comma-separated token list; unknown tokens are ignored.
@@ -64,6 +70,8 @@ impl Features {
                 f.cancel = true;
             } else if tok.eq_ignore_ascii_case(b"binmeta") {
                 f.binmeta = true;
+            } else if tok.eq_ignore_ascii_case(b"upgrade") {
+                f.upgrade = true;
             }
         }
         f
@@ -76,6 +84,7 @@ impl Features {
             stream: self.stream && other.stream,
             cancel: self.cancel && other.cancel,
             binmeta: self.binmeta && other.binmeta && self.stream && other.stream,
+            upgrade: self.upgrade && other.upgrade && self.stream && other.stream,
         }
     }
 
@@ -93,6 +102,9 @@ impl Features {
         }
         if self.binmeta {
             v.push("binmeta");
+        }
+        if self.upgrade {
+            v.push("upgrade");
         }
         v.join(", ")
     }
@@ -122,7 +134,18 @@ mod tests {
         );
         assert_eq!(
             Features::SUPPORTED.to_header_value(),
-            "exact, stream, cancel, binmeta"
+            "exact, stream, cancel, binmeta, upgrade"
+        );
+        assert!(
+            !Features::parse(b"upgrade")
+                .intersect(Features::SUPPORTED)
+                .upgrade,
+            "upgrade is only answered together with stream"
+        );
+        assert!(
+            Features::parse(b"stream, upgrade")
+                .intersect(Features::SUPPORTED)
+                .upgrade
         );
         assert!(
             !Features::parse(b"binmeta")

@@ -233,6 +233,17 @@ impl Upstream {
         Ok(s)
     }
 
+    /// A connection of its own for an upgraded stream (WebSocket
+    /// pass-through, `receiver/passthrough.rs`): never pooled, never reused.
+    pub async fn dedicated(&self) -> Result<TcpStream, UpstreamError> {
+        self.connect().await
+    }
+
+    /// The `Host` sent when the request carries none.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
     /// Calls the app and sends the response to `sink` as it is read. A
     /// pooled connection that turns out stale (closed before any response
     /// byte) is retried once on a fresh one, when the body can be replayed.
@@ -680,7 +691,7 @@ impl Attempt {
 /// ANPX response meta, straight from the head's bytes: the header lines
 /// in order, without the hop-by-hop fields and those the app's
 /// `Connection` names.
-fn response_meta(resp: &http::ResponseHead, buf: &[u8]) -> binmeta::Response {
+pub(super) fn response_meta(resp: &http::ResponseHead, buf: &[u8]) -> binmeta::Response {
     let fields = || {
         resp.headers
             .iter()

@@ -1,0 +1,310 @@
+//! WebSocket pass-through end to end (issue 14, PROTOCOL.md §7.6): a real
+//! WebSocket app and a real client library (Python `websockets` from PyPI,
+//! in the venv `tests/interop/setup_venv.sh` makes under
+//! `target/interop-venv`; `tests/ws_passthrough/ws.py`) talking through the
+//! real gateway and receiver binaries on one tunnel. The scenarios check
+//! their own results (every echo compared, every close code); this file
+//! starts the processes, waits on their lines and checks what the gateway
+//! says about the streams (access log, metrics, log lines).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::procs::{Gateway, GatewayConfig, Proc, Receiver, ALICE_TOKEN};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+/// Hang guard for one scenario (a loaded machine, a debug build).
+const RUN: Duration = Duration::from_secs(240);
+
+fn python() -> &'static Path {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        let venv = Path::new(ROOT).join("target/interop-venv");
+        let st = Command::new("bash")
+            .arg(Path::new(ROOT).join("tests/interop/setup_venv.sh"))
+            .arg(&venv)
+            .status()
+            .expect("run setup_venv.sh");
+        assert!(st.success(), "expected setup_venv.sh to install websockets");
+        venv.join("bin/python")
+    })
+}
+
+fn script() -> String {
+    format!("{ROOT}/tests/ws_passthrough/ws.py")
+}
+
+/// The WebSocket app, once it listens.
+fn ws_app() -> (Proc, SocketAddr) {
+    let mut p = Proc::start("ws-app", python(), [script().as_str(), "app"], &[]);
+    let line = p.wait_line("LISTENING <port>", |l| l.starts_with("LISTENING "));
+    let port: u16 = line["LISTENING ".len()..].trim().parse().expect("port");
+    (p, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// Runs client scenario `name`; its `RESULT` JSON (panics on `FAIL`).
+fn scenario(name: &str, args: &[&str]) -> serde_json::Value {
+    let mut argv = vec![script(), "client".into(), name.into()];
+    argv.extend(args.iter().map(|a| a.to_string()));
+    let mut p = Proc::start(&format!("ws-{name}"), python(), &argv, &[]);
+    let line = p.wait_line_within(&format!("{name}: RESULT or FAIL"), RUN, |l| {
+        l.starts_with("RESULT ") || l.starts_with("FAIL ")
+    });
+    assert!(line.starts_with("RESULT "), "scenario {name}: {line}");
+    let v: serde_json::Value = serde_json::from_str(&line["RESULT ".len()..]).expect("json");
+    println!("{name}: {v}");
+    v
+}
+
+/// One core, one tunnel (everything shares it), access log on stdout,
+/// admin listener for `/metrics`.
+struct Rig {
+    app: Proc,
+    gw: Gateway,
+    admin: SocketAddr,
+    rx: Receiver,
+}
+
+impl Rig {
+    fn start(extra_gateway_toml: &str) -> Rig {
+        let (app, app_addr) = ws_app();
+        let cfg = GatewayConfig {
+            workers: 1,
+            extra_gateway_toml: extra_gateway_toml.into(),
+            logging_toml: "level = \"info\"\nlog_dir = \"\"\naccess_log = true\n".into(),
+            ..GatewayConfig::default()
+        };
+        let (gw, admin) = Gateway::start_with_admin(&cfg);
+        let mut rx = Receiver::start(gw.addr, app_addr, ALICE_TOKEN, 1);
+        rx.wait_connected(1);
+        Rig { app, gw, admin, rx }
+    }
+
+    fn ws(&self) -> String {
+        format!("ws://{}/alice", self.gw.addr)
+    }
+
+    fn http(&self) -> String {
+        format!("http://{}/alice", self.gw.addr)
+    }
+
+    /// A metric's value on `/metrics`.
+    fn metric(&self, name: &str) -> u64 {
+        let r = common::client::request(self.admin, "GET", "/metrics", &[], b"");
+        let text = r.body_text();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} not on /metrics:\n{text}"))
+    }
+
+    /// Waits for the gateway's access-log line of a finished stream to
+    /// `path` (status 101); its JSON.
+    fn access_line(&mut self, path: &str) -> serde_json::Value {
+        let want = format!("\"path\":\"{path}\"");
+        let line = self
+            .gw
+            .proc
+            .wait_line(&format!("access line of {path}"), |l| {
+                l.contains(&want) && l.contains("\"status\":101")
+            });
+        serde_json::from_str(&line).expect("access line json")
+    }
+}
+
+#[test]
+fn echo_pings_pushes_and_close_codes_pass_through() {
+    let mut r = Rig::start("");
+    let ws = r.ws();
+    // 10,000 messages, text and binary alternating, up to 1 MiB, each
+    // compared with what was sent.
+    let v = scenario("echo", &[&ws, "10000"]);
+    assert_eq!(v["echoed"], 10_000);
+    r.app.wait_line("the app's end of the echo session", |l| {
+        l == "APP_CLOSED echo 1000"
+    });
+    let line = r.access_line("/alice/echo");
+    let (up, down) = (
+        line["bytes_in"].as_u64().unwrap(),
+        line["bytes_out"].as_u64().unwrap(),
+    );
+    assert!(
+        up > 10 << 20 && down > 10 << 20,
+        "one access line for the stream, with its bytes each way (ten 1 MiB messages went each way): {line}"
+    );
+    assert!(line["duration_ms"].as_f64().unwrap() > 0.0, "{line}");
+    // Pings from the client get their pongs (from the app: we relay).
+    let v = scenario("ping", &[&ws]);
+    assert_eq!(v["pongs"], 20);
+    // The app pushes to a silent client.
+    let v = scenario("push", &[&ws, "1000"]);
+    assert_eq!(v["pushed"], 1000);
+    // Close codes both ways: the app reports what the client sent...
+    let v = scenario("close", &[&ws]);
+    for code in ["1000", "1001", "4000"] {
+        let want = format!("APP_CLOSED client{code} {code}");
+        r.app.wait_line(&want, |l| l == want);
+        // ...and the client checked what the app sent (with its reason).
+        assert_eq!(v["server_codes"][code], code.parse::<u64>().unwrap(), "{v}");
+    }
+    // Counted: every stream above opened and closed.
+    r.gw.proc
+        .wait_log(&["upgraded stream closed", "/alice/close"]);
+    assert!(r.metric("anp_upgraded_streams_total") >= 9);
+    let open = r.metric("anp_upgraded_streams_open");
+    assert!(open <= 1, "streams still open after their close: {open}");
+    drop(r.rx);
+}
+
+#[test]
+fn two_hundred_sessions_and_a_stalled_reader_on_one_tunnel() {
+    let r = Rig::start("");
+    // 200 sessions open at once on the one tunnel, each echoing, while
+    // HTTP requests keep being served through it.
+    let v = scenario("many", &[&r.ws(), &r.http(), "200"]);
+    assert_eq!(v["sessions"], 200);
+    assert!(v["http"]["during"].as_u64().unwrap() > 0, "{v}");
+    // A client that reads nothing while the app floods it: 4,000 echoes
+    // and 50 HTTP requests beside it complete, and the flood is held to a
+    // bounded amount (the app blocks in its send).
+    let v = scenario("stall", &[&r.ws(), &r.http()]);
+    assert_eq!(v["echoed"], 4000);
+    assert_eq!(v["http"], 50);
+    assert!(r.metric("anp_upgraded_streams_total") >= 203);
+}
+
+#[test]
+fn garbage_after_the_101_and_a_killed_receiver_end_only_their_streams() {
+    let mut r = Rig::start("");
+    let ws = r.ws();
+    // Bytes that are no WebSocket frames: relayed, the app fails its
+    // connection, and it ends; nothing else is affected.
+    let v = scenario("garbage", &[&ws]);
+    assert_eq!(v["ended"], true);
+    r.app
+        .wait_line("the app's end of the garbage session", |l| {
+            l.starts_with("APP_CLOSED garbage ")
+        });
+    let v = scenario("echo", &[&ws, "200"]);
+    assert_eq!(v["echoed"], 200);
+    let h = common::client::request(r.gw.addr, "GET", "/alice/http/after-garbage", &[], b"");
+    assert_eq!(h.status, 200, "{}", h.summary());
+    // A session open when the receiver dies: the client's connection ends.
+    let mut p = Proc::start(
+        "ws-kill",
+        python(),
+        [script().as_str(), "client", "kill", &ws],
+        &[],
+    );
+    p.wait_line("READY", |l| l == "READY");
+    r.rx.kill();
+    let line = p.wait_line_within("RESULT or FAIL", RUN, |l| {
+        l.starts_with("RESULT ") || l.starts_with("FAIL ")
+    });
+    assert!(line.starts_with("RESULT "), "{line}");
+    r.gw.proc
+        .wait_log(&["upgraded stream closed", "reason=tunnel closed"]);
+}
+
+#[test]
+fn limits_per_identity_and_idle_streams() {
+    let mut r = Rig::start("max_upgraded_per_identity = 2\nupgrade_idle_timeout = 1\n");
+    let addr = r.gw.addr;
+    let handshake = |tag: &str| {
+        format!(
+            "GET /alice/echo?tag={tag} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+    };
+    let open = |tag: &str| {
+        let mut c = common::Conn::connect(addr);
+        c.write_raw(handshake(tag).as_bytes(), &["GET"]).unwrap();
+        let h = c.read_head_only().expect("101 head");
+        assert_eq!(h.0, 101, "{tag}");
+        c
+    };
+    let a = open("idle-a");
+    let b = open("idle-b");
+    // A third for the same identity: 503, with a log line saying why.
+    let third = common::client::send_raw(addr, handshake("third").as_bytes());
+    assert_eq!(third.status, 503, "{}", third.summary());
+    assert!(
+        third.body_text().contains("upgraded_limit"),
+        "{}",
+        third.summary()
+    );
+    r.gw.proc
+        .wait_log(&["max_upgraded_per_identity", "identity=alice"]);
+    // Silent for upgrade_idle_timeout: both ends are closed.
+    r.gw.proc
+        .wait_log(&["upgraded stream closed", "reason=idle"]);
+    r.gw.proc
+        .wait_log(&["upgraded stream closed", "reason=idle"]);
+    r.app.wait_line("the app sees the idle stream end", |l| {
+        l.starts_with("APP_CLOSED idle-a ")
+    });
+    drop((a, b));
+    // Places are free again.
+    let c = open("after-idle");
+    drop(c);
+}
+
+#[test]
+fn a_plain_v1_receiver_still_gets_501_and_h2c_is_not_upgraded() {
+    let app = common::App::start();
+    let gw = Gateway::start(&GatewayConfig {
+        workers: 1,
+        ..GatewayConfig::default()
+    });
+    let peer_script = format!("{ROOT}/tests/streaming/plain_v1_receiver.py");
+    let mut peer = Proc::start(
+        "plain-v1",
+        "python3",
+        [
+            peer_script.as_str(),
+            &gw.ws_url(),
+            ALICE_TOKEN,
+            &app.addr.to_string(),
+        ],
+        &[],
+    );
+    peer.wait_line("CONNECTED", |l| l.starts_with("CONNECTED "));
+    let mut c = common::Conn::connect(gw.addr);
+    let r = c.request(
+        "GET",
+        "/alice/chat",
+        &[
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"),
+        ],
+        &[],
+    );
+    assert_eq!(r.status, 501, "{}", r.summary());
+    assert!(r.body_text().contains("upgrade_refused"), "{}", r.summary());
+    assert!(c.is_closed_by_peer(), "the 501 closes the connection");
+    // h2c is never upgraded: served over HTTP/1.1 like any request.
+    let r = common::client::request(
+        gw.addr,
+        "GET",
+        "/alice/h2c",
+        &[
+            ("Upgrade", "h2c"),
+            ("Connection", "Upgrade, HTTP2-Settings"),
+            ("HTTP2-Settings", "AAMAAABkAAQCAAAAAAIAAAAA"),
+        ],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.summary());
+    let lines = peer.finish();
+    assert!(
+        !lines.iter().any(|l| l.starts_with("VIOLATION")),
+        "the plain peer got something it cannot take: {lines:?}"
+    );
+}
