@@ -174,7 +174,12 @@ fn two_hundred_sessions_and_a_stalled_reader_on_one_tunnel() {
     let v = scenario("stall", &[&r.ws(), &r.http()]);
     assert_eq!(v["echoed"], 4000);
     assert_eq!(v["http"], 50);
-    assert!(r.metric("anp_upgraded_streams_total") >= 203);
+    // The other way round: an app that reads nothing while the client
+    // keeps sending; the sender blocks, the others go on.
+    let v = scenario("stall_app", &[&r.ws(), &r.http()]);
+    assert_eq!(v["echoed"], 4000);
+    assert_eq!(v["http"], 50);
+    assert!(r.metric("anp_upgraded_streams_total") >= 206);
 }
 
 #[test]
@@ -306,5 +311,159 @@ fn a_plain_v1_receiver_still_gets_501_and_h2c_is_not_upgraded() {
     assert!(
         !lines.iter().any(|l| l.starts_with("VIOLATION")),
         "the plain peer got something it cannot take: {lines:?}"
+    );
+}
+
+// ---------------------------------------------------------------- half-close
+
+/// An app that answers every upgrade with a 101 and then does what its
+/// path says, reporting what it read to the test:
+/// `/alice/half/client-first`: reads to EOF, then writes `got N` and closes;
+/// `/alice/half/app-first`: writes `bye from app`, shuts its write side,
+/// then reads to EOF; `/alice/half/garbage`: writes bytes that are no
+/// WebSocket frames and closes.
+fn raw_upgrade_app() -> (SocketAddr, std::sync::mpsc::Receiver<(String, Vec<u8>)>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read(&mut b).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let path = head.split(' ').nth(1).unwrap_or_default().to_string();
+                let _ = s.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+                );
+                let mut read = Vec::new();
+                match path.as_str() {
+                    "/alice/half/client-first" => {
+                        let _ = s.read_to_end(&mut read);
+                        let _ = s.write_all(format!("got {}", read.len()).as_bytes());
+                    }
+                    "/alice/half/app-first" => {
+                        let _ = s.write_all(b"bye from app");
+                        let _ = s.shutdown(std::net::Shutdown::Write);
+                        let _ = s.read_to_end(&mut read);
+                    }
+                    _ => {
+                        let _ = s.write_all(&[0xff, 0x00, 0x13, 0x37, b'\r', b'\n', 0x80]);
+                    }
+                }
+                let _ = tx.send((head, read));
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Opens an upgrade to `path` through the gateway; the stream after the
+/// 101 head (which is returned too).
+fn raw_upgrade(gw: SocketAddr, path: &str) -> (std::net::TcpStream, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(gw).unwrap();
+    s.set_read_timeout(Some(RUN)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {gw}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "closed in the head: {head:?}");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    (s, head)
+}
+
+#[test]
+fn half_close_travels_both_ways_and_app_bytes_are_relayed_as_they_are() {
+    use std::io::{Read, Write};
+    let (app, seen) = raw_upgrade_app();
+    let gw = Gateway::start(&GatewayConfig {
+        workers: 1,
+        ..GatewayConfig::default()
+    });
+    let mut rx = Receiver::start(gw.addr, app, ALICE_TOKEN, 1);
+    rx.wait_connected(1);
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+
+    // The client shuts its write side: the app reads to EOF, and its
+    // answer still reaches the client after that.
+    let (mut s, head) = raw_upgrade(gw.addr, "/alice/half/client-first");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("upgrade: websocket\r\n"), "{head}");
+    assert!(lower.contains("connection: upgrade\r\n"), "{head}");
+    assert!(
+        lower.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=\r\n"),
+        "{head}"
+    );
+    s.write_all(&body).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let (app_head, app_read) = seen.recv_timeout(RUN).expect("the app saw EOF");
+    assert!(
+        app_read == body,
+        "the app read {} bytes, not the 300,000 sent",
+        app_read.len()
+    );
+    let app_head = app_head.to_ascii_lowercase();
+    assert!(
+        app_head.contains("connection: upgrade\r\n") && app_head.contains("upgrade: websocket\r\n"),
+        "{app_head}"
+    );
+    assert!(
+        app_head.contains("sec-websocket-key: dghlihnhbxbszsbub25jzq==\r\n"),
+        "{app_head}"
+    );
+    let mut got = String::new();
+    s.read_to_string(&mut got).unwrap();
+    assert_eq!(
+        got, "got 300000",
+        "the app's answer after the client's half-close"
+    );
+
+    // The app shuts its write side: the client reads its bytes and EOF,
+    // and what it sends afterwards still reaches the app.
+    let (mut s, _) = raw_upgrade(gw.addr, "/alice/half/app-first");
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"bye from app");
+    s.write_all(&body).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let (_, app_read) = seen
+        .recv_timeout(RUN)
+        .expect("the app saw the client's bytes and EOF");
+    assert!(
+        app_read == body,
+        "after the app's half-close the app read {} bytes",
+        app_read.len()
+    );
+
+    // Bytes that are no WebSocket frames, from the app: relayed as they
+    // are, then the close.
+    let (mut s, _) = raw_upgrade(gw.addr, "/alice/half/garbage");
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, [0xff, 0x00, 0x13, 0x37, b'\r', b'\n', 0x80]);
+    let h = common::client::request(gw.addr, "GET", "/alice/after", &[], b"");
+    assert_eq!(
+        h.status,
+        502,
+        "the raw app answers no HTTP: {}",
+        h.summary()
     );
 }

@@ -91,6 +91,9 @@ enum End {
     Closed,
     /// No byte either way for `upgrade_idle_timeout`.
     Idle,
+    /// The app side returned no credit for `upgrade_idle_timeout` while
+    /// the client had bytes for it.
+    Stalled,
     /// The client's connection failed (read or write error).
     Client(&'static str),
     /// The tunnel, the receiver or the app failed (or timed out waiting
@@ -103,6 +106,7 @@ impl std::fmt::Display for End {
         match self {
             End::Closed => f.write_str("closed by both ends"),
             End::Idle => f.write_str("idle for upgrade_idle_timeout"),
+            End::Stalled => f.write_str("app side read nothing for upgrade_idle_timeout"),
             End::Client(w) => write!(f, "client connection {w}"),
             End::Peer(ProxyError::TunnelClosed) => f.write_str("tunnel closed"),
             End::Peer(e) => write!(f, "{e}"),
@@ -142,7 +146,7 @@ pub(super) async fn serve<S>(
     let mut ex = ctx.obs.begin(started, head.head_len);
     let peer = from.peer;
     let opened = open(&ctx, &head, &head_buf, &from, &mut ex).await;
-    let (tunnel_up, waiter, slot) = match opened {
+    let (tunnel_up, waiter, slot, place) = match opened {
         Ok(o) => o,
         Err(e) => {
             let w = refuse(&mut io, &mut out, &e, raw_path, peer).await;
@@ -155,7 +159,9 @@ pub(super) async fn serve<S>(
     let mut up = tunnel_up;
     let mut waiter = waiter;
     // The app's answer: 101, or an ordinary response.
-    let resp = match waiter.wait(ctx.settings.timeout).await {
+    let resp = waiter.wait(ctx.settings.timeout).await;
+    drop(place);
+    let resp = match resp {
         Ok(r) => r,
         Err(e) => {
             up.abort("upgrade failed");
@@ -205,7 +211,7 @@ pub(super) async fn serve<S>(
     let why = relay(&ctx, io, buf, &mut up, body, &counts).await;
     up.abort(match &why {
         End::Closed => "closed",
-        End::Idle => "upgrade_idle_timeout",
+        End::Idle | End::Stalled => "upgrade_idle_timeout",
         _ => "upgraded stream failed",
     });
     m.upgraded_closed();
@@ -241,7 +247,14 @@ async fn refuse<S: AsyncWriteRent>(
     (w.status, w.bytes)
 }
 
-type Opened<'a> = (Uploader, super::tunnel::Waiter, OpenSlot<'a>);
+/// The request under way: its sending half, its waiter, its place among
+/// the identity's streams, and its place in flight (held until the answer).
+type Opened<'a> = (
+    Uploader,
+    super::tunnel::Waiter,
+    OpenSlot<'a>,
+    super::admission::Place,
+);
 
 /// Everything before the app's answer: the route, its tunnel on this core
 /// (which must have negotiated `upgrade`), the identity's stream limit and
@@ -300,7 +313,7 @@ async fn open<'a>(
             "upgraded stream refused: max_upgraded_per_identity streams are open");
         return Err(ProxyError::UpgradedLimit(max));
     };
-    let _place = ctx.admission.enter(&identity).await?;
+    let place = ctx.admission.enter(&identity).await?;
     let meta = build_upgrade_meta(head, head_buf, from.peer, from.tls, s.trust_forwarded);
     // An upload piece waits for credit at most the idle limit: an app that
     // reads nothing for that long ends the stream like silence would.
@@ -309,7 +322,7 @@ async fn open<'a>(
         .unwrap_or(Duration::from_secs(100 * 86_400));
     let (up, waiter) = tunnel.start_duplex(ctx, meta, wait)?;
     ex.request_id = Some(waiter.request_id());
-    Ok((up, waiter, slot))
+    Ok((up, waiter, slot, place))
 }
 
 /// Bytes relayed each way, and when the last one moved.
@@ -372,19 +385,27 @@ async fn client_to_app<R: AsyncReadRent>(
     loop {
         while !buf.is_empty() {
             let p = buf.split_to(buf.len().min(piece)).freeze();
-            up.send(p, false).await.map_err(End::Peer)?;
+            up.send(p, false).await.map_err(upload_failed)?;
         }
         buf.reserve(piece);
         let (r, b) = crate::net::read_append(&mut rd, buf).await;
         buf = b;
         match r {
-            Ok(0) => return up.send(Bytes::new(), true).await.map_err(End::Peer),
+            Ok(0) => return up.send(Bytes::new(), true).await.map_err(upload_failed),
             Ok(n) => {
                 counts.up.set(counts.up.get() + n as u64);
                 counts.seen.set(Instant::now());
             }
             Err(_) => return Err(End::Client("read failed")),
         }
+    }
+}
+
+/// Why an upload piece could not go: no credit in time, or the peer.
+fn upload_failed(e: ProxyError) -> End {
+    match e {
+        ProxyError::Timeout => End::Stalled,
+        e => End::Peer(e),
     }
 }
 

@@ -11,6 +11,7 @@ for (`APP_CLOSED <tag> <code>`). Its routes (any prefix, by last segment):
     /push?n=N        sends N text messages `push i` at once, then waits
     /close?code=C    closes at once with code C
     /flood           sends 64 KiB binary messages for ever (counted)
+    /deaf            never reads
     /http/...        plain HTTP (no upgrade): /http/flood-sent answers the
                      bytes /flood has sent so far, anything else `ok`
 A client scenario prints `RESULT {json}` and exits 0, or prints `FAIL ...`
@@ -69,6 +70,9 @@ async def handler(ws):
         await ws.wait_closed()
     elif last == "close":
         await ws.close(int(args["code"]), "server bye")
+    elif last == "deaf":
+        # Never reads: what the client sends piles up until it blocks.
+        await asyncio.Future()
     elif last == "flood":
         chunk = os.urandom(65536)
         try:
@@ -245,6 +249,39 @@ async def scenario_stall(base, http_base):
     if sent2 > (48 << 20):
         fail(f"the flood app sent {sent2} bytes to a client that reads nothing")
     return {"echoed": echoed, "http": https, "flood_sent": [sent1, sent2]}
+
+
+async def scenario_stall_app(base, http_base):
+    """An app that stops reading (the client keeps sending) stalls nobody:
+    the sender blocks after a bounded amount while an echo session and
+    HTTP requests on the same tunnel complete."""
+    deaf = await connect(f"{base}/deaf", max_size=MAX, ping_interval=None)
+    sent = [0]
+    chunk = os.urandom(65536)
+
+    async def pour():
+        while True:
+            await deaf.send(chunk)
+            sent[0] += len(chunk)
+
+    pouring = asyncio.create_task(pour())
+    while sent[0] < (1 << 20):
+        await asyncio.sleep(0.01)
+    echoed = await echo(base, 2000, tag="beside-deaf")
+    https = 0
+    for _ in range(50):
+        status, _ = await asyncio.to_thread(http_get, f"{http_base}/http/ping")
+        https += status == 200
+    sent1 = sent[0]
+    echoed += await echo(base, 2000, tag="beside-deaf-2")
+    sent2 = sent[0]
+    pouring.cancel()
+    deaf.transport.abort()
+    if https != 50:
+        fail(f"HTTP beside the deaf app: {https} of 50")
+    if sent2 > (48 << 20):
+        fail(f"the client sent {sent2} bytes to an app that reads nothing")
+    return {"echoed": echoed, "http": https, "client_sent": [sent1, sent2]}
 
 
 async def scenario_kill(base):
