@@ -61,8 +61,8 @@ fn scenario(name: &str, args: &[&str]) -> serde_json::Value {
     v
 }
 
-/// One core, one tunnel (everything shares it), access log on stdout,
-/// admin listener for `/metrics`.
+/// `workers` cores, one tunnel (everything shares it), access log on
+/// stdout, admin listener for `/metrics`.
 struct Rig {
     app: Proc,
     gw: Gateway,
@@ -72,9 +72,13 @@ struct Rig {
 
 impl Rig {
     fn start(extra_gateway_toml: &str) -> Rig {
+        Rig::with_workers(1, extra_gateway_toml)
+    }
+
+    fn with_workers(workers: u32, extra_gateway_toml: &str) -> Rig {
         let (app, app_addr) = ws_app();
         let cfg = GatewayConfig {
-            workers: 1,
+            workers,
             extra_gateway_toml: extra_gateway_toml.into(),
             logging_toml: "level = \"info\"\nlog_dir = \"\"\naccess_log = true\n".into(),
             ..GatewayConfig::default()
@@ -162,12 +166,20 @@ fn echo_pings_pushes_and_close_codes_pass_through() {
 
 #[test]
 fn two_hundred_sessions_and_a_stalled_reader_on_one_tunnel() {
-    let r = Rig::start("");
+    // Two cores, one tunnel: the connections accepted on the core without
+    // it are handed to the one with it (counted as cross-core).
+    let r = Rig::with_workers(2, "");
     // 200 sessions open at once on the one tunnel, each echoing, while
     // HTTP requests keep being served through it.
     let v = scenario("many", &[&r.ws(), &r.http(), "200"]);
     assert_eq!(v["sessions"], 200);
     assert!(v["http"]["during"].as_u64().unwrap() > 0, "{v}");
+    let moved = r.metric("anp_proxy_cross_core_dispatch_total");
+    println!("sessions (and HTTP requests) from the core without the tunnel: {moved}");
+    assert!(
+        moved > 0,
+        "200 connections over two cores: some must have moved"
+    );
     // A client that reads nothing while the app floods it: 4,000 echoes
     // and 50 HTTP requests beside it complete, and the flood is held to a
     // bounded amount (the app blocks in its send).

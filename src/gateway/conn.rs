@@ -252,6 +252,7 @@ where
             conn_id: self.conn_id,
             tls: self.tls,
             tunnels_elsewhere: self.accepts == Accepts::Requests,
+            moved: false,
         };
         let (ctx, io, buf, out) = (self.ctx, self.io, self.buf, self.out);
         Box::pin(super::passthrough::serve(

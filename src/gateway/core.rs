@@ -77,6 +77,9 @@ pub struct TunnelOwner {
 pub enum CoreMsg {
     Request(CrossRequest),
     Tunnel(TunnelHandoff),
+    /// A WebSocket upgrade for an identity with no tunnel on the core that
+    /// accepted it, moved to one that has (`gateway/passthrough.rs`).
+    Upgrade(super::passthrough::UpgradeHandoff),
     /// A new route table from the registry poller (`registry::reload`).
     Routes(RoutesUpdate),
     /// SIGTERM/SIGINT, phase 1: stop accepting and finish what is in
@@ -240,7 +243,7 @@ impl Shared {
     }
 
     /// A core other than `not` with a tunnel for `identity`, spread by `hint`.
-    fn remote_core(&self, identity: &str, not: usize, hint: u64) -> Option<usize> {
+    pub(super) fn remote_core(&self, identity: &str, not: usize, hint: u64) -> Option<usize> {
         self.book().remote_core(identity, not, hint)
     }
 
@@ -730,6 +733,7 @@ impl CoreCtx {
                     tracing::debug!(core = ctx.index, "TLS acceptors replaced");
                     let _ = done.send(ctx.index);
                 }
+                CoreMsg::Upgrade(h) => super::passthrough::resume(ctx.clone(), h),
                 CoreMsg::Tunnel(h) => {
                     let std = std::net::TcpStream::from(h.fd);
                     match monoio::net::TcpStream::from_std(std) {

@@ -14,8 +14,9 @@
 //! a byte ends both. Each stream is counted (`anp_upgraded_streams_*`) and
 //! access-logged once, at its end (status 101, bytes each way, duration).
 //!
-//! Never: a stream that crosses cores (its tunnel must be on this core);
-//! touching an ordinary request's path (`conn.rs` calls in only for
+//! An upgrade for an identity whose tunnels are all on other cores moves
+//! there, socket and all (plain TCP; a TLS one gets 503 like a request
+//! with no tunnel). Never: a byte stream relayed across cores; touching an ordinary request's path (`conn.rs` calls in only for
 //! `Upgrade: websocket`).
 
 use std::cell::Cell;
@@ -35,6 +36,7 @@ use super::respond::{write_error, write_out, write_response};
 use super::routes::IdentityName;
 use super::tunnel::{BodyEvent, BodyStream, RespBody, RespHead, Uploader};
 use crate::http::{BodyKind, RequestHead};
+use crate::net::Movable;
 use crate::protocol::stream::{self, DEFAULT_WINDOW};
 
 /// Upgraded streams open per identity, all cores together
@@ -122,6 +124,64 @@ pub(super) struct From {
     pub tls: bool,
     /// This port opens no tunnels (`tunnel_port` is set): the 501 says so.
     pub tunnels_elsewhere: bool,
+    /// Handed over from another core already: served here or refused,
+    /// never moved again.
+    pub moved: bool,
+}
+
+/// An upgrade whose identity has no tunnel on the core that accepted it,
+/// on its way to a core that has one (plain TCP only: a TLS session stays
+/// where it was accepted). What was read of the connection goes with it.
+pub struct UpgradeHandoff {
+    fd: std::os::fd::OwnedFd,
+    buf: BytesMut,
+    head: RequestHead,
+    head_buf: Bytes,
+    peer: SocketAddr,
+    conn_id: u64,
+    tunnels_elsewhere: bool,
+    started: Instant,
+}
+
+/// The core `route`'s identity has a tunnel on, when this one has none.
+fn elsewhere(ctx: &CoreCtx, head: &RequestHead, head_buf: &[u8], hint: u64) -> Option<usize> {
+    let (raw_path, _) = head.path_query(head_buf);
+    let path = percent_encoding::percent_decode(raw_path).decode_utf8_lossy();
+    let routes = ctx.routes();
+    let route = routes.lookup(&path)?;
+    if ctx.local_tunnel(&route.identity, hint).is_some() {
+        return None;
+    }
+    ctx.shared.remote_core(&route.identity, ctx.index, hint)
+}
+
+/// On the receiving core: the handed-over upgrade is served here.
+pub(super) fn resume(ctx: Rc<CoreCtx>, h: UpgradeHandoff) {
+    let std = std::net::TcpStream::from(h.fd);
+    match monoio::net::TcpStream::from_std(std) {
+        Ok(io) => {
+            let from = From {
+                peer: h.peer,
+                conn_id: h.conn_id,
+                tls: false,
+                tunnels_elsewhere: h.tunnels_elsewhere,
+                moved: true,
+            };
+            monoio::spawn(serve(
+                ctx,
+                io,
+                h.buf,
+                Vec::new(),
+                h.head,
+                h.head_buf,
+                from,
+                h.started,
+            ));
+        }
+        Err(e) => {
+            tracing::warn!(peer = %h.peer, error = %e, "handed-over WebSocket upgrade could not be registered")
+        }
+    }
 }
 
 /// Serves one `Upgrade: websocket` request to its end: refused, answered
@@ -138,10 +198,44 @@ pub(super) async fn serve<S>(
     from: From,
     started: Instant,
 ) where
-    S: AsyncReadRent + AsyncWriteRent + Splitable + 'static,
+    S: AsyncReadRent + AsyncWriteRent + Splitable + Movable + 'static,
     S::OwnedRead: AsyncReadRent + 'static,
     S::OwnedWrite: AsyncWriteRent + 'static,
 {
+    // No tunnel of the identity on this core, one on another: the
+    // connection moves there (a byte stream cannot take the whole-message
+    // cross-core path), counted as a cross-core dispatch.
+    if S::MOVABLE && !from.moved {
+        if let Some(core) = elsewhere(&ctx, &head, &head_buf, from.conn_id) {
+            match io.into_owned_fd() {
+                Ok(fd) => {
+                    let h = UpgradeHandoff {
+                        fd,
+                        buf,
+                        head,
+                        head_buf,
+                        peer: from.peer,
+                        conn_id: from.conn_id,
+                        tunnels_elsewhere: from.tunnels_elsewhere,
+                        started,
+                    };
+                    ctx.shared
+                        .counters
+                        .cross_core_dispatch_total
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(peer = %from.peer, from = ctx.index, to = core, "WebSocket upgrade handed to another core");
+                    if ctx.shared.inboxes[core]
+                        .unbounded_send(super::core::CoreMsg::Upgrade(h))
+                        .is_err()
+                    {
+                        tracing::error!(peer = %from.peer, "core inbox closed; upgrade dropped");
+                    }
+                    return;
+                }
+                Err(back) => io = back,
+            }
+        }
+    }
     let (raw_path, _) = head.path_query(&head_buf);
     let mut ex = ctx.obs.begin(started, head.head_len);
     let peer = from.peer;
@@ -299,7 +393,8 @@ async fn open<'a>(
     if !ctx.wait_for_tunnel(&identity).await {
         return Err(ProxyError::NoTunnel(identity.to_string()));
     }
-    // A byte stream cannot take the whole-message cross-core path.
+    // A byte stream cannot take the whole-message cross-core path (plain
+    // TCP was moved to a core with a tunnel before; TLS cannot move).
     let Some(tunnel) = ctx.local_tunnel(&identity, from.conn_id) else {
         return Err(ProxyError::NoTunnel(identity.to_string()));
     };
