@@ -49,9 +49,14 @@ fn ws_app() -> (Proc, SocketAddr) {
 
 /// Runs client scenario `name`; its `RESULT` JSON (panics on `FAIL`).
 fn scenario(name: &str, args: &[&str]) -> serde_json::Value {
+    scenario_env(name, args, &[])
+}
+
+/// [`scenario`] with environment variables (`WS_CA_FILE` for wss://).
+fn scenario_env(name: &str, args: &[&str], env: &[(String, String)]) -> serde_json::Value {
     let mut argv = vec![script(), "client".into(), name.into()];
     argv.extend(args.iter().map(|a| a.to_string()));
-    let mut p = Proc::start(&format!("ws-{name}"), python(), &argv, &[]);
+    let mut p = Proc::start(&format!("ws-{name}"), python(), &argv, env);
     let line = p.wait_line_within(&format!("{name}: RESULT or FAIL"), RUN, |l| {
         l.starts_with("RESULT ") || l.starts_with("FAIL ")
     });
@@ -478,4 +483,53 @@ fn half_close_travels_both_ways_and_app_bytes_are_relayed_as_they_are() {
         "the raw app answers no HTTP: {}",
         h.summary()
     );
+}
+
+#[test]
+fn wss_clients_through_a_tls_gateway() {
+    // The public port serves TLS; the client speaks wss:// (a TLS stream
+    // split in two halves, shut down on the app's EOF).
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = common::procs::run([
+        "cert",
+        "new",
+        "--out",
+        d.to_str().unwrap(),
+        "--file",
+        "server",
+        "127.0.0.1",
+    ]);
+    assert!(out.status.success(), "cert new: {out:?}");
+    let (mut app, app_addr) = ws_app();
+    let cfg = GatewayConfig {
+        workers: 1,
+        extra_gateway_toml: format!(
+            "[gateway.tls]\nenabled = true\ncert_file = {:?}\nkey_file = {:?}\n",
+            d.join("server.crt"),
+            d.join("server.key")
+        ),
+        ..GatewayConfig::default()
+    };
+    let gw = Gateway::start(&cfg);
+    let mut rcfg = common::procs::ReceiverConfig::new(gw.addr, app_addr, ALICE_TOKEN, 1);
+    rcfg.gateway_url = format!("wss://{}/ws", gw.addr);
+    rcfg.extra_toml += &format!("ca_file = {:?}\n", d.join("ca.crt"));
+    let mut rx = Receiver::start_with(&rcfg);
+    rx.wait_connected(1);
+    let env = [(
+        "WS_CA_FILE".to_string(),
+        d.join("ca.crt").to_string_lossy().into_owned(),
+    )];
+    let ws = format!("wss://{}/alice", gw.addr);
+    let v = scenario_env("echo", &[&ws, "2000"], &env);
+    assert_eq!(v["echoed"], 2000);
+    let v = scenario_env("ping", &[&ws], &env);
+    assert_eq!(v["pongs"], 20);
+    let v = scenario_env("close", &[&ws], &env);
+    assert_eq!(v["server_codes"]["4000"], 4000, "{v}");
+    for code in ["1000", "1001", "4000"] {
+        let want = format!("APP_CLOSED client{code} {code}");
+        app.wait_line(&want, |l| l == want);
+    }
 }

@@ -33,6 +33,16 @@ from websockets.exceptions import ConnectionClosed
 
 MAX = 4 << 20
 FLOOD_SENT = [0]
+# wss:// and https:// through a gateway with TLS: trust this CA file.
+SSL = None
+if os.environ.get("WS_CA_FILE"):
+    import ssl
+
+    SSL = ssl.create_default_context(cafile=os.environ["WS_CA_FILE"])
+
+
+def tls(url):
+    return {"ssl": SSL} if url.startswith("wss:") else {}
 
 
 def say(line):
@@ -115,7 +125,7 @@ def body(i):
 
 
 async def echo(base, n=10_000, batch=100, tag="echo"):
-    async with connect(f"{base}/echo?tag={tag}", max_size=MAX, ping_interval=None) as ws:
+    async with connect(f"{base}/echo?tag={tag}", max_size=MAX, ping_interval=None, **tls(base)) as ws:
         for start in range(0, n, batch):
             msgs = [body(i) for i in range(start, min(n, start + batch))]
             for m in msgs:
@@ -134,7 +144,7 @@ async def scenario_echo(base, n):
 
 
 async def scenario_ping(base):
-    async with connect(f"{base}/echo?tag=ping", ping_interval=None) as ws:
+    async with connect(f"{base}/echo?tag=ping", ping_interval=None, **tls(base)) as ws:
         for i in range(20):
             waiter = await ws.ping(f"ping-{i}".encode())
             latency = await asyncio.wait_for(waiter, 10)
@@ -161,13 +171,13 @@ async def scenario_close(base):
     client checks what it got)."""
     got = {}
     for code in (1000, 1001, 4000):
-        async with connect(f"{base}/echo?tag=client{code}", ping_interval=None) as ws:
+        async with connect(f"{base}/echo?tag=client{code}", ping_interval=None, **tls(base)) as ws:
             await ws.send("hi")
             await ws.recv()
             await ws.close(code, "client bye")
             if ws.close_code != code:
                 fail(f"client close {code}: echoed close code {ws.close_code}")
-        async with connect(f"{base}/close?code={code}", ping_interval=None) as ws:
+        async with connect(f"{base}/close?code={code}", ping_interval=None, **tls(base)) as ws:
             try:
                 await ws.recv()
                 fail(f"server close {code}: a message instead of the close")
@@ -180,7 +190,7 @@ async def scenario_close(base):
 
 
 def http_get(url):
-    with urllib.request.urlopen(url, timeout=30) as r:
+    with urllib.request.urlopen(url, timeout=30, context=SSL) as r:
         return r.status, r.read()
 
 
