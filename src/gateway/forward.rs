@@ -467,6 +467,60 @@ mod tests {
     }
 
     #[test]
+    fn an_upgrade_keeps_its_upgrade_field_and_the_101_says_connection_upgrade() {
+        let raw: &[u8] = b"GET /chat?x=1 HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\
+            Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: k==\r\n\
+            Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat\r\n\r\n";
+        let head = http::parse_request_head(raw, &http::Limits::default())
+            .unwrap()
+            .unwrap();
+        assert!(head.upgrade);
+        let peer: SocketAddr = "192.0.2.1:5".parse().unwrap();
+        let meta = build_upgrade_meta(&head, raw, peer, false, false);
+        assert_eq!(meta.target(), b"/chat?x=1");
+        let fields: Vec<(&[u8], &[u8])> = meta.fields().collect();
+        let names: Vec<&str> = fields
+            .iter()
+            .map(|(n, _)| std::str::from_utf8(n).unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "Host",
+                "Sec-WebSocket-Key",
+                "Sec-WebSocket-Version",
+                "Sec-WebSocket-Protocol",
+                "upgrade",
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-forwarded-host",
+                "forwarded"
+            ],
+            "no Connection; the Upgrade field travels"
+        );
+        assert!(fields.contains(&(&b"upgrade"[..], &b"websocket"[..])));
+        // The ordinary meta of the same head has no Upgrade (hop-by-hop).
+        let plain = build_request_meta(&head, raw, peer, false, None, false);
+        assert!(!plain
+            .fields()
+            .any(|(n, _)| n.eq_ignore_ascii_case(b"upgrade")));
+
+        let mut b = Builder::response(101, b"Switching Protocols", 256);
+        b.field(b"Upgrade", b"websocket");
+        b.field(b"Connection", b"Upgrade");
+        b.field(b"Sec-WebSocket-Accept", b"abc=");
+        b.field(b"Content-Length", b"0");
+        b.field(b"X-Bad", b"a\r\nInjected: 1");
+        let mut out = Vec::new();
+        write_upgrade_head(&mut out, &b.finish_response());
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Accept: abc=\r\nconnection: upgrade\r\n\r\n"
+        );
+    }
+
+    #[test]
     fn request_meta_drops_what_the_clients_connection_names() {
         let raw: &[u8] = b"GET / HTTP/1.1\r\nHost: h\r\nX-Hop: 1\r\n\
             Connection: x-hop\r\nConnection: X-Second, Keep-Alive\r\nX-SECOND: 2\r\n\

@@ -308,3 +308,43 @@ async fn relay_response<S: AsyncReadRent>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_app_gets_connection_upgrade_and_the_101_keeps_its_upgrade() {
+        let mut b = binmeta::Builder::request(b"GET", b"/chat", 256);
+        b.field(b"Host", b"h");
+        b.field(b"Sec-WebSocket-Key", b"k==");
+        b.field(b"upgrade", b"websocket");
+        let meta = b.finish_request();
+        assert!(is_upgrade(&meta));
+        let mut out = Vec::new();
+        write_upgrade_request(&mut out, &meta, "app").unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /chat HTTP/1.1\r\nHost: h\r\nSec-WebSocket-Key: k==\r\n\
+             connection: upgrade\r\nupgrade: websocket\r\n\r\n"
+        );
+        let plain = binmeta::Builder::request(b"GET", b"/", 64).finish_request();
+        assert!(!is_upgrade(&plain));
+
+        let raw: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+            Connection: Upgrade, X-Hop\r\nX-Hop: 1\r\nSec-WebSocket-Accept: abc=\r\n\r\n";
+        let resp = http::parse_response_head(raw, &LIMITS, false)
+            .unwrap()
+            .unwrap();
+        let m = upgrade_meta(&resp, raw);
+        assert_eq!(m.status(), 101);
+        let fields: Vec<(&[u8], &[u8])> = m.fields().collect();
+        assert_eq!(
+            fields,
+            [
+                (&b"Upgrade"[..], &b"websocket"[..]),
+                (&b"Sec-WebSocket-Accept"[..], &b"abc="[..])
+            ]
+        );
+    }
+}
