@@ -533,3 +533,68 @@ fn wss_clients_through_a_tls_gateway() {
         app.wait_line(&want, |l| l == want);
     }
 }
+
+#[test]
+fn a_tungstenite_client_echoes_and_closes_with_its_code() {
+    // A second client library (Rust's tungstenite, blocking) against the
+    // same app: messages both kinds, a ping's pong, and a close code the
+    // app reports.
+    use tungstenite::protocol::frame::coding::CloseCode;
+    use tungstenite::protocol::CloseFrame;
+    use tungstenite::Message;
+    let mut r = Rig::start("");
+    let url = format!("{}/echo?tag=tungstenite", r.ws());
+    let tcp = std::net::TcpStream::connect(r.gw.addr).unwrap();
+    tcp.set_read_timeout(Some(RUN)).unwrap();
+    let (mut ws, resp) =
+        tungstenite::client(url.as_str(), tcp).expect("handshake through the gateway");
+    assert_eq!(resp.status(), 101);
+    for i in 0..200usize {
+        let m = if i % 2 == 0 {
+            Message::text(format!("text {i} {}", "x".repeat(i * 37)))
+        } else {
+            Message::binary(vec![i as u8; i * 1001])
+        };
+        ws.send(m.clone()).unwrap();
+        assert_eq!(ws.read().unwrap(), m, "echo {i}");
+    }
+    ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .unwrap();
+    ws.send(Message::text("after the ping")).unwrap();
+    let mut pong = false;
+    loop {
+        match ws.read().unwrap() {
+            Message::Pong(p) => {
+                assert_eq!(&p[..], b"are you there");
+                pong = true;
+            }
+            Message::Text(t) => {
+                assert_eq!(t.as_str(), "after the ping");
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(pong, "the pong came before the echo sent after the ping");
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Library(4000),
+        reason: "done".into(),
+    }))
+    .unwrap();
+    loop {
+        match ws.read() {
+            Ok(Message::Close(Some(f))) => {
+                assert_eq!(u16::from(f.code), 4000, "the app echoes the close code");
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::ConnectionClosed) => break,
+            Err(e) => panic!("closing: {e}"),
+        }
+    }
+    // The handshake is over: the client closes its socket (the app, which
+    // shut its side first, sees EOF through the tunnel).
+    drop(ws);
+    r.app.wait_line("APP_CLOSED tungstenite 4000", |l| {
+        l == "APP_CLOSED tungstenite 4000"
+    });
+}
