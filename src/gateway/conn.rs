@@ -274,20 +274,11 @@ where
         let method = head.method(head_buf);
         let is_head = method == "HEAD";
         let mut ex = ctx.obs.begin(started, head.head_len);
-        let refusal = if self.accepts == Accepts::Tunnels {
+        // (A WebSocket upgrade never gets here: `passthrough::serve` answers
+        // it, 501 included.)
+        if self.accepts == Accepts::Tunnels {
             // The tunnel port serves nothing else.
-            Some(ProxyError::NoRoute(
-                String::from_utf8_lossy(raw_path).into_owned(),
-            ))
-        } else if head.upgrade && is_websocket_upgrade(head, head_buf) {
-            Some(ProxyError::upgrade_refused(
-                &ctx.settings.tunnel_path,
-                self.accepts == Accepts::Requests,
-            ))
-        } else {
-            None
-        };
-        if let Some(err) = refusal {
+            let err = ProxyError::NoRoute(String::from_utf8_lossy(raw_path).into_owned());
             tracing::info!(%peer, error = %err, "request refused");
             let w = write_error(&mut self.io, &mut self.out, &err, is_head, true).await;
             ex.bytes_out += w.bytes;
