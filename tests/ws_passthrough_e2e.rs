@@ -232,48 +232,62 @@ fn garbage_after_the_101_and_a_killed_receiver_end_only_their_streams() {
         .wait_log(&["upgraded stream closed", "reason=tunnel closed"]);
 }
 
+/// A raw WebSocket handshake to the echo route, tagged.
+fn handshake(addr: SocketAddr, tag: &str) -> String {
+    format!(
+        "GET /alice/echo?tag={tag} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+/// An upgraded stream, open (its 101 read), that sends nothing.
+fn open_silent(addr: SocketAddr, tag: &str) -> common::Conn {
+    let mut c = common::Conn::connect(addr);
+    c.write_raw(handshake(addr, tag).as_bytes(), &["GET"])
+        .unwrap();
+    let h = c.read_head_only().expect("101 head");
+    assert_eq!(h.0, 101, "{tag}");
+    c
+}
+
 #[test]
-fn limits_per_identity_and_idle_streams() {
-    let mut r = Rig::start("max_upgraded_per_identity = 2\nupgrade_idle_timeout = 1\n");
+fn one_stream_over_max_upgraded_per_identity_gets_503() {
+    let mut r = Rig::start("max_upgraded_per_identity = 2\nupgrade_idle_timeout = 0\n");
     let addr = r.gw.addr;
-    let handshake = |tag: &str| {
-        format!(
-            "GET /alice/echo?tag={tag} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             Sec-WebSocket-Version: 13\r\n\r\n"
-        )
-    };
-    let open = |tag: &str| {
-        let mut c = common::Conn::connect(addr);
-        c.write_raw(handshake(tag).as_bytes(), &["GET"]).unwrap();
-        let h = c.read_head_only().expect("101 head");
-        assert_eq!(h.0, 101, "{tag}");
-        c
-    };
-    let a = open("idle-a");
-    let b = open("idle-b");
+    let a = open_silent(addr, "limit-a");
+    let b = open_silent(addr, "limit-b");
     // A third for the same identity: 503, with a log line saying why.
-    let third = common::client::send_raw(addr, handshake("third").as_bytes());
+    let third = common::client::send_raw(addr, handshake(addr, "third").as_bytes());
     assert_eq!(third.status, 503, "{}", third.summary());
     assert!(
         third.body_text().contains("upgraded_limit"),
         "{}",
         third.summary()
     );
+    assert!(third.header("retry-after").is_some(), "{}", third.summary());
     r.gw.proc
         .wait_log(&["max_upgraded_per_identity", "identity=alice"]);
-    // Silent for upgrade_idle_timeout: both ends are closed.
+    // One ends: its place is free again.
+    drop(a);
     r.gw.proc
-        .wait_log(&["upgraded stream closed", "reason=idle"]);
+        .wait_log(&["upgraded stream closed", "closed by both ends"]);
+    let c = open_silent(addr, "limit-c");
+    drop((b, c));
+}
+
+#[test]
+fn an_idle_stream_is_closed_at_both_ends() {
+    let mut r = Rig::start("upgrade_idle_timeout = 1\n");
+    let mut a = open_silent(r.gw.addr, "idle-a");
+    // Silent both ways for upgrade_idle_timeout: the gateway ends it, the
+    // app's connection is closed (through the receiver) and the client's.
     r.gw.proc
         .wait_log(&["upgraded stream closed", "reason=idle"]);
     r.app.wait_line("the app sees the idle stream end", |l| {
         l.starts_with("APP_CLOSED idle-a ")
     });
-    drop((a, b));
-    // Places are free again.
-    let c = open("after-idle");
-    drop(c);
+    assert!(a.is_closed_by_peer(), "the client's connection is closed");
 }
 
 #[test]
