@@ -222,6 +222,12 @@ pub struct GatewayConfig {
     /// Longest pause, in seconds, between pieces of a streamed response
     /// body (SSE, long downloads) before the client connection is closed.
     pub stream_idle_timeout: Seconds,
+    /// Seconds an upgraded (WebSocket pass-through) stream may carry no
+    /// byte in either direction before both ends are closed; 0 = no limit.
+    pub upgrade_idle_timeout: Seconds,
+    /// Upgraded streams open at once for one identity, all cores together;
+    /// one more is answered 503 + Retry-After (logged). 0 = no limit.
+    pub max_upgraded_per_identity: usize,
     /// Seconds allowed to receive a whole request head (408 after); also
     /// how long a new connection that has sent nothing yet is held.
     pub header_timeout: Seconds,
@@ -352,6 +358,8 @@ impl Default for GatewayConfig {
             timeout: Seconds(30.0),
             keepalive_timeout: Seconds(60.0),
             stream_idle_timeout: Seconds(300.0),
+            upgrade_idle_timeout: Seconds(300.0),
+            max_upgraded_per_identity: 1024,
             header_timeout: Seconds(10.0),
             request_body_timeout: Seconds(10.0),
             request_body_min_rate: 1024,

@@ -1,4 +1,4 @@
-//! `zeromask` (PROTOCOL.md §7.6) at the wire: a receiver whose gateway
+//! `zeromask` (PROTOCOL.md §7.7) at the wire: a receiver whose gateway
 //! answered `zeromask` masks every frame with the all-zero key, so the
 //! bytes it sends are the payload; one whose gateway did not masks with a
 //! random key, as RFC 6455 has it. With our own gateway the extension is

@@ -27,6 +27,11 @@ pub enum AppStream {
 
 crate::net::delegate_rent_io!(AppStream { Tcp, Tls, Unix });
 
+// SAFETY: every variant is `Split` (TcpStream and UnixStream are;
+// monoio-rustls's stream is when its IO is), and the enum adds no state
+// shared between the halves (an upgraded stream is split: pass-through).
+unsafe impl monoio::io::Split for AppStream {}
+
 impl AsRawFd for AppStream {
     /// The socket's descriptor, owned by the stream (valid while it lives).
     fn as_raw_fd(&self) -> RawFd {

@@ -17,6 +17,10 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
 
 use super::backoff::{self, Backoff};
+// WebSocket pass-through (src/receiver/passthrough.rs): declared here
+// rather than in receiver/mod.rs, which only this module uses it from.
+#[path = "passthrough.rs"]
+mod passthrough;
 use super::drain::{self, CoreDrain, Leaving};
 use super::fleet::CoreGateway;
 use super::sink::ResponseSink;
@@ -672,6 +676,21 @@ fn start_request(
         ctx.chunk_size,
         ctx.max_body,
     );
+    // WebSocket pass-through (PROTOCOL.md §7.6): an upgrade request of a
+    // gateway that negotiated it; its body is the client's byte stream.
+    let body = match body {
+        ReqBody::Stream(rx) if features.upgrade && passthrough::is_upgrade(&meta) => {
+            let (ctx, out, reqs) = (ctx.clone(), out.clone(), reqs.clone());
+            monoio::spawn(async move {
+                let rid = sink.request_id().to_owned();
+                passthrough::serve(ctx, out, meta, rx, sink, cancel_rx).await;
+                let gone = reqs.borrow_mut().remove(&rid);
+                drop(gone);
+            });
+            return;
+        }
+        body => body,
+    };
     monoio::spawn(handle_request(
         ctx.clone(),
         out.clone(),

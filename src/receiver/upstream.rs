@@ -227,6 +227,17 @@ impl Upstream {
         self.target.addr.connect().await
     }
 
+    /// A connection of its own for an upgraded stream (WebSocket
+    /// pass-through, `receiver/passthrough.rs`): never pooled, never reused.
+    pub async fn dedicated(&self) -> Result<AppStream, UpstreamError> {
+        self.connect().await
+    }
+
+    /// Where the app is and which `Host` it is sent.
+    pub fn target(&self) -> &AppTarget {
+        &self.target
+    }
+
     /// Calls the app and sends the response to `sink` as it is read. A
     /// pooled connection that turns out stale (closed before any response
     /// byte) is retried once on a fresh one, when the body can be replayed.
@@ -677,7 +688,7 @@ impl Attempt {
 /// ANPX response meta, straight from the head's bytes: the header lines
 /// in order, without the hop-by-hop fields and those the app's
 /// `Connection` names.
-fn response_meta(resp: &http::ResponseHead, buf: &[u8]) -> binmeta::Response {
+pub(super) fn response_meta(resp: &http::ResponseHead, buf: &[u8]) -> binmeta::Response {
     let fields = || {
         resp.headers
             .iter()

@@ -36,7 +36,7 @@ pub struct EngineConfig {
     /// Plain TCP: bodies may go out as their own iovecs (`ws/conn.rs`).
     /// In the client role only with `zero_mask` (random masking copies).
     pub vectored: bool,
-    /// Client role: the gateway negotiated `zeromask` (PROTOCOL.md §7.6),
+    /// Client role: the gateway negotiated `zeromask` (PROTOCOL.md §7.7),
     /// so frames carry the all-zero key. Set per tunnel.
     pub zero_mask: bool,
     /// Pings every this long; a peer silent for three is cut (1001).

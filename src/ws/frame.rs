@@ -115,7 +115,7 @@ impl From<OpCodeKind> for OpCode {
 /// at key index 0, and so does the remainder.
 pub fn apply_mask(buf: &mut [u8], key: [u8; 4]) {
     if key == [0; 4] {
-        return; // XOR with zeros (a `zeromask` receiver, PROTOCOL.md §7.6)
+        return; // XOR with zeros (a `zeromask` receiver, PROTOCOL.md §7.7)
     }
     let wide = u64::from_ne_bytes([
         key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
@@ -201,7 +201,7 @@ pub enum Masking {
     Random,
     /// The client role towards a gateway that negotiated `zeromask`: the
     /// MASK bit and an all-zero key, so the payload is sent as it is
-    /// (PROTOCOL.md §7.6).
+    /// (PROTOCOL.md §7.7).
     Zero,
 }
 
