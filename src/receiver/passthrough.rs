@@ -57,6 +57,7 @@ pub async fn serve(
     cancel: local_sync::oneshot::Receiver<()>,
 ) {
     let request_id = sink.request_id().to_owned();
+    let _counted = super::InFlight::start(&ctx.counters);
     let work = async {
         let permit = ctx.permits.acquire().await;
         let conn = ctx.upstream.dedicated().await?;
@@ -74,6 +75,9 @@ pub async fn serve(
         Some(Err(e)) => {
             let target = String::from_utf8_lossy(meta.target());
             let path = target.split('?').next().unwrap_or_default();
+            ctx.counters
+                .upstream_errors
+                .set(ctx.counters.upstream_errors.get() + 1);
             tracing::warn!(%request_id, %path, error = %e, "upgraded stream failed");
             let _ = out.send(Outgoing::Binary(anpx::encode_error(
                 &request_id,
