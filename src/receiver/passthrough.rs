@@ -20,7 +20,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 
 use crate::http::headers::HopByHop;
 use crate::http::{self, ChunkedDecoder, ChunkedStep, ResponseBody};
-use crate::protocol::anpx::{self, binmeta};
+use crate::protocol::anpx::binmeta;
 use crate::protocol::stream;
 use crate::receiver::sink::ResponseSink;
 use crate::receiver::tunnel::CoreRx;
@@ -75,14 +75,8 @@ pub async fn serve(
         Some(Err(e)) => {
             let target = String::from_utf8_lossy(meta.target());
             let path = target.split('?').next().unwrap_or_default();
-            ctx.counters
-                .upstream_errors
-                .set(ctx.counters.upstream_errors.get() + 1);
             tracing::warn!(%request_id, %path, error = %e, "upgraded stream failed");
-            let _ = out.send(Outgoing::Binary(anpx::encode_error(
-                &request_id,
-                &e.to_string(),
-            )));
+            super::report_failure(&ctx, &out, &request_id, &e);
         }
     }
 }

@@ -773,18 +773,23 @@ async fn handle_request(
             tracing::debug!(%request_id, "upstream call abandoned");
         }
         Some(Err(e)) => {
-            ctx.counters
-                .upstream_errors
-                .set(ctx.counters.upstream_errors.get() + 1);
             tracing::warn!(%request_id, method = %String::from_utf8_lossy(meta.method()), path = %path, error = %e, "upstream call failed");
-            let _ = out.send(Outgoing::Binary(anpx::encode_error(
-                &request_id,
-                &e.to_string(),
-            )));
+            report_failure(&ctx, &out, &request_id, &e);
         }
     }
     let gone = reqs.borrow_mut().remove(&request_id);
     drop(gone);
+}
+
+/// A call (or an upgraded stream) that failed: counted, and the gateway
+/// told with an error frame (it answers the client 502, or 504).
+fn report_failure(ctx: &CoreRx, out: &OutTx, request_id: &str, e: &UpstreamError) {
+    let c = &ctx.counters.upstream_errors;
+    c.set(c.get() + 1);
+    let _ = out.send(Outgoing::Binary(anpx::encode_error(
+        request_id,
+        &e.to_string(),
+    )));
 }
 
 /// The receiver's per-request state machine (`on_stream_frame`, the
