@@ -758,19 +758,19 @@ class Bench:
         out = []
         targets = self.overload_targets()
         if ANP in targets:
-            targets.append(ANP_LIMITS)
+            targets += list(ANP_VARIANTS)
         for f in factors:
             for label in targets:
-                t = ANP if label == ANP_LIMITS else label
+                t = ANP if label in ANP_VARIANTS else label
                 if t == ANP:
-                    self.set_limits(OVERLOAD_LIMITS if label == ANP_LIMITS else "")
+                    self.set_limits(ANP_VARIANTS.get(label, ""))
                 rate = f * maxes[t]
                 r = self.loadgen(t, OVERLOAD_BODY, 64, secs, warmup, rate=rate, timeout=OVERLOAD_TIMEOUT,
                                  extra=["--open", "--max-conns", str(OVERLOAD_MAX_CONNS)], sample=(t == ANP))
                 row = overload_row(label, f, maxes[t], rate, r)
-                if label == ANP_LIMITS:
-                    row["limits"] = OVERLOAD_LIMITS.strip().splitlines()
-                log(f"  [overload {f}x] {t:9s} offered {row['offered_rps']:8.0f}  goodput {row['goodput_rps']:8.0f}"
+                if label in ANP_VARIANTS:
+                    row["limits"] = ANP_VARIANTS[label].strip().splitlines()
+                log(f"  [overload {f}x] {label:16s} offered {row['offered_rps']:8.0f}  goodput {row['goodput_rps']:8.0f}"
                     f" ({row['goodput_vs_max']:.2f}x max)  served p99 {row['p99_us']}us"
                     f"  refused p99 {row['refused_p99_us']}us  errors {row['errors_by_kind']}")
                 out.append(row)
@@ -884,15 +884,18 @@ OVERLOAD_TIMEOUT = 10
 # served ~10 % of the closed-loop max even direct to the app).
 OVERLOAD_MAX_CONNS = 2048
 # The gateway's default places (1,024 in flight + 1,024 queued per identity
-# and core) hold all 2,048 connections: with them the excess waits, it is
-# never refused. Row `anp-proxy+limits` reloads the gateway with limits
-# sized as docs/OPERATIONS.md says (in flight about the concurrency of the
-# closed-loop max, queue about max rps per core x the queueing delay one
-# accepts), so that the excess is answered 503 at once.
-ANP_LIMITS = "anp-proxy+limits"
-OVERLOAD_LIMITS = """max_inflight_per_identity = 128
-max_queue_per_identity = 256
-"""
+# and core) hold all 2,048 connections: the excess waits, it is never
+# refused, and up to 2,048 requests are in flight to the receiver, which
+# passes up to its max_concurrent (1,024 here) on to the app at once. Two
+# more rows reload the gateway with other limits (SIGHUP) for the same
+# load: `+limits` keeps 32 per core in flight (about the concurrency the
+# closed-loop max runs at) and queues the rest (1,024 per core: nothing is
+# refused); `+shed` keeps the same 32 but queues only 128, so that most of
+# the excess is answered 503 at once.
+ANP_VARIANTS = {
+    "anp-proxy+limits": "max_inflight_per_identity = 32\nmax_queue_per_identity = 1024\n",
+    "anp-proxy+shed": "max_inflight_per_identity = 32\nmax_queue_per_identity = 128\n",
+}
 
 
 def error_kinds(r):
@@ -1140,13 +1143,13 @@ def overload_table(report):
         lines.append("")
         lines.append(f"overload, open loop, 1 KiB (client timeout {OVERLOAD_TIMEOUT} s, at most "
                      f"{OVERLOAD_MAX_CONNS} connections; goodput = 2xx/s):")
-        hdr = (f"  {'load':>4s} {'target':9s} {'max':>8s} {'offered':>8s} {'goodput':>8s} {'xmax':>5s} "
+        hdr = (f"  {'load':>4s} {'target':16s} {'max':>8s} {'offered':>8s} {'goodput':>8s} {'xmax':>5s} "
                f"{'p99 served':>11s} {'p99 refused':>11s}  errors by kind")
         lines.append(hdr)
         for r in over:
             e = {k: v for k, v in r["errors_by_kind"].items() if v}
             lines.append(
-                f"  {r['factor']:>3}x {r['target']:9s} {r['closed_max_rps']:8.0f} {r['offered_rps']:8.0f} "
+                f"  {r['factor']:>3}x {r['target']:16s} {r['closed_max_rps']:8.0f} {r['offered_rps']:8.0f} "
                 f"{r['goodput_rps']:8.0f} {fx(r['goodput_vs_max']):>5s} {r['p99_us']:>9d}us "
                 f"{(r.get('refused_p99_us') or 0):>9d}us  {e or 'none'}")
         lines.append("  goal (issue 12): goodput >= 0.9x the closed-loop max at 2x and 5x, the excess refused fast"

@@ -7,8 +7,9 @@ no dependencies, no network."""
 import html
 import math
 
-COLORS = {"direct": "#7f8c8d", "nginx": "#27ae60", "anp-proxy": "#2c6fbb", "anp-proxy+limits": "#8e44ad"}
-ORDER = ["direct", "nginx", "anp-proxy", "anp-proxy+limits"]
+COLORS = {"direct": "#7f8c8d", "nginx": "#27ae60", "anp-proxy": "#2c6fbb", "anp-proxy+limits": "#8e44ad",
+          "anp-proxy+shed": "#d35400"}
+ORDER = ["direct", "nginx", "anp-proxy", "anp-proxy+limits", "anp-proxy+shed"]
 
 
 def _fmt_bytes(n):
@@ -55,10 +56,10 @@ def render(report):
     text(20, 48, f"{m.get('cpu_model', '?')} · {m.get('cores', '?')} cores · kernel {m.get('kernel', '?')} · "
                  f"{m.get('date', '')} · commit {m.get('git_commit', '?')}", 11, fill="#555")
     # Legend
-    lx = W - 20 - 140 * len(targets)
+    lx = W - 20 - 135 * len(targets)
     for i, t in enumerate(targets):
-        out.append(f'<rect x="{lx + i * 140}" y="16" width="14" height="14" fill="{COLORS[t]}"/>')
-        text(lx + i * 140 + 20, 28, t, 12)
+        out.append(f'<rect x="{lx + i * 135}" y="16" width="14" height="14" fill="{COLORS[t]}"/>')
+        text(lx + i * 135 + 20, 28, t, 12)
     y = 70
 
     # --- throughput: one small bar group per cell, each cell scaled to its
