@@ -727,16 +727,18 @@ class Bench:
     def overload_targets(self):
         return [t for t in ("nginx", ANP) if t in self.targets]
 
-    def closed_max(self, secs, warmup):
+    def closed_max(self, secs, warmup, reps):
         """Each proxy target's closed-loop maximum (1 KiB, 64 connections),
-        measured now, in this run, right before it is offered 2x and 5x."""
-        out = {}
-        for t in self.overload_targets():
-            r = self.loadgen(t, OVERLOAD_BODY, 64, secs, warmup)
-            out[t] = r["rps"]
-            log(f"  [overload] {t:9s} closed-loop max {r['rps']:9.0f} rps  p99 {r['p99_us']}us"
-                f"  errors {r['errors']}")
-        return out
+        measured now, in this run, right before it is offered 2x and 5x:
+        the median of `reps` interleaved runs."""
+        runs = {t: [] for t in self.overload_targets()}
+        for _ in range(reps):
+            for t in runs:
+                r = self.loadgen(t, OVERLOAD_BODY, 64, secs, warmup)
+                runs[t].append(r["rps"])
+                log(f"  [overload] {t:9s} closed-loop max {r['rps']:9.0f} rps  p99 {r['p99_us']}us"
+                    f"  errors {r['errors']}")
+        return {t: statistics.median(v) for t, v in runs.items()}
 
     def set_limits(self, limits):
         """Rewrites the gateway's config with `limits` ([gateway] keys) and
@@ -751,28 +753,37 @@ class Bench:
         if m.group(1) != "ed":
             raise RuntimeError(f"gateway reload failed: {m.group(2)}")
 
-    def overload(self, maxes, factors, secs, warmup):
+    def overload(self, maxes, factors, secs, warmup, reps):
         """Open loop at `factor` times each target's own closed-loop max:
         offered and goodput (2xx) per second, errors by kind, the p99 of
-        the served and of the refused. Targets interleaved per factor."""
+        the served and of the refused. Targets interleaved, `reps` times
+        per factor; the row is the median repetition by goodput."""
         out = []
         targets = self.overload_targets()
         if ANP in targets:
             targets += list(ANP_VARIANTS)
         for f in factors:
-            for label in targets:
-                t = ANP if label in ANP_VARIANTS else label
-                if t == ANP:
-                    self.set_limits(ANP_VARIANTS.get(label, ""))
-                rate = f * maxes[t]
-                r = self.loadgen(t, OVERLOAD_BODY, 64, secs, warmup, rate=rate, timeout=OVERLOAD_TIMEOUT,
-                                 extra=["--open", "--max-conns", str(OVERLOAD_MAX_CONNS)], sample=(t == ANP))
-                row = overload_row(label, f, maxes[t], rate, r)
-                if label in ANP_VARIANTS:
-                    row["limits"] = ANP_VARIANTS[label].strip().splitlines()
-                log(f"  [overload {f}x] {label:16s} offered {row['offered_rps']:8.0f}  goodput {row['goodput_rps']:8.0f}"
-                    f" ({row['goodput_vs_max']:.2f}x max)  served p99 {row['p99_us']}us"
-                    f"  refused p99 {row['refused_p99_us']}us  errors {row['errors_by_kind']}")
+            per = {label: [] for label in targets}
+            for _ in range(reps):
+                for label in targets:
+                    t = ANP if label in ANP_VARIANTS else label
+                    if t == ANP:
+                        self.set_limits(ANP_VARIANTS.get(label, ""))
+                    rate = f * maxes[t]
+                    r = self.loadgen(t, OVERLOAD_BODY, 64, secs, warmup, rate=rate, timeout=OVERLOAD_TIMEOUT,
+                                     extra=["--open", "--max-conns", str(OVERLOAD_MAX_CONNS)], sample=(t == ANP))
+                    row = overload_row(label, f, maxes[t], rate, r)
+                    if label in ANP_VARIANTS:
+                        row["limits"] = ANP_VARIANTS[label].strip().splitlines()
+                    log(f"  [overload {f}x] {label:16s} offered {row['offered_rps']:8.0f}  goodput "
+                        f"{row['goodput_rps']:8.0f} ({row['goodput_vs_max']:.2f}x max)  served p99 {row['p99_us']}us"
+                        f"  refused p99 {row['refused_p99_us']}us  errors {row['errors_by_kind']}")
+                    per[label].append(row)
+            for label, rows in per.items():
+                ordered = sorted(rows, key=lambda r: r["goodput_rps"])
+                row = ordered[len(ordered) // 2]
+                row["reps"] = len(rows)
+                row["goodput_all"] = [r["goodput_rps"] for r in rows]
                 out.append(row)
         if ANP in targets:
             self.set_limits("")
@@ -799,9 +810,14 @@ class Bench:
         `flood_factor` times the max: B's p99 and errors both times, and
         what A got."""
         out = []
+        labels = self.overload_targets()
         if ANP in self.targets:
             self.fair_receivers()
-        for t in self.overload_targets():
+            labels.append(FAIR_VARIANT)
+        for label in labels:
+            t = ANP if label == FAIR_VARIANT else label
+            if t == ANP:
+                self.set_limits(ANP_VARIANTS.get(label, ""))
             b_rate = max(100, round(0.05 * maxes[t]))
             b_path, a_path = f"/fair-b/x?size={OVERLOAD_BODY}", f"/fair-a/x?size={OVERLOAD_BODY}"
             # B is open loop too: a paced set of few connections would fall
@@ -826,7 +842,7 @@ class Bench:
                 raise RuntimeError(f"flood loadgen failed ({a.returncode}): {a_err[-1000:]}")
             ar = json.loads(a_out.strip().splitlines()[-1])
             row = {
-                "target": t, "mode": "fairness", "body_bytes": OVERLOAD_BODY, "connections": None,
+                "target": label, "mode": "fairness", "body_bytes": OVERLOAD_BODY, "connections": None,
                 "closed_max_rps": round(maxes[t], 1), "b_rate": b_rate, "a_factor": flood_factor,
                 "b_p99_alone_us": alone["p99_us"], "b_p50_alone_us": alone["p50_us"],
                 "b_errors_alone": alone["errors"], "b_rps_alone": round(alone["rps"], 1),
@@ -837,10 +853,14 @@ class Bench:
                 "a_errors_by_kind": error_kinds(ar),
             }
             row["b_p99_flooded_vs_alone"] = ratio(row["b_p99_flooded_us"], row["b_p99_alone_us"])
-            log(f"  [fairness] {t:9s} B at {b_rate} rps: p99 alone {row['b_p99_alone_us']}us, during A's flood "
+            if label in ANP_VARIANTS:
+                row["limits"] = ANP_VARIANTS[label].strip().splitlines()
+            log(f"  [fairness] {label:16s} B at {b_rate} rps: p99 alone {row['b_p99_alone_us']}us, during A's flood "
                 f"{row['b_p99_flooded_us']}us (errors {row['b_errors_alone']} / {row['b_errors_flooded']}); A offered "
                 f"{row['a_offered_rps']:.0f}, goodput {row['a_goodput_rps']:.0f}, {row['a_errors_by_kind']}")
             out.append(row)
+        if ANP in self.targets:
+            self.set_limits("")
         return out
 
     # -- memory -------------------------------------------------------------
@@ -892,6 +912,8 @@ OVERLOAD_MAX_CONNS = 2048
 # closed-loop max runs at) and queues the rest (1,024 per core: nothing is
 # refused); `+shed` keeps the same 32 but queues only 128, so that most of
 # the excess is answered 503 at once.
+# The fairness row runs anp-proxy with the defaults and with `+limits`.
+FAIR_VARIANT = "anp-proxy+limits"
 ANP_VARIANTS = {
     "anp-proxy+limits": "max_inflight_per_identity = 32\nmax_queue_per_identity = 1024\n",
     "anp-proxy+shed": "max_inflight_per_identity = 32\nmax_queue_per_identity = 128\n",
@@ -1159,12 +1181,12 @@ def overload_table(report):
         lines.append("")
         lines.append("fairness: identity B open loop at 5 % of max (an app of its own) alone, then while identity A is"
                      " flooded open loop:")
-        lines.append(f"  {'target':9s} {'B rate':>6s} {'B p99 alone':>12s} {'B p99 flooded':>14s} {'x':>6s} "
+        lines.append(f"  {'target':16s} {'B rate':>6s} {'B p99 alone':>12s} {'B p99 flooded':>14s} {'x':>6s} "
                      f"{'B errors':>9s}  {'A offered':>9s} {'A goodput':>9s}  A errors")
         for r in fair:
             e = {k: v for k, v in r["a_errors_by_kind"].items() if v}
             lines.append(
-                f"  {r['target']:9s} {r['b_rate']:6d} {r['b_p99_alone_us']:>10d}us {r['b_p99_flooded_us']:>12d}us "
+                f"  {r['target']:16s} {r['b_rate']:6d} {r['b_p99_alone_us']:>10d}us {r['b_p99_flooded_us']:>12d}us "
                 f"{fx(r['b_p99_flooded_vs_alone']):>6s} {r['b_errors_alone']:>4d}/{r['b_errors_flooded']:<4d}  "
                 f"{r['a_offered_rps']:9.0f} {r['a_goodput_rps']:9.0f}  {e or 'none'}")
     return lines
@@ -1355,8 +1377,8 @@ def main():
         if args.overload:
             osecs = args.overload_secs or (3 if args.quick else 5)
             log("overload: closed-loop max of each proxy, then open loop at 2x and 5x it")
-            maxes = bench.closed_max(osecs, warmup)
-            report["runs"] += bench.overload(maxes, (2, 5), osecs, warmup)
+            maxes = bench.closed_max(osecs, warmup, reps)
+            report["runs"] += bench.overload(maxes, (2, 5), osecs, warmup, 1 if args.quick else reps)
             log("fairness: identity B paced, alone and during identity A's flood")
             report["runs"] += bench.fairness(maxes, 5, osecs, warmup)
         report["tunnel_connects"] = bench.tunnels_reconnected()
