@@ -1135,7 +1135,7 @@ def table(report):
     if mem:
         lines.append("")
         lines.append("memory (KiB)               gateway   receiver")
-        for k in ("idle", "after_idle_test", "under_load_peak", "hwm_at_end"):
+        for k in ("idle", "after_idle_test", "under_load_peak", "under_overload_peak", "hwm_at_end"):
             v = mem.get(k)
             if v:
                 lines.append(f"  {k:24s} {v['gateway']:8d} {v['receiver']:10d}")
@@ -1381,6 +1381,10 @@ def main():
             report["runs"] += bench.overload(maxes, (2, 5), osecs, warmup, 1 if args.quick else reps)
             log("fairness: identity B paced, alone and during identity A's flood")
             report["runs"] += bench.fairness(maxes, 5, osecs, warmup)
+            over = [r["rss_peak_kib"] for r in report["runs"] if r["mode"] == "overload" and r.get("rss_peak_kib")]
+            if over:
+                mem["under_overload_peak"] = {
+                    "gateway": max(p["gateway"] for p in over), "receiver": max(p["receiver"] for p in over)}
         report["tunnel_connects"] = bench.tunnels_reconnected()
         for name, p in (("gateway", bench.gateway), ("receiver", bench.receiver), ("app", bench.app)):
             if p.poll() is not None:

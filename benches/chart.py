@@ -64,10 +64,10 @@ def render(report):
 
     # --- throughput: one small bar group per cell, each cell scaled to its
     # own maximum (bodies differ by 8000x in rps), value printed on the bar.
-    text(20, y + 14, "Throughput, closed loop (requests/s; each group scaled to its own best; label = ×direct)", 14,
-         weight="bold")
-    y += 26
     if closed_cells:
+        text(20, y + 14, "Throughput, closed loop (requests/s; each group scaled to its own best; label = ×direct)",
+             14, weight="bold")
+        y += 26
         chart_h = 180
         gw = (W - 60) / len(closed_cells)
         bw = min(36, (gw - 16) / max(1, len(targets)))
@@ -174,7 +174,7 @@ def _overload(report, out, text, targets, y, W):
     fair = [r for r in report["runs"] if r["mode"] == "fairness"]
     if over:
         text(20, y + 14, "Overload, open loop at 2× and 5× each proxy's own closed-loop max (1 KiB): goodput (2xx/s) "
-                         "÷ that max; label = goodput, offered", 14, weight="bold")
+                         "/ that max; label = goodput of offered", 14, weight="bold")
         y += 26
         chart_h = 150
         base = y + chart_h
@@ -216,7 +216,7 @@ def _overload(report, out, text, targets, y, W):
         y = base + 40
     if fair:
         f0 = fair[0]
-        text(20, y + 14, f"Fairness: identity B paced at 5 % of max, p99 alone and while identity A is flooded at "
+        text(20, y + 14, f"Fairness: identity B open loop at 5 % of max, p99 alone and while identity A is flooded at "
                          f"{f0['a_factor']}× max (log scale)", 14, weight="bold")
         y += 30
         chart_h = 140
