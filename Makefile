@@ -88,7 +88,7 @@ bench: bench-bins bench-allocs-bin
 bench-quick: bench-bins
 	python3 benches/bench.py --quick --syscalls
 
-# Only the overload rows (issue 12), ~1.5 minutes: closed-loop max of nginx
+# Only the overload rows (issue 12), ~3 minutes on 2 cores: closed-loop max of nginx
 # and anp-proxy at 1 KiB / 64 connections, open loop at 2x and 5x it
 # (offered, goodput, errors by kind, p99), identity B's p99 alone and while
 # identity A is flooded at 5x. Writes bench-results/latest.{json,svg}.
