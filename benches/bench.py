@@ -731,13 +731,17 @@ class Bench:
         """Each proxy target's closed-loop maximum (1 KiB, 64 connections),
         measured now, in this run, right before it is offered 2x and 5x:
         the median of `reps` interleaved runs."""
+        return self.closed_at(64, secs, warmup, reps)
+
+    def closed_at(self, conns, secs, warmup, reps):
+        """Median closed-loop rps of each proxy target at `conns`."""
         runs = {t: [] for t in self.overload_targets()}
         for _ in range(reps):
             for t in runs:
-                r = self.loadgen(t, OVERLOAD_BODY, 64, secs, warmup)
+                r = self.loadgen(t, OVERLOAD_BODY, conns, secs, warmup)
                 runs[t].append(r["rps"])
-                log(f"  [overload] {t:9s} closed-loop max {r['rps']:9.0f} rps  p99 {r['p99_us']}us"
-                    f"  errors {r['errors']}")
+                log(f"  [overload] {t:9s} closed loop, {conns} connections: {r['rps']:9.0f} rps"
+                    f"  p99 {r['p99_us']}us  errors {r['errors']}")
         return {t: statistics.median(v) for t, v in runs.items()}
 
     def set_limits(self, limits):
@@ -753,7 +757,7 @@ class Bench:
         if m.group(1) != "ed":
             raise RuntimeError(f"gateway reload failed: {m.group(2)}")
 
-    def overload(self, maxes, factors, secs, warmup, reps):
+    def overload(self, maxes, factors, secs, warmup, reps, at_cap=None):
         """Open loop at `factor` times each target's own closed-loop max:
         offered and goodput (2xx) per second, errors by kind, the p99 of
         the served and of the refused. Targets interleaved, `reps` times
@@ -773,6 +777,9 @@ class Bench:
                     r = self.loadgen(t, OVERLOAD_BODY, 64, secs, warmup, rate=rate, timeout=OVERLOAD_TIMEOUT,
                                      extra=["--open", "--max-conns", str(OVERLOAD_MAX_CONNS)], sample=(t == ANP))
                     row = overload_row(label, f, maxes[t], rate, r)
+                    if at_cap:
+                        row["closed_rps_at_max_conns"] = round(at_cap[t], 1)
+                        row["goodput_vs_closed_at_max_conns"] = ratio(row["goodput_rps"], at_cap[t])
                     if label in ANP_VARIANTS:
                         row["limits"] = ANP_VARIANTS[label].strip().splitlines()
                     log(f"  [overload {f}x] {label:16s} offered {row['offered_rps']:8.0f}  goodput "
@@ -1166,14 +1173,17 @@ def overload_table(report):
         lines.append(f"overload, open loop, 1 KiB (client timeout {OVERLOAD_TIMEOUT} s, at most "
                      f"{OVERLOAD_MAX_CONNS} connections; goodput = 2xx/s):")
         hdr = (f"  {'load':>4s} {'target':16s} {'max':>8s} {'offered':>8s} {'goodput':>8s} {'xmax':>5s} "
-               f"{'p99 served':>11s} {'p99 refused':>11s}  errors by kind")
+               f"{'x2048c':>6s} {'p99 served':>11s} {'p99 refused':>11s}  errors by kind")
         lines.append(hdr)
         for r in over:
             e = {k: v for k, v in r["errors_by_kind"].items() if v}
             lines.append(
                 f"  {r['factor']:>3}x {r['target']:16s} {r['closed_max_rps']:8.0f} {r['offered_rps']:8.0f} "
-                f"{r['goodput_rps']:8.0f} {fx(r['goodput_vs_max']):>5s} {r['p99_us']:>9d}us "
+                f"{r['goodput_rps']:8.0f} {fx(r['goodput_vs_max']):>5s} {fx(r.get('goodput_vs_closed_at_max_conns')):>6s}"
+                f" {r['p99_us']:>9d}us "
                 f"{(r.get('refused_p99_us') or 0):>9d}us  {e or 'none'}")
+        lines.append(f"  max = closed loop at 64 connections; xmax = goodput / max; x2048c = goodput / the closed loop"
+                     f" at {OVERLOAD_MAX_CONNS} connections (what that many clients cost apart from overload)")
         lines.append("  goal (issue 12): goodput >= 0.9x the closed-loop max at 2x and 5x, the excess refused fast"
                      " (429/503), the served p99 below `timeout`")
     fair = [r for r in report["runs"] if r["mode"] == "fairness"]
@@ -1378,7 +1388,10 @@ def main():
             osecs = args.overload_secs or (3 if args.quick else 5)
             log("overload: closed-loop max of each proxy, then open loop at 2x and 5x it")
             maxes = bench.closed_max(osecs, warmup, reps)
-            report["runs"] += bench.overload(maxes, (2, 5), osecs, warmup, 1 if args.quick else reps)
+            # The same closed loop with as many connections as the open
+            # loop may open: what many clients cost apart from overload.
+            at_cap = bench.closed_at(OVERLOAD_MAX_CONNS, osecs, warmup, reps)
+            report["runs"] += bench.overload(maxes, (2, 5), osecs, warmup, 1 if args.quick else reps, at_cap)
             log("fairness: identity B paced, alone and during identity A's flood")
             report["runs"] += bench.fairness(maxes, 5, osecs, warmup)
             over = [r["rss_peak_kib"] for r in report["runs"] if r["mode"] == "overload" and r.get("rss_peak_kib")]
