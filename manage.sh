@@ -168,8 +168,15 @@ status() {
   if command -v ss >/dev/null && [ "$role" = gateway ]; then
     echo "listening:"; { ss -ltnp 2>/dev/null | grep "pid=$p," || true; } | awk '{print "  " $4}' | sort -u
   elif command -v ss >/dev/null; then
-    # A receiver listens on nothing: its tunnels and app calls are outgoing.
+    # A receiver's tunnels and app calls are outgoing (it listens only on
+    # its admin port).
     echo "connections:"; { ss -tnp state established 2>/dev/null | grep "pid=$p," || true; } | awk '{print "  " $3 " -> " $4}' | sort -u
+  fi
+  if [ "$role" = receiver ] && command -v curl >/dev/null; then
+    # Its admin /health: tunnels up per gateway (200 ok, 503 no_tunnel).
+    local radmin
+    radmin=$(grep -o 'receiver admin listening on http://[^ ]*' "$LOG" | tail -n 1 | sed 's/.*listening on //')
+    [ -n "$radmin" ] && echo "health: $(curl -s --max-time 5 "$radmin/health" || echo unreachable)"
   fi
   if [ "$role" = gateway ] && command -v curl >/dev/null; then
     # The ready lines the gateway printed last (the log is appended to).
