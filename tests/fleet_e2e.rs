@@ -25,15 +25,33 @@
 //!   `draining` once SIGTERM started the drain (asked on a connection the
 //!   admin port took before it closed), while a request in flight finishes.
 //!
+//! - `a_fleet_of_three_behind_haproxy`: the acceptance scene. Three
+//!   gateways sharing one SQLite registry file, each with
+//!   `proxy_protocol = true` on its public port and a tunnel port; one
+//!   receiver listing the three tunnel URLs; Debian's HAProxy in TCP mode in
+//!   front (`send-proxy` to one, `send-proxy-v2` to the others, HTTP
+//!   health checks on `/health` with `check-send-proxy`; installed by
+//!   `tests/fleet/setup_haproxy.sh` when missing); client threads through
+//!   HAProxy. It shows: the client address HAProxy passes reaches the app's
+//!   `X-Forwarded-For` and an access log; a route added with
+//!   `anp-proxy routes add` is served by all three; a DID header accepted by
+//!   one gateway is refused by another; after a SIGKILL of one gateway only
+//!   the requests in flight on it fail while the clients keep being served.
+//!
 //! Real binaries on real sockets, ports 0; every wait is on a line or a
 //! response, never a sleep.
 
 mod common;
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use common::procs::Proc;
 use common::procs::ReceiverConfig;
-use common::{client, App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN};
+use common::{client, wait_until, App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN};
 
 #[test]
 fn one_receiver_serves_through_every_gateway_and_survives_one_lost() {
@@ -279,4 +297,305 @@ fn health_says_draining_with_503_once_a_drain_has_begun() {
     );
     app.release("h");
     assert_eq!(held.join().unwrap().status, 200);
+}
+
+// ------------------------------------------------------ the fleet scene
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// `tests/fleet/setup_haproxy.sh`: the haproxy binary (installed if missing).
+fn haproxy_bin() -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fleet/setup_haproxy.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("haproxy="))
+        .unwrap_or_else(|| panic!("no haproxy= line in {text:?}"))
+        .to_owned()
+}
+
+/// HAProxy in TCP mode on a listener the test bound (127.0.0.1:0, handed
+/// over as an inherited descriptor: `bind fd@N`), balancing over
+/// `servers` (address, `send-proxy` or `send-proxy-v2`).
+struct Haproxy {
+    addr: SocketAddr,
+    _proc: Proc,
+    _listener: std::net::TcpListener,
+}
+
+impl Haproxy {
+    fn start(servers: &[(SocketAddr, &str)]) -> Haproxy {
+        use std::os::fd::AsRawFd;
+        let bin = haproxy_bin();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fd = listener.as_raw_fd();
+        let mut cfg = format!(
+            "global\n    nbthread 1\n    maxconn 4000\n\
+             defaults\n    mode tcp\n    timeout connect 500ms\n    timeout client 60s\n\
+             \x20   timeout server 60s\n    timeout check 1s\n    retries 2\n    option redispatch 1\n\
+             frontend edge\n    bind fd@{fd}\n    default_backend fleet\n\
+             backend fleet\n    balance roundrobin\n    option httpchk\n\
+             \x20   http-check send meth GET uri /health ver HTTP/1.1 hdr Host fleet\n\
+             \x20   http-check expect status 200\n\
+             \x20   default-server inter 200ms fall 1 rise 1 check-send-proxy\n"
+        );
+        for (i, (a, proxy)) in servers.iter().enumerate() {
+            cfg += &format!("    server gw{} {a} {proxy} check\n", i + 1);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, &cfg).unwrap();
+        // Inherited by the child: no close-on-exec while it is spawned
+        // (restored after; the listener stays ours, for the test's life).
+        set_cloexec(fd, false);
+        let proc = Proc::start("haproxy", &bin, ["-db", "-f", path.to_str().unwrap()], &[]);
+        set_cloexec(fd, true);
+        std::mem::forget(dir); // the config outlives the process start
+        Haproxy {
+            addr,
+            _proc: proc,
+            _listener: listener,
+        }
+    }
+}
+
+fn set_cloexec(fd: i32, on: bool) {
+    // SAFETY: fcntl on a descriptor this process owns (the listener).
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        let flags = if on {
+            flags | libc::FD_CLOEXEC
+        } else {
+            flags & !libc::FD_CLOEXEC
+        };
+        libc::fcntl(fd, libc::F_SETFD, flags);
+    }
+}
+
+/// One gateway of the fleet: its process, public and tunnel addresses.
+struct Member {
+    gw: Gateway,
+    tunnel: SocketAddr,
+}
+
+fn member(cfg: &GatewayConfig) -> Member {
+    let mut gw = Gateway::start(cfg);
+    let line = gw.proc.wait_stdout("anp-proxy gateway tunnels on ws://");
+    let tunnel = common::procs::addr_in(&line);
+    Member { gw, tunnel }
+}
+
+/// A request straight to a gateway's public port, PROXY v1 header first.
+fn direct(gw: SocketAddr, path: &str) -> client::Response {
+    let mut c = client::Conn::connect(gw);
+    c.write_raw(b"PROXY TCP4 192.0.2.1 127.0.0.1 1000 80\r\n", &[])
+        .unwrap();
+    c.request("GET", path, &[], b"")
+}
+
+/// What the client threads saw: successes, and each failure's start.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicUsize,
+    failed: Mutex<Vec<(Instant, String)>>,
+}
+
+#[test]
+fn a_fleet_of_three_behind_haproxy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let did = "did:wba:agents.test:fleet:scene";
+    did_new(&t.join("k"), &t.join("docs"), did);
+    let db: PathBuf = t.join("fleet.db");
+    let extra = format!(
+        "proxy_protocol = true\ntunnel_port = 0\n\
+         auth.did_documents_dir = {:?}\nauth.dids = [{{ did = \"{did}\", paths = [\"/k\"] }}]\n\
+         database.backend = \"sqlite\"\ndatabase.path = {:?}\ndatabase.poll_interval = 0.5\n",
+        t.join("docs").to_str().unwrap(),
+        db.to_str().unwrap()
+    );
+    let cfg = GatewayConfig {
+        workers: 1,
+        extra_gateway_toml: extra,
+        ..GatewayConfig::default()
+    };
+    let mut fleet: Vec<Member> = (0..3).map(|_| member(&cfg)).collect();
+    let app = App::start();
+    let mut rc = ReceiverConfig::new(fleet[0].tunnel, app.addr, ALICE_TOKEN, 2);
+    rc.gateway_url = fleet
+        .iter()
+        .map(|m| format!("ws://{}/ws", m.tunnel))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut rx = Receiver::start_with(&rc);
+    rx.wait_connected(6);
+    let lb = Haproxy::start(&[
+        (fleet[0].gw.addr, "send-proxy"),
+        (fleet[1].gw.addr, "send-proxy-v2"),
+        (fleet[2].gw.addr, "send-proxy-v2"),
+    ]);
+
+    // 1. The client address HAProxy passes (127.0.0.5) reaches the app's
+    //    X-Forwarded-For and the access log of the gateway that served it.
+    for i in 0..3 {
+        let path = format!("/alice/xff/{i}");
+        let r = client::Conn::connect_from(lb.addr, "127.0.0.5".parse().unwrap()).request(
+            "GET",
+            &path,
+            &[],
+            b"",
+        );
+        assert_eq!(r.status, 200, "{path} through HAProxy: {}", r.summary());
+        let seen = &app.requests_to(&path)[0];
+        assert_eq!(
+            seen.header("x-forwarded-for"),
+            Some("127.0.0.5"),
+            "{seen:?}"
+        );
+    }
+    let mut access = Vec::new();
+    wait_until("three access lines with client 127.0.0.5", WAIT, || {
+        for m in fleet.iter_mut() {
+            access.extend(m.gw.proc.stdout_so_far());
+        }
+        access
+            .iter()
+            .filter(|l| l.contains("/alice/xff/") && l.contains("\"client\":\"127.0.0.5:"))
+            .count()
+            == 3
+    });
+
+    // 2. A route added with `anp-proxy routes add` is served by all three.
+    let out = common::procs::run([
+        "routes",
+        "add",
+        "alice",
+        "/added",
+        "--config",
+        fleet[0].gw.config_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "routes add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (i, m) in fleet.iter().enumerate() {
+        wait_until(&format!("gateway {i} serving /added"), WAIT, || {
+            direct(m.gw.addr, "/added/x").status == 200
+        });
+    }
+
+    // 3. A DID header accepted by one gateway is refused by another.
+    let signer = anp_proxy::auth::didwba::DidSigner::load(
+        &t.join("k/did.json"),
+        &t.join("k/key-1_private.pem"),
+    )
+    .unwrap();
+    let now = anp_proxy::auth::didwba::time::now_unix();
+    let header = signer.didwba_header(
+        "127.0.0.1",
+        &anp_proxy::auth::didwba::sign::fresh_nonce(),
+        &anp_proxy::auth::didwba::time::format_utc(now),
+    );
+    assert_eq!(
+        upgrade(fleet[0].tunnel, &header).0,
+        101,
+        "gateway 1 accepts"
+    );
+    let (status, body) = upgrade(fleet[2].tunnel, &header);
+    assert_eq!(status, 401, "gateway 3 refuses the replay: {body}");
+    assert!(body.contains("nonce_replayed"), "{body}");
+
+    // 4. SIGKILL of one gateway: only its requests in flight fail.
+    //    Three held requests, one at a time, go round-robin to the three.
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let name = format!("held-{i}");
+        let addr = lb.addr;
+        let n = name.clone();
+        held.push(std::thread::spawn(move || {
+            client::try_request(
+                addr,
+                "GET",
+                &format!("/alice/{n}"),
+                &[("X-Test-Hold", &n)],
+                b"",
+            )
+        }));
+        app.wait_arrived(&name);
+    }
+    // Client threads keep asking through HAProxy, fresh connections.
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let loops: Vec<_> = (0..4)
+        .map(|k| {
+            let (tally, stop, addr) = (tally.clone(), stop.clone(), lb.addr);
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let began = Instant::now();
+                    let path = format!("/alice/loop/{k}/{i}");
+                    match client::try_request(addr, "GET", &path, &[], b"") {
+                        Ok(r) if r.status == 200 => {
+                            tally.ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => tally.failed.lock().unwrap().push((began, r.summary())),
+                        Err(e) => tally.failed.lock().unwrap().push((began, e.to_string())),
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    wait_until("client threads served", WAIT, || {
+        tally.ok.load(Ordering::Relaxed) >= 20
+    });
+    fleet[1].gw.kill();
+    let killed = Instant::now();
+    let before = tally.ok.load(Ordering::Relaxed);
+    wait_until(
+        "clients served by the two others after the kill",
+        WAIT,
+        || tally.ok.load(Ordering::Relaxed) >= before + 100,
+    );
+    for i in 0..3 {
+        app.release(&format!("held-{i}"));
+    }
+    let outcomes: Vec<bool> = held
+        .into_iter()
+        .map(|h| matches!(h.join().unwrap(), Ok(r) if r.status == 200))
+        .collect();
+    assert_eq!(
+        outcomes.iter().filter(|ok| !**ok).count(),
+        1,
+        "exactly the held request on the killed gateway fails: {outcomes:?}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.join().unwrap();
+    }
+    let failed = tally.failed.lock().unwrap();
+    // At most one request in flight per client thread at the kill; none
+    // that started after it fails.
+    assert!(failed.len() <= 4, "failures: {failed:?}");
+    assert!(
+        failed.iter().all(|(began, _)| *began < killed),
+        "a request that started after the kill failed: {failed:?}"
+    );
+    eprintln!(
+        "fleet: {} ok, {} failed in flight at the kill",
+        tally.ok.load(Ordering::Relaxed),
+        failed.len()
+    );
 }
