@@ -345,6 +345,7 @@ struct Haproxy {
     addr: SocketAddr,
     _proc: Proc,
     _listener: std::net::TcpListener,
+    _dir: tempfile::TempDir,
 }
 
 impl Haproxy {
@@ -371,14 +372,16 @@ impl Haproxy {
         std::fs::write(&path, &cfg).unwrap();
         // Inherited by the child: no close-on-exec while it is spawned
         // (restored after; the listener stays ours, for the test's life).
+        // A process another test spawns in that instant inherits it too,
+        // and never accepts on it.
         set_cloexec(fd, false);
         let proc = Proc::start("haproxy", bin, ["-db", "-f", path.to_str().unwrap()], &[]);
         set_cloexec(fd, true);
-        std::mem::forget(dir); // the config outlives the process start
         Haproxy {
             addr,
             _proc: proc,
             _listener: listener,
+            _dir: dir,
         }
     }
 }
