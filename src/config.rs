@@ -222,6 +222,12 @@ pub struct GatewayConfig {
     /// Longest pause, in seconds, between pieces of a streamed response
     /// body (SSE, long downloads) before the client connection is closed.
     pub stream_idle_timeout: Seconds,
+    /// Seconds an upgraded (WebSocket pass-through) stream may carry no
+    /// byte in either direction before both ends are closed; 0 = no limit.
+    pub upgrade_idle_timeout: Seconds,
+    /// Upgraded streams open at once for one identity, all cores together;
+    /// one more is answered 503 + Retry-After (logged). 0 = no limit.
+    pub max_upgraded_per_identity: usize,
     /// Seconds allowed to receive a whole request head (408 after); also
     /// how long a new connection that has sent nothing yet is held.
     pub header_timeout: Seconds,
@@ -352,6 +358,8 @@ impl Default for GatewayConfig {
             timeout: Seconds(30.0),
             keepalive_timeout: Seconds(60.0),
             stream_idle_timeout: Seconds(300.0),
+            upgrade_idle_timeout: Seconds(300.0),
+            max_upgraded_per_identity: 1024,
             header_timeout: Seconds(10.0),
             request_body_timeout: Seconds(10.0),
             request_body_min_rate: 1024,
@@ -769,8 +777,17 @@ pub struct ReceiverConfig {
     /// that appear get a tunnel set, ones that vanish are left); 0 = look
     /// up once at start.
     pub gateway_resolve_interval: Seconds,
-    /// Base URL of the local app, `http://host:port`.
+    /// The local app: `http://host:port`, `https://host:port` (verified
+    /// against `upstream_ca_file`, else `ca_file`, else the system's trust
+    /// store) or `unix:/path/to/app.sock`.
     pub upstream: String,
+    /// PEM CA certificate(s) an `https://` upstream's certificate must
+    /// chain to; empty = `ca_file` when set, else the system's trust store.
+    pub upstream_ca_file: String,
+    /// The `Host` the app is sent instead of the client's (and the TLS
+    /// name an `https://` upstream is verified against); empty = the
+    /// client's `Host`, unchanged.
+    pub upstream_host: String,
     /// Secret: never printed.
     #[serde(serialize_with = "masked")]
     pub token: String,
@@ -838,6 +855,8 @@ impl Default for ReceiverConfig {
             gateway_url: GatewayUrls::one("ws://127.0.0.1:8089/ws"),
             gateway_resolve_interval: Seconds(30.0),
             upstream: "http://127.0.0.1:8000".into(),
+            upstream_ca_file: String::new(),
+            upstream_host: String::new(),
             token: String::new(),
             tunnels: 0,
             max_concurrent: 256,
@@ -870,6 +889,7 @@ impl fmt::Debug for ReceiverConfig {
         f.debug_struct("ReceiverConfig")
             .field("gateway_url", &self.gateway_url)
             .field("upstream", &self.upstream)
+            .field("upstream_host", &self.upstream_host)
             .field("token", &MASK)
             .field("tunnels", &self.tunnels)
             .field("max_concurrent", &self.max_concurrent)
@@ -1167,10 +1187,10 @@ impl Config {
                 ));
             }
             for p in &t.paths {
-                if !p.starts_with('/') {
+                if let Err(why) = crate::registry::routes::check_route(p) {
                     return Err(bad(
                         "gateway.auth.tokens.paths",
-                        format!("`{p}` of `{}` must start with `/`", t.name),
+                        format!("{why} (of `{}`)", t.name),
                     ));
                 }
             }
@@ -1192,10 +1212,10 @@ impl Config {
                 ));
             }
             for p in &d.paths {
-                if !p.starts_with('/') {
+                if let Err(why) = crate::registry::routes::check_route(p) {
                     return Err(bad(
                         "gateway.auth.dids.paths",
-                        format!("`{p}` of `{}` must start with `/`", d.did),
+                        format!("{why} (of `{}`)", d.did),
                     ));
                 }
             }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anp_proxy::config::{Config, ConfigError, Mode, Overrides};
 use clap::{Parser, Subcommand};
 
-#[cfg(not(feature = "count-allocs"))]
+#[cfg(not(any(feature = "count-allocs", feature = "system-alloc")))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -364,8 +364,11 @@ fn token_command(cmd: TokenCmd) -> ExitCode {
         eprintln!("anp-proxy: the identity's name must not be empty");
         return ExitCode::from(2);
     }
-    if let Some(p) = paths.iter().find(|p| !p.starts_with('/')) {
-        eprintln!("anp-proxy: --path `{p}` must start with `/`");
+    if let Some(why) = paths
+        .iter()
+        .find_map(|p| anp_proxy::registry::routes::check_route(p).err())
+    {
+        eprintln!("anp-proxy: --path {why}");
         return ExitCode::from(2);
     }
     let token = anp_proxy::auth::token::generate();

@@ -218,6 +218,42 @@ pub async fn read_append<R: monoio::io::AsyncReadRent>(
     (res, slice.into_inner())
 }
 
+/// Implements monoio's `AsyncReadRent` and `AsyncWriteRent` for an enum of
+/// streams by delegating to the stream in each variant (its first field):
+/// the one shape for every "plain, TLS or …" connection type.
+macro_rules! delegate_rent_io {
+    ($ty:ident { $($var:ident),+ $(,)? }) => {
+        impl monoio::io::AsyncReadRent for $ty {
+            async fn read<T: monoio::buf::IoBufMut>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+                match self { $( $ty::$var(s, ..) => s.read(buf).await, )+ }
+            }
+
+            async fn readv<T: monoio::buf::IoVecBufMut>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+                match self { $( $ty::$var(s, ..) => s.readv(buf).await, )+ }
+            }
+        }
+
+        impl monoio::io::AsyncWriteRent for $ty {
+            async fn write<T: monoio::buf::IoBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+                match self { $( $ty::$var(s, ..) => s.write(buf).await, )+ }
+            }
+
+            async fn writev<T: monoio::buf::IoVecBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+                match self { $( $ty::$var(s, ..) => s.writev(buf).await, )+ }
+            }
+
+            async fn flush(&mut self) -> std::io::Result<()> {
+                match self { $( $ty::$var(s, ..) => s.flush().await, )+ }
+            }
+
+            async fn shutdown(&mut self) -> std::io::Result<()> {
+                match self { $( $ty::$var(s, ..) => s.shutdown().await, )+ }
+            }
+        }
+    };
+}
+pub(crate) use delegate_rent_io;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use crate::auth::didwba::{self, DidSigner};
 use crate::config::Config;
 use crate::gateway::accept::{self, Acceptors};
+use crate::receiver::app_conn::{self, AppTarget, UpstreamUrl};
 use crate::receiver::url::{self, Url, UrlError};
 use crate::tls::client::Dialer;
 use crate::tls::TlsSetupError;
@@ -29,11 +30,8 @@ pub enum PreflightError {
     // the message already says it, and `{:#}` would say it twice.
     #[error("{key}: {error}")]
     Url { key: &'static str, error: UrlError },
-    #[error(
-        "receiver.upstream: `{0}`: https:// upstreams are not supported; the receiver calls \
-         the app over plain HTTP (use http://, the app runs next to the receiver)"
-    )]
-    HttpsUpstream(String),
+    #[error("{0}")]
+    Upstream(String),
     #[error("receiver.gateway_url: host `{0}` is not a valid TLS server name")]
     ServerName(String),
     #[error(transparent)]
@@ -57,7 +55,7 @@ pub struct GatewayPlan {
 pub struct ReceiverPlan {
     /// Every `gateway_url`, each with its dialer when it is `wss://`.
     pub gateways: Vec<(Url, Option<Dialer>)>,
-    pub upstream: Url,
+    pub upstream: AppTarget,
     pub did: Option<Arc<DidSigner>>,
     pub warnings: Vec<String>,
 }
@@ -102,6 +100,23 @@ pub fn gateway(cfg: &Config) -> Result<GatewayPlan, PreflightError> {
     })
 }
 
+/// `upstream` (`http://`, `https://` with its trust loaded, `unix:`) and
+/// `upstream_host`, ready to dial.
+fn upstream(cfg: &Config) -> Result<AppTarget, PreflightError> {
+    let r = &cfg.receiver;
+    let url = app_conn::parse(&r.upstream).map_err(|error| PreflightError::Url {
+        key: "receiver.upstream",
+        error,
+    })?;
+    let tls = match &url {
+        UpstreamUrl::Net(u) if u.tls => {
+            Some(crate::tls::client::upstream_config(r, &cfg.base_dir)?)
+        }
+        _ => None,
+    };
+    AppTarget::new(url, &r.upstream_host, tls).map_err(PreflightError::Upstream)
+}
+
 /// A DID document file: readable, a JSON object (what the resolver asks).
 fn document_file(path: &Path) -> Result<(), String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
@@ -111,7 +126,7 @@ fn document_file(path: &Path) -> Result<(), String> {
 }
 
 /// The receiver's side of `cfg`: `gateway_url` (`ws://` or `wss://`),
-/// `upstream` (`http://`), the TLS files for `wss://` (`ca_file`, or the
+/// `upstream` (`http://`, `https://` with its CA, `unix:`), the TLS files for `wss://` (`ca_file`, or the
 /// system trust store; `cert_file`/`key_file`, matching), and the DID
 /// document with its private key.
 pub fn receiver(cfg: &Config) -> Result<ReceiverPlan, PreflightError> {
@@ -125,14 +140,7 @@ pub fn receiver(cfg: &Config) -> Result<ReceiverPlan, PreflightError> {
         })?;
         gateways.push(gateway);
     }
-    let upstream =
-        url::parse(&r.upstream, ("http", "https")).map_err(|error| PreflightError::Url {
-            key: "receiver.upstream",
-            error,
-        })?;
-    if upstream.tls {
-        return Err(PreflightError::HttpsUpstream(r.upstream.clone()));
-    }
+    let upstream = upstream(cfg)?;
     // One client configuration for every core and gateway, built before
     // any tunnel so a bad file stops the start with its key named.
     let tls = if gateways.iter().any(|g| g.tls) {
@@ -195,8 +203,12 @@ mod tests {
                 "receiver.gateway_url",
             ),
             (
-                "[receiver]\nupstream = 'https://127.0.0.1:8000'\n",
-                "https:// upstreams are not supported",
+                "[receiver]\nupstream = 'https://127.0.0.1:8000'\nupstream_ca_file = 'no.crt'\n",
+                "receiver.upstream_ca_file",
+            ),
+            (
+                "[receiver]\nupstream = 'unix:/s'\nupstream_host = 'a b'\n",
+                "receiver.upstream_host",
             ),
             ("[receiver]\nupstream = 'ftp://x'\n", "receiver.upstream"),
         ] {

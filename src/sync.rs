@@ -241,6 +241,39 @@ impl Flag {
     }
 }
 
+/// Runs two fallible futures side by side until both have succeeded, or
+/// until the first failure (the other is dropped then): the two directions
+/// of an upgraded stream (`gateway/passthrough.rs`,
+/// `receiver/passthrough.rs`), where either side failing ends both.
+pub async fn both<E>(
+    a: impl Future<Output = Result<(), E>>,
+    b: impl Future<Output = Result<(), E>>,
+) -> Result<(), E> {
+    let mut a = std::pin::pin!(a);
+    let mut b = std::pin::pin!(b);
+    let (mut a_done, mut b_done) = (false, false);
+    std::future::poll_fn(|cx| {
+        if !a_done {
+            if let Poll::Ready(r) = a.as_mut().poll(cx) {
+                r?;
+                a_done = true;
+            }
+        }
+        if !b_done {
+            if let Poll::Ready(r) = b.as_mut().poll(cx) {
+                r?;
+                b_done = true;
+            }
+        }
+        if a_done && b_done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

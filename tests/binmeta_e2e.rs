@@ -170,3 +170,47 @@ fn binmeta_without_stream_keeps_json() {
     );
     assert_eq!(c.read().expect("response").status, 200);
 }
+
+/// The receiver's side at the wire: to a gateway that answered `stream,
+/// binmeta` (a stand-in here) it sends `resp_meta` in the binary form,
+/// with the app's status, reason and header lines as they came; to one
+/// that answered `stream` only, JSON.
+#[test]
+fn the_receiver_answers_a_binmeta_gateway_in_binary_and_others_in_json() {
+    use anp_proxy::protocol::anpx::RequestMeta;
+    use common::standin::{self, read_frame};
+    for (features, binary) in [("stream, binmeta", true), ("stream", false)] {
+        let app = ScriptedApp::start(|x| {
+            x.write(b"HTTP/1.1 201 Made It\r\nX-One: 1\r\nx-two: 2\r\nContent-Length: 2\r\n\r\nok");
+        });
+        let (mut s, _rx) = standin::accept_receiver(features, app.addr);
+        let meta = RequestMeta {
+            method: "GET".into(),
+            path: "/alice/bin".into(),
+            headers: vec![("host".into(), "t".into())],
+            query: vec![],
+            raw_target: None,
+            header_list: None,
+        };
+        standin::send_v1_request(&mut s, "bm-1", &meta, b"");
+        let f = loop {
+            let f = read_frame(&mut s);
+            if f.opcode == 2 {
+                break f;
+            }
+        };
+        let frame = anpx::decode_frame(&f.payload).expect("valid ANPX");
+        assert_eq!(frame.ty, FrameType::Response);
+        let rm = frame.resp_meta.expect("resp_meta in the first frame");
+        assert_eq!(binmeta::is_binary(rm), binary, "{features}");
+        if binary {
+            let r = binmeta::Response::parse(Bytes::copy_from_slice(rm)).unwrap();
+            assert_eq!((r.status(), r.reason()), (201, &b"Made It"[..]));
+            let fields: Vec<_> = r.fields().collect();
+            assert_eq!(fields[..2], [(&b"X-One"[..], &b"1"[..]), (b"x-two", b"2")]);
+        } else {
+            let json: serde_json::Value = serde_json::from_slice(rm).unwrap();
+            assert_eq!(json["status"], 201, "{json}");
+        }
+    }
+}

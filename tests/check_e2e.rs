@@ -3,7 +3,8 @@
 //! a certificate, key, CA, DID document or private key that is missing or
 //! does not load, a key that does not match its certificate, a DID
 //! documents directory that is not there, a `gateway_url` that is not
-//! `ws(s)://`, an `https://` upstream — `check` fails too, naming the same
+//! `ws(s)://`, an `upstream` that is not `http(s)://` or `unix:/path`, an
+//! `https://` upstream's CA file that is missing — `check` fails too, naming the same
 //! key, and the start fails with the same words. `check --print` shows the
 //! effective configuration with the secrets masked. Errors are said once;
 //! an unknown key gets a "did you mean"; the help of every subcommand
@@ -194,9 +195,25 @@ fn url_schemes_fail_check_as_they_fail_the_start() {
     );
     check_and_start_refuse(
         d,
-        &receiver_toml("ws://127.0.0.1:9/ws", "https://127.0.0.1:9", ""),
+        &receiver_toml("ws://127.0.0.1:9/ws", "ftp://127.0.0.1:9", ""),
         "receiver",
-        &["receiver.upstream", "https:// upstreams are not supported"],
+        &["receiver.upstream", "http:// or https://", "unix:/path"],
+    );
+    check_and_start_refuse(
+        d,
+        &receiver_toml("ws://127.0.0.1:9/ws", "unix:app.sock", ""),
+        "receiver",
+        &["receiver.upstream", "absolute socket path"],
+    );
+    check_and_start_refuse(
+        d,
+        &receiver_toml(
+            "ws://127.0.0.1:9/ws",
+            "https://127.0.0.1:9",
+            "upstream_ca_file = \"missing-ca.crt\"",
+        ),
+        "receiver",
+        &["receiver.upstream_ca_file", "missing-ca.crt"],
     );
 }
 
@@ -357,18 +374,12 @@ fn a_start_error_is_said_once() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(
         dir.path(),
-        &receiver_toml("ws://127.0.0.1:9/ws", "https://127.0.0.1:9", ""),
+        &receiver_toml("ws://127.0.0.1:9/ws", "ftp://127.0.0.1:9", ""),
     );
     let f = run_to_end("receiver", &[], &path);
-    failed_naming(
-        &f,
-        "https upstream",
-        &["https:// upstreams are not supported"],
-    );
+    failed_naming(&f, "ftp upstream", &["scheme `ftp://`"]);
     assert_eq!(
-        f.stderr
-            .matches("https:// upstreams are not supported")
-            .count(),
+        f.stderr.matches("scheme `ftp://`").count(),
         1,
         "said more than once:\n{}",
         f.stderr

@@ -12,17 +12,13 @@
 mod common;
 
 use anp_proxy::protocol::anpx::{self, FrameType, MetaRef, RequestMeta};
-use anp_proxy::ws::{self, OpCodeKind, Role};
 use bytes::BytesMut;
 use common::client::{self, Conn};
-use common::procs::START_WAIT;
 use common::rawpeer::{self, RawPeer};
 use common::scripted_app::ScriptedApp;
+use common::standin;
 use common::{Gateway, GatewayConfig, Receiver, Response, ALICE_TOKEN};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::mpsc;
-use std::thread;
+use std::net::TcpStream;
 
 /// The app's answer: two `Connection` fields naming three fields in
 /// different cases, and one field that is the app's to send.
@@ -142,55 +138,12 @@ fn fields_the_client_names_in_connection_do_not_reach_the_app() {
     assert_eq!(seen.header("x-kept"), Some("yes"), "{:?}", seen.headers);
 }
 
-/// Plays a plain v1 gateway for one receiver: accepts its tunnel, answers
-/// the upgrade with a bare 101 (no features: v1), sends `meta` as one
-/// whole request frame. Returns the tunnel socket (kept open) and the
-/// receiver.
+/// Plays a plain v1 gateway for one receiver (a bare 101: no features)
+/// and sends `meta` as one whole request frame. Returns the tunnel socket
+/// (kept open) and the receiver.
 fn v1_gateway_sends(meta: &RequestMeta, app: std::net::SocketAddr) -> (TcpStream, Receiver) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, accepted) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(listener.accept().map(|(s, _)| s));
-    });
-    let mut rx = Receiver::start(addr, app, ALICE_TOKEN, 1);
-    let mut s = accepted
-        .recv_timeout(START_WAIT)
-        .expect("the receiver dials the stand-in gateway")
-        .unwrap();
-    s.set_read_timeout(Some(START_WAIT)).unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).unwrap(), 1, "upgrade request cut short");
-        head.push(byte[0]);
-    }
-    let text = String::from_utf8(head).unwrap();
-    let fields: Vec<(&str, &[u8])> = text
-        .split("\r\n")
-        .skip(1)
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n, v.trim().as_bytes()))
-        .collect();
-    let accept = ws::server_accept_key(&fields, "GET").expect("a valid upgrade");
-    let mut out = Vec::new();
-    ws::write_101(&mut out, &accept, &[]);
-    s.write_all(&out).unwrap();
-    rx.wait_connected(1);
-    let mut json = Vec::new();
-    meta.to_json(&mut json);
-    let mut msg = BytesMut::new();
-    anpx::encode_frame(
-        FrameType::Request,
-        "v1-req-1",
-        Some(MetaRef::Request(&json)),
-        b"",
-        None,
-        &mut msg,
-    );
-    let mut frame = BytesMut::new();
-    ws::encode_frame(&mut frame, Role::Server, OpCodeKind::Binary, &msg);
-    s.write_all(&frame).unwrap();
+    let (mut s, rx) = standin::accept_receiver("", app);
+    standin::send_v1_request(&mut s, "v1-req-1", meta, b"");
     (s, rx)
 }
 

@@ -175,7 +175,7 @@ fn duplicate_is_refused_with_owner(s: &Setup) {
     assert!(err.to_string().contains(alice), "{err}");
     assert!(matches!(
         r.add(bob, "relative/path"),
-        Err(RegistryError::NotAbsolute(_))
+        Err(RegistryError::BadRoute(_))
     ));
     assert!(matches!(
         r.add(bob, &format!("/{}", "x".repeat(255))),
@@ -240,13 +240,21 @@ fn routes_cli(s: &Setup) {
     let (ok, _, err) = run(&["add", "did:wba:b.example:bob", "/alice"]);
     assert!(!ok && err.contains(alice), "{err}");
     let (ok, _, err) = run(&["add", alice, "alice2"]);
-    assert!(!ok && err.contains("must start with `/`"), "{err}");
+    assert!(!ok && err.contains("neither a path"), "{err}");
+    // A host route: its host in lowercase, one spelling.
+    assert!(run(&["add", alice, "Alice.Example/agents/"]).0);
+    let (ok, _, err) = run(&["add", "did:wba:b.example:bob", "alice.example/agents"]);
+    assert!(!ok && err.contains(alice), "{err}");
     // A prefix the config gives to a token identity.
     let (ok, _, err) = run(&["add", alice, "/fixed/"]);
     assert!(!ok && err.contains("`fixed-owner`"), "{err}");
     let (ok, out, _) = run(&["list"]);
     assert!(ok);
-    assert_eq!(out, format!("demo-token\t/t\n{alice}\t/alice/ad.json\n"));
+    assert_eq!(
+        out,
+        format!("demo-token\t/t\n{alice}\t/alice/ad.json\n{alice}\talice.example/agents/\n")
+    );
+    assert!(run(&["remove", alice, "ALICE.example/agents"]).0);
     assert!(run(&["remove", alice, "/alice/ad.json"]).0);
     assert!(!run(&["remove", alice, "/alice/ad.json"]).0);
     assert_eq!(run(&["list"]).1, "demo-token\t/t\n");

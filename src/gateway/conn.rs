@@ -85,6 +85,11 @@ pub async fn serve_conn<S>(
         }
         // Named the tunnel path but is no upgrade: an ordinary request.
         drop(upgrade);
+        // A public client's WebSocket also leaves the loop: pass-through
+        // (gateway/passthrough.rs), or the 501 a peer without it gets.
+        if c.accepts != Accepts::Tunnels && head.upgrade && is_websocket_upgrade(&head, &head_buf) {
+            return c.into_passthrough(head, head_buf, started).await;
+        }
         // 3. Everything else is counted and access-logged.
         if !c.serve_request(&head, &head_buf, started).await {
             return;
@@ -236,6 +241,26 @@ where
         .await;
     }
 
+    /// A WebSocket upgrade on a public path: the connection leaves the
+    /// HTTP loop for `passthrough::serve`, which answers or relays it.
+    async fn into_passthrough(mut self, head: RequestHead, head_buf: Bytes, started: Instant) {
+        // A long-lived stream does not hold a drain (its tunnel's in-flight
+        // entry does, until `shutdown_grace`).
+        drop(self.busy.take());
+        let from = super::passthrough::From {
+            peer: self.peer,
+            conn_id: self.conn_id,
+            tls: self.tls,
+            tunnels_elsewhere: self.accepts == Accepts::Requests,
+            moved: false,
+        };
+        let (ctx, io, buf, out) = (self.ctx, self.io, self.buf, self.out);
+        Box::pin(super::passthrough::serve(
+            ctx, io, buf, out, head, head_buf, from, started,
+        ))
+        .await;
+    }
+
     /// Serves one request; false when the connection must close.
     async fn serve_request(
         &mut self,
@@ -249,20 +274,11 @@ where
         let method = head.method(head_buf);
         let is_head = method == "HEAD";
         let mut ex = ctx.obs.begin(started, head.head_len);
-        let refusal = if self.accepts == Accepts::Tunnels {
+        // (A WebSocket upgrade never gets here: `passthrough::serve` answers
+        // it, 501 included.)
+        if self.accepts == Accepts::Tunnels {
             // The tunnel port serves nothing else.
-            Some(ProxyError::NoRoute(
-                String::from_utf8_lossy(raw_path).into_owned(),
-            ))
-        } else if head.upgrade && is_websocket_upgrade(head, head_buf) {
-            Some(ProxyError::upgrade_refused(
-                &ctx.settings.tunnel_path,
-                self.accepts == Accepts::Requests,
-            ))
-        } else {
-            None
-        };
-        if let Some(err) = refusal {
+            let err = ProxyError::NoRoute(String::from_utf8_lossy(raw_path).into_owned());
             tracing::info!(%peer, error = %err, "request refused");
             let w = write_error(&mut self.io, &mut self.out, &err, is_head, true).await;
             ex.bytes_out += w.bytes;
@@ -387,6 +403,21 @@ fn is_websocket_upgrade(head: &RequestHead, buf: &[u8]) -> bool {
 
 type ProxyOutcome = Result<RespHead, (ProxyError, bool)>;
 
+/// The route of a request: by `Host` and path when host routes exist
+/// (the head's `Host` is looked at only then), by path otherwise.
+pub(super) fn route_of<'r>(
+    routes: &'r super::routes::RouteTable,
+    head: &RequestHead,
+    head_buf: &[u8],
+    path: &str,
+) -> Option<&'r super::routes::Route> {
+    let host = match routes.has_host_routes() {
+        true => head.header(head_buf, "host"),
+        false => None,
+    };
+    routes.lookup_at(host, path)
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn proxy_one<S: AsyncReadRent + AsyncWriteRent + Movable>(
     ctx: &CoreCtx,
@@ -407,7 +438,7 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent + Movable>(
         return Err((ProxyError::BadRequest("dot-segment in path"), false));
     }
     let routes = ctx.routes();
-    let route = routes.lookup(&path);
+    let route = route_of(&routes, head, head_buf, &path);
     // Rate limits (gateway/admission.rs): before anything else is spent.
     let rated = super::ratelimit::Request {
         peer: peer.ip(),

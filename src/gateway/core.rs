@@ -77,6 +77,9 @@ pub struct TunnelOwner {
 pub enum CoreMsg {
     Request(CrossRequest),
     Tunnel(TunnelHandoff),
+    /// A WebSocket upgrade for an identity with no tunnel on the core that
+    /// accepted it, moved to one that has (`gateway/passthrough.rs`).
+    Upgrade(super::passthrough::UpgradeHandoff),
     /// A new route table from the registry poller (`registry::reload`).
     Routes(RoutesUpdate),
     /// SIGTERM/SIGINT, phase 1: stop accepting and finish what is in
@@ -137,6 +140,9 @@ pub struct Shared {
     pub anpx_refused: super::refusals::FrameRefusals,
     /// Connections per client address, refusals at accept (per connection).
     pub conn_limits: Arc<super::conn_limits::ConnLimits>,
+    /// Upgraded (WebSocket pass-through) streams open per identity, all
+    /// cores (a `Mutex` taken when one opens and when it closes).
+    pub upgraded: super::passthrough::OpenStreams,
 }
 
 impl Shared {
@@ -176,6 +182,7 @@ impl Shared {
             upgrades,
             anpx_refused: Default::default(),
             conn_limits,
+            upgraded: Default::default(),
         }
     }
 
@@ -236,7 +243,7 @@ impl Shared {
     }
 
     /// A core other than `not` with a tunnel for `identity`, spread by `hint`.
-    fn remote_core(&self, identity: &str, not: usize, hint: u64) -> Option<usize> {
+    pub(super) fn remote_core(&self, identity: &str, not: usize, hint: u64) -> Option<usize> {
         self.book().remote_core(identity, not, hint)
     }
 
@@ -271,6 +278,10 @@ pub struct Settings {
     pub max_inflight_per_tunnel: usize,
     /// Longest pause inside a streamed response body.
     pub stream_idle_timeout: Duration,
+    /// WebSocket pass-through: idle limit of an upgraded stream, and how
+    /// many one identity may hold open (0 = no limit).
+    pub upgrade_idle_timeout: Option<Duration>,
+    pub max_upgraded_per_identity: usize,
     pub tunnel_path: String,
     pub trust_forwarded: bool,
     pub head_limits: crate::http::Limits,
@@ -296,6 +307,8 @@ impl Settings {
             chunk_size: g.chunk_size,
             max_inflight_per_tunnel: g.max_inflight_per_tunnel,
             stream_idle_timeout: secs(g.stream_idle_timeout).unwrap_or(Duration::from_secs(3600)),
+            upgrade_idle_timeout: secs(g.upgrade_idle_timeout),
+            max_upgraded_per_identity: g.max_upgraded_per_identity,
             tunnel_path: g.tunnel_path.clone(),
             trust_forwarded: g.trust_forwarded,
             head_limits: crate::http::Limits {
@@ -310,6 +323,7 @@ impl Settings {
                 crate::tunnel::EngineConfig {
                     role: crate::ws::Role::Server,
                     vectored: true,
+                    zero_mask: false,
                     ping_interval: secs(g.ping_interval),
                     limits: crate::ws::Limits {
                         max_frame_payload: max_message,
@@ -720,6 +734,7 @@ impl CoreCtx {
                     tracing::debug!(core = ctx.index, "TLS acceptors replaced");
                     let _ = done.send(ctx.index);
                 }
+                CoreMsg::Upgrade(h) => super::passthrough::resume(ctx.clone(), h),
                 CoreMsg::Tunnel(h) => {
                     let std = std::net::TcpStream::from(h.fd);
                     match monoio::net::TcpStream::from_std(std) {

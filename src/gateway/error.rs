@@ -50,6 +50,10 @@ pub enum ProxyError {
     /// WebSocket, or a receiver dialling the wrong path or port.
     #[error("{}", upgrade_refused_message(.0))]
     UpgradeRefused(TunnelHint),
+    /// `max_upgraded_per_identity` upgraded streams are open for the
+    /// route's identity (WebSocket pass-through, `gateway/passthrough.rs`).
+    #[error("identity has {0} upgraded streams open (max_upgraded_per_identity)")]
+    UpgradedLimit(usize),
     #[error("receiver reported an error: {0}")]
     Receiver(String),
     #[error("tunnel closed before the response arrived")]
@@ -233,6 +237,7 @@ pub fn error_reply(err: &ProxyError) -> ErrorReply {
         ProxyError::TunnelBusy(_) => (503, Some(1), false),
         ProxyError::RateLimited(l) => (429, Some(l.retry_after), false),
         ProxyError::Shed(_) => (503, Some(1), false),
+        ProxyError::UpgradedLimit(_) => (503, Some(1), true),
         ProxyError::UpgradeRefused(_) => (501, None, true),
         ProxyError::Receiver(_) | ProxyError::TunnelClosed | ProxyError::BadResponse(_) => {
             (502, None, false)
@@ -306,6 +311,7 @@ pub fn error_kind(err: &ProxyError) -> &'static str {
         ProxyError::TunnelBusy(_) => "tunnel_busy",
         ProxyError::RateLimited(_) => "rate_limited",
         ProxyError::Shed(s) => s.reason(),
+        ProxyError::UpgradedLimit(_) => "upgraded_limit",
         ProxyError::UpgradeRefused(_) => "upgrade_refused",
         ProxyError::Receiver(_) => "receiver_error",
         ProxyError::TunnelClosed => "tunnel_closed",
@@ -327,7 +333,9 @@ impl ProxyError {
             | ProxyError::UpgradeRefused(_)
             | ProxyError::ClientGone(_) => Side::Client,
             ProxyError::RateLimited(_) => Side::Client,
-            ProxyError::TunnelBusy(_) | ProxyError::Shed(_) => Side::Gateway,
+            ProxyError::TunnelBusy(_) | ProxyError::Shed(_) | ProxyError::UpgradedLimit(_) => {
+                Side::Gateway
+            }
             ProxyError::NoTunnel(_) | ProxyError::TunnelClosed => Side::Tunnel,
             ProxyError::BadResponse(_) | ProxyError::Timeout => Side::Receiver,
             // What the receiver reports is the app's failure (cannot
@@ -401,6 +409,12 @@ mod tests {
                 413,
                 "body_too_large",
                 Side::Client,
+            ),
+            (
+                ProxyError::UpgradedLimit(2),
+                503,
+                "upgraded_limit",
+                Side::Gateway,
             ),
             (
                 ProxyError::upgrade_refused("/ws", false),

@@ -66,6 +66,54 @@ pub fn build_request_meta(
     b.finish_request()
 }
 
+/// [`build_request_meta`] for a WebSocket upgrade (PROTOCOL.md §7.6):
+/// the same fields, plus the client's `Upgrade` field(s), which name the
+/// protocol the app is asked to switch to. `Connection` stays out (the
+/// receiver writes `Connection: upgrade` to the app itself); the
+/// `Sec-WebSocket-*` fields are end-to-end and travel as any other.
+pub fn build_upgrade_meta(
+    head: &RequestHead,
+    buf: &[u8],
+    peer: SocketAddr,
+    tls: bool,
+    trust_forwarded: bool,
+) -> binmeta::Request {
+    let target = origin_form(&buf[head.target.clone()]);
+    let mut b = Builder::request(head.method(buf).as_bytes(), target, head.head_len + 192);
+    let seen = client_headers(&mut b, head, buf, None, trust_forwarded);
+    for h in &head.headers {
+        if buf[h.name.clone()].eq_ignore_ascii_case(b"upgrade") {
+            b.field(b"upgrade", &buf[h.value.clone()]);
+        }
+    }
+    push_forwarding(&mut b, seen, peer, tls);
+    b.finish_request()
+}
+
+/// The 101 written to the client for an upgraded stream: the app's
+/// fields as relayed (its `Upgrade` and `Sec-WebSocket-*`), minus any
+/// framing or other hop-by-hop field, plus `Connection: upgrade`. What
+/// follows on the connection is the app's bytes.
+pub fn write_upgrade_head(out: &mut Vec<u8>, meta: &binmeta::Response) {
+    http::headers::write_status_line(out, 101, b"Switching Protocols");
+    let hop = HopByHop::of(meta.fields());
+    for (name, value) in meta.fields() {
+        let keep = name.eq_ignore_ascii_case(b"upgrade") || !hop.drops(name);
+        if !keep
+            || name.eq_ignore_ascii_case(b"content-length")
+            || !valid_field_name(name)
+            || !valid_field_value(value)
+        {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"connection: upgrade\r\n\r\n");
+}
+
 /// What the client's own forwarding headers said (kept only with
 /// `trust_forwarded`), and its Host.
 #[derive(Default)]
@@ -416,6 +464,60 @@ mod tests {
                 meta.header_list
             );
         }
+    }
+
+    #[test]
+    fn an_upgrade_keeps_its_upgrade_field_and_the_101_says_connection_upgrade() {
+        let raw: &[u8] = b"GET /chat?x=1 HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\
+            Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: k==\r\n\
+            Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chat\r\n\r\n";
+        let head = http::parse_request_head(raw, &http::Limits::default())
+            .unwrap()
+            .unwrap();
+        assert!(head.upgrade);
+        let peer: SocketAddr = "192.0.2.1:5".parse().unwrap();
+        let meta = build_upgrade_meta(&head, raw, peer, false, false);
+        assert_eq!(meta.target(), b"/chat?x=1");
+        let fields: Vec<(&[u8], &[u8])> = meta.fields().collect();
+        let names: Vec<&str> = fields
+            .iter()
+            .map(|(n, _)| std::str::from_utf8(n).unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "Host",
+                "Sec-WebSocket-Key",
+                "Sec-WebSocket-Version",
+                "Sec-WebSocket-Protocol",
+                "upgrade",
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-forwarded-host",
+                "forwarded"
+            ],
+            "no Connection; the Upgrade field travels"
+        );
+        assert!(fields.contains(&(&b"upgrade"[..], &b"websocket"[..])));
+        // The ordinary meta of the same head has no Upgrade (hop-by-hop).
+        let plain = build_request_meta(&head, raw, peer, false, None, false);
+        assert!(!plain
+            .fields()
+            .any(|(n, _)| n.eq_ignore_ascii_case(b"upgrade")));
+
+        let mut b = Builder::response(101, b"Switching Protocols", 256);
+        b.field(b"Upgrade", b"websocket");
+        b.field(b"Connection", b"Upgrade");
+        b.field(b"Sec-WebSocket-Accept", b"abc=");
+        b.field(b"Content-Length", b"0");
+        b.field(b"X-Bad", b"a\r\nInjected: 1");
+        let mut out = Vec::new();
+        write_upgrade_head(&mut out, &b.finish_response());
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Accept: abc=\r\nconnection: upgrade\r\n\r\n"
+        );
     }
 
     #[test]

@@ -74,6 +74,10 @@ pub struct CoreMetrics {
     by_prefix: RefCell<HashMap<Arc<str>, u32>>,
     /// Requests that matched no route (404, `/health`, refused heads).
     unrouted: RefCell<[u64; 5]>,
+    /// Upgraded (WebSocket pass-through) streams open now, and opened
+    /// since start, on this core.
+    upgraded_open: Cell<u64>,
+    upgraded_total: Cell<u64>,
 }
 
 impl Default for CoreMetrics {
@@ -87,6 +91,8 @@ impl Default for CoreMetrics {
             slots: RefCell::new(Vec::new()),
             by_prefix: RefCell::new(HashMap::new()),
             unrouted: RefCell::new([0; 5]),
+            upgraded_open: Cell::new(0),
+            upgraded_total: Cell::new(0),
         }
     }
 }
@@ -98,6 +104,18 @@ impl CoreMetrics {
 
     pub fn request_ended(&self) {
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
+    }
+
+    /// An upgraded stream began (its 101 was written).
+    pub fn upgraded_opened(&self) {
+        self.upgraded_open.set(self.upgraded_open.get() + 1);
+        self.upgraded_total.set(self.upgraded_total.get() + 1);
+    }
+
+    /// An upgraded stream ended.
+    pub fn upgraded_closed(&self) {
+        self.upgraded_open
+            .set(self.upgraded_open.get().saturating_sub(1));
     }
 
     /// The slot of `route` (created the first time this core sees that
@@ -182,6 +200,8 @@ impl CoreMetrics {
             latency: self.latency.borrow().clone(),
             routes,
             admission: Default::default(),
+            upgraded_open: self.upgraded_open.get(),
+            upgraded_total: self.upgraded_total.get(),
         }
     }
 }
@@ -205,6 +225,9 @@ pub struct Snapshot {
     pub routes: BTreeMap<String, [u64; 5]>,
     /// Rate limits, shedding, per-identity gauges (`admission.rs`).
     pub admission: super::admission::AdmissionSnapshot,
+    /// Upgraded streams open now, and opened since start.
+    pub upgraded_open: u64,
+    pub upgraded_total: u64,
 }
 
 /// Admission totals over all cores.
@@ -274,6 +297,8 @@ pub struct Totals {
     pub latency: Histogram<u64>,
     pub routes: BTreeMap<String, [u64; 5]>,
     pub admission: AdmissionTotals,
+    pub upgraded_open: u64,
+    pub upgraded_total: u64,
 }
 
 impl Totals {
@@ -287,6 +312,8 @@ impl Totals {
             latency: new_histogram(),
             routes: BTreeMap::new(),
             admission: AdmissionTotals::default(),
+            upgraded_open: 0,
+            upgraded_total: 0,
         }
     }
 
@@ -302,6 +329,8 @@ impl Totals {
             add5(self.routes.entry(route.clone()).or_default(), counts);
         }
         self.admission.add(&s.admission);
+        self.upgraded_open += s.upgraded_open;
+        self.upgraded_total += s.upgraded_total;
     }
 
     pub fn requests_total(&self) -> u64 {
@@ -424,6 +453,16 @@ pub fn render_prometheus(s: &mut String, t: &Totals, auth: &BTreeMap<&'static st
     for (reason, n) in auth {
         let _ = writeln!(s, "anp_auth_failures_total{{reason={}}} {n}", label(reason));
     }
+    let _ = writeln!(
+        s,
+        "# HELP anp_upgraded_streams_open Upgraded (WebSocket pass-through) streams open now.\n# TYPE anp_upgraded_streams_open gauge\nanp_upgraded_streams_open {}",
+        t.upgraded_open
+    );
+    let _ = writeln!(
+        s,
+        "# HELP anp_upgraded_streams_total Upgraded (WebSocket pass-through) streams opened (101 written).\n# TYPE anp_upgraded_streams_total counter\nanp_upgraded_streams_total {}",
+        t.upgraded_total
+    );
     t.admission.render(s);
     let _ = writeln!(
         s,

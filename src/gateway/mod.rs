@@ -16,6 +16,7 @@ pub(crate) mod instances;
 pub(crate) mod metrics;
 pub(crate) mod observe;
 pub(crate) mod pace;
+pub(crate) mod passthrough;
 pub(crate) mod proxy_protocol;
 pub(crate) mod ratelimit;
 pub(crate) mod refusals;

@@ -73,6 +73,10 @@ struct Entry {
     body: Option<unbounded::Tx<BodyEvent>>,
     /// Upload window: credit the receiver returned for the request body.
     upload: Rc<Window>,
+    /// An upgraded stream (`gateway/passthrough.rs`) whose client-to-app
+    /// direction is still open: the entry outlives the response's last
+    /// chunk (a half-close) so the upload's credit still finds it.
+    upload_open: bool,
 }
 
 pub struct Tunnel {
@@ -99,6 +103,8 @@ pub struct Uploader {
     window: Rc<Window>,
     wait: Duration,
     done: bool,
+    /// An upgraded stream's upload: its last piece may end the entry.
+    duplex: bool,
 }
 
 /// The receiving half: waits for the response head.
@@ -126,6 +132,7 @@ impl Tunnel {
                 head: Some(tx),
                 body: None,
                 upload: upload.clone(),
+                upload_open: false,
             },
         );
         Ok((id, rx, upload))
@@ -196,6 +203,7 @@ impl Tunnel {
                 window,
                 wait: ctx.settings.timeout,
                 done: complete,
+                duplex: false,
             },
             Waiter {
                 tunnel: self.clone(),
@@ -203,6 +211,43 @@ impl Tunnel {
                 rx: Some(rx),
             },
         ))
+    }
+
+    /// Starts an upgrade request (WebSocket pass-through, PROTOCOL.md
+    /// §7.6): chunk 0 with the meta and no body, the message left open.
+    /// Its body is the client-to-app byte stream; the entry lives until
+    /// both directions have ended (or one fails). `wait`: how long an
+    /// upload piece may wait for credit.
+    pub fn start_duplex(
+        self: &Rc<Self>,
+        ctx: &CoreCtx,
+        meta: binmeta::Request,
+        wait: Duration,
+    ) -> Result<(Uploader, Waiter), ProxyError> {
+        debug_assert!(self.features.upgrade);
+        let (mut up, waiter) = self.start(ctx, meta, Bytes::new(), false)?;
+        if let Some(e) = self.inflight.borrow_mut().get_mut(&up.id) {
+            e.upload_open = true;
+        }
+        up.duplex = true;
+        up.wait = wait;
+        Ok((up, waiter))
+    }
+
+    /// The client-to-app direction of an upgraded stream ended: the entry
+    /// goes once the response has ended too.
+    fn upload_done(&self, id: u64) {
+        let mut map = self.inflight.borrow_mut();
+        let finished = match map.get_mut(&id) {
+            Some(e) => {
+                e.upload_open = false;
+                e.head.is_none() && e.body.is_none()
+            }
+            None => false,
+        };
+        let gone = if finished { map.remove(&id) } else { None };
+        drop(map);
+        drop(gone);
     }
 
     /// Sends a whole request and collects the whole response (the cross-
@@ -337,6 +382,9 @@ impl Uploader {
             return Err(ProxyError::TunnelClosed);
         }
         self.done = last;
+        if last && self.duplex {
+            self.tunnel.upload_done(self.id);
+        }
         Ok(())
     }
 
@@ -691,17 +739,31 @@ fn on_stream_frame(tunnel: &Rc<Tunnel>, counts: &FrameRefusals, msg: Bytes) {
         ) => stream_head(tunnel, counts, key, complete, meta, body),
         (Decision::Data { key, last }, Incoming::More { body, .. }) => {
             let mut map = tunnel.inflight.borrow_mut();
-            if let Some(tx) = map.get(&key).and_then(|e| e.body.as_ref()) {
-                if !body.is_empty() {
-                    let _ = tx.send(BodyEvent::Data(body));
+            let mut upload_open = false;
+            let mut ended = None;
+            if let Some(e) = map.get_mut(&key) {
+                if let Some(tx) = e.body.as_ref() {
+                    if !body.is_empty() {
+                        let _ = tx.send(BodyEvent::Data(body));
+                    }
+                    if last {
+                        let _ = tx.send(BodyEvent::End);
+                    }
                 }
-                if last {
-                    let _ = tx.send(BodyEvent::End);
+                upload_open = e.upload_open;
+                if last && upload_open {
+                    // An upgraded stream's half-close: the upload goes on.
+                    ended = e.body.take();
                 }
             }
-            let gone = if last { map.remove(&key) } else { None };
+            let gone = if last && !upload_open {
+                map.remove(&key)
+            } else {
+                None
+            };
             drop(map);
             drop(gone);
+            drop(ended);
         }
         (Decision::PeerError { key }, Incoming::Error { message, .. }) => {
             tracing::info!(tunnel = tunnel.id, request_id = key, %message, "receiver error frame");

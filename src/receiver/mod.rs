@@ -5,6 +5,7 @@
 //! with the same `request_id` (DESIGN.md, "Receiver"). SIGTERM/SIGINT
 //! shut it down gracefully (`drain.rs`).
 
+pub(crate) mod app_conn;
 pub mod backoff;
 pub(crate) mod drain;
 pub mod fleet;
@@ -79,6 +80,7 @@ fn engine_config(r: &crate::config::ReceiverConfig) -> crate::tunnel::EngineConf
     crate::tunnel::EngineConfig {
         role: crate::ws::Role::Client,
         vectored: false,
+        zero_mask: false,
         ping_interval: secs(r.ping_interval),
         limits: crate::ws::Limits {
             max_frame_payload: r.tunnel_max_message_size,

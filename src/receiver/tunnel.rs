@@ -17,6 +17,10 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
 
 use super::backoff::{self, Backoff};
+// WebSocket pass-through (src/receiver/passthrough.rs): declared here
+// rather than in receiver/mod.rs, which only this module uses it from.
+#[path = "passthrough.rs"]
+mod passthrough;
 use super::drain::{self, CoreDrain, Leaving};
 use super::fleet::CoreGateway;
 use super::sink::ResponseSink;
@@ -386,7 +390,13 @@ where
         index,
         in_flight,
     ));
-    let (ended, closing) = engine::run(io, leftover, out, rx, &ctx.engine, &mut sink).await;
+    // Per tunnel: a gateway that negotiated `zeromask` gets frames with the
+    // all-zero key, and on plain TCP their bodies go out where they are
+    // (one `writev`, no copy); over TLS rustls copies anyway.
+    let mut engine = ctx.engine.clone();
+    engine.zero_mask = features.zeromask;
+    engine.vectored = features.zeromask && gw.gw.dialer.is_none();
+    let (ended, closing) = engine::run(io, leftover, out, rx, &engine, &mut sink).await;
     leaving.ended.raise();
     // Dropping the entries cancels the upstream calls still running: their
     // responses have nowhere to go. Taken out first: no borrow is held
@@ -666,6 +676,21 @@ fn start_request(
         ctx.chunk_size,
         ctx.max_body,
     );
+    // WebSocket pass-through (PROTOCOL.md §7.6): an upgrade request of a
+    // gateway that negotiated it; its body is the client's byte stream.
+    let body = match body {
+        ReqBody::Stream(rx) if features.upgrade && passthrough::is_upgrade(&meta) => {
+            let (ctx, out, reqs) = (ctx.clone(), out.clone(), reqs.clone());
+            monoio::spawn(async move {
+                let rid = sink.request_id().to_owned();
+                passthrough::serve(ctx, out, meta, rx, sink, cancel_rx).await;
+                let gone = reqs.borrow_mut().remove(&rid);
+                drop(gone);
+            });
+            return;
+        }
+        body => body,
+    };
     monoio::spawn(handle_request(
         ctx.clone(),
         out.clone(),
@@ -791,7 +816,8 @@ mod cancel_props {
     }
 
     fn core(app: SocketAddr, permits: usize) -> Rc<CoreRx> {
-        let up = super::super::url::parse(&format!("http://{app}"), ("http", "https")).unwrap();
+        let up = super::super::app_conn::parse(&format!("http://{app}")).unwrap();
+        let up = super::super::app_conn::AppTarget::new(up, "", None).unwrap();
         Rc::new(CoreRx {
             token: String::new(),
             instance: "prop".into(),
@@ -803,6 +829,7 @@ mod cancel_props {
             engine: crate::tunnel::EngineConfig {
                 role: Role::Client,
                 vectored: false,
+                zero_mask: false,
                 ping_interval: None,
                 limits: ws::Limits {
                     max_frame_payload: 1 << 20,

@@ -14,10 +14,9 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
-use monoio::net::TcpStream;
 
+use super::app_conn::{AppStream, AppTarget};
 use super::sink::ResponseSink;
-use super::url::Url;
 use crate::http::headers::HopByHop;
 use crate::http::{self, ChunkedDecoder, ChunkedStep, ResponseBody};
 use crate::protocol::anpx::binmeta::{self, Builder};
@@ -27,6 +26,8 @@ use crate::protocol::anpx::{string_to_latin1, RequestMeta};
 pub enum UpstreamError {
     #[error("cannot connect to upstream {addr}: {source}")]
     Connect { addr: String, source: io::Error },
+    #[error("TLS with upstream {addr} failed: {why}")]
+    Tls { addr: String, why: String },
     #[error("upstream io: {0}")]
     Io(#[from] io::Error),
     #[error("upstream closed the connection before a complete response")]
@@ -49,16 +50,14 @@ pub enum UpstreamError {
 const READ_BUF: usize = 16 * 1024;
 
 pub struct Upstream {
-    url: Url,
-    idle: RefCell<Vec<TcpStream>>,
+    target: AppTarget,
+    idle: RefCell<Vec<AppStream>>,
     max_idle: usize,
     /// Response read buffers, reused: one that comes back empty keeps its
     /// allocation, which `reserve` reclaims once the body pieces split
     /// from it have been written to the tunnel (no allocation per response
     /// in steady state).
     bufs: RefCell<Vec<BytesMut>>,
-    /// The `Host` sent when the client's request has none.
-    host: String,
     limits: http::Limits,
 }
 
@@ -126,12 +125,13 @@ pub fn from_json_meta(meta: &RequestMeta) -> Result<binmeta::Request, UpstreamEr
 /// controls. Dropped: hop-by-hop fields and those the client's
 /// `Connection` names (a v1 gateway may leave them in; ours has removed
 /// them already), names that are not tokens, values that could split the
-/// head, a second Host.
+/// head, a second Host. `Host` is the target's when the client sent none
+/// or `upstream_host` rewrites it.
 pub fn write_request_head(
     out: &mut Vec<u8>,
     meta: &binmeta::Request,
     body: BodyLen,
-    upstream_host: &str,
+    app: &AppTarget,
 ) -> Result<(), UpstreamError> {
     let method = meta.method();
     if !is_token(method) {
@@ -162,7 +162,7 @@ pub fn write_request_head(
             continue;
         }
         if name.eq_ignore_ascii_case(b"host") {
-            if has_host {
+            if has_host || app.rewrite_host {
                 continue;
             }
             has_host = true;
@@ -174,7 +174,7 @@ pub fn write_request_head(
     }
     if !has_host {
         out.extend_from_slice(b"host: ");
-        out.extend_from_slice(upstream_host.as_bytes());
+        out.extend_from_slice(app.host.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     match body {
@@ -209,10 +209,9 @@ async fn read_more<S: AsyncReadRent>(io: &mut S, buf: &mut BytesMut) -> io::Resu
 }
 
 impl Upstream {
-    pub fn new(url: Url, max_idle: usize) -> Self {
+    pub fn new(target: AppTarget, max_idle: usize) -> Self {
         Self {
-            host: url.host_header(),
-            url,
+            target,
             idle: RefCell::new(Vec::new()),
             max_idle,
             bufs: RefCell::new(Vec::new()),
@@ -224,13 +223,19 @@ impl Upstream {
         }
     }
 
-    async fn connect(&self) -> Result<TcpStream, UpstreamError> {
-        let addr = self.url.authority();
-        let s = TcpStream::connect(addr.as_str())
-            .await
-            .map_err(|source| UpstreamError::Connect { addr, source })?;
-        let _ = s.set_nodelay(true);
-        Ok(s)
+    async fn connect(&self) -> Result<AppStream, UpstreamError> {
+        self.target.addr.connect().await
+    }
+
+    /// A connection of its own for an upgraded stream (WebSocket
+    /// pass-through, `receiver/passthrough.rs`): never pooled, never reused.
+    pub async fn dedicated(&self) -> Result<AppStream, UpstreamError> {
+        self.connect().await
+    }
+
+    /// Where the app is and which `Host` it is sent.
+    pub fn target(&self) -> &AppTarget {
+        &self.target
     }
 
     /// Calls the app and sends the response to `sink` as it is read. A
@@ -260,8 +265,7 @@ impl Upstream {
     ) -> Result<(), UpstreamError> {
         let is_head = meta.method() == b"HEAD";
         let mut head = Vec::with_capacity(1024);
-        let host = &self.host;
-        write_request_head(&mut head, meta, BodyLen::Known(body.len()), host)?;
+        write_request_head(&mut head, meta, BodyLen::Known(body.len()), &self.target)?;
         let head = Bytes::from(head);
         if let Some(mut conn) = self.take_idle() {
             match self.send_full(&mut conn, &head, &body).await {
@@ -299,7 +303,7 @@ impl Upstream {
             None => BodyLen::Chunked,
         };
         let mut head = Vec::with_capacity(1024);
-        write_request_head(&mut head, meta, framing, &self.host)?;
+        write_request_head(&mut head, meta, framing, &self.target)?;
         let mut conn = match self.take_idle() {
             Some(c) => c,
             None => self.connect().await?,
@@ -315,13 +319,17 @@ impl Upstream {
     /// A pooled connection that is quiet: one with bytes or EOF already
     /// waiting was written to (or closed) by the app while idle, so it is
     /// dropped, never handed to this request.
-    fn take_idle(&self) -> Option<TcpStream> {
+    fn take_idle(&self) -> Option<AppStream> {
         let mut idle = self.idle.borrow_mut();
         while let Some(conn) = idle.pop() {
             match pending(&conn) {
                 Pending::Nothing => return Some(conn),
+                // On TLS these are records: a close_notify, a ticket.
+                Pending::Data if conn.is_tls() => {
+                    tracing::debug!("idle TLS upstream connection had records waiting; dropped")
+                }
                 Pending::Data => tracing::warn!(
-                    upstream = %self.url.authority(),
+                    upstream = %self.target.addr,
                     "app wrote to an idle keep-alive connection (bytes past its last response); connection dropped unread"
                 ),
                 Pending::Closed => {
@@ -336,7 +344,7 @@ impl Upstream {
     /// (or written something) before the body went out.
     async fn send_full(
         &self,
-        conn: &mut TcpStream,
+        conn: &mut AppStream,
         head: &Bytes,
         body: &Bytes,
     ) -> Result<bool, Attempt> {
@@ -358,7 +366,7 @@ impl Upstream {
     /// `early`: the app wrote before the request was all sent.
     async fn read_response(
         &self,
-        mut conn: TcpStream,
+        mut conn: AppStream,
         is_head: bool,
         early: bool,
         sink: &mut ResponseSink,
@@ -409,7 +417,7 @@ impl Upstream {
     /// and dropped: not forwarded, DESIGN.md); whether one came.
     async fn read_head(
         &self,
-        conn: &mut TcpStream,
+        conn: &mut AppStream,
         buf: &mut BytesMut,
         is_head: bool,
     ) -> Result<(http::ResponseHead, bool), Attempt> {
@@ -450,7 +458,7 @@ impl Upstream {
 /// are with a Content-Length (`len`), else chunked. Whether the app wrote
 /// before it had the whole body (one non-blocking peek per piece).
 async fn send_streamed_body(
-    conn: &mut TcpStream,
+    conn: &mut AppStream,
     mut rx: local_sync::mpsc::unbounded::Rx<ReqEvent>,
     len: Option<usize>,
     credit: &mut dyn FnMut(usize),
@@ -508,7 +516,7 @@ async fn send_streamed_body(
 }
 
 /// One more read of a response body; EOF before its end is `Closed`.
-async fn read_body_more(conn: &mut TcpStream, buf: &mut BytesMut) -> Result<(), UpstreamError> {
+async fn read_body_more(conn: &mut AppStream, buf: &mut BytesMut) -> Result<(), UpstreamError> {
     match read_more(conn, buf).await? {
         Read::Data => Ok(()),
         Read::Eof => Err(UpstreamError::Closed),
@@ -517,7 +525,7 @@ async fn read_body_more(conn: &mut TcpStream, buf: &mut BytesMut) -> Result<(), 
 
 /// A Content-Length body of `n` bytes, the buffered part with the head.
 async fn relay_length(
-    (conn, buf): (&mut TcpStream, &mut BytesMut),
+    (conn, buf): (&mut AppStream, &mut BytesMut),
     n: usize,
     meta: binmeta::Response,
     sink: &mut ResponseSink,
@@ -540,7 +548,7 @@ async fn relay_length(
 /// A chunked body, decoded; what is buffered goes with the head (a small
 /// response is often whole).
 async fn relay_chunked(
-    (conn, buf): (&mut TcpStream, &mut BytesMut),
+    (conn, buf): (&mut AppStream, &mut BytesMut),
     meta: binmeta::Response,
     sink: &mut ResponseSink,
 ) -> Result<(), UpstreamError> {
@@ -569,7 +577,7 @@ async fn relay_chunked(
 
 /// A body delimited by the connection's close (HTTP/1.0 style).
 async fn relay_until_close(
-    (conn, buf): (&mut TcpStream, &mut BytesMut),
+    (conn, buf): (&mut AppStream, &mut BytesMut),
     meta: binmeta::Response,
     sink: &mut ResponseSink,
 ) -> Result<(), UpstreamError> {
@@ -625,7 +633,7 @@ enum Pending {
 
 /// What is waiting on an idle or busy upstream connection
 /// (`net::peek_byte`).
-fn pending(conn: &TcpStream) -> Pending {
+fn pending(conn: &AppStream) -> Pending {
     match crate::net::peek_byte(conn) {
         crate::net::Peek::Empty => Pending::Nothing,
         crate::net::Peek::Byte(_) => Pending::Data,
@@ -680,7 +688,7 @@ impl Attempt {
 /// ANPX response meta, straight from the head's bytes: the header lines
 /// in order, without the hop-by-hop fields and those the app's
 /// `Connection` names.
-fn response_meta(resp: &http::ResponseHead, buf: &[u8]) -> binmeta::Response {
+pub(super) fn response_meta(resp: &http::ResponseHead, buf: &[u8]) -> binmeta::Response {
     let fields = || {
         resp.headers
             .iter()
@@ -705,6 +713,13 @@ fn response_meta(resp: &http::ResponseHead, buf: &[u8]) -> binmeta::Response {
 mod tests {
     use super::*;
 
+    /// A TCP app at `up:1` (nothing is dialled), `Host` rewritten when
+    /// `rewrite` is not empty.
+    fn target(rewrite: &str) -> AppTarget {
+        let url = super::super::app_conn::parse("http://up:1").unwrap();
+        AppTarget::new(url, rewrite, None).unwrap()
+    }
+
     fn meta(raw: Option<&str>) -> RequestMeta {
         RequestMeta {
             method: "GET".into(),
@@ -723,7 +738,7 @@ mod tests {
             &mut out,
             &from_json_meta(&meta(None)).unwrap(),
             BodyLen::Known(0),
-            "up:1",
+            &target(""),
         )
         .unwrap();
         let s = String::from_utf8(out).unwrap();
@@ -732,6 +747,23 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("host: gw\r\n"));
+    }
+
+    #[test]
+    fn host_is_the_targets_when_missing_or_rewritten() {
+        let head = |m: &RequestMeta, t: &AppTarget| {
+            let mut out = Vec::new();
+            let m = from_json_meta(m).unwrap();
+            write_request_head(&mut out, &m, BodyLen::Known(0), t).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let mut bare = meta(None);
+        bare.headers.clear();
+        assert!(head(&bare, &target("")).contains("\r\nhost: up:1\r\n"));
+        let s = head(&meta(None), &target("app.internal"));
+        assert!(s.contains("\r\nhost: app.internal\r\n"), "{s}");
+        assert!(!s.contains("host: gw"), "{s}");
+        assert_eq!(s.matches("host:").count(), 1, "{s}");
     }
 
     #[test]
@@ -749,7 +781,7 @@ mod tests {
             &mut out,
             &from_json_meta(&m).unwrap(),
             BodyLen::Known(0),
-            "up:1",
+            &target(""),
         )
         .unwrap();
         let s = String::from_utf8(out).unwrap();
@@ -812,7 +844,7 @@ mod tests {
         use std::io::Write;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let conn = TcpStream::connect(addr).await.unwrap();
+        let conn = AppStream::Tcp(monoio::net::TcpStream::connect(addr).await.unwrap());
         let (mut app, _) = listener.accept().unwrap();
         assert_eq!(pending(&conn), Pending::Nothing);
         // Loopback: once write(2) returns, the bytes are in our queue.
@@ -842,7 +874,7 @@ mod tests {
             &mut out,
             &from_json_meta(&meta(Some("/x?a=%20&a"))).unwrap(),
             BodyLen::Known(3),
-            "up:1",
+            &target(""),
         )
         .unwrap();
         assert!(out.starts_with(b"GET /x?a=%20&a HTTP/1.1\r\n"));
@@ -852,7 +884,7 @@ mod tests {
             &mut out,
             &from_json_meta(&meta(Some("/x y"))).unwrap(),
             BodyLen::Known(0),
-            "up"
+            &target("")
         )
         .is_err());
     }

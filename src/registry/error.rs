@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("path `{0}` must start with `/`")]
-    NotAbsolute(String),
+    #[error("{0}")]
+    BadRoute(String),
     #[error("{what} is empty or longer than 255 characters")]
     TooLong { what: &'static str },
     #[error("path `{path}` is already owned by `{owner}`")]
@@ -30,7 +30,7 @@ impl RegistryError {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            RegistryError::NotAbsolute(_)
+            RegistryError::BadRoute(_)
                 | RegistryError::TooLong { .. }
                 | RegistryError::Owned { .. }
         )

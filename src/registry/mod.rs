@@ -197,6 +197,8 @@ impl Registry {
     /// whose prefix (after `normalize_prefix`) another identity holds.
     pub fn add(&mut self, did: &str, path: &str) -> Result<Added, RegistryError> {
         check(did, path)?;
+        // A host route is kept with its host in lowercase: one spelling.
+        let path = &*routes::lowercase_host(path);
         let prefix = normalize_prefix(path);
         // The table's UNIQUE(proxy_path) only sees exact strings; `/a`,
         // `/a/` and `/a/ad.json` are one prefix. Every spelling of a prefix
@@ -227,6 +229,7 @@ impl Registry {
     /// Removes `path` from `did`: the exact row, or else the rows of `did`
     /// serving the same prefix (`/a/` removes `/a/ad.json`). How many went.
     pub fn remove(&mut self, did: &str, path: &str) -> Result<u64, RegistryError> {
+        let path = &*routes::lowercase_host(path);
         let n = self.backend.delete(did, path)?;
         if n > 0 {
             return Ok(n);
@@ -248,9 +251,7 @@ fn check(did: &str, path: &str) -> Result<(), RegistryError> {
     if !fits(did) {
         return Err(RegistryError::TooLong { what: "did" });
     }
-    if !path.starts_with('/') {
-        return Err(RegistryError::NotAbsolute(path.to_owned()));
-    }
+    routes::check_route(path).map_err(RegistryError::BadRoute)?;
     if !fits(path) {
         return Err(RegistryError::TooLong { what: "path" });
     }

@@ -6,14 +6,13 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use monoio::buf::{IoBuf, IoBufMut, IoVecBuf, IoVecBufMut};
-use monoio::io::{AsyncReadRent, AsyncWriteRent, Split};
+use monoio::io::Split;
 use monoio::net::TcpStream;
-use monoio::BufResult;
 use monoio_rustls::{ClientTlsStream, TlsConnector};
+use rustls::client::WantsClientCert;
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, RootCertStore};
+use rustls::{ClientConfig, ConfigBuilder, RootCertStore};
 
 use super::verify::GatewayVerifier;
 use super::{describe, handshake_rustls_error, load_certs, load_key, provider, TlsSetupError};
@@ -33,50 +32,7 @@ pub fn client_config(
     r: &ReceiverConfig,
     base_dir: &Path,
 ) -> Result<Arc<ClientConfig>, TlsSetupError> {
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|error| TlsSetupError::Rustls {
-            key: "receiver",
-            error,
-        })?;
-    let builder = if r.ca_file.is_empty() {
-        let mut roots = RootCertStore::empty();
-        let found = rustls_native_certs::load_native_certs();
-        let (added, _ignored) = roots.add_parsable_certificates(found.certs);
-        if added == 0 {
-            let why = found
-                .errors
-                .first()
-                .map(|e| e.to_string())
-                .unwrap_or_else(|| "it is empty".into());
-            return Err(TlsSetupError::NoSystemRoots(why));
-        }
-        builder.with_root_certificates(roots)
-    } else {
-        // webpki against ca_file, and a self-signed gateway certificate
-        // that is itself in ca_file accepted as pinned (tls/verify.rs).
-        let path = base_dir.join(&r.ca_file);
-        let pinned = load_certs("receiver.ca_file", &path)?;
-        let mut roots = RootCertStore::empty();
-        for c in &pinned {
-            roots
-                .add(c.clone())
-                .map_err(|error| TlsSetupError::Rustls {
-                    key: "receiver.ca_file",
-                    error,
-                })?;
-        }
-        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
-            .build()
-            .map_err(|error| TlsSetupError::Verifier {
-                key: "receiver.ca_file",
-                path,
-                error,
-            })?;
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(GatewayVerifier::new(webpki, pinned)))
-    };
+    let builder = trusting(&r.ca_file, "receiver.ca_file", base_dir)?;
     let mut cfg = if r.cert_file.is_empty() {
         builder.with_no_client_auth()
     } else {
@@ -91,6 +47,70 @@ pub fn client_config(
     };
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// The receiver's TLS configuration towards an `https://` app: trust in
+/// `upstream_ca_file`, else `ca_file` (one private CA for both is the
+/// common case: `anp-proxy cert new` makes one), else the system's store;
+/// no client certificate.
+pub fn upstream_config(
+    r: &ReceiverConfig,
+    base_dir: &Path,
+) -> Result<Arc<ClientConfig>, TlsSetupError> {
+    let (file, key) = if r.upstream_ca_file.is_empty() {
+        (&r.ca_file, "receiver.ca_file")
+    } else {
+        (&r.upstream_ca_file, "receiver.upstream_ca_file")
+    };
+    let mut cfg = trusting(file, key, base_dir)?.with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A client configuration builder that trusts `ca_file` (named `key` in
+/// errors; a certificate of it presented as the server's own is accepted
+/// too: `tls/verify.rs`), or the system's store when it is empty.
+fn trusting(
+    ca_file: &str,
+    key: &'static str,
+    base_dir: &Path,
+) -> Result<ConfigBuilder<ClientConfig, WantsClientCert>, TlsSetupError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|error| TlsSetupError::Rustls {
+            key: "receiver",
+            error,
+        })?;
+    if ca_file.is_empty() {
+        let mut roots = RootCertStore::empty();
+        let found = rustls_native_certs::load_native_certs();
+        let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            let why = found
+                .errors
+                .first()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "it is empty".into());
+            return Err(TlsSetupError::NoSystemRoots(why));
+        }
+        return Ok(builder.with_root_certificates(roots));
+    }
+    // webpki against ca_file, and a self-signed certificate that is itself
+    // in ca_file accepted as pinned (tls/verify.rs).
+    let path = base_dir.join(ca_file);
+    let pinned = load_certs(key, &path)?;
+    let mut roots = RootCertStore::empty();
+    for c in &pinned {
+        roots
+            .add(c.clone())
+            .map_err(|error| TlsSetupError::Rustls { key, error })?;
+    }
+    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|error| TlsSetupError::Verifier { key, path, error })?;
+    Ok(builder
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(GatewayVerifier::new(webpki, pinned))))
 }
 
 /// What a receiver needs to dial `wss://`: the connector and the name the
@@ -209,48 +229,4 @@ impl crate::net::Readable for GatewayStream {
     }
 }
 
-impl AsyncReadRent for GatewayStream {
-    async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
-        match self {
-            GatewayStream::Plain(s) => s.read(buf).await,
-            GatewayStream::Tls(s) => s.read(buf).await,
-        }
-    }
-
-    async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
-        match self {
-            GatewayStream::Plain(s) => s.readv(buf).await,
-            GatewayStream::Tls(s) => s.readv(buf).await,
-        }
-    }
-}
-
-impl AsyncWriteRent for GatewayStream {
-    async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
-        match self {
-            GatewayStream::Plain(s) => s.write(buf).await,
-            GatewayStream::Tls(s) => s.write(buf).await,
-        }
-    }
-
-    async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
-        match self {
-            GatewayStream::Plain(s) => s.writev(buf).await,
-            GatewayStream::Tls(s) => s.writev(buf).await,
-        }
-    }
-
-    async fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            GatewayStream::Plain(s) => s.flush().await,
-            GatewayStream::Tls(s) => s.flush().await,
-        }
-    }
-
-    async fn shutdown(&mut self) -> std::io::Result<()> {
-        match self {
-            GatewayStream::Plain(s) => s.shutdown().await,
-            GatewayStream::Tls(s) => s.shutdown().await,
-        }
-    }
-}
+crate::net::delegate_rent_io!(GatewayStream { Plain, Tls });

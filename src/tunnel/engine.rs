@@ -25,7 +25,7 @@ use crate::protocol::control::{self, Control};
 use crate::ws::conn::{run_writer, ConnError, OutRx, OutTx, Outgoing, WsReader};
 use crate::ws::error::CLOSE_POLICY;
 use crate::ws::ping_limit::PingBudget;
-use crate::ws::{Decoder, Event, Role};
+use crate::ws::{Decoder, Event, Masking, Role};
 
 /// Limits and timers of one tunnel, from config (the `[gateway]` and
 /// `[receiver]` keys share names where they mean the same).
@@ -34,8 +34,11 @@ pub struct EngineConfig {
     /// Server (gateway) or client (receiver: masks every frame).
     pub role: Role,
     /// Plain TCP: bodies may go out as their own iovecs (`ws/conn.rs`).
-    /// Ignored in the client role (masking copies anyway).
+    /// In the client role only with `zero_mask` (random masking copies).
     pub vectored: bool,
+    /// Client role: the gateway negotiated `zeromask` (PROTOCOL.md §7.7),
+    /// so frames carry the all-zero key. Set per tunnel.
+    pub zero_mask: bool,
     /// Pings every this long; a peer silent for three is cut (1001).
     pub ping_interval: Option<Duration>,
     /// `tunnel_max_message_size`, `tunnel_max_fragments`.
@@ -144,10 +147,15 @@ where
     let (r, w) = io.into_split();
     // The writer ends when a Close is sent, or when `stop` fires.
     let (stop, stopped) = oneshot::channel::<()>();
-    let (role, vectored) = (cfg.role, cfg.vectored);
+    let masking = match cfg.role {
+        Role::Server => Masking::Unmasked,
+        Role::Client if cfg.zero_mask => Masking::Zero,
+        Role::Client => Masking::Random,
+    };
+    let vectored = cfg.vectored;
     let writer = monoio::spawn(async move {
         monoio::select! {
-            r = run_writer(w, rx, role, vectored) => if let Err(e) = r {
+            r = run_writer(w, rx, masking, vectored) => if let Err(e) = r {
                 tracing::debug!(error = %e, "tunnel writer ended");
             },
             _ = stopped => tracing::debug!("tunnel writer stopped"),

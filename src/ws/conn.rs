@@ -6,7 +6,9 @@
 //! write (write batching). On a plain TCP socket in the server role it is
 //! one `writev`: WebSocket headers, frame heads and small messages are
 //! gathered into one buffer, and body buffers ([`Outgoing::Parts`], large
-//! binary messages) go out as their own iovecs, never copied. With masking
+//! binary messages) go out as their own iovecs, never copied. So it is in
+//! the client role towards a gateway that negotiated `zeromask` (the
+//! all-zero key leaves the payload as it is). With random masking
 //! (client role: RFC 6455 needs a private copy to XOR) or TLS (rustls
 //! encrypts into its own buffer, and monoio-rustls's `writev` sends only
 //! the first iovec) each message is copied once into the batch instead.
@@ -19,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 
 use super::frame::{
-    apply_mask, encode_close, encode_header, mask_for, Decoder, Event, OpCodeKind as OpCode, Role,
+    apply_mask, encode_close, encode_header, Decoder, Event, Masking, OpCodeKind as OpCode, Role,
 };
 use super::WsError;
 use crate::net::Readable;
@@ -205,18 +207,18 @@ const IOV_MAX: usize = 512;
 const COPY_MAX: usize = 2048;
 
 /// Sends queued messages until the queue closes or a Close is sent.
-/// `vectored`: the socket is plain TCP (see the module docs); used only in
-/// the server role.
+/// `vectored`: the socket is plain TCP (see the module docs); used unless
+/// masking must transform the bytes.
 pub async fn run_writer<W: AsyncWriteRent>(
     io: W,
     rx: OutRx,
-    role: Role,
+    masking: Masking,
     vectored: bool,
 ) -> io::Result<()> {
-    if vectored && mask_for(role).is_none() {
-        run_vectored(io, rx).await
+    if vectored && !masking.transforms() {
+        run_vectored(io, rx, masking).await
     } else {
-        run_copying(io, rx, role).await
+        run_copying(io, rx, masking).await
     }
 }
 
@@ -261,14 +263,18 @@ fn give_batch(mut b: BytesMut) {
 
 /// Copying writer: each wakeup's messages are encoded (and masked) into
 /// one buffer, sent with one `write_all`.
-async fn run_copying<W: AsyncWriteRent>(mut io: W, mut rx: OutRx, role: Role) -> io::Result<()> {
+async fn run_copying<W: AsyncWriteRent>(
+    mut io: W,
+    mut rx: OutRx,
+    masking: Masking,
+) -> io::Result<()> {
     let mut held: Option<BytesMut> = None;
     while let Some(first) = next_message(&mut rx, &mut held, give_batch).await {
         let mut batch = held.take().unwrap_or_else(take_batch);
-        let mut closing = encode_outgoing(&mut batch, role, first);
+        let mut closing = encode_outgoing(&mut batch, masking, first);
         while !closing && batch.len() < BATCH_MAX {
             match rx.try_recv() {
-                Ok(m) => closing = encode_outgoing(&mut batch, role, m),
+                Ok(m) => closing = encode_outgoing(&mut batch, masking, m),
                 Err(_) => break,
             }
         }
@@ -288,8 +294,8 @@ async fn run_copying<W: AsyncWriteRent>(mut io: W, mut rx: OutRx, role: Role) ->
 }
 
 /// Appends one message to the batch; true if it was a Close.
-fn encode_outgoing(batch: &mut BytesMut, role: Role, m: Outgoing) -> bool {
-    let mask = mask_for(role);
+fn encode_outgoing(batch: &mut BytesMut, masking: Masking, m: Outgoing) -> bool {
+    let mask = masking.key();
     let (op, payload): (OpCode, &[u8]) = match &m {
         Outgoing::Binary(b) => (OpCode::Binary, b),
         Outgoing::Text(b) => (OpCode::Text, b),
@@ -300,6 +306,10 @@ fn encode_outgoing(batch: &mut BytesMut, role: Role, m: Outgoing) -> bool {
             return false;
         }
         Outgoing::Close(code, reason) => {
+            let role = match masking {
+                Masking::Unmasked => Role::Server,
+                Masking::Random | Masking::Zero => Role::Client,
+            };
             encode_close(batch, role, *code, reason);
             return true;
         }
@@ -332,6 +342,8 @@ fn encode_outgoing(batch: &mut BytesMut, role: Role, m: Outgoing) -> bool {
 /// One `writev`'s worth: a gathered buffer of small pieces and the body
 /// buffers between them, in order.
 struct Gather {
+    /// Unmasked (server role) or the zero key (`zeromask`).
+    masking: Masking,
     small: BytesMut,
     /// In order: a range of `small`, or a body.
     segs: Vec<Seg>,
@@ -366,6 +378,7 @@ unsafe impl monoio::buf::IoVecBuf for Gather {
 impl Gather {
     fn new() -> Self {
         Self {
+            masking: Masking::Unmasked,
             small: BytesMut::with_capacity(READ_CHUNK),
             segs: Vec::with_capacity(64),
             bodies: Vec::with_capacity(64),
@@ -399,7 +412,13 @@ impl Gather {
         let closing = match m {
             Outgoing::Parts { head, split, body } => {
                 let len = head.len() + body.len();
-                encode_header(&mut self.small, OpCode::Binary, true, len, None);
+                encode_header(
+                    &mut self.small,
+                    OpCode::Binary,
+                    true,
+                    len,
+                    self.masking.key(),
+                );
                 self.small.extend_from_slice(&head[..split]);
                 self.body(body);
                 self.small.extend_from_slice(&head[split..]);
@@ -407,11 +426,17 @@ impl Gather {
                 false
             }
             Outgoing::Binary(b) if b.len() > COPY_MAX => {
-                encode_header(&mut self.small, OpCode::Binary, true, b.len(), None);
+                encode_header(
+                    &mut self.small,
+                    OpCode::Binary,
+                    true,
+                    b.len(),
+                    self.masking.key(),
+                );
                 self.body(b.freeze());
                 false
             }
-            m => encode_outgoing(&mut self.small, Role::Server, m),
+            m => encode_outgoing(&mut self.small, self.masking, m),
         };
         self.bytes += self.small.len() - before;
         closing
@@ -472,12 +497,18 @@ fn give_gather(g: Gather) {
     }
 }
 
-/// Vectored writer (server role, plain TCP): one `writev` per wakeup, body
-/// buffers sent where they are.
-async fn run_vectored<W: AsyncWriteRent>(mut io: W, mut rx: OutRx) -> io::Result<()> {
+/// Vectored writer (plain TCP, payloads sent as they are): one `writev`
+/// per wakeup, body buffers sent where they are.
+async fn run_vectored<W: AsyncWriteRent>(
+    mut io: W,
+    mut rx: OutRx,
+    masking: Masking,
+) -> io::Result<()> {
+    debug_assert!(!masking.transforms());
     let mut held: Option<Gather> = None;
     while let Some(first) = next_message(&mut rx, &mut held, give_gather).await {
         let mut g = held.take().unwrap_or_else(take_gather);
+        g.masking = masking;
         let mut closing = g.push(first);
         while !closing && !g.full() {
             match rx.try_recv() {
@@ -571,11 +602,17 @@ mod tests {
     /// queued before the reader starts).
     #[monoio::test_all(timer_enabled = true)]
     async fn writers_deliver_every_message_in_order() {
-        for (role, vectored) in [
-            (Role::Server, true),
-            (Role::Server, false),
-            (Role::Client, false),
+        for (masking, vectored) in [
+            (Masking::Unmasked, true),
+            (Masking::Unmasked, false),
+            (Masking::Random, false),
+            (Masking::Zero, true),
+            (Masking::Zero, false),
         ] {
+            let role = match masking {
+                Masking::Unmasked => Role::Server,
+                _ => Role::Client,
+            };
             let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let addr = l.local_addr().unwrap();
             let (tx, rx) = crate::ws::queue::channel();
@@ -589,7 +626,7 @@ mod tests {
             drop(tx);
             let writer = monoio::spawn(async move {
                 let c = monoio::net::TcpStream::connect(addr).await.unwrap();
-                run_writer(c, rx, role, vectored).await.unwrap();
+                run_writer(c, rx, masking, vectored).await.unwrap();
             });
             let (s, _) = l.accept().await.unwrap();
             let peer = match role {
@@ -615,6 +652,35 @@ mod tests {
         }
     }
 
+    /// `zeromask`: every frame has the MASK bit and the all-zero key, and
+    /// the payload on the wire is the payload (a body large enough to go
+    /// out as its own iovec included); with random masking it is not.
+    #[monoio::test_all(timer_enabled = true)]
+    async fn zero_masking_sends_payloads_as_they_are() {
+        use monoio::io::AsyncReadRentExt;
+        let body: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8 + 1).collect();
+        for (masking, vectored) in [(Masking::Zero, true), (Masking::Random, false)] {
+            let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let (tx, rx) = crate::ws::queue::channel();
+            tx.send(Outgoing::Binary(BytesMut::from(&body[..])))
+                .unwrap();
+            drop(tx);
+            monoio::spawn(async move {
+                let c = monoio::net::TcpStream::connect(addr).await.unwrap();
+                run_writer(c, rx, masking, vectored).await.unwrap();
+            });
+            let (mut s, _) = l.accept().await.unwrap();
+            // 2 + 2 (length 126..=65535) + 4 (key) header bytes.
+            let (r, wire) = s.read_exact(vec![0u8; 8 + body.len()]).await;
+            r.unwrap();
+            assert_eq!(wire[1] & 0x80, 0x80, "MASK bit ({masking:?})");
+            assert_eq!(u16::from_be_bytes([wire[2], wire[3]]) as usize, body.len());
+            let plain = wire[4..8] == [0; 4] && wire[8..] == body[..];
+            assert_eq!(plain, masking == Masking::Zero, "{masking:?}");
+        }
+    }
+
     /// An idle reader holds no buffer: once what it read is decoded and
     /// nothing is in flight, its buffer is back in the pool while it
     /// waits; a busy one keeps it. The next message still arrives whole.
@@ -627,7 +693,7 @@ mod tests {
         let (tx, rx) = crate::ws::queue::channel();
         let writer = monoio::spawn(async move {
             let c = monoio::net::TcpStream::connect(addr).await.unwrap();
-            run_writer(c, rx, Role::Client, false).await.unwrap();
+            run_writer(c, rx, Masking::Random, false).await.unwrap();
         });
         let (s, _) = l.accept().await.unwrap();
         let limits = Limits {
@@ -683,7 +749,9 @@ mod tests {
             let (tx, rx) = crate::ws::queue::channel();
             let writer = monoio::spawn(async move {
                 let c = monoio::net::TcpStream::connect(addr).await.unwrap();
-                run_writer(c, rx, Role::Server, vectored).await.unwrap();
+                run_writer(c, rx, Masking::Unmasked, vectored)
+                    .await
+                    .unwrap();
             });
             let (s, _) = l.accept().await.unwrap();
             let limits = Limits {

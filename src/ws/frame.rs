@@ -114,6 +114,9 @@ impl From<OpCodeKind> for OpCode {
 /// XORs 8 bytes at a time. Because 8 is a multiple of 4, every chunk starts
 /// at key index 0, and so does the remainder.
 pub fn apply_mask(buf: &mut [u8], key: [u8; 4]) {
+    if key == [0; 4] {
+        return; // XOR with zeros (a `zeromask` receiver, PROTOCOL.md §7.7)
+    }
     let wide = u64::from_ne_bytes([
         key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
     ]);
@@ -186,6 +189,35 @@ pub fn encode_raw_frame(
     out.extend_from_slice(payload);
     if let Some(key) = mask {
         apply_mask(&mut out[start..], key);
+    }
+}
+
+/// How a writer masks what it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Masking {
+    /// The server role: frames are not masked.
+    Unmasked,
+    /// The client role: a fresh random key per frame (RFC 6455 §5.3).
+    Random,
+    /// The client role towards a gateway that negotiated `zeromask`: the
+    /// MASK bit and an all-zero key, so the payload is sent as it is
+    /// (PROTOCOL.md §7.7).
+    Zero,
+}
+
+impl Masking {
+    /// The key the next frame's header carries, if masked.
+    pub fn key(self) -> Option<[u8; 4]> {
+        match self {
+            Masking::Unmasked => None,
+            Masking::Random => Some(rand::random()),
+            Masking::Zero => Some([0; 4]),
+        }
+    }
+
+    /// Whether the payload must be copied to be masked.
+    pub fn transforms(self) -> bool {
+        self == Masking::Random
     }
 }
 

@@ -25,7 +25,7 @@ pub mod queue;
 pub use error::{HandshakeError, WsError};
 pub use frame::{
     apply_mask, encode_close, encode_frame, encode_header, encode_raw_frame, header_len, mask_for,
-    Decoder, Event, Limits, OpCodeKind, Role, MAX_CONTROL_PAYLOAD,
+    Decoder, Event, Limits, Masking, OpCodeKind, Role, MAX_CONTROL_PAYLOAD,
 };
 pub use handshake::{
     client_key, parse_server_response, server_accept_key, write_101, write_client_request,

@@ -26,6 +26,8 @@ use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -92,6 +94,8 @@ impl RecordedRequest {
 
 #[derive(Default)]
 struct Shared {
+    /// Connections accepted so far.
+    accepted: usize,
     arrived: HashSet<String>,
     released: HashSet<String>,
     log: Vec<RecordedRequest>,
@@ -128,6 +132,62 @@ impl App {
     fn start_with(say: Option<Box<Say>>) -> App {
         let listener = TcpListener::bind("127.0.0.1:0").expect("test app: bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("test app: local_addr");
+        let incoming = std::iter::from_fn(move || Some(listener.accept().map(|(s, _)| s)));
+        let state = App::serve(say, incoming, |s: TcpStream| {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        });
+        App { addr, state }
+    }
+
+    /// The same app on a unix-domain socket at `path` (`addr` is unset:
+    /// 0.0.0.0:0).
+    pub fn start_unix(path: &Path) -> App {
+        let listener = UnixListener::bind(path).expect("test app: bind unix socket");
+        let incoming = std::iter::from_fn(move || Some(listener.accept().map(|(s, _)| s)));
+        let state = App::serve(None, incoming, Ok);
+        App {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            state,
+        }
+    }
+
+    /// The same app over TLS with the PEM certificate chain and key given:
+    /// an `https://` upstream.
+    pub fn start_tls(cert: &Path, key: &Path) -> App {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(key).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("test app: TLS certificate and key");
+        let cfg = Arc::new(cfg);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("test app: bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("test app: local_addr");
+        let incoming = std::iter::from_fn(move || Some(listener.accept().map(|(s, _)| s)));
+        let state = App::serve(None, incoming, move |tcp: TcpStream| {
+            let _ = tcp.set_nodelay(true);
+            let conn = rustls::ServerConnection::new(cfg.clone()).map_err(io::Error::other)?;
+            Ok(rustls::StreamOwned::new(conn, tcp))
+        });
+        App { addr, state }
+    }
+
+    /// Accepts from `incoming` (each through `wrap`) on a thread, one
+    /// thread per connection.
+    fn serve<S: Conn, T: Send + 'static>(
+        say: Option<Box<Say>>,
+        incoming: impl Iterator<Item = io::Result<T>> + Send + 'static,
+        wrap: impl Fn(T) -> io::Result<S> + Send + 'static,
+    ) -> Arc<State> {
         let state = Arc::new(State {
             shared: Mutex::new(Shared::default()),
             changed: Condvar::new(),
@@ -135,10 +195,13 @@ impl App {
         });
         let st = state.clone();
         thread::Builder::new()
-            .name(format!("app-accept-{}", addr.port()))
+            .name("app-accept".into())
             .spawn(move || {
-                for stream in listener.incoming() {
-                    let Ok(stream) = stream else { continue };
+                for stream in incoming {
+                    let Ok(stream) = stream.and_then(&wrap) else {
+                        continue;
+                    };
+                    st.shared.lock().unwrap().accepted += 1;
                     let st = st.clone();
                     let _ = thread::Builder::new()
                         .name("app-conn".into())
@@ -149,7 +212,12 @@ impl App {
                 }
             })
             .expect("test app: spawn accept thread");
-        App { addr, state }
+        state
+    }
+
+    /// Connections accepted so far (a pooled upstream connection is one).
+    pub fn connections(&self) -> usize {
+        self.state.shared.lock().unwrap().accepted
     }
 
     /// Every request received so far, in arrival order (of completed bodies).
@@ -320,9 +388,54 @@ fn read_chunked(r: &mut impl BufRead) -> io::Result<Vec<u8>> {
     }
 }
 
-fn serve_connection(stream: TcpStream, st: &State) -> io::Result<()> {
-    let _ = stream.set_nodelay(true);
-    let mut writer = stream.try_clone()?;
+/// A connection the app serves: TCP, a unix socket, or TLS over TCP.
+pub trait Conn: Read + Write + Send + 'static {
+    /// True when the peer has closed (or reset) the connection.
+    fn peer_closed(&self) -> bool;
+    fn shutdown_write(&mut self);
+}
+
+impl Conn for TcpStream {
+    fn peer_closed(&self) -> bool {
+        peer_closed(
+            self.set_nonblocking(true).is_err(),
+            |b| self.peek(b),
+            || {
+                let _ = self.set_nonblocking(false);
+            },
+        )
+    }
+    fn shutdown_write(&mut self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+}
+
+impl Conn for UnixStream {
+    fn peer_closed(&self) -> bool {
+        // No peek on std's UnixStream: a closed unix peer is seen by the
+        // next read instead.
+        false
+    }
+    fn shutdown_write(&mut self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+}
+
+impl Conn for rustls::StreamOwned<rustls::ServerConnection, TcpStream> {
+    fn peer_closed(&self) -> bool {
+        self.sock.peer_closed()
+    }
+    fn shutdown_write(&mut self) {
+        self.conn.send_close_notify();
+        let _ = self.flush();
+        self.sock.shutdown_write();
+    }
+}
+
+fn serve_connection(mut stream: impl Conn, st: &State) -> io::Result<()> {
+    // Reads go through the buffer; writes to the stream beneath it.
+    let _ = stream.flush();
+    #[allow(unused_mut)]
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
     loop {
         let Some(head) = read_head(&mut reader)? else {
@@ -332,7 +445,9 @@ fn serve_connection(stream: TcpStream, st: &State) -> io::Result<()> {
             .get("expect")
             .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
         {
+            let writer = reader.get_mut();
             writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+            writer.flush()?;
         }
         let chunked = head.get("transfer-encoding").is_some_and(|v| {
             v.to_ascii_lowercase()
@@ -370,7 +485,7 @@ fn serve_connection(stream: TcpStream, st: &State) -> io::Result<()> {
         st.shared.lock().unwrap().log.push(recorded);
 
         if let Some(name) = head.get("x-test-hold") {
-            if !hold(st, name, &writer) {
+            if !hold(st, name, reader.get_ref()) {
                 return Ok(()); // connection died while held
             }
         }
@@ -381,10 +496,11 @@ fn serve_connection(stream: TcpStream, st: &State) -> io::Result<()> {
                 .any(|t| t.trim() == "close")
         });
         let response = build_response(&head, body, echo_len, &body_sha, close)?;
+        let writer = reader.get_mut();
         writer.write_all(&response)?;
         writer.flush()?;
         if close {
-            let _ = writer.shutdown(Shutdown::Write);
+            writer.shutdown_write();
             return Ok(());
         }
     }
@@ -392,13 +508,13 @@ fn serve_connection(stream: TcpStream, st: &State) -> io::Result<()> {
 
 /// Records that `name` arrived, then waits for [`App::release`]. Returns
 /// false if the peer closed the connection meanwhile.
-fn hold(st: &State, name: &str, conn: &TcpStream) -> bool {
+fn hold(st: &State, name: &str, conn: &impl Conn) -> bool {
     let mut g = st.shared.lock().unwrap();
     g.arrived.insert(name.to_string());
     st.changed.notify_all();
     let deadline = Instant::now() + MAX_HOLD;
     while !g.released.contains(name) {
-        if Instant::now() >= deadline || peer_closed(conn) {
+        if Instant::now() >= deadline || conn.peer_closed() {
             return false;
         }
         // Wakes on release; the 100 ms bound is only there to look at the socket.
@@ -411,14 +527,19 @@ fn hold(st: &State, name: &str, conn: &TcpStream) -> bool {
     true
 }
 
-/// True when the peer has closed (or reset) the connection.
-fn peer_closed(conn: &TcpStream) -> bool {
-    if conn.set_nonblocking(true).is_err() {
+/// True when the peer has closed (or reset) the connection: a
+/// non-blocking peek (`failed`: it could not be made non-blocking).
+fn peer_closed(
+    failed: bool,
+    peek: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+    restore: impl FnOnce(),
+) -> bool {
+    if failed {
         return true;
     }
     let mut b = [0u8; 1];
-    let r = conn.peek(&mut b);
-    let _ = conn.set_nonblocking(false);
+    let r = peek(&mut b);
+    restore();
     match r {
         Ok(0) => true,
         Ok(_) => false,

@@ -2,7 +2,8 @@
 //! HTTP/1.1 [`client`], [`procs`] to run the real binary (and any other
 //! process a test needs), [`sys`] to look at (and signal) the processes it
 //! runs, a raw tunnel peer ([`rawpeer`]) that sends crafted frames, an app
-//! whose bytes each test scripts ([`scripted_app`]), and [`wait_until`],
+//! whose bytes each test scripts ([`scripted_app`]), a stand-in gateway
+//! that shows what a receiver sends at the wire ([`standin`]), and [`wait_until`],
 //! the one polling wait.
 #![allow(dead_code)]
 
@@ -11,6 +12,7 @@ pub mod client;
 pub mod procs;
 pub mod rawpeer;
 pub mod scripted_app;
+pub mod standin;
 pub mod sys;
 pub mod wait;
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Creates (once) the virtualenv the DID-WBA interop tests run the real ANP
-# SDKs from: agent-connect 0.3.7 and anp 1.0.7, pinned, from PyPI.
+# SDKs from (agent-connect 0.3.7 and anp 1.0.7), and the WebSocket pass-through
+# tests their app and client (websockets 17.4): pinned, from PyPI.
 # Usage: setup_venv.sh VENV_DIR   (idempotent; quiet unless it fails)
 set -euo pipefail
 venv="${1:?usage: setup_venv.sh VENV_DIR}"
-want="agent-connect==0.3.7 anp==1.0.7"
+want="agent-connect==0.3.7 anp==1.0.7 websockets==17.4"
 stamp="$venv/.anp-proxy-interop"
 mkdir -p "$(dirname "$venv")"
 exec 9>"$venv.lock"
