@@ -7,7 +7,8 @@
 //!
 //! A resolver thread ([`spawn_resolver`]) looks the names up at start and
 //! every `gateway_resolve_interval`, and tells every core which addresses
-//! came ([`FleetMsg::Add`]) and went ([`FleetMsg::Remove`]); a core's
+//! came ([`FleetMsg::Add`]) and went ([`FleetMsg::Remove`]) (of a name
+//! with IPv4 addresses only those are used, else its IPv6 ones); a core's
 //! [`run_core`] starts its share of a new gateway's slots and raises a
 //! gone gateway's flag, after which its slots dial no more and its live
 //! tunnels leave like a shutdown does (the notice, the requests in flight
@@ -207,7 +208,20 @@ fn lookup(url: &Url) -> std::io::Result<BTreeSet<SocketAddr>> {
             "no addresses",
         ));
     }
-    Ok(found)
+    Ok(one_family(found))
+}
+
+/// A name's IPv4 addresses, or its IPv6 ones when it has none: a dual-stack
+/// gateway published with A and AAAA records is one gateway, and two
+/// tunnel sets to it (one per family) would double its tunnels; a name
+/// like `localhost` that also resolves to `::1` would keep a set failing
+/// against a gateway listening on 127.0.0.1 only.
+fn one_family(found: BTreeSet<SocketAddr>) -> BTreeSet<SocketAddr> {
+    if found.iter().any(SocketAddr::is_ipv4) {
+        found.into_iter().filter(SocketAddr::is_ipv4).collect()
+    } else {
+        found
+    }
 }
 
 /// Starts the resolver thread: looks every URL up now, then every
@@ -472,6 +486,14 @@ mod tests {
         // No interval: once resolved, it is not looked up again.
         let mut never = |_: &Url| -> std::io::Result<BTreeSet<SocketAddr>> { unreachable!() };
         assert!(r.round(&mut never).is_empty());
+    }
+
+    #[test]
+    fn a_name_uses_one_address_family() {
+        let both = set(&["10.0.0.1:9", "[2001:db8::1]:9", "10.0.0.2:9"]);
+        assert_eq!(one_family(both), set(&["10.0.0.1:9", "10.0.0.2:9"]));
+        let six = set(&["[2001:db8::1]:9", "[2001:db8::2]:9"]);
+        assert_eq!(one_family(six.clone()), six);
     }
 
     #[test]
