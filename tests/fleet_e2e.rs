@@ -3,7 +3,8 @@
 //! and backoff.
 //!
 //! - `one_receiver_serves_through_every_gateway_and_survives_one_lost`:
-//!   two gateways, one receiver listing both; each gateway serves; after a
+//!   two gateways, one receiver listing both (one by IP, one by name);
+//!   each gateway serves; after a
 //!   SIGKILL of one, the receiver logs that gateway down (and only that
 //!   one), the other keeps serving, and the killed one's slots back off on
 //!   their own.
@@ -18,7 +19,8 @@
 //!   address they carry reaches the app's `X-Forwarded-For` and
 //!   `Forwarded`, the access log, and `max_connections_per_ip` (counted per
 //!   PROXY client, not per balancer); a connection without the header is
-//!   refused and logged with its reason.
+//!   refused and logged with its reason; the same on a tunnel port with
+//!   `tunnel_proxy_protocol` (the peer of the tunnel is the header's).
 //!
 //! - `health_says_draining_with_503_once_a_drain_has_begun`: the admin
 //!   port's `/health` is 200 `ok` while the gateway accepts and 503
@@ -70,14 +72,18 @@ fn one_receiver_serves_through_every_gateway_and_survives_one_lost() {
     let mut a = Gateway::start(&cfg);
     let b = Gateway::start(&cfg);
     let mut rc = ReceiverConfig::new(a.addr, app.addr, ALICE_TOKEN, 2);
-    // One string with a comma: the form an environment variable can give.
-    rc.gateway_url = format!("{}, {}", a.ws_url(), b.ws_url());
+    // One string with a comma: the form an environment variable can give;
+    // the second by name (looked up by the resolver thread).
+    let b_url = format!("ws://localhost:{}/ws", b.addr.port());
+    rc.gateway_url = format!("{}, {b_url}", a.ws_url());
     let mut rx = Receiver::start_with(&rc);
     // Two tunnels to each gateway.
     rx.wait_connected(4);
+    let added = rx.proc.wait_log(&["gateway address added", &b_url]);
+    assert!(added.contains(&format!("({})", b.addr)), "{added}");
     // Per-gateway status in the log: each with both of its tunnels up.
     let mut up = [false, false];
-    let urls = [a.ws_url(), b.ws_url()];
+    let urls = [a.ws_url(), b_url.clone()];
     rx.proc
         .wait_log_where("`gateway status … tunnels_up=2` for both", |l| {
             for (i, u) in urls.iter().enumerate() {
@@ -96,7 +102,7 @@ fn one_receiver_serves_through_every_gateway_and_survives_one_lost() {
         .proc
         .wait_log(&["gateway down", "no tunnel connected to it"]);
     assert!(down.contains(&a.ws_url()), "{down}");
-    assert!(!down.contains(&b.ws_url()), "{down}");
+    assert!(!down.contains(&b_url), "{down}");
     rx.proc.wait_log(&["reconnecting", &a.ws_url()]);
     for _ in 0..20 {
         let r = client::request(b.addr, "GET", "/alice/y", &[], b"");
@@ -106,7 +112,7 @@ fn one_receiver_serves_through_every_gateway_and_survives_one_lost() {
         rx.proc
             .stderr_lines(0)
             .iter()
-            .all(|l| !(l.contains("gateway down") && l.contains(&b.ws_url()))),
+            .all(|l| !(l.contains("gateway down") && l.contains(&b_url))),
         "the surviving gateway was never down"
     );
 }
@@ -266,6 +272,40 @@ fn proxy_protocol_names_the_client_to_the_app_the_log_and_the_limits() {
     gw.proc
         .wait_log(&["no valid PROXY protocol header", "proxy_header_missing"]);
     assert!(app.requests_to("/alice/bare").is_empty());
+
+    // Per listener: a tunnel port behind a balancer too.
+    let cfg = GatewayConfig {
+        workers: 1,
+        extra_gateway_toml: "tunnel_port = 0\ntunnel_proxy_protocol = true\n".into(),
+        ..GatewayConfig::default()
+    };
+    let mut gw2 = Gateway::start(&cfg);
+    let line = gw2.proc.wait_stdout("anp-proxy gateway tunnels on ws://");
+    let tport = common::procs::addr_in(&line);
+    let mut req = Vec::new();
+    anp_proxy::ws::handshake::write_client_request(
+        &mut req,
+        &tport.to_string(),
+        "/ws",
+        "dGhlIHNhbXBsZSBub25jZQ==",
+        &[("Authorization", &format!("Bearer {ALICE_TOKEN}"))],
+    );
+    let proxied = [
+        v2_header(
+            "198.51.100.8:40004".parse().unwrap(),
+            "127.0.0.1:80".parse().unwrap(),
+        ),
+        req.clone(),
+    ]
+    .concat();
+    let r = client::send_raw(tport, &proxied);
+    assert_eq!(r.status, 101, "{}", r.summary());
+    gw2.proc.wait_log(&["tunnel connected", "198.51.100.8"]);
+    let mut bare = client::Conn::connect(tport);
+    bare.write_raw(&req, &["GET"]).unwrap();
+    assert!(bare.is_closed_by_peer(), "an upgrade without the header");
+    gw2.proc
+        .wait_log(&["no valid PROXY protocol header", "proxy_header_missing"]);
 }
 
 #[test]
