@@ -777,10 +777,6 @@ pub struct ReceiverConfig {
     /// that appear get a tunnel set, ones that vanish are left); 0 = look
     /// up once at start.
     pub gateway_resolve_interval: Seconds,
-    /// `host:port` serving `GET /metrics` (Prometheus text: each gateway's
-    /// tunnels up, connects and failures); empty = off; port 0 = any free
-    /// port (printed at start).
-    pub metrics_listen: String,
     /// The local app: `http://host:port`, `https://host:port` (verified
     /// against `upstream_ca_file`, else `ca_file`, else the system's trust
     /// store) or `unix:/path/to/app.sock`.
@@ -858,7 +854,6 @@ impl Default for ReceiverConfig {
         Self {
             gateway_url: GatewayUrls::one("ws://127.0.0.1:8089/ws"),
             gateway_resolve_interval: Seconds(30.0),
-            metrics_listen: String::new(),
             upstream: "http://127.0.0.1:8000".into(),
             upstream_ca_file: String::new(),
             upstream_host: String::new(),
@@ -1288,17 +1283,6 @@ impl Config {
                 "names no gateway (give a URL or a list of them)".into(),
             ));
         }
-        if !r.metrics_listen.is_empty()
-            && !r
-                .metrics_listen
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-        {
-            return Err(bad(
-                "receiver.metrics_listen",
-                format!("`{}` is not host:port", r.metrics_listen),
-            ));
-        }
         if r.did_document.is_empty() != r.private_key.is_empty() {
             return Err(bad(
                 "receiver.private_key",
@@ -1475,11 +1459,6 @@ mod tests {
             ReceiverConfig::default().gateway_resolve_interval.get(),
             30.0
         );
-        let e = parse("[receiver]\nmetrics_listen = '9191'\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("receiver.metrics_listen"), "{e}");
-        parse("[receiver]\nmetrics_listen = '127.0.0.1:0'\n").unwrap();
         for bad in ["gateway_url = []", "gateway_url = ' , '", "gateway_url = 3"] {
             let e = parse(&format!("[receiver]\n{bad}\n"))
                 .unwrap_err()

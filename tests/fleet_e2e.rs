@@ -4,8 +4,7 @@
 //!
 //! - `one_receiver_serves_through_every_gateway_and_survives_one_lost`:
 //!   two gateways, one receiver listing both (one by IP, one by name);
-//!   each gateway serves; the receiver's log and `/metrics` show each
-//!   gateway's tunnels; after a
+//!   each gateway serves; after a
 //!   SIGKILL of one, the receiver logs that gateway down (and only that
 //!   one), the other keeps serving, and the killed one's slots back off on
 //!   their own.
@@ -77,10 +76,7 @@ fn one_receiver_serves_through_every_gateway_and_survives_one_lost() {
     // the second by name (looked up by the resolver thread).
     let b_url = format!("ws://localhost:{}/ws", b.addr.port());
     rc.gateway_url = format!("{}, {b_url}", a.ws_url());
-    rc.extra_toml += "metrics_listen = \"127.0.0.1:0\"\n";
     let mut rx = Receiver::start_with(&rc);
-    let line = rx.proc.wait_stdout("anp-proxy receiver metrics on http://");
-    let metrics = common::procs::addr_in(&line);
     // Two tunnels to each gateway.
     rx.wait_connected(4);
     let added = rx.proc.wait_log(&["gateway address added", &b_url]);
@@ -97,17 +93,6 @@ fn one_receiver_serves_through_every_gateway_and_survives_one_lost() {
             }
             up == [true, true]
         });
-    // …and on the receiver's /metrics.
-    let tunnels = |addr: SocketAddr| {
-        let text = client::request(metrics, "GET", "/metrics", &[], b"").body_text();
-        text.lines()
-            .find(|l| {
-                l.starts_with("anp_receiver_gateway_tunnels{")
-                    && l.contains(&format!("address=\"{addr}\""))
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-    };
-    assert_eq!((tunnels(a.addr), tunnels(b.addr)), (Some(2), Some(2)));
     for gw in [&a, &b] {
         let r = client::request(gw.addr, "GET", "/alice/x", &[], b"");
         assert_eq!(r.status, 200, "through {}: {}", gw.addr, r.summary());
@@ -119,9 +104,6 @@ fn one_receiver_serves_through_every_gateway_and_survives_one_lost() {
     assert!(down.contains(&a.ws_url()), "{down}");
     assert!(!down.contains(&b_url), "{down}");
     rx.proc.wait_log(&["reconnecting", &a.ws_url()]);
-    wait_until("/metrics showing gateway A down, B up", WAIT, || {
-        tunnels(a.addr) == Some(0) && tunnels(b.addr) == Some(2)
-    });
     for _ in 0..20 {
         let r = client::request(b.addr, "GET", "/alice/y", &[], b"");
         assert_eq!(r.status, 200, "through {}: {}", b.addr, r.summary());

@@ -28,7 +28,6 @@ use std::time::Duration;
 use futures_channel::mpsc::{UnboundedReceiver, UnboundedSender};
 use futures_util::StreamExt as _;
 
-use super::metrics::FleetView;
 use super::tunnel::{run_slot, CoreRx};
 use super::url::Url;
 use super::TunnelCount;
@@ -52,7 +51,7 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub(super) fn new(url: Url, addr: SocketAddr, dialer: Option<Dialer>, tunnels: usize) -> Self {
+    fn new(url: Url, addr: SocketAddr, dialer: Option<Dialer>, tunnels: usize) -> Self {
         let literal = url.host_name().parse::<IpAddr>().is_ok();
         let scheme = if url.tls { "wss" } else { "ws" };
         let label = if literal {
@@ -229,17 +228,15 @@ fn one_family(found: BTreeSet<SocketAddr>) -> BTreeSet<SocketAddr> {
 /// `interval` (`None`: never again, except names that have not resolved
 /// yet, which are retried with backoff up to 30 s), and tells `cores`.
 /// Each look also logs the status of every gateway whose counters moved.
-/// `view` gets the gateways known after each round (for `/metrics`).
 pub fn spawn_resolver(
     urls: Vec<(Url, Option<Dialer>)>,
     interval: Option<Duration>,
     tunnels: usize,
     cores: Vec<UnboundedSender<FleetMsg>>,
-    view: Arc<FleetView>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("anp-rx-resolve".into())
-        .spawn(move || resolve_loop(urls, interval, tunnels, cores, view))
+        .spawn(move || resolve_loop(urls, interval, tunnels, cores))
         .map(drop)
 }
 
@@ -248,7 +245,6 @@ fn resolve_loop(
     interval: Option<Duration>,
     tunnels: usize,
     cores: Vec<UnboundedSender<FleetMsg>>,
-    view: Arc<FleetView>,
 ) {
     let mut r = Resolver::new(urls, interval, tunnels);
     let mut logged: HashMap<*const Gateway, StatusSnapshot> = HashMap::new();
@@ -261,7 +257,6 @@ fn resolve_loop(
                 let _ = c.unbounded_send(msg.clone());
             }
         }
-        view.set(r.known.values().cloned().collect());
         log_status(&r.known, &mut logged);
         // This thread only waits for the next lookup; nothing waits on it.
         std::thread::sleep(r.pause());

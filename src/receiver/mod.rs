@@ -9,7 +9,6 @@ pub(crate) mod app_conn;
 pub mod backoff;
 pub(crate) mod drain;
 pub mod fleet;
-pub(crate) mod metrics;
 pub(crate) mod sink;
 pub(crate) mod tunnel;
 pub(crate) mod upstream;
@@ -18,7 +17,7 @@ pub(crate) mod url;
 use std::io::Write as _;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -200,25 +199,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         // Not joined: a core never returns, and a panic ends the process.
         drop(h);
     }
-    let view = Arc::new(metrics::FleetView::default());
-    if !r.metrics_listen.is_empty() {
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(r.metrics_listen.as_str())
-            .ok()
-            .and_then(|mut a| a.next())
-            .with_context(|| format!("receiver.metrics_listen `{}`", r.metrics_listen))?;
-        let local = metrics::start(addr, view.clone())
-            .with_context(|| format!("cannot listen on {addr} (receiver.metrics_listen)"))?;
-        tracing::info!(addr = %local, "receiver metrics listening (/metrics)");
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "anp-proxy receiver metrics on http://{local}/metrics");
-        let _ = out.flush();
-    }
     fleet::spawn_resolver(
         gateways,
         r.gateway_resolve_interval.duration(),
         r.tunnels,
         fleet,
-        view,
     )
     .context("cannot spawn the gateway resolver thread")?;
     let grace = r.shutdown_grace.or_zero();
