@@ -847,6 +847,12 @@ pub struct ReceiverConfig {
     /// 64 of A-Z a-z 0-9 . _ -); empty = a random one generated once and
     /// kept in `.anp-proxy-instance` next to the config file.
     pub instance_id: String,
+    /// Serve `/health` and `/metrics` on `admin_host:admin_port` (never
+    /// the tunnel; a bind failure is logged and the receiver runs on).
+    pub admin_enabled: bool,
+    pub admin_host: String,
+    /// 0 = any free port (printed at start).
+    pub admin_port: u16,
 }
 
 impl Default for ReceiverConfig {
@@ -880,6 +886,9 @@ impl Default for ReceiverConfig {
             connect_timeout: Seconds(10.0),
             handshake_timeout: Seconds(30.0),
             instance_id: String::new(),
+            admin_enabled: true,
+            admin_host: "127.0.0.1".into(),
+            admin_port: 8091,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! private side (the receiver) opens. See `docs/ARCHITECTURE.md`.
 
 pub(crate) mod access_log;
+pub(crate) mod admin_http;
 // Benchmark builds only (`--features count-allocs`, benches/README.md).
 #[cfg(feature = "count-allocs")]
 pub mod alloc_count;

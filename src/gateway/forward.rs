@@ -106,10 +106,7 @@ pub fn write_upgrade_head(out: &mut Vec<u8>, meta: &binmeta::Response) {
         {
             continue;
         }
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
+        write_field(out, name, value);
     }
     out.extend_from_slice(b"connection: upgrade\r\n\r\n");
 }
@@ -355,10 +352,7 @@ pub fn write_response_head(
         {
             continue;
         }
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
+        write_field(out, name, value);
     }
     match framing {
         Framing::Length(n) => {
@@ -372,6 +366,14 @@ pub fn write_response_head(
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// One header line, `name: value\r\n` (already validated).
+fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 

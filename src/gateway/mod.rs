@@ -164,7 +164,7 @@ pub fn run(cfg: Config, config_path: &std::path::Path, opts: RunOptions) -> anyh
     let admin = if admin.gateway.admin_enabled {
         let addr = crate::net::resolve(&admin.gateway.admin_host, admin.gateway.admin_port)
             .with_context(|| format!("gateway.admin_host `{}`", admin.gateway.admin_host))?;
-        let settings = admin::AdminSettings::from_config(&admin);
+        let settings = admin::settings(&admin);
         let a = admin::start(started.shared.clone(), addr, settings)
             .with_context(|| format!("cannot listen on {addr} (gateway.admin_port)"))?;
         tracing::info!(addr = %a.addr, "admin listening (/stats, /metrics, /health)");

@@ -131,6 +131,17 @@ pub enum FleetMsg {
     Add(Arc<Gateway>),
     /// An address gone from DNS: its slots stop, its tunnels leave.
     Remove(Arc<Gateway>),
+    /// A scrape (`receiver/admin.rs`): this core's counters and the
+    /// gateways it serves.
+    Stats(std::sync::mpsc::Sender<CoreStats>),
+}
+
+/// One core's answer to a scrape.
+pub struct CoreStats {
+    pub requests: u64,
+    pub upstream_errors: u64,
+    pub in_flight: u64,
+    pub gateways: Vec<Arc<Gateway>>,
 }
 
 /// One core's view of a gateway: the shared part, and the flag its slots
@@ -173,6 +184,15 @@ pub async fn run_core(
                 if let Some(cg) = live.remove(&Arc::as_ptr(&gw)) {
                     cg.gone.raise();
                 }
+            }
+            FleetMsg::Stats(reply) => {
+                let c = &ctx.counters;
+                let _ = reply.send(CoreStats {
+                    requests: c.requests.get(),
+                    upstream_errors: c.upstream_errors.get(),
+                    in_flight: c.in_flight.get(),
+                    gateways: live.values().map(|cg| cg.gw.clone()).collect(),
+                });
             }
         }
     }

@@ -5,6 +5,7 @@
 //! with the same `request_id` (DESIGN.md, "Receiver"). SIGTERM/SIGINT
 //! shut it down gracefully (`drain.rs`).
 
+pub(crate) mod admin;
 pub(crate) mod app_conn;
 pub mod backoff;
 pub(crate) mod drain;
@@ -188,6 +189,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                     .unwrap_or(std::time::Duration::from_secs(30)),
                 shutdown_grace: r.shutdown_grace.or_zero(),
                 drain: CoreDrain::default(),
+                counters: Default::default(),
             });
             monoio::spawn(drain::shut_down(ctx.clone(), order_rx, t));
             // Each gateway's slots start when the resolver finds it.
@@ -199,6 +201,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         // Not joined: a core never returns, and a panic ends the process.
         drop(h);
     }
+    let admin = r
+        .admin_enabled
+        .then(|| start_admin(&r, fleet.clone()))
+        .flatten();
     fleet::spawn_resolver(
         gateways,
         r.gateway_resolve_interval.duration(),
@@ -207,7 +213,37 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     )
     .context("cannot spawn the gateway resolver thread")?;
     let grace = r.shutdown_grace.or_zero();
-    serve_signals(signals, orders, grace, r.tunnel_close_grace.or_zero())
+    serve_signals(
+        signals,
+        orders,
+        admin,
+        grace,
+        r.tunnel_close_grace.or_zero(),
+    )
+}
+
+/// The admin listener (`/health`, `/metrics`), if it can listen: the
+/// receiver's work is its tunnels, so a port in use is a warning, not a
+/// failed start.
+fn start_admin(
+    r: &crate::config::ReceiverConfig,
+    cores: Vec<futures_channel::mpsc::UnboundedSender<fleet::FleetMsg>>,
+) -> Option<crate::admin_http::Admin> {
+    let started =
+        crate::net::resolve(&r.admin_host, r.admin_port).and_then(|addr| admin::start(addr, cores));
+    match started {
+        Ok(a) => {
+            tracing::info!(addr = %a.addr, "admin listening (/health, /metrics)");
+            println!("anp-proxy receiver admin listening on http://{}", a.addr);
+            let _ = std::io::stdout().flush();
+            Some(a)
+        }
+        Err(e) => {
+            tracing::warn!(host = %r.admin_host, port = r.admin_port, error = %e,
+                "receiver admin listener not started (receiver.admin_port); running without it");
+            None
+        }
+    }
 }
 
 /// The main thread's life after start: waits for SIGTERM/SIGINT. The
@@ -215,6 +251,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 fn serve_signals(
     mut signals: signal_hook::iterator::Signals,
     orders: Vec<futures_channel::oneshot::Sender<DrainOrder>>,
+    admin: Option<crate::admin_http::Admin>,
     grace: Duration,
     close_grace: Duration,
 ) -> anyhow::Result<()> {
@@ -228,6 +265,11 @@ fn serve_signals(
             );
             std::process::exit(1);
         };
+        // `/health` says `draining` (503) from now on, and the port goes
+        // to a successor.
+        if let Some(a) = &admin {
+            a.close();
+        }
         shut_down(orders, grace, close_grace, handle.clone());
     }
     Ok(())

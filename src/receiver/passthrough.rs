@@ -20,7 +20,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 
 use crate::http::headers::HopByHop;
 use crate::http::{self, ChunkedDecoder, ChunkedStep, ResponseBody};
-use crate::protocol::anpx::{self, binmeta};
+use crate::protocol::anpx::binmeta;
 use crate::protocol::stream;
 use crate::receiver::sink::ResponseSink;
 use crate::receiver::tunnel::CoreRx;
@@ -57,6 +57,7 @@ pub async fn serve(
     cancel: local_sync::oneshot::Receiver<()>,
 ) {
     let request_id = sink.request_id().to_owned();
+    let _counted = super::InFlight::start(&ctx.counters);
     let work = async {
         let permit = ctx.permits.acquire().await;
         let conn = ctx.upstream.dedicated().await?;
@@ -75,10 +76,7 @@ pub async fn serve(
             let target = String::from_utf8_lossy(meta.target());
             let path = target.split('?').next().unwrap_or_default();
             tracing::warn!(%request_id, %path, error = %e, "upgraded stream failed");
-            let _ = out.send(Outgoing::Binary(anpx::encode_error(
-                &request_id,
-                &e.to_string(),
-            )));
+            super::report_failure(&ctx, &out, &request_id, &e);
         }
     }
 }

@@ -65,6 +65,35 @@ pub struct CoreRx {
     pub shutdown_grace: Duration,
     /// SIGTERM/SIGINT: this core's shutdown (`receiver/drain.rs`).
     pub drain: CoreDrain,
+    /// This core's request counters (read by a scrape: `admin.rs`).
+    pub counters: Counters,
+}
+
+/// A core's request counters: plain cells, this core's alone.
+#[derive(Default)]
+pub struct Counters {
+    /// Requests (and upgraded streams) started.
+    pub requests: std::cell::Cell<u64>,
+    /// Calls to the app that failed (the gateway got an error frame).
+    pub upstream_errors: std::cell::Cell<u64>,
+    pub in_flight: std::cell::Cell<u64>,
+}
+
+/// Counts one request in flight for as long as it lives.
+struct InFlight<'a>(&'a Counters);
+
+impl<'a> InFlight<'a> {
+    fn start(c: &'a Counters) -> Self {
+        c.requests.set(c.requests.get() + 1);
+        c.in_flight.set(c.in_flight.get() + 1);
+        InFlight(c)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.set(self.0.in_flight.get() - 1);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -718,6 +747,7 @@ async fn handle_request(
     let target = String::from_utf8_lossy(meta.target());
     let path = target.split('?').next().unwrap_or_default();
     crate::fault::maybe_panic(path);
+    let _counted = InFlight::start(&ctx.counters);
     let work = async {
         // Never more than max_concurrent upstream calls at once; excess waits.
         let _permit = ctx.permits.acquire().await;
@@ -744,14 +774,22 @@ async fn handle_request(
         }
         Some(Err(e)) => {
             tracing::warn!(%request_id, method = %String::from_utf8_lossy(meta.method()), path = %path, error = %e, "upstream call failed");
-            let _ = out.send(Outgoing::Binary(anpx::encode_error(
-                &request_id,
-                &e.to_string(),
-            )));
+            report_failure(&ctx, &out, &request_id, &e);
         }
     }
     let gone = reqs.borrow_mut().remove(&request_id);
     drop(gone);
+}
+
+/// A call (or an upgraded stream) that failed: counted, and the gateway
+/// told with an error frame (it answers the client 502, or 504).
+fn report_failure(ctx: &CoreRx, out: &OutTx, request_id: &str, e: &UpstreamError) {
+    let c = &ctx.counters.upstream_errors;
+    c.set(c.get() + 1);
+    let _ = out.send(Outgoing::Binary(anpx::encode_error(
+        request_id,
+        &e.to_string(),
+    )));
 }
 
 /// The receiver's per-request state machine (`on_stream_frame`, the
@@ -847,6 +885,7 @@ mod cancel_props {
             reconnect_max: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(1),
             drain: CoreDrain::default(),
+            counters: Default::default(),
         })
     }
 
