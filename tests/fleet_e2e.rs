@@ -4,7 +4,8 @@
 //!
 //! - `one_receiver_serves_through_every_gateway_and_survives_one_lost`:
 //!   two gateways, one receiver listing both (one by IP, one by name);
-//!   each gateway serves; after a
+//!   each gateway serves; the receiver's log and `/metrics` show each
+//!   gateway's tunnels; after a
 //!   SIGKILL of one, the receiver logs that gateway down (and only that
 //!   one), the other keeps serving, and the killed one's slots back off on
 //!   their own.
@@ -76,11 +77,35 @@ fn one_receiver_serves_through_every_gateway_and_survives_one_lost() {
     // the second by name (looked up by the resolver thread).
     let b_url = format!("ws://localhost:{}/ws", b.addr.port());
     rc.gateway_url = format!("{}, {b_url}", a.ws_url());
+    rc.extra_toml += "admin_port = 0\n";
     let mut rx = Receiver::start_with(&rc);
-    // Two tunnels to each gateway.
-    rx.wait_connected(4);
+    // Two tunnels to each gateway, and the receiver's admin listener (the
+    // lines come in either order).
+    let (mut admin, mut connected) = (None, 0);
+    while admin.is_none() || connected < 4 {
+        let l = rx
+            .proc
+            .wait_line("the admin line and 4 tunnels connected", |l| {
+                l.starts_with("anp-proxy receiver admin listening on ")
+                    || (l.starts_with("anp-proxy receiver tunnel") && l.contains(" connected to "))
+            });
+        if l.starts_with("anp-proxy receiver admin") {
+            admin = Some(common::procs::addr_in(&l));
+        } else {
+            connected += 1;
+        }
+    }
+    let admin = admin.unwrap();
     let added = rx.proc.wait_log(&["gateway address added", &b_url]);
     assert!(added.contains(&format!("({})", b.addr)), "{added}");
+    let b_label = format!("{b_url} ({})", b.addr);
+    // The receiver's /metrics: tunnels up per gateway address.
+    let tunnels = |label: &str| {
+        let text = client::request(admin, "GET", "/metrics", &[], b"").body_text();
+        let prefix = format!("anp_receiver_tunnels{{gateway=\"{label}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str())?.parse::<u64>().ok())
+    };
     // Per-gateway status in the log: each with both of its tunnels up.
     let mut up = [false, false];
     let urls = [a.ws_url(), b_url.clone()];
@@ -93,6 +118,11 @@ fn one_receiver_serves_through_every_gateway_and_survives_one_lost() {
             }
             up == [true, true]
         });
+    assert_eq!(
+        (tunnels(&a.ws_url()), tunnels(&b_label)),
+        (Some(2), Some(2)),
+        "per-gateway tunnels on the receiver's /metrics"
+    );
     for gw in [&a, &b] {
         let r = client::request(gw.addr, "GET", "/alice/x", &[], b"");
         assert_eq!(r.status, 200, "through {}: {}", gw.addr, r.summary());
@@ -104,6 +134,9 @@ fn one_receiver_serves_through_every_gateway_and_survives_one_lost() {
     assert!(down.contains(&a.ws_url()), "{down}");
     assert!(!down.contains(&b_url), "{down}");
     rx.proc.wait_log(&["reconnecting", &a.ws_url()]);
+    wait_until("/metrics showing gateway A down, B up", WAIT, || {
+        tunnels(&a.ws_url()) == Some(0) && tunnels(&b_label) == Some(2)
+    });
     for _ in 0..20 {
         let r = client::request(b.addr, "GET", "/alice/y", &[], b"");
         assert_eq!(r.status, 200, "through {}: {}", b.addr, r.summary());

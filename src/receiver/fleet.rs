@@ -427,6 +427,7 @@ mod tests {
             match m {
                 FleetMsg::Add(g) => add.push(g.addr),
                 FleetMsg::Remove(g) => remove.push(g.addr),
+                FleetMsg::Stats(_) => panic!("the resolver never asks for stats"),
             }
         }
         (add, remove)
