@@ -80,7 +80,7 @@ def main():
             urls = ",".join(f"ws://{a}/ws" for a in gws[:k])
             cfg = ('mode = "receiver"\n[logging]\nlevel = "warn"\nlog_dir = ""\n'
                    f'[receiver]\ngateway_url = "{urls}"\nupstream = "http://127.0.0.1:9"\n'
-                   f'token = "alice-secret"\ntunnels = {n}\ninstance_id = "idle{k}"\n')
+                   f'token = "alice-secret"\ntunnels = {n}\ninstance_id = "idle{k}"\nadmin_enabled = false\n')
             p, out = start(binary, "receiver", cfg, d, f"rx{k}")
             wait_lines(out, "connected to", n * k)
             time.sleep(5)
