@@ -46,7 +46,7 @@ clean:
 	$(CARGO) clean
 
 # --- Benchmarks and profiling (issue #4; benches/README.md, perf/README.md) ---
-.PHONY: bench bench-quick bench-counts bench-bins bench-allocs-bin bench-deps bench-micro bench-storm bench-tunnels flamegraph perf-stat
+.PHONY: bench bench-quick bench-overload bench-counts bench-bins bench-allocs-bin bench-deps bench-micro bench-storm bench-tunnels flamegraph perf-stat
 
 ALLOC_BIN := target/release/anp-proxy-count-allocs
 
@@ -75,9 +75,11 @@ bench-allocs-bin:
 
 # direct vs nginx vs anp-proxy, interleaved, CPU per request of each proxy
 # process; then counting runs: syscalls, io_uring calls and allocations per
-# request. Writes bench-results/latest.{json,svg}.
+# request; then the overload rows (issue 12: open loop at 2x and 5x each
+# proxy's closed-loop max, and fairness across two identities). Writes
+# bench-results/latest.{json,svg}.
 bench: bench-bins bench-allocs-bin
-	python3 benches/bench.py --syscalls --allocs
+	python3 benches/bench.py --syscalls --allocs --overload
 	python3 benches/tunnels.py
 	python3 benches/storm.py
 
@@ -85,6 +87,13 @@ bench: bench-bins bench-allocs-bin
 # counts: they need the second build).
 bench-quick: bench-bins
 	python3 benches/bench.py --quick --syscalls
+
+# Only the overload rows (issue 12), ~3 minutes on 2 cores: closed-loop max of nginx
+# and anp-proxy at 1 KiB / 64 connections, open loop at 2x and 5x it
+# (offered, goodput, errors by kind, p99), identity B's p99 alone and while
+# identity A is flooded at 5x. Writes bench-results/latest.{json,svg}.
+bench-overload: bench-bins
+	python3 benches/bench.py --quick --no-matrix --idle-conns 0 --overload
 
 # Only the per-request counts (CPU, syscalls, io_uring, allocations) at
 # 1 KiB / 64 connections: no matrix, no idle-connection test (~1 minute).

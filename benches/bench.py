@@ -445,8 +445,19 @@ http {{
         keepalive 512;
         keepalive_requests 100000000;
     }}
+    upstream app_b {{
+        server 127.0.0.1:{app_b_port};
+        keepalive 512;
+        keepalive_requests 100000000;
+    }}
     server {{
         listen 127.0.0.1:{port} reuseport backlog=4096;
+        # The fairness row's identity B has an app of its own, as on anp-proxy.
+        location /fair-b {{
+            proxy_pass http://app_b;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
         location / {{
             proxy_pass http://app;
             proxy_http_version 1.1;
@@ -471,10 +482,19 @@ port = 0
 workers = {workers}
 keepalive_timeout = 600.0
 max_connections = 20000
-[[gateway.auth.tokens]]
+{limits}[[gateway.auth.tokens]]
 name = "bench"
 token = "{token}"
 paths = ["/"]
+# The fairness row (--overload): identity fair-a flooded, fair-b paced.
+[[gateway.auth.tokens]]
+name = "fair-a"
+token = "{token}-fair-a"
+paths = ["/fair-a"]
+[[gateway.auth.tokens]]
+name = "fair-b"
+token = "{token}-fair-b"
+paths = ["/fair-b"]
 """
 
 RECEIVER_CONF = """[logging]
@@ -508,6 +528,12 @@ class Bench:
         app_port = int(wait_for_line(app, r"listening on http://127\.0\.0\.1:(\d+)").group(1))
         self.app = app
         self.targets["direct"] = f"http://127.0.0.1:{app_port}"
+        # The fairness row's identity B (`/fair-b`) has an app of its own:
+        # the flood of A fills A's app, as it would in a deployment.
+        self.app_b_port = app_port
+        if a.overload:
+            app_b = self.procs.start("app-b", [f"{BIN}/anp-bench-app", "--threads", "1"], self.tmp)
+            self.app_b_port = int(wait_for_line(app_b, r"listening on http://127\.0\.0\.1:(\d+)").group(1))
 
         nginx = find_nginx()
         if nginx and not a.no_nginx:
@@ -517,6 +543,7 @@ class Bench:
             conf = os.path.join(ndir, "nginx.conf")
             with open(conf, "w") as f:
                 f.write(NGINX_CONF.format(workers=a.workers, nofile=a.nofile, dir=ndir, app_port=app_port, port=port,
+                                          app_b_port=self.app_b_port,
                                           access_log=f"{ndir}/access.log" if a.access_log else "off"))
             self.nginx = self.procs.start("nginx", [nginx, "-p", ndir, "-c", conf], self.tmp)
             wait_port(port, self.nginx)
@@ -530,6 +557,7 @@ class Bench:
 
         self.app_port = app_port
         self.gateway, self.receiver, gw_port = self.start_anp("", f"{BIN}/anp-proxy", app_port)
+        self.gw_port = gw_port
         self.add_anp(ANP, self.gateway, self.receiver, gw_port)
         if a.baseline_bin:
             self.add_anp(BASE, *self.start_anp("-base", a.baseline_bin, app_port))
@@ -542,7 +570,9 @@ class Bench:
         with open(gw_conf, "w") as f:
             log_dir = os.path.join(self.tmp, f"gateway{suffix}-logs") if a.access_log else ""
             f.write(GATEWAY_CONF.format(workers=a.workers, token=TOKEN, access_log=str(a.access_log).lower(),
-                                        log_dir=log_dir))
+                                        log_dir=log_dir, limits=""))
+        if not suffix:
+            self.gw_conf, self.gw_log_dir, self.reloads = gw_conf, log_dir, 0
         gw = self.procs.start(f"gateway{suffix}", [binary, "gateway", "--config", gw_conf], self.tmp)
         m = wait_for_line(gw, r"listening on http://127\.0\.0\.1:(\d+) .*?(\d+) workers")
         gw_port = int(m.group(1))
@@ -564,15 +594,18 @@ class Bench:
 
     # -- load ---------------------------------------------------------------
 
-    def loadgen(self, target, body, conns, duration, warmup, rate=None, sample=False, probes=(), url=None):
+    def loadgen(self, target, body, conns, duration, warmup, rate=None, sample=False, probes=(), url=None,
+                path=None, extra=(), timeout=5):
         """One anp-loadgen run against `target`; its JSON result, plus the
         CPU per request of the target's proxy processes and whatever
         `probes` (objects with window_start/window_end/result) measured
-        over the same window."""
+        over the same window. `path` replaces `/bytes/BODY`; `extra` is
+        added to the command line (`--open`, `--max-conns`)."""
         argv = [
-            f"{BIN}/anp-loadgen", "--json", "--mark-window", "--url", f"{url or self.targets[target]}/bytes/{body}",
+            f"{BIN}/anp-loadgen", "--json", "--mark-window",
+            "--url", f"{url or self.targets[target]}{path or f'/bytes/{body}'}",
             "-c", str(conns), "-d", str(duration), "--warmup", str(warmup),
-            "-t", str(self.args.loadgen_threads), "--timeout", "5",
+            "-t", str(self.args.loadgen_threads), "--timeout", str(timeout), *extra,
         ]
         if rate:
             argv += ["--rate", f"{rate:.0f}"]
@@ -689,6 +722,154 @@ class Bench:
                 self.procs.stop(gw)
         return out
 
+    # -- overload and fairness (issue 12) -------------------------------------
+
+    def overload_targets(self):
+        return [t for t in ("nginx", ANP) if t in self.targets]
+
+    def closed_max(self, secs, warmup, reps):
+        """Each proxy target's closed-loop maximum (1 KiB, 64 connections),
+        measured now, in this run, right before it is offered 2x and 5x:
+        the median of `reps` interleaved runs."""
+        return self.closed_at(64, secs, warmup, reps)
+
+    def closed_at(self, conns, secs, warmup, reps):
+        """Median closed-loop rps of each proxy target at `conns`."""
+        runs = {t: [] for t in self.overload_targets()}
+        for _ in range(reps):
+            for t in runs:
+                r = self.loadgen(t, OVERLOAD_BODY, conns, secs, warmup)
+                runs[t].append(r["rps"])
+                log(f"  [overload] {t:9s} closed loop, {conns} connections: {r['rps']:9.0f} rps"
+                    f"  p99 {r['p99_us']}us  errors {r['errors']}")
+        return {t: statistics.median(v) for t, v in runs.items()}
+
+    def set_limits(self, limits):
+        """Rewrites the gateway's config with `limits` ([gateway] keys) and
+        reloads it (SIGHUP), waiting for the gateway to say it has."""
+        a = self.args
+        with open(self.gw_conf, "w") as f:
+            f.write(GATEWAY_CONF.format(workers=a.workers, token=TOKEN, access_log=str(a.access_log).lower(),
+                                        log_dir=self.gw_log_dir, limits=limits))
+        self.reloads += 1
+        os.kill(self.gateway.pid, signal.SIGHUP)
+        m = wait_for_line(self.gateway, r"anp-proxy reload(ed| failed)(.*)", count=self.reloads)
+        if m.group(1) != "ed":
+            raise RuntimeError(f"gateway reload failed: {m.group(2)}")
+
+    def overload(self, maxes, factors, secs, warmup, reps, at_cap=None):
+        """Open loop at `factor` times each target's own closed-loop max:
+        offered and goodput (2xx) per second, errors by kind, the p99 of
+        the served and of the refused. Targets interleaved, `reps` times
+        per factor; the row is the median repetition by goodput."""
+        out = []
+        targets = self.overload_targets()
+        if ANP in targets:
+            targets += list(ANP_VARIANTS)
+        for f in factors:
+            per = {label: [] for label in targets}
+            for _ in range(reps):
+                for label in targets:
+                    t = ANP if label in ANP_VARIANTS else label
+                    if t == ANP:
+                        self.set_limits(ANP_VARIANTS.get(label, ""))
+                    rate = f * maxes[t]
+                    r = self.loadgen(t, OVERLOAD_BODY, 64, secs, warmup, rate=rate, timeout=OVERLOAD_TIMEOUT,
+                                     extra=["--open", "--max-conns", str(OVERLOAD_MAX_CONNS)], sample=(t == ANP))
+                    row = overload_row(label, f, maxes[t], rate, r)
+                    if at_cap:
+                        row["closed_rps_at_max_conns"] = round(at_cap[t], 1)
+                        row["goodput_vs_closed_at_max_conns"] = ratio(row["goodput_rps"], at_cap[t])
+                    if label in ANP_VARIANTS:
+                        row["limits"] = ANP_VARIANTS[label].strip().splitlines()
+                    log(f"  [overload {f}x] {label:16s} offered {row['offered_rps']:8.0f}  goodput "
+                        f"{row['goodput_rps']:8.0f} ({row['goodput_vs_max']:.2f}x max)  served p99 {row['p99_us']}us"
+                        f"  refused p99 {row['refused_p99_us']}us  errors {row['errors_by_kind']}")
+                    per[label].append(row)
+            for label, rows in per.items():
+                ordered = sorted(rows, key=lambda r: r["goodput_rps"])
+                row = ordered[len(ordered) // 2]
+                row["reps"] = len(rows)
+                row["goodput_all"] = [r["goodput_rps"] for r in rows]
+                out.append(row)
+        if ANP in targets:
+            self.set_limits("")
+        return out
+
+    def fair_receivers(self):
+        """A receiver for each of the fairness identities (anp-proxy only;
+        nginx sends every path to the app)."""
+        if getattr(self, "fair_rx", None):
+            return
+        self.fair_rx = []
+        for ident, app_port in (("fair-a", self.app_port), ("fair-b", self.app_b_port)):
+            conf = os.path.join(self.tmp, f"receiver-{ident}.toml")
+            with open(conf, "w") as f:
+                f.write(RECEIVER_CONF.format(gw_port=self.gw_port, app_port=app_port,
+                                             token=f"{TOKEN}-{ident}"))
+            rx = self.procs.start(f"receiver-{ident}", [f"{BIN}/anp-proxy", "receiver", "--config", conf], self.tmp)
+            wait_for_line(rx, r"tunnel \d+ connected", count=self.args.workers)
+            self.fair_rx.append(rx)
+
+    def fairness(self, maxes, flood_factor, secs, warmup):
+        """Identity B (`/fair-b`) paced at 5 % of the target's max, alone,
+        then while identity A (`/fair-a`) is flooded open loop at
+        `flood_factor` times the max: B's p99 and errors both times, and
+        what A got."""
+        out = []
+        labels = self.overload_targets()
+        if ANP in self.targets:
+            self.fair_receivers()
+            labels.append(FAIR_VARIANT)
+        for label in labels:
+            t = ANP if label == FAIR_VARIANT else label
+            if t == ANP:
+                self.set_limits(ANP_VARIANTS.get(label, ""))
+            b_rate = max(100, round(0.05 * maxes[t]))
+            b_path, a_path = f"/fair-b/x?size={OVERLOAD_BODY}", f"/fair-a/x?size={OVERLOAD_BODY}"
+            # B is open loop too: a paced set of few connections would fall
+            # behind as soon as one answer took longer than its interval and
+            # report its own backlog, not B's latency.
+            b_extra = ["--open", "--max-conns", "1024"]
+            alone = self.loadgen(t, OVERLOAD_BODY, 8, secs, warmup, rate=b_rate, path=b_path,
+                                 timeout=OVERLOAD_TIMEOUT, extra=b_extra)
+            # A's flood opens before B's warm-up and ends after B's window.
+            a_rate = flood_factor * maxes[t]
+            a_warm = warmup + 1.0
+            a_argv = [f"{BIN}/anp-loadgen", "--json", "--url", f"{self.targets[t]}{a_path}", "-c", "64",
+                      "-d", str(secs + 1.0), "--warmup", str(a_warm), "-t", str(self.args.loadgen_threads),
+                      "--timeout", str(OVERLOAD_TIMEOUT), "--rate", f"{a_rate:.0f}", "--open",
+                      "--max-conns", str(OVERLOAD_MAX_CONNS)]
+            a = subprocess.Popen(a_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(1.0)
+            flooded = self.loadgen(t, OVERLOAD_BODY, 8, secs, warmup, rate=b_rate, path=b_path,
+                                   timeout=OVERLOAD_TIMEOUT, extra=b_extra)
+            a_out, a_err = a.communicate(timeout=secs + a_warm + OVERLOAD_TIMEOUT + 60)
+            if a.returncode != 0 or not a_out.strip():
+                raise RuntimeError(f"flood loadgen failed ({a.returncode}): {a_err[-1000:]}")
+            ar = json.loads(a_out.strip().splitlines()[-1])
+            row = {
+                "target": label, "mode": "fairness", "body_bytes": OVERLOAD_BODY, "connections": None,
+                "closed_max_rps": round(maxes[t], 1), "b_rate": b_rate, "a_factor": flood_factor,
+                "b_p99_alone_us": alone["p99_us"], "b_p50_alone_us": alone["p50_us"],
+                "b_errors_alone": alone["errors"], "b_rps_alone": round(alone["rps"], 1),
+                "b_p99_flooded_us": flooded["p99_us"], "b_p50_flooded_us": flooded["p50_us"],
+                "b_errors_flooded": flooded["errors"], "b_rps_flooded": round(flooded["rps"], 1),
+                "b_errors_by_kind_flooded": error_kinds(flooded),
+                "a_offered_rps": round(ar["offered_rps"], 1), "a_goodput_rps": round(ar["goodput_rps"], 1),
+                "a_errors_by_kind": error_kinds(ar),
+            }
+            row["b_p99_flooded_vs_alone"] = ratio(row["b_p99_flooded_us"], row["b_p99_alone_us"])
+            if label in ANP_VARIANTS:
+                row["limits"] = ANP_VARIANTS[label].strip().splitlines()
+            log(f"  [fairness] {label:16s} B at {b_rate} rps: p99 alone {row['b_p99_alone_us']}us, during A's flood "
+                f"{row['b_p99_flooded_us']}us (errors {row['b_errors_alone']} / {row['b_errors_flooded']}); A offered "
+                f"{row['a_offered_rps']:.0f}, goodput {row['a_goodput_rps']:.0f}, {row['a_errors_by_kind']}")
+            out.append(row)
+        if ANP in self.targets:
+            self.set_limits("")
+        return out
+
     # -- memory -------------------------------------------------------------
 
     def idle_connections(self, target, pids, n, measure):
@@ -718,6 +899,59 @@ class Bench:
             "rss_after_kib": after,
             "per_connection_kib": round((after - before) / ok, 2) if ok else None,
         }
+
+
+# Overload runs (issue 12): 1 KiB answers; the clients' patience (a
+# request not answered within it counts as a timeout) and the most
+# connections the open-loop generator opens at once.
+OVERLOAD_BODY = 1024
+OVERLOAD_TIMEOUT = 10
+# 2,048: on 2 cores, many more connections cost every server (the bare app
+# included) more than the load they carry (a 16,000-connection open loop
+# served ~10 % of the closed-loop max even direct to the app).
+OVERLOAD_MAX_CONNS = 2048
+# The gateway's default places (1,024 in flight + 1,024 queued per identity
+# and core) hold all 2,048 connections: the excess waits, it is never
+# refused, and up to 2,048 requests are in flight to the receiver, which
+# passes up to its max_concurrent (1,024 here) on to the app at once. Two
+# more rows reload the gateway with other limits (SIGHUP) for the same
+# load: `+limits` keeps 32 per core in flight (about the concurrency the
+# closed-loop max runs at) and queues the rest (1,024 per core: nothing is
+# refused); `+shed` keeps the same 32 but queues only 128, so that most of
+# the excess is answered 503 at once.
+# The fairness row runs anp-proxy with the defaults and with `+limits`.
+FAIR_VARIANT = "anp-proxy+limits"
+ANP_VARIANTS = {
+    "anp-proxy+limits": "max_inflight_per_identity = 32\nmax_queue_per_identity = 1024\n",
+    "anp-proxy+shed": "max_inflight_per_identity = 32\nmax_queue_per_identity = 128\n",
+}
+
+
+def error_kinds(r):
+    """Errors of a loadgen result by kind, with the refusals by status."""
+    k = dict(r.get("errors_by_kind") or {})
+    bad = r.get("bad_statuses") or {}
+    out = {code: bad.get(code, 0) for code in ("429", "503", "504")}
+    out["other_status"] = k.get("status", 0) - sum(out.values())
+    for kind in ("timeout", "connect", "io", "unsent"):
+        out[kind] = k.get(kind, 0)
+    return out
+
+
+def overload_row(target, factor, closed_max, rate, r):
+    return {
+        "target": target, "mode": "overload", "factor": factor, "body_bytes": OVERLOAD_BODY,
+        "connections": None, "max_conns": OVERLOAD_MAX_CONNS, "client_timeout_s": OVERLOAD_TIMEOUT,
+        "target_rate": round(rate), "closed_max_rps": round(closed_max, 1),
+        "offered_rps": round(r["offered_rps"], 1), "goodput_rps": round(r["goodput_rps"], 1),
+        "rps": round(r["goodput_rps"], 1),
+        "goodput_vs_max": ratio(r["goodput_rps"], closed_max),
+        "p50_us": r["p50_us"], "p99_us": r["p99_us"], "p999_us": r["p999_us"], "max_us": r["max_us"],
+        "refused_p50_us": r.get("refused_p50_us"), "refused_p99_us": r.get("refused_p99_us"),
+        "errors": r["errors"], "errors_by_kind": error_kinds(r),
+        "rss_peak_kib": r.get("rss_peak_kib"),
+        **({k: r[k] for k in ("cpu_us_per_request", "cpu_us_by_process") if k in r}),
+    }
 
 
 def wait_port(port, proc, timeout=10):
@@ -814,7 +1048,7 @@ def add_ratios(runs):
     """Ratios of each anp-proxy build (anp-proxy, anp-base) to direct and
     nginx in the same cell, and of anp-proxy to anp-base (A/B)."""
     for r in runs:
-        if r["target"] not in (ANP, BASE):
+        if r["target"] not in (ANP, BASE) or r["mode"] not in ("closed", "fixed-rate"):
             continue
         key = (r["mode"], r["body_bytes"], r["connections"], r.get("target_rate"))
         others = [("direct", find(runs, "direct", *key)), ("nginx", find(runs, "nginx", *key))]
@@ -838,7 +1072,7 @@ def short(name):
 
 
 def table(report):
-    runs = report["runs"]
+    runs = [r for r in report["runs"] if r["mode"] in ("closed", "fixed-rate")]
     targets = [t for t in ("direct", "nginx", ANP, BASE) if any(r["target"] == t for r in runs)]
     ab = BASE in targets
     lines = []
@@ -853,6 +1087,8 @@ def table(report):
         lines.append("-" * len(hdr))
     cells = []
     for r in runs:
+        if r["mode"] not in ("closed", "fixed-rate"):
+            continue
         c = (r["mode"], r["body_bytes"], r["connections"], r.get("target_rate"))
         if c not in cells:
             cells.append(c)
@@ -880,6 +1116,7 @@ def table(report):
         lines.append("ratios: closed rows = anp rps / other rps; fixed-rate rows = anp p99 / other p99;"
                      " cpu = proxy CPU µs per request (utime+stime over the window; anp = gateway + receiver),"
                      " cpu-x* = anp cpu / other cpu")
+    lines += overload_table(report)
     counts = report.get("counts")
     if counts:
         lines.append("")
@@ -905,7 +1142,7 @@ def table(report):
     if mem:
         lines.append("")
         lines.append("memory (KiB)               gateway   receiver")
-        for k in ("idle", "after_idle_test", "under_load_peak", "hwm_at_end"):
+        for k in ("idle", "after_idle_test", "under_load_peak", "under_overload_peak", "hwm_at_end"):
             v = mem.get(k)
             if v:
                 lines.append(f"  {k:24s} {v['gateway']:8d} {v['receiver']:10d}")
@@ -924,6 +1161,45 @@ def table(report):
         for g in goals:
             lines.append(f"  {g['name']:44s} goal {g['goal']:<6} measured {g['measured']}  -> {g['verdict']}")
     return "\n".join(lines)
+
+
+def overload_table(report):
+    """The overload (open loop at 2x and 5x each target's own closed-loop
+    max) and fairness rows."""
+    lines = []
+    over = [r for r in report["runs"] if r["mode"] == "overload"]
+    if over:
+        lines.append("")
+        lines.append(f"overload, open loop, 1 KiB (client timeout {OVERLOAD_TIMEOUT} s, at most "
+                     f"{OVERLOAD_MAX_CONNS} connections; goodput = 2xx/s):")
+        hdr = (f"  {'load':>4s} {'target':16s} {'max':>8s} {'offered':>8s} {'goodput':>8s} {'xmax':>5s} "
+               f"{'x2048c':>6s} {'p99 served':>11s} {'p99 refused':>11s}  errors by kind")
+        lines.append(hdr)
+        for r in over:
+            e = {k: v for k, v in r["errors_by_kind"].items() if v}
+            lines.append(
+                f"  {r['factor']:>3}x {r['target']:16s} {r['closed_max_rps']:8.0f} {r['offered_rps']:8.0f} "
+                f"{r['goodput_rps']:8.0f} {fx(r['goodput_vs_max']):>5s} {fx(r.get('goodput_vs_closed_at_max_conns')):>6s}"
+                f" {r['p99_us']:>9d}us "
+                f"{(r.get('refused_p99_us') or 0):>9d}us  {e or 'none'}")
+        lines.append(f"  max = closed loop at 64 connections; xmax = goodput / max; x2048c = goodput / the closed loop"
+                     f" at {OVERLOAD_MAX_CONNS} connections (what that many clients cost apart from overload)")
+        lines.append("  goal (issue 12): goodput >= 0.9x the closed-loop max at 2x and 5x, the excess refused fast"
+                     " (429/503), the served p99 below `timeout`")
+    fair = [r for r in report["runs"] if r["mode"] == "fairness"]
+    if fair:
+        lines.append("")
+        lines.append("fairness: identity B open loop at 5 % of max (an app of its own) alone, then while identity A is"
+                     " flooded open loop:")
+        lines.append(f"  {'target':16s} {'B rate':>6s} {'B p99 alone':>12s} {'B p99 flooded':>14s} {'x':>6s} "
+                     f"{'B errors':>9s}  {'A offered':>9s} {'A goodput':>9s}  A errors")
+        for r in fair:
+            e = {k: v for k, v in r["a_errors_by_kind"].items() if v}
+            lines.append(
+                f"  {r['target']:16s} {r['b_rate']:6d} {r['b_p99_alone_us']:>10d}us {r['b_p99_flooded_us']:>12d}us "
+                f"{fx(r['b_p99_flooded_vs_alone']):>6s} {r['b_errors_alone']:>4d}/{r['b_errors_flooded']:<4d}  "
+                f"{r['a_offered_rps']:9.0f} {r['a_goodput_rps']:9.0f}  {e or 'none'}")
+    return lines
 
 
 def goals(report):
@@ -987,6 +1263,11 @@ def main():
     ap.add_argument("--count-bodies", default="1024", help="response body sizes of the counting runs (default 1024)")
     ap.add_argument("--count-conns", type=int, default=64, help="connections of the counting runs (default 64)")
     ap.add_argument("--count-secs", type=float, help="measured seconds of each counting run (default 3, quick 2)")
+    ap.add_argument("--overload", action="store_true",
+                    help="overload rows (issue 12): each proxy's closed-loop max at 1 KiB / 64 connections, then "
+                         "open loop at 2x and 5x it (offered, goodput, errors by kind, p99), and fairness (identity "
+                         "B's p99 alone and while identity A is flooded)")
+    ap.add_argument("--overload-secs", type=float, help="measured seconds of each overload run (default 5, quick 3)")
     args = ap.parse_args()
     args.nofile = raise_fd_limit()
 
@@ -1020,6 +1301,7 @@ def main():
         "quick": args.quick, "duration_s": duration, "warmup_s": warmup, "reps": reps,
         "loadgen_threads": args.loadgen_threads, "app_threads": args.app_threads,
         "req_body_bytes": args.req_body, "fd_limit": args.nofile, "access_log": args.access_log,
+        "overload": args.overload,
         "counting_runs": {"syscalls": args.syscalls, "allocs": args.allocs, "bodies": count_bodies,
                           "connections": args.count_conns, "duration_s": count_secs},
         "note": "all processes share the same cores; medians of interleaved repetitions",
@@ -1102,6 +1384,20 @@ def main():
                 if r:
                     r.update({k: v for k, v in c.items() if k.endswith("_per_request_by_process")
                               and k != "cpu_us_by_process"})
+        if args.overload:
+            osecs = args.overload_secs or (3 if args.quick else 5)
+            log("overload: closed-loop max of each proxy, then open loop at 2x and 5x it")
+            maxes = bench.closed_max(osecs, warmup, reps)
+            # The same closed loop with as many connections as the open
+            # loop may open: what many clients cost apart from overload.
+            at_cap = bench.closed_at(OVERLOAD_MAX_CONNS, osecs, warmup, reps)
+            report["runs"] += bench.overload(maxes, (2, 5), osecs, warmup, 1 if args.quick else reps, at_cap)
+            log("fairness: identity B paced, alone and during identity A's flood")
+            report["runs"] += bench.fairness(maxes, 5, osecs, warmup)
+            over = [r["rss_peak_kib"] for r in report["runs"] if r["mode"] == "overload" and r.get("rss_peak_kib")]
+            if over:
+                mem["under_overload_peak"] = {
+                    "gateway": max(p["gateway"] for p in over), "receiver": max(p["receiver"] for p in over)}
         report["tunnel_connects"] = bench.tunnels_reconnected()
         for name, p in (("gateway", bench.gateway), ("receiver", bench.receiver), ("app", bench.app)):
             if p.poll() is not None:

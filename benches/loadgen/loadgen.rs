@@ -9,6 +9,10 @@
 //! * fixed rate (`--rate R`): R requests/s in total, spread evenly over the
 //!   connections; latency is measured from each request's *intended* send
 //!   time (coordinated-omission correction, as wrk2 does);
+//! * open loop (`--open --rate R`): R requests/s in total sent at their
+//!   intended times whatever the server does, each on an idle pooled
+//!   connection or a new one (at most `--max-conns`); the overload runs
+//!   (issue 12) offer 2x and 5x a target's closed-loop maximum with it;
 //! * idle (`--idle N --hold S`): open N keep-alive connections, one request
 //!   each, print `IDLE_READY ok=… failed=…`, hold them silent S seconds
 //!   (used to measure the server's memory per idle connection).
@@ -20,6 +24,7 @@
 
 mod conn;
 mod http;
+mod open;
 mod stats;
 
 use std::cell::RefCell;
@@ -54,6 +59,14 @@ struct Args {
     /// Fixed-rate mode: total requests per second.
     #[arg(long)]
     rate: Option<f64>,
+    /// Open loop (needs `--rate`): send at the intended times whatever
+    /// the server does, on as many connections as that takes.
+    #[arg(long, requires = "rate")]
+    open: bool,
+    /// Open loop: most connections open at once, all threads together; a
+    /// request due when all are busy is counted as `unsent`.
+    #[arg(long, default_value_t = 4096)]
+    max_conns: usize,
     /// Threads (one monoio runtime each); default: the number of cores.
     #[arg(short = 't', long)]
     threads: Option<usize>,
@@ -111,6 +124,14 @@ fn main() {
     let interval = args
         .rate
         .map(|r| Duration::from_secs_f64(conns as f64 / r.max(0.001)));
+    // Open loop: each thread sends its share of the rate.
+    let open = args.open.then(|| {
+        let rate = args.rate.unwrap_or(1.0).max(0.001);
+        (
+            Duration::from_secs_f64(threads as f64 / rate),
+            args.max_conns.div_ceil(threads),
+        )
+    });
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             let request = request.clone();
@@ -128,9 +149,17 @@ fn main() {
                             measure_from,
                             end,
                             timeout,
-                            interval,
+                            // Open loop paces per thread, not per connection.
+                            interval: if open.is_some() { None } else { interval },
                         });
                         let stats = Rc::new(RefCell::new(Stats::new()));
+                        if let Some((iv, cap)) = open {
+                            let pool = Rc::new(open::Pool::new(cap));
+                            // Threads start a fraction of an interval apart.
+                            let offset = iv.mul_f64(t as f64 / threads as f64);
+                            open::run(plan, stats.clone(), pool, iv, offset).await;
+                            return Rc::try_unwrap(stats).expect("all tasks done").into_inner();
+                        }
                         let tasks: Vec<_> = mine
                             .iter()
                             .map(|&i| {
@@ -161,7 +190,9 @@ fn main() {
         total.merge(&h.join().expect("loadgen thread panicked"));
     }
     let secs = args.duration;
-    let mode = if args.rate.is_some() {
+    let mode = if args.open {
+        "open"
+    } else if args.rate.is_some() {
         "fixed-rate"
     } else {
         "closed"
@@ -183,6 +214,7 @@ fn main() {
                 "url": args.url,
                 "connections": conns,
                 "threads": threads,
+                "max_conns": args.open.then_some(args.max_conns),
                 "target_rate": args.rate,
                 "req_body_bytes": args.req_body,
             }),

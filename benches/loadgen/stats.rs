@@ -16,6 +16,10 @@ pub enum ErrorKind {
     Timeout,
     /// Read/write error, early close, or an unparsable response.
     Io,
+    /// Open loop: due to be sent, but every connection the generator may
+    /// open (`--max-conns`) was busy; never sent (the generator's limit,
+    /// not the server's answer).
+    Unsent,
 }
 
 #[derive(Debug)]
@@ -27,6 +31,11 @@ pub struct Stats {
     pub status: u64,
     pub timeout: u64,
     pub io: u64,
+    pub unsent: u64,
+    /// Requests due in the measured window (sent or not): the offered load.
+    pub offered: u64,
+    /// Latency of complete non-2xx responses (how fast a refusal comes).
+    pub refused_hist: Histogram<u64>,
     pub body_bytes: u64,
     /// Non-2xx responses by status code.
     pub statuses: BTreeMap<u16, u64>,
@@ -42,6 +51,10 @@ impl Stats {
             status: 0,
             timeout: 0,
             io: 0,
+            unsent: 0,
+            offered: 0,
+            refused_hist: Histogram::new_with_bounds(1, 100_000_000, 3)
+                .expect("valid histogram bounds"),
             body_bytes: 0,
             statuses: BTreeMap::new(),
         }
@@ -58,6 +71,7 @@ impl Stats {
             ErrorKind::Connect => self.connect += 1,
             ErrorKind::Timeout => self.timeout += 1,
             ErrorKind::Io => self.io += 1,
+            ErrorKind::Unsent => self.unsent += 1,
         }
     }
 
@@ -66,8 +80,14 @@ impl Stats {
         *self.statuses.entry(status).or_default() += 1;
     }
 
+    /// A complete non-2xx response `micros` after its intended send.
+    pub fn refused(&mut self, status: u16, micros: u64) {
+        self.bad_status(status);
+        self.refused_hist.saturating_record(micros.max(1));
+    }
+
     pub fn errors(&self) -> u64 {
-        self.connect + self.status + self.timeout + self.io
+        self.connect + self.status + self.timeout + self.io + self.unsent
     }
 
     pub fn merge(&mut self, other: &Stats) {
@@ -77,6 +97,11 @@ impl Stats {
         self.status += other.status;
         self.timeout += other.timeout;
         self.io += other.io;
+        self.unsent += other.unsent;
+        self.offered += other.offered;
+        self.refused_hist
+            .add(&other.refused_hist)
+            .expect("same histogram bounds");
         self.body_bytes += other.body_bytes;
         for (k, v) in &other.statuses {
             *self.statuses.entry(*k).or_default() += v;
@@ -91,6 +116,14 @@ impl Stats {
                 0
             } else {
                 h.value_at_quantile(p)
+            }
+        };
+        let r = &self.refused_hist;
+        let qr = |p: f64| {
+            if r.is_empty() {
+                0
+            } else {
+                r.value_at_quantile(p)
             }
         };
         let mut v = serde_json::json!({
@@ -110,7 +143,13 @@ impl Stats {
                 "status": self.status,
                 "timeout": self.timeout,
                 "io": self.io,
+                "unsent": self.unsent,
             },
+            "offered": self.offered,
+            "offered_rps": self.offered as f64 / secs,
+            "goodput_rps": self.ok as f64 / secs,
+            "refused_p50_us": qr(0.50),
+            "refused_p99_us": qr(0.99),
             "bad_statuses": self.statuses.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>(),
         });
         if let (Some(obj), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
@@ -130,7 +169,7 @@ impl Stats {
             }
         };
         format!(
-            "{:.0} req/s ({} in {:.2}s, {:.1} MB/s body)\n  latency us: p50 {} p90 {} p99 {} p99.9 {} max {}\n  errors: connect {} status {} {:?} timeout {} io {}",
+            "{:.0} req/s ({} in {:.2}s, {:.1} MB/s body)\n  latency us: p50 {} p90 {} p99 {} p99.9 {} max {}\n  errors: connect {} status {} {:?} timeout {} io {} unsent {}\n  refused (non-2xx) latency us: p50 {} p99 {}{}",
             self.ok as f64 / secs,
             self.ok,
             secs,
@@ -144,7 +183,19 @@ impl Stats {
             self.status,
             self.statuses,
             self.timeout,
-            self.io
+            self.io,
+            self.unsent,
+            self.refused_hist.value_at_quantile(0.5),
+            self.refused_hist.value_at_quantile(0.99),
+            if self.offered > 0 {
+                format!(
+                    "\n  offered {:.0} req/s, goodput (2xx) {:.0} req/s",
+                    self.offered as f64 / secs,
+                    self.ok as f64 / secs
+                )
+            } else {
+                String::new()
+            }
         )
     }
 }
