@@ -3,7 +3,9 @@
 //! `tests/db/setup_mariadb.sh` installs (Debian package) and starts.
 //! Without it the MySQL tests fail; `ANP_SKIP_MYSQL=1` skips them on
 //! purpose. The end-to-end tests run the real binary: gateway, receiver and
-//! `anp-proxy routes …`, and watch a change reach a connected tunnel.
+//! `anp-proxy routes …`, and watch a change reach a connected tunnel; two
+//! gateways on one database refuse a DID proof replayed from one to the
+//! other (the shared nonce cache, `did_nonces`).
 
 mod common;
 
@@ -357,6 +359,63 @@ fn nonces_are_shared_by_every_handle(s: &Setup) {
     );
 }
 
+/// Two gateway processes on one database: a DID-WBA upgrade proof that
+/// one accepted (101) is a replay at the other (401 `nonce_replayed`), the
+/// route coming from the registry itself (`anp-proxy routes add`).
+fn did_replay_is_refused_across_gateways(s: &Setup) {
+    use anp_proxy::auth::didwba::{self, DidSigner};
+    let did = "did:wba:agents.test:shared:nonces";
+    let key_dir = s.dir.path().join("k");
+    let out = procs::run(["did", "new", did, "--out", key_dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "did new: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let published = s.dir.path().join("docs/agents.test/shared/nonces");
+    std::fs::create_dir_all(&published).unwrap();
+    std::fs::copy(key_dir.join("did.json"), published.join("did.json")).unwrap();
+    let text = std::fs::read_to_string(&s.cfg_path).unwrap().replacen(
+        "[gateway]\n",
+        "[gateway]\nauth.did_documents_dir = \"docs\"\n",
+        1,
+    );
+    std::fs::write(&s.cfg_path, text).unwrap();
+    assert!(s.routes(&["add", did, "/nonces"]).status.success());
+    let a = Gateway::start_file(&s.cfg_path);
+    let b = Gateway::start_file(&s.cfg_path);
+    let signer = DidSigner::load(
+        &key_dir.join("did.json"),
+        &key_dir.join("key-1_private.pem"),
+    )
+    .unwrap();
+    let header = signer.didwba_header(
+        "127.0.0.1",
+        &didwba::sign::fresh_nonce(),
+        &didwba::time::format_utc(didwba::time::now_unix()),
+    );
+    let upgrade = |gw: SocketAddr| {
+        let mut req = Vec::new();
+        anp_proxy::ws::handshake::write_client_request(
+            &mut req,
+            &gw.to_string(),
+            "/ws",
+            "dGhlIHNhbXBsZSBub25jZQ==",
+            &[("Authorization", header.as_str())],
+        );
+        let r = client::send_raw(gw, &req);
+        (r.status, r.body_text())
+    };
+    assert_eq!(
+        upgrade(a.addr).0,
+        101,
+        "the first gateway accepts the proof"
+    );
+    let (status, body) = upgrade(b.addr);
+    assert_eq!(status, 401, "the second refuses its replay: {body}");
+    assert!(body.contains("nonce_replayed"), "{body}");
+}
+
 /// `n` rows `did:wba:bulk.example:aI → /bulk/aI/`, written straight into
 /// the table in one transaction (through `Registry::add` they would take
 /// minutes), as a tool that bypasses the change log would.
@@ -464,6 +523,7 @@ fn large_unchanged_table_is_not_reread(s: &Setup) {
 on_both_backends!(
     changes_are_logged_with_the_version,
     nonces_are_shared_by_every_handle,
+    did_replay_is_refused_across_gateways,
     large_unchanged_table_is_not_reread,
     add_list_remove,
     duplicate_is_refused_with_owner,

@@ -29,6 +29,9 @@ pub const V1_MAX: usize = 107;
 /// refused rather than buffered.
 pub const V2_MAX: usize = 16 + 2048;
 
+/// Bytes looked at per round while reading a header.
+const PEEK: usize = 256;
+
 /// v2's 12-byte signature (spec §2.2).
 const V2_SIG: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 
@@ -281,15 +284,19 @@ async fn read_header_bytes(
     stream: &mut monoio::net::TcpStream,
 ) -> Result<Header, ProxyHeaderError> {
     use monoio::io::AsyncReadRentExt as _;
-    // The header's bytes read so far, and a view of what waits behind them.
-    let mut taken: Vec<u8> = Vec::with_capacity(V1_MAX);
-    let mut seen: Vec<u8> = Vec::with_capacity(V1_MAX);
+    // The header's bytes read so far, and a view of what waits behind them
+    // (a connection on a proxied listener costs these two small buffers
+    // while its header is read; the accept path, not the request path).
+    let mut taken: Vec<u8> = Vec::with_capacity(PEEK);
+    let mut seen: Vec<u8> = Vec::with_capacity(PEEK);
     loop {
         stream
             .readable(false)
             .await
             .map_err(|e| ProxyHeaderError::Io(e.kind()))?;
-        let room = V2_MAX - taken.len();
+        // A window at a time: all of v1 and the usual v2 (addresses and a
+        // few TLVs) in one look; a longer v2 header takes more rounds.
+        let room = (V2_MAX - taken.len()).min(PEEK);
         seen.clear();
         seen.extend_from_slice(&taken);
         seen.resize(taken.len() + room, 0);
@@ -586,6 +593,22 @@ mod io_tests {
             rest, b"\x16\x03",
             "a TLS ClientHello's first bytes untouched"
         );
+    }
+
+    #[monoio::test_all(timer_enabled = true)]
+    async fn a_v2_header_longer_than_one_look_is_read_whole() {
+        // 12 address bytes and a 588-byte TLV: 616 bytes, three looks.
+        let mut body = vec![203, 0, 113, 9, 127, 0, 0, 1, 0x9c, 0x41, 0x00, 0x50];
+        body.extend_from_slice(&[0x05, 0x02, 0x49]);
+        body.extend(std::iter::repeat_n(b'u', 585));
+        let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x11".to_vec();
+        h.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        h.extend_from_slice(&body);
+        h.extend_from_slice(b"GET");
+        let h: &'static [u8] = Box::leak(h.into_boxed_slice());
+        let (got, rest) = exchange(vec![h], 3).await;
+        assert_eq!(got, Ok("203.0.113.9:40001".parse().unwrap()));
+        assert_eq!(rest, b"GET");
     }
 
     #[monoio::test_all(timer_enabled = true)]

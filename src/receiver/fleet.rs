@@ -7,7 +7,8 @@
 //!
 //! A resolver thread ([`spawn_resolver`]) looks the names up at start and
 //! every `gateway_resolve_interval`, and tells every core which addresses
-//! came ([`FleetMsg::Add`]) and went ([`FleetMsg::Remove`]); a core's
+//! came ([`FleetMsg::Add`]) and went ([`FleetMsg::Remove`]) (of a name
+//! with IPv4 addresses only those are used, else its IPv6 ones); a core's
 //! [`run_core`] starts its share of a new gateway's slots and raises a
 //! gone gateway's flag, after which its slots dial no more and its live
 //! tunnels leave like a shutdown does (the notice, the requests in flight
@@ -124,6 +125,7 @@ impl Status {
 }
 
 /// The resolver's word to a core.
+#[derive(Clone)]
 pub enum FleetMsg {
     /// A new address: start this core's share of its slots.
     Add(Arc<Gateway>),
@@ -226,7 +228,20 @@ fn lookup(url: &Url) -> std::io::Result<BTreeSet<SocketAddr>> {
             "no addresses",
         ));
     }
-    Ok(found)
+    Ok(one_family(found))
+}
+
+/// A name's IPv4 addresses, or its IPv6 ones when it has none: a dual-stack
+/// gateway published with A and AAAA records is one gateway, and two
+/// tunnel sets to it (one per family) would double its tunnels; a name
+/// like `localhost` that also resolves to `::1` would keep a set failing
+/// against a gateway listening on 127.0.0.1 only.
+fn one_family(found: BTreeSet<SocketAddr>) -> BTreeSet<SocketAddr> {
+    if found.iter().any(SocketAddr::is_ipv4) {
+        found.into_iter().filter(SocketAddr::is_ipv4).collect()
+    } else {
+        found
+    }
 }
 
 /// Starts the resolver thread: looks every URL up now, then every
@@ -251,24 +266,70 @@ fn resolve_loop(
     tunnels: usize,
     cores: Vec<UnboundedSender<FleetMsg>>,
 ) {
-    let mut known: Known = HashMap::new();
+    let mut r = Resolver::new(urls, interval, tunnels);
     let mut logged: HashMap<*const Gateway, StatusSnapshot> = HashMap::new();
-    // Retry of names with no address yet: from 1 s, doubling.
-    let mut retry = Duration::from_secs(1);
-    let literal = |u: &Url| u.host_name().parse::<IpAddr>().is_ok();
-    let mut first = true;
     loop {
-        let mut unresolved = false;
-        for (i, (url, dialer)) in urls.iter().enumerate() {
-            let have: BTreeSet<SocketAddr> = known
+        for msg in r.round(&mut lookup) {
+            if let FleetMsg::Remove(gw) = &msg {
+                logged.remove(&Arc::as_ptr(gw));
+            }
+            for c in &cores {
+                let _ = c.unbounded_send(msg.clone());
+            }
+        }
+        log_status(&r.known, &mut logged);
+        // This thread only waits for the next lookup; nothing waits on it.
+        std::thread::sleep(r.pause());
+    }
+}
+
+/// The resolver's state, sans-IO (the caller passes the lookup and does
+/// the waiting): which addresses each URL has, and when to look again.
+struct Resolver {
+    urls: Vec<(Url, Option<Dialer>)>,
+    interval: Option<Duration>,
+    tunnels: usize,
+    known: Known,
+    first: bool,
+    /// A name with no address yet is looked up again after this (from
+    /// 1 s, doubling up to 30 s, never longer than `interval`).
+    retry: Duration,
+    unresolved: bool,
+}
+
+impl Resolver {
+    fn new(urls: Vec<(Url, Option<Dialer>)>, interval: Option<Duration>, tunnels: usize) -> Self {
+        Self {
+            urls,
+            interval,
+            tunnels,
+            known: HashMap::new(),
+            first: true,
+            retry: Duration::from_secs(1),
+            unresolved: false,
+        }
+    }
+
+    /// Looks up what needs it and returns the changes, in order.
+    fn round(
+        &mut self,
+        lookup: &mut dyn FnMut(&Url) -> std::io::Result<BTreeSet<SocketAddr>>,
+    ) -> Vec<FleetMsg> {
+        let mut out = Vec::new();
+        let was_unresolved = self.unresolved;
+        self.unresolved = false;
+        for (i, (url, dialer)) in self.urls.iter().enumerate() {
+            let have: BTreeSet<SocketAddr> = self
+                .known
                 .keys()
                 .filter(|(j, _)| *j == i)
                 .map(|(_, a)| *a)
                 .collect();
             // After the first round: literals never change, and with no
             // interval a name is looked up again only until it resolves.
-            let settled = literal(url) || (interval.is_none() && !have.is_empty());
-            if !first && settled {
+            let literal = url.host_name().parse::<IpAddr>().is_ok();
+            let settled = literal || (self.interval.is_none() && !have.is_empty());
+            if !self.first && settled {
                 continue;
             }
             let found = match lookup(url) {
@@ -276,46 +337,48 @@ fn resolve_loop(
                 Err(e) => {
                     tracing::warn!(gateway = %url.authority(), error = %e,
                         kept = have.len(), "gateway lookup failed; addresses known so far kept");
-                    unresolved |= have.is_empty();
+                    self.unresolved |= have.is_empty();
                     None
                 }
             };
             let (add, remove) = diff(&have, found.as_ref());
             for addr in add {
-                let gw = Arc::new(Gateway::new(url.clone(), addr, dialer.clone(), tunnels));
+                let gw = Arc::new(Gateway::new(
+                    url.clone(),
+                    addr,
+                    dialer.clone(),
+                    self.tunnels,
+                ));
                 tracing::info!(gateway = %gw.label, "gateway address added: starting its tunnel set");
-                for c in &cores {
-                    let _ = c.unbounded_send(FleetMsg::Add(gw.clone()));
-                }
-                known.insert((i, addr), gw);
+                self.known.insert((i, addr), gw.clone());
+                out.push(FleetMsg::Add(gw));
             }
             for addr in remove {
-                if let Some(gw) = known.remove(&(i, addr)) {
+                if let Some(gw) = self.known.remove(&(i, addr)) {
                     tracing::info!(gateway = %gw.label,
                         "gateway address no longer resolves: its tunnels leave, no redial");
-                    logged.remove(&Arc::as_ptr(&gw));
-                    for c in &cores {
-                        let _ = c.unbounded_send(FleetMsg::Remove(gw.clone()));
-                    }
+                    out.push(FleetMsg::Remove(gw));
                 }
             }
         }
-        first = false;
-        log_status(&known, &mut logged);
-        let pause = match (interval, unresolved) {
+        self.first = false;
+        self.retry = match (self.unresolved, was_unresolved) {
+            (false, _) => Duration::from_secs(1),
+            (true, false) => Duration::from_secs(1),
+            (true, true) => (self.retry * 2).min(Duration::from_secs(30)),
+        };
+        out
+    }
+
+    /// How long to wait before the next round.
+    fn pause(&self) -> Duration {
+        match (self.interval, self.unresolved) {
             (Some(iv), false) => iv,
-            (Some(iv), true) => retry.min(iv),
-            (None, true) => retry,
+            (Some(iv), true) => self.retry.min(iv),
+            (None, true) => self.retry,
             // Nothing more to look up; status lines every 30 s.
             (None, false) => Duration::from_secs(30),
-        };
-        if unresolved {
-            retry = (retry * 2).min(Duration::from_secs(30));
-        } else {
-            retry = Duration::from_secs(1);
         }
-        // This thread only waits for the next lookup; nothing waits on it.
-        std::thread::sleep(pause);
     }
 }
 
@@ -351,6 +414,107 @@ mod tests {
         assert_eq!(remove, vec!["10.0.0.1:80".parse::<SocketAddr>().unwrap()]);
         assert_eq!(diff(&known, None), (vec![], vec![]));
         assert_eq!(diff(&known, Some(&known)), (vec![], vec![]));
+    }
+
+    fn url(u: &str) -> Url {
+        super::super::url::parse(u, ("ws", "wss")).unwrap()
+    }
+
+    /// What a round said, as (added, removed) address lists.
+    fn changes(msgs: &[FleetMsg]) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+        let (mut add, mut remove) = (Vec::new(), Vec::new());
+        for m in msgs {
+            match m {
+                FleetMsg::Add(g) => add.push(g.addr),
+                FleetMsg::Remove(g) => remove.push(g.addr),
+                FleetMsg::Stats(_) => panic!("the resolver never asks for stats"),
+            }
+        }
+        (add, remove)
+    }
+
+    #[test]
+    fn the_resolver_follows_a_name_and_leaves_literals_alone() {
+        let urls = vec![
+            (url("ws://gw.example:9/ws"), None),
+            (url("ws://127.0.0.1:7/ws"), None),
+        ];
+        let mut r = Resolver::new(urls, Some(Duration::from_secs(30)), 2);
+        // What the name resolves to, round by round (None: lookup fails).
+        let mut script = vec![
+            Some(set(&["10.0.0.1:9", "10.0.0.2:9"])),
+            Some(set(&["10.0.0.2:9", "10.0.0.3:9"])),
+            None,
+            Some(set(&["10.0.0.3:9"])),
+        ]
+        .into_iter();
+        let mut lookups = Vec::new();
+        let mut lookup = |u: &Url| {
+            lookups.push(u.host_name().to_owned());
+            if u.host_name() == "127.0.0.1" {
+                return Ok(set(&["127.0.0.1:7"]));
+            }
+            script
+                .next()
+                .unwrap()
+                .ok_or_else(|| std::io::Error::other("SERVFAIL"))
+        };
+        let (add, remove) = changes(&r.round(&mut lookup));
+        assert_eq!(
+            add,
+            ["10.0.0.1:9", "10.0.0.2:9", "127.0.0.1:7"].map(|a| a.parse().unwrap())
+        );
+        assert!(remove.is_empty());
+        assert_eq!(r.pause(), Duration::from_secs(30));
+        let (add, remove) = changes(&r.round(&mut lookup));
+        assert_eq!(add, ["10.0.0.3:9".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(remove, ["10.0.0.1:9".parse::<SocketAddr>().unwrap()]);
+        // A failed lookup changes nothing: the addresses known are kept.
+        assert_eq!(changes(&r.round(&mut lookup)), (vec![], vec![]));
+        assert_eq!(r.pause(), Duration::from_secs(30), "it had addresses");
+        let (add, remove) = changes(&r.round(&mut lookup));
+        assert!(add.is_empty());
+        assert_eq!(remove, ["10.0.0.2:9".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            lookups.iter().filter(|h| *h == "127.0.0.1").count(),
+            1,
+            "a literal is looked at once: {lookups:?}"
+        );
+        // Each address has a gateway of its own: its own count and status.
+        let gws: Vec<_> = r.known.values().collect();
+        assert_eq!(gws.len(), 2);
+        assert!(!std::ptr::eq(&gws[0].status, &gws[1].status));
+    }
+
+    #[test]
+    fn a_name_that_never_resolved_is_retried_with_backoff() {
+        let mut r = Resolver::new(vec![(url("ws://gw.example:9/ws"), None)], None, 0);
+        let mut fail = |_: &Url| -> std::io::Result<BTreeSet<SocketAddr>> {
+            Err(std::io::Error::other("NXDOMAIN"))
+        };
+        let pauses: Vec<Duration> = (0..7)
+            .map(|_| {
+                assert!(r.round(&mut fail).is_empty());
+                r.pause()
+            })
+            .collect();
+        assert_eq!(
+            pauses.iter().map(Duration::as_secs).collect::<Vec<_>>(),
+            [1, 2, 4, 8, 16, 30, 30]
+        );
+        let mut ok = |_: &Url| Ok(set(&["10.0.0.1:9"]));
+        assert_eq!(r.round(&mut ok).len(), 1);
+        // No interval: once resolved, it is not looked up again.
+        let mut never = |_: &Url| -> std::io::Result<BTreeSet<SocketAddr>> { unreachable!() };
+        assert!(r.round(&mut never).is_empty());
+    }
+
+    #[test]
+    fn a_name_uses_one_address_family() {
+        let both = set(&["10.0.0.1:9", "[2001:db8::1]:9", "10.0.0.2:9"]);
+        assert_eq!(one_family(both), set(&["10.0.0.1:9", "10.0.0.2:9"]));
+        let six = set(&["[2001:db8::1]:9", "[2001:db8::2]:9"]);
+        assert_eq!(one_family(six.clone()), six);
     }
 
     #[test]

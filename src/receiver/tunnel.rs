@@ -159,7 +159,7 @@ pub async fn run_slot(ctx: Rc<CoreRx>, gw: Rc<CoreGateway>, index: usize) {
             // Shutting down: the tunnel was closed on purpose.
             tracing::info!(
                 tunnel = index,
-                gateway,
+                gateway = %gateway,
                 "tunnel closed; receiver shutting down"
             );
             return;
@@ -167,7 +167,7 @@ pub async fn run_slot(ctx: Rc<CoreRx>, gw: Rc<CoreGateway>, index: usize) {
         if gw.gone.is_set() {
             tracing::info!(
                 tunnel = index,
-                gateway,
+                gateway = %gateway,
                 "tunnel closed; gateway address gone, not redialling"
             );
             return;
@@ -182,29 +182,29 @@ pub async fn run_slot(ctx: Rc<CoreRx>, gw: Rc<CoreGateway>, index: usize) {
                 // the tunnel; come back at a random moment within the
                 // spread its reason asks for (PROTOCOL.md §7.3).
                 let spread = crate::protocol::reconnect::spread_of(&reason);
-                tracing::info!(tunnel = index, gateway, reason = %reason, spread = ?spread, "tunnel closed by the gateway (going away)");
+                tracing::info!(tunnel = index, gateway = %gateway, reason = %reason, spread = ?spread, "tunnel closed by the gateway (going away)");
                 backoff::Ended::GoingAway { spread }
             }
             Err(e @ TunnelError::Replaced(_)) => {
                 // The gateway's `duplicate_tunnels = "replace"`: the newest
                 // instance wins; fighting back would make both flap.
-                tracing::error!(tunnel = index, gateway, error = %e, "not reconnecting; exiting");
+                tracing::error!(tunnel = index, gateway = %gateway, error = %e, "not reconnecting; exiting");
                 eprintln!("anp-proxy: receiver {e}; exiting");
                 std::process::exit(crate::protocol::features::EXIT_REPLACED);
             }
             Err(e @ TunnelError::Refused { .. }) => {
-                tracing::error!(tunnel = index, gateway, error = %e, "tunnel refused");
+                tracing::error!(tunnel = index, gateway = %gateway, error = %e, "tunnel refused");
                 backoff::Ended::Refused {
                     retry_after: e.retry_after(),
                 }
             }
             Err(e) => {
-                tracing::warn!(tunnel = index, gateway, error = %e, "tunnel down");
+                tracing::warn!(tunnel = index, gateway = %gateway, error = %e, "tunnel down");
                 backoff::Ended::Down
             }
         };
         let pause = backoff.next(ended, rand::random::<f64>());
-        tracing::info!(tunnel = index, after = ?pause, gateway, "reconnecting");
+        tracing::info!(tunnel = index, after = ?pause, gateway = %gateway, "reconnecting");
         monoio::select! {
             _ = monoio::time::sleep(pause) => {}
             _ = ctx.drain.draining.wait() => return,

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""What one more gateway costs a receiver while idle (issue 13, sizing in
+docs/DEPLOY.md). Not a test and not run by the suite: a measurement by hand,
+until benches/tunnels.py grows a "one receiver, three gateways" mode.
+
+Usage: python3 tests/fleet/idle_cost.py [TUNNELS_PER_GATEWAY] [--bin PATH]
+
+Starts three gateways (2 workers each) on free loopback ports, then a
+receiver with `tunnels = N` against the first gateway only, and another
+against all three; reports each receiver's settled RSS (the least of five
+samples taken a second apart, after 5 s idle) and the difference per extra
+gateway and per idle tunnel. Pings: one per tunnel per `ping_interval`
+(20 s) each way, by configuration. Numbers are printed, never asserted.
+"""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def start(binary, role, cfg, d, name):
+    path = os.path.join(d, name + ".toml")
+    with open(path, "w") as f:
+        f.write(cfg)
+    out = open(os.path.join(d, name + ".out"), "w+")
+    proc = subprocess.Popen([binary, role, "--config", path], stdout=out,
+                            stderr=subprocess.DEVNULL, cwd=d)
+    return proc, out
+
+
+def wait_lines(out, needle, n, within=60):
+    deadline = time.time() + within
+    while time.time() < deadline:
+        out.seek(0)
+        lines = [l for l in out if needle in l]
+        if len(lines) >= n:
+            return lines
+        time.sleep(0.1)
+    raise SystemExit(f"expected {n} lines with {needle!r} within {within}s")
+
+
+def main():
+    args = [a for a in sys.argv[1:] if not a.startswith("--bin")]
+    binary = os.path.join(ROOT, "target", "release", "anp-proxy")
+    for a in sys.argv[1:]:
+        if a.startswith("--bin="):
+            binary = a.split("=", 1)[1]
+    binary = os.path.abspath(binary)
+    n = int(args[0]) if args else 32
+    d = tempfile.mkdtemp(prefix="anp-idle-cost-")
+    procs = []
+    try:
+        gws = []
+        for i in range(3):
+            cfg = ('mode = "gateway"\n[logging]\nlevel = "warn"\nlog_dir = ""\naccess_log = false\n'
+                   '[gateway]\nport = 0\nworkers = 2\n'
+                   f'[gateway.database]\npath = "db{i}.db"\n'
+                   '[[gateway.auth.tokens]]\nname = "alice"\ntoken = "alice-secret"\npaths = ["/alice"]\n')
+            p, out = start(binary, "gateway", cfg, d, f"gw{i}")
+            procs.append(p)
+            line = wait_lines(out, "listening on", 1)[0]
+            gws.append(re.search(r"http://([0-9.:]+)", line).group(1))
+        rss = {}
+        for k in (1, 3):
+            urls = ",".join(f"ws://{a}/ws" for a in gws[:k])
+            cfg = ('mode = "receiver"\n[logging]\nlevel = "warn"\nlog_dir = ""\n'
+                   f'[receiver]\ngateway_url = "{urls}"\nupstream = "http://127.0.0.1:9"\n'
+                   f'token = "alice-secret"\ntunnels = {n}\ninstance_id = "idle{k}"\nadmin_enabled = false\n')
+            p, out = start(binary, "receiver", cfg, d, f"rx{k}")
+            wait_lines(out, "connected to", n * k)
+            time.sleep(5)
+            samples = []
+            for _ in range(5):
+                samples.append(rss_kib(p.pid))
+                time.sleep(1)
+            rss[k] = min(samples)
+            print(f"gateways={k} tunnels_per_gateway={n} receiver_rss_kib={rss[k]}")
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        extra = rss[3] - rss[1]
+        print(f"per extra gateway: {extra / 2:.0f} KiB; per idle tunnel: {extra / (2 * n):.1f} KiB; "
+              f"pings: {n} per 20 s each way per gateway")
+    finally:
+        for p in procs:
+            p.kill()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
