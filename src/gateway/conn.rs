@@ -286,15 +286,9 @@ where
             return false;
         }
         if raw_path == b"/health" && matches!(method, "GET" | "HEAD") {
-            // Draining: 503 and close, so a balancer still holding a
-            // keep-alive connection here stops sending to this gateway.
-            let draining = ctx.draining.is_set();
-            let written = self
-                .health(head, is_head, draining, &mut ex.bytes_out)
-                .await;
-            let status = if draining { 503 } else { 200 };
-            ctx.obs.finish(ex, peer, method, raw_path, status);
-            return written && head.keep_alive && !has_body(head) && !draining;
+            let written = self.health(head, is_head, &mut ex.bytes_out).await;
+            ctx.obs.finish(ex, peer, method, raw_path, 200);
+            return written && head.keep_alive && !has_body(head);
         }
         // Route, read the body, proxy. Boxed: one allocation per request
         // keeps this (large) state out of the connection task, so an idle
@@ -306,25 +300,15 @@ where
 
     /// The public `/health`: minimal on purpose, anyone can ask. The
     /// details (tunnel count, pid) are on the admin port's `/health`.
-    async fn health(
-        &mut self,
-        head: &RequestHead,
-        is_head: bool,
-        draining: bool,
-        sent: &mut u64,
-    ) -> bool {
-        let (status, body): (&[u8], &str) = if draining {
-            (b"503 Service Unavailable", "draining\n")
-        } else {
-            (b"200 OK", "ok\n")
-        };
+    async fn health(&mut self, head: &RequestHead, is_head: bool, sent: &mut u64) -> bool {
+        let body = "ok\n";
         let out = &mut self.out;
         out.clear();
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(status);
-        out.extend_from_slice(b"\r\ncontent-type: text/plain\r\ncache-control: no-store\r\n");
+        out.extend_from_slice(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncache-control: no-store\r\n",
+        );
         push_header_num(out, "content-length", body.len());
-        if !head.keep_alive || draining {
+        if !head.keep_alive {
             out.extend_from_slice(b"connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");
