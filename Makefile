@@ -46,7 +46,7 @@ clean:
 	$(CARGO) clean
 
 # --- Benchmarks and profiling (issue #4; benches/README.md, perf/README.md) ---
-.PHONY: bench bench-quick bench-overload bench-counts bench-bins bench-allocs-bin bench-deps bench-micro bench-storm bench-tunnels flamegraph perf-stat
+.PHONY: bench bench-quick bench-overload bench-counts bench-bins bench-allocs-bin bench-deps bench-micro bench-storm bench-tunnels bench-fleet flamegraph perf-stat
 
 ALLOC_BIN := target/release/anp-proxy-count-allocs
 
@@ -55,6 +55,12 @@ ALLOC_BIN := target/release/anp-proxy-count-allocs
 bench-tunnels:
 	$(CARGO) build --release --bin anp-proxy --bin anp-loadgen --bin anp-bench-app
 	python3 benches/tunnels.py
+
+# What one more gateway costs an idle receiver (a fleet, issue 13): RSS and
+# idle CPU with one gateway and with three.
+bench-fleet:
+	$(CARGO) build --release --bin anp-proxy
+	python3 benches/fleet.py
 
 bench-bins:
 	$(CARGO) build --release --bin anp-proxy --bin anp-loadgen --bin anp-bench-app --bin anp-storm
@@ -82,6 +88,7 @@ bench: bench-bins bench-allocs-bin
 	python3 benches/bench.py --syscalls --allocs --overload
 	python3 benches/tunnels.py
 	python3 benches/storm.py
+	python3 benches/fleet.py
 
 # The same in under 2 minutes (fewer cells, shorter runs; no allocation
 # counts: they need the second build).

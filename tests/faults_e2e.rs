@@ -785,8 +785,12 @@ const MID_BODY: usize = 200;
 fn ten_thousand_client_connections_leave_no_descriptor_behind() {
     let _turn = serial();
     const ROUNDS: usize = 2;
-    /// Allocator caches are not leaks (see test 1).
-    const SLACK_KIB: u64 = 8 * 1024;
+    /// Allocator caches are not leaks (see test 1). Under load from other
+    /// processes the second round kept up to ~14 MiB more than the first
+    /// (83 vs 69 MiB) and nothing on an idle machine; a leak of what each
+    /// of the 10,000 connections held (~5 KiB: round 1 held 58 MiB) would
+    /// add ~50 MiB, and one of even 2 KiB each still shows past 16 MiB.
+    const SLACK_KIB: u64 = 16 * 1024;
 
     let limit = sys::raise_nofile_limit();
     // This process holds CONNS sockets; so does the gateway (it inherits
