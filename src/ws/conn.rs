@@ -83,6 +83,12 @@ pub struct WsReader<R> {
 }
 
 const READ_CHUNK: usize = 64 * 1024;
+/// What a buffer new from the allocator starts with (the pool was empty):
+/// small, because many tunnels waking at once for a ping or a handshake
+/// each take one (a reconnect storm, a ping round), and what they took at
+/// that peak the allocator keeps resident afterwards. A buffer grows to
+/// [`READ_CHUNK`] at its second read; the pool keeps the grown ones.
+const FRESH: usize = 4 * 1024;
 /// Read buffers larger than this are not kept by the pool.
 const READ_KEEP_MAX: usize = 2 * READ_CHUNK;
 /// Buffers of each kind (reads, write batches) kept per thread: at most
@@ -98,11 +104,12 @@ thread_local! {
     static GATHERS: FreeList<Gather> = const { FreeList::new(POOL_KEEP) };
 }
 
-/// An empty read buffer of [`READ_CHUNK`] bytes, from the pool if it has one.
+/// An empty read buffer: a pooled one of [`READ_CHUNK`] bytes, else a
+/// [`FRESH`] one.
 fn take_read() -> BytesMut {
     READS
         .with(|p| p.take())
-        .unwrap_or_else(|| BytesMut::with_capacity(READ_CHUNK))
+        .unwrap_or_else(|| BytesMut::with_capacity(FRESH))
 }
 
 /// Gives an emptied read buffer back. One that frames still point into
@@ -249,7 +256,7 @@ async fn next_message<B>(rx: &mut OutRx, held: &mut Option<B>, give: fn(B)) -> O
 fn take_batch() -> BytesMut {
     BATCHES
         .with(|p| p.take())
-        .unwrap_or_else(|| BytesMut::with_capacity(READ_CHUNK))
+        .unwrap_or_else(|| BytesMut::with_capacity(FRESH))
 }
 
 /// A batch that grew past [`READ_KEEP_MAX`] (large bodies copied in) is
@@ -379,10 +386,10 @@ impl Gather {
     fn new() -> Self {
         Self {
             masking: Masking::Unmasked,
-            small: BytesMut::with_capacity(READ_CHUNK),
-            segs: Vec::with_capacity(64),
-            bodies: Vec::with_capacity(64),
-            iov: Vec::with_capacity(64),
+            small: BytesMut::with_capacity(FRESH),
+            segs: Vec::with_capacity(8),
+            bodies: Vec::with_capacity(8),
+            iov: Vec::with_capacity(8),
             iov_at: 0,
             run: 0,
             bytes: 0,
