@@ -117,7 +117,13 @@ fn take_read() -> BytesMut {
 fn give_read(mut b: BytesMut) {
     debug_assert!(b.is_empty());
     // `try_reclaim` succeeds only when no `Bytes` still shares the storage.
-    if b.capacity() <= READ_KEEP_MAX && b.try_reclaim(READ_CHUNK) {
+    // A full-size buffer must offer READ_CHUNK again, a fresh one FRESH.
+    let want = if b.capacity() >= READ_CHUNK {
+        READ_CHUNK
+    } else {
+        FRESH
+    };
+    if b.capacity() <= READ_KEEP_MAX && b.try_reclaim(want) {
         READS.with(|p| p.give(b));
     }
 }
