@@ -651,7 +651,7 @@ async fn upload<S: AsyncReadRent>(
     }
 }
 
-fn has_dot_segment(path: &str) -> bool {
+pub(super) fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|s| s == "." || s == "..")
 }
 

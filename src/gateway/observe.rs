@@ -69,6 +69,11 @@ impl Exchange<'_> {
     /// 5xx; a 4xx body says it already), and for a 429 (which limit).
     /// Allocates, on the failure path only, and only when the access log
     /// is on.
+    /// When the request's first byte arrived.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     pub fn failed(&mut self, err: &super::error::ProxyError, status: u16) {
         if self.obs.access.is_some() && (status >= 500 || status == 429) {
             self.error = Some(err.to_string());

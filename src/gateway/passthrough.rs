@@ -219,105 +219,149 @@ pub(super) async fn serve<S>(
                         tunnels_elsewhere: from.tunnels_elsewhere,
                         started,
                     };
-                    ctx.shared
-                        .counters
-                        .cross_core_dispatch_total
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::debug!(peer = %from.peer, from = ctx.index, to = core, "WebSocket upgrade handed to another core");
-                    if ctx.shared.inboxes[core]
-                        .unbounded_send(super::core::CoreMsg::Upgrade(h))
-                        .is_err()
-                    {
-                        tracing::error!(peer = %from.peer, "core inbox closed; upgrade dropped");
-                    }
-                    return;
+                    return hand_off(&ctx, core, h);
                 }
                 Err(back) => io = back,
             }
         }
     }
     let (raw_path, _) = head.path_query(&head_buf);
-    let mut ex = ctx.obs.begin(started, head.head_len);
-    let peer = from.peer;
-    let opened = open(&ctx, &head, &head_buf, &from, &mut ex).await;
-    let (tunnel_up, waiter, slot, place) = match opened {
-        Ok(o) => o,
-        Err(e) => {
-            let w = refuse(&mut io, &mut out, &e, raw_path, peer).await;
-            ex.failed(&e, w.0);
-            ex.bytes_out += w.1;
-            ctx.obs.finish(ex, peer, "GET", raw_path, w.0);
-            return;
-        }
+    let ex = ctx.obs.begin(started, head.head_len);
+    let mut rec = Record {
+        ex,
+        path: raw_path,
+        peer: from.peer,
     };
-    let mut up = tunnel_up;
-    let mut waiter = waiter;
+    let (up, mut waiter, slot, place) = match open(&ctx, &head, &head_buf, &from, &mut rec.ex).await
+    {
+        Ok(o) => o,
+        Err(e) => return refused(&ctx, &mut io, &mut out, rec, &e).await,
+    };
     // The app's answer: 101, or an ordinary response.
     let resp = waiter.wait(ctx.settings.timeout).await;
     drop(place);
     let resp = match resp {
-        Ok(r) => r,
+        Ok(r) if r.meta.status() == 101 => r,
+        Ok(r) => return declined(&ctx, &mut io, &mut out, rec, r, up).await,
         Err(e) => {
             up.abort("upgrade failed");
-            let w = refuse(&mut io, &mut out, &e, raw_path, peer).await;
-            ex.failed(&e, w.0);
-            ex.bytes_out += w.1;
-            ctx.obs.finish(ex, peer, "GET", raw_path, w.0);
-            return;
+            return refused(&ctx, &mut io, &mut out, rec, &e).await;
         }
     };
-    if resp.meta.status() != 101 {
-        // The app declined: its answer goes to the client as it is, the
-        // request's message is ended, and the connection closes.
-        let status = resp.meta.status();
-        write_response(
-            &mut io,
-            &mut out,
-            resp,
-            false,
-            false,
-            false,
-            &ctx.settings,
-            &mut ex.bytes_out,
-        )
-        .await;
-        let _ = up.send(Bytes::new(), true).await;
-        up.abort("upgrade declined");
-        ctx.obs.finish(ex, peer, "GET", raw_path, status);
-        return;
+    relay_upgraded(&ctx, io, buf, out, rec, resp, up, waiter.request_id()).await;
+    // The identity's place among its streams, freed once the stream ended.
+    drop(slot);
+}
+
+/// Moves a handed-over upgrade to `core`'s inbox (plain TCP only).
+fn hand_off(ctx: &CoreCtx, core: usize, h: UpgradeHandoff) {
+    let peer = h.peer;
+    ctx.shared
+        .counters
+        .cross_core_dispatch_total
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::debug!(%peer, from = ctx.index, to = core, "WebSocket upgrade handed to another core");
+    if ctx.shared.inboxes[core]
+        .unbounded_send(super::core::CoreMsg::Upgrade(h))
+        .is_err()
+    {
+        tracing::error!(%peer, "core inbox closed; upgrade dropped");
     }
+}
+
+/// The request's access-log record and what it names.
+struct Record<'c, 'p> {
+    ex: super::observe::Exchange<'c>,
+    path: &'p [u8],
+    peer: SocketAddr,
+}
+
+impl Record<'_, '_> {
+    fn finish(self, ctx: &CoreCtx, status: u16) {
+        ctx.obs.finish(self.ex, self.peer, "GET", self.path, status);
+    }
+}
+
+/// Refused before the stream opened: the error reply, and the record.
+async fn refused<S: AsyncWriteRent>(
+    ctx: &CoreCtx,
+    io: &mut S,
+    out: &mut Vec<u8>,
+    mut rec: Record<'_, '_>,
+    e: &ProxyError,
+) {
+    let (status, bytes) = refuse(io, out, e, rec.path, rec.peer).await;
+    rec.ex.failed(e, status);
+    rec.ex.bytes_out += bytes;
+    rec.finish(ctx, status);
+}
+
+/// The app declined: its answer goes to the client as it is, the
+/// request's message is ended, and the connection closes.
+async fn declined<S: AsyncWriteRent>(
+    ctx: &CoreCtx,
+    io: &mut S,
+    out: &mut Vec<u8>,
+    mut rec: Record<'_, '_>,
+    resp: RespHead,
+    mut up: Uploader,
+) {
+    let status = resp.meta.status();
+    let s = &ctx.settings;
+    write_response(io, out, resp, false, false, false, s, &mut rec.ex.bytes_out).await;
+    let _ = up.send(Bytes::new(), true).await;
+    up.abort("upgrade declined");
+    rec.finish(ctx, status);
+}
+
+/// The 101 to the client, then both directions relayed until the stream
+/// ends; counted, logged, and recorded with its bytes each way.
+#[allow(clippy::too_many_arguments)]
+async fn relay_upgraded<S>(
+    ctx: &CoreCtx,
+    mut io: S,
+    buf: BytesMut,
+    mut out: Vec<u8>,
+    mut rec: Record<'_, '_>,
+    resp: RespHead,
+    mut up: Uploader,
+    rid: u64,
+) where
+    S: AsyncReadRent + AsyncWriteRent + Splitable + 'static,
+    S::OwnedRead: AsyncReadRent + 'static,
+    S::OwnedWrite: AsyncWriteRent + 'static,
+{
     let RespHead { meta, body } = resp;
+    let peer = rec.peer;
     out.clear();
     write_upgrade_head(&mut out, &meta);
-    ex.bytes_out += out.len() as u64;
+    rec.ex.bytes_out += out.len() as u64;
     if !write_out(&mut io, &mut out).await {
         up.abort("client went away");
-        ex.failed(&ProxyError::ClientGone("before the 101 was written"), 499);
-        ctx.obs.finish(ex, peer, "GET", raw_path, 499);
-        return;
+        rec.ex
+            .failed(&ProxyError::ClientGone("before the 101 was written"), 499);
+        return rec.finish(ctx, 499);
     }
     ctx.pool.give_write(out);
     let m = &ctx.obs.metrics;
     m.upgraded_opened();
-    let rid = waiter.request_id();
     tracing::debug!(%peer, request_id = rid, "upgraded stream open");
     let counts = Counts::default();
-    let why = relay(&ctx, io, buf, &mut up, body, &counts).await;
+    let why = relay(ctx, io, buf, &mut up, body, &counts).await;
     up.abort(match &why {
         End::Closed => "closed",
         End::Idle | End::Stalled => "upgrade_idle_timeout",
         _ => "upgraded stream failed",
     });
     m.upgraded_closed();
-    drop(slot);
     let (bytes_in, bytes_out) = (counts.up.get(), counts.down.get());
-    ex.bytes_in += bytes_in;
-    ex.bytes_out += bytes_out;
-    let took = started.elapsed();
-    tracing::info!(%peer, path = %String::from_utf8_lossy(raw_path), request_id = rid,
+    rec.ex.bytes_in += bytes_in;
+    rec.ex.bytes_out += bytes_out;
+    let took = rec.ex.started().elapsed();
+    tracing::info!(%peer, path = %String::from_utf8_lossy(rec.path), request_id = rid,
         duration_ms = took.as_millis() as u64, bytes_client_to_app = bytes_in,
         bytes_app_to_client = bytes_out, reason = %why, "upgraded stream closed");
-    ctx.obs.finish(ex, peer, "GET", raw_path, 101);
+    rec.finish(ctx, 101);
 }
 
 /// The gateway's error reply to a refused upgrade (the connection
@@ -369,7 +413,7 @@ async fn open<'a>(
     }
     let (raw_path, _) = head.path_query(head_buf);
     let path = percent_encoding::percent_decode(raw_path).decode_utf8_lossy();
-    if path.split('/').any(|seg| seg == "." || seg == "..") {
+    if super::conn::has_dot_segment(&path) {
         return Err(ProxyError::BadRequest("dot-segment in path"));
     }
     let routes = ctx.routes();
