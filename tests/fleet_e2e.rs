@@ -500,6 +500,41 @@ struct Tally {
     failed: Mutex<Vec<(Instant, String)>>,
 }
 
+/// Four client threads asking `addr` on fresh connections until `stop`
+/// is raised: (their tally, the stop flag, the threads).
+fn client_loops(
+    addr: SocketAddr,
+    tag: &'static str,
+) -> (
+    Arc<Tally>,
+    Arc<AtomicBool>,
+    Vec<std::thread::JoinHandle<()>>,
+) {
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let loops = (0..4)
+        .map(|k| {
+            let (tally, stop) = (tally.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let began = Instant::now();
+                    let path = format!("/alice/{tag}/{k}/{i}");
+                    match client::try_request(addr, "GET", &path, &[], b"") {
+                        Ok(r) if r.status == 200 => {
+                            tally.ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => tally.failed.lock().unwrap().push((began, r.summary())),
+                        Err(e) => tally.failed.lock().unwrap().push((began, e.to_string())),
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    (tally, stop, loops)
+}
+
 #[test]
 fn a_fleet_of_three_behind_haproxy() {
     let Some(haproxy) = haproxy_bin() else { return };
@@ -629,28 +664,7 @@ fn a_fleet_of_three_behind_haproxy() {
         app.wait_arrived(&name);
     }
     // Client threads keep asking through HAProxy, fresh connections.
-    let tally = Arc::new(Tally::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let loops: Vec<_> = (0..4)
-        .map(|k| {
-            let (tally, stop, addr) = (tally.clone(), stop.clone(), lb.addr);
-            std::thread::spawn(move || {
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let began = Instant::now();
-                    let path = format!("/alice/loop/{k}/{i}");
-                    match client::try_request(addr, "GET", &path, &[], b"") {
-                        Ok(r) if r.status == 200 => {
-                            tally.ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(r) => tally.failed.lock().unwrap().push((began, r.summary())),
-                        Err(e) => tally.failed.lock().unwrap().push((began, e.to_string())),
-                    }
-                    i += 1;
-                }
-            })
-        })
-        .collect();
+    let (tally, stop, loops) = client_loops(lb.addr, "loop");
     wait_until("client threads served", WAIT, || {
         tally.ok.load(Ordering::Relaxed) >= 20
     });
@@ -826,28 +840,7 @@ fn manage_sh_restart_of_each_gateway_in_turn_fails_nothing() {
             (fleet[2].1, "send-proxy-v2"),
         ],
     );
-    let tally = Arc::new(Tally::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let loops: Vec<_> = (0..4)
-        .map(|k| {
-            let (tally, stop, addr) = (tally.clone(), stop.clone(), lb.addr);
-            std::thread::spawn(move || {
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let began = Instant::now();
-                    let path = format!("/alice/rolling/{k}/{i}");
-                    match client::try_request(addr, "GET", &path, &[], b"") {
-                        Ok(r) if r.status == 200 => {
-                            tally.ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(r) => tally.failed.lock().unwrap().push((began, r.summary())),
-                        Err(e) => tally.failed.lock().unwrap().push((began, e.to_string())),
-                    }
-                    i += 1;
-                }
-            })
-        })
-        .collect();
+    let (tally, stop, loops) = client_loops(lb.addr, "rolling");
     let more = |n: usize, what: &str| {
         let from = tally.ok.load(Ordering::Relaxed);
         wait_until(what, WAIT, || tally.ok.load(Ordering::Relaxed) >= from + n);
