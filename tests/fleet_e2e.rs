@@ -59,6 +59,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::managed::Managed;
 use common::procs::Proc;
 use common::procs::ReceiverConfig;
 use common::{client, wait_until, App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN};
@@ -716,92 +717,6 @@ fn a_fleet_of_three_behind_haproxy() {
 
 // ------------------------------------------ rolling restart with manage.sh
 
-/// One gateway run by `./manage.sh` in a run directory of its own.
-struct Managed {
-    dir: tempfile::TempDir,
-    pids: Mutex<Vec<u32>>,
-}
-
-impl Managed {
-    fn new(config: &str) -> Managed {
-        let dir = tempfile::Builder::new()
-            .prefix("anp-e2e-fleet-manage-")
-            .tempdir()
-            .unwrap();
-        std::fs::write(dir.path().join("config.toml"), config).unwrap();
-        Managed {
-            dir,
-            pids: Mutex::new(Vec::new()),
-        }
-    }
-
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("config.toml")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("run/anp-proxy-gateway.log"))
-            .unwrap_or_default()
-    }
-
-    /// `./manage.sh CMD gateway`, which must exit 0.
-    fn ok(&self, cmd: &str) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("manage.sh");
-        let out = std::process::Command::new(&script)
-            .args([cmd, "gateway"])
-            .env("ANP_RUN_DIR", self.dir.path().join("run"))
-            .env("ANP_CONFIG", self.config())
-            .env("ANP_BIN", common::procs::binary())
-            .env("ANP_STOP_WAIT", "30")
-            .output()
-            .expect("run manage.sh");
-        let pid = std::fs::read_to_string(self.dir.path().join("run/anp-proxy-gateway.pid"))
-            .unwrap_or_default()
-            .trim()
-            .parse()
-            .unwrap_or(0);
-        if pid != 0 {
-            self.pids.lock().unwrap().push(pid);
-        }
-        assert!(
-            out.status.success(),
-            "manage.sh {cmd} gateway: {}\n{}\n{}\nlog:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-    }
-
-    /// The address in the first log line starting with `prefix`.
-    fn addr_after(&self, prefix: &str) -> SocketAddr {
-        let mut line = None;
-        wait_until(&format!("`{prefix}` in the log"), WAIT, || {
-            line = self
-                .log()
-                .lines()
-                .find(|l| l.starts_with(prefix))
-                .map(str::to_owned);
-            line.is_some()
-        });
-        common::procs::addr_in(&line.unwrap())
-    }
-}
-
-impl Drop for Managed {
-    fn drop(&mut self) {
-        let config = self.config();
-        let config = config.to_string_lossy();
-        for &pid in self.pids.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains(&*config) {
-                // SAFETY: kill(2) on a pid we checked runs our config.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
 #[test]
 fn manage_sh_restart_of_each_gateway_in_turn_fails_nothing() {
     let Some(haproxy) = haproxy_bin() else { return };
@@ -817,7 +732,7 @@ fn manage_sh_restart_of_each_gateway_in_turn_fails_nothing() {
     let fleet: Vec<(Managed, SocketAddr, SocketAddr)> = (0..3)
         .map(|_| {
             let m = Managed::new(&base(0, 0).to_toml());
-            m.ok("start");
+            m.run(&["start", "gateway"]);
             let public = m.addr_after("anp-proxy gateway listening on ");
             let tunnel = m.addr_after("anp-proxy gateway tunnels on ");
             std::fs::write(m.config(), base(public.port(), tunnel.port()).to_toml()).unwrap();
@@ -847,7 +762,7 @@ fn manage_sh_restart_of_each_gateway_in_turn_fails_nothing() {
     };
     more(50, "requests through the fleet");
     for (i, (m, _, _)) in fleet.iter().enumerate() {
-        m.ok("restart");
+        m.run(&["restart", "gateway"]);
         // Its tunnels came back to the successor before the next one goes.
         rx.wait_connected(6 + 2 * (i + 1));
         more(50, &format!("requests after restarting gateway {i}"));
@@ -865,6 +780,6 @@ fn manage_sh_restart_of_each_gateway_in_turn_fails_nothing() {
         &failed[..failed.len().min(5)]
     );
     for (m, _, _) in &fleet {
-        m.ok("stop");
+        m.run(&["stop", "gateway"]);
     }
 }

@@ -15,14 +15,14 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use common::procs::{binary, Proc};
+use common::managed::Managed;
+use common::procs::Proc;
 use common::wait_until;
 use common::{client, App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN};
 
@@ -56,85 +56,6 @@ fn gone(pid: u32) -> bool {
         Ok(stat) => stat
             .rsplit_once(") ")
             .is_some_and(|(_, rest)| rest.starts_with('Z')),
-    }
-}
-
-/// `manage.sh` run against a temporary run directory and config; on drop,
-/// any gateway it left running (with that config) is SIGKILLed.
-struct Managed {
-    dir: tempfile::TempDir,
-    pids: Mutex<Vec<u32>>,
-}
-
-impl Managed {
-    fn new(config: &str) -> Managed {
-        let dir = tempfile::Builder::new()
-            .prefix("anp-e2e-manage-")
-            .tempdir()
-            .unwrap();
-        std::fs::write(dir.path().join("config.toml"), config).unwrap();
-        Managed {
-            dir,
-            pids: Mutex::new(Vec::new()),
-        }
-    }
-
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("config.toml")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("run/anp-proxy-gateway.log"))
-            .unwrap_or_default()
-    }
-
-    /// `./manage.sh ARGS…`; panics with its output and the log unless it
-    /// exits 0.
-    fn run(&self, args: &[&str]) -> Output {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("manage.sh");
-        let out = Command::new(&script)
-            .args(args)
-            .env("ANP_RUN_DIR", self.dir.path().join("run"))
-            .env("ANP_CONFIG", self.config())
-            .env("ANP_BIN", binary())
-            .output()
-            .expect("run manage.sh");
-        assert!(
-            out.status.success(),
-            "manage.sh {args:?}: expected exit 0, got {}\nstdout: {}\nstderr: {}\nlog:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-        self.pid();
-        out
-    }
-
-    /// The pid in the pid file (remembered for the cleanup).
-    fn pid(&self) -> u32 {
-        let text = std::fs::read_to_string(self.dir.path().join("run/anp-proxy-gateway.pid"))
-            .unwrap_or_default();
-        let pid = text.trim().parse().unwrap_or(0);
-        if pid != 0 {
-            self.pids.lock().unwrap().push(pid);
-        }
-        pid
-    }
-}
-
-impl Drop for Managed {
-    fn drop(&mut self) {
-        let config = self.config();
-        let config = config.to_string_lossy();
-        for &pid in self.pids.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            // Only a process still running our binary on this config.
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains(&*config) {
-                // SAFETY: kill(2) on a pid we checked is our gateway.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            }
-        }
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub mod app;
 pub mod client;
+pub mod managed;
 pub mod procs;
 pub mod rawpeer;
 pub mod scripted_app;
