@@ -62,7 +62,7 @@ fn the_host_picks_the_route_and_path_routes_serve_any_host() {
 }
 
 #[test]
-fn a_route_that_is_neither_path_nor_host_stops_the_start() {
+fn a_route_that_is_neither_path_nor_host_fails_check_and_the_start() {
     let mut cfg = GatewayConfig::default();
     cfg.tokens[0].paths = vec!["agents/alice".into()];
     let dir = tempfile::tempdir().unwrap();
@@ -74,5 +74,12 @@ fn a_route_that_is_neither_path_nor_host_stops_the_start() {
     assert!(
         err.contains("gateway.auth.tokens.paths") && err.contains("`agents/alice` is neither"),
         "{err}"
+    ); // The start refuses it with the same words.
+    let f = common::procs::run_to_end("gateway", &[], &path);
+    assert!(!f.status.success(), "{}", f.stderr);
+    assert!(
+        f.stderr.contains("`agents/alice` is neither"),
+        "{}",
+        f.stderr
     );
 }
