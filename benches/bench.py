@@ -580,9 +580,25 @@ class Bench:
         with open(rx_conf, "w") as f:
             f.write(RECEIVER_CONF.format(gw_port=gw_port, app_port=app_port, token=TOKEN))
         rx = self.procs.start(f"receiver{suffix}", [binary, "receiver", "--config", rx_conf], self.tmp)
-        # tunnels = 0: one tunnel per gateway worker; wait for all of them.
-        wait_for_line(rx, r"tunnel \d+ connected", count=int(m.group(2)))
+        wait_for_line(rx, r"tunnel \d+ connected")
+        self.prime_tunnels(rx, gw_port, int(m.group(2)))
         return gw, rx, gw_port
+
+    def prime_tunnels(self, rx, port, workers):
+        """tunnels = 0: the receiver starts with one tunnel and the gateway
+        asks for one per worker once its cores hand requests off (`scale`,
+        docs/PROTOCOL.md 7.8); load it until they are all up, so measured
+        runs see the steady state. (A gateway without `scale` asks for them
+        all in its 101.)"""
+        pat = re.compile(r"tunnel \d+ connected")
+        for _ in range(15):
+            with open(rx.out_path) as f:
+                if sum(1 for line in f if pat.search(line)) >= workers:
+                    return
+            subprocess.run([f"{BIN}/anp-loadgen", "--url", f"http://127.0.0.1:{port}/bytes/16",
+                            "-c", "16", "-d", "1", "--warmup", "0", "-t", "1"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.notes.append(f"{rx.name}: fewer than {workers} tunnels after priming")
 
     def add_anp(self, name, gw, rx, port):
         self.targets[name] = f"http://127.0.0.1:{port}"

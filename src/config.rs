@@ -270,6 +270,16 @@ pub struct GatewayConfig {
     pub handshake_rate: u32,
     /// Handshakes a core starts at once before `handshake_rate` applies.
     pub handshake_burst: u32,
+    /// Tunnels scale with load (`scale`, PROTOCOL.md §7.8): a receiver
+    /// that offers it starts with one tunnel, and a core that handed this
+    /// many requests of an identity per second to another core (it has
+    /// none of its tunnels) asks the receiver for one more, up to
+    /// `workers`. 0: every receiver is asked for `workers` tunnels at once.
+    pub tunnel_scale_up: u32,
+    /// Seconds a scaled-up tunnel may carry fewer than half of
+    /// `tunnel_scale_up` requests a second, every second, before the
+    /// gateway lets it go (close 4002 once idle); never the identity's last.
+    pub tunnel_scale_idle: Seconds,
     /// Seconds an upgrade may take from its first byte to the 101: reading
     /// the head, authentication (DID document fetch included); 408 after.
     pub handshake_timeout: Seconds,
@@ -375,6 +385,8 @@ impl Default for GatewayConfig {
             max_pending_upgrades_per_ip: 16,
             max_pending_upgrades: 1024,
             handshake_rate: 2000,
+            tunnel_scale_up: 50,
+            tunnel_scale_idle: Seconds(60.0),
             handshake_burst: 200,
             handshake_timeout: Seconds(10.0),
             max_pings_per_second: 10,
@@ -791,7 +803,9 @@ pub struct ReceiverConfig {
     /// Secret: never printed.
     #[serde(serialize_with = "masked")]
     pub token: String,
-    /// Tunnels to keep open; 0 = as many as the gateway reports.
+    /// Tunnels to keep open to each gateway; 0 = as many as the gateway
+    /// asks for (one to start with, more as load needs them, PROTOCOL.md
+    /// §7.8; a gateway without `scale`: its workers).
     pub tunnels: usize,
     /// Most upstream calls at once (excess waits).
     pub max_concurrent: usize,

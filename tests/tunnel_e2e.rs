@@ -1427,10 +1427,12 @@ fn trusted_forwarding_headers_are_appended_to() {
 }
 
 #[test]
-fn receiver_with_tunnels_0_opens_one_per_gateway_worker() {
+fn receiver_with_tunnels_0_opens_one_per_gateway_worker_when_scaling_is_off() {
     let app = App::start();
     let gw = Gateway::start(&GatewayConfig {
         workers: 2,
+        // With scaling on (the default) it starts with one: scale_e2e.rs.
+        extra_gateway_toml: "tunnel_scale_up = 0\n".into(),
         ..GatewayConfig::default()
     });
     let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 0);

@@ -143,6 +143,8 @@ pub fn stats_json(shared: &Shared) -> String {
         "instances_by_identity": instances,
         "cross_core_dispatch_total": c.cross_core_dispatch_total.load(Ordering::Relaxed),
         "tunnel_handoffs_total": c.tunnel_handoffs_total.load(Ordering::Relaxed),
+        "tunnel_scale_asks_total": c.scale_asks_total.load(Ordering::Relaxed),
+        "tunnel_scale_releases_total": c.scale_releases_total.load(Ordering::Relaxed),
         "requests_total": t.requests_total(),
         "requests_by_route": routes,
         "in_flight": t.in_flight,
@@ -191,6 +193,18 @@ pub fn metrics_text(shared: &Shared) -> String {
         "Accepted tunnels moved to another core.",
         "counter",
         c.tunnel_handoffs_total.load(Ordering::Relaxed),
+    );
+    gauge(
+        "anp_proxy_tunnel_scale_asks_total",
+        "Times a core asked a receiver for one more tunnel (scale).",
+        "counter",
+        c.scale_asks_total.load(Ordering::Relaxed),
+    );
+    gauge(
+        "anp_proxy_tunnel_scale_releases_total",
+        "Quiet tunnels let go (scale, close 4002).",
+        "counter",
+        c.scale_releases_total.load(Ordering::Relaxed),
     );
     let _ = writeln!(s, "# HELP anp_proxy_identity_tunnels Tunnels per identity and core.\n# TYPE anp_proxy_identity_tunnels gauge");
     for (id, cores) in shared.tunnels_by_identity() {

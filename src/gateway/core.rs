@@ -71,6 +71,8 @@ pub struct TunnelHandoff {
 pub struct TunnelOwner {
     pub identity: IdentityName,
     pub instance: String,
+    /// Its receiver negotiated `scale` (PROTOCOL.md §7.8).
+    pub scale: bool,
 }
 
 /// What one core's inbox carries (rare events only).
@@ -103,6 +105,13 @@ pub enum CoreMsg {
         identity: IdentityName,
         keep: String,
     },
+    /// `scale` (PROTOCOL.md §7.8): another core hands off enough of
+    /// `identity`'s requests to want a tunnel of its own; ask the receiver,
+    /// on a tunnel of it here, to keep `want`.
+    WantTunnels {
+        identity: IdentityName,
+        want: usize,
+    },
 }
 
 /// Process-wide counters (cold path or per-event, never per byte).
@@ -110,6 +119,9 @@ pub enum CoreMsg {
 pub struct Counters {
     pub cross_core_dispatch_total: AtomicU64,
     pub tunnel_handoffs_total: AtomicU64,
+    /// `scale`: tunnels asked for, and quiet ones let go.
+    pub scale_asks_total: AtomicU64,
+    pub scale_releases_total: AtomicU64,
     pub connections: AtomicUsize,
     pub tunnels: AtomicUsize,
 }
@@ -224,9 +236,15 @@ impl Shared {
     /// connection cannot move). Counts it there.
     pub fn place_tunnel(&self, owner: &TunnelOwner, here: usize, movable: bool) -> Placement {
         let policy = self.config.gateway.duplicate_tunnels;
-        let placed = self
-            .book()
-            .place(&owner.identity, &owner.instance, here, movable, policy);
+        let placed = self.book().place(
+            &owner.identity,
+            &owner.instance,
+            owner.scale,
+            here,
+            movable,
+            policy,
+            std::time::Instant::now(),
+        );
         if matches!(placed, Placement::Placed { .. }) {
             self.counters.tunnels.fetch_add(1, Ordering::Relaxed);
         }
@@ -238,8 +256,42 @@ impl Shared {
     }
 
     fn tunnel_left(&self, owner: &TunnelOwner, core: usize) {
-        self.book().left(&owner.identity, &owner.instance, core);
+        self.book()
+            .left(&owner.identity, &owner.instance, owner.scale, core);
         self.counters.tunnels.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// `scale`: core `core` hands off enough of `identity`'s requests that
+    /// a tunnel of its own would pay: asks the receiver for one more
+    /// through a core that holds one (`TunnelBook::ask` says whether).
+    /// Cold path: at most once per identity and core per scale tick.
+    fn ask_tunnel(&self, identity: &IdentityName, core: usize) {
+        let ask = self.book().ask(identity, core, std::time::Instant::now());
+        let Some(ask) = ask else {
+            return;
+        };
+        self.counters
+            .scale_asks_total
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(identity = %identity, core, want = ask.want,
+            "scale: this core hands off enough requests to want a tunnel; asking the receiver for one more");
+        let _ = self.inboxes[ask.holder].unbounded_send(CoreMsg::WantTunnels {
+            identity: identity.clone(),
+            want: ask.want,
+        });
+    }
+
+    /// `scale`: takes a quiet tunnel on `core` out of the book, unless it
+    /// is its identity's last (false).
+    fn release_tunnel(&self, owner: &TunnelOwner, core: usize) -> bool {
+        let released = self.book().release(&owner.identity, &owner.instance, core);
+        if released {
+            self.counters.tunnels.fetch_sub(1, Ordering::Relaxed);
+            self.counters
+                .scale_releases_total
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        released
     }
 
     /// A core other than `not` with a tunnel for `identity`, spread by `hint`.
@@ -370,6 +422,9 @@ pub struct CoreCtx {
     pub obs: super::observe::CoreObs,
     /// Rate limits and places in flight per identity (`admission.rs`).
     pub admission: super::admission::Admission,
+    /// Requests per identity handed to another core since the last scale
+    /// tick (`scale`): counted on the cross-core path only.
+    handoffs: RefCell<HashMap<IdentityName, u32>>,
 }
 
 /// Marks a client connection busy (counted in [`CoreCtx::busy`]) while it
@@ -414,6 +469,7 @@ impl CoreCtx {
             acceptors: RefCell::new(acceptors),
             last_accept: Cell::new(std::time::Instant::now()),
             obs,
+            handoffs: RefCell::new(HashMap::new()),
         }
     }
 
@@ -647,6 +703,7 @@ impl CoreCtx {
             .counters
             .cross_core_dispatch_total
             .fetch_add(1, Ordering::Relaxed);
+        self.count_handoff(identity);
         let (tx, rx) = xoneshot::channel();
         let msg = CoreMsg::Request(CrossRequest {
             identity: identity.clone(),
@@ -657,6 +714,88 @@ impl CoreCtx {
             return Err(ProxyError::NoTunnel(identity.to_string()));
         }
         rx.await.unwrap_or(Err(ProxyError::TunnelClosed))
+    }
+
+    /// A request of `identity` crossed to another core (`scale`).
+    pub fn count_handoff(&self, identity: &IdentityName) {
+        let mut map = self.handoffs.borrow_mut();
+        match map.get_mut(identity) {
+            Some(n) => *n = n.saturating_add(1),
+            None => {
+                map.insert(identity.clone(), 1);
+            }
+        }
+    }
+
+    /// Tunnels follow load (`scale`, PROTOCOL.md §7.8), decided once a
+    /// second on each core from what it saw itself: an identity whose
+    /// requests this core handed off at least `tunnel_scale_up` times
+    /// gets a tunnel asked for here; a tunnel here that carried fewer than
+    /// half of that, every second for `tunnel_scale_idle` seconds, is let
+    /// go (never the identity's last). Runs for the process's life.
+    pub async fn scale_tick(self: Rc<Self>) {
+        let g = &self.shared.config.gateway;
+        let up = g.tunnel_scale_up;
+        if up == 0 {
+            return;
+        }
+        let idle_ticks = g.tunnel_scale_idle.or_zero().as_secs_f64().ceil().max(1.0) as u32;
+        loop {
+            monoio::time::sleep(Duration::from_secs(1)).await;
+            if self.draining.is_set() {
+                return;
+            }
+            let hot: Vec<IdentityName> = self
+                .handoffs
+                .borrow_mut()
+                .drain()
+                .filter(|(_, n)| *n >= up)
+                .map(|(id, _)| id)
+                .collect();
+            for id in hot {
+                if !self.tunnels.borrow().contains_key(&id) {
+                    self.shared.ask_tunnel(&id, self.index);
+                }
+            }
+            let scalable: Vec<Rc<Tunnel>> = self
+                .tunnels
+                .borrow()
+                .values()
+                .flatten()
+                .filter(|t| t.features.scale)
+                .cloned()
+                .collect();
+            for t in scalable {
+                let carried = t.carried.replace(0);
+                let quiet = if carried.saturating_mul(2) < up {
+                    t.quiet_ticks.get() + 1
+                } else {
+                    0
+                };
+                t.quiet_ticks.set(quiet);
+                if quiet >= idle_ticks && self.shared.release_tunnel(&t.owner(), self.index) {
+                    self.release(t);
+                }
+            }
+        }
+    }
+
+    /// A tunnel already taken out of the book by `release_tunnel`: no new
+    /// request goes to it; once none is in flight it is closed with 4002.
+    /// Polls: a release happens at most once a second per core.
+    fn release(self: &Rc<Self>, t: Rc<Tunnel>) {
+        if !self.take_tunnel(&t) {
+            return;
+        }
+        self.leaving.borrow_mut().push(t.clone());
+        tracing::info!(identity = %t.identity, instance = %t.instance, core = self.index, tunnel = t.id,
+            in_flight = t.inflight_len(), "scale: tunnel let go (its load no longer needs it); closing once idle");
+        monoio::spawn(async move {
+            while t.inflight_len() > 0 {
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+            t.release();
+        });
     }
 
     /// Serves what other cores hand over: requests for tunnels that live
@@ -700,6 +839,16 @@ impl CoreCtx {
                         .collect();
                     for t in doomed {
                         t.evict();
+                    }
+                }
+                CoreMsg::WantTunnels { identity, want } => {
+                    let t = ctx
+                        .tunnels
+                        .borrow()
+                        .get(&identity)
+                        .and_then(|v| v.iter().find(|t| t.features.scale).cloned());
+                    if let Some(t) = t {
+                        t.ask_for_tunnels(want);
                     }
                 }
                 CoreMsg::Metrics(reply) => {

@@ -374,6 +374,7 @@ async fn worker_main(
 ) {
     let ctx = Rc::new(CoreCtx::new(index, shared.clone(), acceptors));
     monoio::spawn(ctx.clone().run_inbox(inbox));
+    monoio::spawn(ctx.clone().scale_tick());
     // The public port and, with `tunnel_port`, the tunnel port: one accept
     // loop each, numbering connections from one sequence.
     let seq = Rc::new(std::cell::Cell::new(0u64));

@@ -90,6 +90,10 @@ pub struct Tunnel {
     /// window): `crate::tunnel::demux`.
     inflight: RefCell<Demux<u64, Entry>>,
     closed: Cell<bool>,
+    /// Requests it carried since the core's last scale tick, and the ticks
+    /// in a row it carried too few to keep (`scale`, `core::scale_tick`).
+    pub carried: Cell<u32>,
+    pub quiet_ticks: Cell<u32>,
 }
 
 pub use crate::protocol::request_id::{format_request_id, parse_request_id};
@@ -124,6 +128,7 @@ impl Tunnel {
             return Err(ProxyError::TunnelBusy(limit));
         }
         let id = ctx.next_request_id();
+        self.carried.set(self.carried.get().saturating_add(1));
         let (tx, rx) = oneshot::channel();
         let upload = Rc::new(Window::new(DEFAULT_WINDOW));
         self.inflight.borrow_mut().expect(
@@ -322,6 +327,26 @@ impl Tunnel {
         let _ = self.out.send(Outgoing::Close(1001, reason.into()));
     }
 
+    /// `scale`: asks the receiver to keep `want` tunnels (PROTOCOL.md §7.8).
+    pub fn ask_for_tunnels(&self, want: usize) {
+        let _ = self
+            .out
+            .send(Outgoing::Text(crate::protocol::control::tunnels_message(
+                want,
+            )));
+    }
+
+    /// `scale`: the tunnel was let go and nothing is in flight on it any
+    /// more: close it with `CLOSE_RELEASED` (4002), so its receiver ends
+    /// the slot instead of redialling (PROTOCOL.md §7.8).
+    pub fn release(&self) {
+        self.closed.set(true);
+        let _ = self.out.send(Outgoing::Close(
+            crate::protocol::features::CLOSE_RELEASED,
+            "released: load no longer needs this tunnel".into(),
+        ));
+    }
+
     /// `duplicate_tunnels = "replace"`: another instance of this identity
     /// took over; close with `CLOSE_REPLACED` (4001) after what is queued.
     pub fn evict(&self) {
@@ -339,6 +364,7 @@ impl Tunnel {
         super::core::TunnelOwner {
             identity: self.identity.clone(),
             instance: self.instance.clone(),
+            scale: self.features.scale,
         }
     }
 
@@ -510,6 +536,8 @@ pub async fn run_tunnel<S>(
         out: out.clone(),
         inflight: RefCell::new(Demux::new(Opener::Us, MAX_UNACKED)),
         closed: Cell::new(false),
+        carried: Cell::new(0),
+        quiet_ticks: Cell::new(0),
     });
     // Registered before the 101 leaves: once the receiver sees it, every
     // core can route through this tunnel.

@@ -117,6 +117,7 @@ pub(super) async fn accept_tunnel<S>(
     let owner = TunnelOwner {
         identity: identity.name.clone(),
         instance,
+        scale: features.scale,
     };
     let target = match place(&ctx, &owner, peer, S::MOVABLE) {
         Ok(core) => core,
@@ -214,10 +215,12 @@ fn place(
     }
 }
 
-/// The 101: how many tunnels to keep and the features in force.
+/// The 101: how many tunnels to keep and the features in force. With
+/// `scale` the receiver starts with one; more come when load asks for
+/// them (PROTOCOL.md §7.8).
 fn write_accept(out: &mut Vec<u8>, accept: &str, features: Features, workers: usize) {
     let feat = features.to_header_value();
-    let tunnels = workers.to_string();
+    let tunnels = if features.scale { 1 } else { workers }.to_string();
     let mut extra: Vec<(&str, &str)> = vec![(TUNNELS_HEADER, tunnels.as_str())];
     if !feat.is_empty() {
         extra.push((FEATURES_HEADER, feat.as_str()));
@@ -326,10 +329,12 @@ async fn authenticate_upgrade(
             identity.name.to_string(),
         )));
     }
-    let features = get(FEATURES_HEADER)
+    let mut features = get(FEATURES_HEADER)
         .map(Features::parse)
         .unwrap_or_default()
         .intersect(Features::SUPPORTED);
+    // `tunnel_scale_up = 0`: every receiver keeps `workers` tunnels.
+    features.scale &= ctx.shared.config.gateway.tunnel_scale_up > 0;
     let instance = match get(INSTANCE_HEADER) {
         None => String::new(),
         Some(v) if valid_instance(v) => String::from_utf8_lossy(v).into_owned(),

@@ -1,7 +1,8 @@
 //! Text control messages on a tunnel (PROTOCOL.md §6, §7), sans-IO: JSON
 //! objects told apart by their `"type"`. Only the two anp-proxy sends are
-//! typed here: `credit` (the `stream` flow control, §7.1) and `draining`
-//! (a receiver that is leaving, §7.4). Anything else (the reference's
+//! typed here: `credit` (the `stream` flow control, §7.1), `draining`
+//! (a receiver that is leaving, §7.4) and `tunnels` (the gateway asks for
+//! more tunnels, `scale`, §7.8). Anything else (the reference's
 //! `heartbeat`, `connection_ready`, what a newer peer may add) is `None`:
 //! activity only, never an error.
 
@@ -13,6 +14,14 @@ pub enum Control {
     /// The receiver is shutting down: send it no new request; the ones in
     /// flight still complete on this tunnel (§7.4).
     Draining,
+    /// The gateway wants this many tunnels from this receiver instance in
+    /// all (`scale`, §7.8): a receiver with fewer opens the difference.
+    Tunnels { want: usize },
+}
+
+/// The gateway's `tunnels` message (§7.8).
+pub fn tunnels_message(want: usize) -> Vec<u8> {
+    format!("{{\"type\":\"tunnels\",\"want\":{want}}}").into_bytes()
 }
 
 /// The receiver's draining notice, exactly as sent (§7.4).
@@ -31,6 +40,8 @@ struct Wire {
     request_id: String,
     #[serde(default)]
     bytes: u64,
+    #[serde(default)]
+    want: u64,
 }
 
 /// Parses a text message; `None` for any message we do not act on.
@@ -42,6 +53,9 @@ pub fn parse(text: &[u8]) -> Option<Control> {
             bytes: usize::try_from(w.bytes).unwrap_or(usize::MAX),
         }),
         "draining" => Some(Control::Draining),
+        "tunnels" if w.want > 0 => Some(Control::Tunnels {
+            want: usize::try_from(w.want).unwrap_or(usize::MAX),
+        }),
         _ => None,
     }
 }
@@ -62,6 +76,16 @@ mod tests {
             })
         );
         assert_eq!(parse(b"{\"type\":\"credit\",\"bytes\":1}"), None);
+    }
+
+    #[test]
+    fn tunnels_round_trip_and_zero_is_ignored() {
+        assert_eq!(
+            parse(&tunnels_message(3)),
+            Some(Control::Tunnels { want: 3 })
+        );
+        assert_eq!(parse(b"{\"type\":\"tunnels\",\"want\":0}"), None);
+        assert_eq!(parse(b"{\"type\":\"tunnels\"}"), None);
     }
 
     #[test]

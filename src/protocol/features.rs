@@ -17,6 +17,12 @@ pub const INSTANCE_HEADER: &str = "X-ANPX-Instance";
 /// of reconnecting (docs/PROTOCOL.md).
 pub const CLOSE_REPLACED: u16 = 4001;
 
+/// WebSocket close code (private-use range): the gateway lets this tunnel
+/// go because the identity's traffic no longer pays for it (`scale`,
+/// PROTOCOL.md §7.8). Sent only once nothing is in flight on it; the
+/// receiver ends that tunnel's slot instead of redialling.
+pub const CLOSE_RELEASED: u16 = 4002;
+
 /// Exit status of a receiver replaced by another instance (`CLOSE_REPLACED`):
 /// supervisors should not restart on it (systemd `RestartPreventExitStatus=3`).
 pub const EXIT_REPLACED: i32 = 3;
@@ -48,6 +54,11 @@ pub struct Features {
     /// The receiver masks its frames with the all-zero key (PROTOCOL.md
     /// §7.7): framing per RFC 6455, no copy or XOR of what it sends.
     pub zeromask: bool,
+    /// Tunnels scale with load (PROTOCOL.md §7.8): the receiver starts
+    /// with one, the gateway asks for more with a `tunnels` text message
+    /// and lets them go with close code [`CLOSE_RELEASED`]. A receiver with
+    /// a pinned `tunnels = N` does not offer it.
+    pub scale: bool,
 }
 
 impl Features {
@@ -59,6 +70,7 @@ impl Features {
         binmeta: true,
         upgrade: true,
         zeromask: true,
+        scale: true,
     };
 
     /// Parses a comma-separated token list; unknown tokens are ignored.
@@ -78,6 +90,8 @@ impl Features {
                 f.upgrade = true;
             } else if tok.eq_ignore_ascii_case(b"zeromask") {
                 f.zeromask = true;
+            } else if tok.eq_ignore_ascii_case(b"scale") {
+                f.scale = true;
             }
         }
         f
@@ -92,6 +106,7 @@ impl Features {
             binmeta: self.binmeta && other.binmeta && self.stream && other.stream,
             upgrade: self.upgrade && other.upgrade && self.stream && other.stream,
             zeromask: self.zeromask && other.zeromask,
+            scale: self.scale && other.scale,
         }
     }
 
@@ -115,6 +130,9 @@ impl Features {
         }
         if self.zeromask {
             v.push("zeromask");
+        }
+        if self.scale {
+            v.push("scale");
         }
         v.join(", ")
     }
@@ -144,7 +162,7 @@ mod tests {
         );
         assert_eq!(
             Features::SUPPORTED.to_header_value(),
-            "exact, stream, cancel, binmeta, upgrade, zeromask"
+            "exact, stream, cancel, binmeta, upgrade, zeromask, scale"
         );
         assert!(
             !Features::parse(b"upgrade")

@@ -28,7 +28,7 @@ use std::time::Duration;
 use futures_channel::mpsc::{UnboundedReceiver, UnboundedSender};
 use futures_util::StreamExt as _;
 
-use super::tunnel::{run_slot, CoreRx};
+use super::tunnel::{run_slot, CoreRx, SlotStart};
 use super::url::Url;
 use super::TunnelCount;
 use crate::sync::Flag;
@@ -51,7 +51,7 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    fn new(url: Url, addr: SocketAddr, dialer: Option<Dialer>, tunnels: usize) -> Self {
+    pub(crate) fn new(url: Url, addr: SocketAddr, dialer: Option<Dialer>, tunnels: usize) -> Self {
         let literal = url.host_name().parse::<IpAddr>().is_ok();
         let scheme = if url.tls { "wss" } else { "ws" };
         let label = if literal {
@@ -131,6 +131,9 @@ pub enum FleetMsg {
     Add(Arc<Gateway>),
     /// An address gone from DNS: its slots stop, its tunnels leave.
     Remove(Arc<Gateway>),
+    /// Start slot `index` of this gateway here: it asked for more tunnels
+    /// (`scale`, PROTOCOL.md §7.8); counted as running already.
+    Grow(Arc<Gateway>, usize),
     /// A scrape (`receiver/admin.rs`): this core's counters and the
     /// gateways it serves.
     Stats(std::sync::mpsc::Sender<CoreStats>),
@@ -176,10 +179,16 @@ pub async fn run_core(
                     gone: Flag::default(),
                 });
                 for i in slots_of(core, threads, slots) {
-                    monoio::spawn(run_slot(ctx.clone(), cg.clone(), i));
+                    monoio::spawn(run_slot(ctx.clone(), cg.clone(), i, SlotStart::Initial));
                 }
                 live.insert(key, cg);
             }
+            FleetMsg::Grow(gw, index) => match live.get(&Arc::as_ptr(&gw)) {
+                Some(cg) if !cg.gone.is_set() => {
+                    monoio::spawn(run_slot(ctx.clone(), cg.clone(), index, SlotStart::Grown));
+                }
+                _ => gw.count.ended(index),
+            },
             FleetMsg::Remove(gw) => {
                 if let Some(cg) = live.remove(&Arc::as_ptr(&gw)) {
                     cg.gone.raise();
@@ -427,7 +436,9 @@ mod tests {
             match m {
                 FleetMsg::Add(g) => add.push(g.addr),
                 FleetMsg::Remove(g) => remove.push(g.addr),
-                FleetMsg::Stats(_) => panic!("the resolver never asks for stats"),
+                FleetMsg::Stats(_) | FleetMsg::Grow(..) => {
+                    panic!("the resolver only adds and removes")
+                }
             }
         }
         (add, remove)

@@ -29,10 +29,14 @@ use self::upstream::Upstream;
 use crate::config::{secs, Config};
 
 /// How many tunnels to keep to one gateway: configured, or learnt from its
-/// 101.
+/// 101; and which slots run (all cores together). With `scale` the 101
+/// says one, and the gateway asks for more later ([`Self::grow`]).
 pub struct TunnelCount {
     value: AtomicUsize,
     waiters: Mutex<Vec<futures_channel::oneshot::Sender<()>>>,
+    /// Slot indices running (dialling, connected or waiting to redial).
+    /// Locked when a slot starts or ends: never on the request path.
+    running: Mutex<std::collections::BTreeSet<usize>>,
 }
 
 impl TunnelCount {
@@ -40,7 +44,40 @@ impl TunnelCount {
         Self {
             value: AtomicUsize::new(configured),
             waiters: Mutex::new(Vec::new()),
+            running: Mutex::new(std::collections::BTreeSet::new()),
         }
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<usize>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Slot `index` starts running.
+    pub fn started(&self, index: usize) {
+        self.running().insert(index);
+    }
+
+    /// Slot `index` ended (shutdown, gateway gone, released).
+    pub fn ended(&self, index: usize) {
+        self.running().remove(&index);
+    }
+
+    /// The gateway wants `want` tunnels in all (`scale`, PROTOCOL.md §7.8):
+    /// the indices of the slots to start so that that many run (the lowest
+    /// free ones, so they spread over cores as at start), counted as
+    /// running already. None when enough run, or beyond [`MAX_TUNNELS`].
+    pub fn grow(&self, want: usize) -> Vec<usize> {
+        let mut running = self.running();
+        let mut new = Vec::new();
+        let mut next = 0;
+        while running.len() < want.min(MAX_TUNNELS) {
+            while running.contains(&next) {
+                next += 1;
+            }
+            running.insert(next);
+            new.push(next);
+        }
+        new
     }
 
     /// The gateway said how many it wants (ignored if configured).
@@ -157,13 +194,18 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let threads = cores.min(slots).min(r.max_concurrent).max(1);
     tracing::info!(gateways = %r.gateway_url, upstream = %r.upstream, tunnels = r.tunnels, threads, "receiver starting");
+    // A pinned `tunnels = N` keeps N: no `scale` (PROTOCOL.md §7.8).
+    let mut offer = crate::protocol::features::Features::SUPPORTED;
+    offer.scale = r.tunnels == 0;
     let mut orders = Vec::with_capacity(threads);
-    let mut fleet = Vec::with_capacity(threads);
-    for t in 0..threads {
+    // Every core can start a slot on any other (`FleetMsg::Grow`).
+    let (fleet, inboxes): (Vec<_>, Vec<_>) = (0..threads)
+        .map(|_| futures_channel::mpsc::unbounded::<fleet::FleetMsg>())
+        .unzip();
+    for (t, fleet_rx) in inboxes.into_iter().enumerate() {
         let (order_tx, order_rx) = futures_channel::oneshot::channel::<DrainOrder>();
         orders.push(order_tx);
-        let (fleet_tx, fleet_rx) = futures_channel::mpsc::unbounded();
-        fleet.push(fleet_tx);
+        let cores = fleet.clone();
         let upstream = upstream.clone();
         let r = r.clone();
         let did = did.clone();
@@ -174,6 +216,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             let ctx = Rc::new(CoreRx {
                 token: r.token.clone(),
                 instance,
+                offer,
+                cores,
                 did,
                 auth_scheme: r.auth_scheme,
                 upstream: Upstream::new(upstream, permits.max(1)),
@@ -314,4 +358,23 @@ fn shut_down(
             let _ = std::io::stdout().flush();
             signals.close();
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grow_starts_the_lowest_free_slots_up_to_the_want() {
+        let c = TunnelCount::new(0);
+        c.started(0);
+        assert_eq!(c.grow(1), Vec::<usize>::new(), "one runs already");
+        assert_eq!(c.grow(3), vec![1, 2]);
+        assert_eq!(c.grow(3), Vec::<usize>::new(), "asked twice: no more");
+        // Slot 1 was released; the next ask reuses its index (its core).
+        c.ended(1);
+        assert_eq!(c.grow(2), Vec::<usize>::new(), "two still run");
+        assert_eq!(c.grow(3), vec![1]);
+        assert_eq!(c.grow(1000).len(), MAX_TUNNELS - 3, "capped");
+    }
 }

@@ -22,7 +22,7 @@ use super::backoff::{self, Backoff};
 #[path = "passthrough.rs"]
 mod passthrough;
 use super::drain::{self, CoreDrain, Leaving};
-use super::fleet::CoreGateway;
+use super::fleet::{CoreGateway, FleetMsg};
 use super::sink::ResponseSink;
 use super::upstream::{ReqBody, ReqEvent, Upstream, UpstreamError};
 use super::url::Url;
@@ -42,6 +42,11 @@ pub struct CoreRx {
     pub token: String,
     /// `X-ANPX-Instance` on every upgrade (`receiver.instance_id`).
     pub instance: String,
+    /// The `X-ANPX-Features` offered (no `scale` with a pinned `tunnels`).
+    pub offer: Features,
+    /// Every core's fleet inbox, this one's included: a slot the gateway
+    /// asks for starts on the core its index falls to.
+    pub cores: Vec<futures_channel::mpsc::UnboundedSender<FleetMsg>>,
     /// When set, the tunnel proves this DID instead of sending `token`.
     pub did: Option<std::sync::Arc<DidSigner>>,
     pub auth_scheme: AuthScheme,
@@ -118,6 +123,8 @@ enum TunnelError {
     GoingAway(String),
     #[error("replaced by another receiver instance of this identity (4001 {0})")]
     Replaced(String),
+    #[error("released by the gateway: its load no longer needs this tunnel (4002 {0})")]
+    Released(String),
     #[error("timed out during the handshake")]
     Timeout,
     #[error("{0}")]
@@ -134,19 +141,39 @@ impl TunnelError {
     }
 }
 
-/// Keeps tunnel `index` to gateway `gw` up until the receiver shuts down
-/// or the gateway's address is gone.
-pub async fn run_slot(ctx: Rc<CoreRx>, gw: Rc<CoreGateway>, index: usize) {
-    if index > 0 {
-        // Slots past the first wait to learn how many the gateway wants.
-        let want = monoio::select! {
-            n = gw.gw.count.get() => n,
-            _ = gw.gone.wait() => return,
-        };
-        if index >= want {
-            return;
+/// How a slot came to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotStart {
+    /// One of the slots every gateway gets at start: it runs if its index
+    /// is below the count configured or learnt from the first 101.
+    Initial,
+    /// The gateway asked for more tunnels (`scale`); already counted as
+    /// running by `TunnelCount::grow`.
+    Grown,
+}
+
+/// Keeps tunnel `index` to gateway `gw` up until the receiver shuts down,
+/// the gateway's address is gone, or the gateway releases it (`scale`).
+pub async fn run_slot(ctx: Rc<CoreRx>, gw: Rc<CoreGateway>, index: usize, start: SlotStart) {
+    if start == SlotStart::Initial {
+        if index > 0 {
+            // Slots past the first wait to learn how many the gateway wants.
+            let want = monoio::select! {
+                n = gw.gw.count.get() => n,
+                _ = gw.gone.wait() => return,
+            };
+            if index >= want {
+                return;
+            }
         }
+        gw.gw.count.started(index);
     }
+    keep_up(&ctx, &gw, index).await;
+    gw.gw.count.ended(index);
+}
+
+/// [`run_slot`]'s life once it runs: connect, serve, reconnect.
+async fn keep_up(ctx: &Rc<CoreRx>, gw: &Rc<CoreGateway>, index: usize) {
     let gateway = gw.gw.label.as_str();
     let mut backoff = Backoff::new(ctx.reconnect_max);
     loop {
@@ -154,7 +181,7 @@ pub async fn run_slot(ctx: Rc<CoreRx>, gw: Rc<CoreGateway>, index: usize) {
             return;
         }
         let started = Instant::now();
-        let result = connect_and_serve(&ctx, &gw, index).await;
+        let result = connect_and_serve(ctx, gw, index).await;
         if ctx.drain.draining.is_set() {
             // Shutting down: the tunnel was closed on purpose.
             tracing::info!(
@@ -184,6 +211,10 @@ pub async fn run_slot(ctx: Rc<CoreRx>, gw: Rc<CoreGateway>, index: usize) {
                 let spread = crate::protocol::reconnect::spread_of(&reason);
                 tracing::info!(tunnel = index, gateway = %gateway, reason = %reason, spread = ?spread, "tunnel closed by the gateway (going away)");
                 backoff::Ended::GoingAway { spread }
+            }
+            Err(e @ TunnelError::Released(_)) => {
+                tracing::info!(tunnel = index, gateway = %gateway, "{e}; not redialling");
+                return;
             }
             Err(e @ TunnelError::Replaced(_)) => {
                 // The gateway's `duplicate_tunnels = "replace"`: the newest
@@ -292,7 +323,7 @@ async fn connect(
     let key = ws::client_key();
     let host = gateway.host_header();
     let mut headers = auth_headers(ctx, gateway, &host);
-    headers.push((FEATURES_HEADER, Features::SUPPORTED.to_header_value()));
+    headers.push((FEATURES_HEADER, ctx.offer.to_header_value()));
     headers.push((INSTANCE_HEADER, ctx.instance.clone()));
     let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
     let mut req = Vec::with_capacity(1024);
@@ -396,6 +427,7 @@ where
     let leaving = Rc::new(Leaving::default());
     let mut sink = ReceiverFrames {
         ctx: ctx.clone(),
+        gw: gw.clone(),
         out: out.clone(),
         reqs: reqs.clone(),
         features,
@@ -443,6 +475,10 @@ where
             code: Some(crate::protocol::features::CLOSE_REPLACED),
             reason,
         } => TunnelError::Replaced(reason),
+        Ended::Closed {
+            code: Some(crate::protocol::features::CLOSE_RELEASED),
+            reason,
+        } => TunnelError::Released(reason),
         Ended::Closed { code, reason } => {
             TunnelError::Ended(format!("gateway closed ({code:?} {reason})"))
         }
@@ -453,6 +489,8 @@ where
 /// The receiver's side of a tunnel: requests start upstream calls.
 struct ReceiverFrames {
     ctx: Rc<CoreRx>,
+    /// The gateway this tunnel goes to (`scale` grows its slots).
+    gw: Rc<CoreGateway>,
     out: OutTx,
     reqs: Reqs,
     features: Features,
@@ -488,6 +526,28 @@ impl FrameSink for ReceiverFrames {
     /// The answer to our draining ping, or to a keepalive one.
     fn pong(&mut self, payload: &[u8]) {
         self.leaving.pong(payload);
+    }
+
+    /// The gateway wants `want` tunnels (`scale`, PROTOCOL.md §7.8): the
+    /// missing slots start, each on the core its index falls to, as at
+    /// start. Ignored with a pinned `tunnels` (not offered then) and while
+    /// shutting down.
+    fn tunnels(&mut self, want: usize) {
+        if !self.ctx.offer.scale || self.ctx.drain.draining.is_set() || self.gw.gone.is_set() {
+            return;
+        }
+        let new = self.gw.gw.count.grow(want);
+        if new.is_empty() {
+            return;
+        }
+        tracing::info!(gateway = %self.gw.gw.label, want, opening = ?new, "the gateway asks for more tunnels");
+        let cores = &self.ctx.cores;
+        for index in new {
+            let msg = FleetMsg::Grow(self.gw.gw.clone(), index);
+            if cores[index % cores.len()].unbounded_send(msg).is_err() {
+                self.gw.gw.count.ended(index);
+            }
+        }
     }
 }
 
@@ -859,6 +919,8 @@ mod cancel_props {
         Rc::new(CoreRx {
             token: String::new(),
             instance: "prop".into(),
+            offer: Features::SUPPORTED,
+            cores: Vec::new(),
             did: None,
             auth_scheme: AuthScheme::DidWba,
             upstream: Upstream::new(up, permits),
@@ -917,8 +979,14 @@ mod cancel_props {
                 header_list: None,
             }
             .to_json(&mut meta);
+            let url = super::super::url::parse("ws://127.0.0.1:9/ws", ("ws", "wss")).unwrap();
+            let gw = Rc::new(CoreGateway {
+                gw: std::sync::Arc::new(super::super::fleet::Gateway::new(url, addr, None, 1)),
+                gone: crate::sync::Flag::default(),
+            });
             let mut frames = ReceiverFrames {
                 ctx: ctx.clone(),
+                gw,
                 out: out.clone(),
                 reqs: reqs.clone(),
                 features,

@@ -59,6 +59,10 @@ pub trait FrameSink {
     /// those in flight still complete. Only a receiver sends it, so a
     /// receiver's sink keeps this default: ignored, like any text (§6).
     fn draining(&mut self) {}
+    /// The gateway wants `want` tunnels from this receiver (`scale`,
+    /// PROTOCOL.md §7.8). Only a gateway sends it, so a gateway's sink
+    /// keeps this default: ignored.
+    fn tunnels(&mut self, _want: usize) {}
     /// A pong arrived with `payload` (an answer to one of the role's own
     /// pings; the engine's keepalive pings need no answer handled).
     fn pong(&mut self, _payload: &[u8]) {}
@@ -204,6 +208,7 @@ async fn read_loop<R: AsyncReadRent + crate::net::Readable, F: FrameSink>(
             Ok(Event::Text(t)) => match control::parse(&t) {
                 Some(Control::Credit { request_id, bytes }) => sink.credit(&request_id, bytes),
                 Some(Control::Draining) => sink.draining(),
+                Some(Control::Tunnels { want }) => sink.tunnels(want),
                 None => {}
             },
             Ok(Event::Pong(p)) => sink.pong(&p),
