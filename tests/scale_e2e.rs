@@ -20,7 +20,9 @@ use std::thread;
 use std::time::Duration;
 
 use common::app::App;
-use common::procs::{Gateway, GatewayConfig, Receiver, ALICE_TOKEN, BOB_TOKEN};
+use common::procs::{
+    run, Gateway, GatewayConfig, Receiver, ReceiverConfig, ALICE_TOKEN, BOB_TOKEN,
+};
 use common::{client, wait_until};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -232,4 +234,66 @@ fn with_scaling_off_or_a_pinned_count_the_old_rules_hold() {
         served(gw2.addr, &format!("/bob/{i}"));
     }
     assert_eq!(per_core(admin2, "bob").iter().sum::<u64>(), 3);
+}
+
+#[test]
+fn a_hot_identity_over_tls_tunnels_gets_one_on_each_core_too() {
+    // TLS on the tunnel port only: a TLS tunnel cannot move between cores,
+    // so the one asked for must be accepted on the core that asked; one
+    // accepted on the other is sent to dial again (503 `tunnel_core`,
+    // Retry-After: 0).
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = run([
+        "cert",
+        "new",
+        "127.0.0.1",
+        "localhost",
+        "--file",
+        "gw",
+        "--out",
+        d.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "cert new: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = |f: &str| format!("{:?}", d.join(f).to_str().unwrap());
+    let app = App::start();
+    let mut gw = Gateway::start(&GatewayConfig {
+        workers: 2,
+        extra_gateway_toml: format!(
+            "tunnel_scale_up = 40\nadmin_port = 0\ntunnel_port = 0\n\
+             tunnel_tls = {{ enabled = true, cert_file = {}, key_file = {} }}\n",
+            path("gw.crt"),
+            path("gw.key")
+        ),
+        ..GatewayConfig::default()
+    });
+    // The lines after the ready one, in order.
+    let tunnel =
+        common::procs::addr_in(&gw.proc.wait_stdout("anp-proxy gateway tunnels on wss://"));
+    let admin = common::procs::addr_in(&gw.proc.wait_stdout("anp-proxy admin listening on "));
+    let mut cfg = ReceiverConfig::new(gw.addr, app.addr, ALICE_TOKEN, 0);
+    cfg.gateway_url = format!("wss://{tunnel}/ws");
+    cfg.extra_toml = format!("ca_file = {}\n", path("ca.crt"));
+    let mut rx = Receiver::start_with(&cfg);
+    rx.wait_connected(1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = load(gw.addr, "/alice", 4, &stop);
+    wait_until("alice to hold a TLS tunnel on each core", WAIT, || {
+        per_core(admin, "alice") == [1, 1]
+    });
+    stop.store(true, Ordering::Relaxed);
+    for h in clients {
+        h.join().unwrap();
+    }
+    let redialled = rx
+        .proc
+        .stderr_lines(0)
+        .iter()
+        .filter(|l| l.contains("the gateway wants this tunnel on another of its cores"))
+        .count();
+    println!("the asked-for TLS tunnel landed on the wrong core {redialled} time(s) before the right one");
 }

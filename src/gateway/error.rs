@@ -104,6 +104,10 @@ pub enum UpgradeError {
     HeadTimeout,
     #[error("another receiver instance is connected for this identity")]
     DuplicateInstance,
+    /// `scale`: a TLS tunnel asked for on core `.0` was accepted on a core
+    /// that holds one already and cannot move; dial again at once.
+    #[error("this tunnel was asked for on core {0}; dial again")]
+    OtherCore(usize),
     #[error("X-ANPX-Instance must be 1 to 64 of A-Z a-z 0-9 . _ -")]
     BadInstance,
     #[error("{0}")]
@@ -118,6 +122,7 @@ impl UpgradeError {
             UpgradeError::Pending(r, _) => r.reason(),
             UpgradeError::HandshakeTimeout | UpgradeError::HeadTimeout => "handshake_timeout",
             UpgradeError::DuplicateInstance => "duplicate_instance",
+            UpgradeError::OtherCore(_) => "tunnel_core",
             UpgradeError::BadInstance => "bad_instance",
             UpgradeError::BadHandshake(_) => "bad_handshake",
         }
@@ -216,6 +221,7 @@ fn upgrade_status(e: &UpgradeError) -> (u16, Option<u32>) {
         }
         UpgradeError::HandshakeTimeout | UpgradeError::HeadTimeout => (408, None),
         UpgradeError::DuplicateInstance => (409, None),
+        UpgradeError::OtherCore(_) => (503, Some(0)),
         UpgradeError::BadInstance | UpgradeError::BadHandshake(_) => (400, None),
     }
 }
@@ -341,7 +347,9 @@ impl ProxyError {
             // What the receiver reports is the app's failure (cannot
             // connect, bad response, timeout upstream).
             ProxyError::Receiver(_) => Side::App,
-            ProxyError::Upgrade(UpgradeError::Pending(_, _)) => Side::Gateway,
+            ProxyError::Upgrade(UpgradeError::Pending(_, _) | UpgradeError::OtherCore(_)) => {
+                Side::Gateway
+            }
             ProxyError::Upgrade(UpgradeError::Auth(crate::auth::AuthError::Did(
                 crate::auth::didwba::DidAuthError::NonceCacheFull
                 | crate::auth::didwba::DidAuthError::NonceStore(_),
@@ -526,6 +534,12 @@ mod tests {
                 409,
                 "duplicate_instance",
                 Side::Receiver,
+            ),
+            (
+                up(UpgradeError::OtherCore(1)),
+                503,
+                "tunnel_core",
+                Side::Gateway,
             ),
             (
                 up(UpgradeError::BadInstance),

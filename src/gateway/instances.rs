@@ -70,6 +70,11 @@ pub enum Placement {
     Placed { core: usize, others: Vec<String> },
     /// `refuse`: another instance holds tunnels; nothing was counted.
     Refused { others: Vec<String> },
+    /// `scale`: the tunnel cannot move (TLS), and lands on a core that
+    /// already holds one of the identity while one was asked for core
+    /// `asked`: the receiver should dial again (its next connection may be
+    /// accepted there). Nothing was counted.
+    Elsewhere { asked: usize },
 }
 
 #[derive(Debug)]
@@ -122,6 +127,11 @@ impl TunnelBook {
             return Placement::Refused { others };
         }
         h.forget_old_asks(now);
+        if !movable && h.per_core.get(here).is_some_and(|n| *n > 0) {
+            if let Some(&(asked, _)) = h.asked.iter().find(|(c, _)| h.per_core[*c] == 0) {
+                return Placement::Elsewhere { asked };
+            }
+        }
         let mut best = here;
         if movable {
             for (core, n) in h.per_core.iter().enumerate() {
@@ -296,6 +306,47 @@ mod tests {
             Some(Ask { holder: 0, want: 2 })
         );
         assert_eq!(b.ask("nobody", 1, t), None);
+    }
+
+    #[test]
+    fn a_tunnel_that_cannot_move_is_sent_to_dial_again_while_another_core_waits() {
+        let mut b = TunnelBook::new(2);
+        let a = id("alice");
+        let t = now();
+        b.place(&a, "r1", true, 0, false, Refuse, t);
+        assert_eq!(b.ask("alice", 1, t), Some(Ask { holder: 0, want: 2 }));
+        assert_eq!(
+            b.place(&a, "r1", true, 0, false, Refuse, t),
+            Placement::Elsewhere { asked: 1 }
+        );
+        assert_eq!(
+            b.per_core(),
+            vec![(a.clone(), vec![1, 0])],
+            "nothing counted"
+        );
+        assert_eq!(
+            b.place(&a, "r1", true, 1, false, Refuse, t),
+            Placement::Placed {
+                core: 1,
+                others: vec![]
+            }
+        );
+        // No ask standing: a tunnel that cannot move stays where it lands.
+        assert_eq!(
+            b.place(&a, "r1", true, 0, false, Refuse, t),
+            Placement::Placed {
+                core: 0,
+                others: vec![]
+            }
+        );
+        // Nor once the ask is old.
+        let mut b = TunnelBook::new(2);
+        b.place(&a, "r1", true, 0, false, Refuse, t);
+        b.ask("alice", 1, t);
+        assert!(matches!(
+            b.place(&a, "r1", true, 0, false, Refuse, t + ASK_TTL),
+            Placement::Placed { core: 0, .. }
+        ));
     }
 
     #[test]

@@ -212,6 +212,11 @@ fn place(
                 reason = "duplicate_instance", "tunnel upgrade refused: another receiver instance holds this identity's tunnels (duplicate_tunnels = refuse)");
             Err(ProxyError::Upgrade(UpgradeError::DuplicateInstance))
         }
+        Placement::Elsewhere { asked } => {
+            tracing::info!(%peer, identity = %owner.identity, core = ctx.index, asked,
+                reason = "tunnel_core", "tunnel upgrade refused (503, Retry-After: 0): scale asked for a tunnel on another core, and a TLS tunnel cannot move there; the receiver dials again");
+            Err(ProxyError::Upgrade(UpgradeError::OtherCore(asked)))
+        }
     }
 }
 

@@ -139,6 +139,13 @@ impl TunnelError {
             _ => None,
         }
     }
+
+    /// The gateway asked for this tunnel on another core, and this
+    /// connection (TLS) could not move there: dial again at once
+    /// (`scale`, PROTOCOL.md §7.8). Routine, not an error.
+    fn other_core(&self) -> bool {
+        matches!(self, TunnelError::Refused { status: 503, body, .. } if body.contains("\"tunnel_core\""))
+    }
 }
 
 /// How a slot came to run.
@@ -222,6 +229,12 @@ async fn keep_up(ctx: &Rc<CoreRx>, gw: &Rc<CoreGateway>, index: usize) {
                 tracing::error!(tunnel = index, gateway = %gateway, error = %e, "not reconnecting; exiting");
                 eprintln!("anp-proxy: receiver {e}; exiting");
                 std::process::exit(crate::protocol::features::EXIT_REPLACED);
+            }
+            Err(e) if e.other_core() => {
+                tracing::info!(tunnel = index, gateway = %gateway, "the gateway wants this tunnel on another of its cores; dialling again");
+                backoff::Ended::Refused {
+                    retry_after: e.retry_after(),
+                }
             }
             Err(e @ TunnelError::Refused { .. }) => {
                 tracing::error!(tunnel = index, gateway = %gateway, error = %e, "tunnel refused");
