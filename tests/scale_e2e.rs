@@ -20,9 +20,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::app::App;
-use common::procs::{
-    run, Gateway, GatewayConfig, Receiver, ReceiverConfig, ALICE_TOKEN, BOB_TOKEN,
-};
+use common::procs::{Gateway, GatewayConfig, Receiver, ReceiverConfig, ALICE_TOKEN, BOB_TOKEN};
 use common::{client, wait_until};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -244,30 +242,16 @@ fn a_hot_identity_over_tls_tunnels_gets_one_on_each_core_too() {
     // Retry-After: 0).
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let out = run([
-        "cert",
-        "new",
-        "127.0.0.1",
-        "localhost",
-        "--file",
-        "gw",
-        "--out",
-        d.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "cert new: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = |f: &str| format!("{:?}", d.join(f).to_str().unwrap());
+    let (ca, crt, key) = common::procs::cert_new(d, "gw");
+    let path = |p: &std::path::Path| format!("{:?}", p.to_str().unwrap());
     let app = App::start();
     let mut gw = Gateway::start(&GatewayConfig {
         workers: 2,
         extra_gateway_toml: format!(
             "tunnel_scale_up = 40\nadmin_port = 0\ntunnel_port = 0\n\
              tunnel_tls = {{ enabled = true, cert_file = {}, key_file = {} }}\n",
-            path("gw.crt"),
-            path("gw.key")
+            path(&crt),
+            path(&key)
         ),
         ..GatewayConfig::default()
     });
@@ -277,7 +261,7 @@ fn a_hot_identity_over_tls_tunnels_gets_one_on_each_core_too() {
     let admin = common::procs::addr_in(&gw.proc.wait_stdout("anp-proxy admin listening on "));
     let mut cfg = ReceiverConfig::new(gw.addr, app.addr, ALICE_TOKEN, 0);
     cfg.gateway_url = format!("wss://{tunnel}/ws");
-    cfg.extra_toml = format!("ca_file = {}\n", path("ca.crt"));
+    cfg.extra_toml = format!("ca_file = {}\n", path(&ca));
     let mut rx = Receiver::start_with(&cfg);
     rx.wait_connected(1);
     let stop = Arc::new(AtomicBool::new(false));

@@ -12,27 +12,12 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use common::procs::{run, ReceiverConfig};
+use common::procs::ReceiverConfig;
 use common::{client, App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN};
 
 /// `cert new 127.0.0.1 localhost --out DIR`: (ca.crt, app.crt, app.key).
 fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let out = run([
-        "cert",
-        "new",
-        "127.0.0.1",
-        "localhost",
-        "--file",
-        "app",
-        "--out",
-        dir.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "cert new: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (dir.join("ca.crt"), dir.join("app.crt"), dir.join("app.key"))
+    common::procs::cert_new(dir, "app")
 }
 
 /// A gateway and an alice receiver calling `upstream`, with `extra` in

@@ -273,6 +273,31 @@ pub fn run<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Output {
         })
 }
 
+/// `anp-proxy cert new 127.0.0.1 localhost --file NAME --out DIR`: a CA
+/// and a certificate for both names, `(ca.crt, NAME.crt, NAME.key)`.
+pub fn cert_new(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let out = run([
+        "cert",
+        "new",
+        "127.0.0.1",
+        "localhost",
+        "--file",
+        name,
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "cert new: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        dir.join("ca.crt"),
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    )
+}
+
 /// `SUBCOMMAND --config CONFIG FLAGS…`.
 fn args<'a>(subcommand: &'a str, config: &'a Path, flags: &'a [&'a str]) -> Vec<&'a OsStr> {
     let mut v = vec![
