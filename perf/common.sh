@@ -68,5 +68,13 @@ TOML
     "$ANP_BIN" receiver --config "$WORK/receiver.toml" >"$WORK/receiver.out" 2>"$WORK/receiver.err" &
     RX_PID=$!
     PIDS+=($RX_PID)
-    wait_line "$WORK/receiver.out" "connected" "$workers"
+    wait_line "$WORK/receiver.out" "connected" 1
+    # tunnels = 0: one tunnel to start with, and one per gateway worker once
+    # its cores hand requests off (`scale`, docs/PROTOCOL.md 7.8): load it
+    # until they are all up, so the profile sees the steady state.
+    for _ in $(seq 15); do
+        [ "$(grep -c connected "$WORK/receiver.out")" -ge "$workers" ] && break
+        "$BIN/anp-loadgen" --url "http://127.0.0.1:$GW_PORT/bytes/16" -c 16 -d 1 --warmup 0 -t 1 \
+            >/dev/null 2>&1 || true
+    done
 }
