@@ -10,9 +10,8 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -24,20 +23,7 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const WAIT: Duration = Duration::from_secs(30);
 
 fn python() -> &'static Path {
-    static PY: OnceLock<PathBuf> = OnceLock::new();
-    PY.get_or_init(|| {
-        let venv = Path::new(ROOT).join("target/interop-venv");
-        let st = Command::new("bash")
-            .arg(Path::new(ROOT).join("tests/interop/setup_venv.sh"))
-            .arg(&venv)
-            .status()
-            .expect("run setup_venv.sh");
-        assert!(
-            st.success(),
-            "expected setup_venv.sh to install the pinned SDKs"
-        );
-        venv.join("bin/python")
-    })
+    procs::interop_python()
 }
 
 /// Runs `tests/interop/sdk.py ARGS` and returns its JSON answer.

@@ -10,29 +10,17 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+use std::path::Path;
 use std::time::Duration;
 
-use common::procs::{Gateway, GatewayConfig, Proc, Receiver, ALICE_TOKEN};
+use common::procs::{self, Gateway, GatewayConfig, Proc, Receiver, ALICE_TOKEN};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// Hang guard for one scenario (a loaded machine, a debug build).
 const RUN: Duration = Duration::from_secs(240);
 
 fn python() -> &'static Path {
-    static PY: OnceLock<PathBuf> = OnceLock::new();
-    PY.get_or_init(|| {
-        let venv = Path::new(ROOT).join("target/interop-venv");
-        let st = Command::new("bash")
-            .arg(Path::new(ROOT).join("tests/interop/setup_venv.sh"))
-            .arg(&venv)
-            .status()
-            .expect("run setup_venv.sh");
-        assert!(st.success(), "expected setup_venv.sh to install websockets");
-        venv.join("bin/python")
-    })
+    procs::interop_python()
 }
 
 fn script() -> String {

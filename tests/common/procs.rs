@@ -273,6 +273,27 @@ pub fn run<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Output {
         })
 }
 
+/// The Python of the test virtualenv (`target/interop-venv`: ANP's SDKs
+/// and `websockets`, pinned, from PyPI), made by
+/// `tests/interop/setup_venv.sh` on first use in this test binary.
+pub fn interop_python() -> &'static Path {
+    static PY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PY.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let venv = root.join("target/interop-venv");
+        let st = Command::new("bash")
+            .arg(root.join("tests/interop/setup_venv.sh"))
+            .arg(&venv)
+            .status()
+            .expect("run tests/interop/setup_venv.sh");
+        assert!(
+            st.success(),
+            "expected tests/interop/setup_venv.sh to install the pinned packages"
+        );
+        venv.join("bin/python")
+    })
+}
+
 /// `anp-proxy cert new 127.0.0.1 localhost --file NAME --out DIR`: a CA
 /// and a certificate for both names, `(ca.crt, NAME.crt, NAME.key)`.
 pub fn cert_new(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
