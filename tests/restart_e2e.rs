@@ -16,11 +16,10 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use common::load::Load;
 use common::managed::Managed;
 use common::procs::Proc;
 use common::wait_until;
@@ -90,66 +89,6 @@ fn admin_pid(admin: SocketAddr) -> u64 {
         .unwrap_or_else(|| panic!("admin GET /health: no pid in {v}"))
 }
 
-/// Clients on fresh connections, one request each, until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicUsize>,
-    failures: Arc<Mutex<Vec<String>>>,
-    threads: Vec<thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(addr: SocketAddr, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicUsize::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..clients)
-            .map(|_| {
-                let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
-                thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        match health(addr) {
-                            Ok((200, body)) if body == b"ok\n" => {
-                                ok.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ok((s, body)) => failures.lock().unwrap().push(format!(
-                                "status {s}, body {:?}",
-                                String::from_utf8_lossy(&body)
-                            )),
-                            Err(e) => failures.lock().unwrap().push(e.to_string()),
-                        }
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            ok,
-            failures,
-            threads,
-        }
-    }
-
-    fn ok(&self) -> usize {
-        self.ok.load(Ordering::Relaxed)
-    }
-
-    fn wait_more(&self, n: usize, what: &str) {
-        let from = self.ok();
-        wait_until(what, WAIT, || self.ok() >= from + n);
-    }
-
-    /// Stops the clients; (requests ok, failures).
-    fn finish(self) -> (usize, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        let failures = self.failures.lock().unwrap().clone();
-        (self.ok.load(Ordering::Relaxed), failures)
-    }
-}
-
 #[test]
 fn manage_sh_restart_on_the_shipped_config_drops_nothing() {
     let (port, admin_port) = two_free_ports();
@@ -173,8 +112,16 @@ fn manage_sh_restart_on_the_shipped_config_drops_nothing() {
         "before: admin served by {old}"
     );
 
-    let load = Load::start(addr, 4);
-    load.wait_more(50, "requests to flow before the restart");
+    // Clients on fresh connections, one request each, until stopped.
+    let load = Load::start(4, move |_, _| match health(addr) {
+        Ok((200, body)) if body == b"ok\n" => Ok(()),
+        Ok((s, body)) => Err(format!(
+            "status {s}, body {:?}",
+            String::from_utf8_lossy(&body)
+        )),
+        Err(e) => Err(e.to_string()),
+    });
+    load.wait_more(50, "requests to flow before the restart", WAIT);
     let out = m.run(&["restart"]);
     let new = m.pid();
     assert_ne!(new, old, "a new process after the restart");
@@ -182,7 +129,7 @@ fn manage_sh_restart_on_the_shipped_config_drops_nothing() {
         gone(old),
         "manage.sh restart returned with the old gateway ({old}) still running"
     );
-    load.wait_more(50, "requests served by the successor");
+    load.wait_more(50, "requests served by the successor", WAIT);
     let (ok, failures) = load.finish();
     eprintln!(
         "manage.sh restart ({}): {ok} requests ok, {} failed",

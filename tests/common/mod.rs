@@ -9,6 +9,7 @@
 
 pub mod app;
 pub mod client;
+pub mod load;
 pub mod managed;
 pub mod procs;
 pub mod rawpeer;
