@@ -757,23 +757,28 @@ impl CoreCtx {
                     self.shared.ask_tunnel(&id, self.index);
                 }
             }
-            let scalable: Vec<Rc<Tunnel>> = self
-                .tunnels
-                .borrow()
-                .values()
-                .flatten()
-                .filter(|t| t.features.scale)
-                .cloned()
-                .collect();
-            for t in scalable {
+            // A quiet tunnel is offered for release when it has been quiet
+            // `idle_ticks` seconds, and again every `idle_ticks` after that
+            // while it is refused (its identity's last): with many cold
+            // identities, the shared book is asked rarely.
+            let mut quiet_ones = Vec::new();
+            for t in self.tunnels.borrow().values().flatten() {
+                if !t.features.scale {
+                    continue;
+                }
                 let carried = t.carried.replace(0);
                 let quiet = if carried.saturating_mul(2) < up {
-                    t.quiet_ticks.get() + 1
+                    t.quiet_ticks.get().saturating_add(1)
                 } else {
                     0
                 };
                 t.quiet_ticks.set(quiet);
-                if quiet >= idle_ticks && self.shared.release_tunnel(&t.owner(), self.index) {
+                if quiet >= idle_ticks && (quiet - idle_ticks).is_multiple_of(idle_ticks) {
+                    quiet_ones.push(t.clone());
+                }
+            }
+            for t in quiet_ones {
+                if self.shared.release_tunnel(&t.owner(), self.index) {
                     self.release(t);
                 }
             }
