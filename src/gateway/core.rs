@@ -19,7 +19,7 @@ use bytes::Bytes;
 use futures_channel::{mpsc as xmpsc, oneshot as xoneshot};
 
 use super::error::ProxyError;
-use super::instances::Placement;
+use super::instances::{Ask, Placement};
 use super::routes::{IdentityName, RouteTable};
 use super::tunnel::Tunnel;
 use crate::auth::Authenticator;
@@ -112,6 +112,10 @@ pub enum CoreMsg {
         identity: IdentityName,
         want: usize,
     },
+    /// `scale`: this core holds two or more of the identity's tunnels
+    /// while another core has none; let one go (the other core's next ask
+    /// brings one there).
+    ReleaseOne(IdentityName),
 }
 
 /// Process-wide counters (cold path or per-event, never per byte).
@@ -263,22 +267,29 @@ impl Shared {
 
     /// `scale`: core `core` hands off enough of `identity`'s requests that
     /// a tunnel of its own would pay: asks the receiver for one more
-    /// through a core that holds one (`TunnelBook::ask` says whether).
-    /// Cold path: at most once per identity and core per scale tick.
+    /// through a core that holds one, or has a core holding two let one
+    /// go (`TunnelBook::ask` decides). Cold path: at most once per
+    /// identity and core per scale tick.
     fn ask_tunnel(&self, identity: &IdentityName, core: usize) {
         let ask = self.book().ask(identity, core, std::time::Instant::now());
-        let Some(ask) = ask else {
-            return;
+        let (to, msg) = match ask {
+            None => return,
+            Some(Ask::More { holder, want }) => {
+                self.counters
+                    .scale_asks_total
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(identity = %identity, core, want,
+                    "scale: this core hands off enough requests to want a tunnel; asking the receiver for one more");
+                let identity = identity.clone();
+                (holder, CoreMsg::WantTunnels { identity, want })
+            }
+            Some(Ask::Move { from }) => {
+                tracing::info!(identity = %identity, core, from,
+                    "scale: this core hands off enough requests to want a tunnel, and another holds two; letting one of those go");
+                (from, CoreMsg::ReleaseOne(identity.clone()))
+            }
         };
-        self.counters
-            .scale_asks_total
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::info!(identity = %identity, core, want = ask.want,
-            "scale: this core hands off enough requests to want a tunnel; asking the receiver for one more");
-        let _ = self.inboxes[ask.holder].unbounded_send(CoreMsg::WantTunnels {
-            identity: identity.clone(),
-            want: ask.want,
-        });
+        let _ = self.inboxes[to].unbounded_send(msg);
     }
 
     /// `scale`: takes a quiet tunnel on `core` out of the book, unless it
@@ -854,6 +865,19 @@ impl CoreCtx {
                         .and_then(|v| v.iter().find(|t| t.features.scale).cloned());
                     if let Some(t) = t {
                         t.ask_for_tunnels(want);
+                    }
+                }
+                CoreMsg::ReleaseOne(identity) => {
+                    let t = ctx.tunnels.borrow().get(&identity).and_then(|v| {
+                        v.iter()
+                            .filter(|t| t.features.scale)
+                            .min_by_key(|t| t.inflight_len())
+                            .cloned()
+                    });
+                    if let Some(t) = t {
+                        if ctx.shared.release_tunnel(&t.owner(), ctx.index) {
+                            ctx.release(t);
+                        }
                     }
                 }
                 CoreMsg::Metrics(reply) => {

@@ -43,12 +43,17 @@ struct Holdings {
 /// its tunnel landed on another core and could not move).
 pub const ASK_TTL: Duration = Duration::from_secs(10);
 
-/// What [`TunnelBook::ask`] decided: tell a tunnel on core `holder` that
-/// the receiver should keep `want` tunnels.
+/// What [`TunnelBook::ask`] decided.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Ask {
-    pub holder: usize,
-    pub want: usize,
+pub enum Ask {
+    /// Tell a tunnel on core `holder` that the receiver should keep
+    /// `want` tunnels.
+    More { holder: usize, want: usize },
+    /// The identity has `workers` tunnels already, but core `from` holds
+    /// two or more (TLS tunnels land where they are accepted, after a
+    /// restart too): let one of those go; the core that asked gets the
+    /// next one.
+    Move { from: usize },
 }
 
 impl Holdings {
@@ -175,9 +180,10 @@ impl TunnelBook {
 
     /// Core `core` holds no tunnel of `identity` and hands its requests to
     /// other cores often enough that one would pay: ask the receiver for
-    /// one more, unless one is already asked for this core, the identity
-    /// has `workers` tunnels (with those asked for), or no receiver of it
-    /// negotiated `scale`.
+    /// one more, unless one is already asked for this core or no receiver
+    /// of it negotiated `scale`. When the identity has `workers` tunnels
+    /// (with those asked for), one on a core that holds two or more is
+    /// moved instead; otherwise nothing.
     pub fn ask(&mut self, identity: &str, core: usize, now: Instant) -> Option<Ask> {
         let workers = self.workers;
         let h = self.by_identity.get_mut(identity)?;
@@ -186,13 +192,16 @@ impl TunnelBook {
         if h.scalable == 0
             || h.per_core.get(core).is_none_or(|n| *n > 0)
             || h.asked.iter().any(|(c, _)| *c == core)
-            || total + h.asked.len() >= workers
         {
             return None;
         }
+        if total + h.asked.len() >= workers {
+            let from = h.per_core.iter().position(|n| *n >= 2)?;
+            return Some(Ask::Move { from });
+        }
         h.asked.push((core, now));
         let holder = h.per_core.iter().position(|n| *n > 0)?;
-        Some(Ask {
+        Some(Ask::More {
             holder,
             want: total + h.asked.len(),
         })
@@ -275,9 +284,9 @@ mod tests {
         b.left(&a, "old", false, 0);
         b.place(&a, "r1", true, 0, true, Refuse, t);
         assert_eq!(b.ask("alice", 0, t), None, "core 0 holds one");
-        assert_eq!(b.ask("alice", 2, t), Some(Ask { holder: 0, want: 2 }));
+        assert_eq!(b.ask("alice", 2, t), Some(Ask::More { holder: 0, want: 2 }));
         assert_eq!(b.ask("alice", 2, t), None, "asked already");
-        assert_eq!(b.ask("alice", 1, t), Some(Ask { holder: 0, want: 3 }));
+        assert_eq!(b.ask("alice", 1, t), Some(Ask::More { holder: 0, want: 3 }));
         // The next movable tunnel lands where it was first asked for, even
         // when accepted elsewhere.
         assert_eq!(
@@ -303,7 +312,7 @@ mod tests {
         assert_eq!(b.ask("alice", 1, t + ASK_TTL / 2), None);
         assert_eq!(
             b.ask("alice", 1, t + ASK_TTL),
-            Some(Ask { holder: 0, want: 2 })
+            Some(Ask::More { holder: 0, want: 2 })
         );
         assert_eq!(b.ask("nobody", 1, t), None);
     }
@@ -314,7 +323,7 @@ mod tests {
         let a = id("alice");
         let t = now();
         b.place(&a, "r1", true, 0, false, Refuse, t);
-        assert_eq!(b.ask("alice", 1, t), Some(Ask { holder: 0, want: 2 }));
+        assert_eq!(b.ask("alice", 1, t), Some(Ask::More { holder: 0, want: 2 }));
         assert_eq!(
             b.place(&a, "r1", true, 0, false, Refuse, t),
             Placement::Elsewhere { asked: 1 }
@@ -363,7 +372,26 @@ mod tests {
         assert!(!b.release(&a, "r1", 0), "the last one stays");
         assert_eq!(b.per_core(), vec![(a.clone(), vec![1, 0])]);
         // Released, core 1 may ask again.
-        assert_eq!(b.ask("alice", 1, t), Some(Ask { holder: 0, want: 2 }));
+        assert_eq!(b.ask("alice", 1, t), Some(Ask::More { holder: 0, want: 2 }));
+    }
+
+    #[test]
+    fn two_tunnels_that_cannot_move_stuck_on_one_core_are_spread() {
+        // After a restart a receiver's TLS tunnels land where the kernel
+        // accepts them: both on core 0, say.
+        let mut b = TunnelBook::new(2);
+        let a = id("alice");
+        let t = now();
+        b.place(&a, "r1", true, 0, false, Refuse, t);
+        b.place(&a, "r1", true, 0, false, Refuse, t);
+        assert_eq!(b.ask("alice", 1, t), Some(Ask::Move { from: 0 }));
+        assert!(b.release(&a, "r1", 0));
+        assert_eq!(b.ask("alice", 1, t), Some(Ask::More { holder: 0, want: 2 }));
+        // With one on each core nothing moves.
+        let mut b = TunnelBook::new(2);
+        b.place(&a, "r1", true, 0, false, Refuse, t);
+        b.place(&a, "r1", true, 1, false, Refuse, t);
+        assert_eq!(b.ask("alice", 1, t), None);
     }
 
     #[test]
