@@ -839,6 +839,11 @@ class Bench:
                     if max_per_core and row.get("goodput_per_server_core"):
                         row["max_per_server_core"] = round(max_per_core, 1)
                         row["goodput_vs_max_per_core"] = ratio(row["goodput_per_server_core"], max_per_core)
+                    cap_per_core = getattr(self, "per_core", {}).get(OVERLOAD_MAX_CONNS, {}).get(t)
+                    if cap_per_core and row.get("goodput_per_server_core"):
+                        row["closed_at_max_conns_per_server_core"] = round(cap_per_core, 1)
+                        row["goodput_vs_closed_at_max_conns_per_core"] = ratio(row["goodput_per_server_core"],
+                                                                               cap_per_core)
                     if at_cap:
                         row["closed_rps_at_max_conns"] = round(at_cap[t], 1)
                         row["goodput_vs_closed_at_max_conns"] = ratio(row["goodput_rps"], at_cap[t])
@@ -1249,24 +1254,27 @@ def overload_table(report):
         lines.append("")
         lines.append(f"overload, open loop, 1 KiB (client timeout {OVERLOAD_TIMEOUT} s, at most "
                      f"{OVERLOAD_MAX_CONNS} connections; goodput = 2xx/s):")
-        hdr = (f"  {'load':>4s} {'target':16s} {'max':>8s} {'offered':>8s} {'goodput':>8s} {'xmax':>5s} "
-               f"{'x2048c':>6s} {'xcore':>5s} {'gen':>4s} {'othr':>4s} {'p99 served':>11s} {'p99 refused':>11s}"
+        hdr = (f"  {'load':>4s} {'target':22s} {'max':>8s} {'offered':>8s} {'goodput':>8s} {'xmax':>5s} "
+               f"{'x2048c':>6s} {'xcore':>5s} {'xc2048':>6s} {'gen':>4s} {'othr':>4s} {'p99 served':>11s} {'p99 refused':>11s}"
                f"  errors by kind")
         lines.append(hdr)
         for r in over:
             e = {k: v for k, v in r["errors_by_kind"].items() if v}
             c = r.get("cores") or {}
             lines.append(
-                f"  {r['factor']:>3}x {r['target']:16s} {r['closed_max_rps']:8.0f} {r['offered_rps']:8.0f} "
+                f"  {r['factor']:>3}x {r['target']:22s} {r['closed_max_rps']:8.0f} {r['offered_rps']:8.0f} "
                 f"{r['goodput_rps']:8.0f} {fx(r['goodput_vs_max']):>5s} {fx(r.get('goodput_vs_closed_at_max_conns')):>6s}"
-                f" {fx(r.get('goodput_vs_max_per_core')):>5s} {c.get('loadgen', 0):4.2f} {c.get('other', 0):4.2f}"
+                f" {fx(r.get('goodput_vs_max_per_core')):>5s} {fx(r.get('goodput_vs_closed_at_max_conns_per_core')):>6s}"
+                f" {c.get('loadgen', 0):4.2f} {c.get('other', 0):4.2f}"
                 f" {r['p99_us']:>9d}us "
                 f"{(r.get('refused_p99_us') or 0):>9d}us  {e or 'none'}")
         lines.append(f"  max = closed loop at 64 connections; xmax = goodput / max; x2048c = goodput / the closed loop"
                      f" at {OVERLOAD_MAX_CONNS} connections (what that many clients cost apart from overload)")
         lines.append("  xcore = goodput per server core (app + proxy processes) / the same at max: the servers' own"
                      " efficiency, whatever the generator (gen, cores) and other work on the machine (othr, cores)"
-                     " took; judge by xmax only when othr is ~0")
+                     " took; xc2048 = the same against the closed loop at 2048 connections per server core (the"
+                     " right maximum for an open loop that holds up to 2048 connections); judge by xmax only when othr"
+                     " is ~0")
         lines.append("  goal (issue 12): goodput >= 0.9x the closed-loop max at 2x and 5x, the excess refused fast"
                      " (429/503), the served p99 below `timeout`")
     fair = [r for r in report["runs"] if r["mode"] == "fairness"]
