@@ -1135,7 +1135,6 @@ impl Config {
         if g.queue_timeout.get() <= 0.0 {
             return Err(bad("gateway.queue_timeout", "must be > 0".into()));
         }
-
         let mut names = std::collections::HashSet::new();
         for r in &g.rate_limits {
             let name = r.policy_name();
