@@ -240,6 +240,47 @@ class CpuProbe:
         return {"cpu_us_per_request": round(sum(by.values()), 2), "cpu_us_by_process": by}
 
 
+class CoresProbe:
+    """Where the machine's cores went over the window, in cores (1.0 = one
+    core busy the whole window): each named process (`procs`: name ->
+    (pid, whole_tree); the generator's own pid is added by `loadgen()`
+    once it runs), the whole machine (/proc/stat, every process, other
+    people's builds included) and `other` = machine - the named ones. On
+    the 2-core bench box this says whether the generator, the app or
+    somebody else's build took the CPU the proxy needed."""
+
+    def __init__(self, procs):
+        self.procs = dict(procs)
+        self.t0 = self.t1 = None
+
+    @staticmethod
+    def machine():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v) - v[3] - v[4]  # all but idle and iowait
+
+    def read(self):
+        d = {n: (tree_cpu_ticks(p) if tree else cpu_ticks(p)) for n, (p, tree) in self.procs.items()}
+        d["machine"] = self.machine()
+        return time.monotonic(), d
+
+    def window_start(self):
+        self.t0 = self.read()
+
+    def window_end(self):
+        self.t1 = self.read()
+        self.load1 = os.getloadavg()[0]
+
+    def result(self, requests):
+        if not (self.t0 and self.t1):
+            return {}
+        secs = self.t1[0] - self.t0[0]
+        a, b = self.t0[1], self.t1[1]
+        cores = {n: round((b[n] - a[n]) / CLK_TCK / secs, 2) for n in b if a.get(n) is not None and b[n] is not None}
+        cores["other"] = round(cores["machine"] - sum(v for n, v in cores.items() if n != "machine"), 2)
+        return {"cores": cores, "loadavg_1m": round(self.load1, 2)}
+
+
 ALLOC_LINE = r"alloc-counts seq={} allocations=(\d+) reallocations=(\d+) deallocations=(\d+) allocated_bytes=(\d+)"
 
 
@@ -641,6 +682,9 @@ class Bench:
             sampler = threading.Thread(target=run, daemon=True)
             sampler.start()
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for pr in probes:
+            if isinstance(pr, CoresProbe):
+                pr.procs["loadgen"] = (p.pid, False)
         err, marks, failure = [], [], []
 
         def read_stderr():
@@ -750,15 +794,28 @@ class Bench:
         return self.closed_at(64, secs, warmup, reps)
 
     def closed_at(self, conns, secs, warmup, reps):
-        """Median closed-loop rps of each proxy target at `conns`."""
+        """Median closed-loop rps of each proxy target at `conns`. Also
+        (in `self.per_core[conns]`) the median of its rps per server core
+        (app + proxy processes, [`server_cores`]) over the same runs."""
         runs = {t: [] for t in self.overload_targets()}
+        per_core = {t: [] for t in runs}
         for _ in range(reps):
             for t in runs:
-                r = self.loadgen(t, OVERLOAD_BODY, conns, secs, warmup)
+                r = self.loadgen(t, OVERLOAD_BODY, conns, secs, warmup, probes=[self.cores_probe(t)])
                 runs[t].append(r["rps"])
+                sc = server_cores(r.get("cores"))
+                if sc:
+                    per_core[t].append(r["rps"] / sc)
                 log(f"  [overload] {t:9s} closed loop, {conns} connections: {r['rps']:9.0f} rps"
-                    f"  p99 {r['p99_us']}us  errors {r['errors']}")
+                    f"  p99 {r['p99_us']}us  errors {r['errors']}  cores {r.get('cores')}")
+        if not hasattr(self, "per_core"):
+            self.per_core = {}
+        self.per_core[conns] = {t: statistics.median(v) for t, v in per_core.items() if v}
         return {t: statistics.median(v) for t, v in runs.items()}
+
+    def cores_probe(self, t):
+        """Cores taken by the app, `t`'s proxy processes and the generator."""
+        return CoresProbe({"app": (self.app.pid, False), **self.proxies.get(t, {})})
 
     def set_limits(self, limits):
         """Rewrites the gateway's config with `limits` ([gateway] keys) and
@@ -791,8 +848,18 @@ class Bench:
                         self.set_limits(ANP_VARIANTS.get(label, ""))
                     rate = f * maxes[t]
                     r = self.loadgen(t, OVERLOAD_BODY, 64, secs, warmup, rate=rate, timeout=OVERLOAD_TIMEOUT,
-                                     extra=["--open", "--max-conns", str(OVERLOAD_MAX_CONNS)], sample=(t == ANP))
+                                     extra=["--open", "--max-conns", str(OVERLOAD_MAX_CONNS)], sample=(t == ANP),
+                                     probes=[self.cores_probe(t)])
                     row = overload_row(label, f, maxes[t], rate, r)
+                    max_per_core = getattr(self, "per_core", {}).get(64, {}).get(t)
+                    if max_per_core and row.get("goodput_per_server_core"):
+                        row["max_per_server_core"] = round(max_per_core, 1)
+                        row["goodput_vs_max_per_core"] = ratio(row["goodput_per_server_core"], max_per_core)
+                    cap_per_core = getattr(self, "per_core", {}).get(OVERLOAD_MAX_CONNS, {}).get(t)
+                    if cap_per_core and row.get("goodput_per_server_core"):
+                        row["closed_at_max_conns_per_server_core"] = round(cap_per_core, 1)
+                        row["goodput_vs_closed_at_max_conns_per_core"] = ratio(row["goodput_per_server_core"],
+                                                                               cap_per_core)
                     if at_cap:
                         row["closed_rps_at_max_conns"] = round(at_cap[t], 1)
                         row["goodput_vs_closed_at_max_conns"] = ratio(row["goodput_rps"], at_cap[t])
@@ -800,7 +867,7 @@ class Bench:
                         row["limits"] = ANP_VARIANTS[label].strip().splitlines()
                     log(f"  [overload {f}x] {label:16s} offered {row['offered_rps']:8.0f}  goodput "
                         f"{row['goodput_rps']:8.0f} ({row['goodput_vs_max']:.2f}x max)  served p99 {row['p99_us']}us"
-                        f"  refused p99 {row['refused_p99_us']}us  errors {row['errors_by_kind']}")
+                        f"  refused p99 {row['refused_p99_us']}us  errors {row['errors_by_kind']}  cores {row['cores']}")
                     per[label].append(row)
             for label, rows in per.items():
                 ordered = sorted(rows, key=lambda r: r["goodput_rps"])
@@ -929,17 +996,21 @@ OVERLOAD_MAX_CONNS = 2048
 # The gateway's default places (1,024 in flight + 1,024 queued per identity
 # and core) hold all 2,048 connections: the excess waits, it is never
 # refused, and up to 2,048 requests are in flight to the receiver, which
-# passes up to its max_concurrent (1,024 here) on to the app at once. Two
-# more rows reload the gateway with other limits (SIGHUP) for the same
-# load: `+limits` keeps 32 per core in flight (about the concurrency the
+# passes up to its max_concurrent (1,024 here) on to the app at once. More
+# rows reload the gateway with other limits (SIGHUP) for the same load:
+# `+limits` keeps 32 per core in flight (about the concurrency the
 # closed-loop max runs at) and queues the rest (1,024 per core: nothing is
-# refused); `+shed` keeps the same 32 but queues only 128, so that most of
-# the excess is answered 503 at once.
+# refused); `+shed` keeps the same 32 but queues only 128, so that the
+# excess is answered 503 at once (and the connection then not read for
+# `shed_pause`, default 1 s); `+shed-nopause` is `+shed` with
+# `shed_pause = 0`: every request read and refused at once, at the offered
+# rate (the collapse the pause prevents, measured in the same run).
 # The fairness row runs anp-proxy with the defaults and with `+limits`.
 FAIR_VARIANT = "anp-proxy+limits"
 ANP_VARIANTS = {
     "anp-proxy+limits": "max_inflight_per_identity = 32\nmax_queue_per_identity = 1024\n",
     "anp-proxy+shed": "max_inflight_per_identity = 32\nmax_queue_per_identity = 128\n",
+    "anp-proxy+shed-nopause": "max_inflight_per_identity = 32\nmax_queue_per_identity = 128\nshed_pause = 0\n",
 }
 
 
@@ -954,8 +1025,19 @@ def error_kinds(r):
     return out
 
 
+def server_cores(cores):
+    """Cores the servers took in a run (the app and the proxy's processes:
+    all but the generator, the machine total and other people's work)."""
+    if not cores:
+        return None
+    return sum(v for n, v in cores.items() if n not in ("loadgen", "machine", "other")) or None
+
+
 def overload_row(target, factor, closed_max, rate, r):
+    sc = server_cores(r.get("cores"))
     return {
+        "server_cores": round(sc, 2) if sc else None,
+        "goodput_per_server_core": round(r["goodput_rps"] / sc, 1) if sc else None,
         "target": target, "mode": "overload", "factor": factor, "body_bytes": OVERLOAD_BODY,
         "connections": None, "max_conns": OVERLOAD_MAX_CONNS, "client_timeout_s": OVERLOAD_TIMEOUT,
         "target_rate": round(rate), "closed_max_rps": round(closed_max, 1),
@@ -965,7 +1047,7 @@ def overload_row(target, factor, closed_max, rate, r):
         "p50_us": r["p50_us"], "p99_us": r["p99_us"], "p999_us": r["p999_us"], "max_us": r["max_us"],
         "refused_p50_us": r.get("refused_p50_us"), "refused_p99_us": r.get("refused_p99_us"),
         "errors": r["errors"], "errors_by_kind": error_kinds(r),
-        "rss_peak_kib": r.get("rss_peak_kib"),
+        "rss_peak_kib": r.get("rss_peak_kib"), "cores": r.get("cores"), "loadavg_1m": r.get("loadavg_1m"),
         **({k: r[k] for k in ("cpu_us_per_request", "cpu_us_by_process") if k in r}),
     }
 
@@ -1188,18 +1270,27 @@ def overload_table(report):
         lines.append("")
         lines.append(f"overload, open loop, 1 KiB (client timeout {OVERLOAD_TIMEOUT} s, at most "
                      f"{OVERLOAD_MAX_CONNS} connections; goodput = 2xx/s):")
-        hdr = (f"  {'load':>4s} {'target':16s} {'max':>8s} {'offered':>8s} {'goodput':>8s} {'xmax':>5s} "
-               f"{'x2048c':>6s} {'p99 served':>11s} {'p99 refused':>11s}  errors by kind")
+        hdr = (f"  {'load':>4s} {'target':22s} {'max':>8s} {'offered':>8s} {'goodput':>8s} {'xmax':>5s} "
+               f"{'x2048c':>6s} {'xcore':>5s} {'xc2048':>6s} {'gen':>4s} {'othr':>4s} {'p99 served':>11s} {'p99 refused':>11s}"
+               f"  errors by kind")
         lines.append(hdr)
         for r in over:
             e = {k: v for k, v in r["errors_by_kind"].items() if v}
+            c = r.get("cores") or {}
             lines.append(
-                f"  {r['factor']:>3}x {r['target']:16s} {r['closed_max_rps']:8.0f} {r['offered_rps']:8.0f} "
+                f"  {r['factor']:>3}x {r['target']:22s} {r['closed_max_rps']:8.0f} {r['offered_rps']:8.0f} "
                 f"{r['goodput_rps']:8.0f} {fx(r['goodput_vs_max']):>5s} {fx(r.get('goodput_vs_closed_at_max_conns')):>6s}"
+                f" {fx(r.get('goodput_vs_max_per_core')):>5s} {fx(r.get('goodput_vs_closed_at_max_conns_per_core')):>6s}"
+                f" {c.get('loadgen', 0):4.2f} {c.get('other', 0):4.2f}"
                 f" {r['p99_us']:>9d}us "
                 f"{(r.get('refused_p99_us') or 0):>9d}us  {e or 'none'}")
         lines.append(f"  max = closed loop at 64 connections; xmax = goodput / max; x2048c = goodput / the closed loop"
                      f" at {OVERLOAD_MAX_CONNS} connections (what that many clients cost apart from overload)")
+        lines.append("  xcore = goodput per server core (app + proxy processes) / the same at max: the servers' own"
+                     " efficiency, whatever the generator (gen, cores) and other work on the machine (othr, cores)"
+                     " took; xc2048 = the same against the closed loop at 2048 connections per server core (the"
+                     " right maximum for an open loop that holds up to 2048 connections); judge by xmax only when othr"
+                     " is ~0")
         lines.append("  goal (issue 12): goodput >= 0.9x the closed-loop max at 2x and 5x, the excess refused fast"
                      " (429/503), the served p99 below `timeout`")
     fair = [r for r in report["runs"] if r["mode"] == "fairness"]

@@ -8,8 +8,8 @@ import html
 import math
 
 COLORS = {"direct": "#7f8c8d", "nginx": "#27ae60", "anp-proxy": "#2c6fbb", "anp-proxy+limits": "#8e44ad",
-          "anp-proxy+shed": "#d35400"}
-ORDER = ["direct", "nginx", "anp-proxy", "anp-proxy+limits", "anp-proxy+shed"]
+          "anp-proxy+shed": "#d35400", "anp-proxy+shed-nopause": "#c0392b"}
+ORDER = ["direct", "nginx", "anp-proxy", "anp-proxy+limits", "anp-proxy+shed", "anp-proxy+shed-nopause"]
 
 
 def _fmt_bytes(n):

@@ -324,6 +324,13 @@ pub struct GatewayConfig {
     /// Seconds a queued request waits for a place before 503 +
     /// Retry-After.
     pub queue_timeout: Seconds,
+    /// Seconds a client connection that was just answered 503 by
+    /// admission (`queue_full`, `queue_timeout`) is not read again: its
+    /// next request waits in the socket, costing nothing, instead of being
+    /// read, parsed and refused again at once. Bounds what a flood that
+    /// resends at once (an open loop, a retry loop) costs the core, so the
+    /// requests in flight keep their pace. 0 = read on at once.
+    pub shed_pause: Seconds,
     /// Requests in flight on one core, all identities together; waiting
     /// requests are then admitted round-robin across identities (fair
     /// shares). 0 = no core-wide limit.
@@ -402,6 +409,7 @@ impl Default for GatewayConfig {
             max_inflight_per_identity: 1024,
             max_queue_per_identity: 1024,
             queue_timeout: Seconds(5.0),
+            shed_pause: Seconds(1.0),
             max_inflight_per_core: 0,
             rate_limit_table_size: 65_536,
             rate_limits: Vec::new(),

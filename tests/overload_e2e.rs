@@ -209,7 +209,10 @@ fn the_bucket_table_stays_bounded_under_many_distinct_addresses() {
 /// `timeout`, which is 60 s here) while bob's paced requests all succeed.
 #[test]
 fn a_stuck_identity_is_shed_at_once_while_another_is_served() {
-    let extra = "max_inflight_per_identity = 2\nmax_queue_per_identity = 2\nqueue_timeout = 60\n";
+    // shed_pause = 0: the flood's connection is read on at once (the pause
+    // has a test of its own below).
+    let extra = "max_inflight_per_identity = 2\nmax_queue_per_identity = 2\nqueue_timeout = 60\n\
+                 shed_pause = 0\n";
     let mut c = cfg(1, extra);
     c.timeout = 60.0;
     let r = rig(&c, true);
@@ -261,6 +264,40 @@ fn a_stuck_identity_is_shed_at_once_while_another_is_served() {
     );
     let mut gw = r.gw;
     gw.proc.wait_log(&["request refused", "queue_full"]);
+}
+
+/// After a 503 of admission the connection is not read for `shed_pause`
+/// (60 s here): its next request, for bob whose requests are served at
+/// once, stays unanswered while a request sent after it on another
+/// connection is served; the first refusal itself came at once.
+#[test]
+fn a_shed_connection_is_not_read_again_for_shed_pause() {
+    let extra = "max_inflight_per_identity = 1\nmax_queue_per_identity = 0\nshed_pause = 60\n";
+    let mut c = cfg(1, extra);
+    c.timeout = 60.0;
+    let r = rig(&c, true);
+    let mut held = Conn::connect(r.gw.addr);
+    held.send("GET", "/alice/held", &[("X-Test-Hold", "held")], b"")
+        .unwrap();
+    r.app.wait_arrived("held");
+    let mut shed = Conn::connect(r.gw.addr);
+    let resp = shed.request("GET", "/alice/shed", &[], b"");
+    assert_eq!(resp.status, 503, "{}", resp.summary());
+    assert_eq!(resp.header("retry-after"), Some("1"));
+    // The next request on that connection waits in its socket...
+    shed.send("GET", "/bob/after-shed", &[], b"").unwrap();
+    // ...while one sent after it on another connection is served.
+    let mut other = Conn::connect(r.gw.addr);
+    for i in 0..3 {
+        let b = other.request("GET", &format!("/bob/other{i}"), &[], b"");
+        assert_eq!(b.status, 200, "{}", b.summary());
+    }
+    shed.set_read_timeout(Duration::from_millis(300));
+    assert!(
+        shed.read().is_err(),
+        "the shed connection's next request was read within shed_pause"
+    );
+    assert_eq!(metric(r.admin, "anp_shed_total{reason=\"queue_full\"}"), 1);
 }
 
 /// With one place per core, waiting identities take turns: alice queued

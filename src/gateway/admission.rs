@@ -4,7 +4,11 @@
 //! request that finds no place waits in its identity's queue (at most
 //! `max_queue_per_identity`, at most `queue_timeout`); one more is shed at
 //! once (503 + Retry-After), so a receiver that stopped answering costs
-//! its clients nothing beyond its limit and queue.
+//! its clients nothing beyond its limit and queue. The connection of a
+//! shed request is then not read for `shed_pause`
+//! ([`Admission::pause_after_shed`]): a client resending at once would
+//! otherwise make the core read and refuse at the offered rate, and the
+//! requests in flight would turn over slower the more it refused.
 //!
 //! **Fair shares.** When a place frees, the waiting identities are served
 //! round-robin, one request each in turn (deficit round-robin with every
@@ -41,6 +45,9 @@ pub struct Limits {
     pub queue_timeout: Duration,
     /// 0: none.
     pub per_core: usize,
+    /// How long a connection just answered 503 by admission is not read
+    /// (`shed_pause`); None: read on at once.
+    pub shed_pause: Option<Duration>,
 }
 
 impl Limits {
@@ -50,6 +57,7 @@ impl Limits {
             queue: g.max_queue_per_identity,
             queue_timeout: g.queue_timeout.duration().unwrap_or(Duration::from_secs(5)),
             per_core: g.max_inflight_per_core,
+            shed_pause: g.shed_pause.duration(),
         }
     }
 }
@@ -300,6 +308,21 @@ impl Admission {
                 self.state.borrow_mut().shed[1] += 1;
                 Err(ProxyError::Shed(Shed::QueueTimeout))
             }
+        }
+    }
+
+    /// After a 503 of admission on a connection that stays open: waits
+    /// `shed_pause` before the connection is read again. Its next request
+    /// waits in the socket meanwhile, instead of being read, parsed and
+    /// refused at once, which under a flood that resends at once (an open
+    /// loop, a client retrying without waiting) would take the core from
+    /// the requests in flight: their places turn over slower, goodput
+    /// falls with every refusal (docs/OPERATIONS.md, "What overload
+    /// costs"). The client was told `Retry-After` anyway.
+    pub async fn pause_after_shed(&self) {
+        let pause = self.state.borrow().limits.shed_pause;
+        if let Some(d) = pause {
+            monoio::time::sleep(d).await;
         }
     }
 

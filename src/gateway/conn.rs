@@ -293,8 +293,12 @@ where
         // Route, read the body, proxy. Boxed: one allocation per request
         // keeps this (large) state out of the connection task, so an idle
         // keep-alive connection costs about 1 KiB, not 11 KiB.
-        let (ok, status) = Box::pin(self.proxy(head, head_buf, &mut ex)).await;
+        let (ok, status, shed) = Box::pin(self.proxy(head, head_buf, &mut ex)).await;
         ctx.obs.finish(ex, peer, method, raw_path, status);
+        // Shed: the next request waits in the socket (admission.rs).
+        if shed && ok && head.keep_alive {
+            ctx.admission.pause_after_shed().await;
+        }
         ok && head.keep_alive
     }
 
@@ -320,13 +324,14 @@ where
     }
 
     /// Proxies one request and writes its response or the gateway's error
-    /// reply: (the connection can go on, the status written).
+    /// reply: (the connection can go on, the status written, shed by
+    /// admission).
     async fn proxy(
         &mut self,
         head: &RequestHead,
         head_buf: &Bytes,
         ex: &mut Exchange<'_>,
-    ) -> (bool, u16) {
+    ) -> (bool, u16, bool) {
         let ctx = self.ctx.clone();
         let peer = self.peer;
         let is_head = head.method(head_buf) == "HEAD";
@@ -360,14 +365,14 @@ where
                     &mut ex.bytes_out,
                 )
                 .await;
-                (ok, status)
+                (ok, status, false)
             }
             Err((ProxyError::ClientGone(when), _)) => {
                 // Nobody to answer: logged as that, not as a refusal.
                 let e = ProxyError::ClientGone(when);
                 tracing::info!(%peer, error = %e, side = e.side().as_str(), "client went away");
                 ex.failed(&e, 499);
-                (false, 499)
+                (false, 499, false)
             }
             Err((e, body_read)) => {
                 let reply = error_reply(&e);
@@ -384,7 +389,8 @@ where
                 }
                 let w = write_error(&mut self.io, &mut self.out, &e, is_head, close).await;
                 ex.bytes_out += w.bytes;
-                (w.ok && !close, w.status)
+                let shed = matches!(e, ProxyError::Shed(_));
+                (w.ok && !close, w.status, shed)
             }
         }
     }
