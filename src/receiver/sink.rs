@@ -228,3 +228,100 @@ impl ResponseSink {
         self.send_parts(f, Bytes::new())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::stream::{classify, Incoming, DEFAULT_WINDOW};
+
+    /// The frames a sink queued, each as the bytes of its WebSocket
+    /// message.
+    fn frames(rx: &mut crate::ws::conn::OutRx) -> Vec<Bytes> {
+        let mut v = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            match m {
+                Outgoing::Parts { head, split, body } => {
+                    let mut f = head[..split].to_vec();
+                    f.extend_from_slice(&body);
+                    f.extend_from_slice(&head[split..]);
+                    v.push(Bytes::from(f));
+                }
+                Outgoing::Binary(b) => v.push(b.freeze()),
+                other => panic!("not a frame: {other:?}"),
+            }
+        }
+        v
+    }
+
+    fn sink(out: OutTx) -> ResponseSink {
+        let f = Features {
+            stream: true,
+            binmeta: true,
+            ..Features::default()
+        };
+        let window = Rc::new(Window::new(DEFAULT_WINDOW));
+        ResponseSink::new(out, "0000000000000001".into(), f, window, 65536, 1 << 20)
+    }
+
+    fn meta() -> binmeta::Response {
+        let mut b = binmeta::Builder::response(200, b"OK", 64);
+        b.field(b"content-type", b"text/plain");
+        b.finish_response()
+    }
+
+    #[monoio::test]
+    async fn a_whole_response_that_fits_is_one_unchunked_frame() {
+        let (tx, mut rx) = crate::ws::queue::channel();
+        let body = Bytes::from(vec![7u8; 1024]);
+        sink(tx).head(meta(), body.clone(), true).await.unwrap();
+        let f = frames(&mut rx);
+        assert_eq!(f.len(), 1);
+        match classify(&f[0], FrameType::Response).unwrap() {
+            Incoming::Whole { body: b, .. } => assert_eq!(b, body),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[monoio::test]
+    async fn a_larger_body_ends_on_its_last_piece_with_no_empty_frame() {
+        let (tx, mut rx) = crate::ws::queue::channel();
+        let body: Bytes = (0..65536u32).map(|i| i as u8).collect();
+        sink(tx).head(meta(), body.clone(), true).await.unwrap();
+        let f = frames(&mut rx);
+        assert_eq!(f.len(), 2, "chunk 0 and one final piece");
+        let mut got = Vec::new();
+        match classify(&f[0], FrameType::Response).unwrap() {
+            Incoming::Start { body, last, .. } => {
+                assert!(!last);
+                got.extend_from_slice(&body);
+            }
+            other => panic!("{other:?}"),
+        }
+        match classify(&f[1], FrameType::Response).unwrap() {
+            Incoming::More {
+                body, last, idx, ..
+            } => {
+                assert!(last && idx == 1 && !body.is_empty());
+                got.extend_from_slice(&body);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(got == body[..]);
+
+        // Streamed as read: the last piece carries the flag itself.
+        let (tx, mut rx) = crate::ws::queue::channel();
+        let mut s = sink(tx);
+        s.head(meta(), body.slice(..1000), false).await.unwrap();
+        s.data(body.slice(1000..2000)).await.unwrap();
+        s.data_last(body.slice(2000..)).await.unwrap();
+        let f = frames(&mut rx);
+        let last: Vec<bool> = f
+            .iter()
+            .map(|m| match classify(m, FrameType::Response).unwrap() {
+                Incoming::Start { last, .. } | Incoming::More { last, .. } => last,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(last, [false, false, true]);
+    }
+}
