@@ -218,6 +218,175 @@ pub async fn read_append<R: monoio::io::AsyncReadRent>(
     (res, slice.into_inner())
 }
 
+/// Bytes for one `writev`, in order: small pieces formatted here (a
+/// response head, chunk-size lines, CRLFs: appended to one buffer) and
+/// bodies (refcounted, sent where they lie, never copied), so a response
+/// or a run of body pieces leaves with one submission instead of one write
+/// per piece. [`Writev::send`] resumes short writes from where they
+/// stopped (not monoio 0.2.4's `write_vectored_all`, which shrinks a
+/// partly written iovec without advancing its base: ARCHITECTURE.md,
+/// "Deviations"); on TLS (monoio-rustls's `writev` takes only the first
+/// iovec) that is one write per piece, as before. Pooled per thread
+/// ([`Writev::take`], [`Writev::give`]): a write allocates nothing in
+/// steady state.
+#[derive(Default)]
+pub struct Writev {
+    small: Vec<u8>,
+    /// In order: a range of `small`, or a body.
+    segs: Vec<Seg>,
+    bodies: Vec<bytes::Bytes>,
+    /// On the heap: the kernel reads it through a pointer while this value
+    /// moves into monoio's op.
+    iov: Vec<libc::iovec>,
+    /// First iovec not yet fully written.
+    at: usize,
+    /// Where the current run of small pieces started in `small`.
+    run: usize,
+    bytes: usize,
+}
+
+enum Seg {
+    Small(usize, usize),
+    Body(usize),
+}
+
+/// Most iovecs one `Writev` gathers (IOV_MAX is 1024 on Linux).
+const WRITEV_IOV_MAX: usize = 256;
+/// A `Writev` whose small buffer grew past this is not pooled.
+const WRITEV_KEEP_MAX: usize = 64 * 1024;
+
+thread_local! {
+    static WRITEVS: crate::pool::FreeList<Writev> = const { crate::pool::FreeList::new(256) };
+}
+
+// SAFETY: the iovecs point into `small` and `bodies`, which are not
+// touched (no push, no reallocation) between `seal` and the end of the
+// write that owns this value (a `Vec`'s and a `Bytes`' heap storage does
+// not move when the value does); the iovec array is on the heap too.
+unsafe impl monoio::buf::IoVecBuf for Writev {
+    fn read_iovec_ptr(&self) -> *const libc::iovec {
+        self.iov[self.at..].as_ptr()
+    }
+
+    fn read_iovec_len(&self) -> usize {
+        self.iov.len() - self.at
+    }
+}
+
+impl Writev {
+    /// An empty one from this thread's pool.
+    pub fn take() -> Writev {
+        WRITEVS.with(|l| l.take()).unwrap_or_default()
+    }
+
+    /// Back to the pool (emptied), unless it grew large.
+    pub fn give(mut w: Writev) {
+        w.clear();
+        if w.small.capacity() <= WRITEV_KEEP_MAX {
+            WRITEVS.with(|l| l.give(w));
+        }
+    }
+
+    /// The small-pieces buffer: what is appended goes out after what was
+    /// added before (a body included).
+    pub fn small(&mut self) -> &mut Vec<u8> {
+        &mut self.small
+    }
+
+    /// A body, sent as it is after what was added before.
+    pub fn body(&mut self, b: bytes::Bytes) {
+        if b.is_empty() {
+            return;
+        }
+        if self.small.len() > self.run {
+            self.segs.push(Seg::Small(self.run, self.small.len()));
+        }
+        self.bytes += b.len();
+        self.segs.push(Seg::Body(self.bodies.len()));
+        self.bodies.push(b);
+        self.run = self.small.len();
+    }
+
+    /// Bytes held.
+    pub fn len(&self) -> usize {
+        self.bytes + self.small.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// No more bodies fit in one `writev`.
+    pub fn full(&self) -> bool {
+        self.segs.len() + 2 >= WRITEV_IOV_MAX
+    }
+
+    /// Everything held, with as few `writev`s as the socket allows; then
+    /// emptied (capacity kept) whether or not the write succeeded.
+    pub async fn send<W: monoio::io::AsyncWriteRent>(self, io: &mut W) -> (io::Result<()>, Self) {
+        let mut w = self;
+        w.seal();
+        let res = loop {
+            if w.at == w.iov.len() {
+                break Ok(());
+            }
+            let (res, back) = io.writev(w).await;
+            w = back;
+            match res {
+                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => w.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        w.clear();
+        (res, w)
+    }
+
+    fn seal(&mut self) {
+        if self.small.len() > self.run {
+            self.segs.push(Seg::Small(self.run, self.small.len()));
+            self.run = self.small.len();
+        }
+        self.iov.clear();
+        self.at = 0;
+        for s in &self.segs {
+            let p: &[u8] = match *s {
+                Seg::Small(a, b) => &self.small[a..b],
+                Seg::Body(i) => &self.bodies[i],
+            };
+            self.iov.push(libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            });
+        }
+    }
+
+    /// Marks `n` more bytes written.
+    fn advance(&mut self, mut n: usize) {
+        while let Some(v) = self.iov.get_mut(self.at) {
+            if n < v.iov_len {
+                // SAFETY: n < iov_len: the new base stays inside the piece.
+                v.iov_base = unsafe { (v.iov_base as *mut u8).add(n) } as *mut libc::c_void;
+                v.iov_len -= n;
+                return;
+            }
+            n -= v.iov_len;
+            self.at += 1;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.small.clear();
+        self.segs.clear();
+        self.bodies.clear();
+        self.iov.clear();
+        self.at = 0;
+        self.run = 0;
+        self.bytes = 0;
+    }
+}
+
 /// Implements monoio's `AsyncReadRent` and `AsyncWriteRent` for an enum of
 /// streams by delegating to the stream in each variant (its first field):
 /// the one shape for every "plain, TLS or …" connection type.
@@ -268,6 +437,54 @@ mod tests {
         let joined = bind_reuseport(addr).unwrap();
         drop((l, joined));
         assert!(!port_held(addr).unwrap(), "nobody listens any more");
+    }
+
+    /// Far more than a loopback socket buffer holds, read slowly: the
+    /// `writev`s come back short, some in the middle of an iovec.
+    #[monoio::test_all(timer_enabled = true)]
+    async fn writev_resumes_short_writes_in_order() {
+        use std::io::Read;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let body: bytes::Bytes = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+        let mut want = b"HEAD ".to_vec();
+        want.extend_from_slice(&body);
+        want.extend_from_slice(b"\r\n0\r\n\r\n");
+        let total = want.len();
+        // Reads exactly what is expected: the close of a monoio socket is
+        // only submitted once the runtime runs again, after the join.
+        let reader = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 1000];
+            while got.len() < total {
+                match s.read(&mut chunk).unwrap() {
+                    0 => break,
+                    n => got.extend_from_slice(&chunk[..n]),
+                }
+            }
+            got
+        });
+        let mut s = monoio::net::TcpStream::connect(addr).await.unwrap();
+        let mut w = Writev::take();
+        w.small().extend_from_slice(b"HEAD ");
+        w.body(body.slice(..3 << 20));
+        w.body(bytes::Bytes::new()); // skipped: no empty iovec
+        w.body(body.slice(3 << 20..));
+        w.small().extend_from_slice(b"\r\n0\r\n\r\n");
+        assert_eq!(w.len(), want.len());
+        let (r, mut w) = w.send(&mut s).await;
+        r.unwrap();
+        assert!(w.is_empty(), "emptied after the write");
+        // Nothing held: no write at all.
+        let (r, w2) = w.send(&mut s).await;
+        r.unwrap();
+        w = w2;
+        Writev::give(w);
+        drop(s);
+        let got = reader.join().unwrap();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "bytes differ");
     }
 
     #[monoio::test_all(timer_enabled = true)]

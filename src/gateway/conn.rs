@@ -593,6 +593,10 @@ async fn stream_request<S: AsyncReadRent + Movable>(
     wait_head(io, &mut waiter, s.timeout).await
 }
 
+/// How long a request waits for its response head before its client is
+/// watched for a close (`wait_head`).
+const WATCH_AFTER: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// Waits for the response head. A client that closes its connection
 /// meanwhile cancels the request at the receiver: under overload, clients
 /// that gave up would otherwise leave their requests running ahead of live
@@ -607,9 +611,17 @@ async fn wait_head<S: Movable>(
         Head(Result<RespHead, ProxyError>),
         Gone,
     }
+    // The client is watched only once the head is late: the watch is an
+    // io_uring PollAdd and, when the head comes, its cancel (two
+    // submissions) that a request answered sooner never needs. A client
+    // that leaves is then seen WATCH_AFTER later at most.
+    let watch = async {
+        monoio::time::sleep(WATCH_AFTER).await;
+        io.closed_by_peer().await
+    };
     let got = monoio::select! {
         r = waiter.wait(timeout) => Got::Head(r),
-        () = io.closed_by_peer() => Got::Gone,
+        () = watch => Got::Gone,
     };
     match got {
         Got::Head(r) => r.map_err(|e| (e, true)),

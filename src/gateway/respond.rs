@@ -10,6 +10,7 @@ use super::error::{error_reply, ProxyError};
 use super::forward::{write_response_head, Framing};
 use super::tunnel::{BodyEvent, BodyStream, RespBody, RespHead};
 use crate::http;
+use crate::net::Writev;
 use crate::protocol::anpx::binmeta;
 
 /// Bodies at most this large are copied behind the head so the response
@@ -88,21 +89,20 @@ pub(super) async fn write_response<S: AsyncWriteRent>(
     };
     let close = !keep_alive || framing == Framing::Close;
     write_response_head(out, &resp.meta, framing, close);
-    if !write_counted(io, out, sent_total).await {
-        return false;
-    }
+    // The head is not written yet: it leaves with the first body piece
+    // (or the end), in one write.
     let idle = settings.stream_idle_timeout;
     write_stream(io, out, stream, framing, idle, sent_total).await && !close
 }
 
-/// Writes `out`, then `body`, then `tail`: one write when the body is
-/// small (copied between them), else the body goes as it is, uncopied,
-/// between a write of `out` and one of `tail`.
+/// Writes `out`, then `body`, then `tail`, in one write: a small body is
+/// copied between them, a larger one goes as it is, uncopied, between
+/// them in one `writev` (`net::Writev`).
 async fn write_with<S: AsyncWriteRent>(
     io: &mut S,
     out: &mut Vec<u8>,
     body: Bytes,
-    tail: &[u8],
+    tail: &'static [u8],
     sent: &mut u64,
 ) -> bool {
     if body.len() <= COALESCE_BODY {
@@ -110,54 +110,111 @@ async fn write_with<S: AsyncWriteRent>(
         out.extend_from_slice(tail);
         return write_counted(io, out, sent).await;
     }
-    if !out.is_empty() && !write_counted(io, out, sent).await {
-        return false;
-    }
-    *sent += body.len() as u64;
-    let (res, _) = io.write_all(body).await;
-    if res.is_err() {
-        return false;
-    }
-    out.clear();
-    out.extend_from_slice(tail);
-    out.is_empty() || write_counted(io, out, sent).await
+    let mut w = Writev::take();
+    std::mem::swap(w.small(), out);
+    w.body(body);
+    w.small().extend_from_slice(tail);
+    *sent += w.len() as u64;
+    let (res, mut w) = w.send(io).await;
+    std::mem::swap(w.small(), out);
+    Writev::give(w);
+    res.is_ok()
 }
+
+/// Body pieces gathered into one write at most (more wait for the next).
+const GATHER_MAX: usize = 1024 * 1024;
 
 /// A streamed response body, framed by `framing`, until its end; false
 /// when the connection cannot go on (a failure, or a close-delimited
-/// body).
+/// body). `out` holds the response head on entry: it leaves with the
+/// pieces already here, and every write takes all the pieces that are
+/// waiting (one `writev`, bodies uncopied), so a response whose frames
+/// arrived together goes out with one submission. Credit goes back as
+/// the pieces reach the socket.
 async fn write_stream<S: AsyncWriteRent>(
     io: &mut S,
     out: &mut Vec<u8>,
-    mut stream: BodyStream,
+    stream: BodyStream,
     framing: Framing,
     idle: std::time::Duration,
     sent_total: &mut u64,
 ) -> bool {
+    let mut w = Writev::take();
+    std::mem::swap(w.small(), out);
+    let (ok, mut w) = stream_pieces(io, w, stream, framing, idle, sent_total).await;
+    std::mem::swap(w.small(), out);
+    out.clear();
+    Writev::give(w);
+    ok
+}
+
+async fn stream_pieces<S: AsyncWriteRent>(
+    io: &mut S,
+    mut w: Writev,
+    mut stream: BodyStream,
+    framing: Framing,
+    idle: std::time::Duration,
+    sent_total: &mut u64,
+) -> (bool, Writev) {
     let chunked = framing == Framing::Chunked;
     let mut sent: u64 = 0;
+    // Body bytes in `w`, credited once written.
+    let mut held = 0usize;
     loop {
-        let Ok(ev) = monoio::time::timeout(idle, stream.next()).await else {
-            tracing::info!("response stream idle too long; closing");
-            return false;
+        // What is waiting goes into `w`; when nothing is, `w` is written
+        // (the head at once too: an event stream's head, SSE, must reach
+        // the client before its first event does).
+        let ready = if w.is_empty() {
+            None
+        } else {
+            poll_once(stream.next()).await
+        };
+        let ev = match ready {
+            Some(ev) => ev,
+            None if !w.is_empty() => {
+                *sent_total += w.len() as u64;
+                let (res, back) = w.send(io).await;
+                w = back;
+                if res.is_err() {
+                    return (false, w);
+                }
+                stream.consumed(std::mem::take(&mut held));
+                continue;
+            }
+            None => match monoio::time::timeout(idle, stream.next()).await {
+                Ok(ev) => ev,
+                Err(_) => {
+                    tracing::info!("response stream idle too long; closing");
+                    return (false, w);
+                }
+            },
         };
         let d = match ev {
             BodyEvent::Data(d) => d,
             BodyEvent::End => {
-                return match framing {
+                let ok = match framing {
                     Framing::Chunked => {
-                        out.clear();
-                        out.extend_from_slice(http::LAST_CHUNK);
-                        write_counted(io, out, sent_total).await
+                        w.small().extend_from_slice(http::LAST_CHUNK);
+                        true
                     }
                     Framing::Length(total) => sent == total,
                     Framing::None => true,
                     Framing::Close => false,
                 };
+                // What is held goes out even when the body fell short:
+                // the close then tells the client.
+                *sent_total += w.len() as u64;
+                let (res, w) = w.send(io).await;
+                return (ok && res.is_ok(), w);
             }
             BodyEvent::Failed(e) => {
                 tracing::warn!(error = %e, "response failed mid-body; closing the client connection");
-                return false;
+                // What came before the failure still goes (the head
+                // included); the length or the missing last chunk tells
+                // the client that the body is cut.
+                *sent_total += w.len() as u64;
+                let (_, w) = w.send(io).await;
+                return (false, w);
             }
         };
         let n = d.len();
@@ -168,20 +225,42 @@ async fn write_stream<S: AsyncWriteRent>(
         sent += n as u64;
         if matches!(framing, Framing::Length(total) if sent > total) {
             tracing::warn!("receiver sent more than its Content-Length; closing");
-            return false;
+            return (false, w);
         }
-        out.clear();
-        let tail: &[u8] = if chunked {
-            http::write_chunk_header(out, n);
-            b"\r\n"
+        if chunked {
+            http::write_chunk_header(w.small(), n);
+        }
+        if n <= COALESCE_BODY / 4 {
+            // A small piece (an SSE event) is cheaper copied than gathered.
+            w.small().extend_from_slice(&d);
         } else {
-            b""
-        };
-        if !write_with(io, out, d, tail, sent_total).await {
-            return false;
+            w.body(d);
         }
-        stream.consumed(n);
+        if chunked {
+            w.small().extend_from_slice(b"\r\n");
+        }
+        held += n;
+        if w.len() >= GATHER_MAX || w.full() {
+            *sent_total += w.len() as u64;
+            let (res, back) = w.send(io).await;
+            w = back;
+            if res.is_err() {
+                return (false, w);
+            }
+            stream.consumed(std::mem::take(&mut held));
+        }
     }
+}
+
+/// `f`'s output if it is ready at the first poll. `f` is dropped either
+/// way: it must be cancel-safe (a channel receive is).
+async fn poll_once<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    std::future::poll_fn(|cx| match f.as_mut().poll(cx) {
+        std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await
 }
 
 /// The app's Content-Length, when it sent a valid one.

@@ -78,6 +78,58 @@ impl ResponseSink {
             .map_err(|_| UpstreamError::TunnelGone)
     }
 
+    /// The meta as this gateway takes it: binary from our own gateways,
+    /// JSON with only the keys it negotiated from others.
+    fn wire<'a>(f: Features, meta: &'a binmeta::Response, json: &'a mut Vec<u8>) -> &'a [u8] {
+        if f.binmeta {
+            return meta.as_bytes();
+        }
+        meta.to_json_meta(f.exact).to_json(json);
+        json
+    }
+
+    /// A whole response: one unchunked frame when it fits, its body sent
+    /// from the upstream read buffer (no copy into the frame); else the
+    /// chunks of a plain v1 message (`encode_message_with`, copied).
+    fn whole(&mut self, meta: &binmeta::Response, body: Bytes) -> Result<(), UpstreamError> {
+        let mut json = Vec::new();
+        let wire = Some(MetaRef::Response(Self::wire(
+            self.features,
+            meta,
+            &mut json,
+        )));
+        if anpx::frame_len(&self.request_id, wire, body.len(), None) <= self.chunk_size {
+            let mut head = crate::pool::frame_heads::take();
+            let split = anpx::encode_frame_split(
+                FrameType::Response,
+                &self.request_id,
+                wire,
+                &body,
+                None,
+                &mut head,
+            );
+            return self.send_parts((head, split), body);
+        }
+        self.started = true;
+        let mut sent = Ok(());
+        let out = &self.out;
+        anpx::encode_message_with(
+            FrameType::Response,
+            &self.request_id,
+            wire,
+            &body,
+            self.chunk_size,
+            |f| {
+                if sent.is_ok() {
+                    sent = out
+                        .send(Outgoing::Binary(f))
+                        .map_err(|_| UpstreamError::TunnelGone);
+                }
+            },
+        );
+        sent
+    }
+
     /// The response head, with the body bytes read so far; `complete`
     /// when that is the whole body.
     pub async fn head(
@@ -86,47 +138,32 @@ impl ResponseSink {
         body: Bytes,
         complete: bool,
     ) -> Result<(), UpstreamError> {
-        // Our own gateways take the meta as built; others get JSON with
-        // only the keys they negotiated.
         let f = self.features;
-        let json;
-        let wire = if f.binmeta {
-            meta.as_bytes()
-        } else if complete || f.stream {
-            let mut j = Vec::with_capacity(512);
-            meta.to_json_meta(f.exact).to_json(&mut j);
-            json = j;
-            &json[..]
-        } else {
-            &[][..]
-        };
-        if complete {
-            self.started = true;
-            let mut sent = Ok(());
-            let out = &self.out;
-            anpx::encode_message_with(
-                FrameType::Response,
-                &self.request_id,
-                Some(MetaRef::Response(wire)),
-                &body,
-                self.chunk_size,
-                |f| {
-                    if sent.is_ok() {
-                        sent = out
-                            .send(Outgoing::Binary(f))
-                            .map_err(|_| UpstreamError::TunnelGone);
-                    }
-                },
-            );
-            return sent;
-        }
+        let mut json = Vec::new();
         if !f.stream {
+            if complete {
+                return self.whole(&meta, body);
+            }
             if body.len() > self.max_body {
                 return Err(UpstreamError::TooLarge(self.max_body));
             }
             self.held = Some((meta, BytesMut::from(&body[..])));
             return Ok(());
         }
+        let wire = Self::wire(f, &meta, &mut json);
+        let fits = || {
+            anpx::frame_len(
+                &self.request_id,
+                Some(MetaRef::Response(wire)),
+                body.len(),
+                None,
+            ) <= self.chunk_size
+        };
+        if complete && fits() {
+            return self.whole(&meta, body);
+        }
+        // Streamed: chunk 0 with as much body as fits, then the rest in
+        // pieces, the last one final.
         let first =
             stream::piece_size(self.chunk_size, &self.request_id, wire.len()).min(body.len());
         self.take_window(first).await?;
@@ -137,34 +174,154 @@ impl ResponseSink {
             false,
         );
         self.send_parts(f, body.slice(..first))?;
-        self.data(body.slice(first..)).await
+        self.pieces(body.slice(first..), complete).await
     }
 
     /// More body bytes.
-    pub async fn data(&mut self, mut body: Bytes) -> Result<(), UpstreamError> {
+    pub async fn data(&mut self, body: Bytes) -> Result<(), UpstreamError> {
+        self.pieces(body, false).await
+    }
+
+    /// The last body bytes: the body is complete after them. The final
+    /// chunk flag rides on their last frame (no empty frame of its own).
+    pub async fn data_last(&mut self, body: Bytes) -> Result<(), UpstreamError> {
+        self.pieces(body, true).await
+    }
+
+    /// Body bytes as frames of at most a piece each; with `last`, the
+    /// final one says so (an empty body: one empty final frame).
+    async fn pieces(&mut self, mut body: Bytes, last: bool) -> Result<(), UpstreamError> {
         if let Some((_, held)) = self.held.as_mut() {
             if held.len() + body.len() > self.max_body {
                 return Err(UpstreamError::TooLarge(self.max_body));
             }
             held.extend_from_slice(&body);
+            if last {
+                if let Some((meta, body)) = self.held.take() {
+                    return self.whole(&meta, body.freeze());
+                }
+            }
             return Ok(());
         }
         let piece = stream::piece_size(self.chunk_size, &self.request_id, 0);
-        while !body.is_empty() {
+        loop {
             let p = body.split_to(body.len().min(piece));
+            let fin = last && body.is_empty();
+            if p.is_empty() && !fin {
+                return Ok(());
+            }
             self.take_window(p.len()).await?;
-            let f = self.enc.body_parts(&self.request_id, &p, false);
+            let f = self.enc.body_parts(&self.request_id, &p, fin);
             self.send_parts(f, p)?;
+            if body.is_empty() && (fin || !last) {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 
     /// The body is complete.
     pub async fn end(&mut self) -> Result<(), UpstreamError> {
         if let Some((meta, body)) = self.held.take() {
-            return self.head(meta, body.freeze(), true).await;
+            return self.whole(&meta, body.freeze());
         }
         let f = self.enc.body_parts(&self.request_id, &[], true);
         self.send_parts(f, Bytes::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::stream::{classify, Incoming, DEFAULT_WINDOW};
+
+    /// The frames a sink queued, each as the bytes of its WebSocket
+    /// message.
+    fn frames(rx: &mut crate::ws::conn::OutRx) -> Vec<Bytes> {
+        let mut v = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            match m {
+                Outgoing::Parts { head, split, body } => {
+                    let mut f = head[..split].to_vec();
+                    f.extend_from_slice(&body);
+                    f.extend_from_slice(&head[split..]);
+                    v.push(Bytes::from(f));
+                }
+                Outgoing::Binary(b) => v.push(b.freeze()),
+                other => panic!("not a frame: {other:?}"),
+            }
+        }
+        v
+    }
+
+    fn sink(out: OutTx) -> ResponseSink {
+        let f = Features {
+            stream: true,
+            binmeta: true,
+            ..Features::default()
+        };
+        let window = Rc::new(Window::new(DEFAULT_WINDOW));
+        ResponseSink::new(out, "0000000000000001".into(), f, window, 65536, 1 << 20)
+    }
+
+    fn meta() -> binmeta::Response {
+        let mut b = binmeta::Builder::response(200, b"OK", 64);
+        b.field(b"content-type", b"text/plain");
+        b.finish_response()
+    }
+
+    #[monoio::test]
+    async fn a_whole_response_that_fits_is_one_unchunked_frame() {
+        let (tx, mut rx) = crate::ws::queue::channel();
+        let body = Bytes::from(vec![7u8; 1024]);
+        sink(tx).head(meta(), body.clone(), true).await.unwrap();
+        let f = frames(&mut rx);
+        assert_eq!(f.len(), 1);
+        match classify(&f[0], FrameType::Response).unwrap() {
+            Incoming::Whole { body: b, .. } => assert_eq!(b, body),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[monoio::test]
+    async fn a_larger_body_ends_on_its_last_piece_with_no_empty_frame() {
+        let (tx, mut rx) = crate::ws::queue::channel();
+        let body: Bytes = (0..65536u32).map(|i| i as u8).collect();
+        sink(tx).head(meta(), body.clone(), true).await.unwrap();
+        let f = frames(&mut rx);
+        assert_eq!(f.len(), 2, "chunk 0 and one final piece");
+        let mut got = Vec::new();
+        match classify(&f[0], FrameType::Response).unwrap() {
+            Incoming::Start { body, last, .. } => {
+                assert!(!last);
+                got.extend_from_slice(&body);
+            }
+            other => panic!("{other:?}"),
+        }
+        match classify(&f[1], FrameType::Response).unwrap() {
+            Incoming::More {
+                body, last, idx, ..
+            } => {
+                assert!(last && idx == 1 && !body.is_empty());
+                got.extend_from_slice(&body);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(got == body[..]);
+
+        // Streamed as read: the last piece carries the flag itself.
+        let (tx, mut rx) = crate::ws::queue::channel();
+        let mut s = sink(tx);
+        s.head(meta(), body.slice(..1000), false).await.unwrap();
+        s.data(body.slice(1000..2000)).await.unwrap();
+        s.data_last(body.slice(2000..)).await.unwrap();
+        let f = frames(&mut rx);
+        let last: Vec<bool> = f
+            .iter()
+            .map(|m| match classify(m, FrameType::Response).unwrap() {
+                Incoming::Start { last, .. } | Incoming::More { last, .. } => last,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(last, [false, false, true]);
     }
 }

@@ -46,8 +46,13 @@ pub enum UpstreamError {
     TunnelGone,
 }
 
-/// What a response read buffer holds at least before each read of a head.
-const READ_BUF: usize = 16 * 1024;
+/// A response read buffer with less room than this before a head is read
+/// is given [`READ_BUF`] (small responses use what is left of one).
+const READ_MIN: usize = 16 * 1024;
+/// Room given for a head read: a 64 KiB response with its head fits in
+/// one read, so it leaves as chunk 0 and a short final chunk sent
+/// together, which the gateway writes to its client with one `writev`.
+const READ_BUF: usize = 72 * 1024;
 
 pub struct Upstream {
     target: AppTarget,
@@ -56,8 +61,11 @@ pub struct Upstream {
     /// Response read buffers, reused: one that comes back empty keeps its
     /// allocation, which `reserve` reclaims once the body pieces split
     /// from it have been written to the tunnel (no allocation per response
-    /// in steady state).
-    bufs: RefCell<Vec<BytesMut>>,
+    /// in steady state). Taken oldest first: the one most likely to have
+    /// had its pieces written.
+    bufs: RefCell<std::collections::VecDeque<BytesMut>>,
+    /// Request head buffers, reused.
+    heads: RefCell<Vec<Vec<u8>>>,
     limits: http::Limits,
 }
 
@@ -214,7 +222,8 @@ impl Upstream {
             target,
             idle: RefCell::new(Vec::new()),
             max_idle,
-            bufs: RefCell::new(Vec::new()),
+            bufs: RefCell::new(std::collections::VecDeque::new()),
+            heads: RefCell::new(Vec::new()),
             limits: http::Limits {
                 max_request_line: 64 * 1024,
                 max_head: 256 * 1024,
@@ -264,11 +273,42 @@ impl Upstream {
         sink: &mut ResponseSink,
     ) -> Result<(), UpstreamError> {
         let is_head = meta.method() == b"HEAD";
-        let mut head = Vec::with_capacity(1024);
-        write_request_head(&mut head, meta, BodyLen::Known(body.len()), &self.target)?;
-        let head = Bytes::from(head);
+        let mut head = self.take_head();
+        let r = write_request_head(&mut head, meta, BodyLen::Known(body.len()), &self.target);
+        if let Err(e) = r {
+            self.give_head(head);
+            return Err(e);
+        }
+        let r = self.call_whole_with(&mut head, body, is_head, sink).await;
+        self.give_head(head);
+        r
+    }
+
+    /// A request head buffer, reused (no allocation per request).
+    fn take_head(&self) -> Vec<u8> {
+        self.heads
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(1024))
+    }
+
+    fn give_head(&self, mut head: Vec<u8>) {
+        let mut heads = self.heads.borrow_mut();
+        if heads.len() < self.max_idle.max(1) && head.capacity() <= 64 * 1024 {
+            head.clear();
+            heads.push(head);
+        }
+    }
+
+    async fn call_whole_with(
+        &self,
+        head: &mut Vec<u8>,
+        body: Bytes,
+        is_head: bool,
+        sink: &mut ResponseSink,
+    ) -> Result<(), UpstreamError> {
         if let Some(mut conn) = self.take_idle() {
-            match self.send_full(&mut conn, &head, &body).await {
+            match self.send_full(&mut conn, head, &body).await {
                 Ok(early) => match self.read_response(conn, is_head, early, sink).await {
                     Err(Attempt::Stale) => {}
                     Err(Attempt::Failed(e)) => return Err(e),
@@ -280,7 +320,7 @@ impl Upstream {
         }
         let mut conn = self.connect().await?;
         let early = self
-            .send_full(&mut conn, &head, &body)
+            .send_full(&mut conn, head, &body)
             .await
             .map_err(Attempt::into_error)?;
         self.read_response(conn, is_head, early, sink)
@@ -302,13 +342,14 @@ impl Upstream {
             Some(n) => BodyLen::Known(n),
             None => BodyLen::Chunked,
         };
-        let mut head = Vec::with_capacity(1024);
+        let mut head = self.take_head();
         write_request_head(&mut head, meta, framing, &self.target)?;
         let mut conn = match self.take_idle() {
             Some(c) => c,
             None => self.connect().await?,
         };
-        let (r, _) = conn.write_all(head).await;
+        let (r, head) = conn.write_all(head).await;
+        self.give_head(head);
         r?;
         let early = send_streamed_body(&mut conn, rx, len, credit).await?;
         self.read_response(conn, meta.method() == b"HEAD", early, sink)
@@ -345,12 +386,14 @@ impl Upstream {
     async fn send_full(
         &self,
         conn: &mut AppStream,
-        head: &Bytes,
+        head: &mut Vec<u8>,
         body: &Bytes,
     ) -> Result<bool, Attempt> {
         // Head and body as two writes: the body is a refcounted slice of
-        // the tunnel frame, sent without a copy.
-        let (r, _) = conn.write_all(head.clone()).await;
+        // the tunnel frame, sent without a copy. The head comes back for
+        // a retry.
+        let (r, h) = conn.write_all(std::mem::take(head)).await;
+        *head = h;
         r.map_err(|_| Attempt::Stale)?;
         let mut early = false;
         if !body.is_empty() {
@@ -372,8 +415,10 @@ impl Upstream {
         sink: &mut ResponseSink,
     ) -> Result<(), Attempt> {
         let failed = |e: UpstreamError| Attempt::Failed(e);
-        let mut buf = self.bufs.borrow_mut().pop().unwrap_or_default();
-        buf.reserve(READ_BUF);
+        let mut buf = self.bufs.borrow_mut().pop_front().unwrap_or_default();
+        if buf.capacity() - buf.len() < READ_MIN {
+            buf.reserve(READ_BUF);
+        }
         let (resp, interim) = self.read_head(&mut conn, &mut buf, is_head).await?;
         let head_bytes = &buf[..resp.head_len];
         let meta = response_meta(&resp, head_bytes);
@@ -408,7 +453,7 @@ impl Upstream {
         let mut bufs = self.bufs.borrow_mut();
         if bufs.len() < self.max_idle.max(1) {
             buf.clear();
-            bufs.push(buf);
+            bufs.push_back(buf);
         }
         Ok(())
     }
@@ -537,12 +582,33 @@ async fn relay_length(
     let mut left = n - buf.len();
     sink.head(meta, buf.split().freeze(), false).await?;
     while left > 0 {
+        // Room for all that is left, up to BODY_READ: fewer, larger reads
+        // (each piece a slice of this buffer, never copied again).
+        reserve_for(buf, left);
         read_body_more(conn, buf).await?;
         let take = buf.len().min(left);
         left -= take;
-        sink.data(buf.split_to(take).freeze()).await?;
+        let piece = buf.split_to(take).freeze();
+        if left == 0 {
+            // The final-chunk flag rides on the last piece.
+            return sink.data_last(piece).await;
+        }
+        sink.data(piece).await?;
     }
     sink.end().await
+}
+
+/// Most bytes one read of a response body is given room for.
+const BODY_READ: usize = 256 * 1024;
+
+/// Makes room in `buf` (emptied by the pieces split off it) for the next
+/// read of a body with `left` bytes to come: all of them, up to
+/// [`BODY_READ`], at least 8 KiB.
+fn reserve_for(buf: &mut BytesMut, left: usize) {
+    let want = left.clamp(8 * 1024, BODY_READ);
+    if buf.capacity() - buf.len() < want {
+        buf.reserve(want);
+    }
 }
 
 /// A chunked body, decoded; what is buffered goes with the head (a small
