@@ -426,3 +426,41 @@ fn a_client_that_leaves_cancels_its_request_and_frees_its_place() {
     });
     assert_eq!(request(r.gw.addr, "GET", "/alice/y", &[], b"").status, 200);
 }
+
+/// A client that closes its connection while its request waits in the
+/// identity's queue leaves the queue: when a place frees, its request is
+/// not forwarded (the app never sees it), and the next one is served.
+#[test]
+fn a_client_that_leaves_the_queue_is_never_forwarded() {
+    let extra = "max_inflight_per_identity = 1\nqueue_timeout = 60\n";
+    let r = rig(&cfg(1, extra), false);
+    let mut first = Conn::connect(r.gw.addr);
+    first
+        .send("GET", "/alice/first", &[("X-Test-Hold", "first")], b"")
+        .unwrap();
+    r.app.wait_arrived("first");
+    let mut queued = Conn::connect(r.gw.addr);
+    queued
+        .send("GET", "/alice/queued", &[("X-Test-Hold", "queued")], b"")
+        .unwrap();
+    let depth = || metric(r.admin, "anp_identity_queue_depth{identity=\"alice\"}");
+    wait_until("the request queued", Duration::from_secs(10), || {
+        depth() == 1
+    });
+    drop(queued);
+    wait_until(
+        "the request to leave the queue with its client",
+        Duration::from_secs(10),
+        || depth() == 0,
+    );
+    r.app.release("first");
+    assert_eq!(first.read().unwrap().status, 200);
+    assert_eq!(
+        request(r.gw.addr, "GET", "/alice/next", &[], b"").status,
+        200
+    );
+    assert!(
+        !r.app.has_arrived("queued"),
+        "a request whose client left the queue reached the app"
+    );
+}

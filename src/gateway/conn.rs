@@ -464,9 +464,7 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent + Movable>(
     }
     // A place in flight for the identity (its queue, fair turns, or 503
     // at once); held until the response head is here or the request fails.
-    let _place = ctx
-        .admission
-        .enter(identity)
+    let _place = enter_unless_gone(ctx, io, identity)
         .await
         .map_err(|e| (e, false))?;
     let max = ctx.settings.max_body_size;
@@ -596,6 +594,28 @@ async fn stream_request<S: AsyncReadRent + Movable>(
 /// How long a request waits for its response head before its client is
 /// watched for a close (`wait_head`).
 const WATCH_AFTER: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// A place in flight for `identity` (`admission.rs`). A client that
+/// closes its connection while its request waits in the identity's queue
+/// leaves the queue: its request is never forwarded. Watched only when
+/// the place is not free at once (a watch is a PollAdd and its cancel).
+async fn enter_unless_gone<S: Movable>(
+    ctx: &CoreCtx,
+    io: &S,
+    identity: &str,
+) -> Result<super::admission::Place, ProxyError> {
+    use futures_util::FutureExt as _;
+    let mut enter = std::pin::pin!(ctx.admission.enter(identity));
+    if let Some(r) = (&mut enter).now_or_never() {
+        return r;
+    }
+    monoio::select! {
+        r = enter => r,
+        () = io.closed_by_peer() => {
+            Err(ProxyError::ClientGone("while its request waited for a place in flight"))
+        }
+    }
+}
 
 /// Waits for the response head. A client that closes its connection
 /// meanwhile cancels the request at the receiver: under overload, clients

@@ -300,9 +300,11 @@ class Receiver:
         except Exception as e:  # noqa: BLE001 - any failure becomes an error frame
             frames = [encode_frame(0xFF, [(0x01, rid.encode()), (0x03, str(e).encode())], False)]
             data, status = b"", 0
+        # Said before the frames go: the client has its answer only after
+        # they went, so the line is in the pipe before the test stops us.
+        say("SERVED %s %d %d %d" % (rid, status, len(body), len(data)))
         for f in frames:
             self.ws.send(0x2, f)
-        say("SERVED %s %d %d %d" % (rid, status, len(body), len(data)))
 
 
 def main():
