@@ -76,6 +76,10 @@ fn script(x: &mut Exchange, side: &AppSide) {
                   HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
             );
         }
+        "/alice/hang-up" => {
+            // Reads the request, answers nothing, closes.
+            x.close();
+        }
         "/alice/hint-then-hang-up" => {
             x.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n");
             x.close();
@@ -288,6 +292,34 @@ fn an_app_that_hangs_up_after_a_1xx_is_not_sent_the_request_again() {
     assert_eq!(r.status, 502, "{}", r.summary());
     // The next request the app sees is the next client's, not a replay.
     w.next_client_is_clean(&hinted, "a 103 and a hang-up");
+}
+
+#[test]
+fn a_pooled_connection_that_hangs_up_is_retried_for_a_get_but_never_for_a_post() {
+    // The app read the request and closed without a byte: from the
+    // receiver's side a stale keep-alive connection looks the same. A GET
+    // may run twice (RFC 9110 §9.2.2: idempotent), so it is tried once
+    // more on a fresh connection; a POST may not, so it gets 502 and the
+    // app sees it once.
+    let w = world();
+    let (_, pooled) = w.exchange("GET", "/alice/ok");
+    let (r, first) = w.exchange("GET", "/alice/hang-up");
+    assert_eq!(first.conn, pooled.conn, "expected the pooled connection");
+    let again = w.app.next_request();
+    assert_eq!(
+        (again.method.as_str(), again.target.as_str()),
+        ("GET", "/alice/hang-up"),
+        "the GET is retried once on a fresh connection"
+    );
+    assert_ne!(again.conn, first.conn);
+    assert_eq!(r.status, 502, "{}", r.summary());
+
+    let (_, pooled) = w.exchange("GET", "/alice/ok");
+    let (r, post) = w.exchange("POST", "/alice/hang-up");
+    assert_eq!(post.conn, pooled.conn, "expected the pooled connection");
+    assert_eq!(r.status, 502, "{}", r.summary());
+    // The next request the app sees is the next client's, not a replay.
+    w.next_client_is_clean(&post, "a POST the app read and hung up on");
 }
 
 #[test]

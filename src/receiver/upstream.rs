@@ -264,8 +264,11 @@ impl Upstream {
         }
     }
 
-    /// A request whose body is all here: replayable, so a stale pooled
-    /// connection is retried once on a fresh one.
+    /// A request whose body is all here: replayable, so a pooled
+    /// connection that turns out stale is retried once on a fresh one,
+    /// unless the app may have run it (it ended after the whole request
+    /// was written) and the method is not idempotent (RFC 9110 §9.2.2: a
+    /// POST is never sent twice).
     async fn call_whole(
         &self,
         meta: &binmeta::Request,
@@ -279,7 +282,10 @@ impl Upstream {
             self.give_head(head);
             return Err(e);
         }
-        let r = self.call_whole_with(&mut head, body, is_head, sink).await;
+        let replay = idempotent(meta.method());
+        let r = self
+            .call_whole_with(&mut head, body, is_head, replay, sink)
+            .await;
         self.give_head(head);
         r
     }
@@ -305,11 +311,16 @@ impl Upstream {
         head: &mut Vec<u8>,
         body: Bytes,
         is_head: bool,
+        replay: bool,
         sink: &mut ResponseSink,
     ) -> Result<(), UpstreamError> {
         if let Some(mut conn) = self.take_idle() {
             match self.send_full(&mut conn, head, &body).await {
                 Ok(early) => match self.read_response(conn, is_head, early, sink).await {
+                    // Written whole, then closed without a byte: a stale
+                    // keep-alive connection, or an app that ran the
+                    // request and died. Only an idempotent one runs again.
+                    Err(Attempt::Stale) if !replay => return Err(UpstreamError::Closed),
                     Err(Attempt::Stale) => {}
                     Err(Attempt::Failed(e)) => return Err(e),
                     Ok(()) => return Ok(()),
@@ -736,8 +747,17 @@ fn declared_length(meta: &binmeta::Request) -> Option<usize> {
     std::str::from_utf8(v).ok()?.trim().parse().ok()
 }
 
+/// Methods that may run twice with the effect of once (RFC 9110 §9.2.2).
+fn idempotent(method: &[u8]) -> bool {
+    matches!(
+        method,
+        b"GET" | b"HEAD" | b"PUT" | b"DELETE" | b"OPTIONS" | b"TRACE"
+    )
+}
+
 enum Attempt {
-    /// The connection was dead before any response byte: safe to retry.
+    /// The connection ended before any response byte: a retry is safe
+    /// unless the request was written whole and is not idempotent.
     Stale,
     Failed(UpstreamError),
 }
