@@ -821,28 +821,7 @@ impl CoreCtx {
         while let Some(m) = rx.next().await {
             let ctx = self.clone();
             match m {
-                CoreMsg::Request(m) => {
-                    let Some(t) = ctx.local_tunnel(&m.identity, 0) else {
-                        // A tunnel placed here but not yet registered, or
-                        // just gone: pass it on once to a core that has one.
-                        match ctx.shared.remote_core(&m.identity, ctx.index, 0) {
-                            Some(core) => {
-                                let _ =
-                                    ctx.shared.inboxes[core].unbounded_send(CoreMsg::Request(m));
-                            }
-                            None => {
-                                let _ = m
-                                    .reply
-                                    .send(Err(ProxyError::NoTunnel(m.identity.to_string())));
-                            }
-                        }
-                        continue;
-                    };
-                    monoio::spawn(async move {
-                        let res = t.call(&ctx, m.req).await;
-                        let _ = m.reply.send(res);
-                    });
-                }
+                CoreMsg::Request(m) => ctx.serve_handed_request(m),
                 CoreMsg::Evict { identity, keep } => {
                     let doomed: Vec<Rc<Tunnel>> = ctx
                         .tunnels
@@ -858,22 +837,13 @@ impl CoreCtx {
                     }
                 }
                 CoreMsg::WantTunnels { identity, want } => {
-                    let t = ctx
-                        .tunnels
-                        .borrow()
-                        .get(&identity)
-                        .and_then(|v| v.iter().find(|t| t.features.scale).cloned());
-                    if let Some(t) = t {
+                    if let Some(t) = ctx.scale_tunnel(&identity, |v| v.next().cloned()) {
                         t.ask_for_tunnels(want);
                     }
                 }
                 CoreMsg::ReleaseOne(identity) => {
-                    let t = ctx.tunnels.borrow().get(&identity).and_then(|v| {
-                        v.iter()
-                            .filter(|t| t.features.scale)
-                            .min_by_key(|t| t.inflight_len())
-                            .cloned()
-                    });
+                    let t = ctx
+                        .scale_tunnel(&identity, |v| v.min_by_key(|t| t.inflight_len()).cloned());
                     if let Some(t) = t {
                         if ctx.shared.release_tunnel(&t.owner(), ctx.index) {
                             ctx.release(t);
@@ -913,28 +883,66 @@ impl CoreCtx {
                     let _ = done.send(ctx.index);
                 }
                 CoreMsg::Upgrade(h) => super::passthrough::resume(ctx.clone(), h),
-                CoreMsg::Tunnel(h) => {
-                    let std = std::net::TcpStream::from(h.fd);
-                    match monoio::net::TcpStream::from_std(std) {
-                        Ok(io) => {
-                            monoio::spawn(super::tunnel::run_tunnel(
-                                ctx,
-                                io,
-                                h.leftover,
-                                h.owner,
-                                h.features,
-                                h.peer,
-                                h.handshake,
-                                false, // only plain TCP tunnels move
-                            ));
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "handed-over tunnel could not be registered");
-                            ctx.shared.tunnel_left(&h.owner, ctx.index);
-                        }
-                    }
-                }
+                CoreMsg::Tunnel(h) => ctx.adopt_tunnel(h),
             }
         }
+    }
+
+    /// A request another core handed over: through a tunnel here, else
+    /// passed on once to a core that has one (a tunnel placed here but not
+    /// yet registered, or just gone), else 503.
+    fn serve_handed_request(self: Rc<Self>, m: CrossRequest) {
+        let Some(t) = self.local_tunnel(&m.identity, 0) else {
+            match self.shared.remote_core(&m.identity, self.index, 0) {
+                Some(core) => {
+                    let _ = self.shared.inboxes[core].unbounded_send(CoreMsg::Request(m));
+                }
+                None => {
+                    let _ = m
+                        .reply
+                        .send(Err(ProxyError::NoTunnel(m.identity.to_string())));
+                }
+            }
+            return;
+        };
+        monoio::spawn(async move {
+            let res = t.call(&self, m.req).await;
+            let _ = m.reply.send(res);
+        });
+    }
+
+    /// A tunnel accepted on another core and placed here: its socket
+    /// (plain TCP: only those move) joins this runtime.
+    fn adopt_tunnel(self: Rc<Self>, h: TunnelHandoff) {
+        let std = std::net::TcpStream::from(h.fd);
+        match monoio::net::TcpStream::from_std(std) {
+            Ok(io) => {
+                monoio::spawn(super::tunnel::run_tunnel(
+                    self,
+                    io,
+                    h.leftover,
+                    h.owner,
+                    h.features,
+                    h.peer,
+                    h.handshake,
+                    false, // only plain TCP tunnels move
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "handed-over tunnel could not be registered");
+                self.shared.tunnel_left(&h.owner, self.index);
+            }
+        }
+    }
+
+    /// One of this core's `scale` tunnels of `identity`, as `pick` chooses.
+    fn scale_tunnel(
+        &self,
+        identity: &IdentityName,
+        pick: impl FnOnce(&mut dyn Iterator<Item = &Rc<Tunnel>>) -> Option<Rc<Tunnel>>,
+    ) -> Option<Rc<Tunnel>> {
+        let map = self.tunnels.borrow();
+        let mut it = map.get(identity)?.iter().filter(|t| t.features.scale);
+        pick(&mut it)
     }
 }

@@ -148,6 +148,24 @@ async fn write_stream<S: AsyncWriteRent>(
     ok
 }
 
+/// One body piece into `w`, inside its chunk line when `chunked`: a small
+/// one (an SSE event) is cheaper copied than gathered, a larger one goes
+/// uncopied.
+fn add_piece(w: &mut Writev, d: Bytes, chunked: bool) {
+    let n = d.len();
+    if chunked {
+        http::write_chunk_header(w.small(), n);
+    }
+    if n <= COALESCE_BODY / 4 {
+        w.small().extend_from_slice(&d);
+    } else {
+        w.body(d);
+    }
+    if chunked {
+        w.small().extend_from_slice(b"\r\n");
+    }
+}
+
 async fn stream_pieces<S: AsyncWriteRent>(
     io: &mut S,
     mut w: Writev,
@@ -227,18 +245,7 @@ async fn stream_pieces<S: AsyncWriteRent>(
             tracing::warn!("receiver sent more than its Content-Length; closing");
             return (false, w);
         }
-        if chunked {
-            http::write_chunk_header(w.small(), n);
-        }
-        if n <= COALESCE_BODY / 4 {
-            // A small piece (an SSE event) is cheaper copied than gathered.
-            w.small().extend_from_slice(&d);
-        } else {
-            w.body(d);
-        }
-        if chunked {
-            w.small().extend_from_slice(b"\r\n");
-        }
+        add_piece(&mut w, d, chunked);
         held += n;
         if w.len() >= GATHER_MAX || w.full() {
             *sent_total += w.len() as u64;
