@@ -32,6 +32,25 @@ def _fmt_us(us):
     return f"{us / 1000:.1f} ms" if us >= 1000 else f"{us} µs"
 
 
+def _log_axis(out, text, vals, base, chart_h, left, W):
+    """Decade grid lines and labels (µs) for `vals` on a log scale, between
+    `base - chart_h` and `base`; returns the value -> y function."""
+    lo = 10 ** math.floor(math.log10(max(1, min(vals or [1]))))
+    hi = 10 ** math.ceil(math.log10(max(vals or [10]) + 1))
+
+    def ypos(v):
+        v = max(v, lo)
+        return base - chart_h * (math.log10(v) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
+
+    d = lo
+    while d <= hi:
+        yy = ypos(d)
+        out.append(f'<line x1="{left}" y1="{yy:.1f}" x2="{W - 20}" y2="{yy:.1f}" stroke="#eee"/>')
+        text(left - 6, yy + 4, _fmt_us(int(d)), 10, anchor="end", fill="#555")
+        d *= 10
+    return ypos
+
+
 def render(report):
     runs = [r for r in report["runs"] if r["mode"] in ("closed", "fixed-rate")]
     targets = [t for t in ORDER if any(r["target"] == t for r in report["runs"])]
@@ -105,22 +124,10 @@ def render(report):
         y += 30
         pcts = [("p50", "p50_us"), ("p90", "p90_us"), ("p99", "p99_us"), ("p99.9", "p999_us"), ("max", "max_us")]
         vals = [r[k] for r in fixed for _, k in pcts if r.get(k)]
-        lo = 10 ** math.floor(math.log10(max(1, min(vals or [1]))))
-        hi = 10 ** math.ceil(math.log10(max(vals or [10]) + 1))
         chart_h = 200
         base = y + chart_h
         left = 80
-
-        def ypos(v):
-            v = max(v, lo)
-            return base - chart_h * (math.log10(v) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
-
-        d = lo
-        while d <= hi:
-            yy = ypos(d)
-            out.append(f'<line x1="{left}" y1="{yy:.1f}" x2="{W - 20}" y2="{yy:.1f}" stroke="#eee"/>')
-            text(left - 6, yy + 4, _fmt_us(int(d)), 10, anchor="end", fill="#555")
-            d *= 10
+        ypos = _log_axis(out, text, vals, base, chart_h, left, W)
         gw = (W - left - 20) / len(pcts)
         bw = min(40, (gw - 20) / max(1, len(targets)))
         for pi, (label, key) in enumerate(pcts):
@@ -223,19 +230,7 @@ def _overload(report, out, text, targets, y, W):
         base = y + chart_h
         left = 80
         vals = [v for r in fair for v in (r["b_p99_alone_us"], r["b_p99_flooded_us"]) if v]
-        lo = 10 ** math.floor(math.log10(max(1, min(vals or [1]))))
-        hi = 10 ** math.ceil(math.log10(max(vals or [10]) + 1))
-
-        def ypos(v):
-            v = max(v, lo)
-            return base - chart_h * (math.log10(v) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
-
-        d = lo
-        while d <= hi:
-            yy = ypos(d)
-            out.append(f'<line x1="{left}" y1="{yy:.1f}" x2="{W - 20}" y2="{yy:.1f}" stroke="#eee"/>')
-            text(left - 6, yy + 4, _fmt_us(int(d)), 10, anchor="end", fill="#555")
-            d *= 10
+        ypos = _log_axis(out, text, vals, base, chart_h, left, W)
         gw = (W - left - 20) / len(fair)
         bw = 60
         for i, r in enumerate(fair):

@@ -277,7 +277,9 @@ fn a_hot_identity_over_tls_tunnels_gets_one_on_each_core_too() {
         .proc
         .stderr_lines(0)
         .iter()
-        .filter(|l| l.contains("the gateway wants this tunnel on another of its cores"))
+        .filter(|l| {
+            l.contains("the gateway asks to dial again at once") && l.contains("tunnel_core")
+        })
         .count();
     println!("the asked-for TLS tunnel landed on the wrong core {redialled} time(s) before the right one");
 }

@@ -140,11 +140,11 @@ impl TunnelError {
         }
     }
 
-    /// The gateway asked for this tunnel on another core, and this
-    /// connection (TLS) could not move there: dial again at once
-    /// (`scale`, PROTOCOL.md §7.8). Routine, not an error.
-    fn other_core(&self) -> bool {
-        matches!(self, TunnelError::Refused { status: 503, body, .. } if body.contains("\"tunnel_core\""))
+    /// A refusal that says to come back at once (`Retry-After: 0`): routine,
+    /// not an error. A `scale` gateway says so to a TLS tunnel accepted on
+    /// a core other than the one it was asked for (PROTOCOL.md §7.8).
+    fn again_now(&self) -> bool {
+        self.retry_after() == Some(Duration::ZERO)
     }
 }
 
@@ -230,8 +230,8 @@ async fn keep_up(ctx: &Rc<CoreRx>, gw: &Rc<CoreGateway>, index: usize) {
                 eprintln!("anp-proxy: receiver {e}; exiting");
                 std::process::exit(crate::protocol::features::EXIT_REPLACED);
             }
-            Err(e) if e.other_core() => {
-                tracing::info!(tunnel = index, gateway = %gateway, "the gateway wants this tunnel on another of its cores; dialling again");
+            Err(e) if e.again_now() => {
+                tracing::info!(tunnel = index, gateway = %gateway, error = %e, "the gateway asks to dial again at once");
                 backoff::Ended::Refused {
                     retry_after: e.retry_after(),
                 }
