@@ -104,6 +104,31 @@ thread_local! {
     static GATHERS: FreeList<Gather> = const { FreeList::new(POOL_KEEP) };
 }
 
+/// Largest read buffer grown for a run of large frames.
+const READ_BIG_MAX: usize = 1024 * 1024;
+
+/// How much room to reserve when the buffer holds `len` bytes of the
+/// frame being read and it needs `needed` more: the `additional` for
+/// [`BytesMut::reserve`]. Growing a buffer that decoded frames still
+/// point into (their bodies wait to be written) allocates a new one and
+/// copies what it holds, the start of the frame being read. A frame
+/// larger than a quarter of [`READ_CHUNK`] (a 64 KiB body piece) straddles
+/// nearly every buffer sized for one such frame, which then copies half a
+/// frame per frame on average (~7 % of the gateway's CPU at 64 KiB
+/// responses). Room for four such frames makes that copy happen once per
+/// four frames; capped at [`READ_BIG_MAX`], never kept by the pool
+/// ([`READ_KEEP_MAX`]).
+fn grow_by(len: usize, needed: usize) -> usize {
+    // What the buffer holds is the start of the frame being read (decoded
+    // frames were split off), so `len + needed` is that frame's size.
+    if len + needed > READ_CHUNK / 4 {
+        let target = ((len + needed) * 4).clamp(READ_CHUNK, READ_BIG_MAX);
+        target.saturating_sub(len).max(needed)
+    } else {
+        READ_CHUNK
+    }
+}
+
 /// An empty read buffer: a pooled one of [`READ_CHUNK`] bytes, else a
 /// [`FRESH`] one.
 fn take_read() -> BytesMut {
@@ -172,8 +197,11 @@ impl<R: AsyncReadRent + Readable> WsReader<R> {
             }
             if self.buf.capacity() == 0 {
                 self.buf = take_read();
-            } else if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-                self.buf.reserve(READ_CHUNK);
+            }
+            let room = self.buf.capacity() - self.buf.len();
+            let needed = self.decoder.needed();
+            if room < READ_CHUNK / 4 || room < needed {
+                self.buf.reserve(grow_by(self.buf.len(), needed));
             }
             let buf = std::mem::take(&mut self.buf);
             let (res, buf) = match self.idle {
@@ -563,6 +591,23 @@ async fn run_vectored<W: AsyncWriteRent>(
 mod tests {
     use super::*;
     use crate::ws::frame::Limits;
+
+    #[test]
+    fn a_large_frame_grows_the_read_buffer_for_four_of_its_size() {
+        // Small frames (or an incomplete header): one chunk more.
+        assert_eq!(grow_by(10, 4), READ_CHUNK);
+        assert_eq!(grow_by(0, 2), READ_CHUNK);
+        // A 65.6 KiB frame, 60 KiB of it read: room for four such frames
+        // in all, so the next three are read without a copy.
+        let frame = 65_600;
+        assert_eq!(60_000 + grow_by(60_000, frame - 60_000), 4 * frame);
+        // Its header only: the same.
+        assert_eq!(14 + grow_by(14, frame - 14), 4 * frame);
+        // Capped, but always room for the frame itself.
+        let huge = 4 * 1024 * 1024;
+        assert_eq!(grow_by(100, huge - 100), huge - 100);
+        assert_eq!(1000 + grow_by(1000, 300_000), READ_BIG_MAX);
+    }
 
     fn messages() -> Vec<(Outgoing, Option<Event>)> {
         let big: Bytes = (0..300_000u32).map(|i| (i % 251) as u8).collect();
