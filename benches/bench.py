@@ -523,6 +523,9 @@ port = 0
 workers = {workers}
 keepalive_timeout = 600.0
 max_connections = 20000
+# Any free port (another gateway on the box may hold 8090); the overload
+# rows read the gateway's refusal counters there.
+admin_port = 0
 {limits}[[gateway.auth.tokens]]
 name = "bench"
 token = "{token}"
@@ -617,6 +620,9 @@ class Bench:
         gw = self.procs.start(f"gateway{suffix}", [binary, "gateway", "--config", gw_conf], self.tmp)
         m = wait_for_line(gw, r"listening on http://127\.0\.0\.1:(\d+) .*?(\d+) workers")
         gw_port = int(m.group(1))
+        if not suffix:
+            admin = wait_for_line(gw, r"admin listening on http://127\.0\.0\.1:(\d+)")
+            self.admin_port = int(admin.group(1))
         rx_conf = os.path.join(self.tmp, f"receiver{suffix}.toml")
         with open(rx_conf, "w") as f:
             f.write(RECEIVER_CONF.format(gw_port=gw_port, app_port=app_port, token=TOKEN))
@@ -625,7 +631,7 @@ class Bench:
         self.prime_tunnels(rx, gw_port, int(m.group(2)))
         return gw, rx, gw_port
 
-    def prime_tunnels(self, rx, port, workers):
+    def prime_tunnels(self, rx, port, workers, path="/bytes/16"):
         """tunnels = 0: the receiver starts with one tunnel and the gateway
         asks for one per worker once its cores hand requests off (`scale`,
         docs/PROTOCOL.md 7.8); load it until they are all up, so measured
@@ -636,7 +642,7 @@ class Bench:
             with open(rx.out_path) as f:
                 if sum(1 for line in f if pat.search(line)) >= workers:
                     return
-            subprocess.run([f"{BIN}/anp-loadgen", "--url", f"http://127.0.0.1:{port}/bytes/16",
+            subprocess.run([f"{BIN}/anp-loadgen", "--url", f"http://127.0.0.1:{port}{path}",
                             "-c", "16", "-d", "1", "--warmup", "0", "-t", "1"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.notes.append(f"{rx.name}: fewer than {workers} tunnels after priming")
@@ -830,6 +836,24 @@ class Bench:
         if m.group(1) != "ed":
             raise RuntimeError(f"gateway reload failed: {m.group(2)}")
 
+    def gateway_refusals(self):
+        """The gateway's refusal counters (all cores, since start) from its
+        admin `/metrics`: `shed_queue_full`, `shed_queue_timeout` (503 of
+        admission), `rate_limited` (429, all scopes)."""
+        import urllib.request
+        url = f"http://127.0.0.1:{self.admin_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text = resp.read().decode()
+        out = {"shed_queue_full": 0, "shed_queue_timeout": 0, "rate_limited": 0}
+        for line in text.splitlines():
+            m = re.match(r'anp_shed_total\{reason="(\w+)"\} (\d+)', line)
+            if m and f"shed_{m.group(1)}" in out:
+                out[f"shed_{m.group(1)}"] += int(m.group(2))
+            m = re.match(r"anp_rate_limited_total\{[^}]*\} (\d+)", line)
+            if m:
+                out["rate_limited"] += int(m.group(1))
+        return out
+
     def overload(self, maxes, factors, secs, warmup, reps, at_cap=None):
         """Open loop at `factor` times each target's own closed-loop max:
         offered and goodput (2xx) per second, errors by kind, the p99 of
@@ -847,10 +871,16 @@ class Bench:
                     if t == ANP:
                         self.set_limits(ANP_VARIANTS.get(label, ""))
                     rate = f * maxes[t]
+                    before = self.gateway_refusals() if t == ANP else None
                     r = self.loadgen(t, OVERLOAD_BODY, 64, secs, warmup, rate=rate, timeout=OVERLOAD_TIMEOUT,
                                      extra=["--open", "--max-conns", str(OVERLOAD_MAX_CONNS)], sample=(t == ANP),
                                      probes=[self.cores_probe(t)])
                     row = overload_row(label, f, maxes[t], rate, r)
+                    if before is not None:
+                        # Which limit refused (warm-up included): a 503's
+                        # reason is not in the response the generator sees.
+                        after = self.gateway_refusals()
+                        row["gateway_refused"] = {k: after[k] - before[k] for k in after}
                     max_per_core = getattr(self, "per_core", {}).get(64, {}).get(t)
                     if max_per_core and row.get("goodput_per_server_core"):
                         row["max_per_server_core"] = round(max_per_core, 1)
@@ -867,7 +897,8 @@ class Bench:
                         row["limits"] = ANP_VARIANTS[label].strip().splitlines()
                     log(f"  [overload {f}x] {label:16s} offered {row['offered_rps']:8.0f}  goodput "
                         f"{row['goodput_rps']:8.0f} ({row['goodput_vs_max']:.2f}x max)  served p99 {row['p99_us']}us"
-                        f"  refused p99 {row['refused_p99_us']}us  errors {row['errors_by_kind']}  cores {row['cores']}")
+                        f"  refused p99 {row['refused_p99_us']}us  errors {row['errors_by_kind']}  cores {row['cores']}"
+                        + (f"  gateway refused {row['gateway_refused']}" if "gateway_refused" in row else ""))
                     per[label].append(row)
             for label, rows in per.items():
                 ordered = sorted(rows, key=lambda r: r["goodput_rps"])
@@ -891,7 +922,9 @@ class Bench:
                 f.write(RECEIVER_CONF.format(gw_port=self.gw_port, app_port=app_port,
                                              token=f"{TOKEN}-{ident}"))
             rx = self.procs.start(f"receiver-{ident}", [f"{BIN}/anp-proxy", "receiver", "--config", conf], self.tmp)
-            wait_for_line(rx, r"tunnel \d+ connected", count=self.args.workers)
+            # `tunnels = 0`: one tunnel first, one per worker once loaded.
+            wait_for_line(rx, r"tunnel \d+ connected")
+            self.prime_tunnels(rx, self.gw_port, self.args.workers, path=f"/{ident}/x?size=16")
             self.fair_rx.append(rx)
 
     def fairness(self, maxes, flood_factor, secs, warmup):
@@ -999,8 +1032,12 @@ OVERLOAD_MAX_CONNS = 2048
 # passes up to its max_concurrent (1,024 here) on to the app at once. More
 # rows reload the gateway with other limits (SIGHUP) for the same load:
 # `+limits` keeps 32 per core in flight (about the concurrency the
-# closed-loop max runs at) and queues the rest (1,024 per core: nothing is
-# refused); `+shed` keeps the same 32 but queues only 128, so that the
+# closed-loop max runs at) and queues the rest (2,048 per core: nothing is
+# refused; 1,024 per core, the even share, refused a few: the limits are
+# per core and SO_REUSEPORT splits the 2,048 connections by a hash of
+# their addresses, not evenly: in 6 of 20 trials one core got more than
+# 32 + 1,024 of them, and its queue overflowed while the other's had
+# room; docs/OPERATIONS.md, "Sizing, in practice"); `+shed` keeps the same 32 but queues only 128, so that the
 # excess is answered 503 at once (and the connection then not read for
 # `shed_pause`, default 1 s); `+shed-nopause` is `+shed` with
 # `shed_pause = 0`: every request read and refused at once, at the offered
@@ -1008,7 +1045,7 @@ OVERLOAD_MAX_CONNS = 2048
 # The fairness row runs anp-proxy with the defaults and with `+limits`.
 FAIR_VARIANT = "anp-proxy+limits"
 ANP_VARIANTS = {
-    "anp-proxy+limits": "max_inflight_per_identity = 32\nmax_queue_per_identity = 1024\n",
+    "anp-proxy+limits": "max_inflight_per_identity = 32\nmax_queue_per_identity = 2048\n",
     "anp-proxy+shed": "max_inflight_per_identity = 32\nmax_queue_per_identity = 128\n",
     "anp-proxy+shed-nopause": "max_inflight_per_identity = 32\nmax_queue_per_identity = 128\nshed_pause = 0\n",
 }

@@ -329,7 +329,9 @@ pub struct GatewayConfig {
     /// next request waits in the socket, costing nothing, instead of being
     /// read, parsed and refused again at once. Bounds what a flood that
     /// resends at once (an open loop, a retry loop) costs the core, so the
-    /// requests in flight keep their pace. 0 = read on at once.
+    /// requests in flight keep their pace. A 429 of a rate limit pauses
+    /// its connection for its `Retry-After`, at most this long. A drain
+    /// ends every pause. 0 = read on at once (after a 503 or a 429).
     pub shed_pause: Seconds,
     /// Requests in flight on one core, all identities together; waiting
     /// requests are then admitted round-robin across identities (fair

@@ -13,7 +13,7 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use common::client::{request, READ_TIMEOUT};
+use common::client::{build_request, request, READ_TIMEOUT};
 use common::{wait_until, App, Conn, Gateway, GatewayConfig, Receiver, ALICE_TOKEN, BOB_TOKEN};
 
 const LOOPBACK: &str = "127.0.0.1";
@@ -298,6 +298,85 @@ fn a_shed_connection_is_not_read_again_for_shed_pause() {
         "the shed connection's next request was read within shed_pause"
     );
     assert_eq!(metric(r.admin, "anp_shed_total{reason=\"queue_full\"}"), 1);
+}
+
+/// After a 429 the connection is not read again until the `Retry-After`
+/// it was told (2 s here; `shed_pause`, 30 s, only caps it): a request
+/// pipelined right behind the refused one is read once its bucket has
+/// refilled, so it is served, and the gateway refused only once. Read at
+/// once (the pause off), it would have been refused too.
+#[test]
+fn a_rate_limited_connection_is_not_read_again_until_its_retry_after() {
+    // One token every 2 s, burst 1.
+    let extra =
+        "rate_limits = [{ scope = \"client_ip\", rate = 0.5, burst = 1 }]\nshed_pause = 30\n";
+    let r = rig(&cfg(1, extra), false);
+    let mut c = Conn::connect(r.gw.addr);
+    // Three requests in one write: the second is looked at right after
+    // the first is answered, well within the 2 s a token takes.
+    let mut three = Vec::new();
+    for i in 0..3 {
+        three.extend(build_request(
+            "GET",
+            format!("/alice/{i}").as_bytes(),
+            &[],
+            b"",
+        ));
+    }
+    c.write_raw(&three, &["GET"; 3]).unwrap();
+    let first = c.read().unwrap();
+    assert_eq!(first.status, 200, "{}", first.summary());
+    let refused = c.read().unwrap();
+    assert_eq!(refused.status, 429, "{}", refused.summary());
+    assert_eq!(refused.header("retry-after"), Some("2"));
+    let limited = || metric(r.admin, "anp_rate_limited_total{scope=\"client_ip\"}");
+    // The third waits in the socket: not read, so not refused...
+    assert_eq!(limited(), 1);
+    // ...and read after the pause, when its bucket grants it.
+    let third = c.read().unwrap();
+    assert_eq!(
+        third.status,
+        200,
+        "the request behind a 429 was read before its Retry-After: {}",
+        third.summary()
+    );
+    assert_eq!(limited(), 1, "only the second request was refused");
+    assert_eq!(r.app.requests().len(), 2);
+}
+
+/// A drain ends a pause at once. With `shed_pause = 30` (a 429 whose
+/// `Retry-After` is 1,000 s is paused that long) and `shutdown_grace =
+/// 60`, SIGTERM while a connection is paused does not wait the pause out:
+/// the request waiting in its socket is read and answered under the
+/// drain's rules (served, `Connection: close`), and the gateway exits.
+#[test]
+fn a_drain_ends_a_pause_at_once() {
+    let extra =
+        "rate_limits = [{ scope = \"route\", match = \"/alice\", rate = 0.001, burst = 1 }]\n\
+                 shed_pause = 30\nshutdown_grace = 60\n";
+    let r = rig(&cfg(1, extra), true);
+    let mut c = Conn::connect(r.gw.addr);
+    assert_eq!(c.request("GET", "/alice/0", &[], b"").status, 200);
+    let refused = c.request("GET", "/alice/1", &[], b"");
+    assert_eq!(refused.status, 429, "{}", refused.summary());
+    // Paused for 30 s: bob's request (not limited) waits in the socket.
+    c.send("GET", "/bob/after-pause", &[], b"").unwrap();
+    let mut gw = r.gw;
+    gw.signal(libc::SIGTERM);
+    // A correctness bound, not a speed one: far below the 30 s pause.
+    let within = Duration::from_secs(15);
+    c.set_read_timeout(within);
+    let after = c
+        .read()
+        .expect("the paused connection's request is answered once the drain begins");
+    assert_eq!(after.status, 200, "{}", after.summary());
+    assert_eq!(
+        after.header("connection").map(str::to_ascii_lowercase),
+        Some("close".into()),
+        "a draining gateway says it closes"
+    );
+    let status = gw.proc.wait_exit(within);
+    assert!(status.success(), "drain exits 0, got {status}");
 }
 
 /// With one place per core, waiting identities take turns: alice queued

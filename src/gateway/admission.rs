@@ -5,10 +5,12 @@
 //! `max_queue_per_identity`, at most `queue_timeout`); one more is shed at
 //! once (503 + Retry-After), so a receiver that stopped answering costs
 //! its clients nothing beyond its limit and queue. The connection of a
-//! shed request is then not read for `shed_pause`
-//! ([`Admission::pause_after_shed`]): a client resending at once would
-//! otherwise make the core read and refuse at the offered rate, and the
-//! requests in flight would turn over slower the more it refused.
+//! shed request (503), or of one over a rate limit (429), is then not read
+//! for a while ([`Admission::pause_after`], [`Admission::pause`]): a
+//! client resending at once would otherwise make the core read and refuse
+//! at the offered rate, and the requests in flight would turn over slower
+//! the more it refused. A drain ends every pause at once
+//! ([`Admission::end_pauses`]).
 //!
 //! **Fair shares.** When a place frees, the waiting identities are served
 //! round-robin, one request each in turn (deficit round-robin with every
@@ -45,8 +47,9 @@ pub struct Limits {
     pub queue_timeout: Duration,
     /// 0: none.
     pub per_core: usize,
-    /// How long a connection just answered 503 by admission is not read
-    /// (`shed_pause`); None: read on at once.
+    /// How long a connection just answered 503 by admission (or 429, at
+    /// most its Retry-After) is not read (`shed_pause`); None: read on at
+    /// once.
     pub shed_pause: Option<Duration>,
 }
 
@@ -203,6 +206,57 @@ impl State {
 pub struct Admission {
     state: Rc<RefCell<State>>,
     rates: RefCell<RateLimiter>,
+    pauses: RefCell<Pauses>,
+}
+
+/// The connections of this core paused after a refusal, so that a drain
+/// can end their pauses at once (a paused connection is busy: the drain
+/// would otherwise wait it out). Each pause registers its waker here while
+/// it waits and takes it out when it ends either way: the table holds only
+/// the pauses running now (not `crate::sync::Flag::wait`, whose wakers stay
+/// until the flag is raised: one per refusal, under a flood).
+#[derive(Default)]
+struct Pauses {
+    /// The drain began: no pause waits any more.
+    ended: bool,
+    next: u64,
+    waiting: HashMap<u64, Waker>,
+}
+
+/// Completes when [`Admission::end_pauses`] is called.
+struct PauseEnd<'a> {
+    pauses: &'a RefCell<Pauses>,
+    id: Option<u64>,
+}
+
+impl Future for PauseEnd<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut p = self.pauses.borrow_mut();
+        if p.ended {
+            return Poll::Ready(());
+        }
+        let id = self.id.unwrap_or_else(|| {
+            p.next += 1;
+            p.next
+        });
+        let old = p.waiting.insert(id, cx.waker().clone());
+        drop(p);
+        // Dropped with no borrow held (the module's rule).
+        drop(old);
+        self.id = Some(id);
+        Poll::Pending
+    }
+}
+
+impl Drop for PauseEnd<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            let w = self.pauses.borrow_mut().waiting.remove(&id);
+            drop(w);
+        }
+    }
 }
 
 /// Per-identity gauges and shed counters for `/metrics`.
@@ -251,6 +305,7 @@ impl Admission {
                 shed: [0; 2],
             })),
             rates: RefCell::new(RateLimiter::new(g)),
+            pauses: RefCell::default(),
         }
     }
 
@@ -311,19 +366,69 @@ impl Admission {
         }
     }
 
-    /// After a 503 of admission on a connection that stays open: waits
-    /// `shed_pause` before the connection is read again. Its next request
-    /// waits in the socket meanwhile, instead of being read, parsed and
-    /// refused at once, which under a flood that resends at once (an open
-    /// loop, a client retrying without waiting) would take the core from
-    /// the requests in flight: their places turn over slower, goodput
-    /// falls with every refusal (docs/OPERATIONS.md, "What overload
-    /// costs"). The client was told `Retry-After` anyway.
-    pub async fn pause_after_shed(&self) {
-        let pause = self.state.borrow().limits.shed_pause;
-        if let Some(d) = pause {
-            monoio::time::sleep(d).await;
+    /// How long the connection of a request refused with `e` is not read
+    /// again (it stays open): after a 503 of admission, `shed_pause`;
+    /// after a 429, its `Retry-After` capped by `shed_pause`; None for any
+    /// other answer, or with `shed_pause = 0`. Its next request waits in
+    /// the socket meanwhile, instead of being read, parsed and refused at
+    /// once, which under a flood that resends at once (an open loop, a
+    /// client retrying without waiting) would take the core from the
+    /// requests in flight: their places turn over slower, goodput falls
+    /// with every refusal (docs/OPERATIONS.md, "What overload costs").
+    ///
+    /// Why a 429 waits its `Retry-After` (whole seconds, at least 1) and
+    /// not the exact time until its bucket has a token again: the client
+    /// was told that, so a client that obeys it loses nothing, and a
+    /// refused connection then costs at most one refusal per pause
+    /// whatever the rate (at `rate = 100` the exact wait is 10 ms: a
+    /// thousand connections of one address would still be refused 100,000
+    /// times a second). Capped by `shed_pause` so that a long
+    /// `Retry-After` (a slow rate: 1,000 s) never holds a connection
+    /// longer than a shed one. Uncapped, a request read after the pause
+    /// finds its bucket refilled (the `Retry-After` is rounded up), unless
+    /// another connection took the token first.
+    pub fn pause_after(&self, e: &ProxyError) -> Option<Duration> {
+        let cap = self.state.borrow().limits.shed_pause?;
+        match e {
+            ProxyError::Shed(_) => Some(cap),
+            ProxyError::RateLimited(l) => {
+                Some(cap.min(Duration::from_secs(u64::from(l.retry_after))))
+            }
+            _ => None,
         }
+    }
+
+    /// Waits `d` ([`Admission::pause_after`]), or less: until the drain
+    /// begins ([`Admission::end_pauses`]), so that a paused connection
+    /// never holds a graceful stop.
+    pub async fn pause(&self, d: Duration) {
+        let end = PauseEnd {
+            pauses: &self.pauses,
+            id: None,
+        };
+        monoio::select! {
+            () = monoio::time::sleep(d) => {}
+            () = end => {}
+        }
+    }
+
+    /// The drain began on this core: every pause ends now, and none
+    /// starts again.
+    pub fn end_pauses(&self) {
+        let woken: Vec<Waker> = {
+            let mut p = self.pauses.borrow_mut();
+            p.ended = true;
+            p.waiting.drain().map(|(_, w)| w).collect()
+        };
+        for w in woken {
+            w.wake();
+        }
+    }
+
+    /// Pauses running now (tests).
+    #[cfg(test)]
+    fn paused(&self) -> usize {
+        self.pauses.borrow().waiting.len()
     }
 
     pub fn snapshot(&self) -> AdmissionSnapshot {
@@ -489,6 +594,60 @@ mod tests {
             t.await;
         }
         assert_eq!(*order.borrow(), vec!["A1", "B1", "A2", "B2", "A3", "A4"]);
+    }
+
+    fn limited(retry_after: u32) -> ProxyError {
+        ProxyError::RateLimited(Box::new(super::super::ratelimit::Limited {
+            scope: crate::config::RateScope::ClientIp,
+            policy_name: "p".into(),
+            policy: String::new(),
+            state: String::new(),
+            retry_after,
+        }))
+    }
+
+    /// 503 of admission: `shed_pause`; 429: its Retry-After, at most
+    /// `shed_pause`; anything else, or `shed_pause = 0`: no pause.
+    #[test]
+    fn how_long_a_refused_connection_is_not_read() {
+        let s = |n| Some(Duration::from_secs(n));
+        let a = admission("shed_pause = 30\n");
+        assert_eq!(a.pause_after(&ProxyError::Shed(Shed::QueueFull)), s(30));
+        assert_eq!(a.pause_after(&ProxyError::Shed(Shed::QueueTimeout)), s(30));
+        assert_eq!(a.pause_after(&limited(1)), s(1));
+        assert_eq!(a.pause_after(&limited(1000)), s(30));
+        assert_eq!(a.pause_after(&ProxyError::Timeout), None);
+        let off = admission("shed_pause = 0\n");
+        assert_eq!(off.pause_after(&ProxyError::Shed(Shed::QueueFull)), None);
+        assert_eq!(off.pause_after(&limited(1)), None);
+        // The default: 1 s, the 503's Retry-After.
+        assert_eq!(admission("").pause_after(&limited(7)), s(1));
+    }
+
+    /// A pause ends when the drain begins (not when its minute is over);
+    /// one that starts after that does not wait; a pause leaves no waker
+    /// behind however it ends.
+    #[monoio::test(timer_enabled = true)]
+    async fn end_pauses_ends_every_pause_at_once() {
+        let a = Rc::new(admission(""));
+        a.pause(Duration::from_millis(1)).await;
+        assert_eq!(a.paused(), 0, "a pause that ran out left its waker");
+        let mut tasks = Vec::new();
+        for _ in 0..3 {
+            let a = a.clone();
+            tasks.push(monoio::spawn(async move {
+                a.pause(Duration::from_secs(3600)).await;
+            }));
+        }
+        while a.paused() < 3 {
+            monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+        a.end_pauses();
+        for t in tasks {
+            t.await;
+        }
+        assert_eq!(a.paused(), 0);
+        a.pause(Duration::from_secs(3600)).await;
     }
 
     /// A waiter granted a place and dropped in the same tick hands it on.

@@ -293,11 +293,12 @@ where
         // Route, read the body, proxy. Boxed: one allocation per request
         // keeps this (large) state out of the connection task, so an idle
         // keep-alive connection costs about 1 KiB, not 11 KiB.
-        let (ok, status, shed) = Box::pin(self.proxy(head, head_buf, &mut ex)).await;
+        let (ok, status, pause) = Box::pin(self.proxy(head, head_buf, &mut ex)).await;
         ctx.obs.finish(ex, peer, method, raw_path, status);
-        // Shed: the next request waits in the socket (admission.rs).
-        if shed && ok && head.keep_alive {
-            ctx.admission.pause_after_shed().await;
+        // Shed or rate-limited: the next request waits in the socket
+        // (admission.rs; a drain ends the pause).
+        if let Some(d) = pause.filter(|_| ok && head.keep_alive) {
+            ctx.admission.pause(d).await;
         }
         ok && head.keep_alive
     }
@@ -324,14 +325,14 @@ where
     }
 
     /// Proxies one request and writes its response or the gateway's error
-    /// reply: (the connection can go on, the status written, shed by
-    /// admission).
+    /// reply: (the connection can go on, the status written, how long it
+    /// is not read again after a refusal of admission).
     async fn proxy(
         &mut self,
         head: &RequestHead,
         head_buf: &Bytes,
         ex: &mut Exchange<'_>,
-    ) -> (bool, u16, bool) {
+    ) -> (bool, u16, Option<std::time::Duration>) {
         let ctx = self.ctx.clone();
         let peer = self.peer;
         let is_head = head.method(head_buf) == "HEAD";
@@ -365,14 +366,14 @@ where
                     &mut ex.bytes_out,
                 )
                 .await;
-                (ok, status, false)
+                (ok, status, None)
             }
             Err((ProxyError::ClientGone(when), _)) => {
                 // Nobody to answer: logged as that, not as a refusal.
                 let e = ProxyError::ClientGone(when);
                 tracing::info!(%peer, error = %e, side = e.side().as_str(), "client went away");
                 ex.failed(&e, 499);
-                (false, 499, false)
+                (false, 499, None)
             }
             Err((e, body_read)) => {
                 let reply = error_reply(&e);
@@ -389,8 +390,7 @@ where
                 }
                 let w = write_error(&mut self.io, &mut self.out, &e, is_head, close).await;
                 ex.bytes_out += w.bytes;
-                let shed = matches!(e, ProxyError::Shed(_));
-                (w.ok && !close, w.status, shed)
+                (w.ok && !close, w.status, ctx.admission.pause_after(&e))
             }
         }
     }
