@@ -280,6 +280,11 @@ pub struct GatewayConfig {
     /// `tunnel_scale_up` requests a second, every second, before the
     /// gateway lets it go (close 4002 once idle); never the identity's last.
     pub tunnel_scale_idle: Seconds,
+    /// Insist on ANPX body CRCs on every tunnel: refuse the `nocrc`
+    /// extension (docs/PROTOCOL.md §7.9). Default false: between our own
+    /// peers large bodies go without a CRC, TCP's checksum (and TLS's
+    /// integrity, on wss) guarding them as they guard any HTTP proxy's.
+    pub tunnel_body_crc: bool,
     /// Seconds an upgrade may take from its first byte to the 101: reading
     /// the head, authentication (DID document fetch included); 408 after.
     pub handshake_timeout: Seconds,
@@ -396,6 +401,7 @@ impl Default for GatewayConfig {
             handshake_rate: 2000,
             tunnel_scale_up: 50,
             tunnel_scale_idle: Seconds(60.0),
+            tunnel_body_crc: false,
             handshake_burst: 200,
             handshake_timeout: Seconds(10.0),
             max_pings_per_second: 10,

@@ -8,7 +8,9 @@
 //! `decode_frame` on the request id.
 #![no_main]
 
-use anp_proxy::protocol::anpx::{decode_frame, encode_frame, ChunkInfo, Frame, FrameType, MetaRef};
+use anp_proxy::protocol::anpx::{
+    decode_frame, decode_frame_with, encode_frame, BodyCrc, ChunkInfo, Frame, FrameType, MetaRef,
+};
 use anp_proxy::protocol::stream::{classify, Incoming};
 use anp_proxy_fuzz::{fix_anpx_frame, within, ANPX_HEADER_LEN};
 use bytes::{Bytes, BytesMut};
@@ -20,6 +22,22 @@ fuzz_target!(|data: &[u8]| {
     fix_anpx_frame(&mut fixed);
     if fixed != data {
         check(&fixed);
+    }
+    // `nocrc` (PROTOCOL.md §7.9): the same frame with body_crc 0 decodes
+    // on a tunnel that negotiated it, to the same fields.
+    if fixed.len() >= ANPX_HEADER_LEN {
+        let with_crc = decode_frame(&fixed)
+            .ok()
+            .map(|f| f.request_id.map(str::to_owned));
+        fixed[16..20].fill(0);
+        if let Ok(f) = decode_frame_with(&fixed, BodyCrc::Omitted) {
+            assert!(f.body.is_none_or(|b| within(&fixed[ANPX_HEADER_LEN..], b)));
+            if let Some(id) = with_crc {
+                assert_eq!(f.request_id, id.as_deref(), "nocrc decodes the same frame");
+            }
+        } else {
+            assert!(with_crc.is_none(), "a valid frame refused with body_crc 0 under nocrc");
+        }
     }
 });
 
@@ -53,7 +71,7 @@ fn check(msg: &[u8]) {
 
     let bytes = Bytes::copy_from_slice(msg);
     for expect in [FrameType::Request, FrameType::Response] {
-        match classify(&bytes, expect) {
+        match classify(&bytes, expect, BodyCrc::Computed) {
             Ok(Incoming::Whole {
                 request_id,
                 meta,

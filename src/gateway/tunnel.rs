@@ -165,7 +165,7 @@ impl Tunnel {
             json = super::forward::request_json(&meta, self.features.exact);
             &json[..]
         };
-        let mut enc = StreamEncoder::new(FrameType::Request);
+        let mut enc = StreamEncoder::with_crc(FrameType::Request, self.features.body_crc());
         format_request_id(id, &mut rid);
         // On the stack: no allocation per request for the id.
         let rids = std::str::from_utf8(&rid).unwrap_or_default();
@@ -749,7 +749,7 @@ const MAX_UNACKED: usize = DEFAULT_WINDOW + 2 * (1 << 20);
 /// `stream` peer: heads go to the client at once, bodies as they come.
 /// What a frame means is the demultiplexer's decision; this acts on it.
 fn on_stream_frame(tunnel: &Rc<Tunnel>, counts: &FrameRefusals, msg: Bytes) {
-    let mut inc = match stream::classify(&msg, FrameType::Response) {
+    let mut inc = match stream::classify(&msg, FrameType::Response, tunnel.features.body_crc()) {
         Ok(i) => i,
         Err(e) => return refuse_undecodable(tunnel, counts, &msg, &e),
     };

@@ -340,6 +340,8 @@ async fn authenticate_upgrade(
         .intersect(Features::SUPPORTED);
     // `tunnel_scale_up = 0`: every receiver keeps `workers` tunnels.
     features.scale &= ctx.shared.config.gateway.tunnel_scale_up > 0;
+    // `tunnel_body_crc = true`: every frame's body CRC is checked.
+    features.nocrc &= !ctx.shared.config.gateway.tunnel_body_crc;
     let instance = match get(INSTANCE_HEADER) {
         None => String::new(),
         Some(v) if valid_instance(v) => String::from_utf8_lossy(v).into_owned(),

@@ -2,6 +2,8 @@
 //! in `X-ANPX-Features`, the gateway answers with the subset it will use.
 //! A peer that sends no header gets plain v1.
 
+use super::anpx::BodyCrc;
+
 /// Request header carrying the receiver's offer and the gateway's answer.
 pub const FEATURES_HEADER: &str = "X-ANPX-Features";
 /// 101 response header: how many tunnels the receiver should keep open.
@@ -59,6 +61,11 @@ pub struct Features {
     /// and lets them go with close code [`CLOSE_RELEASED`]. A receiver with
     /// a pinned `tunnels = N` does not offer it.
     pub scale: bool,
+    /// Frames may carry `body_crc = 0` (PROTOCOL.md §7.9): the sender does
+    /// not compute the CRC of a large body and the receiver does not check
+    /// a zero one; a non-zero `body_crc` is still checked. The gateway
+    /// answers it unless `tunnel_body_crc = true`.
+    pub nocrc: bool,
 }
 
 impl Features {
@@ -71,6 +78,7 @@ impl Features {
         upgrade: true,
         zeromask: true,
         scale: true,
+        nocrc: true,
     };
 
     /// Parses a comma-separated token list; unknown tokens are ignored.
@@ -92,6 +100,8 @@ impl Features {
                 f.zeromask = true;
             } else if tok.eq_ignore_ascii_case(b"scale") {
                 f.scale = true;
+            } else if tok.eq_ignore_ascii_case(b"nocrc") {
+                f.nocrc = true;
             }
         }
         f
@@ -107,6 +117,7 @@ impl Features {
             upgrade: self.upgrade && other.upgrade && self.stream && other.stream,
             zeromask: self.zeromask && other.zeromask,
             scale: self.scale && other.scale,
+            nocrc: self.nocrc && other.nocrc,
         }
     }
 
@@ -134,7 +145,19 @@ impl Features {
         if self.scale {
             v.push("scale");
         }
+        if self.nocrc {
+            v.push("nocrc");
+        }
         v.join(", ")
+    }
+
+    /// How this tunnel's frames carry `body_crc` (`nocrc`).
+    pub fn body_crc(self) -> BodyCrc {
+        if self.nocrc {
+            BodyCrc::Omitted
+        } else {
+            BodyCrc::Computed
+        }
     }
 }
 
@@ -162,7 +185,7 @@ mod tests {
         );
         assert_eq!(
             Features::SUPPORTED.to_header_value(),
-            "exact, stream, cancel, binmeta, upgrade, zeromask, scale"
+            "exact, stream, cancel, binmeta, upgrade, zeromask, scale, nocrc"
         );
         assert!(
             !Features::parse(b"upgrade")

@@ -13,7 +13,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use super::anpx::{self, ChunkInfo, DecodeError, FrameType, MetaRef};
+use super::anpx::{self, BodyCrc, ChunkInfo, DecodeError, FrameType, MetaRef};
 
 /// Body bytes a sender may have in flight per request before credit.
 pub const DEFAULT_WINDOW: usize = 256 * 1024;
@@ -34,11 +34,22 @@ pub fn piece_size(chunk_size: usize, request_id: &str, meta_len: usize) -> usize
 pub struct StreamEncoder {
     ty: FrameType,
     next_idx: u32,
+    crc: BodyCrc,
 }
 
 impl StreamEncoder {
     pub fn new(ty: FrameType) -> Self {
-        Self { ty, next_idx: 0 }
+        Self::with_crc(ty, BodyCrc::Computed)
+    }
+
+    /// Frames with `body_crc` computed or left 0 (`nocrc`, PROTOCOL.md
+    /// §7.9: [`crate::protocol::features::Features::body_crc`]).
+    pub fn with_crc(ty: FrameType, crc: BodyCrc) -> Self {
+        Self {
+            ty,
+            next_idx: 0,
+            crc,
+        }
     }
 
     /// Chunk 0: the meta and the first body bytes.
@@ -90,8 +101,15 @@ impl StreamEncoder {
         };
         self.next_idx += 1;
         let mut head = crate::pool::frame_heads::take();
-        let split =
-            anpx::encode_frame_split(self.ty, request_id, meta, body, Some(chunk), &mut head);
+        let split = anpx::encode_frame_split(
+            self.ty,
+            request_id,
+            meta,
+            body,
+            Some(chunk),
+            self.crc,
+            &mut head,
+        );
         (head, split)
     }
 
@@ -110,7 +128,15 @@ impl StreamEncoder {
         self.next_idx += 1;
         let mut out =
             BytesMut::with_capacity(anpx::frame_len(request_id, meta, body.len(), Some(chunk)));
-        anpx::encode_frame(self.ty, request_id, meta, body, Some(chunk), &mut out);
+        anpx::encode_frame_with(
+            self.ty,
+            request_id,
+            meta,
+            body,
+            Some(chunk),
+            self.crc,
+            &mut out,
+        );
         out
     }
 }
@@ -167,9 +193,10 @@ pub enum StreamError {
 }
 
 /// Classifies one WebSocket binary message of a `stream` peer. Body and
-/// meta are zero-copy slices of `msg`.
-pub fn classify(msg: &Bytes, expect: FrameType) -> Result<Incoming, StreamError> {
-    let f = anpx::decode_frame(msg)?;
+/// meta are zero-copy slices of `msg`. `crc`: whether a zero `body_crc`
+/// is taken as "not computed" (`nocrc`).
+pub fn classify(msg: &Bytes, expect: FrameType, crc: BodyCrc) -> Result<Incoming, StreamError> {
+    let f = anpx::decode_frame_with(msg, crc)?;
     let request_id = f
         .request_id
         .ok_or(StreamError::MissingRequestId)?
@@ -242,7 +269,7 @@ mod tests {
         let f0 = enc.head("r1", MetaRef::Response(b"{\"status\":200}"), b"ab", false);
         let f1 = enc.body("r1", b"cd", false);
         let f2 = enc.body("r1", b"", true);
-        match classify(&f0.freeze(), FrameType::Response).unwrap() {
+        match classify(&f0.freeze(), FrameType::Response, BodyCrc::Computed).unwrap() {
             Incoming::Start {
                 request_id,
                 meta,
@@ -256,13 +283,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match classify(&f1.freeze(), FrameType::Response).unwrap() {
+        match classify(&f1.freeze(), FrameType::Response, BodyCrc::Computed).unwrap() {
             Incoming::More {
                 idx, body, last, ..
             } => assert_eq!((idx, &body[..], last), (1, &b"cd"[..], false)),
             other => panic!("{other:?}"),
         }
-        match classify(&f2.freeze(), FrameType::Response).unwrap() {
+        match classify(&f2.freeze(), FrameType::Response, BodyCrc::Computed).unwrap() {
             Incoming::More {
                 idx, body, last, ..
             } => assert_eq!((idx, body.len(), last), (2, 0, true)),
@@ -297,7 +324,7 @@ mod tests {
         let mut enc = StreamEncoder::new(FrameType::Request);
         let f = enc.head("x", MetaRef::Request(b"{}"), b"", true).freeze();
         assert!(matches!(
-            classify(&f, FrameType::Response),
+            classify(&f, FrameType::Response, BodyCrc::Computed),
             Err(StreamError::WrongType(..))
         ));
         let mut out = BytesMut::new();
@@ -314,7 +341,7 @@ mod tests {
             &mut out,
         );
         assert!(matches!(
-            classify(&out.freeze(), FrameType::Response),
+            classify(&out.freeze(), FrameType::Response, BodyCrc::Computed),
             Err(StreamError::MissingMeta(_))
         ));
     }

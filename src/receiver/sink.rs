@@ -43,7 +43,7 @@ impl ResponseSink {
             window,
             chunk_size,
             max_body,
-            enc: StreamEncoder::new(FrameType::Response),
+            enc: StreamEncoder::with_crc(FrameType::Response, features.body_crc()),
             held: None,
             started: false,
         }
@@ -106,6 +106,7 @@ impl ResponseSink {
                 wire,
                 &body,
                 None,
+                self.features.body_crc(),
                 &mut head,
             );
             return self.send_parts((head, split), body);
@@ -232,6 +233,7 @@ impl ResponseSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::anpx::BodyCrc;
     use crate::protocol::stream::{classify, Incoming, DEFAULT_WINDOW};
 
     /// The frames a sink queued, each as the bytes of its WebSocket
@@ -276,7 +278,7 @@ mod tests {
         sink(tx).head(meta(), body.clone(), true).await.unwrap();
         let f = frames(&mut rx);
         assert_eq!(f.len(), 1);
-        match classify(&f[0], FrameType::Response).unwrap() {
+        match classify(&f[0], FrameType::Response, BodyCrc::Computed).unwrap() {
             Incoming::Whole { body: b, .. } => assert_eq!(b, body),
             other => panic!("{other:?}"),
         }
@@ -290,14 +292,14 @@ mod tests {
         let f = frames(&mut rx);
         assert_eq!(f.len(), 2, "chunk 0 and one final piece");
         let mut got = Vec::new();
-        match classify(&f[0], FrameType::Response).unwrap() {
+        match classify(&f[0], FrameType::Response, BodyCrc::Computed).unwrap() {
             Incoming::Start { body, last, .. } => {
                 assert!(!last);
                 got.extend_from_slice(&body);
             }
             other => panic!("{other:?}"),
         }
-        match classify(&f[1], FrameType::Response).unwrap() {
+        match classify(&f[1], FrameType::Response, BodyCrc::Computed).unwrap() {
             Incoming::More {
                 body, last, idx, ..
             } => {
@@ -317,10 +319,12 @@ mod tests {
         let f = frames(&mut rx);
         let last: Vec<bool> = f
             .iter()
-            .map(|m| match classify(m, FrameType::Response).unwrap() {
-                Incoming::Start { last, .. } | Incoming::More { last, .. } => last,
-                other => panic!("{other:?}"),
-            })
+            .map(
+                |m| match classify(m, FrameType::Response, BodyCrc::Computed).unwrap() {
+                    Incoming::Start { last, .. } | Incoming::More { last, .. } => last,
+                    other => panic!("{other:?}"),
+                },
+            )
             .collect();
         assert_eq!(last, [false, false, true]);
     }

@@ -633,7 +633,7 @@ impl ReceiverFrames {
     /// frame means is the demultiplexer's decision; this acts on it.
     fn stream_frame(&mut self, msg: Bytes) {
         let index = self.index;
-        let mut inc = match stream::classify(&msg, FrameType::Request) {
+        let mut inc = match stream::classify(&msg, FrameType::Request, self.features.body_crc()) {
             Ok(i) => i,
             Err(e) => {
                 tracing::warn!(tunnel = index, error = %e, "invalid ANPX frame refused");

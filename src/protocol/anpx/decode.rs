@@ -3,7 +3,7 @@
 //! the message (no copies).
 
 use super::error::DecodeError;
-use super::header::{FrameType, Header, HEADER_LEN};
+use super::header::{BodyCrc, FrameType, Header, HEADER_LEN};
 use super::tlv::{
     TlvIter, TAG_CHUNK_IDX, TAG_CHUNK_TOT, TAG_FINAL_CHUNK, TAG_HTTP_BODY, TAG_HTTP_META,
     TAG_REQUEST_ID, TAG_RESP_META,
@@ -32,14 +32,21 @@ pub struct Frame<'a> {
 /// unlike the reference decoder, which fails on them). A known tag seen twice
 /// is refused rather than resolved by guessing which copy wins.
 pub fn decode_frame(msg: &[u8]) -> Result<Frame<'_>, DecodeError> {
+    decode_frame_with(msg, BodyCrc::Computed)
+}
+
+/// [`decode_frame`] on a tunnel that negotiated `nocrc` (`crc` =
+/// [`BodyCrc::Omitted`]): a `body_crc` of 0 is taken as "not computed"
+/// and not checked (PROTOCOL.md §7.9). The header CRC is always checked.
+pub fn decode_frame_with(msg: &[u8], crc: BodyCrc) -> Result<Frame<'_>, DecodeError> {
     let header = Header::parse(msg)?;
     let body = &msg[HEADER_LEN..];
-    let computed = crc32fast::hash(body);
-    if header.body_crc.get() != computed {
-        return Err(DecodeError::BodyCrc {
-            expected: header.body_crc.get(),
-            computed,
-        });
+    let expected = header.body_crc.get();
+    if !(expected == 0 && crc == BodyCrc::Omitted) {
+        let computed = crc32fast::hash(body);
+        if expected != computed {
+            return Err(DecodeError::BodyCrc { expected, computed });
+        }
     }
     let mut frame = Frame {
         ty: header.frame_type()?,

@@ -6,7 +6,7 @@
 use bytes::{BufMut, BytesMut};
 use zerocopy::IntoBytes;
 
-use super::header::{FrameType, Header, FLAG_CHUNKED, HEADER_LEN};
+use super::header::{BodyCrc, FrameType, Header, FLAG_CHUNKED, HEADER_LEN};
 use super::tlv::{
     put_tlv, tlv_len, TAG_CHUNK_IDX, TAG_CHUNK_TOT, TAG_FINAL_CHUNK, TAG_HTTP_BODY, TAG_HTTP_META,
     TAG_REQUEST_ID, TAG_RESP_META, TLV_HEAD_LEN,
@@ -65,6 +65,20 @@ pub fn encode_frame(
     chunk: Option<ChunkInfo>,
     out: &mut BytesMut,
 ) {
+    encode_frame_with(ty, request_id, meta, body, chunk, BodyCrc::Computed, out);
+}
+
+/// [`encode_frame`]; with [`BodyCrc::Omitted`] (a `nocrc` tunnel) the
+/// body's CRC is not computed and `body_crc` is 0.
+pub fn encode_frame_with(
+    ty: FrameType,
+    request_id: &str,
+    meta: Option<MetaRef<'_>>,
+    body: &[u8],
+    chunk: Option<ChunkInfo>,
+    crc: BodyCrc,
+    out: &mut BytesMut,
+) {
     let start = out.len();
     out.reserve(frame_len(request_id, meta, body.len(), chunk));
     put_front(out, request_id, meta, chunk);
@@ -75,7 +89,10 @@ pub fn encode_frame(
         put_tlv(out, TAG_FINAL_CHUNK, &[1]);
     }
     let total = u32::try_from(out.len() - start).expect("ANPX frame must be shorter than 4 GiB");
-    let body_crc = crc32fast::hash(&out[start + HEADER_LEN..]);
+    let body_crc = match crc {
+        BodyCrc::Computed => crc32fast::hash(&out[start + HEADER_LEN..]),
+        BodyCrc::Omitted => 0,
+    };
     let flags = if chunk.is_some() { FLAG_CHUNKED } else { 0 };
     let header = Header::new(ty, flags, total, body_crc);
     out[start..start + HEADER_LEN].copy_from_slice(header.as_bytes());
@@ -107,7 +124,8 @@ fn put_front(
 /// as it is before the body bytes (header, TLVs, the body TLV's tag and
 /// length) and after them (the final-chunk TLV), and returns the offset in
 /// `out` where the body goes. The frame on the wire is
-/// `out[..split] ++ body ++ out[split..]`; the header's CRC covers it all.
+/// `out[..split] ++ body ++ out[split..]`; the header's `body_crc` covers
+/// it all (or is 0: [`BodyCrc::Omitted`], a `nocrc` tunnel).
 /// `out` must be empty (it becomes the frame's head buffer).
 pub fn encode_frame_split(
     ty: FrameType,
@@ -115,6 +133,7 @@ pub fn encode_frame_split(
     meta: Option<MetaRef<'_>>,
     body: &[u8],
     chunk: Option<ChunkInfo>,
+    crc: BodyCrc,
     out: &mut BytesMut,
 ) -> usize {
     debug_assert!(out.is_empty());
@@ -131,12 +150,18 @@ pub fn encode_frame_split(
     }
     let total =
         u32::try_from(out.len() + body.len()).expect("ANPX frame must be shorter than 4 GiB");
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&out[HEADER_LEN..split]);
-    crc.update(body);
-    crc.update(&out[split..]);
+    let body_crc = match crc {
+        BodyCrc::Computed => {
+            let mut h = crc32fast::Hasher::new();
+            h.update(&out[HEADER_LEN..split]);
+            h.update(body);
+            h.update(&out[split..]);
+            h.finalize()
+        }
+        BodyCrc::Omitted => 0,
+    };
     let flags = if chunk.is_some() { FLAG_CHUNKED } else { 0 };
-    let header = Header::new(ty, flags, total, crc.finalize());
+    let header = Header::new(ty, flags, total, body_crc);
     out[..HEADER_LEN].copy_from_slice(header.as_bytes());
     split
 }
@@ -395,8 +420,15 @@ mod tests {
             let mut whole = BytesMut::new();
             encode_frame(FrameType::Request, "rid-1", meta, body, chunk, &mut whole);
             let mut head = BytesMut::new();
-            let split =
-                encode_frame_split(FrameType::Request, "rid-1", meta, body, chunk, &mut head);
+            let split = encode_frame_split(
+                FrameType::Request,
+                "rid-1",
+                meta,
+                body,
+                chunk,
+                BodyCrc::Computed,
+                &mut head,
+            );
             let mut joined = head[..split].to_vec();
             joined.extend_from_slice(body);
             joined.extend_from_slice(&head[split..]);

@@ -34,6 +34,16 @@ impl FrameType {
     }
 }
 
+/// Whether a frame's `body_crc` is computed (ANPX v1) or left 0 (the
+/// `nocrc` extension, docs/PROTOCOL.md §7.9). On decode, `Omitted` means
+/// a zero `body_crc` is not checked; a non-zero one always is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BodyCrc {
+    #[default]
+    Computed,
+    Omitted,
+}
+
 /// The header exactly as on the wire, big-endian, no alignment needs.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Debug, Clone, Copy)]
 #[repr(C)]

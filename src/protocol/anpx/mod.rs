@@ -22,12 +22,12 @@ pub mod meta;
 pub mod reassembly;
 pub mod tlv;
 
-pub use decode::{decode_frame, unverified_request_id, Frame};
+pub use decode::{decode_frame, decode_frame_with, unverified_request_id, Frame};
 pub use encode::{
-    encode_error, encode_frame, encode_frame_split, encode_message, encode_message_with, frame_len,
-    ChunkInfo, MetaRef, DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE,
+    encode_error, encode_frame, encode_frame_split, encode_frame_with, encode_message,
+    encode_message_with, frame_len, ChunkInfo, MetaRef, DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE,
 };
 pub use error::{DecodeError, MetaError, ReassemblyError};
-pub use header::{FrameType, Header, HEADER_LEN};
+pub use header::{BodyCrc, FrameType, Header, HEADER_LEN};
 pub use meta::{latin1_to_string, string_to_latin1, RequestMeta, ResponseMeta};
 pub use reassembly::{Limits, Message, Reassembler};
