@@ -17,7 +17,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::thread;
 use std::time::Duration;
 
-use anp_proxy::protocol::anpx::{self, BodyCrc, ChunkInfo, FrameType, MetaRef};
+use anp_proxy::protocol::anpx::{BodyCrc, ChunkInfo};
 use anp_proxy::ws::{encode_header, OpCodeKind};
 use bytes::BytesMut;
 use common::client::{self, read_response};
@@ -560,22 +560,6 @@ fn bad_crc_frame_is_refused_and_its_request_fails_502() {
     assert_eq!(w.metric(&refused("unknown_request")), 0);
 }
 
-/// An unchunked response whose `body_crc` is 0 (`nocrc`, PROTOCOL.md §7.9).
-fn response_without_crc(request_id: &str, body: &[u8]) -> BytesMut {
-    let meta = rawpeer::resp_meta(200, &[("content-type", "text/plain")]);
-    let mut out = BytesMut::new();
-    anpx::encode_frame_with(
-        FrameType::Response,
-        request_id,
-        Some(MetaRef::Response(&meta)),
-        body,
-        None,
-        BodyCrc::Omitted,
-        &mut out,
-    );
-    out
-}
-
 #[test]
 fn a_zero_body_crc_passes_only_on_a_tunnel_that_negotiated_nocrc() {
     let w = anpx_world();
@@ -584,14 +568,24 @@ fn a_zero_body_crc_passes_only_on_a_tunnel_that_negotiated_nocrc() {
     // Without `nocrc`, 0 is a body CRC like any other: it does not match.
     let c = client_get(w.gw.addr, "/ra/zero");
     let req = plain.next_request();
-    plain.send_binary(&response_without_crc(&req.request_id, b"UNCHECKED"));
+    plain.send_binary(&rawpeer::response_with(
+        &req.request_id,
+        200,
+        b"UNCHECKED",
+        BodyCrc::Omitted,
+    ));
     let r = c.join().unwrap();
     assert_eq!(r.status, 502, "{}", r.summary());
     w.wait_metric(&refused("crc"), 1);
     // With it, a zero body CRC means "not computed": the body is served.
     let c = client_get(w.gw.addr, "/rb/zero");
     let req = nocrc.next_request();
-    nocrc.send_binary(&response_without_crc(&req.request_id, b"not checksummed"));
+    nocrc.send_binary(&rawpeer::response_with(
+        &req.request_id,
+        200,
+        b"not checksummed",
+        BodyCrc::Omitted,
+    ));
     let r = c.join().unwrap();
     assert_eq!(
         (r.status, r.body_text().as_str()),

@@ -9,37 +9,18 @@
 
 mod common;
 
-use anp_proxy::protocol::anpx::{self, BodyCrc, RequestMeta};
-use common::app::pattern_body;
-use common::scripted_app::ScriptedApp;
-use common::standin::{self, read_frame};
-use common::{client, GatewayConfig, Setup};
-
-fn get(path: &str) -> RequestMeta {
-    RequestMeta {
-        method: "GET".into(),
-        path: path.into(),
-        headers: vec![("host".into(), "t".into())],
-        query: vec![],
-        raw_target: None,
-        header_list: None,
-    }
-}
+use anp_proxy::protocol::anpx::{self, BodyCrc};
+use common::standin;
+use common::{GatewayConfig, Setup};
 
 /// The receiver's response frame (the ANPX message), with the 101
 /// answering `features`.
 fn response_frame_with(features: &str) -> Vec<u8> {
-    let app = ScriptedApp::start(|x| {
-        x.write(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nhello, world");
-    });
-    let (mut s, _rx) = standin::accept_receiver(features, app.addr);
-    standin::send_v1_request(&mut s, "nc-1", &get("/alice/nc"), b"");
-    loop {
-        let f = read_frame(&mut s);
-        if f.opcode == 2 {
-            return f.payload; // binary: the ANPX response (pings skipped)
-        }
-    }
+    standin::first_response_frame(
+        features,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nhello, world",
+    )
+    .payload
 }
 
 /// Bytes 16..20 of the ANPX header.
@@ -67,29 +48,12 @@ fn without_it_every_body_crc_is_computed() {
     assert_eq!(d.body, Some(&b"hello, world"[..]));
 }
 
-/// 3 MiB up and back and 2 MiB down: many frames, in both directions.
-fn large_bodies_cross_whole(s: &Setup) {
-    let body = pattern_body(3 << 20);
-    let r = client::request(s.gw.addr, "POST", "/alice/echo", &[], &body);
-    assert_eq!(r.status, 200, "{}", r.summary());
-    assert!(r.body == body, "the echoed body differs");
-    let r = client::request(
-        s.gw.addr,
-        "GET",
-        "/alice/big",
-        &[("X-Test-Body-Len", "2097152")],
-        b"",
-    );
-    assert_eq!(r.status, 200);
-    assert!(r.body == pattern_body(2 << 20), "the app's body differs");
-}
-
 #[test]
 fn our_gateway_negotiates_it_and_large_bodies_cross_whole() {
     let mut s = Setup::new();
     let line = s.rx.proc.wait_log(&["tunnel connected", "features="]);
     assert!(line.contains("nocrc"), "{line}");
-    large_bodies_cross_whole(&s);
+    s.large_bodies_cross_whole();
 }
 
 #[test]
@@ -102,5 +66,5 @@ fn tunnel_body_crc_keeps_every_body_crc() {
     let line = s.rx.proc.wait_log(&["tunnel connected", "features="]);
     assert!(!line.contains("nocrc"), "{line}");
     assert!(line.contains("stream"), "{line}");
-    large_bodies_cross_whole(&s);
+    s.large_bodies_cross_whole();
 }

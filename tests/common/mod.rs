@@ -47,4 +47,25 @@ impl Setup {
         rx.wait_connected(tunnels.max(1) as usize);
         Setup { app, gw, rx }
     }
+
+    /// 3 MiB up and back (echo) and 2 MiB down: many frames each way,
+    /// compared byte for byte with what was sent or what the app makes.
+    pub fn large_bodies_cross_whole(&self) {
+        let body = app::pattern_body(3 << 20);
+        let r = client::request(self.gw.addr, "POST", "/alice/echo", &[], &body);
+        assert_eq!(r.status, 200, "{}", r.summary());
+        assert!(r.body == body, "the echoed body differs");
+        let r = client::request(
+            self.gw.addr,
+            "GET",
+            "/alice/big",
+            &[("X-Test-Body-Len", "2097152")],
+            b"",
+        );
+        assert_eq!(r.status, 200);
+        assert!(
+            r.body == app::pattern_body(2 << 20),
+            "the app's body differs"
+        );
+    }
 }

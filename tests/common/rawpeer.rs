@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use anp_proxy::protocol::anpx::{self, ChunkInfo, FrameType, MetaRef};
+use anp_proxy::protocol::anpx::{self, BodyCrc, ChunkInfo, FrameType, MetaRef};
 use anp_proxy::ws::handshake::{client_key, parse_server_response, write_client_request};
 use anp_proxy::ws::{encode_raw_frame, Decoder, Event, Limits, OpCodeKind, Role};
 use bytes::BytesMut;
@@ -191,14 +191,20 @@ pub fn resp_meta(status: u16, headers: &[(&str, &str)]) -> Vec<u8> {
 
 /// An unchunked ANPX response frame.
 pub fn response(request_id: &str, status: u16, body: &[u8]) -> BytesMut {
+    response_with(request_id, status, body, BodyCrc::Computed)
+}
+
+/// [`response`] with its `body_crc` computed or left 0 (`nocrc`).
+pub fn response_with(request_id: &str, status: u16, body: &[u8], crc: BodyCrc) -> BytesMut {
     let meta = resp_meta(status, &[("content-type", "text/plain")]);
     let mut out = BytesMut::new();
-    anpx::encode_frame(
+    anpx::encode_frame_with(
         FrameType::Response,
         request_id,
         Some(MetaRef::Response(&meta)),
         body,
         None,
+        crc,
         &mut out,
     );
     out

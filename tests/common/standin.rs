@@ -14,6 +14,7 @@ use anp_proxy::ws::{self, OpCodeKind, Role};
 use bytes::BytesMut;
 
 use super::procs::{Receiver, ALICE_TOKEN, START_WAIT};
+use super::scripted_app::ScriptedApp;
 
 /// Accepts one alice receiver (calling `app`) and answers its upgrade
 /// with `features` in `X-ANPX-Features` (`""`: no header, plain v1).
@@ -55,6 +56,35 @@ pub fn accept_receiver(features: &str, app: SocketAddr) -> (TcpStream, Receiver)
     s.write_all(&out).unwrap();
     rx.wait_connected(1);
     (s, rx)
+}
+
+/// A v1 `GET path` meta.
+pub fn get_meta(path: &str) -> RequestMeta {
+    RequestMeta {
+        method: "GET".into(),
+        path: path.into(),
+        headers: vec![("host".into(), "t".into())],
+        query: vec![],
+        raw_target: None,
+        header_list: None,
+    }
+}
+
+/// The receiver's first binary frame (its ANPX response; pings skipped)
+/// to a `GET /alice/first` from this stand-in, whose 101 answered
+/// `features`; the app answers `response` (a whole HTTP response).
+pub fn first_response_frame(features: &str, response: &'static [u8]) -> WireFrame {
+    let app = ScriptedApp::start(move |x| {
+        x.write(response);
+    });
+    let (mut s, _rx) = accept_receiver(features, app.addr);
+    send_v1_request(&mut s, "first-1", &get_meta("/alice/first"), b"");
+    loop {
+        let f = read_frame(&mut s);
+        if f.opcode == 2 {
+            return f;
+        }
+    }
 }
 
 /// Sends `meta` (JSON) as one whole request frame with `request_id`.
