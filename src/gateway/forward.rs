@@ -31,7 +31,21 @@ impl IpText {
         use std::io::Write;
         let mut buf = [0u8; 48];
         let mut w = &mut buf[..];
-        let _ = write!(w, "{ip}");
+        match ip {
+            // Per request: four `itoa`s, not the formatting machinery
+            // (`write!` was 1.4 % of the gateway's CPU at 1 KiB).
+            IpAddr::V4(v4) => {
+                for (i, o) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        let _ = w.write_all(b".");
+                    }
+                    let _ = w.write_all(itoa::Buffer::new().format(o).as_bytes());
+                }
+            }
+            IpAddr::V6(_) => {
+                let _ = write!(w, "{ip}");
+            }
+        }
         let len = 48 - w.len();
         IpText { buf, len }
     }
@@ -380,6 +394,23 @@ fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ip_text_is_the_address_as_displayed() {
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.12.7",
+            "127.0.0.1",
+            "192.168.100.9",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "fe80::1",
+        ] {
+            let addr: IpAddr = ip.parse().unwrap();
+            assert_eq!(IpText::new(addr).as_bytes(), ip.as_bytes());
+        }
+    }
     use crate::protocol::anpx::ResponseMeta;
 
     #[test]
