@@ -549,6 +549,8 @@ upstream = "http://127.0.0.1:{app_port}"
 token = "{token}"
 tunnels = 0
 max_concurrent = 1024
+# Any free port: several receivers run here, and 8091 may be a real one's.
+admin_port = 0
 """
 
 
