@@ -167,45 +167,48 @@ pub fn metrics_text(shared: &Shared) -> String {
     use std::fmt::Write as _;
     let c = &shared.counters;
     let mut s = String::new();
-    let mut gauge = |name: &str, help: &str, kind: &str, v: u64| {
-        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-    };
-    gauge(
-        "anp_proxy_connections",
-        "Open client connections.",
-        "gauge",
-        c.connections.load(Ordering::Relaxed) as u64,
-    );
-    gauge(
-        "anp_proxy_tunnels",
-        "Connected receiver tunnels.",
-        "gauge",
-        c.tunnels.load(Ordering::Relaxed) as u64,
-    );
-    gauge(
-        "anp_proxy_cross_core_dispatch_total",
-        "Requests served by a tunnel on another core.",
-        "counter",
-        c.cross_core_dispatch_total.load(Ordering::Relaxed),
-    );
-    gauge(
-        "anp_proxy_tunnel_handoffs_total",
-        "Accepted tunnels moved to another core.",
-        "counter",
-        c.tunnel_handoffs_total.load(Ordering::Relaxed),
-    );
-    gauge(
-        "anp_proxy_tunnel_scale_asks_total",
-        "Times a core asked a receiver for one more tunnel (scale).",
-        "counter",
-        c.scale_asks_total.load(Ordering::Relaxed),
-    );
-    gauge(
-        "anp_proxy_tunnel_scale_releases_total",
-        "Quiet tunnels let go (scale, close 4002).",
-        "counter",
-        c.scale_releases_total.load(Ordering::Relaxed),
-    );
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let process: [(&str, &str, &str, u64); 6] = [
+        (
+            "anp_proxy_connections",
+            "Open client connections.",
+            "gauge",
+            c.connections.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "anp_proxy_tunnels",
+            "Connected receiver tunnels.",
+            "gauge",
+            c.tunnels.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "anp_proxy_cross_core_dispatch_total",
+            "Requests served by a tunnel on another core.",
+            "counter",
+            load(&c.cross_core_dispatch_total),
+        ),
+        (
+            "anp_proxy_tunnel_handoffs_total",
+            "Accepted tunnels moved to another core.",
+            "counter",
+            load(&c.tunnel_handoffs_total),
+        ),
+        (
+            "anp_proxy_tunnel_scale_asks_total",
+            "Times a core asked a receiver for one more tunnel (scale).",
+            "counter",
+            load(&c.scale_asks_total),
+        ),
+        (
+            "anp_proxy_tunnel_scale_releases_total",
+            "Quiet tunnels let go (scale, close 4002).",
+            "counter",
+            load(&c.scale_releases_total),
+        ),
+    ];
+    for (name, help, kind, v) in process {
+        gauge_line(&mut s, name, help, kind, v);
+    }
     let _ = writeln!(s, "# HELP anp_proxy_identity_tunnels Tunnels per identity and core.\n# TYPE anp_proxy_identity_tunnels gauge");
     for (id, cores) in shared.tunnels_by_identity() {
         for (core, n) in cores.iter().enumerate() {
