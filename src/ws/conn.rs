@@ -739,6 +739,58 @@ mod tests {
         }
     }
 
+    /// A run of frames a little over 64 KiB (a 64 KiB response each) is
+    /// read four to a buffer: consecutive payloads lie back to back in one
+    /// allocation, and a new buffer (with a copy of the frame begun in the
+    /// old one) comes once per four frames, not for nearly every frame as
+    /// with buffers sized for one (`grow_by`).
+    #[monoio::test_all(timer_enabled = true)]
+    async fn large_frames_are_read_four_to_a_buffer() {
+        let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = crate::ws::queue::channel();
+        let writer = monoio::spawn(async move {
+            let c = monoio::net::TcpStream::connect(addr).await.unwrap();
+            run_writer(c, rx, Masking::Random, false).await.unwrap();
+        });
+        let (s, _) = l.accept().await.unwrap();
+        let limits = Limits {
+            max_frame_payload: 1 << 20,
+            max_message: 1 << 20,
+            max_fragments: 16,
+        };
+        let mut r = WsReader::new(s, BytesMut::new(), Decoder::new(Role::Server, limits), None);
+        const FRAMES: usize = 16;
+        const SIZE: usize = 65_600;
+        for i in 0..FRAMES {
+            tx.send(Outgoing::Binary(BytesMut::from(&vec![i as u8; SIZE][..])))
+                .unwrap();
+        }
+        // Kept, as bodies waiting for a slow client would be.
+        let mut got = Vec::new();
+        for i in 0..FRAMES {
+            match r.next(true).await {
+                Ok(Event::Binary(b)) => {
+                    assert!(b.len() == SIZE && b.iter().all(|x| *x == i as u8));
+                    got.push(b);
+                }
+                other => panic!("frame {i}: {other:?}"),
+            }
+        }
+        // Back to back: the next payload starts one frame header (14
+        // bytes: 64-bit length and masking key) after the previous one ends.
+        let buffers = 1 + got
+            .windows(2)
+            .filter(|w| w[1].as_ptr() as usize != w[0].as_ptr() as usize + SIZE + 14)
+            .count();
+        assert!(
+            buffers <= FRAMES / 4 + 2,
+            "{FRAMES} frames of {SIZE} bytes took {buffers} read buffers"
+        );
+        drop(tx);
+        writer.await;
+    }
+
     /// An idle reader holds no buffer: once what it read is decoded and
     /// nothing is in flight, its buffer is back in the pool while it
     /// waits; a busy one keeps it. The next message still arrives whole.
