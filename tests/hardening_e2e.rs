@@ -568,6 +568,7 @@ fn a_zero_body_crc_passes_only_on_a_tunnel_that_negotiated_nocrc() {
     // Without `nocrc`, 0 is a body CRC like any other: it does not match.
     let c = client_get(w.gw.addr, "/ra/zero");
     let req = plain.next_request();
+    assert_ne!(req.body_crc, 0, "a tunnel without nocrc gets body CRCs");
     plain.send_binary(&rawpeer::response_with(
         &req.request_id,
         200,
@@ -580,6 +581,7 @@ fn a_zero_body_crc_passes_only_on_a_tunnel_that_negotiated_nocrc() {
     // With it, a zero body CRC means "not computed": the body is served.
     let c = client_get(w.gw.addr, "/rb/zero");
     let req = nocrc.next_request();
+    assert_eq!(req.body_crc, 0, "the gateway leaves it out under nocrc");
     nocrc.send_binary(&rawpeer::response_with(
         &req.request_id,
         200,

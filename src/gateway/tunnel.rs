@@ -177,6 +177,7 @@ impl Tunnel {
                 Some(MetaRef::Request(meta)),
                 &first,
                 ctx.settings.chunk_size,
+                self.features.body_crc(),
                 |f| sent = sent && self.out.send(Outgoing::Binary(f)).is_ok(),
             );
             sent

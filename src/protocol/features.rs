@@ -64,7 +64,8 @@ pub struct Features {
     /// Frames may carry `body_crc = 0` (PROTOCOL.md §7.9): the sender does
     /// not compute the CRC of a large body and the receiver does not check
     /// a zero one; a non-zero `body_crc` is still checked. The gateway
-    /// answers it unless `tunnel_body_crc = true`.
+    /// answers it unless `tunnel_body_crc = true`, and only together with
+    /// `stream` (whole messages go through the v1 reassembler).
     pub nocrc: bool,
 }
 
@@ -117,7 +118,9 @@ impl Features {
             upgrade: self.upgrade && other.upgrade && self.stream && other.stream,
             zeromask: self.zeromask && other.zeromask,
             scale: self.scale && other.scale,
-            nocrc: self.nocrc && other.nocrc,
+            // Only with `stream`: the reassembler of whole messages checks
+            // every CRC.
+            nocrc: self.nocrc && other.nocrc && self.stream && other.stream,
         }
     }
 
@@ -192,6 +195,17 @@ mod tests {
                 .intersect(Features::SUPPORTED)
                 .upgrade,
             "upgrade is only answered together with stream"
+        );
+        assert!(
+            !Features::parse(b"nocrc")
+                .intersect(Features::SUPPORTED)
+                .nocrc,
+            "nocrc is only answered together with stream"
+        );
+        assert!(
+            Features::parse(b"stream, nocrc")
+                .intersect(Features::SUPPORTED)
+                .nocrc
         );
         // `zeromask` needs nothing else.
         assert!(

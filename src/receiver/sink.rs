@@ -120,6 +120,7 @@ impl ResponseSink {
             wire,
             &body,
             self.chunk_size,
+            self.features.body_crc(),
             |f| {
                 if sent.is_ok() {
                     sent = out

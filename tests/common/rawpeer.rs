@@ -12,6 +12,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use anp_proxy::protocol::anpx::{self, BodyCrc, ChunkInfo, FrameType, MetaRef};
+use anp_proxy::protocol::features::Features;
 use anp_proxy::ws::handshake::{client_key, parse_server_response, write_client_request};
 use anp_proxy::ws::{encode_raw_frame, Decoder, Event, Limits, OpCodeKind, Role};
 use bytes::BytesMut;
@@ -26,12 +27,16 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Request {
     pub request_id: String,
     pub meta: serde_json::Value,
+    /// The frame's `body_crc` (0: not computed, `nocrc`).
+    pub body_crc: u32,
 }
 
 pub struct RawPeer {
     pub stream: TcpStream,
     buf: BytesMut,
     dec: Decoder,
+    /// Offered `nocrc` (with `stream`): a zero body CRC is not checked.
+    crc: BodyCrc,
 }
 
 impl RawPeer {
@@ -52,7 +57,7 @@ impl RawPeer {
         stream.write_all(&req).expect("raw peer: send upgrade");
         let mut buf = BytesMut::new();
         let mut chunk = [0u8; 4096];
-        let head_len = loop {
+        let (head_len, crc) = loop {
             match parse_server_response(&buf, &key).expect("raw peer: valid response head") {
                 Some(r) => {
                     assert_eq!(
@@ -63,7 +68,15 @@ impl RawPeer {
                         r.reason,
                         String::from_utf8_lossy(&buf)
                     );
-                    break r.head_len;
+                    // What the gateway agreed to, not what was offered.
+                    let agreed = r.header("X-ANPX-Features").unwrap_or_default();
+                    let nocrc = Features::parse(agreed.as_bytes()).nocrc;
+                    let crc = if nocrc {
+                        BodyCrc::Omitted
+                    } else {
+                        BodyCrc::Computed
+                    };
+                    break (r.head_len, crc);
                 }
                 None => {
                     let n = stream.read(&mut chunk).expect("raw peer: read 101");
@@ -82,6 +95,7 @@ impl RawPeer {
             stream,
             buf,
             dec: Decoder::new(Role::Client, limits),
+            crc,
         }
     }
 
@@ -154,7 +168,8 @@ impl RawPeer {
         loop {
             match self.next_event() {
                 Some(Event::Binary(msg)) => {
-                    let f = anpx::decode_frame(&msg).expect("raw peer: gateway sent valid ANPX");
+                    let f = anpx::decode_frame_with(&msg, self.crc)
+                        .expect("raw peer: gateway sent valid ANPX");
                     assert_eq!(
                         f.ty,
                         FrameType::Request,
@@ -164,6 +179,7 @@ impl RawPeer {
                     return Request {
                         request_id: f.request_id.expect("request_id").to_string(),
                         meta: serde_json::from_slice(meta).expect("http_meta is JSON"),
+                        body_crc: u32::from_be_bytes(msg[16..20].try_into().unwrap()),
                     };
                 }
                 Some(Event::Close { code, reason }) => {

@@ -212,23 +212,33 @@ pub fn encode_message(
     chunk_size: usize,
     out: &mut Vec<BytesMut>,
 ) {
-    encode_message_with(ty, request_id, meta, body, chunk_size, |f| out.push(f));
+    encode_message_with(
+        ty,
+        request_id,
+        meta,
+        body,
+        chunk_size,
+        BodyCrc::Computed,
+        |f| out.push(f),
+    );
 }
 
 /// [`encode_message`], each frame handed to `emit` as it is made (no
-/// vector of frames: the usual message is one frame).
+/// vector of frames: the usual message is one frame); `crc`: body CRCs
+/// computed, or left 0 on a `nocrc` tunnel.
 pub fn encode_message_with(
     ty: FrameType,
     request_id: &str,
     meta: Option<MetaRef<'_>>,
     body: &[u8],
     chunk_size: usize,
+    crc: BodyCrc,
     mut emit: impl FnMut(BytesMut),
 ) {
     let chunk_size = chunk_size.max(MIN_CHUNK_SIZE);
     if frame_len(request_id, meta, body.len(), None) <= chunk_size {
         let mut frame = BytesMut::new();
-        encode_frame(ty, request_id, meta, body, None, &mut frame);
+        encode_frame_with(ty, request_id, meta, body, None, crc, &mut frame);
         emit(frame);
         return;
     }
@@ -251,7 +261,7 @@ pub fn encode_message_with(
         };
         let meta = if idx == 0 { meta } else { None };
         let mut frame = BytesMut::new();
-        encode_frame(ty, request_id, meta, slice, Some(chunk), &mut frame);
+        encode_frame_with(ty, request_id, meta, slice, Some(chunk), crc, &mut frame);
         emit(frame);
     }
 }
