@@ -12,7 +12,7 @@
 //! is `!Send`: one core, no atomics.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -204,13 +204,17 @@ impl Drop for Permit {
     }
 }
 
-/// A one-way latch a few tasks can wait on: the gateway's accept loops
-/// and drain, the receiver's tunnels when it shuts down. Raised once;
-/// wakes its waiters after the borrow of their list has ended.
+/// A one-way latch tasks can wait on: the gateway's accept loops, drain
+/// and paused connections, the receiver's tunnels when it shuts down.
+/// Raised once; wakes its waiters after the borrow of their list has
+/// ended. A wait that ends otherwise (dropped in a `select!`) takes its
+/// waker out, so however many come and go (a pause per refused request,
+/// under a flood), the list holds only the waits pending now.
 #[derive(Default)]
 pub struct Flag {
     set: Cell<bool>,
-    wakers: RefCell<Vec<Waker>>,
+    next: Cell<u64>,
+    wakers: RefCell<HashMap<u64, Waker>>,
 }
 
 impl Flag {
@@ -220,24 +224,58 @@ impl Flag {
 
     pub fn raise(&self) {
         self.set.set(true);
-        let woken = std::mem::take(&mut *self.wakers.borrow_mut());
+        let woken: Vec<Waker> = self.wakers.borrow_mut().drain().map(|(_, w)| w).collect();
         for w in woken {
             w.wake();
         }
     }
 
     /// Completes once the flag is raised.
-    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.set.get() {
-                return Poll::Ready(());
-            }
-            let mut w = self.wakers.borrow_mut();
-            if !w.iter().any(|x| x.will_wake(cx.waker())) {
-                w.push(cx.waker().clone());
-            }
-            Poll::Pending
-        })
+    pub fn wait(&self) -> FlagWait<'_> {
+        FlagWait {
+            flag: self,
+            id: None,
+        }
+    }
+
+    /// Waits registered now (tests).
+    #[cfg(test)]
+    pub fn waiting(&self) -> usize {
+        self.wakers.borrow().len()
+    }
+}
+
+/// [`Flag::wait`].
+pub struct FlagWait<'a> {
+    flag: &'a Flag,
+    id: Option<u64>,
+}
+
+impl Future for FlagWait<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let flag = self.flag;
+        if flag.set.get() {
+            return Poll::Ready(());
+        }
+        let id = *self.id.get_or_insert_with(|| {
+            flag.next.set(flag.next.get() + 1);
+            flag.next.get()
+        });
+        let old = flag.wakers.borrow_mut().insert(id, cx.waker().clone());
+        // Dropped with no borrow held: a waker's drop may run anything.
+        drop(old);
+        Poll::Pending
+    }
+}
+
+impl Drop for FlagWait<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            let w = self.flag.wakers.borrow_mut().remove(&id);
+            drop(w);
+        }
     }
 }
 
@@ -277,6 +315,26 @@ pub async fn both<E>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A wait dropped before the flag is raised leaves no waker behind;
+    /// raising wakes the ones pending; a wait after that is ready at once.
+    #[monoio::test(timer_enabled = true)]
+    async fn a_flag_keeps_only_the_waits_pending_now() {
+        let flag = Rc::new(Flag::default());
+        for _ in 0..100 {
+            let r = monoio::time::timeout(std::time::Duration::from_millis(1), flag.wait()).await;
+            assert!(r.is_err(), "not raised yet");
+        }
+        assert_eq!(flag.waiting(), 0, "timed-out waits took their wakers out");
+        let mut w = std::pin::pin!(flag.wait());
+        let first = std::future::poll_fn(|cx| Poll::Ready(w.as_mut().poll(cx))).await;
+        assert!(first.is_pending());
+        assert_eq!(flag.waiting(), 1);
+        flag.raise();
+        assert_eq!(flag.waiting(), 0, "raising hands every waker out");
+        w.await;
+        flag.wait().await;
+    }
     use proptest::prelude::*;
 
     fn poll(f: &mut Pin<Box<Acquire>>) -> Option<Permit> {

@@ -157,10 +157,6 @@ pub async fn accept_loop(ctx: Rc<CoreCtx>, l: Listener, seq: Rc<Cell<u64>>) {
         let accepted = monoio::select! {
             r = &mut accept => r,
             _ = ctx.draining.wait() => {
-                // Connections paused after a refusal read on now, under
-                // the drain's rules (a paused connection is busy: the
-                // drain would wait its pause out).
-                ctx.admission.end_pauses();
                 // Never drop a pending io_uring accept: one the kernel has
                 // already completed would be lost with its descriptor (the
                 // client waits, then is reset when the process exits).

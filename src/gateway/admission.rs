@@ -9,8 +9,8 @@
 //! for a while ([`Admission::pause_after`], [`Admission::pause`]): a
 //! client resending at once would otherwise make the core read and refuse
 //! at the offered rate, and the requests in flight would turn over slower
-//! the more it refused. A drain ends every pause at once
-//! ([`Admission::end_pauses`]).
+//! the more it refused. A pause ends at once when the core's drain begins
+//! (it also waits on the `draining` flag).
 //!
 //! **Fair shares.** When a place frees, the waiting identities are served
 //! round-robin, one request each in turn (deficit round-robin with every
@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use super::error::{ProxyError, Shed};
 use super::ratelimit::{RateCounters, RateLimiter, Request};
 use crate::config::GatewayConfig;
+use crate::sync::Flag;
 
 /// The concurrency limits (reloadable).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,57 +207,6 @@ impl State {
 pub struct Admission {
     state: Rc<RefCell<State>>,
     rates: RefCell<RateLimiter>,
-    pauses: RefCell<Pauses>,
-}
-
-/// The connections of this core paused after a refusal, so that a drain
-/// can end their pauses at once (a paused connection is busy: the drain
-/// would otherwise wait it out). Each pause registers its waker here while
-/// it waits and takes it out when it ends either way: the table holds only
-/// the pauses running now (not `crate::sync::Flag::wait`, whose wakers stay
-/// until the flag is raised: one per refusal, under a flood).
-#[derive(Default)]
-struct Pauses {
-    /// The drain began: no pause waits any more.
-    ended: bool,
-    next: u64,
-    waiting: HashMap<u64, Waker>,
-}
-
-/// Completes when [`Admission::end_pauses`] is called.
-struct PauseEnd<'a> {
-    pauses: &'a RefCell<Pauses>,
-    id: Option<u64>,
-}
-
-impl Future for PauseEnd<'_> {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut p = self.pauses.borrow_mut();
-        if p.ended {
-            return Poll::Ready(());
-        }
-        let id = self.id.unwrap_or_else(|| {
-            p.next += 1;
-            p.next
-        });
-        let old = p.waiting.insert(id, cx.waker().clone());
-        drop(p);
-        // Dropped with no borrow held (the module's rule).
-        drop(old);
-        self.id = Some(id);
-        Poll::Pending
-    }
-}
-
-impl Drop for PauseEnd<'_> {
-    fn drop(&mut self) {
-        if let Some(id) = self.id {
-            let w = self.pauses.borrow_mut().waiting.remove(&id);
-            drop(w);
-        }
-    }
 }
 
 /// Per-identity gauges and shed counters for `/metrics`.
@@ -305,7 +255,6 @@ impl Admission {
                 shed: [0; 2],
             })),
             rates: RefCell::new(RateLimiter::new(g)),
-            pauses: RefCell::default(),
         }
     }
 
@@ -398,37 +347,14 @@ impl Admission {
         }
     }
 
-    /// Waits `d` ([`Admission::pause_after`]), or less: until the drain
-    /// begins ([`Admission::end_pauses`]), so that a paused connection
-    /// never holds a graceful stop.
-    pub async fn pause(&self, d: Duration) {
-        let end = PauseEnd {
-            pauses: &self.pauses,
-            id: None,
-        };
+    /// Waits `d` ([`Admission::pause_after`]), or less: until the core's
+    /// drain begins (`draining`), so that a paused connection never holds
+    /// a graceful stop; a pause that starts after that does not wait.
+    pub async fn pause(d: Duration, draining: &Flag) {
         monoio::select! {
             () = monoio::time::sleep(d) => {}
-            () = end => {}
+            () = draining.wait() => {}
         }
-    }
-
-    /// The drain began on this core: every pause ends now, and none
-    /// starts again.
-    pub fn end_pauses(&self) {
-        let woken: Vec<Waker> = {
-            let mut p = self.pauses.borrow_mut();
-            p.ended = true;
-            p.waiting.drain().map(|(_, w)| w).collect()
-        };
-        for w in woken {
-            w.wake();
-        }
-    }
-
-    /// Pauses running now (tests).
-    #[cfg(test)]
-    fn paused(&self) -> usize {
-        self.pauses.borrow().waiting.len()
     }
 
     pub fn snapshot(&self) -> AdmissionSnapshot {
@@ -624,30 +550,30 @@ mod tests {
         assert_eq!(admission("").pause_after(&limited(7)), s(1));
     }
 
-    /// A pause ends when the drain begins (not when its minute is over);
+    /// A pause ends when the drain begins (not when its hour is over);
     /// one that starts after that does not wait; a pause leaves no waker
     /// behind however it ends.
     #[monoio::test(timer_enabled = true)]
-    async fn end_pauses_ends_every_pause_at_once() {
-        let a = Rc::new(admission(""));
-        a.pause(Duration::from_millis(1)).await;
-        assert_eq!(a.paused(), 0, "a pause that ran out left its waker");
+    async fn a_drain_ends_every_pause_at_once() {
+        let draining = Rc::new(Flag::default());
+        Admission::pause(Duration::from_millis(1), &draining).await;
+        assert_eq!(draining.waiting(), 0, "a pause that ran out left its waker");
         let mut tasks = Vec::new();
         for _ in 0..3 {
-            let a = a.clone();
+            let d = draining.clone();
             tasks.push(monoio::spawn(async move {
-                a.pause(Duration::from_secs(3600)).await;
+                Admission::pause(Duration::from_secs(3600), &d).await;
             }));
         }
-        while a.paused() < 3 {
+        while draining.waiting() < 3 {
             monoio::time::sleep(Duration::from_millis(1)).await;
         }
-        a.end_pauses();
+        draining.raise();
         for t in tasks {
             t.await;
         }
-        assert_eq!(a.paused(), 0);
-        a.pause(Duration::from_secs(3600)).await;
+        assert_eq!(draining.waiting(), 0);
+        Admission::pause(Duration::from_secs(3600), &draining).await;
     }
 
     /// A waiter granted a place and dropped in the same tick hands it on.

@@ -298,7 +298,7 @@ where
         // Shed or rate-limited: the next request waits in the socket
         // (admission.rs; a drain ends the pause).
         if let Some(d) = pause.filter(|_| ok && head.keep_alive) {
-            ctx.admission.pause(d).await;
+            super::admission::Admission::pause(d, &ctx.draining).await;
         }
         ok && head.keep_alive
     }
