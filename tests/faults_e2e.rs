@@ -604,7 +604,7 @@ fn stopped_receiver_times_out_with_504_while_other_tunnels_are_served() {
     };
 
     let rss_before = sys::rss_kib(pid);
-    sys::signal(alice.proc.pid(), libc::SIGSTOP);
+    sys::stop(alice.proc.pid());
 
     // Alice's requests: 504 after `timeout`, on a connection that stays usable.
     let mut windows = Vec::new();
@@ -720,7 +720,7 @@ fn stopped_receiver_cut_by_ping_timeout_leaves_no_socket_behind() {
         r.summary()
     );
     let mark = gw.proc.stderr_len();
-    sys::signal(alice.proc.pid(), libc::SIGSTOP);
+    sys::stop(alice.proc.pid());
 
     // 12 MiB towards the stopped receiver: more than the sockets buffer,
     // so the gateway's tunnel writer is left waiting on a full socket.

@@ -50,6 +50,35 @@ pub fn signal(pid: u32, sig: i32) {
     );
 }
 
+/// SIGSTOPs `pid` and returns once every one of its threads is stopped:
+/// kill(2) returns when the signal is queued, and a thread that was
+/// running goes on (serving what just arrived) until it next enters the
+/// kernel.
+pub fn stop(pid: u32) {
+    signal(pid, libc::SIGSTOP);
+    super::wait_until(
+        &format!("every thread of {pid} to be stopped"),
+        std::time::Duration::from_secs(10),
+        || {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                return false;
+            };
+            tasks.flatten().all(|t| {
+                let Ok(st) = std::fs::read_to_string(t.path().join("stat")) else {
+                    return true; // exited meanwhile
+                };
+                // "tid (name) S …": io_uring's kernel workers (iou-wrk-…,
+                // iou-sqp-…) are not stopped by signals; the rest must be.
+                match st.split_once(" (").and_then(|(_, r)| r.rsplit_once(") ")) {
+                    Some((name, _)) if name.starts_with("iou-") => true,
+                    Some((_, rest)) => rest.starts_with(['T', 't']),
+                    None => false,
+                }
+            })
+        },
+    );
+}
+
 /// Raises this process's `RLIMIT_NOFILE` soft limit to the hard limit
 /// (processes spawned afterwards inherit it); returns the new soft limit.
 pub fn raise_nofile_limit() -> u64 {
