@@ -634,14 +634,16 @@ async fn wait_head<S: Movable>(
     // The client is watched only once the head is late: the watch is an
     // io_uring PollAdd and, when the head comes, its cancel (two
     // submissions) that a request answered sooner never needs. A client
-    // that leaves is then seen WATCH_AFTER later at most.
-    let watch = async {
-        monoio::time::sleep(WATCH_AFTER).await;
-        io.closed_by_peer().await
-    };
+    // that leaves is then seen WATCH_AFTER later at most. Until then one
+    // timer runs, not two (each is a clock read, a wheel entry and its
+    // removal).
+    let first = WATCH_AFTER.min(timeout);
+    if let Some(r) = waiter.wait_within(first).await {
+        return r.map_err(|e| (e, true));
+    }
     let got = monoio::select! {
-        r = waiter.wait(timeout) => Got::Head(r),
-        () = watch => Got::Gone,
+        r = waiter.wait(timeout.saturating_sub(first)) => Got::Head(r),
+        () = io.closed_by_peer() => Got::Gone,
     };
     match got {
         Got::Head(r) => r.map_err(|e| (e, true)),

@@ -435,19 +435,31 @@ impl Waiter {
         self.tunnel.cancel(self.id, "client went away");
     }
 
-    /// Waits for the response head, at most `timeout`.
+    /// Waits for the response head, at most `timeout`; past it the
+    /// request is cancelled at the receiver.
     pub async fn wait(&mut self, timeout: Duration) -> Result<RespHead, ProxyError> {
-        let Some(rx) = self.rx.take() else {
-            return Err(ProxyError::TunnelClosed);
-        };
-        match monoio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(ProxyError::TunnelClosed),
-            Err(_) => {
+        match self.wait_within(timeout).await {
+            Some(r) => r,
+            None => {
                 self.tunnel.cancel(self.id, "gateway timeout");
                 Err(ProxyError::Timeout)
             }
         }
+    }
+
+    /// Waits for the response head at most `d`. `None`: not yet, and the
+    /// request is still in flight (`wait` may go on waiting).
+    pub async fn wait_within(&mut self, d: Duration) -> Option<Result<RespHead, ProxyError>> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Some(Err(ProxyError::TunnelClosed));
+        };
+        let r = match monoio::time::timeout(d, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ProxyError::TunnelClosed),
+            Err(_) => return None,
+        };
+        self.rx = None;
+        Some(r)
     }
 }
 
