@@ -46,9 +46,18 @@ clean:
 	$(CARGO) clean
 
 # --- Benchmarks and profiling (issue #4; benches/README.md, perf/README.md) ---
-.PHONY: bench bench-quick bench-overload bench-counts bench-bins bench-allocs-bin bench-deps bench-micro bench-storm bench-tunnels bench-fleet flamegraph perf-stat
+.PHONY: bench bench-quick bench-overload bench-counts bench-bins bench-allocs-bin bench-deps bench-micro bench-storm bench-tunnels bench-fleet bench-wrk flamegraph perf-stat
 
 ALLOC_BIN := target/release/anp-proxy-count-allocs
+
+# Issue 11's own method: wrk as the client, nginx serving static files as
+# the app, nginx beside anp-proxy, interleaved by round; req/s, p99 and CPU
+# per request of each proxy process at 1 KiB, 64 KiB and 1 MiB (~3 minutes).
+# Writes bench-results/wrk-nginx.json. WRK_ARGS=--baseline-bin PATH adds an
+# A/B build.
+bench-wrk:
+	$(CARGO) build --release --bin anp-proxy
+	python3 benches/wrk_nginx.py $(WRK_ARGS)
 
 # KiB per idle tunnel (gateway and receiver) and handshakes per second, at
 # 1,000 and 10,000 tunnels; writes bench-results/tunnels.json (issue 17).
@@ -86,6 +95,7 @@ bench-allocs-bin:
 # bench-results/latest.{json,svg}.
 bench: bench-bins bench-allocs-bin
 	python3 benches/bench.py --syscalls --allocs --overload
+	python3 benches/wrk_nginx.py
 	python3 benches/tunnels.py
 	python3 benches/storm.py
 	python3 benches/fleet.py
