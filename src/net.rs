@@ -74,9 +74,45 @@ pub trait Readable {
     fn closed_by_peer(&self) -> impl std::future::Future<Output = ()> {
         std::future::pending()
     }
+
+    /// A read into `buf`'s spare room, as [`read_append`], that a cancel
+    /// through `c` stops without losing what it read: it then ends with
+    /// those bytes, or with ECANCELED and nothing read. `Err(buf)` where a
+    /// read cannot be stopped so (TLS: a cut read leaves the session
+    /// unusable); such a transport waits with `wait_readable` instead.
+    #[allow(clippy::type_complexity)]
+    fn cancelable_read_append(
+        &mut self,
+        buf: bytes::BytesMut,
+        _c: monoio::io::CancelHandle,
+    ) -> Result<
+        impl std::future::Future<Output = (io::Result<usize>, bytes::BytesMut)>,
+        bytes::BytesMut,
+    > {
+        Err::<std::future::Ready<_>, _>(buf)
+    }
 }
 
 impl Readable for monoio::net::TcpStream {
+    #[allow(clippy::type_complexity)]
+    fn cancelable_read_append(
+        &mut self,
+        buf: bytes::BytesMut,
+        c: monoio::io::CancelHandle,
+    ) -> Result<
+        impl std::future::Future<Output = (io::Result<usize>, bytes::BytesMut)>,
+        bytes::BytesMut,
+    > {
+        use monoio::buf::IoBufMut;
+        use monoio::io::CancelableAsyncReadRent;
+        Ok(async move {
+            let (len, cap) = (buf.len(), buf.capacity());
+            debug_assert!(cap > len, "cancelable_read_append needs spare capacity");
+            let (res, slice) = self.cancelable_read(buf.slice_mut(len..cap), c).await;
+            (res, slice.into_inner())
+        })
+    }
+
     fn wait_readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> {
         // A PollAdd on io_uring, the readiness state on epoll; dropping it
         // consumes nothing.

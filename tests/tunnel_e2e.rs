@@ -1156,6 +1156,56 @@ fn hundred_sequential_requests_on_one_keepalive_connection() {
     );
 }
 
+/// A keep-alive connection reads its next head at once for 5 ms
+/// (`HOT_READ`, gateway/conn.rs), then cancels that read and waits
+/// without a buffer. Requests that come just before, just after and
+/// across that moment, whole or with the head split around it, must all
+/// be answered, each with its own echo: a cancel that lost the bytes its
+/// read had taken would leave a request unanswered (or the next one
+/// misparsed). The pauses shape the traffic; nothing waits on them.
+#[test]
+fn keep_alive_requests_around_the_hot_read_window_are_all_answered() {
+    let s = Setup::new();
+    let addr = s.gw.addr;
+    let gaps_ms = [0u64, 1, 3, 4, 5, 6, 7, 9, 15];
+    let workers: Vec<_> = (0..6)
+        .map(|w| {
+            thread::spawn(move || {
+                let mut c = Conn::connect(addr);
+                c.set_read_timeout(Duration::from_secs(20));
+                for i in 0..36 {
+                    let gap = Duration::from_millis(gaps_ms[(i + w) % gaps_ms.len()]);
+                    thread::sleep(gap);
+                    let t = format!("/alice/hot/{w}/{i}");
+                    let req = build_request("GET", t.as_bytes(), &[], &[]);
+                    if i % 3 == 1 {
+                        // The head split: its first bytes inside the
+                        // window, the rest after the same gap again.
+                        c.write_raw(&req[..7], &["GET"]).expect("first bytes sent");
+                        thread::sleep(gap);
+                        c.write_raw(&req[7..], &[]).expect("rest of the head sent");
+                    } else {
+                        c.write_raw(&req, &["GET"]).expect("request sent");
+                    }
+                    let r = c.read().unwrap_or_else(|e| {
+                        panic!("{t} after a {gap:?} pause: expected a response, got {e}")
+                    });
+                    assert_eq!(r.status, 200, "{t}: expected 200, got {}", r.summary());
+                    assert_eq!(hex_target(&r), t, "{t}: expected its own echo");
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("a client thread failed");
+    }
+    assert_eq!(
+        s.app.requests_to("/alice/hot/").len(),
+        6 * 36,
+        "expected the app to receive every request exactly once"
+    );
+}
+
 #[test]
 fn health_endpoint_answers_a_bare_ok() {
     let gw = Gateway::start_default(); // no receiver at all
