@@ -31,6 +31,11 @@ impl BufPool {
         }
     }
 
+    /// How large a read buffer the pool lends (and keeps).
+    pub fn read_size(&self) -> usize {
+        self.read_size
+    }
+
     pub fn take_read(&self) -> BytesMut {
         self.reads
             .borrow_mut()

@@ -187,10 +187,12 @@ where
     /// read cannot be cut there), goes straight to `wait_first_byte`.
     async fn hot_wait(&mut self) -> HotWait {
         let limit = self.clock.idle_limit();
-        // The last head's bytes went with its request: their room comes
-        // back without an allocation (a buffer some slice still holds
-        // goes back to the pool instead, as it always did).
-        if self.busy.is_none() || !self.buf.try_reclaim(HOT_READ_ROOM) {
+        // Buffers are held only from a connection's first request on
+        // (`busy`). The last head's bytes went with its request: their
+        // room, a pooled buffer's whole size, comes back without an
+        // allocation (a buffer some slice still holds goes back to the
+        // pool instead, as it always did).
+        if self.busy.is_none() || !self.buf.try_reclaim(self.ctx.pool.read_size()) {
             return HotWait::Cold(limit);
         }
         let cancel = self
@@ -662,8 +664,6 @@ async fn stream_request<S: AsyncReadRent + Movable>(
 /// waits without them (`Client::hot_wait`). A client that sends its next
 /// request within this (a busy one) costs one recv per request.
 const HOT_READ: std::time::Duration = std::time::Duration::from_millis(5);
-/// The room that read is given: a pooled read buffer's whole size.
-const HOT_READ_ROOM: usize = 4 * 1024;
 
 /// What `Client::hot_wait` found.
 enum HotWait {
