@@ -96,6 +96,8 @@ pub fn start(
     handler: Arc<Handler>,
 ) -> std::io::Result<Admin> {
     let listener = crate::net::bind_reuseport(addr)?;
+    // Shared with a successor across a restart (OPERATIONS.md).
+    crate::net::hand_on_when_closed(&listener);
     listener.set_nonblocking(false)?;
     let local = listener.local_addr()?;
     let accepting = listener.try_clone()?;

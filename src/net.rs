@@ -43,7 +43,9 @@ pub fn port_held(addr: SocketAddr) -> io::Result<bool> {
 }
 
 /// `n` listeners on one address; when `addr` has port 0 the first bind
-/// picks the port and the others share it.
+/// picks the port and the others share it. Their group moves what a
+/// closing listener holds to the others ([`migrate_on_close`]) where the
+/// kernel lets this process say so; the failure is logged, not fatal.
 pub fn bind_workers(addr: SocketAddr, n: usize) -> io::Result<(SocketAddr, Vec<TcpListener>)> {
     let first = bind_reuseport(addr)?;
     let actual = first.local_addr()?;
@@ -51,7 +53,128 @@ pub fn bind_workers(addr: SocketAddr, n: usize) -> io::Result<(SocketAddr, Vec<T
     for _ in 1..n {
         all.push(bind_reuseport(actual)?);
     }
+    hand_on_when_closed(&all[0]);
     Ok((actual, all))
+}
+
+/// [`migrate_on_close`] for `l`'s group, or a warning that says what a
+/// restart then relies on.
+/// Warned once per process, not once per port.
+pub fn hand_on_when_closed(l: &TcpListener) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if let Err(e) = migrate_on_close(l) {
+        if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let addr = l.local_addr().ok();
+        tracing::warn!(?addr, error = %e,
+            "listeners cannot hand their queued connections on when they close (needs CAP_BPF); \
+             a restart then relies on net.ipv4.tcp_migrate_req = 1 not to reset connections that \
+             arrive while the old gateway closes (OPERATIONS.md)");
+    }
+}
+
+/// Makes `l`'s `SO_REUSEPORT` group hand on what a closing listener holds:
+/// connections in its accept queue and handshakes in progress go to
+/// another listener of the group instead of being reset. This is what
+/// `net.ipv4.tcp_migrate_req = 1` does for the whole host; a group with
+/// a `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE` program gets it whatever the
+/// sysctl says (kernel 5.14+, Documentation/networking/ip-sysctl.rst).
+/// The program is two instructions, `return SK_PASS`, selecting nothing,
+/// so the kernel keeps choosing a listener by hash as without it, for new
+/// connections and for migrated ones. A restart (`manage.sh restart`:
+/// the successor joins the group, then the old gateway drains) thus loses
+/// no connection that lands in a listener as it closes
+/// (`gateway/accept.rs`). Loading it needs `CAP_BPF` (or root).
+///
+/// Why not a crate (aya, libbpf-rs): for one `bpf(BPF_PROG_LOAD)` of two
+/// fixed instructions and one `setsockopt`, a BPF toolchain would be most
+/// of the dependency tree (ARCHITECTURE.md, "Deviations").
+pub fn migrate_on_close(l: &TcpListener) -> io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // include/uapi/linux/bpf.h
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_SK_REUSEPORT: u32 = 21;
+    const BPF_SK_REUSEPORT_SELECT_OR_MIGRATE: u32 = 40;
+    const SK_PASS: i32 = 1;
+    /// `r0 = SK_PASS; exit`: BPF_ALU64 | BPF_MOV | BPF_K, then
+    /// BPF_JMP | BPF_EXIT; registers and offsets all 0.
+    #[repr(C)]
+    struct Insn {
+        code: u8,
+        regs: u8,
+        off: i16,
+        imm: i32,
+    }
+    let prog = [
+        Insn {
+            code: 0xb7,
+            regs: 0,
+            off: 0,
+            imm: SK_PASS,
+        },
+        Insn {
+            code: 0x95,
+            regs: 0,
+            off: 0,
+            imm: 0,
+        },
+    ];
+    let license = c"GPL";
+    /// The `BPF_PROG_LOAD` part of `union bpf_attr`, zero beyond (the
+    /// kernel checks that unused bytes are zero).
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        rest: [u32; 11],
+        expected_attach_type: u32,
+        tail: [u32; 18],
+    }
+    let mut attr = ProgLoad {
+        prog_type: BPF_PROG_TYPE_SK_REUSEPORT,
+        insn_cnt: prog.len() as u32,
+        insns: prog.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        rest: [0; 11],
+        expected_attach_type: BPF_SK_REUSEPORT_SELECT_OR_MIGRATE,
+        tail: [0; 18],
+    };
+    const _: () = assert!(std::mem::offset_of!(ProgLoad, expected_attach_type) == 68);
+    const _: () = assert!(std::mem::size_of::<ProgLoad>() == 144);
+    // SAFETY: bpf(2) reads `attr` (sized as passed) and the instruction and
+    // license buffers it points to, all alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &mut attr as *mut ProgLoad,
+            std::mem::size_of::<ProgLoad>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: bpf returned a new descriptor that nothing else owns. The
+    // group keeps the program once attached; ours closes on return.
+    let prog_fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let raw = prog_fd.as_raw_fd();
+    // SAFETY: setsockopt reads one c_int from `raw`.
+    let r = unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_EBPF,
+            &raw as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// What a read into a buffer it owns gives back: the outcome and the
@@ -458,6 +581,52 @@ pub(crate) use delegate_rent_io;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Connections queued in a listener that closes are accepted by the
+    /// other listener of its group, not reset (what a restart needs: the
+    /// old gateway's listeners close while clients keep connecting). As
+    /// root (CI) the program must load; without privilege the refusal must
+    /// be EPERM, the documented fallback.
+    #[test]
+    fn a_closing_listener_hands_its_queued_connections_on() {
+        use std::io::{Read, Write};
+        let (addr, mut ls) = bind_workers("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        // bind_workers attached the program; attaching again reports.
+        if let Err(e) = migrate_on_close(&ls[0]) {
+            // SAFETY: geteuid has no preconditions.
+            assert_ne!(unsafe { libc::geteuid() }, 0, "root must load it: {e}");
+            assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+            return;
+        }
+        // 64 handshakes complete into the two queues (hashed: both get
+        // some unless 2^-63 luck); nothing is accepted yet.
+        let clients: Vec<std::net::TcpStream> = (0..64)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let survivor = ls.pop().unwrap();
+        drop(ls);
+        // Every connection is now in the survivor's queue.
+        let mut accepted = Vec::new();
+        while let Ok((s, _)) = survivor.accept() {
+            accepted.push(s);
+        }
+        assert_eq!(
+            accepted.len(),
+            clients.len(),
+            "connections were lost with the closed listener"
+        );
+        for s in &mut accepted {
+            s.write_all(b"k").unwrap();
+        }
+        for mut c in clients {
+            c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .unwrap();
+            let mut b = [0u8; 1];
+            c.read_exact(&mut b)
+                .expect("a handed-on connection is alive");
+            assert_eq!(&b, b"k");
+        }
+    }
 
     #[test]
     fn port_held_sees_a_listener_and_only_a_listener() {

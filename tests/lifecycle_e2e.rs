@@ -140,7 +140,9 @@ fn sigterm_drains_in_flight_requests_then_closes_tunnels_with_1001() {
 #[test]
 fn second_gateway_on_the_same_port_takes_over_with_nothing_refused() {
     // Not set here: net.ipv4.tcp_migrate_req (docs/OPERATIONS.md). The
-    // draining gateway accepts what is queued before it stops listening.
+    // draining gateway accepts what is queued before it stops listening,
+    // and its listeners hand on what arrives after (net::migrate_on_close,
+    // as root).
     let app = App::start();
     let mut cfg = GatewayConfig::default();
     cfg.extra_gateway_toml += "shutdown_grace = 60\nno_tunnel_wait = 20\n";

@@ -180,8 +180,11 @@ pub async fn accept_loop(ctx: Rc<CoreCtx>, l: Listener, seq: Rc<Cell<u64>>) {
     }
     // Draining: take what the kernel already queued for this socket, so
     // closing it refuses nobody who got a SYN-ACK from us (a successor
-    // gateway on the same port takes new connections; with
-    // net.ipv4.tcp_migrate_req = 1 the kernel also moves half-open ones).
+    // gateway on the same port takes new connections). What lands here
+    // between the last sweep and the shutdown, and handshakes still in
+    // progress, the kernel moves to another listener of the port
+    // (`net::migrate_on_close`, or net.ipv4.tcp_migrate_req = 1); without
+    // either they would be reset.
     let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
     let mut swept = 0usize;
     loop {
