@@ -260,7 +260,9 @@ impl Upstream {
     ) -> Result<(), UpstreamError> {
         match body {
             ReqBody::Full(body) => self.call_whole(meta, body, sink).await,
-            ReqBody::Stream(rx) => self.call_streamed(meta, rx, sink, credit).await,
+            // Boxed: the rarer path's state stays out of every request's
+            // future (spawned per request: moved, so copied, whole).
+            ReqBody::Stream(rx) => Box::pin(self.call_streamed(meta, rx, sink, credit)).await,
         }
     }
 
@@ -329,7 +331,9 @@ impl Upstream {
                 Err(Attempt::Failed(e)) => return Err(e),
             }
         }
-        let mut conn = self.connect().await?;
+        // Boxed: a keep-alive request rarely dials, and the dial's state
+        // (a TLS handshake's) is larger than the rest of the call's.
+        let mut conn = Box::pin(self.connect()).await?;
         let early = self
             .send_full(&mut conn, head, &body)
             .await
@@ -357,7 +361,7 @@ impl Upstream {
         write_request_head(&mut head, meta, framing, &self.target)?;
         let mut conn = match self.take_idle() {
             Some(c) => c,
-            None => self.connect().await?,
+            None => Box::pin(self.connect()).await?,
         };
         let (r, head) = conn.write_all(head).await;
         self.give_head(head);
