@@ -180,3 +180,50 @@ fn fields_a_plain_v1_gateway_relays_are_stripped_by_the_receiver() {
     }
     assert_eq!(seen.header("x-kept"), Some("yes"), "{:?}", seen.headers);
 }
+
+/// An HTTP/1.0 client keeps its connection only when the response says
+/// `Connection: keep-alive` (RFC 9112 §9.3); without it, it waits for a
+/// close that never comes (`ab -k` hung until the idle timeout). Every
+/// kind of answer says it: a proxied one, the gateway's own refusal and
+/// `/health`. Each is followed by another request on the same connection,
+/// which is served. Without `keep-alive` asked, the answer says `close`
+/// and the connection ends.
+#[test]
+fn an_http10_client_that_asks_for_keep_alive_is_told_and_kept() {
+    let s = common::Setup::new();
+    let mut c = Conn::connect(s.gw.addr);
+    let asks = [
+        ("/alice/one", 200),
+        ("/nobody/here", 404),
+        ("/health", 200),
+        ("/alice/two", 200),
+    ];
+    for (path, status) in asks {
+        let req = format!("GET {path} HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n");
+        c.write_raw(req.as_bytes(), &["GET"]).unwrap();
+        let r = c
+            .read()
+            .unwrap_or_else(|e| panic!("GET {path} HTTP/1.0 on a kept connection: no answer: {e}"));
+        assert_eq!(r.status, status, "GET {path}: {}", r.summary());
+        assert_eq!(
+            r.header("connection")
+                .map(str::to_ascii_lowercase)
+                .as_deref(),
+            Some("keep-alive"),
+            "GET {path}: an HTTP/1.0 client must be told its connection persists: {}",
+            r.summary()
+        );
+    }
+    assert_eq!(
+        s.app.requests().len(),
+        2,
+        "both proxied requests reached the app"
+    );
+
+    c.write_raw(b"GET /alice/last HTTP/1.0\r\n\r\n", &["GET"])
+        .unwrap();
+    let r = c.read().unwrap();
+    assert_eq!(r.status, 200, "{}", r.summary());
+    assert_eq!(r.header("connection"), Some("close"), "{}", r.summary());
+    assert!(c.is_closed_by_peer(), "HTTP/1.0 without keep-alive: closed");
+}

@@ -110,6 +110,9 @@ struct Req {
     body_len: usize,
     size: usize,
     close: bool,
+    /// HTTP/1.0 kept alive: said in the response, or the client (`ab -k`)
+    /// waits for a close.
+    http10: bool,
 }
 
 fn parse(buf: &[u8]) -> Result<Option<Req>, ()> {
@@ -121,7 +124,8 @@ fn parse(buf: &[u8]) -> Result<Option<Req>, ()> {
         Err(_) => return Err(()),
     };
     let mut body_len = 0;
-    let mut close = r.version == Some(0);
+    let http10 = r.version == Some(0);
+    let mut close = http10;
     for h in r.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
             body_len = std::str::from_utf8(h.value)
@@ -132,7 +136,8 @@ fn parse(buf: &[u8]) -> Result<Option<Req>, ()> {
             return Err(()); // the bench clients never send chunked bodies
         } else if h.name.eq_ignore_ascii_case("connection") {
             let v = h.value.to_ascii_lowercase();
-            close = v.windows(5).any(|w| w == b"close");
+            close = v.windows(5).any(|w| w == b"close")
+                || (http10 && !v.windows(10).any(|w| w == b"keep-alive"));
         }
     }
     let size = requested_size(r.path.unwrap_or("/")).min(MAX_BODY);
@@ -141,6 +146,7 @@ fn parse(buf: &[u8]) -> Result<Option<Req>, ()> {
         body_len,
         size,
         close,
+        http10,
     }))
 }
 
@@ -192,7 +198,11 @@ async fn conn(mut s: TcpStream, body: Bytes) {
                 head,
                 "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n{}\r\n",
                 req.size,
-                if req.close { "connection: close\r\n" } else { "" }
+                match (req.close, req.http10) {
+                    (true, _) => "connection: close\r\n",
+                    (false, true) => "connection: keep-alive\r\n",
+                    (false, false) => "",
+                }
             );
             let ok = if req.size <= COALESCE_LIMIT {
                 head.extend_from_slice(&body[..req.size]);

@@ -22,6 +22,7 @@ use super::respond::{push_header_num, write_error, write_out, write_response};
 use super::tunnel::{RespBody, RespHead, Tunnel, Uploader};
 use super::tunnel_upgrade::{accept_tunnel, handshake_deadline, refuse, upgrade_slot};
 use super::upgrades::{names_tunnel_path, UpgradeSlot};
+use crate::http::headers::Persist;
 use crate::http::{self, BodyKind, RequestHead};
 use crate::net::Movable;
 use crate::protocol::stream;
@@ -276,7 +277,7 @@ where
     async fn refuse_head(&mut self, err: ProxyError, began: Instant) {
         let peer = self.peer;
         tracing::info!(%peer, error = %err, "request refused");
-        let w = write_error(&mut self.io, &mut self.out, &err, false, true).await;
+        let w = write_error(&mut self.io, &mut self.out, &err, false, Persist::Close).await;
         let read = self.buf.len() as u64;
         self.ctx.obs.refused(began, peer, w.status, read, w.bytes);
     }
@@ -348,15 +349,17 @@ where
             // The tunnel port serves nothing else.
             let err = ProxyError::NoRoute(String::from_utf8_lossy(raw_path).into_owned());
             tracing::info!(%peer, error = %err, "request refused");
-            let w = write_error(&mut self.io, &mut self.out, &err, is_head, true).await;
+            let w = write_error(&mut self.io, &mut self.out, &err, is_head, Persist::Close).await;
             ex.bytes_out += w.bytes;
             ctx.obs.finish(ex, peer, method, raw_path, w.status);
             return false;
         }
         if raw_path == b"/health" && matches!(method, "GET" | "HEAD") {
-            let written = self.health(head, is_head, &mut ex.bytes_out).await;
+            // A body it does not read ends the connection.
+            let persist = Persist::new(head.keep_alive && !has_body(head), head.version_minor == 0);
+            let written = self.health(persist, is_head, &mut ex.bytes_out).await;
             ctx.obs.finish(ex, peer, method, raw_path, 200);
-            return written && head.keep_alive && !has_body(head);
+            return written && !persist.closes();
         }
         // Route, read the body, proxy. Boxed: one allocation per request
         // keeps this (large) state out of the connection task, so an idle
@@ -373,7 +376,7 @@ where
 
     /// The public `/health`: minimal on purpose, anyone can ask. The
     /// details (tunnel count, pid) are on the admin port's `/health`.
-    async fn health(&mut self, head: &RequestHead, is_head: bool, sent: &mut u64) -> bool {
+    async fn health(&mut self, persist: Persist, is_head: bool, sent: &mut u64) -> bool {
         let body = "ok\n";
         let out = &mut self.out;
         out.clear();
@@ -381,9 +384,7 @@ where
             b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncache-control: no-store\r\n",
         );
         push_header_num(out, "content-length", body.len());
-        if !head.keep_alive {
-            out.extend_from_slice(b"connection: close\r\n");
-        }
+        persist.write_field(out);
         out.extend_from_slice(b"\r\n");
         if !is_head {
             out.extend_from_slice(body.as_bytes());
@@ -456,7 +457,8 @@ where
                 } else {
                     tracing::info!(%peer, %path, error = %e, kind = error_kind(&e), side, status = reply.status, "request refused");
                 }
-                let w = write_error(&mut self.io, &mut self.out, &e, is_head, close).await;
+                let persist = Persist::new(!close, head.version_minor == 0);
+                let w = write_error(&mut self.io, &mut self.out, &e, is_head, persist).await;
                 ex.bytes_out += w.bytes;
                 (w.ok && !close, w.status, ctx.admission.pause_after(&e))
             }

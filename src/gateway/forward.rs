@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::http::headers::HopByHop;
+use crate::http::headers::{HopByHop, Persist};
 use crate::http::{self, RequestHead};
 use crate::protocol::anpx::binmeta::{self, Builder};
 use crate::protocol::anpx::{latin1_to_string, RequestMeta};
@@ -347,7 +347,7 @@ pub fn write_response_head(
     out: &mut Vec<u8>,
     meta: &binmeta::Response,
     framing: Framing,
-    close: bool,
+    persist: Persist,
 ) {
     let status = meta.status();
     let reason = match meta.reason() {
@@ -377,9 +377,7 @@ pub fn write_response_head(
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::None | Framing::Close => {}
     }
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
+    persist.write_field(out);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -450,7 +448,7 @@ mod tests {
             &mut out,
             &binmeta::Response::from_json_meta(&meta),
             Framing::Length(3),
-            false,
+            Persist::Open { http10: false },
         );
         let s = String::from_utf8(out).unwrap();
         assert_eq!(
@@ -488,7 +486,7 @@ mod tests {
                 &mut out,
                 &binmeta::Response::from_json_meta(&meta),
                 Framing::Length(0),
-                false,
+                Persist::Open { http10: false },
             );
             let s = String::from_utf8(out).unwrap().to_ascii_lowercase();
             assert_eq!(
@@ -662,7 +660,7 @@ mod tests {
             &mut out,
             &binmeta::Response::from_json_meta(&meta),
             Framing::None,
-            false,
+            Persist::Open { http10: false },
         );
         assert!(String::from_utf8_lossy(&out).contains("content-length: 42\r\n"));
         meta.status = 204;
@@ -671,7 +669,7 @@ mod tests {
             &mut out,
             &binmeta::Response::from_json_meta(&meta),
             Framing::None,
-            false,
+            Persist::Open { http10: false },
         );
         assert!(!String::from_utf8_lossy(&out).contains("content-length"));
         meta.status = 200;
@@ -680,7 +678,7 @@ mod tests {
             &mut out,
             &binmeta::Response::from_json_meta(&meta),
             Framing::Chunked,
-            true,
+            Persist::Close,
         );
         let s = String::from_utf8_lossy(&out);
         assert!(s.contains("transfer-encoding: chunked\r\n") && !s.contains("content-length"));

@@ -35,6 +35,7 @@ use super::forward::{build_upgrade_meta, write_upgrade_head};
 use super::respond::{write_error, write_out, write_response};
 use super::routes::IdentityName;
 use super::tunnel::{BodyEvent, BodyStream, RespBody, RespHead, Uploader};
+use crate::http::headers::Persist;
 use crate::http::{BodyKind, RequestHead};
 use crate::net::Movable;
 use crate::protocol::stream::{self, DEFAULT_WINDOW};
@@ -381,7 +382,7 @@ async fn refuse<S: AsyncWriteRent>(
     } else {
         tracing::info!(%peer, %path, error = %e, kind = error_kind(e), side, status, "upgrade refused");
     }
-    let w = write_error(io, out, e, false, true).await;
+    let w = write_error(io, out, e, false, Persist::Close).await;
     (w.status, w.bytes)
 }
 

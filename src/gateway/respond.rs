@@ -10,6 +10,7 @@ use super::error::{error_reply, ProxyError};
 use super::forward::{write_response_head, Framing};
 use super::tunnel::{BodyEvent, BodyStream, RespBody, RespHead};
 use crate::http;
+use crate::http::headers::Persist;
 use crate::net::Writev;
 use crate::protocol::anpx::binmeta;
 
@@ -72,7 +73,7 @@ pub(super) async fn write_response<S: AsyncWriteRent>(
             } else {
                 Framing::Length(body.len() as u64)
             };
-            write_response_head(out, &resp.meta, framing, !keep_alive);
+            write_response_head(out, &resp.meta, framing, Persist::new(keep_alive, http10));
             let body = if no_body { Bytes::new() } else { body };
             return write_with(io, out, body, b"", sent_total).await && keep_alive;
         }
@@ -87,12 +88,12 @@ pub(super) async fn write_response<S: AsyncWriteRent>(
     } else {
         Framing::Close
     };
-    let close = !keep_alive || framing == Framing::Close;
-    write_response_head(out, &resp.meta, framing, close);
+    let persist = Persist::new(keep_alive && framing != Framing::Close, http10);
+    write_response_head(out, &resp.meta, framing, persist);
     // The head is not written yet: it leaves with the first body piece
     // (or the end), in one write.
     let idle = settings.stream_idle_timeout;
-    write_stream(io, out, stream, framing, idle, sent_total).await && !close
+    write_stream(io, out, stream, framing, idle, sent_total).await && !persist.closes()
 }
 
 /// Writes `out`, then `body`, then `tail`, in one write: a small body is
@@ -304,7 +305,7 @@ pub(super) async fn write_error<S: AsyncWriteRent>(
     out: &mut Vec<u8>,
     err: &ProxyError,
     is_head: bool,
-    close: bool,
+    persist: Persist,
 ) -> ErrorWritten {
     let r = error_reply(err);
     out.clear();
@@ -324,9 +325,11 @@ pub(super) async fn write_error<S: AsyncWriteRent>(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if close || r.close {
-        out.extend_from_slice(b"connection: close\r\n");
+    match r.close {
+        true => Persist::Close,
+        false => persist,
     }
+    .write_field(out);
     out.extend_from_slice(b"\r\n");
     if !is_head {
         out.extend_from_slice(r.body.as_bytes());

@@ -21,6 +21,7 @@ use super::tunnel::run_tunnel;
 use super::upgrades::{UpgradeRefusal, UpgradeSlot};
 use crate::auth::UpgradeRequest;
 use crate::config::DuplicateTunnels;
+use crate::http::headers::Persist;
 use crate::http::RequestHead;
 use crate::net::Movable;
 use crate::protocol::features::{
@@ -361,6 +362,6 @@ async fn authenticate_upgrade(
 /// Answers a refused upgrade (status from [`error_reply`], the one map)
 /// and closes the connection.
 pub(super) async fn refuse<S: AsyncWriteRent>(io: &mut S, out: &mut Vec<u8>, err: &ProxyError) {
-    write_error(io, out, err, false, true).await;
+    write_error(io, out, err, false, Persist::Close).await;
     let _ = io.shutdown().await;
 }

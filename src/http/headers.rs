@@ -191,6 +191,41 @@ pub fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
+/// What a response says of its connection (RFC 9112 §9.3, §9.6). One
+/// that closes says `close`. One that persists says nothing to an
+/// HTTP/1.1 client, for which persisting is the default, and `keep-alive`
+/// to an HTTP/1.0 one: without it an HTTP/1.0 client takes the response
+/// as the connection's last and waits for a close that never comes
+/// (`ab -k` hangs until the idle timeout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Persist {
+    Close,
+    Open { http10: bool },
+}
+
+impl Persist {
+    /// From the decision to keep the connection and the client's version.
+    pub fn new(keep_alive: bool, http10: bool) -> Self {
+        match keep_alive {
+            true => Persist::Open { http10 },
+            false => Persist::Close,
+        }
+    }
+
+    pub fn closes(self) -> bool {
+        self == Persist::Close
+    }
+
+    /// The `Connection` field line, if this needs one.
+    pub fn write_field(self, out: &mut Vec<u8>) {
+        match self {
+            Persist::Close => out.extend_from_slice(b"connection: close\r\n"),
+            Persist::Open { http10: true } => out.extend_from_slice(b"connection: keep-alive\r\n"),
+            Persist::Open { http10: false } => {}
+        }
+    }
+}
+
 /// `reason-phrase = 1*( HTAB / SP / VCHAR / obs-text )` (RFC 9112 §4).
 /// Anything else (above all CR and LF) would let a reason copied from the
 /// app split the response.
