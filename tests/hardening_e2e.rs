@@ -653,6 +653,39 @@ fn unknown_and_foreign_request_ids_are_refused_and_the_genuine_answer_wins() {
     w.alice_serves("/alice/after-foreign");
 }
 
+/// A response that crosses its request's end here (the client got its
+/// 504 first) is late, not a peer's fault: dropped without a refusal
+/// (nor its warning), on the `stream` path and the plain v1 one. An id
+/// the tunnel never issued is still refused; sent right after the late
+/// one, its count says the late one was handled.
+#[test]
+fn a_response_to_a_request_that_ended_here_is_late_not_refused() {
+    let mut cfg = config("");
+    cfg.workers = 1;
+    cfg.timeout = 1.0;
+    let w = World::start(&cfg);
+    let mut peers = [
+        RawPeer::connect(w.gw.addr, RAW_A, "stream"),
+        RawPeer::connect(w.gw.addr, RAW_B, ""),
+    ];
+    for (n, (p, route)) in peers.iter_mut().zip(["/ra", "/rb"]).enumerate() {
+        let c = client_get(w.gw.addr, &format!("{route}/slow"));
+        let req = p.next_request();
+        let r = c.join().unwrap();
+        assert_eq!(r.status, 504, "{route}: {}", r.summary());
+        p.send_binary(&rawpeer::response(&req.request_id, 200, b"TOO-LATE"));
+        p.send_binary(&rawpeer::response("00000000deadbeef", 200, b"NEVER-ISSUED"));
+        let counted = n as u64 + 1;
+        w.wait_metric(&refused("unknown_request"), counted);
+        assert_eq!(
+            w.metric(&refused("unknown_request")),
+            counted,
+            "{route}: the answer to a request that timed out here was counted as refused"
+        );
+        serves_genuinely(&w, p, &format!("{route}/after"));
+    }
+}
+
 #[test]
 fn duplicate_chunk_index_fails_only_that_response() {
     let w = anpx_world();

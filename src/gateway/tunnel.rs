@@ -37,7 +37,7 @@ use crate::protocol::anpx::{
 };
 use crate::protocol::features::Features;
 use crate::protocol::stream::{self, Incoming, StreamEncoder, Window, DEFAULT_WINDOW};
-use crate::tunnel::demux::{Decision, Demux, Opener};
+use crate::tunnel::demux::{Decision, Demux, Opener, Refusal};
 use crate::tunnel::engine::{self, Ended, FrameSink};
 use crate::ws::conn::{OutTx, Outgoing};
 use crate::ws::error::CLOSE_POLICY;
@@ -89,6 +89,11 @@ pub struct Tunnel {
     /// Requests in flight, with where their response stands (chunk order,
     /// window): `crate::tunnel::demux`.
     inflight: RefCell<Demux<u64, Entry>>,
+    /// The first and the last request id this tunnel issued (0 before
+    /// any). Ids grow per core, so a response for an id between them that
+    /// is no longer in flight answers a request that ended here first (a
+    /// client that left, a timeout): late, not a peer's fault.
+    issued: Cell<(u64, u64)>,
     closed: Cell<bool>,
     /// Requests it carried since the core's last scale tick, and the ticks
     /// in a row it carried too few to keep (`scale`, `core::scale_tick`).
@@ -128,6 +133,11 @@ impl Tunnel {
             return Err(ProxyError::TunnelBusy(limit));
         }
         let id = ctx.next_request_id();
+        let first = match self.issued.get() {
+            (0, _) => id,
+            (first, _) => first,
+        };
+        self.issued.set((first, id));
         self.carried.set(self.carried.get().saturating_add(1));
         let (tx, rx) = oneshot::channel();
         let upload = Rc::new(Window::new(DEFAULT_WINDOW));
@@ -141,6 +151,14 @@ impl Tunnel {
             },
         );
         Ok((id, rx, upload))
+    }
+
+    /// A response for `request_id`, not in flight, answers a request this
+    /// tunnel issued and ended (see `issued`). An id from another core's
+    /// tunnel in that range is taken for late too: dropped either way.
+    fn ended_here(&self, request_id: &str) -> bool {
+        let (first, last) = self.issued.get();
+        parse_request_id(request_id).is_some_and(|id| first != 0 && (first..=last).contains(&id))
     }
 
     /// Starts a request. With `complete` the whole body is `first` and the
@@ -548,6 +566,7 @@ pub async fn run_tunnel<S>(
         features,
         out: out.clone(),
         inflight: RefCell::new(Demux::new(Opener::Us, MAX_UNACKED)),
+        issued: Cell::new((0, 0)),
         closed: Cell::new(false),
         carried: Cell::new(0),
         quiet_ticks: Cell::new(0),
@@ -685,6 +704,12 @@ fn refuse(
         request_id, %error, "ANPX frame refused");
 }
 
+/// A frame still in flight when its request ended here (a cancel, a
+/// timeout): dropped, not counted.
+fn late(tunnel: &Tunnel, request_id: &str, what: &str) {
+    tracing::debug!(tunnel = tunnel.id, request_id, what, "late frame dropped");
+}
+
 /// Fails a request in flight on this tunnel with 502 because its response
 /// can no longer arrive whole: the client gets a 502, or (head already
 /// sent) a connection closed before the body's end. A `cancel` peer is told
@@ -709,7 +734,10 @@ fn on_frame(tunnel: &Tunnel, reasm: &mut Reassembler, counts: &FrameRefusals, ms
                 meta: binmeta::Response::from_json_meta(&meta),
                 body: RespBody::Full(body),
             };
-            if deliver_head(tunnel, &request_id, Ok(head)) != Delivery::Delivered {
+            let delivery = deliver_head(tunnel, &request_id, Ok(head));
+            if delivery == Delivery::Unknown && tunnel.ended_here(&request_id) {
+                late(tunnel, &request_id, "response for a request that ended");
+            } else if delivery != Delivery::Delivered {
                 let e = "response for a request not in flight on this tunnel";
                 refuse(
                     tunnel,
@@ -810,6 +838,19 @@ fn on_stream_frame(tunnel: &Rc<Tunnel>, counts: &FrameRefusals, msg: Bytes) {
             tracing::info!(tunnel = tunnel.id, request_id = key, %message, "receiver error frame");
             end_request(tunnel, key, ProxyError::Receiver(message), None);
         }
+        (
+            Decision::Refuse {
+                why: Refusal::UnknownRequest,
+                ..
+            },
+            inc,
+        ) if tunnel.ended_here(inc.request_id()) => {
+            late(
+                tunnel,
+                inc.request_id(),
+                "response for a request that ended",
+            );
+        }
         (Decision::Refuse { why, fail, what }, inc) => {
             refuse(
                 tunnel,
@@ -822,16 +863,7 @@ fn on_stream_frame(tunnel: &Rc<Tunnel>, counts: &FrameRefusals, msg: Bytes) {
                 fail_request(tunnel, key, what);
             }
         }
-        (Decision::Late { what }, inc) => {
-            // Not counted: frames still in flight after a cancel or a
-            // timeout land here.
-            tracing::debug!(
-                tunnel = tunnel.id,
-                request_id = inc.request_id(),
-                what,
-                "late frame dropped"
-            );
-        }
+        (Decision::Late { what }, inc) => late(tunnel, inc.request_id(), what),
         (d, inc) => {
             // `Open` is the receiver's (Opener::Peer); the others pair
             // with their frame kinds above.
