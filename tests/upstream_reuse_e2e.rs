@@ -90,6 +90,15 @@ fn script(x: &mut Exchange, side: &AppSide) {
             x.write(OK);
             let _ = side.done.send(());
         }
+        "/alice/refuse-upload" => {
+            // Refuses on the head alone and hangs up without reading the
+            // body (as many servers do with an upload they refuse).
+            x.write(
+                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 7\r\n\
+                  Connection: close\r\n\r\ntoo big",
+            );
+            x.close();
+        }
         "/alice/close" => {
             x.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok");
         }
@@ -345,6 +354,53 @@ fn an_answer_before_the_whole_request_body_retires_the_connection() {
         r.summary()
     );
     w.next_client_is_clean(&early, "an answer that came before the request body");
+}
+
+/// An app that refuses an upload on its head and hangs up unread makes
+/// the receiver's next body write fail; its answer is already waiting, so
+/// the client gets it (not a 502), at once (not after its whole body or a
+/// timeout), and its connection closes with the rest unread. The body is
+/// far over the credit window: without the early answer the upload could
+/// not end.
+#[test]
+fn an_upload_the_app_refuses_and_hangs_up_on_gets_the_apps_answer() {
+    let w = world();
+    let mut c = Conn::connect(w.gw.addr);
+    let len = 16 << 20;
+    c.write_raw(
+        format!("POST /alice/refuse-upload HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n")
+            .as_bytes(),
+        &["POST"],
+    )
+    .unwrap();
+    // The body goes from a thread of its own until it ends or the
+    // gateway closes the connection; the answer is read meanwhile.
+    let mut body_out = c.try_clone_writer();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let piece = vec![b'u'; 64 * 1024];
+        let mut sent = 0;
+        while sent < len && body_out.write_all(&piece).is_ok() {
+            sent += piece.len();
+        }
+        sent
+    });
+    let r = c.read().expect("an answer to the refused upload");
+    assert_eq!(
+        (r.status, r.body_text().as_str()),
+        (413, "too big"),
+        "{}",
+        r.summary()
+    );
+    assert_eq!(r.header("connection"), Some("close"), "{}", r.summary());
+    assert!(
+        c.is_closed_by_peer(),
+        "the connection closes, its body unread"
+    );
+    let sent = writer.join().unwrap();
+    assert!(sent < len, "the whole body went up: {sent} bytes");
+    let refused = w.app.next_request();
+    w.next_client_is_clean(&refused, "an upload refused early");
 }
 
 #[test]

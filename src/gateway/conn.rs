@@ -421,7 +421,8 @@ where
         // A draining gateway answers what it has and closes.
         let keep_alive = head.keep_alive && !ctx.draining.is_set();
         match result {
-            Ok(r) => {
+            Ok((r, body_read)) => {
+                let keep_alive = keep_alive && body_read;
                 let http10 = head.version_minor == 0;
                 let status = r.meta.status();
                 let ok = write_response(
@@ -477,7 +478,10 @@ fn is_websocket_upgrade(head: &RequestHead, buf: &[u8]) -> bool {
     })
 }
 
-type ProxyOutcome = Result<RespHead, (ProxyError, bool)>;
+/// A response or a failure, each with whether the request's body was all
+/// read from the client (a connection with body bytes left unread
+/// closes).
+type ProxyOutcome = Result<(RespHead, bool), (ProxyError, bool)>;
 
 /// The route of a request: by `Host` and path when host routes exist
 /// (the head's `Host` is looked at only then), by path otherwise.
@@ -584,10 +588,11 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent + Movable>(
         .await
         .map(|r| {
             ex.request_id = Some(r.request_id);
-            RespHead {
+            let head = RespHead {
                 meta: r.meta,
                 body: RespBody::Full(r.body),
-            }
+            };
+            (head, true)
         })
         .map_err(|e| (e, true))
 }
@@ -651,7 +656,19 @@ async fn stream_request<S: AsyncReadRent + Movable>(
         .start(ctx, meta, first, false)
         .map_err(|e| (e, false))?;
     ex.request_id = Some(waiter.request_id());
-    let sent = upload(&mut body, &mut up, io, buf, rest, piece).await;
+    // The app may answer before the body's end (a 413 or a 401 refusing
+    // an upload, often closing without reading the rest): the head is
+    // awaited while the body goes up, and one that comes first ends the
+    // upload. The client gets that answer, and its connection closes
+    // with the rest of its body unread.
+    let sent = monoio::select! {
+        r = upload(&mut body, &mut up, io, buf, rest, piece) => r,
+        h = waiter.head() => {
+            ex.bytes_in += body.taken() as u64;
+            tracing::debug!(peer = %target.peer, "answered before the request body's end");
+            return h.map(|h| (h, false)).map_err(|e| (e, false));
+        }
+    };
     ex.bytes_in += body.taken() as u64;
     if let Err(e) = sent {
         tracing::info!(peer = %target.peer, error = %e, "upload aborted");
@@ -725,14 +742,14 @@ async fn wait_head<S: Movable>(
     // removal).
     let first = WATCH_AFTER.min(timeout);
     if let Some(r) = waiter.wait_within(first).await {
-        return r.map_err(|e| (e, true));
+        return r.map(|h| (h, true)).map_err(|e| (e, true));
     }
     let got = monoio::select! {
         r = waiter.wait(timeout.saturating_sub(first)) => Got::Head(r),
         () = io.closed_by_peer() => Got::Gone,
     };
     match got {
-        Got::Head(r) => r.map_err(|e| (e, true)),
+        Got::Head(r) => r.map(|h| (h, true)).map_err(|e| (e, true)),
         Got::Gone => {
             waiter.abandon();
             Err((

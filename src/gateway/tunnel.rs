@@ -465,6 +465,19 @@ impl Waiter {
         }
     }
 
+    /// The response head, however long it takes: raced against the
+    /// upload of the request body (`conn.rs::stream_request`), which has
+    /// its own bounds. Dropped before the head comes, the request is still
+    /// in flight and `wait` takes over.
+    pub async fn head(&mut self) -> Result<RespHead, ProxyError> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Err(ProxyError::TunnelClosed);
+        };
+        let r = rx.await.unwrap_or(Err(ProxyError::TunnelClosed));
+        self.rx = None;
+        r
+    }
+
     /// Waits for the response head at most `d`. `None`: not yet, and the
     /// request is still in flight (`wait` may go on waiting).
     pub async fn wait_within(&mut self, d: Duration) -> Option<Result<RespHead, ProxyError>> {

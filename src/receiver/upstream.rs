@@ -414,7 +414,9 @@ impl Upstream {
         if !body.is_empty() {
             early = pending(conn) != Pending::Nothing;
             let (r, _) = conn.write_all(body.clone()).await;
-            r.map_err(|e| Attempt::Failed(e.into()))?;
+            if let Err(e) = r {
+                return answered_first(conn, e).map_err(Attempt::Failed);
+            }
         }
         Ok(early)
     }
@@ -553,20 +555,28 @@ async fn send_streamed_body(
             http::write_chunk_header(&mut line, n);
             let (r, l) = conn.write_all(line).await;
             line = l;
-            r?;
+            if let Err(e) = r {
+                return answered_first(conn, e);
+            }
         }
         let (r, _) = conn.write_all(d).await;
-        r?;
+        if let Err(e) = r {
+            return answered_first(conn, e);
+        }
         if chunked {
             let (r, _) = conn.write_all(&b"\r\n"[..]).await;
-            r?;
+            if let Err(e) = r {
+                return answered_first(conn, e);
+            }
         }
         credit(n);
     }
     if chunked {
         early = early || pending(conn) != Pending::Nothing;
         let (r, _) = conn.write_all(http::LAST_CHUNK).await;
-        r?;
+        if let Err(e) = r {
+            return answered_first(conn, e);
+        }
     } else if len.is_some_and(|l| sent != l) {
         return Err(UpstreamError::BadRequest(
             "request body shorter than its Content-Length",
@@ -710,6 +720,19 @@ enum Pending {
     Data,
     /// EOF or an error: the app closed or reset it.
     Closed,
+}
+
+/// A write of the request body to the app failed. If the app had
+/// answered first (its bytes wait on the connection), that answer is
+/// read and relayed, `Ok(true)` (early: the connection is not reused):
+/// an app that refuses an upload early (413, 401) often closes without
+/// reading the rest, so the write fails, yet the client is owed the
+/// refusal, not a 502. Otherwise the write's error.
+fn answered_first(conn: &AppStream, e: std::io::Error) -> Result<bool, UpstreamError> {
+    match pending(conn) {
+        Pending::Data => Ok(true),
+        Pending::Nothing | Pending::Closed => Err(e.into()),
+    }
 }
 
 /// What is waiting on an idle or busy upstream connection
