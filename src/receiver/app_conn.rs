@@ -3,7 +3,10 @@
 //! the app's certificate verified) or `unix:/path/app.sock` (a unix-domain
 //! socket: no TCP stack between the receiver and an app on the same host).
 
+use std::cell::RefCell;
 use std::fmt;
+use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -56,9 +59,9 @@ impl AppStream {
 #[derive(Clone)]
 pub enum AppAddr {
     /// `host:port`.
-    Tcp(String),
+    Tcp(TcpTarget),
     Tls {
-        authority: String,
+        authority: TcpTarget,
         connector: TlsConnector,
         /// The name the certificate must carry (SNI).
         name: ServerName<'static>,
@@ -69,8 +72,8 @@ pub enum AppAddr {
 impl fmt::Display for AppAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            AppAddr::Tcp(a) => f.write_str(a),
-            AppAddr::Tls { authority, .. } => write!(f, "https://{authority}"),
+            AppAddr::Tcp(a) => f.write_str(&a.authority),
+            AppAddr::Tls { authority, .. } => write!(f, "https://{}", authority.authority),
             AppAddr::Unix(p) => write!(f, "unix:{}", p.display()),
         }
     }
@@ -84,9 +87,7 @@ impl AppAddr {
         };
         match self {
             AppAddr::Tcp(authority) => {
-                let s = TcpStream::connect(authority.as_str())
-                    .await
-                    .map_err(failed)?;
+                let s = authority.dial().await.map_err(failed)?;
                 let _ = s.set_nodelay(true);
                 Ok(AppStream::Tcp(s))
             }
@@ -95,9 +96,7 @@ impl AppAddr {
                 connector,
                 name,
             } => {
-                let s = TcpStream::connect(authority.as_str())
-                    .await
-                    .map_err(failed)?;
+                let s = authority.dial().await.map_err(failed)?;
                 let _ = s.set_nodelay(true);
                 let fd = s.as_raw_fd();
                 match connector.connect(name.clone(), s).await {
@@ -113,6 +112,59 @@ impl AppAddr {
             )),
         }
     }
+}
+
+/// A TCP app's `host:port` and its addresses, resolved when the
+/// configuration loads, so that a dial resolves nothing: `getaddrinfo`
+/// blocks the core that calls it (13 µs for `localhost` from /etc/hosts, a
+/// network round trip for a DNS name, every request of the core waiting).
+/// When no address answers, the name is resolved again, once, in case the
+/// app moved; a name that did not resolve at start is resolved at the
+/// first dial. One per core (each clone keeps its own).
+#[derive(Clone, Debug)]
+pub struct TcpTarget {
+    authority: String,
+    addrs: RefCell<Vec<SocketAddr>>,
+}
+
+impl TcpTarget {
+    pub fn new(authority: String) -> TcpTarget {
+        let addrs = RefCell::new(resolve(&authority).unwrap_or_default());
+        TcpTarget { authority, addrs }
+    }
+
+    async fn dial(&self) -> io::Result<TcpStream> {
+        let known = self.addrs.borrow().clone();
+        let err = match connect_any(&known).await {
+            Ok(s) => return Ok(s),
+            Err(e) => e,
+        };
+        match resolve(&self.authority) {
+            Ok(fresh) if fresh != known => {
+                tracing::info!(upstream = %self.authority, addrs = ?fresh, "upstream resolved again");
+                *self.addrs.borrow_mut() = fresh.clone();
+                connect_any(&fresh).await
+            }
+            _ => Err(err),
+        }
+    }
+}
+
+fn resolve(authority: &str) -> io::Result<Vec<SocketAddr>> {
+    use std::net::ToSocketAddrs;
+    Ok(authority.to_socket_addrs()?.collect())
+}
+
+/// The first of `addrs` that accepts, in order.
+async fn connect_any(addrs: &[SocketAddr]) -> io::Result<TcpStream> {
+    let mut err = io::Error::new(io::ErrorKind::NotFound, "the name resolved to no address");
+    for a in addrs {
+        match TcpStream::connect_addr(*a).await {
+            Ok(s) => return Ok(s),
+            Err(e) => err = e,
+        }
+    }
+    Err(err)
 }
 
 /// `upstream` as written, before any TLS configuration is loaded.
@@ -198,13 +250,13 @@ impl AppTarget {
                     format!("receiver.upstream: `{host}` is not a valid TLS server name")
                 })?;
                 let addr = AppAddr::Tls {
-                    authority: u.authority(),
+                    authority: TcpTarget::new(u.authority()),
                     connector: TlsConnector::from(cfg),
                     name,
                 };
                 (addr, u.host_header())
             }
-            UpstreamUrl::Net(u) => (AppAddr::Tcp(u.authority()), u.host_header()),
+            UpstreamUrl::Net(u) => (AppAddr::Tcp(TcpTarget::new(u.authority())), u.host_header()),
         };
         Ok(AppTarget {
             addr,
@@ -221,6 +273,35 @@ impl AppTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Resolved once, dialled without resolving; an address that stops
+    /// answering sends the dial back to the name, and the new address is
+    /// kept.
+    #[monoio::test_all]
+    async fn a_tcp_target_dials_what_its_name_resolved_to_and_follows_a_move() {
+        let live = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = live.local_addr().unwrap().port();
+        let t = TcpTarget::new(format!("localhost:{port}"));
+        assert!(!t.addrs.borrow().is_empty(), "resolved when built");
+        t.dial().await.expect("dials the resolved address");
+
+        let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stale = gone.local_addr().unwrap();
+        drop(gone);
+        let moved = TcpTarget {
+            authority: format!("127.0.0.1:{port}"),
+            addrs: RefCell::new(vec![stale]),
+        };
+        moved
+            .dial()
+            .await
+            .expect("the name, resolved again, answers");
+        assert_eq!(
+            *moved.addrs.borrow(),
+            vec![live.local_addr().unwrap()],
+            "the new address is kept"
+        );
+    }
 
     #[test]
     fn upstream_forms() {
