@@ -895,7 +895,7 @@ impl Default for ReceiverConfig {
             upstream_host: String::new(),
             token: String::new(),
             tunnels: 0,
-            max_concurrent: 256,
+            max_concurrent: 1024,
             upstream_timeout: Seconds(0.0),
             ping_interval: Seconds(20.0),
             chunk_size: 64 * 1024,

@@ -334,7 +334,7 @@ fn check_print_shows_the_effective_config_with_secrets_masked() {
         "cert_file = \"gw.crt\"",
         "ca_file = \"gw.crt\"",
         "backend = \"sqlite\"",
-        "max_concurrent = 256",
+        "max_concurrent = 1024",
     ] {
         assert!(out.contains(line), "expected {line:?} in:\n{out}");
     }
