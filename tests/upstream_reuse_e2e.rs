@@ -403,6 +403,51 @@ fn an_upload_the_app_refuses_and_hangs_up_on_gets_the_apps_answer() {
     w.next_client_is_clean(&refused, "an upload refused early");
 }
 
+/// A small request body goes to the app in its head's write, so an app
+/// that answers on the head alone (the body already in its buffer, read
+/// after) leaves no doubt, and its connection is kept: a hundred 1 KiB
+/// POSTs, each body with its head, one app connection. (Head and body as
+/// two writes let the answer come between them, and about every other
+/// POST dialled anew.)
+#[test]
+fn small_posts_to_an_app_that_answers_on_the_head_share_one_connection() {
+    let apart = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen_apart = apart.clone();
+    let app = ScriptedApp::start(move |x| {
+        if !x.body_came_with_head() {
+            seen_apart.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        x.write(OK);
+    });
+    let gw = Gateway::start(&GatewayConfig {
+        workers: 1,
+        ..GatewayConfig::default()
+    });
+    let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 1);
+    rx.wait_connected(1);
+    let mut c = Conn::connect(gw.addr);
+    let body = vec![b'p'; 1024];
+    for i in 0..100 {
+        let r = c.request("POST", &format!("/alice/post/{i}"), &[], &body);
+        assert_eq!(
+            (r.status, r.body_text().as_str()),
+            (200, "ok"),
+            "POST {i}: {}",
+            r.summary()
+        );
+    }
+    assert_eq!(
+        apart.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "POSTs whose body did not come with its head"
+    );
+    assert_eq!(
+        app.connections(),
+        1,
+        "every POST should have gone on the one app connection"
+    );
+}
+
 #[test]
 fn head_close_http10_and_a_204_with_a_length_retire_the_connection() {
     // Each doubt alone, the app writing nothing after its response, so

@@ -61,6 +61,13 @@ impl Exchange<'_> {
         let _ = self.reader.get_ref().shutdown(std::net::Shutdown::Both);
     }
 
+    /// Whether the whole request body is already here, read with its
+    /// head (it came in the same write, or right after).
+    #[allow(dead_code)]
+    pub fn body_came_with_head(&self) -> bool {
+        self.reader.buffer().len() >= self.body_left
+    }
+
     /// Reads (and discards) what is left of the request body.
     pub fn read_body(&mut self) -> io::Result<()> {
         let n = std::mem::take(&mut self.body_left);
