@@ -19,6 +19,7 @@ use super::app_conn::{AppStream, AppTarget};
 use super::sink::ResponseSink;
 use crate::http::headers::HopByHop;
 use crate::http::{self, ChunkedDecoder, ChunkedStep, ResponseBody};
+use crate::net::Writev;
 use crate::protocol::anpx::binmeta::{self, Builder};
 use crate::protocol::anpx::{string_to_latin1, RequestMeta};
 
@@ -51,6 +52,8 @@ pub enum UpstreamError {
 const READ_MIN: usize = 16 * 1024;
 /// A request body up to this size is copied into its head's write.
 const COALESCE_BODY: usize = 16 * 1024;
+/// One up to this size goes with its head in one `writev`, uncopied.
+const ONE_WRITE_BODY: usize = 256 * 1024;
 /// Room given for a head read: a 64 KiB response with its head fits in
 /// one read, so it leaves as chunk 0 and a short final chunk sent
 /// together, which the gateway writes to its client with one `writev`.
@@ -421,8 +424,20 @@ impl Upstream {
             r.map_err(|_| Attempt::Stale)?;
             return Ok(false);
         }
-        // A larger one as a second write: a refcounted slice of the
-        // tunnel frame, sent without a copy.
+        // A larger one behind a copy of the head in one `writev` (the
+        // body, a refcounted slice of the tunnel frame, uncopied; on TLS
+        // that is two writes), the head kept for a retry.
+        if body.len() <= ONE_WRITE_BODY {
+            let mut w = Writev::take();
+            w.small().extend_from_slice(head);
+            w.body(body.clone());
+            let (r, w) = w.send(conn).await;
+            Writev::give(w);
+            r.map_err(|_| Attempt::Stale)?;
+            return Ok(false);
+        }
+        // A very large one (whole messages from a plain v1 gateway) as a
+        // second write, after a look for an early answer.
         let (r, h) = conn.write_all(std::mem::take(head)).await;
         *head = h;
         r.map_err(|_| Attempt::Stale)?;

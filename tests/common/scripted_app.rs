@@ -65,7 +65,18 @@ impl Exchange<'_> {
     /// head (it came in the same write, or right after).
     #[allow(dead_code)]
     pub fn body_came_with_head(&self) -> bool {
-        self.reader.buffer().len() >= self.body_left
+        use std::os::fd::AsRawFd;
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int, the bytes waiting on the socket.
+        let rc = unsafe {
+            libc::ioctl(
+                self.reader.get_ref().as_raw_fd(),
+                libc::FIONREAD,
+                &mut queued,
+            )
+        };
+        assert_eq!(rc, 0, "FIONREAD");
+        self.reader.buffer().len() + queued as usize >= self.body_left
     }
 
     /// Reads (and discards) what is left of the request body.
