@@ -8,7 +8,7 @@
 //! has arrived on it since ([`pending`]): bytes an app writes past its
 //! response must reach no client.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::time::Duration;
 
@@ -58,6 +58,12 @@ const ONE_WRITE_BODY: usize = 256 * 1024;
 /// one read, so it leaves as chunk 0 and a short final chunk sent
 /// together, which the gateway writes to its client with one `writev`.
 const READ_BUF: usize = 72 * 1024;
+/// Response reads waiting at once on a core up to which each gets
+/// [`READ_BUF`] of room, and read buffers kept for reuse. Past it (a slow
+/// app with hundreds of calls waiting) a read gets [`READ_MIN`]: a call
+/// waiting on the app holds 16 KiB, not 72 (a 64 KiB response then takes
+/// two reads).
+const FULL_READS: usize = 64;
 
 pub struct Upstream {
     target: AppTarget,
@@ -71,7 +77,26 @@ pub struct Upstream {
     bufs: RefCell<std::collections::VecDeque<BytesMut>>,
     /// Request head buffers, reused.
     heads: RefCell<Vec<Vec<u8>>>,
+    /// Response reads under way (`FULL_READS`).
+    reading: Cell<usize>,
     limits: http::Limits,
+}
+
+/// One response read under way, counted in `Upstream::reading` while it
+/// lives.
+struct Reading<'a>(&'a Cell<usize>);
+
+impl<'a> Reading<'a> {
+    fn start(n: &'a Cell<usize>) -> Self {
+        n.set(n.get() + 1);
+        Reading(n)
+    }
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
 }
 
 fn is_token(s: &[u8]) -> bool {
@@ -229,6 +254,7 @@ impl Upstream {
             max_idle,
             bufs: RefCell::new(std::collections::VecDeque::new()),
             heads: RefCell::new(Vec::new()),
+            reading: Cell::new(0),
             limits: http::Limits {
                 max_request_line: 64 * 1024,
                 max_head: 256 * 1024,
@@ -463,9 +489,11 @@ impl Upstream {
         sink: &mut ResponseSink,
     ) -> Result<(), Attempt> {
         let failed = |e: UpstreamError| Attempt::Failed(e);
+        let reading = Reading::start(&self.reading);
         let mut buf = self.bufs.borrow_mut().pop_front().unwrap_or_default();
         if buf.capacity() - buf.len() < READ_MIN {
-            buf.reserve(READ_BUF);
+            let many = self.reading.get() > FULL_READS;
+            buf.reserve(if many { READ_MIN } else { READ_BUF });
         }
         let (resp, interim) = self.read_head(&mut conn, &mut buf, is_head).await?;
         let head_bytes = &buf[..resp.head_len];
@@ -499,10 +527,11 @@ impl Upstream {
             }
         }
         let mut bufs = self.bufs.borrow_mut();
-        if bufs.len() < self.max_idle.max(1) {
+        if bufs.len() < self.max_idle.clamp(1, FULL_READS) {
             buf.clear();
             bufs.push_back(buf);
         }
+        drop(reading);
         Ok(())
     }
 

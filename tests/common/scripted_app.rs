@@ -101,7 +101,15 @@ pub struct ScriptedApp {
 
 impl ScriptedApp {
     pub fn start(script: impl Fn(&mut Exchange) + Send + Sync + 'static) -> ScriptedApp {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("scripted app: bind 127.0.0.1:0");
+        // A backlog of 1,024 (std's is 128): a test may have the receiver
+        // dial hundreds of connections at once, and SYNs dropped by a full
+        // queue come back only after the kernel's 1 s retry.
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("scripted app: socket");
+        sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("scripted app: bind 127.0.0.1:0");
+        sock.listen(1024).expect("scripted app: listen");
+        let listener: TcpListener = sock.into();
         let addr = listener.local_addr().unwrap();
         let (tx, seen) = mpsc::channel();
         let accepted = Arc::new(AtomicUsize::new(0));
