@@ -465,6 +465,8 @@ fn small_posts_to_an_app_that_answers_on_the_head_share_one_connection() {
 fn calls_waiting_on_a_slow_app_hold_small_read_buffers() {
     use std::sync::{Arc, Condvar};
     const CALLS: usize = 600;
+    // 600 clients and 600 app connections here, as many in the children.
+    common::sys::raise_nofile_limit();
     let release = Arc::new((Mutex::new(false), Condvar::new()));
     let held = release.clone();
     let app = ScriptedApp::start(move |x| {
