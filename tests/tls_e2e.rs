@@ -303,7 +303,16 @@ impl TlsConn {
 
     /// GET `path` on this connection (keep-alive): status and body.
     fn get(&mut self, path: &str) -> (u16, String) {
-        let req = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n");
+        self.get_with(path, "")
+    }
+
+    /// GET `path` asking the gateway to close after it.
+    fn get_closing(&mut self, path: &str) -> (u16, String) {
+        self.get_with(path, "connection: close\r\n")
+    }
+
+    fn get_with(&mut self, path: &str, fields: &str) -> (u16, String) {
+        let req = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{fields}\r\n");
         self.s.write_all(req.as_bytes()).unwrap();
         self.s.flush().unwrap();
         let mut buf = Vec::new();
@@ -398,6 +407,17 @@ fn https_request_through_a_wss_tunnel() {
     assert_eq!((status, body.as_str()), (200, "app saw GET /svc/again"));
     let (status, _) = get(&agent, &format!("https://{addr}/nobody"));
     assert_eq!(status, 404);
+    // A connection the gateway closes ends with close_notify (RFC 8446
+    // §6.1): a clean end of stream, not a truncation (OpenSSL 3 clients
+    // report "unexpected eof", and `ab` counted every such answer failed).
+    let mut c = TlsConn::connect(addr, &pki.ca).expect("TLS client");
+    let (status, body) = c.get_closing("/svc/last");
+    assert_eq!((status, body.as_str()), (200, "app saw GET /svc/last"));
+    let mut rest = [0u8; 1];
+    match c.s.read(&mut rest) {
+        Ok(0) => {}
+        other => panic!("expected the gateway's close_notify and a clean end, got {other:?}"),
+    }
     // Big bodies both ways: the split TLS stream reads and writes at once.
     let upload = vec![b'u'; 3 * 1024 * 1024 + 17];
     let r = agent

@@ -72,7 +72,7 @@ pub async fn serve_conn<S>(
     loop {
         // 1. The head.
         let Some((head, upgrade)) = c.read_head().await else {
-            return;
+            break;
         };
         let started = c.clock.began().unwrap_or_else(Instant::now);
         c.clock.done();
@@ -94,10 +94,15 @@ pub async fn serve_conn<S>(
         }
         // 3. Everything else is counted and access-logged.
         if !c.serve_request(&head, &head_buf, started).await {
-            return;
+            break;
         }
     }
+    c.close().await;
 }
+
+/// How long a closing TLS connection may take to write its close_notify
+/// (a client that reads nothing could hold it otherwise).
+const CLOSE_NOTIFY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One client connection and what it holds between requests.
 struct Client<S> {
@@ -372,6 +377,16 @@ where
             super::admission::Admission::pause(d, &ctx.draining).await;
         }
         ok && head.keep_alive
+    }
+
+    /// The connection ends here. A TLS client is sent close_notify first
+    /// (RFC 8446 §6.1): without it a client cannot tell a response that
+    /// ends at the close from a truncated one, and OpenSSL 3 reports
+    /// "unexpected eof" (`ab` over HTTPS counted every answer as failed).
+    async fn close(mut self) {
+        if self.tls {
+            let _ = monoio::time::timeout(CLOSE_NOTIFY_WAIT, self.io.shutdown()).await;
+        }
     }
 
     /// The public `/health`: minimal on purpose, anyone can ask. The
