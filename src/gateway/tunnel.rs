@@ -37,7 +37,7 @@ use crate::protocol::anpx::{
 };
 use crate::protocol::features::Features;
 use crate::protocol::stream::{self, Incoming, StreamEncoder, Window, DEFAULT_WINDOW};
-use crate::tunnel::demux::{Decision, Demux, Opener, Refusal};
+use crate::tunnel::demux::{Decision, Demux, Opener};
 use crate::tunnel::engine::{self, Ended, FrameSink};
 use crate::ws::conn::{OutTx, Outgoing};
 use crate::ws::error::CLOSE_POLICY;
@@ -89,11 +89,6 @@ pub struct Tunnel {
     /// Requests in flight, with where their response stands (chunk order,
     /// window): `crate::tunnel::demux`.
     inflight: RefCell<Demux<u64, Entry>>,
-    /// The first and the last request id this tunnel issued (0 before
-    /// any). Ids grow per core, so a response for an id between them that
-    /// is no longer in flight answers a request that ended here first (a
-    /// client that left, a timeout): late, not a peer's fault.
-    issued: Cell<(u64, u64)>,
     closed: Cell<bool>,
     /// Requests it carried since the core's last scale tick, and the ticks
     /// in a row it carried too few to keep (`scale`, `core::scale_tick`).
@@ -133,11 +128,6 @@ impl Tunnel {
             return Err(ProxyError::TunnelBusy(limit));
         }
         let id = ctx.next_request_id();
-        let first = match self.issued.get() {
-            (0, _) => id,
-            (first, _) => first,
-        };
-        self.issued.set((first, id));
         self.carried.set(self.carried.get().saturating_add(1));
         let (tx, rx) = oneshot::channel();
         let upload = Rc::new(Window::new(DEFAULT_WINDOW));
@@ -154,11 +144,9 @@ impl Tunnel {
     }
 
     /// A response for `request_id`, not in flight, answers a request this
-    /// tunnel issued and ended (see `issued`). An id from another core's
-    /// tunnel in that range is taken for late too: dropped either way.
+    /// tunnel issued and ended (`Demux::ended`): late, not a peer's fault.
     fn ended_here(&self, request_id: &str) -> bool {
-        let (first, last) = self.issued.get();
-        parse_request_id(request_id).is_some_and(|id| first != 0 && (first..=last).contains(&id))
+        parse_request_id(request_id).is_some_and(|id| self.inflight.borrow().ended(&id))
     }
 
     /// Starts a request. With `complete` the whole body is `first` and the
@@ -579,7 +567,6 @@ pub async fn run_tunnel<S>(
         features,
         out: out.clone(),
         inflight: RefCell::new(Demux::new(Opener::Us, MAX_UNACKED)),
-        issued: Cell::new((0, 0)),
         closed: Cell::new(false),
         carried: Cell::new(0),
         quiet_ticks: Cell::new(0),
@@ -850,19 +837,6 @@ fn on_stream_frame(tunnel: &Rc<Tunnel>, counts: &FrameRefusals, msg: Bytes) {
         (Decision::PeerError { key }, Incoming::Error { message, .. }) => {
             tracing::info!(tunnel = tunnel.id, request_id = key, %message, "receiver error frame");
             end_request(tunnel, key, ProxyError::Receiver(message), None);
-        }
-        (
-            Decision::Refuse {
-                why: Refusal::UnknownRequest,
-                ..
-            },
-            inc,
-        ) if tunnel.ended_here(inc.request_id()) => {
-            late(
-                tunnel,
-                inc.request_id(),
-                "response for a request that ended",
-            );
         }
         (Decision::Refuse { why, fail, what }, inc) => {
             refuse(

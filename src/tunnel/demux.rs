@@ -22,7 +22,7 @@ use std::hash::Hash;
 use crate::protocol::stream::Incoming;
 
 /// How a role names its requests in the table.
-pub trait RequestKey: Clone + Eq + Hash {
+pub trait RequestKey: Clone + Eq + Hash + Ord {
     /// The key for a wire `request_id`; None when it cannot be one of ours.
     /// A key that is the id itself takes the frame's string (no copy per
     /// frame); [`give_back`](Self::give_back) returns it when no decision
@@ -110,6 +110,13 @@ pub enum Opener {
     Peer,
 }
 
+/// `key` lies within the issued range (`Demux::issued`).
+fn issued_between<K: Ord>(issued: &Option<(K, K)>, key: &K) -> bool {
+    issued
+        .as_ref()
+        .is_some_and(|(lo, hi)| lo <= key && key <= hi)
+}
+
 /// The requests in flight on one tunnel, with the role's value for each.
 #[derive(Debug)]
 pub struct Demux<K, V> {
@@ -117,6 +124,12 @@ pub struct Demux<K, V> {
     /// Most bytes a peer may send beyond the credit it got (`Window`).
     max_unacked: usize,
     streams: HashMap<K, (Phase, V)>,
+    /// The lowest and highest key issued here (`Opener::Us`). An issuer's
+    /// keys grow, so a response naming one between them that is no longer
+    /// in the table answers a request that ended here first (its client
+    /// left, a timeout): late, not unknown. Another tunnel's key inside
+    /// the range is taken for late too; the frame is dropped either way.
+    issued: Option<(K, K)>,
 }
 
 impl<K: RequestKey, V> Demux<K, V> {
@@ -125,12 +138,22 @@ impl<K: RequestKey, V> Demux<K, V> {
             opener,
             max_unacked,
             streams: HashMap::new(),
+            issued: None,
         }
     }
 
     /// A request we issued; its answer is expected.
     pub fn expect(&mut self, key: K, value: V) {
+        self.issued = Some(match self.issued.take() {
+            None => (key.clone(), key.clone()),
+            Some((lo, hi)) => (lo.min(key.clone()), hi.max(key.clone())),
+        });
         self.streams.insert(key, (Phase::AwaitingHead, value));
+    }
+
+    /// `key` was issued here and its request has ended (see `issued`).
+    pub fn ended(&self, key: &K) -> bool {
+        issued_between(&self.issued, key) && !self.streams.contains_key(key)
     }
 
     /// A request the peer opened (after [`Decision::Open`]).
@@ -246,6 +269,13 @@ impl<K: RequestKey, V> Demux<K, V> {
                     why: Refusal::Duplicate,
                     fail: None,
                     what: "request id already in flight",
+                }
+            }
+            // Not in the table: no second lookup, the range alone.
+            (Opener::Us, None) if issued_between(&self.issued, &key) => {
+                key.give_back(request_id);
+                Decision::Late {
+                    what: "response for a request that ended",
                 }
             }
             (Opener::Us, None) => {
@@ -419,6 +449,39 @@ mod tests {
             Decision::Data {
                 key: 1,
                 last: false
+            }
+        );
+    }
+
+    #[test]
+    fn a_head_for_an_issued_request_that_ended_is_late_not_unknown() {
+        let mut d: Demux<u64, ()> = Demux::new(Opener::Us, usize::MAX);
+        let unknown = |d: &mut Demux<u64, ()>, k| {
+            matches!(
+                d.decide(&mut start(k, true)),
+                Decision::Refuse {
+                    why: Refusal::UnknownRequest,
+                    ..
+                }
+            )
+        };
+        assert!(unknown(&mut d, 5), "nothing issued yet");
+        for k in [5, 6, 7] {
+            d.expect(k, ());
+        }
+        d.remove(&6); // its client left
+        assert!(d.ended(&6) && !d.ended(&5) && !d.ended(&8));
+        assert!(matches!(
+            d.decide(&mut start(6, true)),
+            Decision::Late { .. }
+        ));
+        assert!(unknown(&mut d, 4), "below what was issued");
+        assert!(unknown(&mut d, 8), "above what was issued");
+        assert_eq!(
+            d.decide(&mut start(7, true)),
+            Decision::Head {
+                key: 7,
+                complete: true
             }
         );
     }
