@@ -405,6 +405,41 @@ enum Seg {
     Body(usize),
 }
 
+/// A body up to this size is copied behind what goes before it rather
+/// than given an iovec of its own ([`write_joined`]).
+pub const COALESCE_BODY: usize = 16 * 1024;
+
+/// Writes `head`, `body` and `tail` with one write: a body up to
+/// [`COALESCE_BODY`] copied between them, a larger one uncopied in one
+/// `writev` ([`Writev`]). `head` comes back as it was, capacity kept (a
+/// caller may send it again: the receiver's retry on a fresh connection).
+/// A response to a client, a request to an app: either way the peer gets
+/// it whole at once, which matters to an app that answers on the head.
+pub async fn write_joined<W: monoio::io::AsyncWriteRent>(
+    io: &mut W,
+    head: &mut Vec<u8>,
+    body: bytes::Bytes,
+    tail: &'static [u8],
+) -> io::Result<()> {
+    use monoio::io::AsyncWriteRentExt;
+    let len = head.len();
+    if body.len() <= COALESCE_BODY {
+        head.extend_from_slice(&body);
+        head.extend_from_slice(tail);
+        let (res, mut h) = io.write_all(std::mem::take(head)).await;
+        h.truncate(len);
+        *head = h;
+        return res.map(|_| ());
+    }
+    let mut w = Writev::take();
+    w.small().extend_from_slice(head);
+    w.body(body);
+    w.small().extend_from_slice(tail);
+    let (res, w) = w.send(io).await;
+    Writev::give(w);
+    res
+}
+
 /// Most iovecs one `Writev` gathers (IOV_MAX is 1024 on Linux).
 const WRITEV_IOV_MAX: usize = 256;
 /// A `Writev` whose small buffer grew past this is not pooled.

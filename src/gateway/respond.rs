@@ -11,12 +11,8 @@ use super::forward::{write_response_head, Framing};
 use super::tunnel::{BodyEvent, BodyStream, RespBody, RespHead};
 use crate::http;
 use crate::http::headers::Persist;
-use crate::net::Writev;
+use crate::net::{Writev, COALESCE_BODY};
 use crate::protocol::anpx::binmeta;
-
-/// Bodies at most this large are copied behind the head so the response
-/// leaves in one write; larger ones go as a second write without a copy.
-pub(super) const COALESCE_BODY: usize = 16 * 1024;
 
 pub(super) async fn write_out<S: AsyncWriteRent>(io: &mut S, out: &mut Vec<u8>) -> bool {
     let v = std::mem::take(out);
@@ -24,16 +20,6 @@ pub(super) async fn write_out<S: AsyncWriteRent>(io: &mut S, out: &mut Vec<u8>) 
     v.clear();
     *out = v;
     res.is_ok()
-}
-
-/// [`write_out`], adding the bytes handed to the socket to `sent`.
-pub(super) async fn write_counted<S: AsyncWriteRent>(
-    io: &mut S,
-    out: &mut Vec<u8>,
-    sent: &mut u64,
-) -> bool {
-    *sent += out.len() as u64;
-    write_out(io, out).await
 }
 
 pub(super) fn push_header_num(out: &mut Vec<u8>, name: &str, n: usize) {
@@ -96,9 +82,8 @@ pub(super) async fn write_response<S: AsyncWriteRent>(
     write_stream(io, out, stream, framing, idle, sent_total).await && !persist.closes()
 }
 
-/// Writes `out`, then `body`, then `tail`, in one write: a small body is
-/// copied between them, a larger one goes as it is, uncopied, between
-/// them in one `writev` (`net::Writev`).
+/// Writes `out`, then `body`, then `tail`, in one write
+/// (`net::write_joined`), adding them to `sent`; `out` comes back empty.
 async fn write_with<S: AsyncWriteRent>(
     io: &mut S,
     out: &mut Vec<u8>,
@@ -106,19 +91,9 @@ async fn write_with<S: AsyncWriteRent>(
     tail: &'static [u8],
     sent: &mut u64,
 ) -> bool {
-    if body.len() <= COALESCE_BODY {
-        out.extend_from_slice(&body);
-        out.extend_from_slice(tail);
-        return write_counted(io, out, sent).await;
-    }
-    let mut w = Writev::take();
-    std::mem::swap(w.small(), out);
-    w.body(body);
-    w.small().extend_from_slice(tail);
-    *sent += w.len() as u64;
-    let (res, mut w) = w.send(io).await;
-    std::mem::swap(w.small(), out);
-    Writev::give(w);
+    *sent += (out.len() + body.len() + tail.len()) as u64;
+    let res = crate::net::write_joined(io, out, body, tail).await;
+    out.clear();
     res.is_ok()
 }
 

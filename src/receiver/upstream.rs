@@ -19,7 +19,6 @@ use super::app_conn::{AppStream, AppTarget};
 use super::sink::ResponseSink;
 use crate::http::headers::HopByHop;
 use crate::http::{self, ChunkedDecoder, ChunkedStep, ResponseBody};
-use crate::net::Writev;
 use crate::protocol::anpx::binmeta::{self, Builder};
 use crate::protocol::anpx::{string_to_latin1, RequestMeta};
 
@@ -50,9 +49,7 @@ pub enum UpstreamError {
 /// A response read buffer with less room than this before a head is read
 /// is given [`READ_BUF`] (small responses use what is left of one).
 const READ_MIN: usize = 16 * 1024;
-/// A request body up to this size is copied into its head's write.
-const COALESCE_BODY: usize = 16 * 1024;
-/// One up to this size goes with its head in one `writev`, uncopied.
+/// A whole request body up to this size goes with its head in one write.
 const ONE_WRITE_BODY: usize = 256 * 1024;
 /// Room given for a head read: a 64 KiB response with its head fits in
 /// one read, so it leaves as chunk 0 and a short final chunk sent
@@ -435,30 +432,14 @@ impl Upstream {
         head: &mut Vec<u8>,
         body: &Bytes,
     ) -> Result<bool, Attempt> {
-        // A small body goes in the head's write: one send, and an app
-        // that answers on the head alone (many do once the body is in
-        // their buffer) has it already, so the exchange leaves no doubt
-        // and the connection is reused (with two writes a 1 KiB POST to
-        // such an app dialled anew every other request). The head comes
-        // back, without the body, for a retry.
-        if body.len() <= COALESCE_BODY {
-            let head_len = head.len();
-            head.extend_from_slice(body);
-            let (r, mut h) = conn.write_all(std::mem::take(head)).await;
-            h.truncate(head_len);
-            *head = h;
-            r.map_err(|_| Attempt::Stale)?;
-            return Ok(false);
-        }
-        // A larger one behind a copy of the head in one `writev` (the
-        // body, a refcounted slice of the tunnel frame, uncopied; on TLS
-        // that is two writes), the head kept for a retry.
+        // Head and body in one write (`net::write_joined`): an app that
+        // answers on the head alone (many do once the body is in their
+        // buffer) has the body already, so the exchange leaves no doubt and
+        // the connection is reused (with two writes a 1 KiB POST to such an
+        // app dialled anew every other request). The head comes back for a
+        // retry.
         if body.len() <= ONE_WRITE_BODY {
-            let mut w = Writev::take();
-            w.small().extend_from_slice(head);
-            w.body(body.clone());
-            let (r, w) = w.send(conn).await;
-            Writev::give(w);
+            let r = crate::net::write_joined(conn, head, body.clone(), b"").await;
             r.map_err(|_| Attempt::Stale)?;
             return Ok(false);
         }
