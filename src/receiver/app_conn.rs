@@ -284,6 +284,13 @@ mod tests {
         let t = TcpTarget::new(format!("localhost:{port}"));
         assert!(!t.addrs.borrow().is_empty(), "resolved when built");
         t.dial().await.expect("dials the resolved address");
+        // A dial does not look the name up: this one cannot resolve
+        // (`.invalid`, RFC 6761), yet its known address answers.
+        let cached = TcpTarget {
+            authority: "app.invalid:1".into(),
+            addrs: RefCell::new(vec![live.local_addr().unwrap()]),
+        };
+        cached.dial().await.expect("the known address, no lookup");
 
         let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let stale = gone.local_addr().unwrap();
