@@ -469,16 +469,7 @@ impl Waiter {
     /// Waits for the response head at most `d`. `None`: not yet, and the
     /// request is still in flight (`wait` may go on waiting).
     pub async fn wait_within(&mut self, d: Duration) -> Option<Result<RespHead, ProxyError>> {
-        let Some(rx) = self.rx.as_mut() else {
-            return Some(Err(ProxyError::TunnelClosed));
-        };
-        let r = match monoio::time::timeout(d, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(ProxyError::TunnelClosed),
-            Err(_) => return None,
-        };
-        self.rx = None;
-        Some(r)
+        monoio::time::timeout(d, self.head()).await.ok()
     }
 }
 
