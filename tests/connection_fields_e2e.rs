@@ -187,7 +187,8 @@ fn fields_a_plain_v1_gateway_relays_are_stripped_by_the_receiver() {
 /// kind of answer says it: a proxied one, the gateway's own refusal and
 /// `/health`. Each is followed by another request on the same connection,
 /// which is served. Without `keep-alive` asked, the answer says `close`
-/// and the connection ends.
+/// and the connection ends; so does a `/health` whose body goes unread
+/// (one place decides the field: `http::headers::Persist`).
 #[test]
 fn an_http10_client_that_asks_for_keep_alive_is_told_and_kept() {
     let s = common::Setup::new();
@@ -219,6 +220,19 @@ fn an_http10_client_that_asks_for_keep_alive_is_told_and_kept() {
         2,
         "both proxied requests reached the app"
     );
+
+    // A `/health` with a body it does not read ends the connection, and
+    // says so.
+    let mut h = Conn::connect(s.gw.addr);
+    h.write_raw(
+        b"GET /health HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc",
+        &["GET"],
+    )
+    .unwrap();
+    let r = h.read().unwrap();
+    assert_eq!(r.status, 200, "{}", r.summary());
+    assert_eq!(r.header("connection"), Some("close"), "{}", r.summary());
+    assert!(h.is_closed_by_peer(), "/health with an unread body: closed");
 
     c.write_raw(b"GET /alice/last HTTP/1.0\r\n\r\n", &["GET"])
         .unwrap();
