@@ -559,8 +559,21 @@ impl Upstream {
 
 /// Writes a streamed request body to the app as its pieces come: as they
 /// are with a Content-Length (`len`), else chunked. Whether the app wrote
-/// before it had the whole body (one non-blocking peek per piece).
+/// before it had the whole body (one non-blocking peek per piece); a
+/// failed write is looked at once more (`answered_first`).
 async fn send_streamed_body(
+    conn: &mut AppStream,
+    rx: local_sync::mpsc::unbounded::Rx<ReqEvent>,
+    len: Option<usize>,
+    credit: &mut dyn FnMut(usize),
+) -> Result<bool, UpstreamError> {
+    match write_streamed_body(conn, rx, len, credit).await {
+        Err(UpstreamError::Io(e)) => answered_first(conn, e),
+        r => r,
+    }
+}
+
+async fn write_streamed_body(
     conn: &mut AppStream,
     mut rx: local_sync::mpsc::unbounded::Rx<ReqEvent>,
     len: Option<usize>,
@@ -596,28 +609,20 @@ async fn send_streamed_body(
             http::write_chunk_header(&mut line, n);
             let (r, l) = conn.write_all(line).await;
             line = l;
-            if let Err(e) = r {
-                return answered_first(conn, e);
-            }
+            r?;
         }
         let (r, _) = conn.write_all(d).await;
-        if let Err(e) = r {
-            return answered_first(conn, e);
-        }
+        r?;
         if chunked {
             let (r, _) = conn.write_all(&b"\r\n"[..]).await;
-            if let Err(e) = r {
-                return answered_first(conn, e);
-            }
+            r?;
         }
         credit(n);
     }
     if chunked {
         early = early || pending(conn) != Pending::Nothing;
         let (r, _) = conn.write_all(http::LAST_CHUNK).await;
-        if let Err(e) = r {
-            return answered_first(conn, e);
-        }
+        r?;
     } else if len.is_some_and(|l| sent != l) {
         return Err(UpstreamError::BadRequest(
             "request body shorter than its Content-Length",
