@@ -470,7 +470,7 @@ impl Upstream {
         sink: &mut ResponseSink,
     ) -> Result<(), Attempt> {
         let failed = |e: UpstreamError| Attempt::Failed(e);
-        let reading = Reading::start(&self.reading);
+        let _reading = Reading::start(&self.reading);
         let mut buf = self.bufs.borrow_mut().pop_front().unwrap_or_default();
         if buf.capacity() - buf.len() < READ_MIN {
             let many = self.reading.get() > FULL_READS;
@@ -512,7 +512,6 @@ impl Upstream {
             buf.clear();
             bufs.push_back(buf);
         }
-        drop(reading);
         Ok(())
     }
 
