@@ -821,7 +821,11 @@ async fn handle_request(
     let path = target.split('?').next().unwrap_or_default();
     crate::fault::maybe_panic(path);
     let _counted = InFlight::start(&ctx.counters);
-    let work = async {
+    // Boxed: the call's state (~3 KiB, a timer's included) is placed on
+    // the heap once, here, instead of being part of the spawned future,
+    // which `monoio::spawn` copies twice per request (`Cell::new`: 1.5 %
+    // of the receiver in memcpy at 1 KiB).
+    let work = Box::pin(async {
         // Never more than max_concurrent upstream calls at once; excess waits.
         let _permit = ctx.permits.acquire().await;
         let mut credit = |n: usize| {
@@ -835,7 +839,7 @@ async fn handle_request(
             },
             None => call.await,
         }
-    };
+    });
     let result = monoio::select! {
         r = work => Some(r),
         _ = cancel => None,
