@@ -168,7 +168,7 @@ impl BodyReader {
             if buf.len() < need {
                 // Grow with the data, not with the claim: a client that
                 // announces 64 MiB and sends nothing costs 1 MiB at most.
-                buf.reserve((need - buf.len()).min(1 << 20));
+                crate::net::reserve_live(buf, (need - buf.len()).min(1 << 20));
             }
             while buf.len() < need {
                 read_paced(io, buf, &mut self.pace).await?;

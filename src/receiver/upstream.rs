@@ -232,7 +232,7 @@ enum Read {
 
 async fn read_more<S: AsyncReadRent>(io: &mut S, buf: &mut BytesMut) -> io::Result<Read> {
     if buf.capacity() - buf.len() < 8 * 1024 {
-        buf.reserve(64 * 1024);
+        crate::net::reserve_live(buf, 64 * 1024);
     }
     let b = std::mem::take(buf);
     let (res, b) = crate::net::read_append(io, b).await;
@@ -474,7 +474,7 @@ impl Upstream {
         let mut buf = self.bufs.borrow_mut().pop_front().unwrap_or_default();
         if buf.capacity() - buf.len() < READ_MIN {
             let many = self.reading.get() > FULL_READS;
-            buf.reserve(if many { READ_MIN } else { READ_BUF });
+            crate::net::reserve_live(&mut buf, if many { READ_MIN } else { READ_BUF });
         }
         let (resp, interim) = self.read_head(&mut conn, &mut buf, is_head).await?;
         let head_bytes = &buf[..resp.head_len];
@@ -677,7 +677,7 @@ const BODY_READ: usize = 256 * 1024;
 fn reserve_for(buf: &mut BytesMut, left: usize) {
     let want = left.clamp(8 * 1024, BODY_READ);
     if buf.capacity() - buf.len() < want {
-        buf.reserve(want);
+        crate::net::reserve_live(buf, want);
     }
 }
 

@@ -201,7 +201,8 @@ impl<R: AsyncReadRent + Readable> WsReader<R> {
             let room = self.buf.capacity() - self.buf.len();
             let needed = self.decoder.needed();
             if room < READ_CHUNK / 4 || room < needed {
-                self.buf.reserve(grow_by(self.buf.len(), needed));
+                let more = grow_by(self.buf.len(), needed);
+                crate::net::reserve_live(&mut self.buf, more);
             }
             let buf = std::mem::take(&mut self.buf);
             let (res, buf) = match self.idle {
