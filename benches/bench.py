@@ -554,6 +554,30 @@ admin_port = 0
 """
 
 
+def start_tolerant(procs, tmp, name, argv, conf, ready, notes=None):
+    """Starts `argv` (under `procs`) and waits for `ready`: (process,
+    match). With `notes` (a baseline): a build from before a key of the
+    bench's config existed refuses it (`unknown key`), so that line is
+    dropped from `conf` and the process started again, and `notes` says
+    which keys it ran without."""
+    while True:
+        proc = procs.start(name, argv, tmp)
+        try:
+            return proc, wait_for_line(proc, ready)
+        except RuntimeError as e:
+            key = re.search(r"unknown key `(\w+)`", str(e))
+            if notes is None or not key:
+                raise
+            with open(conf) as f:
+                lines = f.readlines()
+            kept = [line for line in lines if not re.match(rf"{key.group(1)}\s*=", line)]
+            if len(kept) == len(lines):
+                raise
+            with open(conf, "w") as f:
+                f.writelines(kept)
+            notes.append(f"{name}: started without `{key.group(1)}` (unknown to that build)")
+
+
 class Bench:
     def __init__(self, args, tmp):
         self.args = args
@@ -634,26 +658,7 @@ class Bench:
         return gw, rx, gw_port
 
     def start_tolerant(self, name, argv, conf, ready, baseline):
-        """Starts `argv` and waits for `ready`. A baseline built before a
-        key of the bench's config existed refuses it (`unknown key`): that
-        line is dropped from its config and it is started again, and the
-        run's notes say which keys the baseline ran without."""
-        while True:
-            proc = self.procs.start(name, argv, self.tmp)
-            try:
-                return proc, wait_for_line(proc, ready)
-            except RuntimeError as e:
-                key = re.search(r"unknown key `(\w+)`", str(e))
-                if not baseline or not key:
-                    raise
-                with open(conf) as f:
-                    lines = f.readlines()
-                kept = [line for line in lines if not re.match(rf"{key.group(1)}\s*=", line)]
-                if len(kept) == len(lines):
-                    raise
-                with open(conf, "w") as f:
-                    f.writelines(kept)
-                self.notes.append(f"{name}: started without `{key.group(1)}` (unknown to that build)")
+        return start_tolerant(self.procs, self.tmp, name, argv, conf, ready, self.notes if baseline else None)
 
     def prime_tunnels(self, rx, port, workers, path="/bytes/16"):
         """tunnels = 0: the receiver starts with one tunnel and the gateway

@@ -107,6 +107,7 @@ def main():
             workers=a.workers, nofile=65536, dir=tmp, app_port=app_port, port=px_port, app_b_port=app_port,
             access_log="off"), tmp, px_port)
         targets = {"nginx": (f"http://127.0.0.1:{px_port}", {"nginx": (px.pid, True)})}
+        notes = []  # keys a baseline ran without
         for name, binary in (("anp-proxy", a.bin), ("anp-base", a.baseline_bin)):
             if not binary:
                 continue
@@ -115,12 +116,14 @@ def main():
             with open(gw_conf, "w") as f:
                 f.write(bench.GATEWAY_CONF.format(workers=a.workers, token=bench.TOKEN, access_log="false",
                                                   log_dir="", limits=""))
-            gw = procs.start(f"gateway{sfx}", [binary, "gateway", "--config", gw_conf], tmp)
-            gw_port = int(bench.wait_for_line(gw, r"listening on http://127\.0\.0\.1:(\d+)").group(1))
+            base = notes if sfx else None
+            gw, m = bench.start_tolerant(procs, tmp, f"gateway{sfx}", [binary, "gateway", "--config", gw_conf],
+                                         gw_conf, r"listening on http://127\.0\.0\.1:(\d+)", base)
+            gw_port = int(m.group(1))
             with open(rx_conf, "w") as f:
                 f.write(bench.RECEIVER_CONF.format(gw_port=gw_port, app_port=app_port, token=bench.TOKEN))
-            rx = procs.start(f"receiver{sfx}", [binary, "receiver", "--config", rx_conf], tmp)
-            bench.wait_for_line(rx, r"tunnel \d+ connected")
+            rx, _ = bench.start_tolerant(procs, tmp, f"receiver{sfx}", [binary, "receiver", "--config", rx_conf],
+                                         rx_conf, r"tunnel \d+ connected", base)
             url = f"http://127.0.0.1:{gw_port}"
             # tunnels = 0: one per gateway worker once load asks for them.
             for _ in range(10):
@@ -148,8 +151,11 @@ def main():
                     bench.log(f"  [{bench.fmt_bytes(body)} round {rnd + 1}] {name:10} {rps:9.0f} rps  "
                               f"p99 {p99 or 0:8.0f}us  errors {errors}  cpu {r.get('cpu_us_per_request')}us/req ({by})")
         report = {"method": "wrk client, nginx static-file app, targets interleaved by round",
-                  "machine": bench.machine_info(a.workers), "runs": runs, "summary": summary(runs, targets, bodies)}
+                  "machine": bench.machine_info(a.workers), "runs": runs, "summary": summary(runs, targets, bodies),
+                  "notes": notes}
         print_summary(report["summary"])
+        for n in notes:
+            print(f"NOTE: {n}")
         os.makedirs(a.out, exist_ok=True)
         path = os.path.join(a.out, "wrk-nginx.json")
         with open(path, "w") as f:
