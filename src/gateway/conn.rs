@@ -68,6 +68,7 @@ pub async fn serve_conn<S>(
         busy: None,
         clock,
         hot_cancel: None,
+        rhythm: Rhythm::default(),
     };
     loop {
         // 1. The head.
@@ -123,6 +124,8 @@ struct Client<S> {
     /// `HOT_READ`: kept from one request to the next (no allocation per
     /// request), dropped when the connection goes idle (it holds none).
     hot_cancel: Option<monoio::io::Canceller>,
+    /// Whether the next wait for a head starts hot or cold.
+    rhythm: Rhythm,
 }
 
 impl<S> Client<S>
@@ -144,7 +147,13 @@ where
                 let ready = match self.hot_wait().await {
                     HotWait::Data => true,
                     HotWait::Over => false,
-                    HotWait::Cold(limit) => self.wait_first_byte(limit).await,
+                    HotWait::Cold(limit) => {
+                        let since = Instant::now();
+                        let ready = self.wait_first_byte(limit).await;
+                        self.rhythm.cold_ended(since.elapsed());
+                        ready
+                    }
+                    HotWait::Expired(limit) => self.wait_first_byte(limit).await,
                 };
                 if !ready {
                     return None;
@@ -189,10 +198,15 @@ where
     /// quiet for `HOT_READ` has the read cancelled (what it had read is
     /// kept: `Readable::cancelable_read_append`) and waits on without a
     /// buffer (`wait_first_byte`), so an idle keep-alive connection still
-    /// holds none. A connection that has sent nothing yet, or on TLS (a
-    /// read cannot be cut there), goes straight to `wait_first_byte`.
+    /// holds none. A connection that has sent nothing yet, on TLS (a
+    /// read cannot be cut there), or whose client paces its requests
+    /// further apart than `HOT_READ` ([`Rhythm`]) goes straight to
+    /// `wait_first_byte`.
     async fn hot_wait(&mut self) -> HotWait {
         let limit = self.clock.idle_limit();
+        if !self.rhythm.starts_hot() {
+            return HotWait::Cold(limit);
+        }
         // Buffers are held only from a connection's first request on
         // (`busy`). The last head's bytes went with its request: their
         // room, a pooled buffer's whole size, comes back without an
@@ -219,6 +233,7 @@ where
         let (res, buf) = match monoio::time::timeout(hot, read.as_mut()).await {
             Ok(done) => done,
             Err(_) => {
+                self.rhythm.hot_expired();
                 if let Some(c) = self.hot_cancel.take() {
                     drop(c.cancel());
                 }
@@ -233,7 +248,7 @@ where
                 HotWait::Data
             }
             Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => {
-                HotWait::Cold(limit.map(|l| l.saturating_sub(hot)))
+                HotWait::Expired(limit.map(|l| l.saturating_sub(hot)))
             }
             Err(_) => HotWait::Over,
         }
@@ -707,6 +722,37 @@ enum HotWait {
     Over,
     /// Wait on without a buffer, at most this long.
     Cold(Option<std::time::Duration>),
+    /// The same after a hot read that was cancelled (`HOT_READ` passed).
+    Expired(Option<std::time::Duration>),
+}
+
+/// Whether a keep-alive connection waits for its next head with a read
+/// posted (hot) or holding nothing (cold). A client that stayed quiet past
+/// [`HOT_READ`] paces its requests (one of thousands of connections, each
+/// asking now and then): its next hot read would be cancelled too, a recv,
+/// a timer and a cancel for nothing (at 2,048 closed-loop connections the
+/// cancels alone were 9 % of the gateway, the kernel searching its armed
+/// polls). Such a connection starts cold until a cold wait ends within
+/// `HOT_READ` again.
+#[derive(Debug, Default)]
+struct Rhythm {
+    quiet: bool,
+}
+
+impl Rhythm {
+    fn starts_hot(&self) -> bool {
+        !self.quiet
+    }
+
+    /// A hot read was cut after `HOT_READ`.
+    fn hot_expired(&mut self) {
+        self.quiet = true;
+    }
+
+    /// A wait that started cold ended after `waited`.
+    fn cold_ended(&mut self, waited: std::time::Duration) {
+        self.quiet = waited >= HOT_READ;
+    }
 }
 
 /// How long a request waits for its response head before its client is
@@ -816,6 +862,23 @@ pub(super) fn has_dot_segment(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client quiet past `HOT_READ` is waited for cold until it asks
+    /// again within `HOT_READ` of a cold wait's start; one that asks at
+    /// once stays hot.
+    #[test]
+    fn a_paced_client_is_waited_for_cold_until_it_asks_sooner() {
+        let mut r = Rhythm::default();
+        assert!(r.starts_hot(), "a connection starts hot");
+        r.hot_expired();
+        assert!(!r.starts_hot(), "after a cut hot read: cold");
+        r.cold_ended(HOT_READ * 10);
+        assert!(!r.starts_hot(), "still pacing: cold");
+        r.cold_ended(HOT_READ / 5);
+        assert!(r.starts_hot(), "asked within HOT_READ: hot again");
+        r.cold_ended(HOT_READ);
+        assert!(!r.starts_hot(), "HOT_READ itself is quiet");
+    }
 
     #[test]
     fn dot_segments() {
