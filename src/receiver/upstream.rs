@@ -440,8 +440,14 @@ impl Upstream {
         // retry.
         if body.len() <= ONE_WRITE_BODY {
             let r = crate::net::write_joined(conn, head, body.clone(), b"").await;
-            r.map_err(|_| Attempt::Stale)?;
-            return Ok(false);
+            return match r {
+                Ok(()) => Ok(false),
+                // An app that answered on the head and hung up unread can
+                // fail a write this large when its socket fills: its answer
+                // is relayed (`answered_first`), never replayed as if the
+                // connection had been stale. Nothing waiting: stale.
+                Err(e) => answered_first(conn, e).map_err(|_| Attempt::Stale),
+            };
         }
         // A very large one (whole messages from a plain v1 gateway) as a
         // second write, after a look for an early answer.
