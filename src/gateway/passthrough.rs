@@ -527,7 +527,7 @@ async fn client_to_app<R: AsyncReadRent>(
             let p = buf.split_to(buf.len().min(piece)).freeze();
             up.send(p, false).await.map_err(upload_failed)?;
         }
-        buf.reserve(piece);
+        crate::net::reserve_live(&mut buf, piece);
         let (r, b) = crate::net::read_append(&mut rd, buf).await;
         buf = b;
         match r {

@@ -180,7 +180,7 @@ async fn read_more<S: AsyncReadRent>(
     buf: &mut BytesMut,
 ) -> Result<bool, UpstreamError> {
     if buf.capacity() - buf.len() < 8 * 1024 {
-        buf.reserve(64 * 1024);
+        crate::net::reserve_live(buf, 64 * 1024);
     }
     let (r, b) = crate::net::read_append(conn, std::mem::take(buf)).await;
     *buf = b;
