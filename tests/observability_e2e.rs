@@ -481,3 +481,36 @@ fn access_and_main_logs_rotate_by_size_with_capped_backups() {
             .unwrap_or_else(|e| panic!("split or bad line in a backup ({e}): {l:?}"));
     }
 }
+
+/// A keep-alive client that paces its requests further apart than the
+/// gateway's 5 ms hot read has that read cut once; after that it is
+/// waited for without one (`conn.rs::Rhythm`), not cut again at every
+/// request. `anp_keepalive_reads_cut_total` counts the cuts. The pauses
+/// shape the traffic (each is far longer than 5 ms); nothing waits on
+/// them.
+#[test]
+fn a_pacing_keep_alive_client_has_its_head_read_cut_once_not_per_request() {
+    let app = App::start();
+    let (gw, admin) = Gateway::start_with_admin(&GatewayConfig::default());
+    let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 1);
+    rx.wait_connected(1);
+    let mut c = common::client::Conn::connect(gw.addr);
+    for i in 0..8 {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let r = c.request("GET", &format!("/alice/paced/{i}"), &[], b"");
+        assert_eq!(r.status, 200, "request {i}: {}", r.summary());
+    }
+    let cut = metrics(admin)
+        .get("anp_keepalive_reads_cut_total")
+        .copied()
+        .expect("anp_keepalive_reads_cut_total in /metrics");
+    // One cut (two if a loaded machine fired a timer late once); without
+    // the cold start it is one per pause, seven.
+    assert!(
+        (1.0..=2.0).contains(&cut),
+        "expected the hot read cut once for 7 pauses of 50 ms, got {cut}"
+    );
+    assert_eq!(app.requests_to("/alice/paced/").len(), 8);
+}

@@ -234,6 +234,7 @@ where
             Ok(done) => done,
             Err(_) => {
                 self.rhythm.hot_expired();
+                self.ctx.obs.metrics.hot_read_cut();
                 if let Some(c) = self.hot_cancel.take() {
                     drop(c.cancel());
                 }

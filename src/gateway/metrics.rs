@@ -78,6 +78,9 @@ pub struct CoreMetrics {
     /// since start, on this core.
     upgraded_open: Cell<u64>,
     upgraded_total: Cell<u64>,
+    /// Keep-alive reads for a next head cut after `HOT_READ`
+    /// (`conn.rs::Rhythm`).
+    hot_reads_cut: Cell<u64>,
 }
 
 impl Default for CoreMetrics {
@@ -93,6 +96,7 @@ impl Default for CoreMetrics {
             unrouted: RefCell::new([0; 5]),
             upgraded_open: Cell::new(0),
             upgraded_total: Cell::new(0),
+            hot_reads_cut: Cell::new(0),
         }
     }
 }
@@ -110,6 +114,12 @@ impl CoreMetrics {
     pub fn upgraded_opened(&self) {
         self.upgraded_open.set(self.upgraded_open.get() + 1);
         self.upgraded_total.set(self.upgraded_total.get() + 1);
+    }
+
+    /// A keep-alive read posted for the next head was cut: the client
+    /// was quiet for `HOT_READ`.
+    pub fn hot_read_cut(&self) {
+        self.hot_reads_cut.set(self.hot_reads_cut.get() + 1);
     }
 
     /// An upgraded stream ended.
@@ -202,6 +212,7 @@ impl CoreMetrics {
             admission: Default::default(),
             upgraded_open: self.upgraded_open.get(),
             upgraded_total: self.upgraded_total.get(),
+            hot_reads_cut: self.hot_reads_cut.get(),
         }
     }
 }
@@ -228,6 +239,7 @@ pub struct Snapshot {
     /// Upgraded streams open now, and opened since start.
     pub upgraded_open: u64,
     pub upgraded_total: u64,
+    pub hot_reads_cut: u64,
 }
 
 /// Admission totals over all cores.
@@ -299,6 +311,7 @@ pub struct Totals {
     pub admission: AdmissionTotals,
     pub upgraded_open: u64,
     pub upgraded_total: u64,
+    pub hot_reads_cut: u64,
 }
 
 impl Totals {
@@ -314,6 +327,7 @@ impl Totals {
             admission: AdmissionTotals::default(),
             upgraded_open: 0,
             upgraded_total: 0,
+            hot_reads_cut: 0,
         }
     }
 
@@ -331,6 +345,7 @@ impl Totals {
         self.admission.add(&s.admission);
         self.upgraded_open += s.upgraded_open;
         self.upgraded_total += s.upgraded_total;
+        self.hot_reads_cut += s.hot_reads_cut;
     }
 
     pub fn requests_total(&self) -> u64 {
@@ -462,6 +477,11 @@ pub fn render_prometheus(s: &mut String, t: &Totals, auth: &BTreeMap<&'static st
         s,
         "# HELP anp_upgraded_streams_total Upgraded (WebSocket pass-through) streams opened (101 written).\n# TYPE anp_upgraded_streams_total counter\nanp_upgraded_streams_total {}",
         t.upgraded_total
+    );
+    let _ = writeln!(
+        s,
+        "# HELP anp_keepalive_reads_cut_total Reads posted for a keep-alive connection's next request and cut after 5 ms without one; a client that paced its requests like that is then waited for without a read.\n# TYPE anp_keepalive_reads_cut_total counter\nanp_keepalive_reads_cut_total {}",
+        t.hot_reads_cut
     );
     t.admission.render(s);
     let _ = writeln!(
