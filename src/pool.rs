@@ -119,9 +119,12 @@ impl<T> FreeList<T> {
 }
 
 /// Frame heads (ANPX header and TLVs before and after a body that travels
-/// as its own buffer, [`crate::ws::conn::Outgoing::Parts`]): taken by the
-/// encoder, given back by the tunnel writer once the bytes are on their
-/// way. One free list per thread (a core's runtime): no locks.
+/// as its own buffer, [`crate::ws::conn::Outgoing::Parts`]) and whole
+/// small frames ([`crate::ws::conn::Outgoing::Binary`], from
+/// `anpx::encode_message_with`): taken by the encoder, given back by the
+/// tunnel writer once it has copied them into its batch (a large frame,
+/// sent as its own iovec, is not kept). One free list per thread (a
+/// core's runtime): no locks.
 pub mod frame_heads {
     use std::cell::RefCell;
 

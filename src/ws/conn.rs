@@ -378,6 +378,11 @@ fn encode_outgoing(batch: &mut BytesMut, masking: Masking, m: Outgoing) -> bool 
     if let Some(key) = mask {
         apply_mask(&mut batch[start..], key);
     }
+    // A frame copied into the batch: its buffer serves the next one
+    // (the encoders take theirs from this pool; large ones are dropped).
+    if let Outgoing::Binary(b) = m {
+        crate::pool::frame_heads::give(b);
+    }
     false
 }
 

@@ -237,7 +237,7 @@ pub fn encode_message_with(
 ) {
     let chunk_size = chunk_size.max(MIN_CHUNK_SIZE);
     if frame_len(request_id, meta, body.len(), None) <= chunk_size {
-        let mut frame = BytesMut::new();
+        let mut frame = crate::pool::frame_heads::take();
         encode_frame_with(ty, request_id, meta, body, None, crc, &mut frame);
         emit(frame);
         return;
@@ -260,7 +260,7 @@ pub fn encode_message_with(
             final_chunk: idx + 1 == tot,
         };
         let meta = if idx == 0 { meta } else { None };
-        let mut frame = BytesMut::new();
+        let mut frame = crate::pool::frame_heads::take();
         encode_frame_with(ty, request_id, meta, slice, Some(chunk), crc, &mut frame);
         emit(frame);
     }
