@@ -52,6 +52,81 @@ impl Default for Limits {
     }
 }
 
+/// The field lines of a parsed head, in order. Its storage comes from a
+/// free list of the thread (a core's runtime) and goes back to it when
+/// the head is dropped: parsing a head allocates nothing once the list
+/// has vectors (issue 11: one allocation per request on each side).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HeaderList(Vec<HeaderPos>);
+
+thread_local! {
+    static HEADER_LISTS: crate::pool::FreeList<Vec<HeaderPos>> =
+        const { crate::pool::FreeList::new(HEADER_LISTS_KEEP) };
+}
+
+/// Lists kept per thread: about the requests a core has in flight at once
+/// whose heads are alive together.
+const HEADER_LISTS_KEEP: usize = 1024;
+/// A list grown past this (a head with that many fields) is not kept.
+const HEADER_LIST_KEEP_MAX: usize = 64;
+
+impl HeaderList {
+    /// An empty list with room for `n` fields.
+    pub fn with_capacity(n: usize) -> Self {
+        let mut v = HEADER_LISTS.with(|l| l.take()).unwrap_or_default();
+        v.reserve(n);
+        HeaderList(v)
+    }
+}
+
+impl Drop for HeaderList {
+    fn drop(&mut self) {
+        let mut v = std::mem::take(&mut self.0);
+        if v.capacity() == 0 || v.capacity() > HEADER_LIST_KEEP_MAX {
+            return;
+        }
+        v.clear();
+        // `try_with`: a head dropped while the thread's locals are torn
+        // down just frees its vector.
+        let _ = HEADER_LISTS.try_with(|l| l.give(v));
+    }
+}
+
+impl Clone for HeaderList {
+    fn clone(&self) -> Self {
+        let mut c = HeaderList::with_capacity(self.0.len());
+        c.0.extend_from_slice(&self.0);
+        c
+    }
+}
+
+impl From<Vec<HeaderPos>> for HeaderList {
+    fn from(v: Vec<HeaderPos>) -> Self {
+        HeaderList(v)
+    }
+}
+
+impl std::ops::Deref for HeaderList {
+    type Target = Vec<HeaderPos>;
+    fn deref(&self) -> &Vec<HeaderPos> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for HeaderList {
+    fn deref_mut(&mut self) -> &mut Vec<HeaderPos> {
+        &mut self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a HeaderList {
+    type Item = &'a HeaderPos;
+    type IntoIter = std::slice::Iter<'a, HeaderPos>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// Where one field line sits in the parsed buffer. The value is trimmed of
 /// leading and trailing whitespace (RFC 9112 §5.1).
 #[derive(Debug, Clone, PartialEq, Eq)]

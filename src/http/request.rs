@@ -18,7 +18,7 @@ use std::ops::Range;
 
 use super::framing::{is_valid_authority, span, tokeniser_error, Framing, STACK_HEADERS};
 use super::headers::{is_tchar, list_elements, token_list_contains};
-use super::{find_header, slice_str, HeadError, HeaderPos, Limits};
+use super::{find_header, slice_str, HeadError, HeaderList, HeaderPos, Limits};
 
 /// How the request body is delimited (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +62,7 @@ pub struct RequestHead {
     pub form: TargetForm,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version_minor: u8,
-    pub headers: Vec<HeaderPos>,
+    pub headers: HeaderList,
     pub body: BodyKind,
     /// Whether the connection may carry another request after this one
     /// (RFC 9112 §9.3).
@@ -175,7 +175,7 @@ pub fn parse_request_head(buf: &[u8], limits: &Limits) -> Result<Option<RequestH
     let method_range = span(head, method.as_bytes());
     let target_range = span(head, path.as_bytes());
 
-    let mut headers = Vec::with_capacity(req.headers.len());
+    let mut headers = HeaderList::with_capacity(req.headers.len());
     let mut framing = Framing::default();
     let mut host = None;
     let mut host_count = 0u32;
@@ -398,6 +398,29 @@ fn target_form(head: &[u8], method: &str, target: &str) -> Result<TargetForm, He
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A head's field list goes back to the thread's free list when the
+    /// head is dropped and serves the next head empty: the next request
+    /// sees its own fields only, in order.
+    #[test]
+    fn a_reused_field_list_holds_only_the_next_heads_fields() {
+        let l = Limits::default();
+        let big = b"GET /a HTTP/1.1\r\nHost: h\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n";
+        let small = b"GET /b HTTP/1.1\r\nHost: g\r\nZ: 9\r\n\r\n";
+        let first = parse_request_head(big, &l).unwrap().unwrap();
+        assert_eq!(first.headers.len(), 5);
+        let kept = first.clone();
+        drop(first);
+        for _ in 0..3 {
+            let h = parse_request_head(small, &l).unwrap().unwrap();
+            let names: Vec<_> = h.headers.iter().map(|p| p.name(small)).collect();
+            assert_eq!(names, ["Host", "Z"]);
+            assert_eq!(h.headers[1].value(small), b"9");
+        }
+        // A clone is a list of its own.
+        let names: Vec<_> = kept.headers.iter().map(|p| p.name(big)).collect();
+        assert_eq!(names, ["Host", "A", "B", "C", "D"]);
+    }
 
     #[test]
     fn path_query_from_each_form() {

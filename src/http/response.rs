@@ -15,7 +15,7 @@ use std::ops::Range;
 
 use super::framing::{span, tokeniser_error, Framing, STACK_HEADERS};
 use super::headers::list_elements;
-use super::{find_header, slice_str, HeadError, HeaderPos, Limits};
+use super::{find_header, slice_str, HeadError, HeaderList, HeaderPos, Limits};
 
 /// How the response body is delimited (RFC 9112 §6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +44,7 @@ pub struct ResponseHead {
     pub reason: Range<usize>,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version_minor: u8,
-    pub headers: Vec<HeaderPos>,
+    pub headers: HeaderList,
     pub body: ResponseBody,
     /// Whether the app connection can be reused after this response
     /// (RFC 9112 §9.3); false whenever the body runs until close or the
@@ -126,7 +126,7 @@ pub fn parse_response_head(
     }
     let head = &window[..head_len];
 
-    let mut headers = Vec::with_capacity(res.headers.len());
+    let mut headers = HeaderList::with_capacity(res.headers.len());
     let mut framing = Framing::default();
     let (mut conn_close, mut conn_keep_alive) = (false, false);
     for h in res.headers.iter() {
