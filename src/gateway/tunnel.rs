@@ -36,7 +36,7 @@ use crate::protocol::anpx::{
     self, binmeta, FrameType, Message, MetaRef, Reassembler, ResponseMeta,
 };
 use crate::protocol::features::Features;
-use crate::protocol::stream::{self, Incoming, StreamEncoder, Window, DEFAULT_WINDOW};
+use crate::protocol::stream::{self, Incoming, SharedWindow, StreamEncoder, DEFAULT_WINDOW};
 use crate::tunnel::demux::{Decision, Demux, Opener};
 use crate::tunnel::engine::{self, Ended, FrameSink};
 use crate::ws::conn::{OutTx, Outgoing};
@@ -72,7 +72,7 @@ struct Entry {
     /// While a streamed body is delivered.
     body: Option<unbounded::Tx<BodyEvent>>,
     /// Upload window: credit the receiver returned for the request body.
-    upload: Rc<Window>,
+    upload: SharedWindow,
     /// An upgraded stream (`gateway/passthrough.rs`) whose client-to-app
     /// direction is still open: the entry outlives the response's last
     /// chunk (a half-close) so the upload's credit still finds it.
@@ -104,7 +104,7 @@ pub struct Uploader {
     id: u64,
     rid: [u8; 16],
     enc: StreamEncoder,
-    window: Rc<Window>,
+    window: SharedWindow,
     wait: Duration,
     done: bool,
     /// An upgraded stream's upload: its last piece may end the entry.
@@ -119,7 +119,7 @@ pub struct Waiter {
 }
 
 impl Tunnel {
-    fn admit(&self, ctx: &CoreCtx) -> Result<(u64, HeadRx, Rc<Window>), ProxyError> {
+    fn admit(&self, ctx: &CoreCtx) -> Result<(u64, HeadRx, SharedWindow), ProxyError> {
         if self.closed.get() {
             return Err(ProxyError::TunnelClosed);
         }
@@ -130,7 +130,7 @@ impl Tunnel {
         let id = ctx.next_request_id();
         self.carried.set(self.carried.get().saturating_add(1));
         let (tx, rx) = oneshot::channel();
-        let upload = Rc::new(Window::new(DEFAULT_WINDOW));
+        let upload = SharedWindow::new(DEFAULT_WINDOW);
         self.inflight.borrow_mut().expect(
             id,
             Entry {

@@ -2,6 +2,12 @@
 //! of a u64 (the issuing core's index in the top bits). Peers may use any
 //! UTF-8 id; these are ours (docs/ARCHITECTURE.md, "Wire details").
 
+/// A `request_id` held by a receiver (any peer's id) or read off a frame:
+/// inline up to 24 bytes, so ours (16) and most peers' cost no allocation
+/// per request; longer ones (the reference's 36-byte UUIDs) live on the
+/// heap as a `String` would.
+pub type RequestId = compact_str::CompactString;
+
 /// `request_id` on the wire: 16 lowercase hex digits of a u64 (core index
 /// in the top bits). Formatted on the stack: no allocation per request.
 pub fn format_request_id(id: u64, buf: &mut [u8; 16]) -> &str {

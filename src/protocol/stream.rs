@@ -14,6 +14,7 @@
 use bytes::{Bytes, BytesMut};
 
 use super::anpx::{self, BodyCrc, ChunkInfo, DecodeError, FrameType, MetaRef};
+pub use super::request_id::RequestId;
 
 /// Body bytes a sender may have in flight per request before credit.
 pub const DEFAULT_WINDOW: usize = 256 * 1024;
@@ -146,26 +147,29 @@ impl StreamEncoder {
 pub enum Incoming {
     /// An unchunked message: meta and whole body.
     Whole {
-        request_id: String,
+        request_id: RequestId,
         meta: Bytes,
         body: Bytes,
     },
     /// Chunk 0 of a streamed message.
     Start {
-        request_id: String,
+        request_id: RequestId,
         meta: Bytes,
         body: Bytes,
         last: bool,
     },
     /// A later chunk.
     More {
-        request_id: String,
+        request_id: RequestId,
         idx: u32,
         body: Bytes,
         last: bool,
     },
     /// An error frame (under `cancel`, from the gateway: client went away).
-    Error { request_id: String, message: String },
+    Error {
+        request_id: RequestId,
+        message: String,
+    },
 }
 
 impl Incoming {
@@ -197,10 +201,8 @@ pub enum StreamError {
 /// is taken as "not computed" (`nocrc`).
 pub fn classify(msg: &Bytes, expect: FrameType, crc: BodyCrc) -> Result<Incoming, StreamError> {
     let f = anpx::decode_frame_with(msg, crc)?;
-    let request_id = f
-        .request_id
-        .ok_or(StreamError::MissingRequestId)?
-        .to_owned();
+    // Inline (no allocation) for ids of up to 24 bytes, as ours are.
+    let request_id = RequestId::from(f.request_id.ok_or(StreamError::MissingRequestId)?);
     let slice = |s: Option<&[u8]>| s.map(|s| msg.slice_ref(s)).unwrap_or_default();
     if f.ty == FrameType::Error {
         let message = String::from_utf8_lossy(f.body.unwrap_or_default()).into_owned();
@@ -218,7 +220,7 @@ pub fn classify(msg: &Bytes, expect: FrameType, crc: BodyCrc) -> Result<Incoming
     };
     let body = slice(f.body);
     if !f.chunked {
-        let meta = meta.ok_or_else(|| StreamError::MissingMeta(request_id.clone()))?;
+        let meta = meta.ok_or_else(|| StreamError::MissingMeta(request_id.to_string()))?;
         return Ok(Incoming::Whole {
             request_id,
             meta: msg.slice_ref(meta),
@@ -227,7 +229,7 @@ pub fn classify(msg: &Bytes, expect: FrameType, crc: BodyCrc) -> Result<Incoming
     }
     let idx = f.chunk_idx.unwrap_or(0);
     if idx == 0 {
-        let meta = meta.ok_or_else(|| StreamError::MissingMeta(request_id.clone()))?;
+        let meta = meta.ok_or_else(|| StreamError::MissingMeta(request_id.to_string()))?;
         return Ok(Incoming::Start {
             request_id,
             meta: msg.slice_ref(meta),
@@ -429,6 +431,55 @@ impl Window {
     }
 }
 
+/// A request's [`Window`], shared by the tunnel's entry for the request
+/// and the task that sends under it. Its allocation comes from a free
+/// list of the thread (a core's runtime) and goes back to it when the last
+/// holder drops it: a request costs no allocation for its window (issue
+/// 11).
+#[derive(Debug, Clone)]
+pub struct SharedWindow(std::rc::Rc<Window>);
+
+thread_local! {
+    static WINDOWS: crate::pool::FreeList<std::rc::Rc<Window>> =
+        const { crate::pool::FreeList::new(WINDOWS_KEEP) };
+}
+
+/// Windows kept per thread (about the requests a core has in flight).
+const WINDOWS_KEEP: usize = 1024;
+
+impl SharedWindow {
+    pub fn new(bytes: usize) -> Self {
+        if let Some(mut rc) = WINDOWS.with(|l| l.take()) {
+            // Only the list held it: no other owner to see the reset.
+            if let Some(w) = std::rc::Rc::get_mut(&mut rc) {
+                *w = Window::new(bytes);
+                return SharedWindow(rc);
+            }
+        }
+        SharedWindow(std::rc::Rc::new(Window::new(bytes)))
+    }
+}
+
+impl std::ops::Deref for SharedWindow {
+    type Target = Window;
+    fn deref(&self) -> &Window {
+        &self.0
+    }
+}
+
+impl Drop for SharedWindow {
+    fn drop(&mut self) {
+        if std::rc::Rc::strong_count(&self.0) != 1 || std::rc::Rc::weak_count(&self.0) != 0 {
+            return;
+        }
+        // The last holder: a waiting task's waker is not kept alive by the
+        // list (taken out before it is dropped: crate::sync).
+        let waker = self.0.waker.borrow_mut().take();
+        drop(waker);
+        let _ = WINDOWS.try_with(|l| l.give(self.0.clone()));
+    }
+}
+
 #[cfg(test)]
 mod window_tests {
     use super::*;
@@ -449,5 +500,33 @@ mod window_tests {
         let t = monoio::spawn(async move { w3.take(1).await });
         w.close();
         assert_eq!(t.await, Err(WindowClosed));
+    }
+
+    /// A window comes from the thread's free list only once no holder is
+    /// left, and starts as a new one: open, full, nobody waiting.
+    #[monoio::test(timer_enabled = true)]
+    async fn a_shared_window_is_reused_only_when_its_last_holder_is_gone() {
+        let a = SharedWindow::new(10);
+        let held = a.clone();
+        a.take(7).await.unwrap();
+        drop(a);
+        // Still held: a new window is another one.
+        let b = SharedWindow::new(10);
+        b.close();
+        assert_eq!(held.take_now(100), 3);
+        held.add(1);
+        assert_eq!(held.take(1).await, Ok(()));
+        drop(held);
+        drop(b);
+        // Both came back (closed, drained); reused, they start afresh.
+        for _ in 0..2 {
+            let w = SharedWindow::new(10);
+            assert_eq!(w.take(10).await, Ok(()));
+            let w2 = w.clone();
+            let t = monoio::spawn(async move { w2.take(4).await });
+            w.add(4);
+            assert_eq!(t.await, Ok(()));
+            w.close();
+        }
     }
 }

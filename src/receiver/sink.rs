@@ -3,21 +3,19 @@
 //! then body pieces within the per-request credit window), or to a plain
 //! v1 gateway as one whole message (buffered up to `max_body_size`).
 
-use std::rc::Rc;
-
 use bytes::{Bytes, BytesMut};
 
 use super::upstream::UpstreamError;
 use crate::protocol::anpx::{self, binmeta, FrameType, MetaRef};
 use crate::protocol::features::Features;
-use crate::protocol::stream::{self, StreamEncoder, Window};
+use crate::protocol::stream::{self, RequestId, SharedWindow, StreamEncoder};
 use crate::ws::conn::{OutTx, Outgoing};
 
 pub struct ResponseSink {
     out: OutTx,
-    request_id: String,
+    request_id: RequestId,
     features: Features,
-    window: Rc<Window>,
+    window: SharedWindow,
     chunk_size: usize,
     max_body: usize,
     enc: StreamEncoder,
@@ -30,9 +28,9 @@ pub struct ResponseSink {
 impl ResponseSink {
     pub fn new(
         out: OutTx,
-        request_id: String,
+        request_id: RequestId,
         features: Features,
-        window: Rc<Window>,
+        window: SharedWindow,
         chunk_size: usize,
         max_body: usize,
     ) -> Self {
@@ -262,7 +260,7 @@ mod tests {
             binmeta: true,
             ..Features::default()
         };
-        let window = Rc::new(Window::new(DEFAULT_WINDOW));
+        let window = SharedWindow::new(DEFAULT_WINDOW);
         ResponseSink::new(out, "0000000000000001".into(), f, window, 65536, 1 << 20)
     }
 

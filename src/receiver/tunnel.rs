@@ -30,7 +30,7 @@ use crate::auth::didwba::{self, DidSigner};
 use crate::config::AuthScheme;
 use crate::protocol::anpx::{self, binmeta, FrameType, Message, Reassembler, RequestMeta};
 use crate::protocol::features::{Features, FEATURES_HEADER, INSTANCE_HEADER, TUNNELS_HEADER};
-use crate::protocol::stream::{self, Incoming, Window, DEFAULT_WINDOW};
+use crate::protocol::stream::{self, Incoming, RequestId, SharedWindow, DEFAULT_WINDOW};
 use crate::tls::client::GatewayStream;
 use crate::tunnel::demux::{Decision, Demux, Opener};
 use crate::tunnel::engine::{self, Ended, FrameSink};
@@ -475,7 +475,7 @@ where
     // Dropping the entries cancels the upstream calls still running: their
     // responses have nowhere to go. Taken out first: no borrow is held
     // while their channels wake tasks.
-    let gone: Vec<(String, RxReq)> = reqs.borrow_mut().drain();
+    let gone: Vec<(RequestId, RxReq)> = reqs.borrow_mut().drain();
     drop(gone);
     closing.finish().await;
     ctx.drain.tunnel_ended();
@@ -579,7 +579,7 @@ impl ReceiverFrames {
                     &self.out,
                     &self.reqs,
                     self.features,
-                    request_id,
+                    RequestId::from(request_id),
                     meta,
                     ReqBody::Full(body),
                     None,
@@ -621,12 +621,12 @@ struct RxReq {
     /// Dropped or fired: the upstream call is abandoned.
     cancel: Option<local_sync::oneshot::Sender<()>>,
     /// Credit the gateway returned for the response body.
-    window: Rc<Window>,
+    window: SharedWindow,
 }
 
 /// The requests this tunnel serves, with where their request messages
 /// stand (`crate::tunnel::demux`; the gateway opens them).
-type Reqs = Rc<RefCell<Demux<String, RxReq>>>;
+type Reqs = Rc<RefCell<Demux<RequestId, RxReq>>>;
 
 impl ReceiverFrames {
     /// `stream` gateway: requests start at chunk 0; bodies follow. What a
@@ -696,7 +696,7 @@ impl ReceiverFrames {
 
     /// A new request: its upstream call starts now, with the body whole
     /// (`complete`) or fed piece by piece as it comes.
-    fn open(&mut self, key: String, complete: bool, meta: Bytes, body: Bytes) {
+    fn open(&mut self, key: RequestId, complete: bool, meta: Bytes, body: Bytes) {
         // Binary from our own gateways (`binmeta`), JSON from any other.
         let parsed = if binmeta::is_binary(&meta) {
             binmeta::Request::parse(meta).map_err(|e| e.to_string())
@@ -753,13 +753,13 @@ fn start_request(
     out: &OutTx,
     reqs: &Reqs,
     features: Features,
-    request_id: String,
+    request_id: RequestId,
     meta: binmeta::Request,
     body: ReqBody,
     body_tx: Option<local_sync::mpsc::unbounded::Tx<ReqEvent>>,
 ) {
     let (cancel_tx, cancel_rx) = local_sync::oneshot::channel();
-    let window = Rc::new(Window::new(DEFAULT_WINDOW));
+    let window = SharedWindow::new(DEFAULT_WINDOW);
     let complete = body_tx.is_none();
     reqs.borrow_mut().insert(
         request_id.clone(),
@@ -784,7 +784,7 @@ fn start_request(
         ReqBody::Stream(rx) if features.upgrade && passthrough::is_upgrade(&meta) => {
             let (ctx, out, reqs) = (ctx.clone(), out.clone(), reqs.clone());
             monoio::spawn(async move {
-                let rid = sink.request_id().to_owned();
+                let rid = RequestId::from(sink.request_id());
                 passthrough::serve(ctx, out, meta, rx, sink, cancel_rx).await;
                 let gone = reqs.borrow_mut().remove(&rid);
                 drop(gone);
@@ -815,7 +815,7 @@ async fn handle_request(
     mut sink: ResponseSink,
     cancel: local_sync::oneshot::Receiver<()>,
 ) {
-    let request_id = sink.request_id().to_owned();
+    let request_id = RequestId::from(sink.request_id());
     // The path without the query (it may carry secrets): for the log.
     let target = String::from_utf8_lossy(meta.target());
     let path = target.split('?').next().unwrap_or_default();

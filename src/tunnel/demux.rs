@@ -19,7 +19,7 @@ use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
 
-use crate::protocol::stream::Incoming;
+use crate::protocol::stream::{Incoming, RequestId};
 
 /// How a role names its requests in the table.
 pub trait RequestKey: Clone + Eq + Hash + Ord {
@@ -27,25 +27,25 @@ pub trait RequestKey: Clone + Eq + Hash + Ord {
     /// A key that is the id itself takes the frame's string (no copy per
     /// frame); [`give_back`](Self::give_back) returns it when no decision
     /// keeps it.
-    fn take(request_id: &mut String) -> Option<Self>;
+    fn take(request_id: &mut RequestId) -> Option<Self>;
 
-    fn give_back(self, _request_id: &mut String) {}
+    fn give_back(self, _request_id: &mut RequestId) {}
 }
 
 /// The gateway's ids: 16 lowercase hex digits of a u64 it issued.
 impl RequestKey for u64 {
-    fn take(s: &mut String) -> Option<Self> {
+    fn take(s: &mut RequestId) -> Option<Self> {
         crate::protocol::request_id::parse_request_id(s)
     }
 }
 
 /// The receiver's: any id the gateway chose.
-impl RequestKey for String {
-    fn take(s: &mut String) -> Option<Self> {
+impl RequestKey for RequestId {
+    fn take(s: &mut RequestId) -> Option<Self> {
         Some(std::mem::take(s))
     }
 
-    fn give_back(self, s: &mut String) {
+    fn give_back(self, s: &mut RequestId) {
         *s = self;
     }
 }
@@ -244,7 +244,7 @@ impl<K: RequestKey, V> Demux<K, V> {
         }
     }
 
-    fn head(&mut self, request_id: &mut String, complete: bool, len: usize) -> Decision<K> {
+    fn head(&mut self, request_id: &mut RequestId, complete: bool, len: usize) -> Decision<K> {
         let unknown = Decision::Refuse {
             why: Refusal::UnknownRequest,
             fail: None,
@@ -294,7 +294,13 @@ impl<K: RequestKey, V> Demux<K, V> {
         }
     }
 
-    fn more(&mut self, request_id: &mut String, idx: u32, len: usize, last: bool) -> Decision<K> {
+    fn more(
+        &mut self,
+        request_id: &mut RequestId,
+        idx: u32,
+        len: usize,
+        last: bool,
+    ) -> Decision<K> {
         let Some(key) = K::take(request_id) else {
             return Decision::Refuse {
                 why: Refusal::UnknownRequest,
@@ -349,7 +355,7 @@ mod tests {
 
     fn start(id: u64, last: bool) -> Incoming {
         Incoming::Start {
-            request_id: format!("{id:016x}"),
+            request_id: format!("{id:016x}").into(),
             meta: Bytes::new(),
             body: Bytes::from_static(b"ab"),
             last,
@@ -358,7 +364,7 @@ mod tests {
 
     fn more(id: u64, idx: u32, last: bool) -> Incoming {
         Incoming::More {
-            request_id: format!("{id:016x}"),
+            request_id: format!("{id:016x}").into(),
             idx,
             body: Bytes::from_static(b"cd"),
             last,
@@ -488,8 +494,8 @@ mod tests {
 
     #[test]
     fn the_peer_opens_requests_on_the_receiver() {
-        let mut d: Demux<String, ()> = Demux::new(Opener::Peer, usize::MAX);
-        let key = format!("{:016x}", 3);
+        let mut d: Demux<RequestId, ()> = Demux::new(Opener::Peer, usize::MAX);
+        let key = RequestId::from(format!("{:016x}", 3));
         assert_eq!(
             d.decide(&mut start(3, false)),
             Decision::Open {
@@ -532,14 +538,14 @@ mod tests {
         let rid = |k: u8| format!("{:016x}", k);
         match *f {
             Frame::Whole(k) => Incoming::Whole {
-                request_id: rid(k),
+                request_id: rid(k).into(),
                 meta: Bytes::new(),
                 body: Bytes::new(),
             },
             Frame::Start(k, last) => start(k as u64, last),
             Frame::More(k, idx, last) => more(k as u64, idx, last),
             Frame::Error(k) => Incoming::Error {
-                request_id: rid(k),
+                request_id: rid(k).into(),
                 message: "x".into(),
             },
         }
