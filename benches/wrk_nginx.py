@@ -136,7 +136,9 @@ def main():
         runs = []
         for body in bodies:
             for rnd in range(a.rounds):
-                for name, (url, who) in targets.items():
+                # Reversed every other round (bench.alternate: position bias).
+                for name in bench.alternate(targets, rnd):
+                    url, who = targets[name]
                     n, _, _, _, errors = wrk(f"{url}/{body}", a.conns, 1, a.threads)  # warm-up
                     if errors >= n:
                         sys.exit(f"{name}: every request of the warm-up failed ({url}/{body})")
