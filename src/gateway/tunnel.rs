@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use local_sync::mpsc::unbounded;
-use local_sync::oneshot;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Splitable};
 
 use super::core::{CoreCtx, ProxyRequest, ProxyResponse, ProxyResult};
@@ -63,8 +62,7 @@ pub enum BodyEvent {
     Failed(ProxyError),
 }
 
-type HeadTx = oneshot::Sender<Result<RespHead, ProxyError>>;
-type HeadRx = oneshot::Receiver<Result<RespHead, ProxyError>>;
+use super::handoff::{HeadRx, HeadTx};
 
 struct Entry {
     /// Until the head is delivered.
@@ -129,7 +127,7 @@ impl Tunnel {
         }
         let id = ctx.next_request_id();
         self.carried.set(self.carried.get().saturating_add(1));
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = super::handoff::channel();
         let upload = SharedWindow::new(DEFAULT_WINDOW);
         self.inflight.borrow_mut().expect(
             id,
@@ -678,7 +676,7 @@ fn deliver_head(
     };
     drop(map);
     drop(gone);
-    let _ = tx.send(result);
+    tx.send(result);
     Delivery::Delivered
 }
 
@@ -928,7 +926,7 @@ fn end_request(tunnel: &Tunnel, key: u64, err: ProxyError, tell_peer: Option<&st
     };
     e.upload.close();
     if let Some(tx) = e.head.take() {
-        let _ = tx.send(Err(err));
+        tx.send(Err(err));
     } else if let Some(tx) = e.body.take() {
         let _ = tx.send(BodyEvent::Failed(err));
     }
