@@ -369,11 +369,47 @@ mod tests {
 /// waits on it at a time. (A counter and a waker, cancel-safe: see
 /// `crate::sync` for why no `local_sync` semaphore is used; the waker is
 /// taken out of its cell before it is woken.)
+///
+/// It also carries the request's cancel latch ([`Window::cancel`],
+/// [`Window::cancelled`]): the receiver's request task stops when its
+/// entry leaves the tunnel's table, and the window is what the two share
+/// already (a oneshot for it cost an allocation per request).
 #[derive(Debug)]
 pub struct Window {
     avail: std::cell::Cell<usize>,
     closed: std::cell::Cell<bool>,
     waker: std::cell::RefCell<Option<std::task::Waker>>,
+    cancelled: std::cell::Cell<bool>,
+    cancel_waker: std::cell::RefCell<Option<std::task::Waker>>,
+}
+
+/// [`Window::cancelled`].
+pub struct Cancelled<'a> {
+    window: &'a Window,
+}
+
+impl std::future::Future for Cancelled<'_> {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.window.cancelled.get() {
+            return std::task::Poll::Ready(());
+        }
+        let old = self.window.cancel_waker.replace(Some(cx.waker().clone()));
+        // Dropped with no borrow held (crate::sync).
+        drop(old);
+        std::task::Poll::Pending
+    }
+}
+
+impl Drop for Cancelled<'_> {
+    fn drop(&mut self) {
+        let w = self.window.cancel_waker.take();
+        drop(w);
+    }
 }
 
 /// The window was closed: the request or its tunnel is gone.
@@ -386,7 +422,27 @@ impl Window {
             avail: std::cell::Cell::new(bytes),
             closed: std::cell::Cell::new(false),
             waker: std::cell::RefCell::new(None),
+            cancelled: std::cell::Cell::new(false),
+            cancel_waker: std::cell::RefCell::new(None),
         }
+    }
+
+    /// Raises the cancel latch and wakes whoever waits in [`cancelled`].
+    ///
+    /// [`cancelled`]: Window::cancelled
+    pub fn cancel(&self) {
+        self.cancelled.set(true);
+        let waker = self.cancel_waker.borrow_mut().take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Resolves once [`cancel`](Window::cancel) was called (at once if it
+    /// was already). One task waits at a time; a wait that is dropped
+    /// takes its waker out, so a later `cancel` wakes nobody.
+    pub fn cancelled(&self) -> Cancelled<'_> {
+        Cancelled { window: self }
     }
 
     /// Waits until `n` bytes of window are free and takes them.
@@ -400,7 +456,9 @@ impl Window {
                 self.avail.set(a - n);
                 return std::task::Poll::Ready(Ok(()));
             }
-            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            let old = self.waker.replace(Some(cx.waker().clone()));
+            // Dropped with no borrow held (crate::sync).
+            drop(old);
             std::task::Poll::Pending
         })
         .await
@@ -475,7 +533,8 @@ impl Drop for SharedWindow {
         // The last holder: a waiting task's waker is not kept alive by the
         // list (taken out before it is dropped: crate::sync).
         let waker = self.0.waker.borrow_mut().take();
-        drop(waker);
+        let cancel_waker = self.0.cancel_waker.borrow_mut().take();
+        drop((waker, cancel_waker));
         let _ = WINDOWS.try_with(|l| l.give(self.0.clone()));
     }
 }
@@ -527,6 +586,38 @@ mod window_tests {
             w.add(4);
             assert_eq!(t.await, Ok(()));
             w.close();
+            w.cancel();
         }
+        // Cancelled before: a reused window is not.
+        let w = SharedWindow::new(1);
+        let mut wait = std::pin::pin!(w.cancelled());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(std::future::Future::poll(wait.as_mut(), &mut cx).is_pending());
+    }
+
+    /// The cancel latch: a waiting task wakes when it is raised; a wait
+    /// dropped before takes its waker along; raised, it resolves at once.
+    #[monoio::test(timer_enabled = true)]
+    async fn the_cancel_latch_wakes_its_waiter_and_stays_raised() {
+        let w = SharedWindow::new(1);
+        {
+            let mut wait = std::pin::pin!(w.cancelled());
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(std::future::Future::poll(wait.as_mut(), &mut cx).is_pending());
+            assert!(w.cancel_waker.borrow().is_some());
+        }
+        assert!(
+            w.cancel_waker.borrow().is_none(),
+            "a dropped wait left its waker"
+        );
+        let w2 = w.clone();
+        let t = monoio::spawn(async move { w2.cancelled().await });
+        // Until the task waits (it has a waker in the latch).
+        while w.cancel_waker.borrow().is_none() {
+            monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        w.cancel();
+        t.await;
+        w.cancelled().await;
     }
 }

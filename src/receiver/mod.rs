@@ -14,6 +14,7 @@ pub(crate) mod sink;
 pub(crate) mod tunnel;
 pub(crate) mod upstream;
 pub(crate) mod url;
+pub(crate) mod workers;
 
 use std::io::Write as _;
 use std::rc::Rc;
@@ -222,6 +223,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
                 auth_scheme: r.auth_scheme,
                 upstream: Upstream::new(upstream, permits.max(1)),
                 permits: crate::sync::Permits::new(permits),
+                workers: workers::Workers::new(tunnel::WORKERS_IDLE_KEEP),
                 chunk_size: r.chunk_size,
                 engine: engine_config(&r),
                 max_inflight: r.max_inflight_per_tunnel,

@@ -54,7 +54,7 @@ pub async fn serve(
     meta: binmeta::Request,
     rx: Rx,
     mut sink: ResponseSink,
-    cancel: local_sync::oneshot::Receiver<()>,
+    cancel: crate::protocol::stream::SharedWindow,
 ) {
     let request_id = sink.request_id().to_owned();
     let _counted = super::InFlight::start(&ctx.counters);
@@ -65,7 +65,7 @@ pub async fn serve(
     };
     let result = monoio::select! {
         r = work => Some(r),
-        _ = cancel => None,
+        _ = cancel.cancelled() => None,
     };
     match result {
         Some(Ok(())) => {}

@@ -26,6 +26,7 @@ use super::fleet::{CoreGateway, FleetMsg};
 use super::sink::ResponseSink;
 use super::upstream::{ReqBody, ReqEvent, Upstream, UpstreamError};
 use super::url::Url;
+use super::workers::Workers;
 use crate::auth::didwba::{self, DidSigner};
 use crate::config::AuthScheme;
 use crate::protocol::anpx::{self, binmeta, FrameType, Message, Reassembler, RequestMeta};
@@ -72,6 +73,23 @@ pub struct CoreRx {
     pub drain: CoreDrain,
     /// This core's request counters (read by a scrape: `admin.rs`).
     pub counters: Counters,
+    /// The tasks that serve its requests (`workers.rs`).
+    pub workers: Workers<Job>,
+}
+
+/// Idle request workers a core keeps (`workers.rs`): about 4 KiB each.
+pub const WORKERS_IDLE_KEEP: usize = 64;
+
+/// A request for a worker: what [`handle_request`] needs.
+pub struct Job {
+    out: OutTx,
+    reqs: Reqs,
+    meta: binmeta::Request,
+    body: ReqBody,
+    sink: ResponseSink,
+    /// The request's window: its cancel latch is raised when the entry
+    /// leaves the table.
+    cancel: SharedWindow,
 }
 
 /// A core's request counters: plain cells, this core's alone.
@@ -618,10 +636,17 @@ impl ReceiverFrames {
 struct RxReq {
     /// Where streamed body pieces go, until the last one.
     body: Option<local_sync::mpsc::unbounded::Tx<ReqEvent>>,
-    /// Dropped or fired: the upstream call is abandoned.
-    cancel: Option<local_sync::oneshot::Sender<()>>,
-    /// Credit the gateway returned for the response body.
+    /// Credit the gateway returned for the response body; its cancel
+    /// latch is raised when the entry leaves the table (dropped: cancelled
+    /// by the gateway, refused, or the tunnel ended), which abandons the
+    /// upstream call.
     window: SharedWindow,
+}
+
+impl Drop for RxReq {
+    fn drop(&mut self) {
+        self.window.cancel();
+    }
 }
 
 /// The requests this tunnel serves, with where their request messages
@@ -665,13 +690,12 @@ impl ReceiverFrames {
             }
             (Decision::PeerError { key }, Incoming::Error { message, .. }) => {
                 // `cancel`: the client went away; abort the upstream call.
+                // Dropped outside the borrow: that cancels the call.
                 let gone = self.reqs.borrow_mut().remove(&key);
-                if let Some(mut r) = gone {
+                if gone.is_some() {
                     tracing::info!(tunnel = index, request_id = %key, %message, "request cancelled by the gateway");
-                    if let Some(c) = r.cancel.take() {
-                        let _ = c.send(());
-                    }
                 }
+                drop(gone);
             }
             (Decision::Refuse { fail, what, .. }, inc) => {
                 // The frame's id, or (taken by the demux) the failed one.
@@ -758,14 +782,13 @@ fn start_request(
     body: ReqBody,
     body_tx: Option<local_sync::mpsc::unbounded::Tx<ReqEvent>>,
 ) {
-    let (cancel_tx, cancel_rx) = local_sync::oneshot::channel();
     let window = SharedWindow::new(DEFAULT_WINDOW);
+    let cancel = window.clone();
     let complete = body_tx.is_none();
     reqs.borrow_mut().insert(
         request_id.clone(),
         RxReq {
             body: body_tx,
-            cancel: Some(cancel_tx),
             window: window.clone(),
         },
         complete,
@@ -785,7 +808,7 @@ fn start_request(
             let (ctx, out, reqs) = (ctx.clone(), out.clone(), reqs.clone());
             monoio::spawn(async move {
                 let rid = RequestId::from(sink.request_id());
-                passthrough::serve(ctx, out, meta, rx, sink, cancel_rx).await;
+                passthrough::serve(ctx, out, meta, rx, sink, cancel).await;
                 let gone = reqs.borrow_mut().remove(&rid);
                 drop(gone);
             });
@@ -793,39 +816,48 @@ fn start_request(
         }
         body => body,
     };
-    monoio::spawn(handle_request(
-        ctx.clone(),
-        out.clone(),
-        reqs.clone(),
+    let job = Job {
+        out: out.clone(),
+        reqs: reqs.clone(),
         meta,
         body,
         sink,
-        cancel_rx,
-    ));
+        cancel,
+    };
+    if ctx.workers.submit(job) {
+        monoio::spawn(worker(ctx.clone()));
+    }
+}
+
+/// Serves requests until enough workers are idle (`workers.rs`). The
+/// request's state lives in this task, which serves one after another:
+/// no task and no box per request.
+async fn worker(ctx: Rc<CoreRx>) {
+    while let Some(job) = ctx.workers.next().await {
+        handle_request(&ctx, job).await;
+    }
 }
 
 /// Calls the app for one request and sends the response (or an error
 /// frame) back on the tunnel.
-async fn handle_request(
-    ctx: Rc<CoreRx>,
-    out: OutTx,
-    reqs: Reqs,
-    meta: binmeta::Request,
-    body: ReqBody,
-    mut sink: ResponseSink,
-    cancel: local_sync::oneshot::Receiver<()>,
-) {
+async fn handle_request(ctx: &CoreRx, job: Job) {
+    let Job {
+        out,
+        reqs,
+        meta,
+        body,
+        mut sink,
+        cancel,
+    } = job;
     let request_id = RequestId::from(sink.request_id());
     // The path without the query (it may carry secrets): for the log.
     let target = String::from_utf8_lossy(meta.target());
     let path = target.split('?').next().unwrap_or_default();
     crate::fault::maybe_panic(path);
     let _counted = InFlight::start(&ctx.counters);
-    // Boxed: the call's state (~3 KiB, a timer's included) is placed on
-    // the heap once, here, instead of being part of the spawned future,
-    // which `monoio::spawn` copies twice per request (`Cell::new`: 1.5 %
-    // of the receiver in memcpy at 1 KiB).
-    let work = Box::pin(async {
+    // In the worker's own state: no spawn copies it (a spawned task per
+    // request copied its ~4 KiB twice, so it was boxed).
+    let work = std::pin::pin!(async {
         // Never more than max_concurrent upstream calls at once; excess waits.
         let _permit = ctx.permits.acquire().await;
         let mut credit = |n: usize| {
@@ -842,7 +874,7 @@ async fn handle_request(
     });
     let result = monoio::select! {
         r = work => Some(r),
-        _ = cancel => None,
+        _ = cancel.cancelled() => None,
     };
     match result {
         Some(Ok(())) => {}
@@ -851,7 +883,7 @@ async fn handle_request(
         }
         Some(Err(e)) => {
             tracing::warn!(%request_id, method = %String::from_utf8_lossy(meta.method()), path = %path, error = %e, "upstream call failed");
-            report_failure(&ctx, &out, &request_id, &e);
+            report_failure(ctx, &out, &request_id, &e);
         }
     }
     let gone = reqs.borrow_mut().remove(&request_id);
@@ -942,6 +974,7 @@ mod cancel_props {
             auth_scheme: AuthScheme::DidWba,
             upstream: Upstream::new(up, permits),
             permits: crate::sync::Permits::new(permits),
+            workers: Workers::new(WORKERS_IDLE_KEEP),
             chunk_size: 64 * 1024,
             engine: crate::tunnel::EngineConfig {
                 role: Role::Client,
