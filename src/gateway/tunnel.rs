@@ -24,7 +24,6 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use local_sync::mpsc::unbounded;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Splitable};
 
 use super::core::{CoreCtx, ProxyRequest, ProxyResponse, ProxyResult};
@@ -62,13 +61,13 @@ pub enum BodyEvent {
     Failed(ProxyError),
 }
 
-use super::handoff::{HeadRx, HeadTx};
+use super::handoff::{BodyRx, BodyTx, HeadRx, HeadTx};
 
 struct Entry {
     /// Until the head is delivered.
     head: Option<HeadTx>,
     /// While a streamed body is delivered.
-    body: Option<unbounded::Tx<BodyEvent>>,
+    body: Option<BodyTx>,
     /// Upload window: credit the receiver returned for the request body.
     upload: SharedWindow,
     /// An upgraded stream (`gateway/passthrough.rs`) whose client-to-app
@@ -382,7 +381,7 @@ impl Tunnel {
         for (_, e) in gone {
             e.upload.close();
             if let Some(tx) = e.body {
-                let _ = tx.send(BodyEvent::Failed(ProxyError::TunnelClosed));
+                tx.send(BodyEvent::Failed(ProxyError::TunnelClosed));
             }
         }
     }
@@ -473,7 +472,7 @@ impl Waiter {
 
 /// A streamed response body on its way to the client.
 pub struct BodyStream {
-    rx: unbounded::Rx<BodyEvent>,
+    rx: BodyRx,
     tunnel: Rc<Tunnel>,
     id: u64,
     consumed: usize,
@@ -802,10 +801,10 @@ fn on_stream_frame(tunnel: &Rc<Tunnel>, counts: &FrameRefusals, msg: Bytes) {
             if let Some(e) = map.get_mut(&key) {
                 if let Some(tx) = e.body.as_ref() {
                     if !body.is_empty() {
-                        let _ = tx.send(BodyEvent::Data(body));
+                        tx.send(BodyEvent::Data(body));
                     }
                     if last {
-                        let _ = tx.send(BodyEvent::End);
+                        tx.send(BodyEvent::End);
                     }
                 }
                 upload_open = e.upload_open;
@@ -899,9 +898,9 @@ fn stream_head(
     let body = if complete {
         RespBody::Full(body)
     } else {
-        let (tx, rx) = unbounded::channel();
+        let (tx, rx) = super::handoff::body_channel();
         if !body.is_empty() {
-            let _ = tx.send(BodyEvent::Data(body));
+            tx.send(BodyEvent::Data(body));
         }
         if let Some(e) = tunnel.inflight.borrow_mut().get_mut(&key) {
             e.body = Some(tx);
@@ -928,7 +927,7 @@ fn end_request(tunnel: &Tunnel, key: u64, err: ProxyError, tell_peer: Option<&st
     if let Some(tx) = e.head.take() {
         tx.send(Err(err));
     } else if let Some(tx) = e.body.take() {
-        let _ = tx.send(BodyEvent::Failed(err));
+        tx.send(BodyEvent::Failed(err));
     }
     if let Some(why) = tell_peer.filter(|_| tunnel.features.cancel && !tunnel.closed.get()) {
         let mut rid = [0u8; 16];
