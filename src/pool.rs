@@ -6,6 +6,8 @@
 //! buffers and write batches, one thread-local list each), so an idle
 //! tunnel holds none of them either.
 
+pub mod queue;
+
 use std::cell::RefCell;
 
 use bytes::BytesMut;

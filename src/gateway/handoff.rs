@@ -16,8 +16,6 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
-use std::collections::VecDeque;
-
 use super::error::ProxyError;
 use super::tunnel::{BodyEvent, RespHead};
 
@@ -150,151 +148,16 @@ impl Drop for HeadRx {
     }
 }
 
-/// A streamed body's queue, shared by its two halves.
-struct Queue {
-    events: RefCell<VecDeque<BodyEvent>>,
-    /// The sender was dropped: once the queue is empty, the body is over.
-    tx_gone: Cell<bool>,
-    /// The receiver was dropped: what is sent is dropped at once.
-    rx_gone: Cell<bool>,
-    waker: Cell<Option<Waker>>,
-}
+/// A streamed body's pieces: a pooled queue (`pool::queue`).
+pub type BodyTx = crate::pool::queue::Tx<BodyEvent>;
+pub type BodyRx = crate::pool::queue::Rx<BodyEvent>;
 
-/// A queue that grew past this many pieces (a client far slower than its
-/// receiver within the window) is not kept by the list.
-const QUEUE_KEEP_MAX: usize = 64;
-
-thread_local! {
-    static QUEUES: crate::pool::FreeList<Rc<Queue>> = const { crate::pool::FreeList::new(KEEP) };
-}
-
-impl Queue {
-    /// Drops what is queued, one piece at a time, outside the borrow.
-    fn clear(&self) {
-        loop {
-            let ev = self.events.borrow_mut().pop_front();
-            match ev {
-                Some(ev) => drop(ev),
-                None => break,
-            }
-        }
-    }
-}
+crate::pooled_queue_item!(BodyEvent);
 
 /// A new body channel: the sender for the request's entry, the receiver
 /// for the response's `BodyStream`.
 pub fn body_channel() -> (BodyTx, BodyRx) {
-    let fresh = || {
-        Rc::new(Queue {
-            events: RefCell::new(VecDeque::new()),
-            tx_gone: Cell::new(false),
-            rx_gone: Cell::new(false),
-            waker: Cell::new(None),
-        })
-    };
-    let q = match QUEUES.with(|f| f.take()) {
-        // Only the list held it; it was emptied and reset when it came back.
-        Some(q) if Rc::strong_count(&q) == 1 => q,
-        _ => fresh(),
-    };
-    (BodyTx(q.clone()), BodyRx(q))
-}
-
-/// Gives the queue back when `q` is its last holder, emptied and reset.
-fn recycle_queue(q: &Rc<Queue>) {
-    if Rc::strong_count(q) != 1 || Rc::weak_count(q) != 0 {
-        return;
-    }
-    q.clear();
-    let waker = q.waker.take();
-    drop(waker);
-    if q.events.borrow().capacity() > QUEUE_KEEP_MAX {
-        return;
-    }
-    q.tx_gone.set(false);
-    q.rx_gone.set(false);
-    let _ = QUEUES.try_with(|f| f.give(q.clone()));
-}
-
-/// The sending half of a streamed body, kept in the request's entry.
-/// Dropped, the receiver sees the end of the queue as the end (without
-/// `End`: a failure, as the receiver decides).
-pub struct BodyTx(Rc<Queue>);
-
-impl BodyTx {
-    /// Queues `ev` and wakes the receiver; dropped at once if the
-    /// receiver is gone.
-    pub fn send(&self, ev: BodyEvent) {
-        if self.0.rx_gone.get() {
-            drop(ev);
-            return;
-        }
-        self.0.events.borrow_mut().push_back(ev);
-        if let Some(w) = self.0.waker.take() {
-            w.wake();
-        }
-    }
-}
-
-impl Drop for BodyTx {
-    fn drop(&mut self) {
-        self.0.tx_gone.set(true);
-        if let Some(w) = self.0.waker.take() {
-            w.wake();
-        }
-        recycle_queue(&self.0);
-    }
-}
-
-/// The receiving half, in the response's `BodyStream`.
-pub struct BodyRx(Rc<Queue>);
-
-impl BodyRx {
-    /// The next piece; `None` once the sender is gone and the queue empty.
-    pub fn recv(&mut self) -> Recv<'_> {
-        Recv { q: &self.0 }
-    }
-}
-
-impl Drop for BodyRx {
-    fn drop(&mut self) {
-        self.0.rx_gone.set(true);
-        self.0.clear();
-        let w = self.0.waker.take();
-        drop(w);
-        recycle_queue(&self.0);
-    }
-}
-
-/// [`BodyRx::recv`]. Dropped while pending, it takes its waker out.
-pub struct Recv<'a> {
-    q: &'a Rc<Queue>,
-}
-
-impl Future for Recv<'_> {
-    type Output = Option<BodyEvent>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<BodyEvent>> {
-        let q = self.q;
-        let ev = q.events.borrow_mut().pop_front();
-        if ev.is_some() {
-            return Poll::Ready(ev);
-        }
-        if q.tx_gone.get() {
-            return Poll::Ready(None);
-        }
-        let old = q.waker.replace(Some(cx.waker().clone()));
-        // Dropped with no borrow held.
-        drop(old);
-        Poll::Pending
-    }
-}
-
-impl Drop for Recv<'_> {
-    fn drop(&mut self) {
-        let w = self.q.waker.take();
-        drop(w);
-    }
+    crate::pool::queue::channel()
 }
 
 #[cfg(test)]
@@ -376,62 +239,5 @@ mod tests {
         assert!(tx.0.value.borrow().is_none());
         drop((tx, rx));
         assert!(FREE.with(|f| f.len()) >= 1);
-    }
-
-    fn data(ev: Option<BodyEvent>) -> Option<Vec<u8>> {
-        match ev {
-            Some(BodyEvent::Data(b)) => Some(b.to_vec()),
-            Some(BodyEvent::End) => Some(b"END".to_vec()),
-            Some(BodyEvent::Failed(_)) => Some(b"FAILED".to_vec()),
-            None => None,
-        }
-    }
-
-    /// Pieces arrive in order whether sent before or while the receiver
-    /// waits; a sender dropped ends the body after what it queued; a
-    /// receiver dropped makes later sends vanish; a queue comes back empty
-    /// and reset, and is reused.
-    #[monoio::test(timer_enabled = true)]
-    async fn body_pieces_arrive_in_order_and_the_queue_comes_back_empty() {
-        for _ in 0..3 {
-            let (tx, mut rx) = body_channel();
-            tx.send(BodyEvent::Data(bytes::Bytes::from_static(b"a")));
-            tx.send(BodyEvent::Data(bytes::Bytes::from_static(b"b")));
-            assert_eq!(data(rx.recv().await), Some(b"a".to_vec()));
-            let t = monoio::spawn(async move {
-                let mut got = Vec::new();
-                while let Some(d) = data(rx.recv().await) {
-                    got.push(d);
-                }
-                got
-            });
-            while tx.0.waker.take().map(|w| tx.0.waker.set(Some(w))).is_none() {
-                monoio::time::sleep(std::time::Duration::from_millis(1)).await;
-            }
-            tx.send(BodyEvent::End);
-            drop(tx);
-            assert_eq!(t.await, [b"b".to_vec(), b"END".to_vec()]);
-
-            let (tx, rx) = body_channel();
-            assert!(tx.0.events.borrow().is_empty() && !tx.0.tx_gone.get());
-            tx.send(BodyEvent::Data(bytes::Bytes::from_static(b"x")));
-            drop(rx);
-            tx.send(BodyEvent::Data(bytes::Bytes::from_static(b"y")));
-            assert!(
-                tx.0.events.borrow().is_empty(),
-                "sent after the receiver left"
-            );
-            drop(tx);
-        }
-        assert!(QUEUES.with(|f| f.len()) >= 1);
-        // A waiter dropped takes its waker along.
-        let (tx, mut rx) = body_channel();
-        {
-            let mut r = rx.recv();
-            let mut cx = Context::from_waker(Waker::noop());
-            assert!(Pin::new(&mut r).poll(&mut cx).is_pending());
-        }
-        assert!(tx.0.waker.take().is_none());
-        drop((tx, rx));
     }
 }

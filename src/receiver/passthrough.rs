@@ -27,7 +27,7 @@ use crate::receiver::tunnel::CoreRx;
 use crate::receiver::upstream::{write_request_head, BodyLen, ReqEvent, UpstreamError};
 use crate::ws::conn::{OutTx, Outgoing};
 
-type Rx = local_sync::mpsc::unbounded::Rx<ReqEvent>;
+type Rx = crate::pool::queue::Rx<ReqEvent>;
 
 /// Limits on the app's response head (as for pooled calls).
 const LIMITS: http::Limits = http::Limits {

@@ -635,7 +635,7 @@ impl ReceiverFrames {
 /// A request this tunnel is serving.
 struct RxReq {
     /// Where streamed body pieces go, until the last one.
-    body: Option<local_sync::mpsc::unbounded::Tx<ReqEvent>>,
+    body: Option<crate::pool::queue::Tx<ReqEvent>>,
     /// Credit the gateway returned for the response body; its cancel
     /// latch is raised when the entry leaves the table (dropped: cancelled
     /// by the gateway, refused, or the tunnel ended), which abandons the
@@ -678,10 +678,10 @@ impl ReceiverFrames {
                 };
                 if let Some(tx) = r.body.as_ref() {
                     if !body.is_empty() {
-                        let _ = tx.send(ReqEvent::Data(body));
+                        tx.send(ReqEvent::Data(body));
                     }
                     if last {
-                        let _ = tx.send(ReqEvent::End);
+                        tx.send(ReqEvent::End);
                     }
                 }
                 if last {
@@ -742,9 +742,9 @@ impl ReceiverFrames {
         let (tx, body) = if complete {
             (None, ReqBody::Full(body))
         } else {
-            let (tx, rx) = local_sync::mpsc::unbounded::channel();
+            let (tx, rx) = crate::pool::queue::channel();
             if !body.is_empty() {
-                let _ = tx.send(ReqEvent::Data(body));
+                tx.send(ReqEvent::Data(body));
             }
             (Some(tx), ReqBody::Stream(rx))
         };
@@ -780,7 +780,7 @@ fn start_request(
     request_id: RequestId,
     meta: binmeta::Request,
     body: ReqBody,
-    body_tx: Option<local_sync::mpsc::unbounded::Tx<ReqEvent>>,
+    body_tx: Option<crate::pool::queue::Tx<ReqEvent>>,
 ) {
     let window = SharedWindow::new(DEFAULT_WINDOW);
     let cancel = window.clone();

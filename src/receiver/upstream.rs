@@ -376,7 +376,7 @@ impl Upstream {
     async fn call_streamed(
         &self,
         meta: &binmeta::Request,
-        rx: local_sync::mpsc::unbounded::Rx<ReqEvent>,
+        rx: crate::pool::queue::Rx<ReqEvent>,
         sink: &mut ResponseSink,
         credit: &mut dyn FnMut(usize),
     ) -> Result<(), UpstreamError> {
@@ -568,7 +568,7 @@ impl Upstream {
 /// failed write is looked at once more (`answered_first`).
 async fn send_streamed_body(
     conn: &mut AppStream,
-    rx: local_sync::mpsc::unbounded::Rx<ReqEvent>,
+    rx: crate::pool::queue::Rx<ReqEvent>,
     len: Option<usize>,
     credit: &mut dyn FnMut(usize),
 ) -> Result<bool, UpstreamError> {
@@ -580,7 +580,7 @@ async fn send_streamed_body(
 
 async fn write_streamed_body(
     conn: &mut AppStream,
-    mut rx: local_sync::mpsc::unbounded::Rx<ReqEvent>,
+    mut rx: crate::pool::queue::Rx<ReqEvent>,
     len: Option<usize>,
     credit: &mut dyn FnMut(usize),
 ) -> Result<bool, UpstreamError> {
@@ -802,13 +802,16 @@ fn pending(conn: &AppStream) -> Pending {
 /// A request body as the receiver gets it from the gateway.
 pub enum ReqBody {
     Full(Bytes),
-    Stream(local_sync::mpsc::unbounded::Rx<ReqEvent>),
+    Stream(crate::pool::queue::Rx<ReqEvent>),
 }
 
 pub enum ReqEvent {
     Data(Bytes),
     End,
 }
+
+// A streamed request body's pieces travel in a pooled queue (`pool::queue`).
+crate::pooled_queue_item!(ReqEvent);
 
 /// How the upstream request body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
