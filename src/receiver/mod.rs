@@ -214,29 +214,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         // max_concurrent split over cores; the sum is exactly the limit.
         let permits = r.max_concurrent / threads + usize::from(t < r.max_concurrent % threads);
         let h = crate::runtime::spawn_core(format!("anp-rx-{t}"), move || async move {
-            let ctx = Rc::new(CoreRx {
-                token: r.token.clone(),
-                instance,
-                offer,
-                cores,
-                did,
-                auth_scheme: r.auth_scheme,
-                upstream: Upstream::new(upstream, permits.max(1)),
-                permits: crate::sync::Permits::new(permits),
-                workers: workers::Workers::new(tunnel::WORKERS_IDLE_KEEP),
-                chunk_size: r.chunk_size,
-                engine: engine_config(&r),
-                max_inflight: r.max_inflight_per_tunnel,
-                connect_timeout: r.connect_timeout.or_zero(),
-                handshake_timeout: r.handshake_timeout.or_zero(),
-                upstream_timeout: secs(r.upstream_timeout),
-                max_body: r.max_body_size,
-                reconnect_max: secs(r.reconnect_max_delay)
-                    .unwrap_or(std::time::Duration::from_secs(30)),
-                shutdown_grace: r.shutdown_grace.or_zero(),
-                drain: CoreDrain::default(),
-                counters: Default::default(),
-            });
+            let ctx = Rc::new(core_rx(&r, instance, offer, cores, did, upstream, permits));
             monoio::spawn(drain::shut_down(ctx.clone(), order_rx, t));
             // Each gateway's slots start when the resolver finds it.
             fleet::run_core(ctx, fleet_rx, t, threads, slots).await;
@@ -266,6 +244,42 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         grace,
         r.tunnel_close_grace.or_zero(),
     )
+}
+
+/// One core's receiver state, from the `[receiver]` keys and what the
+/// start worked out: its share of `max_concurrent` (`permits`), the
+/// fleet's inboxes (`cores`), the identity it proves.
+fn core_rx(
+    r: &crate::config::ReceiverConfig,
+    instance: String,
+    offer: crate::protocol::features::Features,
+    cores: Vec<futures_channel::mpsc::UnboundedSender<fleet::FleetMsg>>,
+    did: Option<std::sync::Arc<crate::auth::didwba::DidSigner>>,
+    upstream: crate::receiver::app_conn::AppTarget,
+    permits: usize,
+) -> CoreRx {
+    CoreRx {
+        token: r.token.clone(),
+        instance,
+        offer,
+        cores,
+        did,
+        auth_scheme: r.auth_scheme,
+        upstream: Upstream::new(upstream, permits.max(1)),
+        permits: crate::sync::Permits::new(permits),
+        workers: workers::Workers::new(tunnel::WORKERS_IDLE_KEEP),
+        chunk_size: r.chunk_size,
+        engine: engine_config(r),
+        max_inflight: r.max_inflight_per_tunnel,
+        connect_timeout: r.connect_timeout.or_zero(),
+        handshake_timeout: r.handshake_timeout.or_zero(),
+        upstream_timeout: secs(r.upstream_timeout),
+        max_body: r.max_body_size,
+        reconnect_max: secs(r.reconnect_max_delay).unwrap_or(std::time::Duration::from_secs(30)),
+        shutdown_grace: r.shutdown_grace.or_zero(),
+        drain: CoreDrain::default(),
+        counters: Default::default(),
+    }
 }
 
 /// The admin listener (`/health`, `/metrics`), if it can listen: the
