@@ -148,6 +148,12 @@ pub mod frame_heads {
             .unwrap_or_else(|| BytesMut::with_capacity(SIZE))
     }
 
+    /// Buffers kept now (tests).
+    #[cfg(test)]
+    pub fn len() -> usize {
+        FREE.with(|f| f.borrow().len())
+    }
+
     /// Returns a head; large or surplus ones are dropped.
     pub fn give(mut b: BytesMut) {
         if b.capacity() > KEEP_MAX {

@@ -500,6 +500,8 @@ fn a_client_that_leaves_cancels_its_request_and_frees_its_place() {
     r.rx[0]
         .proc
         .wait_log(&["request cancelled by the gateway", "client went away"]);
+    // The receiver gave the call up: the app sees its connection close.
+    r.app.wait_abandoned("orphan");
     wait_until("the place is free", Duration::from_secs(10), || {
         metric(r.admin, "anp_identity_in_flight{identity=\"alice\"}") == 0
     });

@@ -11,7 +11,6 @@ pub(crate) mod conn_limits;
 pub(crate) mod core;
 pub(crate) mod error;
 pub(crate) mod forward;
-pub(crate) mod handoff;
 pub(crate) mod head;
 pub(crate) mod instances;
 pub(crate) mod metrics;

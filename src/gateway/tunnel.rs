@@ -61,7 +61,17 @@ pub enum BodyEvent {
     Failed(ProxyError),
 }
 
-use super::handoff::{BodyRx, BodyTx, HeadRx, HeadTx};
+/// The response's hand-over from the tunnel reader to the request that
+/// waits for it: the head, then a streamed body's pieces, each through a
+/// pooled queue (`pool::queue`: no allocation per request, where
+/// `local_sync`'s oneshot and channel took one and about two).
+type Head = Result<RespHead, ProxyError>;
+type HeadTx = crate::pool::queue::Tx<Head>;
+type HeadRx = crate::pool::queue::Rx<Head>;
+type BodyTx = crate::pool::queue::Tx<BodyEvent>;
+type BodyRx = crate::pool::queue::Rx<BodyEvent>;
+crate::pooled_queue_item!(Result<RespHead, ProxyError>);
+crate::pooled_queue_item!(BodyEvent);
 
 struct Entry {
     /// Until the head is delivered.
@@ -126,7 +136,7 @@ impl Tunnel {
         }
         let id = ctx.next_request_id();
         self.carried.set(self.carried.get().saturating_add(1));
-        let (tx, rx) = super::handoff::channel();
+        let (tx, rx) = crate::pool::queue::channel();
         let upload = SharedWindow::new(DEFAULT_WINDOW);
         self.inflight.borrow_mut().expect(
             id,
@@ -458,7 +468,7 @@ impl Waiter {
         let Some(rx) = self.rx.as_mut() else {
             return Err(ProxyError::TunnelClosed);
         };
-        let r = rx.await.unwrap_or(Err(ProxyError::TunnelClosed));
+        let r = rx.recv().await.unwrap_or(Err(ProxyError::TunnelClosed));
         self.rx = None;
         r
     }
@@ -898,7 +908,7 @@ fn stream_head(
     let body = if complete {
         RespBody::Full(body)
     } else {
-        let (tx, rx) = super::handoff::body_channel();
+        let (tx, rx) = crate::pool::queue::channel();
         if !body.is_empty() {
             tx.send(BodyEvent::Data(body));
         }

@@ -410,9 +410,12 @@ mod tests {
         let first = parse_request_head(big, &l).unwrap().unwrap();
         assert_eq!(first.headers.len(), 5);
         let kept = first.clone();
+        let storage = first.headers.as_ptr();
         drop(first);
         for _ in 0..3 {
             let h = parse_request_head(small, &l).unwrap().unwrap();
+            // The same vector, back from the list (no allocation).
+            assert_eq!(h.headers.as_ptr(), storage);
             let names: Vec<_> = h.headers.iter().map(|p| p.name(small)).collect();
             assert_eq!(names, ["Host", "Z"]);
             assert_eq!(h.headers[1].value(small), b"9");

@@ -2,8 +2,9 @@
 //! whose shared cell comes from a free list of the thread and goes back,
 //! emptied and with its room, when both halves are dropped: a streamed
 //! body's pieces cost no allocation per request (issue 11: `local_sync`'s
-//! unbounded channel took about two). The gateway's response bodies
-//! (`gateway/handoff.rs`) and the receiver's request bodies use it.
+//! unbounded channel took about two, its oneshot one). The gateway's
+//! response heads and bodies (`gateway/tunnel.rs`) and the receiver's
+//! request bodies use it.
 //!
 //! The rules of `crate::sync` hold: no borrow is held while a waker is
 //! woken or a value dropped, and a wait that is dropped takes its waker

@@ -571,6 +571,8 @@ mod window_tests {
         drop(a);
         // Still held: a new window is another one.
         let b = SharedWindow::new(10);
+        assert!(!std::rc::Rc::ptr_eq(&b.0, &held.0));
+        let (held_at, b_at) = (std::rc::Rc::as_ptr(&held.0), std::rc::Rc::as_ptr(&b.0));
         b.close();
         assert_eq!(held.take_now(100), 3);
         held.add(1);
@@ -578,8 +580,14 @@ mod window_tests {
         drop(held);
         drop(b);
         // Both came back (closed, drained); reused, they start afresh.
+        assert!(
+            WINDOWS.with(|l| l.len()) >= 2,
+            "both windows are in the list"
+        );
         for _ in 0..2 {
             let w = SharedWindow::new(10);
+            let at = std::rc::Rc::as_ptr(&w.0);
+            assert!(at == held_at || at == b_at, "a window from the list");
             assert_eq!(w.take(10).await, Ok(()));
             let w2 = w.clone();
             let t = monoio::spawn(async move { w2.take(4).await });

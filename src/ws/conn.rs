@@ -716,6 +716,49 @@ mod tests {
         }
     }
 
+    /// A small binary frame that a writer copies into its batch goes back
+    /// to the frame pool (`pool::frame_heads`), where the encoders take
+    /// theirs: a request's frame costs no allocation.
+    #[monoio::test_all(timer_enabled = true)]
+    async fn copied_frames_go_back_to_the_frame_pool() {
+        use crate::pool::frame_heads;
+        for vectored in [true, false] {
+            while frame_heads::len() > 0 {
+                drop(frame_heads::take());
+            }
+            let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let (tx, rx) = crate::ws::queue::channel();
+            for i in 0..8u8 {
+                let mut f = frame_heads::take();
+                f.extend_from_slice(&[i; 100]);
+                tx.send(Outgoing::Binary(f)).unwrap();
+            }
+            drop(tx);
+            let writer = monoio::spawn(async move {
+                let c = monoio::net::TcpStream::connect(addr).await.unwrap();
+                run_writer(c, rx, Masking::Unmasked, vectored)
+                    .await
+                    .unwrap();
+            });
+            let (s, _) = l.accept().await.unwrap();
+            let limits = Limits {
+                max_frame_payload: 1 << 20,
+                max_message: 1 << 20,
+                max_fragments: 16,
+            };
+            let mut r = WsReader::new(s, BytesMut::new(), Decoder::new(Role::Client, limits), None);
+            for i in 0..8u8 {
+                match r.next(true).await {
+                    Ok(Event::Binary(b)) => assert_eq!(&b[..], &[i; 100][..]),
+                    other => panic!("frame {i}: {other:?}"),
+                }
+            }
+            writer.await;
+            assert_eq!(frame_heads::len(), 8, "vectored {vectored}");
+        }
+    }
+
     /// `zeromask`: every frame has the MASK bit and the all-zero key, and
     /// the payload on the wire is the payload (a body large enough to go
     /// out as its own iovec included); with random masking it is not.

@@ -98,6 +98,8 @@ struct Shared {
     accepted: usize,
     arrived: HashSet<String>,
     released: HashSet<String>,
+    /// Held requests whose connection the peer closed before release.
+    abandoned: HashSet<String>,
     log: Vec<RecordedRequest>,
 }
 
@@ -235,13 +237,24 @@ impl App {
 
     /// Blocks until a request with `X-Test-Hold: name` has reached the app.
     pub fn wait_arrived(&self, name: &str) {
+        self.wait_for(name, "arrive", |g| g.arrived.contains(name));
+    }
+
+    /// Blocks until the held request `name` has had its connection closed
+    /// by the peer (the receiver gave the call up) before its release.
+    #[allow(dead_code)] // not every test binary uses it
+    pub fn wait_abandoned(&self, name: &str) {
+        self.wait_for(name, "be abandoned", |g| g.abandoned.contains(name));
+    }
+
+    fn wait_for(&self, name: &str, what: &str, done: impl Fn(&Shared) -> bool) {
         let deadline = Instant::now() + APP_WAIT;
         let mut g = self.state.shared.lock().unwrap();
-        while !g.arrived.contains(name) {
+        while !done(&g) {
             let now = Instant::now();
             assert!(
                 now < deadline,
-                "test app: expected held request {name:?} to arrive within {APP_WAIT:?}, it did not"
+                "test app: expected held request {name:?} to {what} within {APP_WAIT:?}, it did not"
             );
             g = self
                 .state
@@ -514,7 +527,12 @@ fn hold(st: &State, name: &str, conn: &impl Conn) -> bool {
     st.changed.notify_all();
     let deadline = Instant::now() + MAX_HOLD;
     while !g.released.contains(name) {
-        if Instant::now() >= deadline || conn.peer_closed() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        if conn.peer_closed() {
+            g.abandoned.insert(name.to_string());
+            st.changed.notify_all();
             return false;
         }
         // Wakes on release; the 100 ms bound is only there to look at the socket.

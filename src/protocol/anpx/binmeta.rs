@@ -462,6 +462,11 @@ mod tests {
             b.finish_request()
         };
         let kept: Vec<Request> = (0..50).map(build).collect();
+        // One buffer: each meta is written right after the one before.
+        for w in kept.windows(2) {
+            let end = w[0].as_bytes().as_ptr_range().end;
+            assert_eq!(w[1].as_bytes().as_ptr(), end, "metas share the arena");
+        }
         let mut live = std::collections::VecDeque::new();
         for round in 0..5000 {
             live.push_back((round, build(1000 + round)));
