@@ -661,6 +661,36 @@ mod tests {
         v
     }
 
+    /// A writer task on one end of a loopback connection (`masking`: the
+    /// role it writes in) and a reader of the other role on the other.
+    async fn writer_and_reader(
+        rx: OutRx,
+        masking: Masking,
+        vectored: bool,
+    ) -> (
+        monoio::task::JoinHandle<()>,
+        WsReader<monoio::net::TcpStream>,
+    ) {
+        let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let writer = monoio::spawn(async move {
+            let c = monoio::net::TcpStream::connect(addr).await.unwrap();
+            run_writer(c, rx, masking, vectored).await.unwrap();
+        });
+        let (s, _) = l.accept().await.unwrap();
+        let peer = match masking {
+            Masking::Unmasked => Role::Client,
+            Masking::Random | Masking::Zero => Role::Server,
+        };
+        let limits = Limits {
+            max_frame_payload: 1 << 20,
+            max_message: 1 << 20,
+            max_fragments: 16,
+        };
+        let r = WsReader::new(s, BytesMut::new(), Decoder::new(peer, limits), None);
+        (writer, r)
+    }
+
     /// Every message arrives whole and in order through both writers and
     /// both roles, over a real socket (partial writes included: ~12 MiB
     /// queued before the reader starts).
@@ -677,8 +707,6 @@ mod tests {
                 Masking::Unmasked => Role::Server,
                 _ => Role::Client,
             };
-            let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = l.local_addr().unwrap();
             let (tx, rx) = crate::ws::queue::channel();
             let mut expect = Vec::new();
             for _ in 0..4 {
@@ -688,21 +716,7 @@ mod tests {
                 }
             }
             drop(tx);
-            let writer = monoio::spawn(async move {
-                let c = monoio::net::TcpStream::connect(addr).await.unwrap();
-                run_writer(c, rx, masking, vectored).await.unwrap();
-            });
-            let (s, _) = l.accept().await.unwrap();
-            let peer = match role {
-                Role::Server => Role::Client,
-                Role::Client => Role::Server,
-            };
-            let limits = Limits {
-                max_frame_payload: 1 << 20,
-                max_message: 1 << 20,
-                max_fragments: 16,
-            };
-            let mut r = WsReader::new(s, BytesMut::new(), Decoder::new(peer, limits), None);
+            let (writer, mut r) = writer_and_reader(rx, masking, vectored).await;
             for (i, want) in expect.iter().enumerate() {
                 let got = r.next(i % 2 == 0).await.unwrap();
                 assert_eq!(
@@ -726,8 +740,6 @@ mod tests {
             while frame_heads::len() > 0 {
                 drop(frame_heads::take());
             }
-            let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = l.local_addr().unwrap();
             let (tx, rx) = crate::ws::queue::channel();
             for i in 0..8u8 {
                 let mut f = frame_heads::take();
@@ -735,19 +747,7 @@ mod tests {
                 tx.send(Outgoing::Binary(f)).unwrap();
             }
             drop(tx);
-            let writer = monoio::spawn(async move {
-                let c = monoio::net::TcpStream::connect(addr).await.unwrap();
-                run_writer(c, rx, Masking::Unmasked, vectored)
-                    .await
-                    .unwrap();
-            });
-            let (s, _) = l.accept().await.unwrap();
-            let limits = Limits {
-                max_frame_payload: 1 << 20,
-                max_message: 1 << 20,
-                max_fragments: 16,
-            };
-            let mut r = WsReader::new(s, BytesMut::new(), Decoder::new(Role::Client, limits), None);
+            let (writer, mut r) = writer_and_reader(rx, Masking::Unmasked, vectored).await;
             for i in 0..8u8 {
                 match r.next(true).await {
                     Ok(Event::Binary(b)) => assert_eq!(&b[..], &[i; 100][..]),
@@ -903,22 +903,8 @@ mod tests {
     #[monoio::test_all(timer_enabled = true)]
     async fn quiet_writer_gives_its_batch_back() {
         for vectored in [true, false] {
-            let l = monoio::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = l.local_addr().unwrap();
             let (tx, rx) = crate::ws::queue::channel();
-            let writer = monoio::spawn(async move {
-                let c = monoio::net::TcpStream::connect(addr).await.unwrap();
-                run_writer(c, rx, Masking::Unmasked, vectored)
-                    .await
-                    .unwrap();
-            });
-            let (s, _) = l.accept().await.unwrap();
-            let limits = Limits {
-                max_frame_payload: 1 << 20,
-                max_message: 1 << 20,
-                max_fragments: 16,
-            };
-            let mut r = WsReader::new(s, BytesMut::new(), Decoder::new(Role::Client, limits), None);
+            let (writer, mut r) = writer_and_reader(rx, Masking::Unmasked, vectored).await;
             let pooled = || {
                 if vectored {
                     GATHERS.with(|p| p.len())
