@@ -219,13 +219,18 @@ fn write_line(out: &mut Vec<u8>, e: &Entry<'_>, clock: &mut Clock) {
         }
         None => out.extend_from_slice(b"null"),
     }
+    // Milliseconds with three decimals from whole microseconds (rounded):
+    // integer formatting, where `{:.3}` of an f64 may take the slow exact
+    // path (`flt2dec::dragon`, seen in the gateway's profile).
+    let micros = (e.duration.as_nanos() + 500) / 1000;
     let _ = write!(
         out,
-        ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":{:.3}",
+        ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":{}.{:03}",
         e.status,
         e.bytes_in,
         e.bytes_out,
-        e.duration.as_secs_f64() * 1000.0
+        micros / 1000,
+        micros % 1000
     );
     out.extend_from_slice(b",\"error\":");
     opt_str(out, e.error.map(str::as_bytes));
@@ -245,6 +250,15 @@ fn opt_str(out: &mut Vec<u8>, v: Option<&[u8]>) {
 fn json_str(out: &mut Vec<u8>, v: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
+    // Nearly every value (a path, a method, a name) is printable ASCII
+    // with nothing to escape: copied as it is.
+    if v.iter()
+        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.extend_from_slice(v);
+        out.push(b'"');
+        return;
+    }
     for chunk in v.utf8_chunks() {
         for c in chunk.valid().chars() {
             match c {
@@ -318,6 +332,39 @@ mod tests {
         );
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
         assert_eq!(keys.len(), 12, "{keys:?}");
+    }
+
+    #[test]
+    fn durations_have_three_decimals_rounded_and_plain_values_are_copied() {
+        let line = |d: Duration, path: &'static [u8]| {
+            let mut e = entry();
+            e.duration = d;
+            e.path = Some(path);
+            let mut out = Vec::new();
+            write_line(&mut out, &e, &mut Clock::default());
+            String::from_utf8(out).unwrap()
+        };
+        let cases = [
+            (Duration::from_micros(1500), "1.500"),
+            (Duration::from_nanos(2_000_499), "2.000"),
+            (Duration::from_nanos(2_000_500), "2.001"),
+            (Duration::from_nanos(999), "0.001"),
+            (Duration::ZERO, "0.000"),
+            (Duration::from_nanos(999_999_500), "1000.000"),
+            (Duration::from_secs(3600), "3600000.000"),
+        ];
+        for (d, want) in cases {
+            let l = line(d, b"/p");
+            assert!(
+                l.contains(&format!("\"duration_ms\":{want},")),
+                "{d:?}: {l}"
+            );
+        }
+        // Printable ASCII goes as it is; anything else is escaped.
+        let l = line(Duration::ZERO, b"/agents/a-1/x?y=z&w=%20");
+        assert!(l.contains(r#""path":"/agents/a-1/x?y=z&w=%20","#), "{l}");
+        let l = line(Duration::ZERO, b"/a\tb");
+        assert!(l.contains(r#""path":"/a\u0009b","#), "{l}");
     }
 
     #[test]
