@@ -26,3 +26,9 @@ pub(crate) mod tls;
 pub use tls::create as cert;
 pub(crate) mod tunnel;
 pub mod ws;
+
+/// A map keyed by what no client inserts at will (request ids, identity
+/// names, configured routes), hashed with foldhash instead of SipHash.
+/// Maps a client can fill with keys of its choosing (per source address,
+/// nonces) stay `std::collections::HashMap`.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

@@ -28,7 +28,7 @@
 //! same tick hands its place on.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -92,7 +92,7 @@ struct State {
     total: usize,
     /// Identities seen on this core (bounded by the route table's).
     idents: Vec<Ident>,
-    index: HashMap<Box<str>, usize>,
+    index: crate::FastMap<Box<str>, usize>,
     /// Identities with waiters, in turn order.
     ring: VecDeque<usize>,
     shed: [u64; 2],
@@ -250,7 +250,7 @@ impl Admission {
                 limits: Limits::from_config(g),
                 total: 0,
                 idents: Vec::new(),
-                index: HashMap::new(),
+                index: crate::FastMap::default(),
                 ring: VecDeque::new(),
                 shed: [0; 2],
             })),

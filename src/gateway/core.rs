@@ -9,7 +9,6 @@
 //! tunnel for a route (`cross_core_dispatch_total`).
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -410,7 +409,7 @@ pub struct CoreCtx {
     routes: RefCell<Rc<RouteTable>>,
     /// Generation of `routes` ([`RoutesUpdate`]): older ones are ignored.
     routes_generation: Cell<u64>,
-    tunnels: RefCell<HashMap<IdentityName, Vec<Rc<Tunnel>>>>,
+    tunnels: RefCell<crate::FastMap<IdentityName, Vec<Rc<Tunnel>>>>,
     /// Tunnels whose receiver is leaving (PROTOCOL.md §7.4): out of
     /// `tunnels` and the book, so no new request goes to them; kept here
     /// until they end, for a drain of this gateway to wait for and close.
@@ -435,7 +434,7 @@ pub struct CoreCtx {
     pub admission: super::admission::Admission,
     /// Requests per identity handed to another core since the last scale
     /// tick (`scale`): counted on the cross-core path only.
-    handoffs: RefCell<HashMap<IdentityName, u32>>,
+    handoffs: RefCell<crate::FastMap<IdentityName, u32>>,
 }
 
 /// Marks a client connection busy (counted in [`CoreCtx::busy`]) while it
@@ -470,7 +469,7 @@ impl CoreCtx {
             settings,
             routes,
             routes_generation,
-            tunnels: RefCell::new(HashMap::new()),
+            tunnels: RefCell::new(crate::FastMap::default()),
             leaving: RefCell::new(Vec::new()),
             pool: crate::pool::BufPool::new(4 * 1024, 4096),
             seq: Cell::new(0),
@@ -480,7 +479,7 @@ impl CoreCtx {
             acceptors: RefCell::new(acceptors),
             last_accept: Cell::new(std::time::Instant::now()),
             obs,
-            handoffs: RefCell::new(HashMap::new()),
+            handoffs: RefCell::new(crate::FastMap::default()),
         }
     }
 

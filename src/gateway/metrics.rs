@@ -9,7 +9,7 @@
 //! a route has been seen.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -71,7 +71,7 @@ pub struct CoreMetrics {
     latency: RefCell<Histogram<u64>>,
     slots: RefCell<Vec<Slot>>,
     /// prefix → its first slot.
-    by_prefix: RefCell<HashMap<Arc<str>, u32>>,
+    by_prefix: RefCell<crate::FastMap<Arc<str>, u32>>,
     /// Requests that matched no route (404, `/health`, refused heads).
     unrouted: RefCell<[u64; 5]>,
     /// Upgraded (WebSocket pass-through) streams open now, and opened
@@ -92,7 +92,7 @@ impl Default for CoreMetrics {
             duration_sum_us: Cell::new(0),
             latency: RefCell::new(new_histogram()),
             slots: RefCell::new(Vec::new()),
-            by_prefix: RefCell::new(HashMap::new()),
+            by_prefix: RefCell::new(crate::FastMap::default()),
             unrouted: RefCell::new([0; 5]),
             upgraded_open: Cell::new(0),
             upgraded_total: Cell::new(0),

@@ -25,7 +25,7 @@ pub struct Route {
 }
 
 /// Path prefix → route.
-type Paths = HashMap<Arc<str>, Route>;
+type Paths = crate::FastMap<Arc<str>, Route>;
 
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
@@ -33,7 +33,7 @@ pub struct RouteTable {
     by_prefix: Paths,
     /// Host routes by host: `example.com`, or `.example.com` for
     /// `*.example.com` (no host name starts with a dot).
-    hosts: HashMap<Box<str>, Paths>,
+    hosts: crate::FastMap<Box<str>, Paths>,
     host_routes: usize,
     /// How many prefixes each identity owns: a tunnel upgrade asks whether
     /// its identity owns any, and with 100,000 routes a walk over

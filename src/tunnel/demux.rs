@@ -16,7 +16,6 @@
 //! a timeout or the end of its request).
 
 use std::borrow::Borrow;
-use std::collections::HashMap;
 use std::hash::Hash;
 
 use crate::protocol::stream::{Incoming, RequestId};
@@ -123,7 +122,7 @@ pub struct Demux<K, V> {
     opener: Opener,
     /// Most bytes a peer may send beyond the credit it got (`Window`).
     max_unacked: usize,
-    streams: HashMap<K, (Phase, V)>,
+    streams: crate::FastMap<K, (Phase, V)>,
     /// The lowest and highest key issued here (`Opener::Us`). An issuer's
     /// keys grow, so a response naming one between them that is no longer
     /// in the table answers a request that ended here first (its client
@@ -137,7 +136,7 @@ impl<K: RequestKey, V> Demux<K, V> {
         Self {
             opener,
             max_unacked,
-            streams: HashMap::new(),
+            streams: crate::FastMap::default(),
             issued: None,
         }
     }
