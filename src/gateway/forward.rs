@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use crate::http::headers::{HopByHop, Persist};
-use crate::http::{self, RequestHead};
+use crate::http::{self, RequestHead, TargetForm};
 use crate::protocol::anpx::binmeta::{self, Builder};
 use crate::protocol::anpx::{latin1_to_string, RequestMeta};
 
@@ -188,9 +188,23 @@ fn client_headers<'a>(
             seen.have_host |= name.eq_ignore_ascii_case(b"x-forwarded-host");
         }
         if name.eq_ignore_ascii_case(b"host") {
-            seen.host = Some(value);
+            // RFC 9110 §7.2: a proxy forwarding an absolute-form request
+            // sends the target's authority as Host, not the client's Host
+            // (the effective authority, which routing used too).
+            let host = head.host(buf).map_or(value, str::as_bytes);
+            seen.host = Some(host);
+            b.field(name, host);
+            continue;
         }
         b.field(name, value);
+    }
+    // HTTP/1.0 may come without Host: an absolute-form target's authority
+    // then still goes on.
+    if seen.host.is_none() {
+        if let (TargetForm::Absolute { .. }, Some(h)) = (&head.form, head.host(buf)) {
+            seen.host = Some(h.as_bytes());
+            b.field(b"host", h.as_bytes());
+        }
     }
     seen
 }
@@ -587,6 +601,38 @@ mod tests {
     }
 
     /// This hop's forwarding headers: appended to a trusted client's,
+    /// An absolute-form target's authority replaces the client's Host
+    /// (RFC 9110 §7.2) in Host and the forwarding headers; an HTTP/1.0
+    /// request without Host gets it too. Origin-form keeps its Host.
+    #[test]
+    fn an_absolute_form_targets_authority_is_the_host_sent_on() {
+        let peer: SocketAddr = "192.0.2.1:5".parse().unwrap();
+        let meta = |raw: &[u8]| {
+            let head = http::parse_request_head(raw, &http::Limits::default())
+                .unwrap()
+                .unwrap();
+            let m = build_request_meta(&head, raw, peer, false, None, false);
+            let f: Vec<(String, String)> = m
+                .fields()
+                .map(|(n, v)| (latin1_to_string(n), latin1_to_string(v)))
+                .collect();
+            (latin1_to_string(m.target()), f)
+        };
+        let (target, f) =
+            meta(b"GET http://app.example:8080/p?q=1 HTTP/1.1\r\nHost: other\r\n\r\n");
+        assert_eq!(target, "/p?q=1");
+        assert!(
+            f.contains(&("Host".into(), "app.example:8080".into())),
+            "{f:?}"
+        );
+        assert!(!f.iter().any(|(_, v)| v == "other"), "{f:?}");
+        assert!(f.contains(&("x-forwarded-host".into(), "app.example:8080".into())));
+        let (_, f) = meta(b"GET http://app.example/p HTTP/1.0\r\n\r\n");
+        assert!(f.contains(&("host".into(), "app.example".into())), "{f:?}");
+        let (_, f) = meta(b"GET /p HTTP/1.1\r\nHost: mine\r\n\r\n");
+        assert!(f.contains(&("Host".into(), "mine".into())), "{f:?}");
+    }
+
     /// IPv6 quoted and bracketed in `Forwarded` (RFC 7239 §6); the JSON form
     /// splits path and query.
     #[test]
