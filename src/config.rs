@@ -834,6 +834,11 @@ pub struct ReceiverConfig {
     pub chunk_size: usize,
     /// Largest response body accepted from the app, bytes.
     pub max_body_size: usize,
+    /// Largest response head accepted from the app (status line and
+    /// fields), bytes; a larger one is answered 502 and logged.
+    pub max_response_head_size: usize,
+    /// Most field lines in one response head from the app (502 beyond).
+    pub max_response_headers: usize,
     /// Ceiling of the reconnect backoff, seconds.
     pub reconnect_max_delay: Seconds,
     /// DID document of this receiver's DID (relative to the config file);
@@ -900,6 +905,8 @@ impl Default for ReceiverConfig {
             ping_interval: Seconds(20.0),
             chunk_size: 64 * 1024,
             max_body_size: 64 * 1024 * 1024,
+            max_response_head_size: 256 * 1024,
+            max_response_headers: 1000,
             reconnect_max_delay: Seconds(30.0),
             did_document: String::new(),
             private_key: String::new(),
@@ -1330,6 +1337,15 @@ impl Config {
         }
         if r.max_concurrent == 0 {
             return Err(bad("receiver.max_concurrent", "must be > 0".into()));
+        }
+        if r.max_response_head_size < 1024 {
+            return Err(bad(
+                "receiver.max_response_head_size",
+                format!("{} is below 1024", r.max_response_head_size),
+            ));
+        }
+        if r.max_response_headers == 0 {
+            return Err(bad("receiver.max_response_headers", "must be > 0".into()));
         }
         if !r.instance_id.is_empty()
             && !crate::protocol::features::valid_instance(r.instance_id.as_bytes())

@@ -157,3 +157,45 @@ fn upstream_host_replaces_the_clients_host() {
     assert_eq!(seen[0].headers_all("host"), ["app.internal:8080"]);
     assert_eq!(seen[0].header("x-forwarded-host"), Some("public.example"));
 }
+
+/// `max_response_head_size` and `max_response_headers` bound the app's
+/// response heads: one within both is relayed, one past either gets the
+/// client 502 and the receiver's log says which limit.
+#[test]
+fn response_heads_past_the_receivers_limits_get_502_and_the_log_says_why() {
+    use common::scripted_app::ScriptedApp;
+    let app = ScriptedApp::start(|x| {
+        let head = match x.req.target.as_str() {
+            // ~3 KiB of one field: past a 2 KiB limit.
+            "/alice/big" => format!("X-Big: {}\r\n", "a".repeat(3000)),
+            // 12 small fields: past a limit of 10.
+            "/alice/many" => (0..12).map(|i| format!("X-F{i}: {i}\r\n")).collect(),
+            _ => "X-Small: 1\r\n".to_owned(),
+        };
+        x.write(format!("HTTP/1.1 200 OK\r\n{head}Content-Length: 2\r\n\r\nok").as_bytes());
+    });
+    let gw = Gateway::start(&GatewayConfig::default());
+    let mut cfg = ReceiverConfig::new(gw.addr, app.addr, ALICE_TOKEN, 1);
+    cfg.extra_toml = "max_response_head_size = 2048\nmax_response_headers = 10\n".into();
+    let mut rx = Receiver::start_with(&cfg);
+    rx.wait_connected(1);
+
+    let r = client::request(gw.addr, "GET", "/alice/small", &[], b"");
+    assert_eq!(
+        (r.status, r.body_text().as_str()),
+        (200, "ok"),
+        "{}",
+        r.summary()
+    );
+    assert_eq!(r.header("x-small"), Some("1"));
+
+    let r = client::request(gw.addr, "GET", "/alice/big", &[], b"");
+    assert_eq!(r.status, 502, "{}", r.summary());
+    let line = rx.proc.wait_log(&["upstream call failed", "/alice/big"]);
+    assert!(line.contains("too large"), "{line}");
+
+    let r = client::request(gw.addr, "GET", "/alice/many", &[], b"");
+    assert_eq!(r.status, 502, "{}", r.summary());
+    let line = rx.proc.wait_log(&["upstream call failed", "/alice/many"]);
+    assert!(line.contains("too many"), "{line}");
+}

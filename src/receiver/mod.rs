@@ -265,7 +265,12 @@ fn core_rx(
         cores,
         did,
         auth_scheme: r.auth_scheme,
-        upstream: Upstream::new(upstream, permits.max(1)),
+        upstream: Upstream::new(
+            upstream,
+            permits.max(1),
+            r.max_response_head_size,
+            r.max_response_headers,
+        ),
         permits: crate::sync::Permits::new(permits),
         workers: workers::Workers::new(tunnel::WORKERS_IDLE_KEEP),
         chunk_size: r.chunk_size,

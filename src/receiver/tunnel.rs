@@ -972,7 +972,7 @@ mod cancel_props {
             cores: Vec::new(),
             did: None,
             auth_scheme: AuthScheme::DidWba,
-            upstream: Upstream::new(up, permits),
+            upstream: Upstream::new(up, permits, 256 * 1024, 1000),
             permits: crate::sync::Permits::new(permits),
             workers: Workers::new(WORKERS_IDLE_KEEP),
             chunk_size: 64 * 1024,

@@ -244,7 +244,9 @@ async fn read_more<S: AsyncReadRent>(io: &mut S, buf: &mut BytesMut) -> io::Resu
 }
 
 impl Upstream {
-    pub fn new(target: AppTarget, max_idle: usize) -> Self {
+    /// `max_head`, `max_headers`: the app's response heads
+    /// (`receiver.max_response_head_size`, `max_response_headers`).
+    pub fn new(target: AppTarget, max_idle: usize, max_head: usize, max_headers: usize) -> Self {
         Self {
             target,
             idle: RefCell::new(Vec::new()),
@@ -253,9 +255,10 @@ impl Upstream {
             heads: RefCell::new(Vec::new()),
             reading: Cell::new(0),
             limits: http::Limits {
-                max_request_line: 64 * 1024,
-                max_head: 256 * 1024,
-                max_headers: 1000,
+                // The status line: bounded by the head's size.
+                max_request_line: max_head,
+                max_head,
+                max_headers,
             },
         }
     }
