@@ -19,7 +19,7 @@ pub mod preflight;
 pub mod protocol;
 pub mod receiver;
 pub mod registry;
-pub(crate) mod runtime;
+pub mod runtime;
 pub(crate) mod sync;
 pub(crate) mod tls;
 /// `anp-proxy cert new`: a private CA and a certificate it signed.

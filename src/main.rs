@@ -508,6 +508,24 @@ fn direct_flags(cmd: &Option<Cmd>) -> Overrides {
     o
 }
 
+/// Raises the open-file limit to the hard one, and says when the
+/// configuration can use more descriptors than even that allows: the
+/// gateway one per client connection (`max_connections`) and admin
+/// connection, the receiver one per app connection (`max_concurrent`);
+/// 256 more for tunnels, listeners, logs and the registry.
+fn raise_open_files(cfg: &anp_proxy::config::Config, mode: Mode) {
+    let (need, what) = match mode {
+        Mode::Gateway => (
+            cfg.gateway.max_connections + cfg.gateway.admin_max_connections + 256,
+            "gateway.max_connections",
+        ),
+        Mode::Receiver => (cfg.receiver.max_concurrent + 256, "receiver.max_concurrent"),
+    };
+    if let Err(e) = anp_proxy::runtime::raise_open_files(need as u64, what) {
+        tracing::warn!(error = %e, "cannot read the open-file limit");
+    }
+}
+
 fn main() -> ExitCode {
     exit_on_panic();
     #[cfg(feature = "count-allocs")]
@@ -547,6 +565,7 @@ fn main() -> ExitCode {
     if cfg.origin.file.is_none() {
         tracing::info!("no config file: defaults, environment variables and flags");
     }
+    raise_open_files(&cfg, mode);
     let json = cfg.logging.format.eq_ignore_ascii_case("json");
     let label = PathBuf::from(cfg.origin.label());
     let res = match mode {

@@ -763,3 +763,63 @@ fn duplicate_chunk_index_fails_only_that_response() {
     serves_genuinely(&w, &mut a, "/ra/after");
     w.alice_serves("/alice/after-dup");
 }
+
+/// The hard open-file limit of this test process (what a gateway it
+/// starts inherits), from /proc.
+fn hard_open_files() -> u64 {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let hard = line.split_whitespace().nth(4).unwrap();
+    hard.parse().unwrap_or(u64::MAX)
+}
+
+/// A gateway started with a soft open-file limit of 256 (shells and
+/// service managers often start processes at 1,024) raises it to the hard
+/// limit, and so holds more client connections at once than 256; one
+/// whose hard limit is below what `max_connections` needs says so at start.
+#[test]
+fn the_open_file_limit_is_raised_to_the_hard_limit_at_start() {
+    const CONNS: usize = 600;
+    let hard = hard_open_files();
+    assert!(
+        hard >= 2 * CONNS as u64,
+        "this test needs a hard open-file limit of at least {} (ulimit -Hn), not {hard}",
+        2 * CONNS
+    );
+    let mut gw = Gateway::start_toml_ulimit(&GatewayConfig::default().to_toml(), "-Sn 256");
+    let line = gw.proc.wait_log(&["open-file limit raised"]);
+    assert!(line.contains("was=256"), "{line}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", gw.proc.pid())).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(soft >= 2 * CONNS as u64, "soft limit now {soft}");
+    // All open at once, each answered: past 256 descriptors the gateway
+    // would fail to accept them with the soft limit it was started with.
+    let mut held = Vec::with_capacity(CONNS);
+    for _ in 0..CONNS {
+        let mut c = TcpStream::connect(gw.addr).unwrap();
+        c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        held.push(c);
+    }
+    for (i, c) in held.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut r = BufReader::new(&*c);
+        let resp = read_response(&mut r, "GET").unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert_eq!(resp.status, 200, "connection {i}");
+    }
+    drop(held);
+
+    let mut low = Gateway::start_toml_ulimit(&GatewayConfig::default().to_toml(), "-n 300");
+    let line = low
+        .proc
+        .wait_log(&["open-file limit is below", "gateway.max_connections"]);
+    assert!(line.contains("limit=300"), "{line}");
+}

@@ -386,6 +386,27 @@ impl Proc {
         (proc, path)
     }
 
+    /// [`Proc::anp_proxy_toml`] started by bash after `ulimit {limits}`
+    /// (e.g. `-Sn 256`): the resource limits a shell or service manager
+    /// would give it.
+    pub fn anp_proxy_toml_ulimit(
+        name: &str,
+        subcommand: &str,
+        config: &str,
+        limits: &str,
+    ) -> (Proc, PathBuf) {
+        let dir = work_dir(name);
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, config).expect("write config");
+        let script = format!("ulimit {limits} && exec \"$0\" \"$@\"");
+        let mut argv: Vec<&OsStr> = vec![OsStr::new("-c"), OsStr::new(&script)];
+        let bin = binary();
+        argv.push(bin.as_ref());
+        argv.extend(args(subcommand, &path, &[]));
+        let proc = Proc::start_in(dir, name, OsStr::new("bash"), argv, &[]);
+        (proc, path)
+    }
+
     /// [`Proc::anp_proxy_toml`] without env, the process only.
     pub fn spawn(name: &str, subcommand: &str, flags: &[&str], config: &str) -> Proc {
         Proc::anp_proxy_toml(name, subcommand, config, flags, &[]).0
@@ -626,6 +647,13 @@ impl Gateway {
     /// [`Gateway::start_toml`] with extra environment variables.
     pub fn start_toml_env(toml: &str, env: &[(String, String)]) -> Gateway {
         Gateway::launch(toml, &[], env)
+    }
+
+    /// [`Gateway::start_toml`] under `ulimit {limits}` (see
+    /// [`Proc::anp_proxy_toml_ulimit`]).
+    pub fn start_toml_ulimit(toml: &str, limits: &str) -> Gateway {
+        let (proc, path) = Proc::anp_proxy_toml_ulimit("gateway", "gateway", toml, limits);
+        Gateway::ready(proc, path, false).0
     }
 
     fn launch(toml: &str, flags: &[&str], env: &[(String, String)]) -> Gateway {
