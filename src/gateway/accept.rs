@@ -172,8 +172,9 @@ pub async fn accept_loop(ctx: Rc<CoreCtx>, l: Listener, seq: Rc<Cell<u64>>) {
         match accepted {
             Ok((stream, peer)) => admit(&ctx, how, &log, &seq, stream, peer),
             Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
+                // EMFILE and friends: back off briefly instead of spinning;
+                // the connection waits in the listen queue meanwhile.
+                log.accept_failed(&e);
                 monoio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
@@ -233,6 +234,8 @@ pub async fn accept_loop(ctx: Rc<CoreCtx>, l: Listener, seq: Rc<Cell<u64>>) {
 pub struct RefusalLog {
     limits: Turn,
     headers: Turn,
+    /// Accepts that failed (out of descriptors: EMFILE, ENFILE).
+    failures: Turn,
 }
 
 /// One kind's once-a-second turn.
@@ -268,6 +271,16 @@ impl RefusalLog {
         };
         tracing::warn!(%peer, reason = why.reason(), error = %why, not_logged,
             "connection refused: no valid PROXY protocol header");
+    }
+
+    /// An accept that failed: retried every 50 ms, so logged once a second
+    /// at most (a process out of descriptors would log 20 lines a second
+    /// per core).
+    fn accept_failed(&self, e: &std::io::Error) {
+        let Some(not_logged) = self.failures.take() else {
+            return;
+        };
+        tracing::warn!(error = %e, not_logged, "accept failed; retrying in 50 ms (clients wait in the listen queue)");
     }
 
     fn refused(&self, peer: SocketAddr, why: ConnRefusal, limit: usize) {
