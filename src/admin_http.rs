@@ -284,10 +284,15 @@ fn serve(inner: &Inner, conn: &mut TcpStream, timeout: Duration) -> std::io::Res
 
 fn respond(conn: &mut TcpStream, status: u16, ctype: &str, body: &str) -> std::io::Result<()> {
     let reason = crate::http::headers::reason_phrase(status);
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n\r\n",
-        body.len()
+    let mut head = format!("HTTP/1.1 {status} {reason}\r\n").into_bytes();
+    crate::http::date::write_date_field(&mut head);
+    head.extend_from_slice(
+        format!(
+            "content-type: {ctype}\r\ncontent-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
     );
-    conn.write_all(head.as_bytes())?;
+    conn.write_all(&head)?;
     conn.write_all(body.as_bytes())
 }

@@ -414,6 +414,7 @@ where
         out.extend_from_slice(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncache-control: no-store\r\n",
         );
+        http::date::write_date_field(out);
         push_header_num(out, "content-length", body.len());
         persist.write_field(out);
         out.extend_from_slice(b"\r\n");

@@ -372,6 +372,7 @@ pub fn write_response_head(
     http::headers::write_status_line(out, status, reason);
     let keep_cl = framing == Framing::None && status != 204;
     let hop = HopByHop::of(meta.fields());
+    let mut dated = false;
     for (name, value) in meta.fields() {
         if hop.drops(name)
             || (name.eq_ignore_ascii_case(b"content-length") && !keep_cl)
@@ -380,7 +381,13 @@ pub fn write_response_head(
         {
             continue;
         }
+        dated |= name.len() == 4 && name.eq_ignore_ascii_case(b"date");
         write_field(out, name, value);
+    }
+    // RFC 9110 §6.6.1: a response forwarded without a Date gets one (the
+    // app's own Date, when it sent one, goes on as it is).
+    if !dated {
+        http::date::write_date_field(out);
     }
     match framing {
         Framing::Length(n) => {
@@ -466,8 +473,45 @@ mod tests {
         );
         let s = String::from_utf8(out).unwrap();
         assert_eq!(
-            s,
+            undated(&s),
             "HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\ncontent-length: 3\r\n\r\n"
+        );
+    }
+
+    /// `s` without its `date:` line, which must be there exactly once.
+    fn undated(s: &str) -> String {
+        let is_date = |l: &str| l.to_ascii_lowercase().starts_with("date: ");
+        let lines: Vec<&str> = s.split("\r\n").collect();
+        assert_eq!(lines.iter().filter(|l| is_date(l)).count(), 1, "{s:?}");
+        lines
+            .into_iter()
+            .filter(|l| !is_date(l))
+            .collect::<Vec<_>>()
+            .join("\r\n")
+    }
+
+    /// RFC 9110 §6.6.1: a relayed response without Date gets one (tested
+    /// above); one with the app's Date keeps it and gets no second.
+    #[test]
+    fn a_response_keeps_the_apps_date_or_gets_one() {
+        let theirs = "Sun, 06 Nov 1994 08:49:37 GMT";
+        let meta = ResponseMeta {
+            status: 404,
+            reason: "Not Found".into(),
+            headers: vec![],
+            header_list: Some(vec![("Date".into(), theirs.into())]),
+        };
+        let mut out = Vec::new();
+        write_response_head(
+            &mut out,
+            &binmeta::Response::from_json_meta(&meta),
+            Framing::Length(0),
+            Persist::Open { http10: false },
+        );
+        let s = String::from_utf8(out).unwrap();
+        assert_eq!(
+            s,
+            format!("HTTP/1.1 404 Not Found\r\nDate: {theirs}\r\ncontent-length: 0\r\n\r\n")
         );
     }
 
@@ -502,7 +546,7 @@ mod tests {
                 Framing::Length(0),
                 Persist::Open { http10: false },
             );
-            let s = String::from_utf8(out).unwrap().to_ascii_lowercase();
+            let s = undated(&String::from_utf8(out).unwrap()).to_ascii_lowercase();
             assert_eq!(
                 s, "http/1.1 200 ok\r\nx-kept: yes\r\ncontent-length: 0\r\n\r\n",
                 "{:?}",

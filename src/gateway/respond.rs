@@ -289,6 +289,7 @@ pub(super) async fn write_error<S: AsyncWriteRent>(
         r.status,
         http::headers::reason_phrase(r.status).as_bytes(),
     );
+    http::date::write_date_field(out);
     out.extend_from_slice(b"content-type: application/json\r\n");
     push_header_num(out, "content-length", r.body.len());
     if let Some(s) = r.retry_after {

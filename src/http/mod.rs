@@ -15,6 +15,7 @@
 //! message is framed.
 
 pub mod chunked;
+pub mod date;
 pub mod error;
 mod framing;
 pub mod headers;
