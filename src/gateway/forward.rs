@@ -464,18 +464,22 @@ mod tests {
                 ("Content-Length".into(), "999".into()),
             ]),
         };
+        assert_eq!(
+            undated(&client_head(&meta, 3)),
+            "HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\ncontent-length: 3\r\n\r\n"
+        );
+    }
+
+    /// The client's head for `meta` with a `len`-byte body, kept open.
+    fn client_head(meta: &ResponseMeta, len: u64) -> String {
         let mut out = Vec::new();
         write_response_head(
             &mut out,
-            &binmeta::Response::from_json_meta(&meta),
-            Framing::Length(3),
+            &binmeta::Response::from_json_meta(meta),
+            Framing::Length(len),
             Persist::Open { http10: false },
         );
-        let s = String::from_utf8(out).unwrap();
-        assert_eq!(
-            undated(&s),
-            "HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\ncontent-length: 3\r\n\r\n"
-        );
+        String::from_utf8(out).unwrap()
     }
 
     /// `s` without its `date:` line, which must be there exactly once.
@@ -501,16 +505,8 @@ mod tests {
             headers: vec![],
             header_list: Some(vec![("Date".into(), theirs.into())]),
         };
-        let mut out = Vec::new();
-        write_response_head(
-            &mut out,
-            &binmeta::Response::from_json_meta(&meta),
-            Framing::Length(0),
-            Persist::Open { http10: false },
-        );
-        let s = String::from_utf8(out).unwrap();
         assert_eq!(
-            s,
+            client_head(&meta, 0),
             format!("HTTP/1.1 404 Not Found\r\nDate: {theirs}\r\ncontent-length: 0\r\n\r\n")
         );
     }
@@ -539,14 +535,7 @@ mod tests {
                 headers,
                 header_list,
             };
-            let mut out = Vec::new();
-            write_response_head(
-                &mut out,
-                &binmeta::Response::from_json_meta(&meta),
-                Framing::Length(0),
-                Persist::Open { http10: false },
-            );
-            let s = undated(&String::from_utf8(out).unwrap()).to_ascii_lowercase();
+            let s = undated(&client_head(&meta, 0)).to_ascii_lowercase();
             assert_eq!(
                 s, "http/1.1 200 ok\r\nx-kept: yes\r\ncontent-length: 0\r\n\r\n",
                 "{:?}",
