@@ -51,22 +51,13 @@ where
     })
 }
 
-/// The open-file limit of this process after [`raise_open_files`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OpenFiles {
-    /// The soft limit found at start.
-    pub was: u64,
-    /// The soft limit now (the hard limit, when raising it worked).
-    pub now: u64,
-}
-
 /// Raises this process's soft open-file limit (`RLIMIT_NOFILE`) to its hard
 /// limit, as nginx's `worker_rlimit_nofile` and Go's runtime do: shells and
 /// service managers commonly start processes at a soft 1,024, which would
 /// cap a gateway at about that many connections whatever `max_connections`
 /// says. Logs what it did, and warns when even the hard limit is below
 /// `need` (the descriptors the configuration can use at once).
-pub fn raise_open_files(need: u64, what: &str) -> std::io::Result<OpenFiles> {
+pub fn raise_open_files(need: u64, what: &str) -> std::io::Result<()> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -98,5 +89,5 @@ pub fn raise_open_files(need: u64, what: &str) -> std::io::Result<OpenFiles> {
             "open-file limit is below what {what} can use at once: past it, new connections fail at accept or connect (raise the hard limit: LimitNOFILE= in a systemd unit, ulimit -Hn, /etc/security/limits.conf)"
         );
     }
-    Ok(OpenFiles { was, now })
+    Ok(())
 }

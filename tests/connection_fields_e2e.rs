@@ -241,3 +241,42 @@ fn an_http10_client_that_asks_for_keep_alive_is_told_and_kept() {
     assert_eq!(r.header("connection"), Some("close"), "{}", r.summary());
     assert!(c.is_closed_by_peer(), "HTTP/1.0 without keep-alive: closed");
 }
+
+/// RFC 9110 §6.6.1: every response the client gets carries one `Date`:
+/// the gateway's own (a 404, `/health`), a relayed one the app sent
+/// without Date (the gateway adds it), and a relayed one with the app's
+/// Date (kept as it is, no second).
+#[test]
+fn every_response_carries_one_date_and_the_apps_own_is_kept() {
+    const THEIRS: &str = "Sun, 06 Nov 1994 08:49:37 GMT";
+    let app = ScriptedApp::start(|x| {
+        let date = if x.req.target.ends_with("/dated") {
+            format!("Date: {THEIRS}\r\n")
+        } else {
+            String::new()
+        };
+        x.write(format!("HTTP/1.1 200 OK\r\n{date}Content-Length: 2\r\n\r\nok").as_bytes());
+    });
+    let gw = Gateway::start(&GatewayConfig::default());
+    let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 1);
+    rx.wait_connected(1);
+    let before = std::time::SystemTime::now();
+    for (path, status) in [
+        ("/nobody/x", 404),
+        ("/health", 200),
+        ("/alice/undated", 200),
+    ] {
+        let r = client::request(gw.addr, "GET", path, &[], &[]);
+        assert_eq!(r.status, status, "{path}: {}", r.summary());
+        let dates = r.headers_all("date");
+        assert_eq!(dates.len(), 1, "{path}: {}", r.summary());
+        let when = httpdate::parse_http_date(dates[0]).unwrap();
+        let off = when
+            .duration_since(before)
+            .or_else(|e| Ok::<_, ()>(e.duration()))
+            .unwrap();
+        assert!(off.as_secs() <= 2, "{path}: {} is not now", dates[0]);
+    }
+    let r = client::request(gw.addr, "GET", "/alice/dated", &[], &[]);
+    assert_eq!(r.headers_all("date"), [THEIRS], "{}", r.summary());
+}

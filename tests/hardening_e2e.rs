@@ -764,16 +764,17 @@ fn duplicate_chunk_index_fails_only_that_response() {
     w.alice_serves("/alice/after-dup");
 }
 
-/// The hard open-file limit of this test process (what a gateway it
-/// starts inherits), from /proc.
-fn hard_open_files() -> u64 {
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+/// The (soft, hard) open-file limits of process `pid` (`self` for this
+/// test, whose limits a gateway it starts inherits), from /proc.
+fn open_files(pid: &str) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let line = limits
         .lines()
         .find(|l| l.starts_with("Max open files"))
         .unwrap();
-    let hard = line.split_whitespace().nth(4).unwrap();
-    hard.parse().unwrap_or(u64::MAX)
+    let mut f = line.split_whitespace().skip(3);
+    let mut next = || f.next().unwrap().parse().unwrap_or(u64::MAX);
+    (next(), next())
 }
 
 /// A gateway started with a soft open-file limit of 256 (shells and
@@ -783,7 +784,7 @@ fn hard_open_files() -> u64 {
 #[test]
 fn the_open_file_limit_is_raised_to_the_hard_limit_at_start() {
     const CONNS: usize = 600;
-    let hard = hard_open_files();
+    let (_, hard) = open_files("self");
     assert!(
         hard >= 2 * CONNS as u64,
         "this test needs a hard open-file limit of at least {} (ulimit -Hn), not {hard}",
@@ -792,14 +793,8 @@ fn the_open_file_limit_is_raised_to_the_hard_limit_at_start() {
     let mut gw = Gateway::start_toml_ulimit(&GatewayConfig::default().to_toml(), "-Sn 256");
     let line = gw.proc.wait_log(&["open-file limit raised"]);
     assert!(line.contains("was=256"), "{line}");
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", gw.proc.pid())).unwrap();
-    let soft: u64 = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(u64::MAX);
-    assert!(soft >= 2 * CONNS as u64, "soft limit now {soft}");
+    let (soft, _) = open_files(&gw.proc.pid().to_string());
+    assert_eq!(soft, hard, "the soft limit is now the hard one");
     // All open at once, each answered: past 256 descriptors the gateway
     // would fail to accept them with the soft limit it was started with.
     let mut held = Vec::with_capacity(CONNS);

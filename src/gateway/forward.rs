@@ -633,7 +633,6 @@ mod tests {
         assert_eq!(json.headers.len(), names.len());
     }
 
-    /// This hop's forwarding headers: appended to a trusted client's,
     /// An absolute-form target's authority replaces the client's Host
     /// (RFC 9110 §7.2) in Host and the forwarding headers; an HTTP/1.0
     /// request without Host gets it too. Origin-form keeps its Host.
@@ -666,6 +665,7 @@ mod tests {
         assert!(f.contains(&("Host".into(), "mine".into())), "{f:?}");
     }
 
+    /// This hop's forwarding headers: appended to a trusted client's,
     /// IPv6 quoted and bracketed in `Forwarded` (RFC 7239 §6); the JSON form
     /// splits path and query.
     #[test]

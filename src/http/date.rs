@@ -6,6 +6,7 @@
 //! read and a 37-byte copy per response.
 
 use std::cell::RefCell;
+use std::io::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// `date: ` + 29 bytes of IMF-fixdate + CRLF.
@@ -50,12 +51,11 @@ pub fn write_date_field(out: &mut Vec<u8>) {
     CACHED.with(|c| {
         let mut c = c.borrow_mut();
         if c.secs != secs {
-            let text = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(secs));
-            let mut line = [0u8; LINE_LEN];
-            line[..6].copy_from_slice(b"date: ");
-            line[6..6 + text.len().min(29)].copy_from_slice(&text.as_bytes()[..text.len().min(29)]);
-            line[LINE_LEN - 2..].copy_from_slice(b"\r\n");
-            c.line = line;
+            // IMF-fixdate is 29 bytes for every year 1970..=9999 (httpdate's range).
+            let date = httpdate::HttpDate::from(UNIX_EPOCH + Duration::from_secs(secs));
+            let mut w = &mut c.line[..];
+            let _ = write!(w, "date: {date}\r\n");
+            debug_assert!(w.is_empty());
             c.secs = secs;
         }
         out.extend_from_slice(&c.line);

@@ -618,14 +618,26 @@ mod window_tests {
             w.cancel_waker.borrow().is_none(),
             "a dropped wait left its waker"
         );
-        let w2 = w.clone();
-        let t = monoio::spawn(async move { w2.cancelled().await });
-        // Until the task waits (it has a waker in the latch).
-        while w.cancel_waker.borrow().is_none() {
-            monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+        // A waiter on another holder is woken by the cancel, then ready.
+        struct Flag(std::sync::atomic::AtomicBool);
+        impl std::task::Wake for Flag {
+            fn wake(self: std::sync::Arc<Self>) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
         }
+        let woken = std::sync::Arc::new(Flag(std::sync::atomic::AtomicBool::new(false)));
+        let waker = std::task::Waker::from(woken.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        let w2 = w.clone();
+        let mut wait = std::pin::pin!(w2.cancelled());
+        assert!(std::future::Future::poll(wait.as_mut(), &mut cx).is_pending());
         w.cancel();
-        t.await;
+        assert!(
+            woken.0.load(std::sync::atomic::Ordering::SeqCst),
+            "the cancel woke the waiter"
+        );
+        assert!(std::future::Future::poll(wait.as_mut(), &mut cx).is_ready());
+        // The latch stays raised for a later waiter.
         w.cancelled().await;
     }
 }

@@ -378,32 +378,35 @@ impl Proc {
         flags: &[&str],
         env: &[(String, String)],
     ) -> (Proc, PathBuf) {
-        let dir = work_dir(name);
-        let path = dir.path().join("config.toml");
-        std::fs::write(&path, config).expect("write config");
-        let args = args(subcommand, &path, flags);
-        let proc = Proc::start_in(dir, name, binary().as_ref(), args, env);
-        (proc, path)
+        Proc::anp_proxy_toml_via(name, subcommand, config, flags, env, None)
     }
 
-    /// [`Proc::anp_proxy_toml`] started by bash after `ulimit {limits}`
-    /// (e.g. `-Sn 256`): the resource limits a shell or service manager
-    /// would give it.
-    pub fn anp_proxy_toml_ulimit(
+    /// [`Proc::anp_proxy_toml`], started by bash after `ulimit {limits}`
+    /// when `ulimit` is given (e.g. `-Sn 256`): the resource limits a shell
+    /// or service manager would give it.
+    fn anp_proxy_toml_via(
         name: &str,
         subcommand: &str,
         config: &str,
-        limits: &str,
+        flags: &[&str],
+        env: &[(String, String)],
+        ulimit: Option<&str>,
     ) -> (Proc, PathBuf) {
         let dir = work_dir(name);
         let path = dir.path().join("config.toml");
         std::fs::write(&path, config).expect("write config");
-        let script = format!("ulimit {limits} && exec \"$0\" \"$@\"");
-        let mut argv: Vec<&OsStr> = vec![OsStr::new("-c"), OsStr::new(&script)];
         let bin = binary();
-        argv.push(bin.as_ref());
-        argv.extend(args(subcommand, &path, &[]));
-        let proc = Proc::start_in(dir, name, OsStr::new("bash"), argv, &[]);
+        let args = args(subcommand, &path, flags);
+        let proc = match ulimit {
+            None => Proc::start_in(dir, name, bin.as_ref(), args, env),
+            Some(limits) => {
+                let script = format!("ulimit {limits} && exec \"$0\" \"$@\"");
+                let mut argv: Vec<&OsStr> = vec![OsStr::new("-c"), OsStr::new(&script)];
+                argv.push(bin.as_ref());
+                argv.extend(args);
+                Proc::start_in(dir, name, OsStr::new("bash"), argv, env)
+            }
+        };
         (proc, path)
     }
 
@@ -649,10 +652,10 @@ impl Gateway {
         Gateway::launch(toml, &[], env)
     }
 
-    /// [`Gateway::start_toml`] under `ulimit {limits}` (see
-    /// [`Proc::anp_proxy_toml_ulimit`]).
+    /// [`Gateway::start_toml`] under `ulimit {limits}` (e.g. `-Sn 256`).
     pub fn start_toml_ulimit(toml: &str, limits: &str) -> Gateway {
-        let (proc, path) = Proc::anp_proxy_toml_ulimit("gateway", "gateway", toml, limits);
+        let (proc, path) =
+            Proc::anp_proxy_toml_via("gateway", "gateway", toml, &[], &[], Some(limits));
         Gateway::ready(proc, path, false).0
     }
 
