@@ -312,6 +312,32 @@ pub async fn both<E>(
     .await
 }
 
+/// Lets every task on this core that is ready now run before the caller
+/// goes on. Tests use it to wait, without a timer, until a spawned task
+/// has reached its own wait. (A task that wakes itself is put back at the
+/// *front* of monoio's queue and would run again before anything else, so
+/// the wake comes from a task spawned at the back of it.)
+#[cfg(test)]
+pub async fn yield_now() {
+    let flag = std::rc::Rc::new(Flag::default());
+    let raise = flag.clone();
+    monoio::spawn(async move { raise.raise() });
+    flag.wait().await
+}
+
+/// Yields (as [`yield_now`]) until `done` holds; panics naming `what` if
+/// it still does not after a thousand rounds, when no task is left to run.
+#[cfg(test)]
+pub async fn yield_until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if done() {
+            return;
+        }
+        yield_now().await;
+    }
+    panic!("{what}: still not so after 1000 yields");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -449,9 +449,7 @@ mod tests {
             }));
         }
         // Let both tasks queue.
-        while gauges(&a, "alice").1 < 2 {
-            monoio::time::sleep(Duration::from_millis(1)).await;
-        }
+        crate::sync::yield_until("both queue", || gauges(&a, "alice").1 == 2).await;
         assert!(matches!(
             a.enter("alice").await,
             Err(ProxyError::Shed(Shed::QueueFull))
@@ -507,13 +505,14 @@ mod tests {
                 let p = adm.enter(who).await.unwrap();
                 order.borrow_mut().push(name);
                 // Hold the place until the next yield, then pass it on.
-                monoio::time::sleep(Duration::from_millis(1)).await;
+                crate::sync::yield_now().await;
                 drop(p);
             }));
             // Queue in this exact order.
-            while gauges(&a, "A").1 + gauges(&a, "B").1 < tasks.len() as u64 {
-                monoio::time::sleep(Duration::from_millis(1)).await;
-            }
+            crate::sync::yield_until("it queues", || {
+                gauges(&a, "A").1 + gauges(&a, "B").1 == tasks.len() as u64
+            })
+            .await;
         }
         drop(first);
         for t in tasks {
@@ -565,9 +564,7 @@ mod tests {
                 Admission::pause(Duration::from_secs(3600), &d).await;
             }));
         }
-        while draining.waiting() < 3 {
-            monoio::time::sleep(Duration::from_millis(1)).await;
-        }
+        crate::sync::yield_until("three pause", || draining.waiting() == 3).await;
         draining.raise();
         for t in tasks {
             t.await;
@@ -589,9 +586,7 @@ mod tests {
         assert!(cancelled.as_mut().poll(&mut cx).is_pending());
         let a2 = a.clone();
         let next = monoio::spawn(async move { a2.enter("alice").await.map(|_| ()) });
-        while gauges(&a, "alice").1 < 2 {
-            monoio::time::sleep(Duration::from_millis(1)).await;
-        }
+        crate::sync::yield_until("both queue", || gauges(&a, "alice").1 == 2).await;
         drop(p); // grants `cancelled`, which never looks
         drop(cancelled); // hands the place to `next`
         next.await.unwrap();

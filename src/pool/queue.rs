@@ -210,7 +210,7 @@ mod tests {
     /// receiver dropped makes later sends vanish (dropped, not kept); a
     /// queue comes back empty and reset, and is reused; a waiter dropped
     /// takes its waker along.
-    #[monoio::test(timer_enabled = true)]
+    #[monoio::test]
     async fn items_arrive_in_order_and_the_queue_comes_back_empty() {
         let drops = Rc::new(Cell::new(0));
         let piece = |n| Piece(n, drops.clone());
@@ -227,9 +227,10 @@ mod tests {
                 got
             });
             // Until the receiver waits (its waker is in the cell).
-            while tx.0.waker.take().map(|w| tx.0.waker.set(Some(w))).is_none() {
-                monoio::time::sleep(std::time::Duration::from_millis(1)).await;
-            }
+            crate::sync::yield_until("the receiver waits", || {
+                tx.0.waker.take().map(|w| tx.0.waker.set(Some(w))).is_some()
+            })
+            .await;
             tx.send(piece(3));
             drop(tx);
             assert_eq!(t.await, [2, 3]);

@@ -96,7 +96,7 @@ mod tests {
     /// Every job is run once, in order per worker, by as many workers as
     /// were needed at once; after the burst at most `keep_idle` wait, and
     /// the next burst reuses them before starting new ones.
-    #[monoio::test(timer_enabled = true)]
+    #[monoio::test]
     async fn jobs_run_once_and_idle_workers_are_reused_then_bounded() {
         type Job = (u32, Rc<crate::sync::Flag>);
         let w: Rc<Workers<Job>> = Rc::new(Workers::new(2));
@@ -123,19 +123,19 @@ mod tests {
                 }
             }
             // Until all five are taken (every gate has a waiter).
-            while gates.iter().any(|g| g.waiting() == 0) {
-                monoio::time::sleep(std::time::Duration::from_millis(1)).await;
-            }
+            crate::sync::yield_until("every gate has a waiter", || {
+                gates.iter().all(|g| g.waiting() > 0)
+            })
+            .await;
             for g in &gates {
                 g.raise();
             }
-            while done.borrow().len() < 5 * (round as usize + 1) {
-                monoio::time::sleep(std::time::Duration::from_millis(1)).await;
-            }
+            crate::sync::yield_until("the five jobs are done", || {
+                done.borrow().len() == 5 * (round as usize + 1)
+            })
+            .await;
             // Three of the five ended; two wait.
-            while w.idle() != 2 {
-                monoio::time::sleep(std::time::Duration::from_millis(1)).await;
-            }
+            crate::sync::yield_until("two workers wait", || w.idle() == 2).await;
         }
         // Round 1 reused the two idle workers and started three.
         assert_eq!(started.get(), 8);

@@ -160,9 +160,8 @@ mod tests {
         for i in 0..100 {
             tx.send(i).unwrap();
             if i % 10 == 0 {
-                // Lets the reader run between sends (a timer tick, not a
-                // wait on time: the order is what is checked).
-                monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+                // Lets the reader run between sends.
+                crate::sync::yield_now().await;
             }
         }
         tx2.send(100).unwrap();
