@@ -354,9 +354,17 @@ fn classify_field_name_error(head: &[u8], fields_start: usize) -> HeadError {
 
 /// Classify the request-target (RFC 9112 §3.2). The gateway serves
 /// origin-form, accepts absolute-form as §3.2.2 requires of servers, and
-/// `*` only for OPTIONS; authority-form (CONNECT) is not served.
+/// `*` only for OPTIONS; authority-form (CONNECT) is not served. No form
+/// has a fragment (origin-form is path and query; absolute-form is an
+/// absolute-URI, RFC 3986 §4.3): a `#` is refused rather than routed on as
+/// part of the path while the app may read it as the fragment's start.
 fn target_form(head: &[u8], method: &str, target: &str) -> Result<TargetForm, HeadError> {
     let t = target.as_bytes();
+    if t.contains(&b'#') {
+        return Err(HeadError::InvalidTarget(
+            "'#' (a fragment) in request-target",
+        ));
+    }
     if t.first() == Some(&b'/') {
         return Ok(TargetForm::Origin);
     }
@@ -380,7 +388,7 @@ fn target_form(head: &[u8], method: &str, target: &str) -> Result<TargetForm, He
     let rest = &t[after_scheme..];
     let authority_len = rest
         .iter()
-        .position(|&b| matches!(b, b'/' | b'?' | b'#'))
+        .position(|&b| matches!(b, b'/' | b'?'))
         .unwrap_or(rest.len());
     let authority = &rest[..authority_len];
     // An http(s) URI with an empty host is invalid (RFC 9110 §4.2.1, §4.2.2).
@@ -763,6 +771,11 @@ mod tests {
             b"GET ftp://h/x HTTP/1.1\r\nHost: h\r\n\r\n",
             b"GET http:///x HTTP/1.1\r\nHost: h\r\n\r\n",
             b"GET http://u@h/x HTTP/1.1\r\nHost: h\r\n\r\n",
+            // A fragment, in any form.
+            b"GET /x#f HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET /x?q=1#f HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET http://h/x#f HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET http://h#f HTTP/1.1\r\nHost: h\r\n\r\n",
         ] {
             let e = parse(buf).expect_err(&String::from_utf8_lossy(buf));
             assert!(matches!(e, HeadError::InvalidTarget(_)), "{e:?}");
