@@ -21,7 +21,7 @@ use anp_proxy::protocol::anpx::{BodyCrc, ChunkInfo};
 use anp_proxy::ws::{encode_header, OpCodeKind};
 use bytes::BytesMut;
 use common::client::{self, read_response};
-use common::procs::Token;
+use common::procs::{ReceiverConfig, Token};
 use common::rawpeer::{self, RawPeer, MASK};
 use common::{wait_until, App, Gateway, GatewayConfig, Receiver, ALICE_TOKEN, BOB_TOKEN};
 
@@ -817,4 +817,61 @@ fn the_open_file_limit_is_raised_to_the_hard_limit_at_start() {
         .proc
         .wait_log(&["open-file limit is below", "gateway.max_connections"]);
     assert!(line.contains("limit=300"), "{line}");
+}
+
+/// A receiver started with a soft open-file limit of 64 raises it to the
+/// hard limit, and so calls the app on more connections at once than 64
+/// (each request held at the app has its own); one whose hard limit is
+/// below what `max_concurrent` needs says so at start.
+#[test]
+fn the_receivers_open_file_limit_is_raised_so_it_holds_more_app_calls() {
+    const HELD: usize = 150;
+    let (_, hard) = open_files("self");
+    assert!(
+        hard >= 4 * HELD as u64,
+        "this test needs a hard open-file limit of at least {} (ulimit -Hn), not {hard}",
+        4 * HELD
+    );
+    let app = App::start();
+    let gw = Gateway::start(&GatewayConfig::default());
+    let cfg = ReceiverConfig::new(gw.addr, app.addr, ALICE_TOKEN, 1);
+    let mut alice = Receiver::start_with_ulimit(&cfg, "-Sn 64");
+    let line = alice.proc.wait_log(&["open-file limit raised"]);
+    assert!(line.contains("was=64"), "{line}");
+    alice.wait_connected(1);
+    let (soft, _) = open_files(&alice.proc.pid().to_string());
+    assert_eq!(soft, hard, "the soft limit is now the hard one");
+    // All held at the app at once, then all answered: with 64 descriptors
+    // the receiver could not open their app connections.
+    let clients: Vec<_> = (0..HELD)
+        .map(|i| {
+            let addr = gw.addr;
+            std::thread::spawn(move || {
+                let name = format!("held-{i}");
+                client::request(addr, "GET", "/alice/held", &[("X-Test-Hold", &name)], b"")
+            })
+        })
+        .collect();
+    for i in 0..HELD {
+        app.wait_arrived(&format!("held-{i}"));
+    }
+    for i in 0..HELD {
+        app.release(&format!("held-{i}"));
+    }
+    for (i, c) in clients.into_iter().enumerate() {
+        let r = c.join().unwrap();
+        assert_eq!(r.status, 200, "request {i}: {}", r.summary());
+    }
+    drop(alice);
+
+    let mut cfg = ReceiverConfig::new(gw.addr, app.addr, ALICE_TOKEN, 1);
+    cfg.max_concurrent = 500;
+    let mut low = Receiver::start_with_ulimit(&cfg, "-n 300");
+    let line = low
+        .proc
+        .wait_log(&["open-file limit is below", "receiver.max_concurrent"]);
+    assert!(
+        line.contains("limit=300") && line.contains("need=756"),
+        "{line}"
+    );
 }

@@ -743,6 +743,19 @@ impl Receiver {
         Receiver { proc, connected: 0 }
     }
 
+    /// [`Receiver::start_with`] under `ulimit {limits}` (e.g. `-Sn 64`).
+    pub fn start_with_ulimit(cfg: &ReceiverConfig, limits: &str) -> Receiver {
+        let (proc, _) = Proc::anp_proxy_toml_via(
+            "receiver",
+            "receiver",
+            &cfg.to_toml(),
+            &[],
+            &cfg.env,
+            Some(limits),
+        );
+        Receiver { proc, connected: 0 }
+    }
+
     /// Starts a receiver from a config file the test wrote.
     pub fn start_file(config: &Path) -> Receiver {
         Receiver {
