@@ -878,7 +878,10 @@ async fn handle_request(ctx: &CoreRx, job: Job) {
     };
     match result {
         Some(Ok(())) => {}
-        Some(Err(UpstreamError::TunnelGone)) | None => {
+        // The gateway let the request go (its client left, mid-upload or
+        // before the answer) or the tunnel went: nothing an operator of
+        // this receiver can act on, and a client can cause it at will.
+        Some(Err(UpstreamError::TunnelGone | UpstreamError::Aborted)) | None => {
             tracing::debug!(%request_id, "upstream call abandoned");
         }
         Some(Err(e)) => {
