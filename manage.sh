@@ -20,7 +20,10 @@
 #            sends it nothing new, its requests in flight finish): no gap.
 #            Under the gateway's `duplicate_tunnels = "refuse"` the new one
 #            is refused while the old one holds tunnels: stop, then start.
-#   reload   SIGHUP: routes, tokens and certificates, no connection dropped.
+#   reload   gateway: SIGHUP: routes, tokens, certificates and limits, no
+#            connection dropped. receiver: a restart (above), which applies
+#            the whole new configuration without a gap (a receiver does
+#            not reload in place; sent SIGHUP, it keeps running and says so).
 set -euo pipefail
 cd "$(dirname "$0")"
 cmd=${1:-status}
@@ -142,10 +145,12 @@ restart() {
   echo "$role restarted (pid $old -> $new), log: $LOG"
 }
 
-# SIGHUP, then waits (up to 10 s) for the gateway to say how it went:
+# Gateway: SIGHUP, then waits (up to 10 s) for it to say how it went:
 # `anp-proxy reloaded …` (exit 0) or `anp-proxy reload failed: …` (exit 1).
+# Receiver: `restart`, the gapless replacement.
 reload() {
   if ! running; then echo "$role not running" >&2; exit 3; fi
+  if [ "$role" = receiver ]; then restart; return; fi
   local from; from=$(($(wc -l <"$LOG") + 1))
   kill -HUP "$(cat "$PID")"
   local line=""

@@ -6,7 +6,9 @@
 //!   run's log repeated;
 //! - `restart receiver` starts the new receiver first and then drains the
 //!   old one: a client loop through the gateway sees no failure, and the
-//!   old process is gone afterwards.
+//!   old process is gone afterwards; a SIGHUP leaves the receiver serving
+//!   (it says it did not reload), and `reload receiver` replaces it as
+//!   `restart` does.
 //!
 //! The real binary and script; ports 0; the loop's progress is waited on
 //! with `wait_until`, never slept on.
@@ -17,7 +19,7 @@ use std::time::Duration;
 
 use common::load::Load;
 use common::managed::Managed;
-use common::{client, App, Gateway, GatewayConfig, ALICE_TOKEN};
+use common::{client, wait_until, App, Gateway, GatewayConfig, ALICE_TOKEN};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -66,7 +68,7 @@ fn start_with_a_config_check_refuses_launches_nothing() {
 }
 
 #[test]
-fn restart_receiver_replaces_it_without_a_failed_request() {
+fn restart_sighup_and_reload_leave_a_receiver_serving_without_a_failed_request() {
     let app = App::start();
     // No grace for a missing tunnel: a gap between the old receiver and
     // the new one would be a 503 at once, not hidden by a wait.
@@ -102,13 +104,33 @@ fn restart_receiver_replaces_it_without_a_failed_request() {
         "restart returned with the old receiver ({old}) running"
     );
     load.wait_more(50, "requests through the new receiver", WAIT);
+
+    // SIGHUP (`kill -HUP`, a closed terminal) would end a process that
+    // does not handle it: the receiver keeps serving and says how it
+    // takes a new configuration.
+    common::sys::signal(new, libc::SIGHUP);
+    wait_until("the receiver's answer to SIGHUP", WAIT, || {
+        m.log()
+            .contains("anp-proxy reload failed: a receiver applies a new configuration")
+    });
+    load.wait_more(50, "requests through the receiver after SIGHUP", WAIT);
+    assert!(!gone(new), "SIGHUP ended the receiver");
+    assert_eq!(m.pid(), new);
+
+    // `reload receiver` is that replacement, without a gap.
+    let out = m.run(&["reload", "receiver"]);
+    let newest = m.pid();
+    assert_ne!(newest, new, "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(gone(new), "reload returned with the old receiver running");
+    load.wait_more(50, "requests through the reloaded receiver", WAIT);
+
     let (ok, failures) = load.finish();
     assert!(
         failures.is_empty(),
-        "manage.sh restart receiver: {ok} ok, {} failed: {:?}",
+        "manage.sh restart receiver, SIGHUP, reload receiver: {ok} ok, {} failed: {:?}",
         failures.len(),
         &failures[..failures.len().min(5)]
     );
     m.run(&["stop", "receiver"]);
-    assert!(gone(new));
+    assert!(gone(newest));
 }

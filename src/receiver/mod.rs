@@ -168,9 +168,10 @@ const MAX_TUNNELS: usize = 64;
 /// returns.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     // Installed before any core starts: from its first `connected` line
-    // on, a signal shuts the receiver down instead of killing it.
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+    // on, a signal shuts the receiver down instead of killing it, and a
+    // SIGHUP (which would kill it by default) is answered.
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .context("cannot install signal handlers")?;
     let r = cfg.receiver.clone();
     // URLs, TLS files and the DID key, exactly as `anp-proxy check` checks
@@ -313,6 +314,7 @@ fn start_admin(
 
 /// The main thread's life after start: waits for SIGTERM/SIGINT. The
 /// first starts the shutdown (`drain.rs`); a second one exits at once.
+/// SIGHUP changes nothing: see [`no_reload`].
 fn serve_signals(
     mut signals: signal_hook::iterator::Signals,
     orders: Vec<futures_channel::oneshot::Sender<DrainOrder>>,
@@ -323,6 +325,10 @@ fn serve_signals(
     let handle = signals.handle();
     let mut orders = Some(orders);
     for sig in signals.forever() {
+        if sig == signal_hook::consts::SIGHUP {
+            no_reload();
+            continue;
+        }
         let Some(orders) = orders.take() else {
             tracing::warn!(
                 signal = sig,
@@ -338,6 +344,23 @@ fn serve_signals(
         shut_down(orders, grace, close_grace, handle.clone());
     }
     Ok(())
+}
+
+/// SIGHUP (`kill -HUP`, a closed terminal, a gateway's reload sent to
+/// every `anp-proxy`): the receiver's keys live in every core's state and
+/// its tunnels, so it takes a new configuration by being replaced, which
+/// `./manage.sh reload receiver` does without a gap (a new receiver first,
+/// then this one drains). It keeps running as it is and says so, in the
+/// log and in the stdout line a gateway's reload prints, for scripts.
+fn no_reload() {
+    use std::io::Write;
+    let why = "a receiver applies a new configuration by being replaced: \
+               `./manage.sh reload receiver` (or `restart receiver`) starts a new one, \
+               then this one drains, without a gap";
+    tracing::warn!("SIGHUP: configuration not reloaded; still running as it was: {why}");
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "anp-proxy reload failed: {why}");
+    let _ = out.flush();
 }
 
 /// Tells every core to shut down within `grace`; a thread waits for their
