@@ -545,3 +545,50 @@ fn a_client_that_leaves_the_queue_is_never_forwarded() {
         "a request whose client left the queue reached the app"
     );
 }
+
+/// A client that closes its connection while its request waits for the
+/// identity's tunnel to connect (`no_tunnel_wait`, an hour here) is let go
+/// at once: the gateway closes its side with no answer, instead of holding
+/// the descriptor for the rest of the wait. Both ways in: a request, and a
+/// WebSocket upgrade to pass through (which wrote a `499` status line to
+/// the half-closed client before). The gateway's descriptors come back.
+#[test]
+fn a_client_that_leaves_while_waiting_for_a_tunnel_is_let_go() {
+    use std::io::{Read, Write};
+    let r = rig(&cfg(1, "no_tunnel_wait = 3600\n"), false);
+    let pid = r.gw.proc.pid();
+    let fds_before = common::sys::fd_count(pid);
+    let heads = [
+        "GET /bob/waiting HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+        "GET /bob/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            .to_string(),
+    ];
+    for head in heads {
+        let mut c = std::net::TcpStream::connect(r.gw.addr).unwrap();
+        c.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        c.write_all(head.as_bytes()).unwrap();
+        // Waiting now, for a tunnel that does not come (bob has none) …
+        wait_until("the request to wait", Duration::from_secs(10), || {
+            common::sys::fd_count(pid) > fds_before
+        });
+        // … and the client leaves.
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        let n = c.read_to_end(&mut got);
+        assert!(
+            matches!(n, Ok(0)),
+            "{:?}: expected the gateway to close at once with no answer, got {n:?} {:?}",
+            head.lines().next(),
+            String::from_utf8_lossy(&got)
+        );
+        wait_until("the descriptor back", Duration::from_secs(10), || {
+            common::sys::fd_count(pid) == fds_before
+        });
+    }
+    // Alice, with her tunnel, is served meanwhile and after.
+    assert_eq!(
+        request(r.gw.addr, "GET", "/alice/after", &[], b"").status,
+        200
+    );
+}

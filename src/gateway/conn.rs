@@ -565,9 +565,9 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent + Movable>(
     // Borrowed from this core's table (`routes` lives to the end): no
     // atomic reference count touched per request.
     let identity = &route.identity;
-    if !ctx.wait_for_tunnel(identity).await {
-        return Err((ProxyError::NoTunnel(identity.to_string()), false));
-    }
+    tunnel_unless_gone(ctx, io, identity)
+        .await
+        .map_err(|e| (e, false))?;
     // A place in flight for the identity (its queue, fair turns, or 503
     // at once); held until the response head is here or the request fails.
     let _place = enter_unless_gone(ctx, io, identity)
@@ -765,25 +765,53 @@ impl Rhythm {
 /// this much later at most.
 const WATCH_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// A place in flight for `identity` (`admission.rs`). A client that
-/// closes its connection while its request waits in the identity's queue
-/// leaves the queue: its request is never forwarded. Watched only when
-/// the place is not free at once (a watch is a PollAdd and its cancel).
-async fn enter_unless_gone<S: Movable>(
+/// A tunnel of `identity` (waiting up to `no_tunnel_wait` for one to
+/// connect, `CoreCtx::wait_for_tunnel`), unless the client leaves first.
+pub(super) async fn tunnel_unless_gone<S: Movable>(
+    ctx: &CoreCtx,
+    io: &S,
+    identity: &str,
+) -> Result<(), ProxyError> {
+    let wait = async {
+        match ctx.wait_for_tunnel(identity).await {
+            true => Ok(()),
+            false => Err(ProxyError::NoTunnel(identity.to_string())),
+        }
+    };
+    unless_gone(io, wait, "while its request waited for a tunnel").await
+}
+
+/// A place in flight for `identity` (`Admission::enter`), unless the
+/// client leaves first.
+pub(super) async fn enter_unless_gone<S: Movable>(
     ctx: &CoreCtx,
     io: &S,
     identity: &str,
 ) -> Result<super::admission::Place, ProxyError> {
+    let enter = ctx.admission.enter(identity);
+    unless_gone(io, enter, "while its request waited for a place in flight").await
+}
+
+/// `wait`, unless the client closes its connection first: then the
+/// request is dropped (`ClientGone`, `during` saying what it waited for)
+/// and the connection with it, at once. Every wait before the request is
+/// forwarded goes through here, so a client that gave up holds neither a
+/// descriptor nor a place in a queue for the rest of a wait it no longer
+/// sees the end of. A wait that is over at once watches nothing (the watch
+/// is an io_uring PollAdd and its cancel).
+async fn unless_gone<S: Movable, T>(
+    io: &S,
+    wait: impl std::future::Future<Output = Result<T, ProxyError>>,
+    during: &'static str,
+) -> Result<T, ProxyError> {
     use futures_util::FutureExt as _;
-    let mut enter = std::pin::pin!(ctx.admission.enter(identity));
-    if let Some(r) = (&mut enter).now_or_never() {
+    let mut wait = std::pin::pin!(wait);
+    if let Some(r) = (&mut wait).now_or_never() {
         return r;
     }
     monoio::select! {
-        r = enter => r,
-        () = io.closed_by_peer() => {
-            Err(ProxyError::ClientGone("while its request waited for a place in flight"))
-        }
+        r = wait => r,
+        () = io.closed_by_peer() => Err(ProxyError::ClientGone(during)),
     }
 }
 

@@ -233,8 +233,8 @@ pub(super) async fn serve<S>(
         path: raw_path,
         peer: from.peer,
     };
-    let (up, mut waiter, slot, place) = match open(&ctx, &head, &head_buf, &from, &mut rec.ex).await
-    {
+    let opened = open(&ctx, &io, &head, &head_buf, &from, &mut rec.ex).await;
+    let (up, mut waiter, slot, place) = match opened {
         Ok(o) => o,
         Err(e) => return refused(&ctx, &mut io, &mut out, rec, &e).await,
     };
@@ -377,7 +377,10 @@ async fn refuse<S: AsyncWriteRent>(
     let status = error_reply(e).status;
     let path = String::from_utf8_lossy(path);
     let side = e.side().as_str();
-    if status >= 500 && status != 501 {
+    if let ProxyError::ClientGone(_) = e {
+        // Nobody to answer (`write_error` writes nothing for it).
+        tracing::info!(%peer, %path, error = %e, side, "client went away");
+    } else if status >= 500 && status != 501 {
         tracing::warn!(%peer, %path, error = %e, kind = error_kind(e), side, status, "upgrade failed");
     } else {
         tracing::info!(%peer, %path, error = %e, kind = error_kind(e), side, status, "upgrade refused");
@@ -398,8 +401,9 @@ type Opened<'a> = (
 /// Everything before the app's answer: the route, its tunnel on this core
 /// (which must have negotiated `upgrade`), the identity's stream limit and
 /// a place in flight, then chunk 0 of the request.
-async fn open<'a>(
+async fn open<'a, S: Movable>(
     ctx: &'a CoreCtx,
+    io: &S,
     head: &RequestHead,
     head_buf: &[u8],
     from: &From,
@@ -435,9 +439,7 @@ async fn open<'a>(
     };
     ex.set_route(route);
     let identity = route.identity.clone();
-    if !ctx.wait_for_tunnel(&identity).await {
-        return Err(ProxyError::NoTunnel(identity.to_string()));
-    }
+    super::conn::tunnel_unless_gone(ctx, io, &identity).await?;
     // A byte stream cannot take the whole-message cross-core path (plain
     // TCP was moved to a core with a tunnel before; TLS cannot move).
     let Some(tunnel) = ctx.local_tunnel(&identity, from.conn_id) else {
@@ -453,7 +455,7 @@ async fn open<'a>(
             "upgraded stream refused: max_upgraded_per_identity streams are open");
         return Err(ProxyError::UpgradedLimit(max));
     };
-    let place = ctx.admission.enter(&identity).await?;
+    let place = super::conn::enter_unless_gone(ctx, io, &identity).await?;
     let meta = build_upgrade_meta(head, head_buf, from.peer, from.tls, s.trust_forwarded);
     // An upload piece waits for credit at most the idle limit: an app that
     // reads nothing for that long ends the stream like silence would.

@@ -274,7 +274,8 @@ pub(super) struct ErrorWritten {
     pub bytes: u64,
 }
 
-/// Writes the gateway's own error reply.
+/// Writes the gateway's own error reply. A client that left gets none:
+/// its 499 is for the access log and the counters, never for the wire.
 pub(super) async fn write_error<S: AsyncWriteRent>(
     io: &mut S,
     out: &mut Vec<u8>,
@@ -283,6 +284,13 @@ pub(super) async fn write_error<S: AsyncWriteRent>(
     persist: Persist,
 ) -> ErrorWritten {
     let r = error_reply(err);
+    if let ProxyError::ClientGone(_) = err {
+        return ErrorWritten {
+            ok: false,
+            status: r.status,
+            bytes: 0,
+        };
+    }
     out.clear();
     http::headers::write_status_line(
         out,
