@@ -66,6 +66,19 @@ pub struct ReceiverPlan {
 pub fn gateway(cfg: &Config) -> Result<GatewayPlan, PreflightError> {
     let acceptors = accept::load_acceptors(cfg)?;
     let mut warnings = Vec::new();
+    // A certificate and key written but the table left off serves plain
+    // HTTP: say so, rather than let the start line's `http://` be the clue.
+    let g = &cfg.gateway;
+    for (table, t) in [("tls", Some(&g.tls)), ("tunnel_tls", g.tunnel_tls.as_ref())] {
+        let Some(t) = t else { continue };
+        let files = !t.cert_file.is_empty() || !t.key_file.is_empty();
+        if files && !t.enabled {
+            warnings.push(format!(
+                "gateway.{table}: cert_file / key_file are set but enabled = false: \
+                 its port serves plain HTTP and ws:// (set enabled = true for TLS)"
+            ));
+        }
+    }
     let a = &cfg.gateway.auth;
     if a.did_wba_enabled && !a.did_documents_dir.is_empty() {
         // The only source of documents when set (DidAuth::from_config): a
@@ -300,5 +313,28 @@ mod tests {
         .unwrap();
         assert_eq!(plan.warnings.len(), 1, "{:?}", plan.warnings);
         assert!(plan.warnings[0].contains("did:wba:a.example:x"));
+    }
+
+    /// A TLS table with its files written but left off serves plain HTTP,
+    /// and says so; the shipped shape (off, no files) says nothing.
+    #[test]
+    fn tls_files_without_enabled_are_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let warned = |text: &str| gateway(&cfg(text, dir.path())).unwrap().warnings;
+        let w = warned("[gateway.tls]\nenabled = false\ncert_file = 'a.crt'\nkey_file = 'a.key'\n");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("gateway.tls:") && w[0].contains("enabled = false"),
+            "{w:?}"
+        );
+        let w = warned("[gateway]\ntunnel_port = 0\n[gateway.tunnel_tls]\ncert_file = 'a.crt'\n");
+        assert!(
+            w.len() == 1 && w[0].contains("gateway.tunnel_tls:"),
+            "{w:?}"
+        );
+        assert_eq!(
+            warned("[gateway.tls]\nenabled = false\ncert_file = ''\n"),
+            Vec::<String>::new()
+        );
     }
 }
