@@ -592,3 +592,57 @@ fn a_client_that_leaves_while_waiting_for_a_tunnel_is_let_go() {
         200
     );
 }
+
+/// The same across cores: with two workers and one tunnel, a request
+/// accepted on the core without it is handed to the other (the whole
+/// request, through a channel). Its client leaving drops that call too,
+/// and the receiver gives the app call up, long before `timeout` (an
+/// hour here); the requests held beside it are served when released.
+#[test]
+fn a_client_that_leaves_cancels_its_request_across_cores() {
+    let app = App::start();
+    let config = GatewayConfig {
+        timeout: 3600.0,
+        ..cfg(2, "")
+    };
+    let (gw, admin) = Gateway::start_with_admin(&config);
+    let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 1);
+    rx.wait_connected(1);
+    let crossed = || metric(admin, "anp_proxy_cross_core_dispatch_total");
+    // Held requests on new connections until one has crossed (which
+    // core accepts a connection is the kernel's choice).
+    let mut held = Vec::new();
+    for i in 0.. {
+        assert!(
+            i < 64,
+            "64 connections and none accepted on the core without the tunnel"
+        );
+        let before = crossed();
+        let name = format!("held-{i}");
+        let mut c = Conn::connect(gw.addr);
+        c.send(
+            "GET",
+            &format!("/alice/{name}"),
+            &[("X-Test-Hold", &name)],
+            b"",
+        )
+        .unwrap();
+        app.wait_arrived(&name);
+        if crossed() > before {
+            // This one crossed: its client leaves.
+            drop(c);
+            app.wait_abandoned(&name);
+            rx.proc
+                .wait_log(&["request cancelled by the gateway", "client went away"]);
+            break;
+        }
+        held.push((name, c));
+    }
+    for (name, mut c) in held {
+        app.release(&name);
+        assert_eq!(c.read().unwrap().status, 200, "{name}");
+    }
+    wait_until("nothing left in flight", Duration::from_secs(10), || {
+        metric(admin, "anp_requests_in_flight") == 0
+    });
+}

@@ -616,7 +616,8 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent + Movable>(
         chunked.then_some(body.len()),
         ctx.settings.trust_forwarded,
     );
-    ctx.dispatch(identity, ProxyRequest { meta, body }, conn_id)
+    let call = ctx.dispatch(identity, ProxyRequest { meta, body }, conn_id);
+    dispatch_unless_gone(io, call)
         .await
         .map(|r| {
             ex.request_id = Some(r.request_id);
@@ -764,6 +765,27 @@ impl Rhythm {
 /// request), short beside any client timeout: a client that left is seen
 /// this much later at most.
 const WATCH_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A whole request sent through `CoreCtx::dispatch` (a plain v1 tunnel,
+/// or one on another core), watched as `wait_head` watches the streaming
+/// path's: once it is late by `WATCH_AFTER`, a client that closes its
+/// connection drops the call, which aborts it at the receiver (through
+/// the other core when it crossed), so no work goes on for nobody.
+async fn dispatch_unless_gone<S: Movable>(
+    io: &S,
+    call: impl std::future::Future<Output = super::core::ProxyResult>,
+) -> super::core::ProxyResult {
+    let mut call = std::pin::pin!(call);
+    if let Ok(r) = monoio::time::timeout(WATCH_AFTER, call.as_mut()).await {
+        return r;
+    }
+    monoio::select! {
+        r = call => r,
+        () = io.closed_by_peer() => {
+            Err(ProxyError::ClientGone("before the response head arrived"))
+        }
+    }
+}
 
 /// A tunnel of `identity` (waiting up to `no_tunnel_wait` for one to
 /// connect, `CoreCtx::wait_for_tunnel`), unless the client leaves first.

@@ -905,8 +905,23 @@ impl CoreCtx {
             return;
         };
         monoio::spawn(async move {
-            let res = t.call(&self, m.req).await;
-            let _ = m.reply.send(res);
+            // The handing core drops its end when its client leaves
+            // (`conn.rs::dispatch_unless_gone`): the call is dropped then,
+            // which aborts it at the receiver (`Tunnel::call`).
+            let mut reply = m.reply;
+            let mut call = std::pin::pin!(t.call(&self, m.req));
+            let res = std::future::poll_fn(|cx| {
+                use std::future::Future as _;
+                use std::task::Poll;
+                match call.as_mut().poll(cx) {
+                    Poll::Ready(r) => Poll::Ready(Some(r)),
+                    Poll::Pending => reply.poll_canceled(cx).map(|()| None),
+                }
+            })
+            .await;
+            if let Some(res) = res {
+                let _ = reply.send(res);
+            }
         });
     }
 

@@ -274,7 +274,17 @@ impl Tunnel {
     pub async fn call(self: &Rc<Self>, ctx: &CoreCtx, req: ProxyRequest) -> ProxyResult {
         let (_up, mut waiter) = self.start(ctx, req.meta, req.body, true)?;
         let request_id = waiter.id;
-        let head = waiter.wait(ctx.settings.timeout).await?;
+        // Dropped before its head arrives (its client left, `conn.rs`, or
+        // the core that handed it over stopped waiting, `core.rs`), the
+        // request is aborted at the receiver, as `Waiter::abandon` does;
+        // after the head, `BodyStream`'s drop does the same.
+        let abandon = CancelOnDrop {
+            tunnel: self,
+            id: request_id,
+        };
+        let head = waiter.wait(ctx.settings.timeout).await;
+        abandon.disarm();
+        let head = head?;
         match head.body {
             RespBody::Full(body) => Ok(ProxyResponse {
                 meta: head.meta,
@@ -526,6 +536,24 @@ impl BodyStream {
             self.tunnel.send_credit(self.id, self.consumed);
             self.consumed = 0;
         }
+    }
+}
+
+/// Cancels request `id` at the receiver when dropped, unless disarmed.
+struct CancelOnDrop<'a> {
+    tunnel: &'a Tunnel,
+    id: u64,
+}
+
+impl CancelOnDrop<'_> {
+    fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        self.tunnel.cancel(self.id, "client went away");
     }
 }
 
