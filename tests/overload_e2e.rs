@@ -646,3 +646,74 @@ fn a_client_that_leaves_cancels_its_request_across_cores() {
         metric(admin, "anp_requests_in_flight") == 0
     });
 }
+
+/// And for a WebSocket upgrade waiting for the app's answer (101 or not):
+/// its client leaving cancels the app call long before `timeout`.
+#[test]
+fn a_client_that_leaves_an_upgrade_cancels_it() {
+    use std::io::Write;
+    let config = GatewayConfig {
+        timeout: 3600.0,
+        ..cfg(1, "")
+    };
+    let mut r = rig(&config, false);
+    let mut c = std::net::TcpStream::connect(r.gw.addr).unwrap();
+    c.write_all(
+        b"GET /alice/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          X-Test-Hold: upgrade\r\n\r\n",
+    )
+    .unwrap();
+    r.app.wait_arrived("upgrade");
+    drop(c);
+    r.app.wait_abandoned("upgrade");
+    r.rx[0]
+        .proc
+        .wait_log(&["request cancelled by the gateway", "client went away"]);
+    assert_eq!(
+        request(r.gw.addr, "GET", "/alice/after", &[], b"").status,
+        200
+    );
+}
+
+/// A request queued for a place in flight gives up after `queue_timeout`
+/// with 503 + Retry-After (counted as `queue_timeout`), while the request
+/// holding the place is still at the app: nothing else has happened to
+/// wake the queued one. Both ways in (a request, an upgrade).
+#[test]
+fn a_queued_request_gives_up_after_queue_timeout() {
+    let extra = "max_inflight_per_identity = 1\nmax_queue_per_identity = 8\nqueue_timeout = 0.5\n";
+    let r = rig(&cfg(1, extra), false);
+    let mut holder = Conn::connect(r.gw.addr);
+    holder
+        .send("GET", "/alice/holder", &[("X-Test-Hold", "holder")], b"")
+        .unwrap();
+    r.app.wait_arrived("holder");
+    let queued = request(r.gw.addr, "GET", "/alice/queued", &[], b"");
+    assert_eq!(queued.status, 503, "{}", queued.summary());
+    assert!(
+        queued.header("retry-after").is_some(),
+        "{}",
+        queued.summary()
+    );
+    let upgrade = request(
+        r.gw.addr,
+        "GET",
+        "/alice/ws",
+        &[
+            ("Connection", "Upgrade"),
+            ("Upgrade", "websocket"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+        b"",
+    );
+    assert_eq!(upgrade.status, 503, "{}", upgrade.summary());
+    assert_eq!(
+        metric(r.admin, "anp_shed_total{reason=\"queue_timeout\"}"),
+        2
+    );
+    assert!(!r.app.has_arrived("queued"));
+    r.app.release("holder");
+    assert_eq!(holder.read().unwrap().status, 200);
+}

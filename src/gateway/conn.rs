@@ -819,22 +819,31 @@ pub(super) async fn enter_unless_gone<S: Movable>(
 /// and the connection with it, at once. Every wait before the request is
 /// forwarded goes through here, so a client that gave up holds neither a
 /// descriptor nor a place in a queue for the rest of a wait it no longer
-/// sees the end of. A wait that is over at once watches nothing (the watch
-/// is an io_uring PollAdd and its cancel).
+/// sees the end of. A wait that is over at its first poll watches nothing
+/// (the watch is an io_uring PollAdd and its cancel, and the future only
+/// submits it when polled). That first poll has the task's own waker: a
+/// monoio timer keeps the first waker it is polled with, so a first poll
+/// with a stand-in (`now_or_never`) left `queue_timeout` and the
+/// `no_tunnel_wait` ticks waking nobody.
 async fn unless_gone<S: Movable, T>(
     io: &S,
     wait: impl std::future::Future<Output = Result<T, ProxyError>>,
     during: &'static str,
 ) -> Result<T, ProxyError> {
-    use futures_util::FutureExt as _;
+    use std::future::Future as _;
+    use std::task::Poll;
     let mut wait = std::pin::pin!(wait);
-    if let Some(r) = (&mut wait).now_or_never() {
-        return r;
-    }
-    monoio::select! {
-        r = wait => r,
-        () = io.closed_by_peer() => Err(ProxyError::ClientGone(during)),
-    }
+    let mut gone = std::pin::pin!(io.closed_by_peer());
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = wait.as_mut().poll(cx) {
+            return Poll::Ready(r);
+        }
+        match gone.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(ProxyError::ClientGone(during))),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Waits for the response head. A client that closes its connection
@@ -842,7 +851,7 @@ async fn unless_gone<S: Movable, T>(
 /// that gave up would otherwise leave their requests running ahead of live
 /// ones (each holding a receiver permit and an app call), and the work
 /// done for nobody grows until no request is answered in time.
-async fn wait_head<S: Movable>(
+pub(super) async fn wait_head<S: Movable>(
     io: &S,
     waiter: &mut super::tunnel::Waiter,
     timeout: std::time::Duration,

@@ -238,8 +238,12 @@ pub(super) async fn serve<S>(
         Ok(o) => o,
         Err(e) => return refused(&ctx, &mut io, &mut out, rec, &e).await,
     };
-    // The app's answer: 101, or an ordinary response.
-    let resp = waiter.wait(ctx.settings.timeout).await;
+    // The app's answer: 101, or an ordinary response. A client that
+    // leaves meanwhile cancels the request, as on the plain path.
+    let resp = super::conn::wait_head(&io, &mut waiter, ctx.settings.timeout)
+        .await
+        .map(|(head, _)| head)
+        .map_err(|(e, _)| e);
     drop(place);
     let resp = match resp {
         Ok(r) if r.meta.status() == 101 => r,
