@@ -222,6 +222,11 @@ pub struct GatewayConfig {
     /// Longest pause, in seconds, between pieces of a streamed response
     /// body (SSE, long downloads) before the client connection is closed.
     pub stream_idle_timeout: Seconds,
+    /// Seconds a client may leave what the gateway sent it unread (its
+    /// receive window closed) or unacknowledged before the connection is
+    /// aborted (`TCP_USER_TIMEOUT`); 0 = the kernel's default (no limit
+    /// on a closed window).
+    pub send_timeout: Seconds,
     /// Seconds an upgraded (WebSocket pass-through) stream may carry no
     /// byte in either direction before both ends are closed; 0 = no limit.
     pub upgrade_idle_timeout: Seconds,
@@ -382,6 +387,7 @@ impl Default for GatewayConfig {
             timeout: Seconds(30.0),
             keepalive_timeout: Seconds(60.0),
             stream_idle_timeout: Seconds(300.0),
+            send_timeout: Seconds(60.0),
             upgrade_idle_timeout: Seconds(300.0),
             max_upgraded_per_identity: 1024,
             header_timeout: Seconds(10.0),

@@ -27,6 +27,19 @@ pub fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(s.into())
 }
 
+/// Has the kernel abort the connection when what was sent on it stays
+/// unacknowledged, or the peer's receive window stays closed, for `d`
+/// (`TCP_USER_TIMEOUT`; Linux counts a closed window's probes against it,
+/// so a peer that stops reading is cut too). The write waiting on it then
+/// fails with ETIMEDOUT, through the usual error path: no timer of ours,
+/// and no write future dropped half-way (which a TLS stream does not
+/// survive).
+pub fn set_send_timeout(s: &impl std::os::fd::AsRawFd, d: std::time::Duration) -> io::Result<()> {
+    // SAFETY: `s` owns the descriptor and outlives this call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(s.as_raw_fd()) };
+    socket2::SockRef::from(&fd).set_tcp_user_timeout(Some(d))
+}
+
 /// Whether another socket listens on `addr`: a bind with `SO_REUSEADDR`
 /// but without `SO_REUSEPORT` fails with `EADDRINUSE` exactly then
 /// (`SO_REUSEADDR` lets it past sockets in TIME_WAIT and connections left

@@ -374,3 +374,58 @@ fn a_connection_that_sends_nothing_is_closed_at_header_timeout() {
         "a silent new connection should be closed after header_timeout (1 s), not keepalive_timeout (600 s)"
     );
 }
+
+/// A client that asks for a large response and then reads nothing (a
+/// slow-read attack) is cut after `send_timeout`: the gateway's write to
+/// it fails, the response ends (its access-log line is written with the
+/// bytes that left) and the app call is cancelled at the receiver, so the
+/// client holds no receiver permit for longer. Another client is served
+/// meanwhile and after.
+#[test]
+fn a_client_that_stops_reading_is_cut_after_send_timeout() {
+    const BODY: usize = 48 << 20;
+    let app = App::start();
+    // One worker: the response streams through its tunnel's credit window
+    // (a request handed to another core is read whole first).
+    let mut gw = Gateway::start(&GatewayConfig {
+        workers: 1,
+        ..gateway("send_timeout = 1\n")
+    });
+    let mut rx = Receiver::start_with(&receiver(gw.addr, app.addr, ""));
+    rx.wait_connected(1);
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&gw.addr.into()).unwrap();
+    let mut stalled: TcpStream = sock.into();
+    stalled
+        .write_all(
+            format!("GET /alice/unread HTTP/1.1\r\nHost: x\r\nX-Test-Body-Len: {BODY}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+    // It reads nothing. The gateway gives the response up …
+    let line = gw.proc.wait_stdout("\"path\":\"/alice/unread\"");
+    let sent: u64 = line
+        .split("\"bytes_out\":")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no bytes_out in {line}"));
+    assert!(sent < BODY as u64, "the whole body left: {line}");
+    // … and the receiver gives the app call up.
+    rx.proc
+        .wait_log(&["request cancelled by the gateway", "client went away"]);
+    let r = client::request(gw.addr, "GET", "/alice/after", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.summary());
+    // The stalled client finds its connection cut once it reads.
+    stalled.set_read_timeout(Some(WAIT)).unwrap();
+    let mut sink = vec![0u8; 1 << 20];
+    let mut got = 0usize;
+    loop {
+        match stalled.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    assert!(got < BODY, "the stalled client got the whole body");
+}

@@ -340,6 +340,11 @@ fn admit(
         return;
     }
     let _ = stream.set_nodelay(true);
+    // A client that stops reading is cut after send_timeout, so it cannot
+    // hold its response's app call (and the receiver's permit) forever.
+    if let Some(d) = crate::config::secs(g.send_timeout) {
+        let _ = crate::net::set_send_timeout(&stream, d);
+    }
     ctx.last_accept.set(std::time::Instant::now());
     seq.set(seq.get() + 1);
     let conn_id = ((ctx.index as u64) << 48) | seq.get();
