@@ -717,3 +717,46 @@ fn a_queued_request_gives_up_after_queue_timeout() {
     r.app.release("holder");
     assert_eq!(holder.read().unwrap().status, 200);
 }
+
+/// A response to a request handed to another core streams across: it is
+/// not gathered on the tunnel's core first, so one larger than
+/// `max_body_size` (1 MiB here) arrives whole and intact, as it does on
+/// the tunnel's own core (it was answered 502 before).
+#[test]
+fn a_large_response_streams_across_cores() {
+    const LEN: usize = 4 << 20;
+    let app = App::start();
+    let config = GatewayConfig {
+        max_body_size: 1 << 20,
+        ..cfg(2, "")
+    };
+    let (gw, admin) = Gateway::start_with_admin(&config);
+    let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 1);
+    rx.wait_connected(1);
+    let crossed = || metric(admin, "anp_proxy_cross_core_dispatch_total");
+    let want = common::app::sha256_hex(&common::app::pattern_body(LEN));
+    let mut seen = [false, false];
+    for i in 0.. {
+        assert!(i < 64, "64 connections and not both cores seen");
+        let before = crossed();
+        let r = request(
+            gw.addr,
+            "GET",
+            &format!("/alice/big/{i}"),
+            &[("X-Test-Body-Len", &LEN.to_string())],
+            b"",
+        );
+        let across = crossed() > before;
+        assert_eq!(r.status, 200, "across cores: {across}; {}", r.summary());
+        assert_eq!(r.body.len(), LEN);
+        assert_eq!(
+            common::app::sha256_hex(&r.body),
+            want,
+            "across cores: {across}"
+        );
+        seen[usize::from(across)] = true;
+        if seen == [true, true] {
+            break;
+        }
+    }
+}

@@ -690,6 +690,32 @@ fn a_core_without_a_tunnel_crosses_and_counts_it() {
     drop(app);
 }
 
+/// Events stream across cores too: with one tunnel for two cores, an
+/// event stream whose connection landed on the core without it still
+/// arrives event by event (the app sends the next only after the client
+/// saw the last), not gathered on the tunnel's core until its end.
+#[test]
+fn events_stream_event_by_event_across_cores() {
+    let cfg = GatewayConfig {
+        workers: 2,
+        ..GatewayConfig::default()
+    };
+    let app = StreamApp::start();
+    let (gw, admin) = Gateway::start_with_admin(&cfg);
+    let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 1);
+    rx.wait_connected(1);
+    let crossed = || find_u64(&stats(admin), "cross_core_dispatch_total").unwrap();
+    for i in 0.. {
+        assert!(i < 64, "64 event streams and none crossed cores");
+        let before = crossed();
+        let mut d = lockstep_events(&app, &gw, "chunked", 5);
+        if crossed() > before {
+            print_delays("SSE across cores", &mut d);
+            break;
+        }
+    }
+}
+
 // ---------------------------------------------------------------- plain v1 fallback
 
 /// The plain v1 receiver (tests/streaming/plain_v1_receiver.py) for

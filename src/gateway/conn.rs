@@ -621,10 +621,13 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent + Movable>(
         .await
         .map(|r| {
             ex.request_id = Some(r.request_id);
-            let head = RespHead {
-                meta: r.meta,
-                body: RespBody::Full(r.body),
+            let body = match r.body {
+                super::core::CrossBody::Full(b) => RespBody::Full(b),
+                super::core::CrossBody::Stream(rx) => {
+                    RespBody::Stream(super::tunnel::BodyStream::remote(rx))
+                }
             };
+            let head = RespHead { meta: r.meta, body };
             (head, true)
         })
         .map_err(|e| (e, true))

@@ -34,16 +34,24 @@ pub struct ProxyRequest {
     pub body: Bytes,
 }
 
-/// A whole response from the receiver.
+/// A response from the receiver, as it can cross cores (`Send`).
 #[derive(Debug)]
 pub struct ProxyResponse {
     pub meta: binmeta::Response,
-    pub body: Bytes,
+    pub body: CrossBody,
     /// The ANPX `request_id` it travelled under (access log).
     pub request_id: u64,
 }
 
 pub type ProxyResult = Result<ProxyResponse, ProxyError>;
+
+/// A [`ProxyResponse`]'s body: whole (a plain v1 peer sends it so), or
+/// streamed from the core that holds the tunnel (`tunnel::forward_body`).
+#[derive(Debug)]
+pub enum CrossBody {
+    Full(Bytes),
+    Stream(super::tunnel::CrossPieces),
+}
 
 /// A request handed to another core because this one has no tunnel for it.
 pub struct CrossRequest {

@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Splitable};
 
-use super::core::{CoreCtx, ProxyRequest, ProxyResponse, ProxyResult};
+use super::core::{CoreCtx, CrossBody, ProxyRequest, ProxyResponse, ProxyResult};
 use super::error::ProxyError;
 use super::refusals::{FrameRefusal, FrameRefusals};
 use super::routes::IdentityName;
@@ -285,40 +285,24 @@ impl Tunnel {
         let head = waiter.wait(ctx.settings.timeout).await;
         abandon.disarm();
         let head = head?;
-        match head.body {
-            RespBody::Full(body) => Ok(ProxyResponse {
-                meta: head.meta,
-                body,
-                request_id,
-            }),
-            RespBody::Stream(mut s) => {
-                let mut body = BytesMut::new();
-                loop {
-                    let ev = monoio::time::timeout(ctx.settings.timeout, s.next())
-                        .await
-                        .map_err(|_| ProxyError::Timeout)?;
-                    match ev {
-                        BodyEvent::Data(d) => {
-                            if body.len() + d.len() > ctx.settings.max_body_size {
-                                return Err(ProxyError::BadResponse(
-                                    "response body over max_body_size".into(),
-                                ));
-                            }
-                            s.consumed(d.len());
-                            body.extend_from_slice(&d);
-                        }
-                        BodyEvent::End => {
-                            return Ok(ProxyResponse {
-                                meta: head.meta,
-                                body: body.freeze(),
-                                request_id,
-                            })
-                        }
-                        BodyEvent::Failed(e) => return Err(e),
-                    }
-                }
+        let body = match head.body {
+            RespBody::Full(body) => CrossBody::Full(body),
+            // Only a request from another core is called whole on a
+            // `stream` tunnel (this core streams its own, `conn.rs`): its
+            // body goes there piece by piece, never gathered here (an SSE
+            // stream would reach its client only at its end, a download
+            // past `max_body_size` not at all).
+            RespBody::Stream(s) => {
+                let (tx, rx) = futures_channel::mpsc::channel(CROSS_PIECES);
+                monoio::spawn(forward_body(s, tx));
+                CrossBody::Stream(rx)
             }
-        }
+        };
+        Ok(ProxyResponse {
+            meta: head.meta,
+            body,
+            request_id,
+        })
     }
 
     /// Forgets a request; tells a `cancel` peer the client went away.
@@ -492,17 +476,41 @@ impl Waiter {
 
 /// A streamed response body on its way to the client.
 pub struct BodyStream {
-    rx: BodyRx,
-    tunnel: Rc<Tunnel>,
-    id: u64,
+    src: BodySrc,
     consumed: usize,
     finished: bool,
 }
 
+/// Where a streamed body's pieces come from.
+enum BodySrc {
+    /// This core's tunnel: credit goes back on it, and a body dropped
+    /// unfinished is cancelled there.
+    Tunnel {
+        rx: BodyRx,
+        tunnel: Rc<Tunnel>,
+        id: u64,
+    },
+    /// A tunnel on another core, through [`forward_body`]'s channel: its
+    /// bound is the backpressure, and dropping it cancels over there.
+    Remote(CrossPieces),
+}
+
+/// The pieces of a body streamed from another core (`CrossBody::Stream`).
+pub type CrossPieces = futures_channel::mpsc::Receiver<BodyEvent>;
+
+/// Pieces in the channel between two cores at once: with the tunnel's
+/// credit window (returned as pieces enter it) what a body crossing cores
+/// holds in memory stays bounded, and the client's pace reaches the app.
+const CROSS_PIECES: usize = 4;
+
 impl std::fmt::Debug for BodyStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let id = match &self.src {
+            BodySrc::Tunnel { id, .. } => Some(*id),
+            BodySrc::Remote(_) => None,
+        };
         f.debug_struct("BodyStream")
-            .field("id", &self.id)
+            .field("id", &id)
             .finish_non_exhaustive()
     }
 }
@@ -516,12 +524,21 @@ impl std::fmt::Debug for Tunnel {
 }
 
 impl BodyStream {
+    /// A body streamed from a tunnel on another core.
+    pub fn remote(pieces: CrossPieces) -> Self {
+        BodyStream {
+            src: BodySrc::Remote(pieces),
+            consumed: 0,
+            finished: false,
+        }
+    }
+
     pub async fn next(&mut self) -> BodyEvent {
-        let ev = self
-            .rx
-            .recv()
-            .await
-            .unwrap_or(BodyEvent::Failed(ProxyError::TunnelClosed));
+        let ev = match &mut self.src {
+            BodySrc::Tunnel { rx, .. } => rx.recv().await,
+            BodySrc::Remote(rx) => futures_util::StreamExt::next(rx).await,
+        }
+        .unwrap_or(BodyEvent::Failed(ProxyError::TunnelClosed));
         if !matches!(ev, BodyEvent::Data(_)) {
             self.finished = true;
         }
@@ -531,11 +548,37 @@ impl BodyStream {
     /// `n` bytes reached the client: return credit in batches of a
     /// quarter window (one control message per 64 KiB).
     pub fn consumed(&mut self, n: usize) {
+        let BodySrc::Tunnel { tunnel, id, .. } = &self.src else {
+            return;
+        };
         self.consumed += n;
         if self.consumed >= DEFAULT_WINDOW / 4 && !self.finished {
-            self.tunnel.send_credit(self.id, self.consumed);
+            tunnel.send_credit(*id, self.consumed);
             self.consumed = 0;
         }
+    }
+}
+
+/// Moves a streamed body, piece by piece, from this core's tunnel to the
+/// core whose client asked for it (`Tunnel::call` across cores). A piece's
+/// credit goes back once it is in the channel, so the channel's bound and
+/// the tunnel's window are all that is held; when the client's core drops
+/// its end, the next piece fails to go and `s`, dropped unfinished,
+/// cancels the request at the receiver.
+async fn forward_body(mut s: BodyStream, mut tx: futures_channel::mpsc::Sender<BodyEvent>) {
+    loop {
+        let ev = s.next().await;
+        let (n, last) = match &ev {
+            BodyEvent::Data(d) => (d.len(), false),
+            _ => (0, true),
+        };
+        // Room in the channel (the client's core has taken what was in
+        // it), or an error once that core dropped its end.
+        let room = std::future::poll_fn(|cx| tx.poll_ready(cx)).await;
+        if room.is_err() || tx.start_send(ev).is_err() || last {
+            return;
+        }
+        s.consumed(n);
     }
 }
 
@@ -559,9 +602,11 @@ impl Drop for CancelOnDrop<'_> {
 
 impl Drop for BodyStream {
     fn drop(&mut self) {
-        if !self.finished {
-            // The client went away (or the write failed) mid-body.
-            self.tunnel.cancel(self.id, "client went away");
+        if let BodySrc::Tunnel { tunnel, id, .. } = &self.src {
+            if !self.finished {
+                // The client went away (or the write failed) mid-body.
+                tunnel.cancel(*id, "client went away");
+            }
         }
     }
 }
@@ -944,9 +989,11 @@ fn stream_head(
             e.body = Some(tx);
         }
         RespBody::Stream(BodyStream {
-            rx,
-            tunnel: tunnel.clone(),
-            id: key,
+            src: BodySrc::Tunnel {
+                rx,
+                tunnel: tunnel.clone(),
+                id: key,
+            },
             consumed: 0,
             finished: false,
         })
