@@ -495,6 +495,39 @@ fn client_leaving_mid_download_aborts_the_app_response() {
     }
 }
 
+/// A client that leaves while the app pauses mid-body (an event stream
+/// between two events) ends its request at once: the gateway watches it
+/// once the pause is longer than a moment, and the receiver is told to
+/// give the app call up, long before the app's next piece or
+/// `stream_idle_timeout`.
+#[test]
+fn a_client_that_leaves_during_a_pause_mid_body_cancels_its_request() {
+    let cfg = GatewayConfig {
+        workers: 1,
+        ..GatewayConfig::default()
+    };
+    let (app, gw, mut rx) = start(&cfg, 1);
+    let id = "pause-chunked";
+    let gate = app.gate(id);
+    let mut c = HttpConn::connect(gw.addr);
+    c.send_head("GET", &format!("/alice/stall?id={id}&framing=chunked"), &[]);
+    let head = c.read_head("GET").expect("stalled response head");
+    assert_eq!(head.status, 200);
+    let first = b"first piece of a body that will not end\n";
+    let mut got = 0;
+    let mut buf = [0u8; 1024];
+    while got < first.len() {
+        let n = c.read_body(&mut buf).expect("first piece");
+        assert!(n > 0);
+        got += n;
+    }
+    // The app now waits on its gate (until the test ends); the client leaves.
+    drop(c);
+    rx.proc
+        .wait_log(&["request cancelled by the gateway", "client went away"]);
+    drop(gate);
+}
+
 // ---------------------------------------------------------------- receiver failures
 
 #[test]

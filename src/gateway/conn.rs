@@ -767,7 +767,7 @@ impl Rhythm {
 /// 5 ms, 2,048 closed-loop connections answered in ~60 ms armed one per
 /// request), short beside any client timeout: a client that left is seen
 /// this much later at most.
-const WATCH_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+pub(super) const WATCH_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A whole request sent through `CoreCtx::dispatch` (a plain v1 tunnel,
 /// or one on another core), watched as `wait_head` watches the streaming

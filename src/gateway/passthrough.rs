@@ -303,7 +303,7 @@ async fn refused<S: AsyncWriteRent>(
 
 /// The app declined: its answer goes to the client as it is, the
 /// request's message is ended, and the connection closes.
-async fn declined<S: AsyncWriteRent>(
+async fn declined<S: AsyncWriteRent + crate::net::Readable>(
     ctx: &CoreCtx,
     io: &mut S,
     out: &mut Vec<u8>,

@@ -39,7 +39,7 @@ pub(super) fn itoa_buf(n: usize) -> String {
 /// connection is closed without the final chunk, so the client sees it.
 /// Bytes handed to the socket are added to `sent_total`.
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn write_response<S: AsyncWriteRent>(
+pub(super) async fn write_response<S: AsyncWriteRent + crate::net::Readable>(
     io: &mut S,
     out: &mut Vec<u8>,
     resp: RespHead,
@@ -107,7 +107,7 @@ const GATHER_MAX: usize = 1024 * 1024;
 /// waiting (one `writev`, bodies uncopied), so a response whose frames
 /// arrived together goes out with one submission. Credit goes back as
 /// the pieces reach the socket.
-async fn write_stream<S: AsyncWriteRent>(
+async fn write_stream<S: AsyncWriteRent + crate::net::Readable>(
     io: &mut S,
     out: &mut Vec<u8>,
     stream: BodyStream,
@@ -142,7 +142,7 @@ fn add_piece(w: &mut Writev, d: Bytes, chunked: bool) {
     }
 }
 
-async fn stream_pieces<S: AsyncWriteRent>(
+async fn stream_pieces<S: AsyncWriteRent + crate::net::Readable>(
     io: &mut S,
     mut w: Writev,
     mut stream: BodyStream,
@@ -175,10 +175,16 @@ async fn stream_pieces<S: AsyncWriteRent>(
                 stream.consumed(std::mem::take(&mut held));
                 continue;
             }
-            None => match monoio::time::timeout(idle, stream.next()).await {
-                Ok(ev) => ev,
-                Err(_) => {
+            None => match next_piece(io, &mut stream, idle).await {
+                Next::Piece(ev) => ev,
+                Next::Idle => {
                     tracing::info!("response stream idle too long; closing");
+                    return (false, w);
+                }
+                Next::Gone => {
+                    // Dropping the stream unfinished cancels the request
+                    // at the receiver (`BodyStream`'s drop).
+                    tracing::debug!("client went away while the response body paused");
                     return (false, w);
                 }
             },
@@ -232,6 +238,40 @@ async fn stream_pieces<S: AsyncWriteRent>(
             }
             stream.consumed(std::mem::take(&mut held));
         }
+    }
+}
+
+/// What a wait for the next body piece ended with.
+enum Next {
+    Piece(BodyEvent),
+    /// None came within `stream_idle_timeout`.
+    Idle,
+    /// The client closed its connection meanwhile.
+    Gone,
+}
+
+/// The next body piece, at most `idle` away. A pause longer than
+/// `conn::WATCH_AFTER` (an app between two events of a stream) also
+/// watches the client, as the wait for the response head does: a client
+/// that leaves then ends the response at once and its request is
+/// cancelled at the receiver, instead of at the app's next piece. A
+/// shorter pause, between the pieces of a body on its way, arms one timer
+/// as before and no watch.
+async fn next_piece<S: crate::net::Readable>(
+    io: &S,
+    stream: &mut BodyStream,
+    idle: std::time::Duration,
+) -> Next {
+    let first = super::conn::WATCH_AFTER.min(idle);
+    if let Ok(ev) = monoio::time::timeout(first, stream.next()).await {
+        return Next::Piece(ev);
+    }
+    monoio::select! {
+        r = monoio::time::timeout(idle - first, stream.next()) => match r {
+            Ok(ev) => Next::Piece(ev),
+            Err(_) => Next::Idle,
+        },
+        () = io.closed_by_peer() => Next::Gone,
     }
 }
 
