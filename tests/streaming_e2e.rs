@@ -630,16 +630,23 @@ fn stats(admin: std::net::SocketAddr) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("admin /stats is not JSON ({e}): {}", r.body_text()))
 }
 
-#[test]
-fn no_cross_core_dispatch_with_a_tunnel_per_core() {
+/// A two-worker gateway (admin on), the stream app, and alice's receiver
+/// with `tunnels` tunnels, connected.
+fn two_cores(tunnels: u32) -> (StreamApp, Gateway, std::net::SocketAddr, Receiver) {
     let cfg = GatewayConfig {
         workers: 2,
         ..GatewayConfig::default()
     };
     let app = StreamApp::start();
     let (gw, admin) = Gateway::start_with_admin(&cfg);
-    let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 2);
-    rx.wait_connected(2);
+    let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, tunnels);
+    rx.wait_connected(tunnels as usize);
+    (app, gw, admin, rx)
+}
+
+#[test]
+fn no_cross_core_dispatch_with_a_tunnel_per_core() {
+    let (_app, gw, admin, _rx) = two_cores(2);
 
     let run = |conns: usize, per_conn: usize| small_requests(gw.addr, conns, per_conn);
     run(10, 20); // warm-up
@@ -702,14 +709,7 @@ fn small_requests(addr: std::net::SocketAddr, conns: usize, per_conn: usize) {
 /// without it must cross (and count) — so a zero there means something.
 #[test]
 fn a_core_without_a_tunnel_crosses_and_counts_it() {
-    let cfg = GatewayConfig {
-        workers: 2,
-        ..GatewayConfig::default()
-    };
-    let app = StreamApp::start();
-    let (gw, admin) = Gateway::start_with_admin(&cfg);
-    let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 1);
-    rx.wait_connected(1);
+    let (app, gw, admin, _rx) = two_cores(1);
     // 50 fresh connections: SO_REUSEPORT puts some on each core (all on
     // one core has probability 2^-49).
     small_requests(gw.addr, 50, 4);
@@ -729,14 +729,7 @@ fn a_core_without_a_tunnel_crosses_and_counts_it() {
 /// saw the last), not gathered on the tunnel's core until its end.
 #[test]
 fn events_stream_event_by_event_across_cores() {
-    let cfg = GatewayConfig {
-        workers: 2,
-        ..GatewayConfig::default()
-    };
-    let app = StreamApp::start();
-    let (gw, admin) = Gateway::start_with_admin(&cfg);
-    let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 1);
-    rx.wait_connected(1);
+    let (app, gw, admin, _rx) = two_cores(1);
     let crossed = || find_u64(&stats(admin), "cross_core_dispatch_total").unwrap();
     for i in 0.. {
         assert!(i < 64, "64 event streams and none crossed cores");
