@@ -579,27 +579,57 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent + Movable>(
             return Err((ProxyError::BodyTooLarge(max), false));
         }
     }
-    if head.expect_continue && has_body(head) {
-        out.clear();
-        out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
-        ex.bytes_out += out.len() as u64;
-        if !write_out(io, out).await {
-            return Err((
-                ProxyError::ClientGone("before 100 Continue was written"),
-                false,
-            ));
-        }
-    }
+    continue_if_asked(io, out, head, ex)
+        .await
+        .map_err(|e| (e, false))?;
+    let target = Target { peer, tls };
     // A `stream` tunnel on this core: the body goes up as it arrives.
     if let Some(t) = ctx
         .local_tunnel(identity, conn_id)
         .filter(|t| t.features.stream)
     {
-        let target = Target { peer, tls };
         return stream_request(ctx, io, buf, head, head_buf, &target, t, ex).await;
     }
-    // Otherwise the whole body first (plain v1 peer, or the rare cross-core
-    // path, which needs a `Send` request).
+    whole_request(ctx, io, buf, head, head_buf, &target, identity, conn_id, ex).await
+}
+
+/// `100 Continue`, written before the body is read when the client asked
+/// for it (RFC 9110 §10.1.1).
+async fn continue_if_asked<S: AsyncWriteRent>(
+    io: &mut S,
+    out: &mut Vec<u8>,
+    head: &RequestHead,
+    ex: &mut Exchange<'_>,
+) -> Result<(), ProxyError> {
+    if !(head.expect_continue && has_body(head)) {
+        return Ok(());
+    }
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+    ex.bytes_out += out.len() as u64;
+    match write_out(io, out).await {
+        true => Ok(()),
+        false => Err(ProxyError::ClientGone("before 100 Continue was written")),
+    }
+}
+
+/// The whole body first, then the whole request through
+/// `CoreCtx::dispatch` (a plain v1 peer, or a tunnel on another core: the
+/// request crosses as a `Send` value); the response comes back whole or,
+/// from another core's `stream` tunnel, piece by piece.
+#[allow(clippy::too_many_arguments)]
+async fn whole_request<S: AsyncReadRent + AsyncWriteRent + Movable>(
+    ctx: &CoreCtx,
+    io: &mut S,
+    buf: &mut BytesMut,
+    head: &RequestHead,
+    head_buf: &Bytes,
+    target: &Target,
+    identity: &crate::registry::routes::IdentityName,
+    conn_id: u64,
+    ex: &mut Exchange<'_>,
+) -> ProxyOutcome {
+    let max = ctx.settings.max_body_size;
     let pace = Pace::new(ctx.settings.body_pace, Instant::now());
     let mut reader = BodyReader::new(&head.body, pace, max, buf.len());
     let (body, _) = reader
@@ -611,8 +641,8 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent + Movable>(
     let meta = build_request_meta(
         head,
         head_buf,
-        peer,
-        tls,
+        target.peer,
+        target.tls,
         chunked.then_some(body.len()),
         ctx.settings.trust_forwarded,
     );
