@@ -876,21 +876,39 @@ async fn handle_request(ctx: &CoreRx, job: Job) {
         r = work => Some(r),
         _ = cancel.cancelled() => None,
     };
-    match result {
-        Some(Ok(())) => {}
-        // The gateway let the request go (its client left, mid-upload or
-        // before the answer) or the tunnel went: nothing an operator of
-        // this receiver can act on, and a client can cause it at will.
-        Some(Err(UpstreamError::TunnelGone | UpstreamError::Aborted)) | None => {
-            tracing::debug!(%request_id, "upstream call abandoned");
-        }
-        Some(Err(e)) => {
+    match call_end(result) {
+        CallEnd::Done => {}
+        CallEnd::Abandoned => tracing::debug!(%request_id, "upstream call abandoned"),
+        CallEnd::Failed(e) => {
             tracing::warn!(%request_id, method = %String::from_utf8_lossy(meta.method()), path = %path, error = %e, "upstream call failed");
             report_failure(ctx, &out, &request_id, &e);
         }
     }
     let gone = reqs.borrow_mut().remove(&request_id);
     drop(gone);
+}
+
+/// How an upstream call ended, for the log and the counters.
+#[derive(Debug)]
+enum CallEnd {
+    Done,
+    /// The gateway let the request go (its client left, mid-upload or
+    /// before the answer) or the tunnel went: nothing an operator of this
+    /// receiver can act on, and a client can cause it at will. A cancel
+    /// drops the body queue and raises the cancel latch together, so the
+    /// call may see either first: `Aborted` (its body ended) is the same
+    /// end as the latch (`None`).
+    Abandoned,
+    /// The app or the receiver failed: warned, counted, and reported.
+    Failed(UpstreamError),
+}
+
+fn call_end(result: Option<Result<(), UpstreamError>>) -> CallEnd {
+    match result {
+        Some(Ok(())) => CallEnd::Done,
+        Some(Err(UpstreamError::TunnelGone | UpstreamError::Aborted)) | None => CallEnd::Abandoned,
+        Some(Err(e)) => CallEnd::Failed(e),
+    }
 }
 
 /// A call (or an upgraded stream) that failed: counted, and the gateway
@@ -909,6 +927,30 @@ fn report_failure(ctx: &CoreRx, out: &OutTx, request_id: &str, e: &UpstreamError
 /// and random cancellations against a real local app, on a real runtime:
 /// no panic, and once everything is cancelled nothing is left behind: no
 /// request entry, no permit (issue #15).
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client leaving is never an upstream failure, whichever of the
+    /// cancel's two signals the call saw first; what the app or the
+    /// receiver did wrong is.
+    #[test]
+    fn a_request_let_go_is_abandoned_not_failed() {
+        assert!(matches!(call_end(Some(Ok(()))), CallEnd::Done));
+        for r in [
+            None,
+            Some(Err(UpstreamError::Aborted)),
+            Some(Err(UpstreamError::TunnelGone)),
+        ] {
+            assert!(matches!(call_end(r), CallEnd::Abandoned));
+        }
+        assert!(matches!(
+            call_end(Some(Err(UpstreamError::Closed))),
+            CallEnd::Failed(UpstreamError::Closed)
+        ));
+    }
+}
+
 #[cfg(test)]
 mod cancel_props {
     use super::*;
