@@ -777,6 +777,17 @@ fn open_files(pid: &str) -> (u64, u64) {
     (next(), next())
 }
 
+/// This test process's hard open-file limit (what the processes it starts
+/// may raise their soft limit to), which must be at least `need`.
+fn hard_open_files_at_least(need: u64) -> u64 {
+    let (_, hard) = open_files("self");
+    assert!(
+        hard >= need,
+        "this test needs a hard open-file limit of at least {need} (ulimit -Hn), not {hard}"
+    );
+    hard
+}
+
 /// A gateway started with a soft open-file limit of 256 (shells and
 /// service managers often start processes at 1,024) raises it to the hard
 /// limit, and so holds more client connections at once than 256; one
@@ -784,12 +795,7 @@ fn open_files(pid: &str) -> (u64, u64) {
 #[test]
 fn the_open_file_limit_is_raised_to_the_hard_limit_at_start() {
     const CONNS: usize = 600;
-    let (_, hard) = open_files("self");
-    assert!(
-        hard >= 2 * CONNS as u64,
-        "this test needs a hard open-file limit of at least {} (ulimit -Hn), not {hard}",
-        2 * CONNS
-    );
+    let hard = hard_open_files_at_least(2 * CONNS as u64);
     let mut gw = Gateway::start_toml_ulimit(&GatewayConfig::default().to_toml(), "-Sn 256");
     let line = gw.proc.wait_log(&["open-file limit raised"]);
     assert!(line.contains("was=256"), "{line}");
@@ -826,12 +832,7 @@ fn the_open_file_limit_is_raised_to_the_hard_limit_at_start() {
 #[test]
 fn the_receivers_open_file_limit_is_raised_so_it_holds_more_app_calls() {
     const HELD: usize = 150;
-    let (_, hard) = open_files("self");
-    assert!(
-        hard >= 4 * HELD as u64,
-        "this test needs a hard open-file limit of at least {} (ulimit -Hn), not {hard}",
-        4 * HELD
-    );
+    let hard = hard_open_files_at_least(4 * HELD as u64);
     let app = App::start();
     let gw = Gateway::start(&GatewayConfig::default());
     let cfg = ReceiverConfig::new(gw.addr, app.addr, ALICE_TOKEN, 1);
