@@ -742,6 +742,98 @@ fn events_stream_event_by_event_across_cores() {
     }
 }
 
+/// A connection to the core without alice's one tunnel: one whose small
+/// request crossed cores (`cross_core_dispatch_total` rose). A connection
+/// stays on the core that accepted it, so its next requests cross too.
+fn crossing_conn(gw: &Gateway, admin: std::net::SocketAddr) -> HttpConn {
+    let crossed = || find_u64(&stats(admin), "cross_core_dispatch_total").unwrap();
+    for _ in 0..64 {
+        let before = crossed();
+        let mut c = HttpConn::connect(gw.addr);
+        c.send_head("GET", "/alice/download?id=probe&len=16&seed=1", &[]);
+        let h = c.read_head("GET").expect("probe answered");
+        assert_eq!(h.status, 200, "probe request");
+        c.body_bytes().expect("probe body");
+        if crossed() > before {
+            return c;
+        }
+    }
+    panic!("64 connections and none landed on the core without the tunnel");
+}
+
+/// Uploads stream across cores too: with one tunnel for two cores, an
+/// upload on a connection of the core without it reaches the app while the
+/// client is still sending (the client sends the rest only after the app
+/// has read its first MiB: a gateway that gathers the body before it
+/// crosses deadlocks here), arrives whole, and a client that leaves
+/// mid-upload aborts the app's request.
+#[test]
+fn an_upload_streams_across_cores() {
+    let (mut app, gw, admin, _rx) = two_cores(1);
+    let len = 32 * MIB;
+    for (id, chunked) in [("across-length", false), ("across-chunked", true)] {
+        let mut c = crossing_conn(&gw, admin);
+        let target = format!("/alice/upload?id={id}&notify={MIB}");
+        match chunked {
+            true => c.send_head("POST", &target, &[("Transfer-Encoding", "chunked")]),
+            false => c.send_head("POST", &target, &[("Content-Length", &len.to_string())]),
+        }
+        let mut src = Source::new(21, len);
+        let mut sent = 0u64;
+        while let Some(b) = src.next_block() {
+            if sent == 2 * MIB {
+                app.wait(
+                    &format!("UploadProgress for {id} while the client still sends"),
+                    |e| matches!(e, AppEvent::UploadProgress { id: i, .. } if i == id),
+                );
+            }
+            if chunked {
+                c.write(format!("{:x}\r\n", b.len()).as_bytes()).unwrap();
+                c.write(b).unwrap();
+                c.write(b"\r\n").unwrap();
+            } else {
+                c.write(b).unwrap();
+            }
+            sent += b.len() as u64;
+        }
+        if chunked {
+            c.write(b"0\r\n\r\n").unwrap();
+        }
+        let head = c.read_head("POST").expect("upload answered");
+        assert_eq!(head.status, 200, "{id}: answered {}", head.status);
+        assert_eq!(
+            head.header("x-upload-len"),
+            Some(len.to_string().as_str()),
+            "{id}"
+        );
+        assert_eq!(
+            head.header("x-upload-sha256"),
+            Some(source_sha256(21, len).as_str()),
+            "{id}: the app must have hashed exactly the bytes sent"
+        );
+        println!("{id}: 32 MiB crossed cores streamed, sha256 matches at the app");
+    }
+    // Leaving mid-upload, across cores.
+    let mut c = crossing_conn(&gw, admin);
+    let target = format!("/alice/upload?id=across-abort&notify={MIB}");
+    c.send_head("POST", &target, &[("Content-Length", &len.to_string())]);
+    let mut src = Source::new(22, 2 * MIB);
+    while let Some(b) = src.next_block() {
+        c.write(b).unwrap();
+    }
+    app.wait(
+        "UploadProgress for across-abort",
+        |e| matches!(e, AppEvent::UploadProgress { id, .. } if id == "across-abort"),
+    );
+    let _ = c.writer.shutdown(std::net::Shutdown::Both);
+    drop(c);
+    let ev = app.wait(
+        "UploadAborted for across-abort (the app's read must fail once the client left)",
+        |e| matches!(e, AppEvent::UploadAborted { id, .. } if id == "across-abort"),
+    );
+    println!("across-abort: {ev:?}");
+}
+
 // ---------------------------------------------------------------- plain v1 fallback
 
 /// The plain v1 receiver (tests/streaming/plain_v1_receiver.py) for
@@ -830,5 +922,60 @@ fn plain_v1_receiver_works_through_the_whole_message_fallback() {
     assert_eq!(
         served_lines, served,
         "the plain peer served every request: {lines:?}"
+    );
+}
+
+/// A chunked upload larger than one piece, from a core without the plain
+/// v1 peer's tunnel: it crosses streamed (`Tunnel::call_streamed`) and is
+/// gathered on the tunnel's core, since a v1 peer takes a message only
+/// whole, and goes on with its length (the peer flags a body whose
+/// `content-length` is missing or wrong as a violation).
+#[test]
+fn a_chunked_upload_crossing_to_a_plain_v1_peer_arrives_whole_and_sized() {
+    let app = App::start();
+    let (gw, admin) = Gateway::start_with_admin(&GatewayConfig {
+        workers: 2,
+        ..GatewayConfig::default()
+    });
+    let (peer, _hello) = plain_v1_peer(&gw, app.addr);
+    let crossed = || find_u64(&stats(admin), "cross_core_dispatch_total").unwrap();
+    let n = 300 * 1024;
+    let body = random_body(n, 7);
+    let mut served = 0;
+    for i in 0.. {
+        assert!(i < 64, "64 uploads and none crossed cores");
+        let before = crossed();
+        let mut c = HttpConn::connect(gw.addr);
+        c.send_head("POST", "/alice/echo", &[("Transfer-Encoding", "chunked")]);
+        for piece in body.chunks(20_000) {
+            c.write(format!("{:x}\r\n", piece.len()).as_bytes())
+                .unwrap();
+            c.write(piece).unwrap();
+            c.write(b"\r\n").unwrap();
+        }
+        c.write(b"0\r\n\r\n").unwrap();
+        let head = c.read_head("POST").expect("echo answered");
+        let echoed = c.body_bytes().expect("echo body");
+        assert_eq!(head.status, 200, "upload {i}");
+        assert_eq!(head.header("x-echo-body-len"), Some(n.to_string().as_str()));
+        assert!(echoed == body, "upload {i}: echoed body altered");
+        served += 1;
+        if crossed() > before {
+            println!(
+                "chunked 300 KiB upload crossed to the plain v1 peer's core after {served} uploads"
+            );
+            break;
+        }
+    }
+    let lines = peer.finish();
+    let violations: Vec<_> = lines
+        .iter()
+        .filter(|l| l.starts_with("VIOLATION"))
+        .collect();
+    assert!(violations.is_empty(), "{violations:?}");
+    let served_lines = lines.iter().filter(|l| l.starts_with("SERVED ")).count();
+    assert_eq!(
+        served_lines, served,
+        "the plain peer served every upload: {lines:?}"
     );
 }

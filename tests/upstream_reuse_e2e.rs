@@ -15,6 +15,7 @@ mod common;
 use common::client::{self, Conn};
 use common::scripted_app::{Exchange, ScriptedApp, Seen, WAIT};
 use common::{Gateway, GatewayConfig, Receiver, ALICE_TOKEN};
+use std::net::SocketAddr;
 use std::sync::mpsc::{self, Receiver as Rx, Sender};
 use std::sync::Mutex;
 
@@ -127,9 +128,15 @@ struct World {
     done: Rx<()>,
 }
 
-/// One gateway worker (so a streamed upload is never the whole-message
-/// cross-core kind) and one tunnel: every request shares one upstream pool.
+/// One gateway worker and one tunnel: every request shares one upstream
+/// pool.
 fn world() -> World {
+    world_on(1).0
+}
+
+/// [`world`] on `workers` gateway workers (the one tunnel on one of
+/// them), and the gateway's admin address.
+fn world_on(workers: u32) -> (World, SocketAddr) {
     let (go, go_rx) = mpsc::channel();
     let (done_tx, done) = mpsc::channel();
     let side = AppSide {
@@ -137,8 +144,8 @@ fn world() -> World {
         done: done_tx,
     };
     let app = ScriptedApp::start(move |x| script(x, &side));
-    let gw = Gateway::start(&GatewayConfig {
-        workers: 1,
+    let (gw, admin) = Gateway::start_with_admin(&GatewayConfig {
+        workers,
         // Bodies stream at once (as a body over request_buffer_size does),
         // so the app can answer a head whose body has not come yet.
         extra_gateway_toml: "request_buffer_size = 0\n".into(),
@@ -146,13 +153,14 @@ fn world() -> World {
     });
     let mut rx = Receiver::start(gw.addr, app.addr, ALICE_TOKEN, 1);
     rx.wait_connected(1);
-    World {
+    let w = World {
         app,
         gw,
         _rx: rx,
         go,
         done,
-    }
+    };
+    (w, admin)
 }
 
 impl World {
@@ -365,7 +373,34 @@ fn an_answer_before_the_whole_request_body_retires_the_connection() {
 #[test]
 fn an_upload_the_app_refuses_and_hangs_up_on_gets_the_apps_answer() {
     let w = world();
-    let mut c = Conn::connect(w.gw.addr);
+    refused_upload(&w, Conn::connect(w.gw.addr));
+}
+
+/// The same across cores: the client's connection is on the core without
+/// the tunnel, so its upload streams through the other core's tunnel
+/// (`Tunnel::call_streamed`), and the app's early answer ends it there as
+/// on the tunnel's own core.
+#[test]
+fn an_upload_refused_across_cores_gets_the_apps_answer() {
+    let (w, admin) = world_on(2);
+    let crossed = || metric(admin, "anp_proxy_cross_core_dispatch_total");
+    for i in 0.. {
+        assert!(i < 64, "64 connections and none crossed cores");
+        let before = crossed();
+        let mut c = Conn::connect(w.gw.addr);
+        c.write_raw(b"GET /alice/ok HTTP/1.1\r\nHost: t\r\n\r\n", &["GET"])
+            .unwrap();
+        let r = c.read().expect("an answer to the probe");
+        assert_eq!(r.status, 200, "{}", r.summary());
+        w.app.next_request();
+        if crossed() > before {
+            return refused_upload(&w, c);
+        }
+    }
+}
+
+/// A 16 MiB upload the app refuses on its head, on `c`.
+fn refused_upload(w: &World, mut c: Conn) {
     let len = 16 << 20;
     c.write_raw(
         format!("POST /alice/refuse-upload HTTP/1.1\r\nHost: t\r\nContent-Length: {len}\r\n\r\n")
@@ -401,6 +436,16 @@ fn an_upload_the_app_refuses_and_hangs_up_on_gets_the_apps_answer() {
     assert!(sent < len, "the whole body went up: {sent} bytes");
     let refused = w.app.next_request();
     w.next_client_is_clean(&refused, "an upload refused early");
+}
+
+/// The value of the `/metrics` sample whose name and labels are `sample`.
+fn metric(admin: SocketAddr, sample: &str) -> u64 {
+    let r = client::request(admin, "GET", "/metrics", &[], b"");
+    assert_eq!(r.status, 200);
+    let text = r.body_text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A request body up to 256 KiB goes to the app with its head in one

@@ -1,9 +1,10 @@
 //! Reading a request body from the client, the one way both paths use:
-//! the whole-body path (a plain v1 receiver, the cross-core fallback) and
-//! the streaming path (`conn.rs::stream_request`). Every read runs under
-//! the body's pace (`pace.rs`: `request_body_timeout`,
-//! `request_body_min_rate`); a stall is `BodyTimeout` (408), a client that
-//! leaves mid-body a 400. Never writes to the client.
+//! the whole-body path (a plain v1 receiver) and the streaming paths
+//! (`conn.rs::stream_request`, and `conn.rs::across_cores` to a tunnel on
+//! another core). Every read runs under the body's pace (`pace.rs`:
+//! `request_body_timeout`, `request_body_min_rate`); a stall is
+//! `BodyTimeout` (408), a client that leaves mid-body a 400. Never writes
+//! to the client.
 
 use std::time::Instant;
 
@@ -12,7 +13,7 @@ use monoio::io::AsyncReadRent;
 
 use super::error::ProxyError;
 use super::pace::{Pace, Stall};
-use super::tunnel::Uploader;
+use super::tunnel::{CrossUploadTx, Uploader};
 use crate::http::{BodyKind, ChunkedDecoder, ChunkedStep};
 
 pub(super) enum ReadOutcome {
@@ -191,17 +192,28 @@ impl BodyReader {
     }
 
     /// Sends a body piece up; the time spent waiting for the tunnel's
-    /// credit is not held against the client's pace (backpressure is not
+    /// credit (or, across cores, for room in the channel the credit
+    /// drains) is not held against the client's pace (backpressure is not
     /// slowness).
     pub(super) async fn send(
         &mut self,
-        up: &mut Uploader,
+        up: &mut UpSink<'_>,
         piece: Bytes,
         last: bool,
     ) -> Result<(), ProxyError> {
         let t = Instant::now();
-        let r = up.send(piece, last).await;
+        let r = match up {
+            UpSink::Tunnel(up) => up.send(piece, last).await,
+            UpSink::Across(tx) => super::tunnel::send_across(tx, piece, last).await,
+        };
         self.pace.pause(t.elapsed());
         r
     }
+}
+
+/// Where an upload's pieces go: a tunnel on this core, or the channel to
+/// the core that has one (`Tunnel::call_streamed`).
+pub(super) enum UpSink<'a> {
+    Tunnel(&'a mut Uploader),
+    Across(CrossUploadTx),
 }

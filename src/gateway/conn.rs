@@ -11,7 +11,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Splitable};
 
-use super::body::{read_more, BodyReader, ReadOutcome};
+use super::body::{read_more, BodyReader, ReadOutcome, UpSink};
 use super::core::{Busy, CoreCtx, ProxyRequest};
 use super::error::{error_kind, error_reply, ProxyError, UpgradeError};
 use super::forward::build_request_meta;
@@ -19,7 +19,7 @@ use super::head::{HeadClock, HeadLimits, HeadTimeout};
 use super::observe::Exchange;
 use super::pace::Pace;
 use super::respond::{push_header_num, write_error, write_out, write_response};
-use super::tunnel::{RespBody, RespHead, Tunnel, Uploader};
+use super::tunnel::{RespBody, RespHead, Tunnel};
 use super::tunnel_upgrade::{accept_tunnel, handshake_deadline, refuse, upgrade_slot};
 use super::upgrades::{names_tunnel_path, UpgradeSlot};
 use crate::http::headers::Persist;
@@ -613,10 +613,12 @@ async fn continue_if_asked<S: AsyncWriteRent>(
     }
 }
 
-/// The whole body first, then the whole request through
-/// `CoreCtx::dispatch` (a plain v1 peer, or a tunnel on another core: the
-/// request crosses as a `Send` value); the response comes back whole or,
-/// from another core's `stream` tunnel, piece by piece.
+/// A request for a plain v1 tunnel here, or for a tunnel on another
+/// core, through `CoreCtx::dispatch` (the request crosses as a `Send`
+/// value). A v1 peer takes the body whole. Another core gets a body up to
+/// `request_buffer_size` whole, a larger one streamed (`across_cores`).
+/// The response comes back whole or, from another core's `stream`
+/// tunnel, piece by piece.
 #[allow(clippy::too_many_arguments)]
 async fn whole_request<S: AsyncReadRent + AsyncWriteRent + Movable>(
     ctx: &CoreCtx,
@@ -629,38 +631,99 @@ async fn whole_request<S: AsyncReadRent + AsyncWriteRent + Movable>(
     conn_id: u64,
     ex: &mut Exchange<'_>,
 ) -> ProxyOutcome {
-    let max = ctx.settings.max_body_size;
-    let pace = Pace::new(ctx.settings.body_pace, Instant::now());
-    let mut reader = BodyReader::new(&head.body, pace, max, buf.len());
-    let (body, _) = reader
-        .gather(io, buf, usize::MAX)
-        .await
-        .map_err(|e| (e, false))?;
-    ex.bytes_in += body.len() as u64;
+    let s = &ctx.settings;
+    let pace = Pace::new(s.body_pace, Instant::now());
+    let mut reader = BodyReader::new(&head.body, pace, s.max_body_size, buf.len());
+    let want = match ctx.local_tunnel(identity, conn_id) {
+        Some(_) => usize::MAX,
+        None => s.request_buffer_size,
+    };
+    let (body, complete) = reader.gather(io, buf, want).await.map_err(|e| (e, false))?;
     let chunked = matches!(head.body, BodyKind::Chunked);
     let meta = build_request_meta(
         head,
         head_buf,
         target.peer,
         target.tls,
-        chunked.then_some(body.len()),
-        ctx.settings.trust_forwarded,
+        (chunked && complete).then_some(body.len()),
+        s.trust_forwarded,
     );
+    if !complete {
+        let req = ProxyRequest { meta, body };
+        return across_cores(ctx, io, buf, reader, req, identity, conn_id, ex).await;
+    }
+    ex.bytes_in += body.len() as u64;
     let call = ctx.dispatch(identity, ProxyRequest { meta, body }, conn_id);
     dispatch_unless_gone(io, call)
         .await
-        .map(|r| {
-            ex.request_id = Some(r.request_id);
-            let body = match r.body {
-                super::core::CrossBody::Full(b) => RespBody::Full(b),
-                super::core::CrossBody::Stream(rx) => {
-                    RespBody::Stream(super::tunnel::BodyStream::remote(rx))
-                }
-            };
-            let head = RespHead { meta: r.meta, body };
-            (head, true)
-        })
+        .map(|r| (answer(r, ex), true))
         .map_err(|e| (e, true))
+}
+
+/// A request whose body goes on past what was gathered, for a tunnel on
+/// another core: handed over with its first piece, the rest following as
+/// the client sends it (`Tunnel::call_streamed` takes it there), so memory
+/// stays bounded and the app sees the body as it comes, as on the tunnel's
+/// own core. An answer before the body's end ends the upload there, and
+/// the client's connection closes with the rest unread.
+#[allow(clippy::too_many_arguments)]
+async fn across_cores<S: AsyncReadRent + AsyncWriteRent + Movable>(
+    ctx: &CoreCtx,
+    io: &mut S,
+    buf: &mut BytesMut,
+    mut reader: BodyReader,
+    mut req: ProxyRequest,
+    identity: &crate::registry::routes::IdentityName,
+    conn_id: u64,
+    ex: &mut Exchange<'_>,
+) -> ProxyOutcome {
+    let piece = stream::piece_size(ctx.settings.chunk_size, "0123456789abcdef", 0);
+    let rest = match req.body.len() > piece {
+        true => req.body.split_off(piece),
+        false => Bytes::new(),
+    };
+    let (tx, pieces) = super::tunnel::cross_upload();
+    let mut reply = ctx
+        .hand_over(identity, req, Some(pieces), conn_id)
+        .map_err(|e| (e, false))?;
+    let sent = monoio::select! {
+        r = upload(&mut reader, UpSink::Across(tx), io, buf, rest, piece) => r,
+        r = &mut reply => {
+            ex.bytes_in += reader.taken() as u64;
+            let r = r.unwrap_or(Err(ProxyError::TunnelClosed));
+            return r.map(|r| (answer(r, ex), false)).map_err(|e| (e, false));
+        }
+    };
+    ex.bytes_in += reader.taken() as u64;
+    match sent {
+        // All of it is there, or the tunnel's core stopped taking it (its
+        // answer came, or the request failed): its reply says which.
+        Ok(()) | Err(ProxyError::TunnelClosed) => {}
+        // The client failed mid-body: dropping the channel unfinished
+        // aborts the request over there.
+        Err(e) => {
+            tracing::info!(error = %e, "upload aborted");
+            return Err((e, false));
+        }
+    }
+    let reply = async { reply.await.unwrap_or(Err(ProxyError::TunnelClosed)) };
+    dispatch_unless_gone(io, reply)
+        .await
+        .map(|r| (answer(r, ex), true))
+        .map_err(|e| (e, true))
+}
+
+/// A response from `CoreCtx::dispatch` (or a core a request crossed to),
+/// as the client's connection writes it.
+fn answer(r: super::core::ProxyResponse, ex: &mut Exchange<'_>) -> RespHead {
+    ex.request_id = Some(r.request_id);
+    let body = match r.body {
+        super::core::CrossBody::Full(b) => RespBody::Full(b),
+        super::core::CrossBody::Stream(rx) => {
+            RespBody::Stream(super::tunnel::BodyStream::remote(rx))
+        }
+    };
+    RespHead { meta: r.meta, body }
 }
 
 /// Where a request came from.
@@ -728,7 +791,7 @@ async fn stream_request<S: AsyncReadRent + Movable>(
     // upload. The client gets that answer, and its connection closes
     // with the rest of its body unread.
     let sent = monoio::select! {
-        r = upload(&mut body, &mut up, io, buf, rest, piece) => r,
+        r = upload(&mut body, UpSink::Tunnel(&mut up), io, buf, rest, piece) => r,
         h = waiter.head() => {
             ex.bytes_in += body.taken() as u64;
             tracing::debug!(peer = %target.peer, "answered before the request body's end");
@@ -924,7 +987,7 @@ pub(super) async fn wait_head<S: Movable>(
 /// marked.
 async fn upload<S: AsyncReadRent>(
     body: &mut BodyReader,
-    up: &mut Uploader,
+    mut up: UpSink<'_>,
     io: &mut S,
     buf: &mut BytesMut,
     mut pending: Bytes,
@@ -933,7 +996,7 @@ async fn upload<S: AsyncReadRent>(
     while !pending.is_empty() {
         let p = pending.split_to(pending.len().min(piece));
         let last = pending.is_empty() && body.finished();
-        body.send(up, p, last).await?;
+        body.send(&mut up, p, last).await?;
         if last {
             return Ok(());
         }
@@ -943,12 +1006,12 @@ async fn upload<S: AsyncReadRent>(
             Some(p) => {
                 // Content-Length: the last piece is known as it is taken.
                 let last = body.finished();
-                body.send(up, p, last).await?;
+                body.send(&mut up, p, last).await?;
                 if last {
                     return Ok(());
                 }
             }
-            None => return body.send(up, Bytes::new(), true).await,
+            None => return body.send(&mut up, Bytes::new(), true).await,
         }
     }
 }

@@ -57,6 +57,9 @@ pub enum CrossBody {
 pub struct CrossRequest {
     pub identity: IdentityName,
     pub req: ProxyRequest,
+    /// The rest of a body still coming from the client (`req.body` is
+    /// then its first piece): `Tunnel::call_streamed`.
+    pub rest: Option<super::tunnel::CrossUpload>,
     pub reply: xoneshot::Sender<ProxyResult>,
 }
 
@@ -713,7 +716,20 @@ impl CoreCtx {
         if let Some(t) = self.local_tunnel(identity, hint) {
             return t.call(self, req).await;
         }
-        // Rare path: no tunnel on this core. Counted; crosses a channel.
+        let reply = self.hand_over(identity, req, None, hint)?;
+        reply.await.unwrap_or(Err(ProxyError::TunnelClosed))
+    }
+
+    /// Rare path: no tunnel of `identity` on this core. The request
+    /// crosses to a core that has one (counted); its answer comes back on
+    /// the returned channel. With `rest`, the body follows through it.
+    pub fn hand_over(
+        &self,
+        identity: &IdentityName,
+        req: ProxyRequest,
+        rest: Option<super::tunnel::CrossUpload>,
+        hint: u64,
+    ) -> Result<xoneshot::Receiver<ProxyResult>, ProxyError> {
         let Some(core) = self.shared.remote_core(identity, self.index, hint) else {
             return Err(ProxyError::NoTunnel(identity.to_string()));
         };
@@ -726,12 +742,13 @@ impl CoreCtx {
         let msg = CoreMsg::Request(CrossRequest {
             identity: identity.clone(),
             req,
+            rest,
             reply: tx,
         });
-        if self.shared.inboxes[core].unbounded_send(msg).is_err() {
-            return Err(ProxyError::NoTunnel(identity.to_string()));
+        match self.shared.inboxes[core].unbounded_send(msg) {
+            Ok(()) => Ok(rx),
+            Err(_) => Err(ProxyError::NoTunnel(identity.to_string())),
         }
-        rx.await.unwrap_or(Err(ProxyError::TunnelClosed))
     }
 
     /// A request of `identity` crossed to another core (`scale`).
@@ -916,8 +933,19 @@ impl CoreCtx {
             // The handing core drops its end when its client leaves
             // (`conn.rs::dispatch_unless_gone`): the call is dropped then,
             // which aborts it at the receiver (`Tunnel::call`).
-            let mut reply = m.reply;
-            let mut call = std::pin::pin!(t.call(&self, m.req));
+            let CrossRequest {
+                req,
+                rest,
+                mut reply,
+                ..
+            } = m;
+            let call = async {
+                match rest {
+                    None => t.call(&self, req).await,
+                    Some(rest) => t.call_streamed(&self, req, rest).await,
+                }
+            };
+            let mut call = std::pin::pin!(call);
             let res = std::future::poll_fn(|cx| {
                 use std::future::Future as _;
                 use std::task::Poll;

@@ -269,8 +269,9 @@ impl Tunnel {
         drop(gone);
     }
 
-    /// Sends a whole request and collects the whole response (the cross-
-    /// core path, and callers that need the body in one piece).
+    /// Sends a whole request and waits for its response head (the cross-
+    /// core path, and a plain v1 peer); the body follows as
+    /// [`cross_response`] says.
     pub async fn call(self: &Rc<Self>, ctx: &CoreCtx, req: ProxyRequest) -> ProxyResult {
         let (_up, mut waiter) = self.start(ctx, req.meta, req.body, true)?;
         let request_id = waiter.id;
@@ -284,25 +285,48 @@ impl Tunnel {
         };
         let head = waiter.wait(ctx.settings.timeout).await;
         abandon.disarm();
-        let head = head?;
-        let body = match head.body {
-            RespBody::Full(body) => CrossBody::Full(body),
-            // Only a request from another core is called whole on a
-            // `stream` tunnel (this core streams its own, `conn.rs`): its
-            // body goes there piece by piece, never gathered here (an SSE
-            // stream would reach its client only at its end, a download
-            // past `max_body_size` not at all).
-            RespBody::Stream(s) => {
-                let (tx, rx) = futures_channel::mpsc::channel(CROSS_PIECES);
-                monoio::spawn(forward_body(s, tx));
-                CrossBody::Stream(rx)
-            }
+        Ok(cross_response(head?, request_id))
+    }
+
+    /// A request handed over from another core whose body is still on
+    /// its way from the client there: `req.body` is chunk 0's piece and
+    /// `rest` brings the others as the client sends them, so an upload
+    /// crossing cores is streamed as on its own core, never gathered whole
+    /// (up to `max_body_size` held per request, and the app seeing nothing
+    /// until the client's last byte). As there, an answer that comes
+    /// before the body's end ends the upload. A plain v1 peer takes a
+    /// message only whole: it is gathered here, as the client's core would.
+    pub async fn call_streamed(
+        self: &Rc<Self>,
+        ctx: &CoreCtx,
+        req: ProxyRequest,
+        mut rest: CrossUpload,
+    ) -> ProxyResult {
+        if !self.features.stream {
+            let req = gather_rest(req, &mut rest).await?;
+            return self.call(ctx, req).await;
+        }
+        let (mut up, mut waiter) = self.start(ctx, req.meta, req.body, false)?;
+        let request_id = waiter.id;
+        // Until the head: a failed upload, or this future dropped (the
+        // handing core stopped waiting), aborts the request at the receiver.
+        let abandon = CancelOnDrop {
+            tunnel: self,
+            id: request_id,
         };
-        Ok(ProxyResponse {
-            meta: head.meta,
-            body,
-            request_id,
-        })
+        let early = monoio::select! {
+            r = upload_rest(&mut up, &mut rest) => {
+                r?;
+                None
+            },
+            h = waiter.head() => Some(h),
+        };
+        let head = match early {
+            Some(h) => h,
+            None => waiter.wait(ctx.settings.timeout).await,
+        };
+        abandon.disarm();
+        Ok(cross_response(head?, request_id))
     }
 
     /// Forgets a request; tells a `cancel` peer the client went away.
@@ -580,6 +604,111 @@ async fn forward_body(mut s: BodyStream, mut tx: futures_channel::mpsc::Sender<B
         }
         s.consumed(n);
     }
+}
+
+/// A response head as it crosses to the core whose client asked: a whole
+/// body as it is; a streamed one (only a request from another core is
+/// called so on a `stream` tunnel: this core streams its own, `conn.rs`)
+/// goes there piece by piece, never gathered here (an SSE stream would
+/// reach its client only at its end, a download past `max_body_size` not
+/// at all).
+fn cross_response(head: RespHead, request_id: u64) -> ProxyResponse {
+    let body = match head.body {
+        RespBody::Full(body) => CrossBody::Full(body),
+        RespBody::Stream(s) => {
+            let (tx, rx) = futures_channel::mpsc::channel(CROSS_PIECES);
+            monoio::spawn(forward_body(s, tx));
+            CrossBody::Stream(rx)
+        }
+    };
+    ProxyResponse {
+        meta: head.meta,
+        body,
+        request_id,
+    }
+}
+
+/// One piece of a request body on its way from the client's core to the
+/// tunnel's ([`Tunnel::call_streamed`]); `last` marks the body's end, so
+/// a channel that closes without it means the client failed mid-body.
+#[derive(Debug)]
+pub struct UpPiece {
+    pub data: Bytes,
+    pub last: bool,
+}
+
+/// The rest of a request body crossing cores, and its sending end.
+pub type CrossUpload = futures_channel::mpsc::Receiver<UpPiece>;
+pub type CrossUploadTx = futures_channel::mpsc::Sender<UpPiece>;
+
+/// A channel for a body crossing cores, bounded as a response's is
+/// (`CROSS_PIECES`): the tunnel's credit reaches the client's reads.
+pub fn cross_upload() -> (CrossUploadTx, CrossUpload) {
+    futures_channel::mpsc::channel(CROSS_PIECES)
+}
+
+/// Puts one piece in a crossing body's channel once there is room.
+/// `TunnelClosed`: the tunnel's core is done with the request (its
+/// answer came first, or it failed); its reply says which.
+pub async fn send_across(
+    tx: &mut CrossUploadTx,
+    data: Bytes,
+    last: bool,
+) -> Result<(), ProxyError> {
+    let room = std::future::poll_fn(|cx| tx.poll_ready(cx)).await;
+    room.and_then(|()| tx.start_send(UpPiece { data, last }))
+        .map_err(|_| ProxyError::TunnelClosed)
+}
+
+/// Sends the pieces of a crossing body up as they come, the last one
+/// marked; the channel closed before it is a client gone mid-body.
+async fn upload_rest(up: &mut Uploader, rest: &mut CrossUpload) -> Result<(), ProxyError> {
+    use futures_util::StreamExt;
+    while let Some(p) = rest.next().await {
+        up.send(p.data, p.last).await?;
+        if p.last {
+            return Ok(());
+        }
+    }
+    Err(ProxyError::ClientGone("mid-body"))
+}
+
+/// The rest of a crossing body gathered for a plain v1 peer, which takes a
+/// message only whole (as the client's core gathers one for a v1 tunnel of
+/// its own). A chunked body gets its length now that it is known.
+async fn gather_rest(
+    req: ProxyRequest,
+    rest: &mut CrossUpload,
+) -> Result<ProxyRequest, ProxyError> {
+    use futures_util::StreamExt;
+    // A copy, on the rare path only: a crossing upload to a plain v1 peer.
+    let mut body = BytesMut::from(&req.body[..]);
+    loop {
+        match rest.next().await {
+            Some(p) => {
+                body.extend_from_slice(&p.data);
+                if p.last {
+                    break;
+                }
+            }
+            None => return Err(ProxyError::ClientGone("mid-body")),
+        }
+    }
+    let sized = req
+        .meta
+        .fields()
+        .any(|(n, _)| n.eq_ignore_ascii_case(b"content-length"));
+    let meta = match sized {
+        true => req.meta,
+        false => req.meta.with_field(
+            b"content-length",
+            itoa::Buffer::new().format(body.len()).as_bytes(),
+        ),
+    };
+    Ok(ProxyRequest {
+        meta,
+        body: body.freeze(),
+    })
 }
 
 /// Cancels request `id` at the receiver when dropped, unless disarmed.

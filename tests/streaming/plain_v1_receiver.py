@@ -270,6 +270,12 @@ class Receiver:
             violation("request %s without http_meta" % rid)
             return
         meta = json.loads(meta_b)
+        if body:
+            # The whole-message path promises a sized body: a chunked
+            # upload's length is known once it is whole, and sent on.
+            sizes = [v for k, v in (meta.get("headers") or {}).items() if k.lower() == "content-length"]
+            if sizes != [str(len(body))]:
+                violation("request %s: content-length %r for a body of %d bytes" % (rid, sizes, len(body)))
         for k in ("raw_target", "header_list"):
             if k in meta:
                 violation("meta carries %r, an extension this peer did not ask for" % k)
