@@ -351,9 +351,7 @@ pub async fn read_by<R: monoio::io::AsyncReadRent>(
     buf: &mut bytes::BytesMut,
     deadline: Option<std::time::Instant>,
 ) -> Result<io::Result<usize>, Elapsed> {
-    if buf.capacity() - buf.len() < 4096 {
-        reserve_live(buf, 16 * 1024);
-    }
+    room_for_read(buf);
     let b = std::mem::take(buf);
     let (res, b) = match deadline {
         Some(d) => {
@@ -385,6 +383,27 @@ pub fn reserve_live(buf: &mut bytes::BytesMut, additional: usize) {
     let mut fresh = bytes::BytesMut::with_capacity(buf.len() + additional);
     fresh.extend_from_slice(buf);
     *buf = fresh;
+}
+
+/// Room for the next read into `buf`, whose spare room ran low: `floor`
+/// more at least, and as much again as it holds, up to `cap` more (what
+/// is still due, when that is known). For a buffer whose live bytes grow
+/// read by read until a whole is there (a body gathered whole), each copy
+/// into a new buffer then doubles it, so n bytes cost O(n) copies in all.
+/// Room by a fixed step copied everything held on each step: a 64 MiB
+/// body gathered by 16 KiB steps moved 128 GiB and took a core for
+/// seconds; 1 GiB never ended. A buffer whose pieces are split off as
+/// they come (a head, frames) holds little, and gets `floor`.
+pub fn reserve_more(buf: &mut bytes::BytesMut, floor: usize, cap: usize) {
+    reserve_live(buf, buf.len().max(floor).min(cap.max(floor)));
+}
+
+/// Before a read into `buf`: when less than 4 KiB is spare, room as
+/// [`reserve_more`] gives it, 16 KiB at least.
+fn room_for_read(buf: &mut bytes::BytesMut) {
+    if buf.capacity() - buf.len() < 4096 {
+        reserve_more(buf, 16 * 1024, usize::MAX);
+    }
 }
 
 /// Reads into the spare capacity of `buf`, after the bytes it holds.
@@ -646,7 +665,7 @@ macro_rules! delegate_rent_io {
 pub(crate) use delegate_rent_io;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Room for the next read of a buffer whose earlier pieces were split
@@ -687,6 +706,42 @@ mod tests {
         assert_eq!(&buf[..], b"456789");
         assert_eq!(&piece[..], b"0123");
         assert!(buf.capacity() - buf.len() >= 64 * 1024);
+    }
+
+    /// A buffer that gathers 64 MiB through `read_by`'s reads copies
+    /// each byte about once (each new buffer doubles it): with a fixed
+    /// 16 KiB step the same body was copied 4,096 times over, 128 GiB in
+    /// all. One that holds little gets 16 KiB, as before.
+    #[test]
+    fn a_buffer_that_gathers_doubles_so_its_copies_stay_linear() {
+        let (copied, grown, _) = gather(64 << 20, room_for_read);
+        assert!(copied <= 64 << 20, "{copied} bytes copied to gather 64 MiB");
+        assert!(grown <= 13, "{grown} new buffers to gather 64 MiB");
+        let mut buf = bytes::BytesMut::from(&b"GET / HT"[..]);
+        room_for_read(&mut buf);
+        assert_eq!(buf.capacity(), 8 + 16 * 1024);
+    }
+
+    /// Gathers `whole` bytes into a buffer, `room` called before each
+    /// read (a read fills what is spare): bytes copied into new buffers,
+    /// how many there were, and the last one's capacity.
+    pub(crate) fn gather(
+        whole: usize,
+        mut room: impl FnMut(&mut bytes::BytesMut),
+    ) -> (usize, usize, usize) {
+        let mut buf = bytes::BytesMut::new();
+        let (mut copied, mut grown) = (0, 0);
+        while buf.len() < whole {
+            let (at, held) = (buf.as_ptr(), buf.len());
+            room(&mut buf);
+            if buf.as_ptr() != at {
+                copied += held;
+                grown += 1;
+            }
+            let n = (buf.capacity() - buf.len()).min(whole - buf.len());
+            buf.resize(buf.len() + n, 0);
+        }
+        (copied, grown, buf.capacity())
     }
 
     /// Connections queued in a listener that closes are accepted by the

@@ -56,6 +56,17 @@ pub(super) async fn read_paced<S: AsyncReadRent>(
     }
 }
 
+/// Room before a read of a Content-Length body gathered whole, `due`
+/// bytes of it still to come: it grows with the data, not with the claim
+/// (a client that announces 64 MiB and sends nothing costs 1 MiB at
+/// most), doubling as it comes (`net::reserve_more`: O(n) copies), never
+/// past the body's end, and 4 KiB at least, so `read_by` adds none.
+fn room_for_body(buf: &mut BytesMut, due: usize) {
+    if buf.capacity() - buf.len() < due.clamp(4096, 16 * 1024) {
+        crate::net::reserve_more(buf, due.clamp(4096, 1 << 20), due.max(4096));
+    }
+}
+
 /// One request body as it is read from the client: Content-Length or
 /// chunked, bounded by `max_body_size` and paced. The whole-body path takes
 /// it in one piece ([`BodyReader::gather`] with no limit); the streaming
@@ -166,12 +177,8 @@ impl BodyReader {
     ) -> Result<(Bytes, bool), ProxyError> {
         if let Framing::Length(left) = self.framing {
             let need = left.min(want);
-            if buf.len() < need {
-                // Grow with the data, not with the claim: a client that
-                // announces 64 MiB and sends nothing costs 1 MiB at most.
-                crate::net::reserve_live(buf, (need - buf.len()).min(1 << 20));
-            }
             while buf.len() < need {
+                room_for_body(buf, need - buf.len());
                 read_paced(io, buf, &mut self.pace).await?;
             }
             let first = match self.step(buf, usize::MAX)? {
@@ -216,4 +223,29 @@ impl BodyReader {
 pub(super) enum UpSink<'a> {
     Tunnel(&'a mut Uploader),
     Across(CrossUploadTx),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 64 MiB body gathered whole is copied about once (the buffer
+    /// doubles, `net::reserve_more`), ends in a buffer of its size, and a
+    /// small body gets a buffer of its size at once: one read's room.
+    #[test]
+    fn a_body_gathered_whole_is_copied_about_once_into_a_buffer_of_its_size() {
+        const WHOLE: usize = 64 << 20;
+        let (copied, grown, capacity) = crate::net::tests::gather(WHOLE, |b| {
+            let due = WHOLE - b.len();
+            room_for_body(b, due)
+        });
+        assert!(copied <= WHOLE, "{copied} bytes copied to gather 64 MiB");
+        assert!(grown <= 8, "{grown} new buffers to gather 64 MiB");
+        assert_eq!(capacity, WHOLE, "the last buffer is the body's size");
+        let (copied, grown, capacity) = crate::net::tests::gather(40_000, |b| {
+            let due = 40_000 - b.len();
+            room_for_body(b, due)
+        });
+        assert_eq!((copied, grown, capacity), (0, 1, 40_000));
+    }
 }

@@ -180,7 +180,9 @@ async fn read_more<S: AsyncReadRent>(
     buf: &mut BytesMut,
 ) -> Result<bool, UpstreamError> {
     if buf.capacity() - buf.len() < 8 * 1024 {
-        crate::net::reserve_live(buf, 64 * 1024);
+        // Doubling once it holds more than that (`net::reserve_more`):
+        // a response read whole costs O(n) copies.
+        crate::net::reserve_more(buf, 64 * 1024, usize::MAX);
     }
     let (r, b) = crate::net::read_append(conn, std::mem::take(buf)).await;
     *buf = b;
