@@ -695,22 +695,24 @@ async fn across_cores<S: AsyncReadRent + AsyncWriteRent + Movable>(
         }
     };
     ex.bytes_in += reader.taken() as u64;
-    match sent {
-        // All of it is there, or the tunnel's core stopped taking it (its
-        // answer came, or the request failed): its reply says which.
-        Ok(()) | Err(ProxyError::TunnelClosed) => {}
+    let whole = match sent {
+        Ok(()) => true,
+        // The tunnel's core stopped taking the body (its answer came
+        // first, or the request failed): its reply says which, and the
+        // connection closes with the rest of the body unread.
+        Err(ProxyError::TunnelClosed) => false,
         // The client failed mid-body: dropping the channel unfinished
         // aborts the request over there.
         Err(e) => {
             tracing::info!(error = %e, "upload aborted");
             return Err((e, false));
         }
-    }
+    };
     let reply = async { reply.await.unwrap_or(Err(ProxyError::TunnelClosed)) };
     dispatch_unless_gone(io, reply)
         .await
-        .map(|r| (answer(r, ex), true))
-        .map_err(|e| (e, true))
+        .map(|r| (answer(r, ex), whole))
+        .map_err(|e| (e, whole))
 }
 
 /// A response from `CoreCtx::dispatch` (or a core a request crossed to),
