@@ -385,8 +385,7 @@ fn a_connection_that_sends_nothing_is_closed_at_header_timeout() {
 fn a_client_that_stops_reading_is_cut_after_send_timeout() {
     const BODY: usize = 48 << 20;
     let app = App::start();
-    // One worker: the response streams through its tunnel's credit window
-    // (a request handed to another core is read whole first).
+    // One worker: the response streams through its tunnel's credit window.
     let mut gw = Gateway::start(&GatewayConfig {
         workers: 1,
         ..gateway("send_timeout = 1\n")
@@ -412,6 +411,12 @@ fn a_client_that_stops_reading_is_cut_after_send_timeout() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no bytes_out in {line}"));
     assert!(sent < BODY as u64, "the whole body left: {line}");
+    // Its access line keeps the status sent and says why the body is short.
+    assert!(
+        line.contains("\"status\":200")
+            && line.contains("\"error\":\"client connection failed mid-response"),
+        "expected a 200 cut mid-response in {line}"
+    );
     // … and the receiver gives the app call up.
     rx.proc
         .wait_log(&["request cancelled by the gateway", "client went away"]);

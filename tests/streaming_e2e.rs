@@ -532,7 +532,7 @@ fn a_client_that_leaves_during_a_pause_mid_body_cancels_its_request() {
 
 #[test]
 fn receiver_dying_mid_body_ends_the_client_response_visibly() {
-    let (mut app, gw, mut rx) = start(&GatewayConfig::default(), 2);
+    let (mut app, mut gw, mut rx) = start(&GatewayConfig::default(), 2);
     let mut conns = Vec::new();
     let mut gates = Vec::new();
     for framing in ["chunked", "length"] {
@@ -588,6 +588,14 @@ fn receiver_dying_mid_body_ends_the_client_response_visibly() {
             Ok(()) => panic!("{framing}: expected an incomplete body (no final chunk / short of Content-Length), but the response looked complete"),
         }
     }
+    // Their access lines keep the 200 sent and say why they are short.
+    let line = gw.proc.wait_stdout("\"path\":\"/alice/stall\"");
+    let cut = "\"status\":200,";
+    let why = "\"error\":\"response failed mid-body: tunnel closed\"";
+    assert!(
+        line.contains(cut) && line.contains(why),
+        "expected a 200 cut mid-body in {line}"
+    );
     drop(gates);
 }
 

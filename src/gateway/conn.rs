@@ -457,7 +457,7 @@ where
                 let keep_alive = keep_alive && body_read;
                 let http10 = head.version_minor == 0;
                 let status = r.meta.status();
-                let ok = write_response(
+                let written = write_response(
                     &mut self.io,
                     &mut self.out,
                     r,
@@ -468,6 +468,12 @@ where
                     &mut ex.bytes_out,
                 )
                 .await;
+                // A cut response keeps the status its client was sent;
+                // the access log's `error` says why it is short.
+                let ok = written.unwrap_or_else(|cut| {
+                    ex.cut(&cut);
+                    false
+                });
                 (ok, status, None)
             }
             Err((ProxyError::ClientGone(when), _)) => {

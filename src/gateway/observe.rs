@@ -64,19 +64,28 @@ impl Exchange<'_> {
         self.route = Some(self.obs.metrics.slot(route));
     }
 
-    /// The request failed with `err`, answered `status`: keeps the detail
-    /// for the access log when the client's reply does not carry it (a
-    /// 5xx; a 4xx body says it already), and for a 429 (which limit).
-    /// Allocates, on the failure path only, and only when the access log
-    /// is on.
     /// When the request's first byte arrived.
     pub fn started(&self) -> Instant {
         self.started
     }
 
+    /// The request failed with `err`, answered `status`: keeps the detail
+    /// for the access log when the client's reply does not carry it (a
+    /// 5xx; a 4xx body says it already), and for a 429 (which limit).
+    /// Allocates, on the failure path only, and only when the access log
+    /// is on.
     pub fn failed(&mut self, err: &super::error::ProxyError, status: u16) {
         if self.obs.access.is_some() && (status >= 500 || status == 429) {
             self.error = Some(err.to_string());
+        }
+    }
+
+    /// The response was cut (`respond::Cut`): the access log's `error`
+    /// says why; its status stays the one the client was sent. Allocates
+    /// on that path only, and only when the access log is on.
+    pub fn cut(&mut self, why: &dyn std::fmt::Display) {
+        if self.obs.access.is_some() {
+            self.error = Some(why.to_string());
         }
     }
 }

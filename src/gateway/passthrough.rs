@@ -313,7 +313,11 @@ async fn declined<S: AsyncWriteRent + crate::net::Readable>(
 ) {
     let status = resp.meta.status();
     let s = &ctx.settings;
-    write_response(io, out, resp, false, false, false, s, &mut rec.ex.bytes_out).await;
+    let written =
+        write_response(io, out, resp, false, false, false, s, &mut rec.ex.bytes_out).await;
+    if let Err(cut) = written {
+        rec.ex.cut(&cut);
+    }
     let _ = up.send(Bytes::new(), true).await;
     up.abort("upgrade declined");
     rec.finish(ctx, status);

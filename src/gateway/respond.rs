@@ -33,11 +33,41 @@ pub(super) fn itoa_buf(n: usize) -> String {
     n.to_string()
 }
 
-/// Writes a proxied response; true if the connection can serve another
-/// request. A streamed body is written as it arrives, returning credit to
-/// the tunnel as each piece reaches the client; if it fails midway the
-/// connection is closed without the final chunk, so the client sees it.
-/// Bytes handed to the socket are added to `sent_total`.
+/// Why a response's client did not get all of it (the access log's
+/// `error`; the status stays the one the client was sent).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Cut {
+    #[error("client connection failed mid-response: {0}")]
+    Write(std::io::ErrorKind),
+    #[error("client went away mid-response")]
+    Gone,
+    #[error("response stream idle past stream_idle_timeout")]
+    Idle,
+    #[error("response failed mid-body: {}", failed_why(.0))]
+    Failed(ProxyError),
+    #[error("response body shorter than its Content-Length")]
+    Short,
+    #[error("receiver sent more than its Content-Length")]
+    Overrun,
+}
+
+/// What failed a body on its way (the head had come: a closed tunnel is
+/// just that here).
+fn failed_why(e: &ProxyError) -> String {
+    match e {
+        ProxyError::TunnelClosed => "tunnel closed".into(),
+        e => e.to_string(),
+    }
+}
+
+/// How a response was written: whole (and whether the connection can
+/// serve another request), or cut.
+pub(super) type Written = Result<bool, Cut>;
+
+/// Writes a proxied response. A streamed body is written as it arrives,
+/// returning credit to the tunnel as each piece reaches the client; if it
+/// fails midway the connection is closed without the final chunk, so the
+/// client sees it. Bytes handed to the socket are added to `sent_total`.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn write_response<S: AsyncWriteRent + crate::net::Readable>(
     io: &mut S,
@@ -48,7 +78,7 @@ pub(super) async fn write_response<S: AsyncWriteRent + crate::net::Readable>(
     http10: bool,
     settings: &super::core::Settings,
     sent_total: &mut u64,
-) -> bool {
+) -> Written {
     out.clear();
     let status = resp.meta.status();
     let no_body = is_head || status == 204 || status == 304 || (100..200).contains(&status);
@@ -61,7 +91,10 @@ pub(super) async fn write_response<S: AsyncWriteRent + crate::net::Readable>(
             };
             write_response_head(out, &resp.meta, framing, Persist::new(keep_alive, http10));
             let body = if no_body { Bytes::new() } else { body };
-            return write_with(io, out, body, b"", sent_total).await && keep_alive;
+            return write_with(io, out, body, b"", sent_total)
+                .await
+                .map(|()| keep_alive)
+                .map_err(|e| Cut::Write(e.kind()));
         }
         RespBody::Stream(s) => s,
     };
@@ -79,7 +112,9 @@ pub(super) async fn write_response<S: AsyncWriteRent + crate::net::Readable>(
     // The head is not written yet: it leaves with the first body piece
     // (or the end), in one write.
     let idle = settings.stream_idle_timeout;
-    write_stream(io, out, stream, framing, idle, sent_total).await && !persist.closes()
+    write_stream(io, out, stream, framing, idle, sent_total)
+        .await
+        .map(|()| framing != Framing::Close && !persist.closes())
 }
 
 /// Writes `out`, then `body`, then `tail`, in one write
@@ -90,19 +125,18 @@ async fn write_with<S: AsyncWriteRent>(
     body: Bytes,
     tail: &'static [u8],
     sent: &mut u64,
-) -> bool {
+) -> std::io::Result<()> {
     *sent += (out.len() + body.len() + tail.len()) as u64;
     let res = crate::net::write_joined(io, out, body, tail).await;
     out.clear();
-    res.is_ok()
+    res
 }
 
 /// Body pieces gathered into one write at most (more wait for the next).
 const GATHER_MAX: usize = 1024 * 1024;
 
-/// A streamed response body, framed by `framing`, until its end; false
-/// when the connection cannot go on (a failure, or a close-delimited
-/// body). `out` holds the response head on entry: it leaves with the
+/// A streamed response body, framed by `framing`, until its end, or
+/// why it was cut. `out` holds the response head on entry: it leaves with the
 /// pieces already here, and every write takes all the pieces that are
 /// waiting (one `writev`, bodies uncopied), so a response whose frames
 /// arrived together goes out with one submission. Credit goes back as
@@ -114,14 +148,14 @@ async fn write_stream<S: AsyncWriteRent + crate::net::Readable>(
     framing: Framing,
     idle: std::time::Duration,
     sent_total: &mut u64,
-) -> bool {
+) -> Result<(), Cut> {
     let mut w = Writev::take();
     std::mem::swap(w.small(), out);
-    let (ok, mut w) = stream_pieces(io, w, stream, framing, idle, sent_total).await;
+    let (r, mut w) = stream_pieces(io, w, stream, framing, idle, sent_total).await;
     std::mem::swap(w.small(), out);
     out.clear();
     Writev::give(w);
-    ok
+    r
 }
 
 /// One body piece into `w`, inside its chunk line when `chunked`: a small
@@ -149,7 +183,7 @@ async fn stream_pieces<S: AsyncWriteRent + crate::net::Readable>(
     framing: Framing,
     idle: std::time::Duration,
     sent_total: &mut u64,
-) -> (bool, Writev) {
+) -> (Result<(), Cut>, Writev) {
     let chunked = framing == Framing::Chunked;
     let mut sent: u64 = 0;
     // Body bytes in `w`, credited once written.
@@ -169,8 +203,8 @@ async fn stream_pieces<S: AsyncWriteRent + crate::net::Readable>(
                 *sent_total += w.len() as u64;
                 let (res, back) = w.send(io).await;
                 w = back;
-                if res.is_err() {
-                    return (false, w);
+                if let Err(e) = res {
+                    return (Err(Cut::Write(e.kind())), w);
                 }
                 stream.consumed(std::mem::take(&mut held));
                 continue;
@@ -179,33 +213,33 @@ async fn stream_pieces<S: AsyncWriteRent + crate::net::Readable>(
                 Next::Piece(ev) => ev,
                 Next::Idle => {
                     tracing::info!("response stream idle too long; closing");
-                    return (false, w);
+                    return (Err(Cut::Idle), w);
                 }
                 Next::Gone => {
                     // Dropping the stream unfinished cancels the request
                     // at the receiver (`BodyStream`'s drop).
                     tracing::debug!("client went away while the response body paused");
-                    return (false, w);
+                    return (Err(Cut::Gone), w);
                 }
             },
         };
         let d = match ev {
             BodyEvent::Data(d) => d,
             BodyEvent::End => {
-                let ok = match framing {
+                let whole = match framing {
                     Framing::Chunked => {
                         w.small().extend_from_slice(http::LAST_CHUNK);
-                        true
+                        Ok(())
                     }
-                    Framing::Length(total) => sent == total,
-                    Framing::None => true,
-                    Framing::Close => false,
+                    Framing::Length(total) if sent < total => Err(Cut::Short),
+                    _ => Ok(()),
                 };
                 // What is held goes out even when the body fell short:
                 // the close then tells the client.
                 *sent_total += w.len() as u64;
                 let (res, w) = w.send(io).await;
-                return (ok && res.is_ok(), w);
+                let written = res.map_err(|e| Cut::Write(e.kind()));
+                return (whole.and(written), w);
             }
             BodyEvent::Failed(e) => {
                 tracing::warn!(error = %e, "response failed mid-body; closing the client connection");
@@ -214,7 +248,7 @@ async fn stream_pieces<S: AsyncWriteRent + crate::net::Readable>(
                 // the client that the body is cut.
                 *sent_total += w.len() as u64;
                 let (_, w) = w.send(io).await;
-                return (false, w);
+                return (Err(Cut::Failed(e)), w);
             }
         };
         let n = d.len();
@@ -225,7 +259,7 @@ async fn stream_pieces<S: AsyncWriteRent + crate::net::Readable>(
         sent += n as u64;
         if matches!(framing, Framing::Length(total) if sent > total) {
             tracing::warn!("receiver sent more than its Content-Length; closing");
-            return (false, w);
+            return (Err(Cut::Overrun), w);
         }
         add_piece(&mut w, d, chunked);
         held += n;
@@ -233,8 +267,8 @@ async fn stream_pieces<S: AsyncWriteRent + crate::net::Readable>(
             *sent_total += w.len() as u64;
             let (res, back) = w.send(io).await;
             w = back;
-            if res.is_err() {
-                return (false, w);
+            if let Err(e) = res {
+                return (Err(Cut::Write(e.kind())), w);
             }
             stream.consumed(std::mem::take(&mut held));
         }
