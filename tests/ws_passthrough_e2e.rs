@@ -487,43 +487,74 @@ fn half_close_travels_both_ways_and_app_bytes_are_relayed_as_they_are() {
     );
 }
 
+/// A TLS gateway (`workers`, admin on), the ws app, and alice's receiver
+/// with `tunnels` tunnels over wss://, connected.
+struct TlsRig {
+    _dir: tempfile::TempDir,
+    app: Proc,
+    gw: Gateway,
+    admin: std::net::SocketAddr,
+    _rx: Receiver,
+    /// `WS_CA_FILE` for the scenario client.
+    env: [(String, String); 1],
+}
+
+impl TlsRig {
+    fn start(workers: u32, tunnels: u32) -> TlsRig {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let out = common::procs::run([
+            "cert",
+            "new",
+            "--out",
+            d.to_str().unwrap(),
+            "--file",
+            "server",
+            "127.0.0.1",
+        ]);
+        assert!(out.status.success(), "cert new: {out:?}");
+        let (app, app_addr) = ws_app();
+        let cfg = GatewayConfig {
+            workers,
+            // Dotted keys, not a table: `start_with_admin` appends to [gateway].
+            extra_gateway_toml: format!(
+                "tls.enabled = true\ntls.cert_file = {:?}\ntls.key_file = {:?}\n",
+                d.join("server.crt"),
+                d.join("server.key")
+            ),
+            ..GatewayConfig::default()
+        };
+        let (gw, admin) = Gateway::start_with_admin(&cfg);
+        let mut rcfg = common::procs::ReceiverConfig::new(gw.addr, app_addr, ALICE_TOKEN, tunnels);
+        rcfg.gateway_url = format!("wss://{}/ws", gw.addr);
+        rcfg.extra_toml += &format!("ca_file = {:?}\n", d.join("ca.crt"));
+        let mut rx = Receiver::start_with(&rcfg);
+        rx.wait_connected(tunnels as usize);
+        let env = [(
+            "WS_CA_FILE".to_string(),
+            d.join("ca.crt").to_string_lossy().into_owned(),
+        )];
+        TlsRig {
+            _dir: dir,
+            app,
+            gw,
+            admin,
+            _rx: rx,
+            env,
+        }
+    }
+
+    fn wss(&self) -> String {
+        format!("wss://{}/alice", self.gw.addr)
+    }
+}
+
 #[test]
 fn wss_clients_through_a_tls_gateway() {
     // The public port serves TLS; the client speaks wss:// (a TLS stream
     // split in two halves, shut down on the app's EOF).
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let out = common::procs::run([
-        "cert",
-        "new",
-        "--out",
-        d.to_str().unwrap(),
-        "--file",
-        "server",
-        "127.0.0.1",
-    ]);
-    assert!(out.status.success(), "cert new: {out:?}");
-    let (mut app, app_addr) = ws_app();
-    let cfg = GatewayConfig {
-        workers: 1,
-        extra_gateway_toml: format!(
-            "[gateway.tls]\nenabled = true\ncert_file = {:?}\nkey_file = {:?}\n",
-            d.join("server.crt"),
-            d.join("server.key")
-        ),
-        ..GatewayConfig::default()
-    };
-    let gw = Gateway::start(&cfg);
-    let mut rcfg = common::procs::ReceiverConfig::new(gw.addr, app_addr, ALICE_TOKEN, 1);
-    rcfg.gateway_url = format!("wss://{}/ws", gw.addr);
-    rcfg.extra_toml += &format!("ca_file = {:?}\n", d.join("ca.crt"));
-    let mut rx = Receiver::start_with(&rcfg);
-    rx.wait_connected(1);
-    let env = [(
-        "WS_CA_FILE".to_string(),
-        d.join("ca.crt").to_string_lossy().into_owned(),
-    )];
-    let ws = format!("wss://{}/alice", gw.addr);
+    let mut t = TlsRig::start(1, 1);
+    let (ws, env) = (t.wss(), t.env.clone());
     let v = scenario_env("echo", &[&ws, "2000"], &env);
     assert_eq!(v["echoed"], 2000);
     let v = scenario_env("ping", &[&ws], &env);
@@ -532,7 +563,51 @@ fn wss_clients_through_a_tls_gateway() {
     assert_eq!(v["server_codes"]["4000"], 4000, "{v}");
     for code in ["1000", "1001", "4000"] {
         let want = format!("APP_CLOSED client{code} {code}");
-        app.wait_line(&want, |l| l == want);
+        t.app.wait_line(&want, |l| l == want);
+    }
+}
+
+/// A wss:// stream accepted on a core without alice's one tunnel: its TLS
+/// session cannot move to the tunnel's core (a plain TCP connection is
+/// moved), so its bytes cross through channels (`Tunnel::call_duplex`)
+/// and it works as on the tunnel's own core. It got 503 before.
+#[test]
+fn a_wss_stream_on_a_core_without_the_tunnel_crosses_cores() {
+    let t = TlsRig::start(2, 1);
+    let (ws, env) = (t.wss(), t.env.clone());
+    let crossed = || {
+        let r = common::client::request(t.admin, "GET", "/metrics", &[], b"");
+        r.body_text()
+            .lines()
+            .find_map(|l| {
+                let v = l.strip_prefix("anp_proxy_cross_core_dispatch_total ")?;
+                v.trim().parse::<u64>().ok()
+            })
+            .expect("anp_proxy_cross_core_dispatch_total on /metrics")
+    };
+    // Echoes, then close codes both ways (six streams a run), each run
+    // until one of its streams crossed.
+    for i in 0.. {
+        assert!(i < 64, "64 wss:// streams and none crossed cores");
+        let before = crossed();
+        let v = scenario_env("echo", &[&ws, "500"], &env);
+        assert_eq!(v["echoed"], 500, "stream {i}");
+        if crossed() > before {
+            println!("stream {i} crossed cores and echoed 500 messages");
+            break;
+        }
+    }
+    for i in 0.. {
+        assert!(
+            i < 16,
+            "16 runs of six wss:// streams and none crossed cores"
+        );
+        let before = crossed();
+        let v = scenario_env("close", &[&ws], &env);
+        assert_eq!(v["server_codes"]["4000"], 4000, "{v}");
+        if crossed() > before {
+            break;
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Splitable};
 
 use super::body::{read_more, BodyReader, ReadOutcome, UpSink};
-use super::core::{Busy, CoreCtx, ProxyRequest};
+use super::core::{Busy, CoreCtx, CrossRest, ProxyRequest};
 use super::error::{error_kind, error_reply, ProxyError, UpgradeError};
 use super::forward::build_request_meta;
 use super::head::{HeadClock, HeadLimits, HeadTimeout};
@@ -690,7 +690,7 @@ async fn across_cores<S: AsyncReadRent + AsyncWriteRent + Movable>(
     };
     let (tx, pieces) = super::tunnel::cross_upload();
     let mut reply = ctx
-        .hand_over(identity, req, Some(pieces), conn_id)
+        .hand_over(identity, req, CrossRest::Body(pieces), conn_id)
         .map_err(|e| (e, false))?;
     let sent = monoio::select! {
         r = upload(&mut reader, UpSink::Across(tx), io, buf, rest, piece) => r,
@@ -723,7 +723,7 @@ async fn across_cores<S: AsyncReadRent + AsyncWriteRent + Movable>(
 
 /// A response from `CoreCtx::dispatch` (or a core a request crossed to),
 /// as the client's connection writes it.
-fn answer(r: super::core::ProxyResponse, ex: &mut Exchange<'_>) -> RespHead {
+pub(super) fn answer(r: super::core::ProxyResponse, ex: &mut Exchange<'_>) -> RespHead {
     ex.request_id = Some(r.request_id);
     let body = match r.body {
         super::core::CrossBody::Full(b) => RespBody::Full(b),
@@ -875,7 +875,7 @@ pub(super) const WATCH_AFTER: std::time::Duration = std::time::Duration::from_mi
 /// path's: once it is late by `WATCH_AFTER`, a client that closes its
 /// connection drops the call, which aborts it at the receiver (through
 /// the other core when it crossed), so no work goes on for nobody.
-async fn dispatch_unless_gone<S: Movable>(
+pub(super) async fn dispatch_unless_gone<S: Movable>(
     io: &S,
     call: impl std::future::Future<Output = super::core::ProxyResult>,
 ) -> super::core::ProxyResult {

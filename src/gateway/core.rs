@@ -57,10 +57,24 @@ pub enum CrossBody {
 pub struct CrossRequest {
     pub identity: IdentityName,
     pub req: ProxyRequest,
-    /// The rest of a body still coming from the client (`req.body` is
-    /// then its first piece): `Tunnel::call_streamed`.
-    pub rest: Option<super::tunnel::CrossUpload>,
+    /// What follows `req`.
+    pub rest: CrossRest,
     pub reply: xoneshot::Sender<ProxyResult>,
+}
+
+/// What follows a request handed to another core.
+pub enum CrossRest {
+    /// Nothing: its body is whole (`Tunnel::call`).
+    Whole,
+    /// The rest of a body still coming from the client, `req.body` being
+    /// its first piece (`Tunnel::call_streamed`).
+    Body(super::tunnel::CrossUpload),
+    /// An upgraded stream's client-to-app bytes, each piece waiting for
+    /// the app's credit at most `wait` (`Tunnel::call_duplex`).
+    Duplex {
+        up: super::tunnel::CrossUpload,
+        wait: Duration,
+    },
 }
 
 /// An accepted, authenticated tunnel moved to the core that lacks one for
@@ -716,18 +730,18 @@ impl CoreCtx {
         if let Some(t) = self.local_tunnel(identity, hint) {
             return t.call(self, req).await;
         }
-        let reply = self.hand_over(identity, req, None, hint)?;
+        let reply = self.hand_over(identity, req, CrossRest::Whole, hint)?;
         reply.await.unwrap_or(Err(ProxyError::TunnelClosed))
     }
 
     /// Rare path: no tunnel of `identity` on this core. The request
     /// crosses to a core that has one (counted); its answer comes back on
-    /// the returned channel. With `rest`, the body follows through it.
+    /// the returned channel; what follows the request, through `rest`.
     pub fn hand_over(
         &self,
         identity: &IdentityName,
         req: ProxyRequest,
-        rest: Option<super::tunnel::CrossUpload>,
+        rest: CrossRest,
         hint: u64,
     ) -> Result<xoneshot::Receiver<ProxyResult>, ProxyError> {
         let Some(core) = self.shared.remote_core(identity, self.index, hint) else {
@@ -941,8 +955,9 @@ impl CoreCtx {
             } = m;
             let call = async {
                 match rest {
-                    None => t.call(&self, req).await,
-                    Some(rest) => t.call_streamed(&self, req, rest).await,
+                    CrossRest::Whole => t.call(&self, req).await,
+                    CrossRest::Body(rest) => t.call_streamed(&self, req, rest).await,
+                    CrossRest::Duplex { up, wait } => t.call_duplex(&self, req, up, wait).await,
                 }
             };
             let mut call = std::pin::pin!(call);

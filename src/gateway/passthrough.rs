@@ -34,7 +34,7 @@ use super::error::{error_kind, error_reply, ProxyError};
 use super::forward::{build_upgrade_meta, write_upgrade_head};
 use super::respond::{write_error, write_out, write_response};
 use super::routes::IdentityName;
-use super::tunnel::{BodyEvent, BodyStream, RespBody, RespHead, Uploader};
+use super::tunnel::{BodyEvent, BodyStream, CrossUploadTx, RespBody, RespHead, Uploader};
 use crate::http::headers::Persist;
 use crate::http::{BodyKind, RequestHead};
 use crate::net::Movable;
@@ -203,9 +203,10 @@ pub(super) async fn serve<S>(
     S::OwnedRead: AsyncReadRent + 'static,
     S::OwnedWrite: AsyncWriteRent + 'static,
 {
-    // No tunnel of the identity on this core, one on another: the
-    // connection moves there (a byte stream cannot take the whole-message
-    // cross-core path), counted as a cross-core dispatch.
+    // No tunnel of the identity on this core, one on another: a plain TCP
+    // connection moves there, so its bytes cross no channel; counted as a
+    // cross-core dispatch. A TLS session cannot move: its stream crosses
+    // through channels (`open`, `Tunnel::call_duplex`).
     if S::MOVABLE && !from.moved {
         if let Some(core) = elsewhere(&ctx, &head, &head_buf, from.conn_id) {
             match io.into_owned_fd() {
@@ -234,16 +235,24 @@ pub(super) async fn serve<S>(
         peer: from.peer,
     };
     let opened = open(&ctx, &io, &head, &head_buf, &from, &mut rec.ex).await;
-    let (up, mut waiter, slot, place) = match opened {
+    let (up, answer, slot, place) = match opened {
         Ok(o) => o,
         Err(e) => return refused(&ctx, &mut io, &mut out, rec, &e).await,
     };
     // The app's answer: 101, or an ordinary response. A client that
     // leaves meanwhile cancels the request, as on the plain path.
-    let resp = super::conn::wait_head(&io, &mut waiter, ctx.settings.timeout)
-        .await
-        .map(|(head, _)| head)
-        .map_err(|(e, _)| e);
+    let resp = match answer {
+        Answer::Here(mut waiter) => super::conn::wait_head(&io, &mut waiter, ctx.settings.timeout)
+            .await
+            .map(|(head, _)| head)
+            .map_err(|(e, _)| e),
+        Answer::Across(reply) => {
+            let reply = async { reply.await.unwrap_or(Err(ProxyError::TunnelClosed)) };
+            super::conn::dispatch_unless_gone(&io, reply)
+                .await
+                .map(|r| super::conn::answer(r, &mut rec.ex))
+        }
+    };
     drop(place);
     let resp = match resp {
         Ok(r) if r.meta.status() == 101 => r,
@@ -253,7 +262,7 @@ pub(super) async fn serve<S>(
             return refused(&ctx, &mut io, &mut out, rec, &e).await;
         }
     };
-    relay_upgraded(&ctx, io, buf, out, rec, resp, up, waiter.request_id()).await;
+    relay_upgraded(&ctx, io, buf, out, rec, resp, up).await;
     // The identity's place among its streams, freed once the stream ended.
     drop(slot);
 }
@@ -309,7 +318,7 @@ async fn declined<S: AsyncWriteRent + crate::net::Readable>(
     out: &mut Vec<u8>,
     mut rec: Record<'_, '_>,
     resp: RespHead,
-    mut up: Uploader,
+    mut up: Sending,
 ) {
     let status = resp.meta.status();
     let s = &ctx.settings;
@@ -333,8 +342,7 @@ async fn relay_upgraded<S>(
     mut out: Vec<u8>,
     mut rec: Record<'_, '_>,
     resp: RespHead,
-    mut up: Uploader,
-    rid: u64,
+    mut up: Sending,
 ) where
     S: AsyncReadRent + AsyncWriteRent + Splitable + 'static,
     S::OwnedRead: AsyncReadRent + 'static,
@@ -342,6 +350,7 @@ async fn relay_upgraded<S>(
 {
     let RespHead { meta, body } = resp;
     let peer = rec.peer;
+    let rid = rec.ex.request_id.unwrap_or_default();
     out.clear();
     write_upgrade_head(&mut out, &meta);
     rec.ex.bytes_out += out.len() as u64;
@@ -397,14 +406,41 @@ async fn refuse<S: AsyncWriteRent>(
     (w.status, w.bytes)
 }
 
-/// The request under way: its sending half, its waiter, its place among
-/// the identity's streams, and its place in flight (held until the answer).
-type Opened<'a> = (
-    Uploader,
-    super::tunnel::Waiter,
-    OpenSlot<'a>,
-    super::admission::Place,
-);
+/// The request under way: where the client's bytes go, where the app's
+/// answer comes from, its place among the identity's streams, and its
+/// place in flight (held until the answer).
+type Opened<'a> = (Sending, Answer, OpenSlot<'a>, super::admission::Place);
+
+/// Where an upgraded stream's client-to-app bytes go: the tunnel on this
+/// core, or the channel to the core that has one (a TLS client's session
+/// cannot move there, `Tunnel::call_duplex`).
+enum Sending {
+    Here(Uploader),
+    Across(CrossUploadTx),
+}
+
+impl Sending {
+    async fn send(&mut self, piece: Bytes, last: bool) -> Result<(), ProxyError> {
+        match self {
+            Sending::Here(up) => up.send(piece, last).await,
+            Sending::Across(tx) => super::tunnel::send_across(tx, piece, last).await,
+        }
+    }
+
+    /// Ends the stream at the receiver (nothing once it ended there).
+    /// Across cores, the channel dropped without its last piece does it.
+    fn abort(self, why: &str) {
+        if let Sending::Here(up) = self {
+            up.abort(why);
+        }
+    }
+}
+
+/// Where the app's answer to an upgrade comes from.
+enum Answer {
+    Here(super::tunnel::Waiter),
+    Across(futures_channel::oneshot::Receiver<super::core::ProxyResult>),
+}
 
 /// Everything before the app's answer: the route, its tunnel on this core
 /// (which must have negotiated `upgrade`), the identity's stream limit and
@@ -448,12 +484,11 @@ async fn open<'a, S: Movable>(
     ex.set_route(route);
     let identity = route.identity.clone();
     super::conn::tunnel_unless_gone(ctx, io, &identity).await?;
-    // A byte stream cannot take the whole-message cross-core path (plain
-    // TCP was moved to a core with a tunnel before; TLS cannot move).
-    let Some(tunnel) = ctx.local_tunnel(&identity, from.conn_id) else {
-        return Err(ProxyError::NoTunnel(identity.to_string()));
-    };
-    if !tunnel.features.upgrade {
+    // No tunnel here: a plain TCP connection was moved to a core with one
+    // (`serve`); a TLS one cannot move, and its stream crosses through
+    // channels instead (`Tunnel::call_duplex`, which checks `upgrade`).
+    let local = ctx.local_tunnel(&identity, from.conn_id);
+    if local.as_ref().is_some_and(|t| !t.features.upgrade) {
         // A plain v1 (or older) receiver: it cannot carry the stream.
         return Err(ProxyError::upgrade_refused(&s.tunnel_path, false));
     }
@@ -470,9 +505,19 @@ async fn open<'a, S: Movable>(
     let wait = s
         .upgrade_idle_timeout
         .unwrap_or(Duration::from_secs(100 * 86_400));
-    let (up, waiter) = tunnel.start_duplex(ctx, meta, wait)?;
-    ex.request_id = Some(waiter.request_id());
-    Ok((up, waiter, slot, place))
+    if let Some(tunnel) = local {
+        let (up, waiter) = tunnel.start_duplex(ctx, meta, wait)?;
+        ex.request_id = Some(waiter.request_id());
+        return Ok((Sending::Here(up), Answer::Here(waiter), slot, place));
+    }
+    let (tx, rx) = super::tunnel::cross_upload();
+    let req = super::core::ProxyRequest {
+        meta,
+        body: Bytes::new(),
+    };
+    let rest = super::core::CrossRest::Duplex { up: rx, wait };
+    let reply = ctx.hand_over(&identity, req, rest, from.conn_id)?;
+    Ok((Sending::Across(tx), Answer::Across(reply), slot, place))
 }
 
 /// Bytes relayed each way, and when the last one moved.
@@ -498,7 +543,7 @@ async fn relay<S>(
     ctx: &CoreCtx,
     io: S,
     early: BytesMut,
-    up: &mut Uploader,
+    up: &mut Sending,
     body: RespBody,
     counts: &Counts,
 ) -> End
@@ -527,7 +572,7 @@ where
 async fn client_to_app<R: AsyncReadRent>(
     mut rd: R,
     mut buf: BytesMut,
-    up: &mut Uploader,
+    up: &mut Sending,
     counts: &Counts,
     piece: usize,
 ) -> Result<(), End> {

@@ -329,6 +329,46 @@ impl Tunnel {
         Ok(cross_response(head?, request_id))
     }
 
+    /// An upgrade handed over from another core whose client's TLS
+    /// session cannot move (a plain TCP one moves instead,
+    /// `passthrough::hand_off`): the request goes as `start_duplex` sends
+    /// it, the app's answer goes back as any response crossing cores
+    /// does (a 101's bytes streamed, `forward_body`), and the client's
+    /// bytes follow through `up` for as long as the stream lasts (each
+    /// piece waiting for credit at most `wait`). Its end (the client's
+    /// EOF) is the upload's last piece; a channel closed without it ends
+    /// the stream at the receiver.
+    pub async fn call_duplex(
+        self: &Rc<Self>,
+        ctx: &CoreCtx,
+        req: ProxyRequest,
+        mut up: CrossUpload,
+        wait: Duration,
+    ) -> ProxyResult {
+        if !self.features.upgrade {
+            // A plain v1 (or older) receiver: it cannot carry the stream.
+            return Err(ProxyError::upgrade_refused(
+                &ctx.settings.tunnel_path,
+                false,
+            ));
+        }
+        let (mut sending, mut waiter) = self.start_duplex(ctx, req.meta, wait)?;
+        let request_id = waiter.id;
+        let abandon = CancelOnDrop {
+            tunnel: self,
+            id: request_id,
+        };
+        let head = waiter.wait(ctx.settings.timeout).await;
+        abandon.disarm();
+        let head = head?;
+        monoio::spawn(async move {
+            if let Err(e) = upload_rest(&mut sending, &mut up).await {
+                sending.abort(&e.to_string());
+            }
+        });
+        Ok(cross_response(head, request_id))
+    }
+
     /// Forgets a request; tells a `cancel` peer the client went away.
     fn cancel(&self, id: u64, why: &str) {
         let gone = self.inflight.borrow_mut().remove(&id);
