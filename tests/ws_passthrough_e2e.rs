@@ -264,6 +264,64 @@ fn one_stream_over_max_upgraded_per_identity_gets_503() {
     drop((b, c));
 }
 
+/// A client that vanishes mid-stream is nothing the receiver or its app
+/// did: the receiver lets the stream go quietly (a debug line). The
+/// gateway's cancel reaches a stream's upload
+/// and its cancel latch in either order, and about half of such clients
+/// were warned about as `upgraded stream failed` (request aborted before
+/// its body was complete).
+#[test]
+fn clients_that_vanish_mid_stream_are_no_failure_at_the_receiver() {
+    use tungstenite::Message;
+    const CLIENTS: usize = 12;
+    let (_app, app_addr) = ws_app();
+    let cfg = GatewayConfig {
+        workers: 2,
+        ..GatewayConfig::default()
+    };
+    let gw = Gateway::start(&cfg);
+    let mut rcfg = common::procs::ReceiverConfig::new(gw.addr, app_addr, ALICE_TOKEN, 1);
+    rcfg.env
+        .push(("RUST_LOG".into(), "info,anp_proxy::receiver=debug".into()));
+    let mut rx = Receiver::start_with(&rcfg);
+    rx.wait_connected(1);
+    for i in 0..CLIENTS {
+        let url = format!("ws://{}/alice/echo?tag=vanish{i}", gw.addr);
+        let tcp = std::net::TcpStream::connect(gw.addr).unwrap();
+        tcp.set_read_timeout(Some(RUN)).unwrap();
+        let (mut ws, _) = tungstenite::client(url.as_str(), tcp).expect("handshake");
+        let m = Message::binary(vec![7u8; 50_000]);
+        ws.send(m.clone()).unwrap();
+        assert_eq!(ws.read().unwrap(), m, "client {i}: echo");
+        ws.send(Message::binary(vec![8u8; 50_000])).unwrap();
+        // Gone without a close frame: a reset (linger 0), not a FIN, which
+        // would be a half-close the stream carries on with.
+        let tcp = ws.get_ref();
+        socket2::SockRef::from(tcp)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(ws);
+    }
+    let (mut quiet, mut failed) = (0, Vec::new());
+    while quiet + failed.len() < CLIENTS {
+        let line = rx
+            .proc
+            .wait_log_where("each stream's end at the receiver", |l| {
+                l.contains("upgraded stream ended by the gateway")
+                    || l.contains("upgraded stream failed")
+            });
+        match line.contains("upgraded stream failed") {
+            true => failed.push(line),
+            false => quiet += 1,
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {CLIENTS} vanished clients were warned about as failures: {failed:?}",
+        failed.len()
+    );
+}
+
 #[test]
 fn an_idle_stream_is_closed_at_both_ends() {
     let mut r = Rig::start("upgrade_idle_timeout = 1\n");

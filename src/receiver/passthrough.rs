@@ -67,12 +67,17 @@ pub async fn serve(
         r = work => Some(r),
         _ = cancel.cancelled() => None,
     };
-    match result {
-        Some(Ok(())) => {}
-        Some(Err(UpstreamError::TunnelGone)) | None => {
+    // One reading of how it ended for calls and streams alike: the
+    // gateway's cancel (its client vanished) may reach the stream's
+    // upload before its cancel latch, and that `Aborted` is no failure
+    // either (it was warned about for about half of such clients).
+    use super::{call_end, CallEnd};
+    match call_end(result) {
+        CallEnd::Done => {}
+        CallEnd::Abandoned => {
             tracing::debug!(%request_id, "upgraded stream ended by the gateway");
         }
-        Some(Err(e)) => {
+        CallEnd::Failed(e) => {
             let target = String::from_utf8_lossy(meta.target());
             let path = target.split('?').next().unwrap_or_default();
             tracing::warn!(%request_id, %path, error = %e, "upgraded stream failed");

@@ -888,7 +888,8 @@ async fn handle_request(ctx: &CoreRx, job: Job) {
     drop(gone);
 }
 
-/// How an upstream call ended, for the log and the counters.
+/// How an upstream call (or an upgraded stream) ended, for the log and
+/// the counters.
 #[derive(Debug)]
 enum CallEnd {
     Done,
