@@ -274,16 +274,40 @@ impl Tunnel {
     /// [`cross_response`] says.
     pub async fn call(self: &Rc<Self>, ctx: &CoreCtx, req: ProxyRequest) -> ProxyResult {
         let (_up, mut waiter) = self.start(ctx, req.meta, req.body, true)?;
+        self.head_across(ctx, &mut waiter, std::future::ready(Ok(())))
+            .await
+    }
+
+    /// The response head of `waiter`'s request, as it crosses back
+    /// ([`cross_response`]), while `upload` sends the rest of its body (or
+    /// nothing); a head that comes first ends the upload. Dropped before
+    /// the head arrives (its client left, `conn.rs`, or the core that
+    /// handed it over stopped waiting, `core.rs`), or failed by the
+    /// upload, the request is aborted at the receiver, as
+    /// `Waiter::abandon` does; after the head, `BodyStream`'s drop does
+    /// the same.
+    async fn head_across(
+        &self,
+        ctx: &CoreCtx,
+        waiter: &mut Waiter,
+        upload: impl std::future::Future<Output = Result<(), ProxyError>>,
+    ) -> ProxyResult {
         let request_id = waiter.id;
-        // Dropped before its head arrives (its client left, `conn.rs`, or
-        // the core that handed it over stopped waiting, `core.rs`), the
-        // request is aborted at the receiver, as `Waiter::abandon` does;
-        // after the head, `BodyStream`'s drop does the same.
         let abandon = CancelOnDrop {
             tunnel: self,
             id: request_id,
         };
-        let head = waiter.wait(ctx.settings.timeout).await;
+        let early = monoio::select! {
+            r = upload => {
+                r?;
+                None
+            },
+            h = waiter.head() => Some(h),
+        };
+        let head = match early {
+            Some(h) => h,
+            None => waiter.wait(ctx.settings.timeout).await,
+        };
         abandon.disarm();
         Ok(cross_response(head?, request_id))
     }
@@ -307,26 +331,8 @@ impl Tunnel {
             return self.call(ctx, req).await;
         }
         let (mut up, mut waiter) = self.start(ctx, req.meta, req.body, false)?;
-        let request_id = waiter.id;
-        // Until the head: a failed upload, or this future dropped (the
-        // handing core stopped waiting), aborts the request at the receiver.
-        let abandon = CancelOnDrop {
-            tunnel: self,
-            id: request_id,
-        };
-        let early = monoio::select! {
-            r = upload_rest(&mut up, &mut rest) => {
-                r?;
-                None
-            },
-            h = waiter.head() => Some(h),
-        };
-        let head = match early {
-            Some(h) => h,
-            None => waiter.wait(ctx.settings.timeout).await,
-        };
-        abandon.disarm();
-        Ok(cross_response(head?, request_id))
+        let upload = upload_rest(&mut up, &mut rest);
+        self.head_across(ctx, &mut waiter, upload).await
     }
 
     /// An upgrade handed over from another core whose client's TLS
@@ -353,20 +359,17 @@ impl Tunnel {
             ));
         }
         let (mut sending, mut waiter) = self.start_duplex(ctx, req.meta, wait)?;
-        let request_id = waiter.id;
-        let abandon = CancelOnDrop {
-            tunnel: self,
-            id: request_id,
-        };
-        let head = waiter.wait(ctx.settings.timeout).await;
-        abandon.disarm();
-        let head = head?;
+        let resp = self
+            .head_across(ctx, &mut waiter, std::future::ready(Ok(())))
+            .await?;
+        // The stream is open (or the app answered otherwise): the
+        // client's bytes go up as they come, for as long as it lasts.
         monoio::spawn(async move {
             if let Err(e) = upload_rest(&mut sending, &mut up).await {
                 sending.abort(&e.to_string());
             }
         });
-        Ok(cross_response(head, request_id))
+        Ok(resp)
     }
 
     /// Forgets a request; tells a `cancel` peer the client went away.
