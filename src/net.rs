@@ -351,7 +351,7 @@ pub async fn read_by<R: monoio::io::AsyncReadRent>(
     buf: &mut bytes::BytesMut,
     deadline: Option<std::time::Instant>,
 ) -> Result<io::Result<usize>, Elapsed> {
-    room_for_read(buf);
+    room_for_read(buf, 4096, 16 * 1024);
     let b = std::mem::take(buf);
     let (res, b) = match deadline {
         Some(d) => {
@@ -398,11 +398,12 @@ pub fn reserve_more(buf: &mut bytes::BytesMut, floor: usize, cap: usize) {
     reserve_live(buf, buf.len().max(floor).min(cap.max(floor)));
 }
 
-/// Before a read into `buf`: when less than 4 KiB is spare, room as
-/// [`reserve_more`] gives it, 16 KiB at least.
-fn room_for_read(buf: &mut bytes::BytesMut) {
-    if buf.capacity() - buf.len() < 4096 {
-        reserve_more(buf, 16 * 1024, usize::MAX);
+/// Before a read into `buf`: when less than `low` is spare, room as
+/// [`reserve_more`] gives it, `floor` at least (every read that appends
+/// to what a buffer holds: a body read whole grows by doubling).
+pub fn room_for_read(buf: &mut bytes::BytesMut, low: usize, floor: usize) {
+    if buf.capacity() - buf.len() < low {
+        reserve_more(buf, floor, usize::MAX);
     }
 }
 
@@ -714,11 +715,12 @@ pub(crate) mod tests {
     /// all. One that holds little gets 16 KiB, as before.
     #[test]
     fn a_buffer_that_gathers_doubles_so_its_copies_stay_linear() {
-        let (copied, grown, _) = gather(64 << 20, room_for_read);
+        let room = |b: &mut bytes::BytesMut| room_for_read(b, 4096, 16 * 1024);
+        let (copied, grown, _) = gather(64 << 20, room);
         assert!(copied <= 64 << 20, "{copied} bytes copied to gather 64 MiB");
         assert!(grown <= 13, "{grown} new buffers to gather 64 MiB");
         let mut buf = bytes::BytesMut::from(&b"GET / HT"[..]);
-        room_for_read(&mut buf);
+        room(&mut buf);
         assert_eq!(buf.capacity(), 8 + 16 * 1024);
     }
 

@@ -588,15 +588,20 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent + Movable>(
     continue_if_asked(io, out, head, ex)
         .await
         .map_err(|e| (e, false))?;
-    let target = Target { peer, tls };
+    let req = Outbound {
+        head,
+        head_buf,
+        peer,
+        tls,
+    };
     // A `stream` tunnel on this core: the body goes up as it arrives.
     if let Some(t) = ctx
         .local_tunnel(identity, conn_id)
         .filter(|t| t.features.stream)
     {
-        return stream_request(ctx, io, buf, head, head_buf, &target, t, ex).await;
+        return stream_request(ctx, io, buf, &req, t, ex).await;
     }
-    whole_request(ctx, io, buf, head, head_buf, &target, identity, conn_id, ex).await
+    whole_request(ctx, io, buf, &req, identity, conn_id, ex).await
 }
 
 /// `100 Continue`, written before the body is read when the client asked
@@ -625,41 +630,27 @@ async fn continue_if_asked<S: AsyncWriteRent>(
 /// `request_buffer_size` whole, a larger one streamed (`across_cores`).
 /// The response comes back whole or, from another core's `stream`
 /// tunnel, piece by piece.
-#[allow(clippy::too_many_arguments)]
 async fn whole_request<S: AsyncReadRent + AsyncWriteRent + Movable>(
     ctx: &CoreCtx,
     io: &mut S,
     buf: &mut BytesMut,
-    head: &RequestHead,
-    head_buf: &Bytes,
-    target: &Target,
+    req: &Outbound<'_>,
     identity: &crate::registry::routes::IdentityName,
     conn_id: u64,
     ex: &mut Exchange<'_>,
 ) -> ProxyOutcome {
-    let s = &ctx.settings;
-    let pace = Pace::new(s.body_pace, Instant::now());
-    let mut reader = BodyReader::new(&head.body, pace, s.max_body_size, buf.len());
     let want = match ctx.local_tunnel(identity, conn_id) {
         Some(_) => usize::MAX,
-        None => s.request_buffer_size,
+        None => ctx.settings.request_buffer_size,
     };
-    let (body, complete) = reader.gather(io, buf, want).await.map_err(|e| (e, false))?;
-    let chunked = matches!(head.body, BodyKind::Chunked);
-    let meta = build_request_meta(
-        head,
-        head_buf,
-        target.peer,
-        target.tls,
-        (chunked && complete).then_some(body.len()),
-        s.trust_forwarded,
-    );
+    let (reader, first, complete) = first_part(ctx, io, buf, req, want)
+        .await
+        .map_err(|e| (e, false))?;
     if !complete {
-        let req = ProxyRequest { meta, body };
-        return across_cores(ctx, io, buf, reader, req, identity, conn_id, ex).await;
+        return across_cores(ctx, io, buf, reader, first, req.peer, identity, conn_id, ex).await;
     }
-    ex.bytes_in += body.len() as u64;
-    let call = ctx.dispatch(identity, ProxyRequest { meta, body }, conn_id);
+    ex.bytes_in += first.body.len() as u64;
+    let call = ctx.dispatch(identity, first, conn_id);
     dispatch_unless_gone(io, call)
         .await
         .map(|r| (answer(r, ex), true))
@@ -679,15 +670,12 @@ async fn across_cores<S: AsyncReadRent + AsyncWriteRent + Movable>(
     buf: &mut BytesMut,
     mut reader: BodyReader,
     mut req: ProxyRequest,
+    peer: SocketAddr,
     identity: &crate::registry::routes::IdentityName,
     conn_id: u64,
     ex: &mut Exchange<'_>,
 ) -> ProxyOutcome {
-    let piece = stream::piece_size(ctx.settings.chunk_size, "0123456789abcdef", 0);
-    let rest = match req.body.len() > piece {
-        true => req.body.split_off(piece),
-        false => Bytes::new(),
-    };
+    let (piece, rest) = first_piece(ctx, &mut req.body);
     let (tx, pieces) = super::tunnel::cross_upload();
     let mut reply = ctx
         .hand_over(identity, req, CrossRest::Body(pieces), conn_id)
@@ -710,7 +698,7 @@ async fn across_cores<S: AsyncReadRent + AsyncWriteRent + Movable>(
         // The client failed mid-body: dropping the channel unfinished
         // aborts the request over there.
         Err(e) => {
-            tracing::info!(error = %e, "upload aborted");
+            tracing::info!(%peer, error = %e, "upload aborted");
             return Err((e, false));
         }
     };
@@ -734,10 +722,51 @@ pub(super) fn answer(r: super::core::ProxyResponse, ex: &mut Exchange<'_>) -> Re
     RespHead { meta: r.meta, body }
 }
 
-/// Where a request came from.
-struct Target {
+/// A request on its way out: its head, and where it came from.
+struct Outbound<'a> {
+    head: &'a RequestHead,
+    head_buf: &'a Bytes,
     peer: SocketAddr,
     tls: bool,
+}
+
+/// The body's first part, up to `want` bytes (the whole body when it is
+/// no longer), and the request meta built for it; the reader goes on with
+/// the rest. Whether it is the whole body decides between one message and
+/// a stream (`stream_request`, `whole_request`).
+async fn first_part<S: AsyncReadRent>(
+    ctx: &CoreCtx,
+    io: &mut S,
+    buf: &mut BytesMut,
+    req: &Outbound<'_>,
+    want: usize,
+) -> Result<(BodyReader, ProxyRequest, bool), ProxyError> {
+    let s = &ctx.settings;
+    let pace = Pace::new(s.body_pace, Instant::now());
+    let mut reader = BodyReader::new(&req.head.body, pace, s.max_body_size, buf.len());
+    let (body, complete) = reader.gather(io, buf, want).await?;
+    // A whole chunked body goes on with its length (`content-length`).
+    let chunked = matches!(req.head.body, BodyKind::Chunked);
+    let meta = build_request_meta(
+        req.head,
+        req.head_buf,
+        req.peer,
+        req.tls,
+        (chunked && complete).then_some(body.len()),
+        s.trust_forwarded,
+    );
+    Ok((reader, ProxyRequest { meta, body }, complete))
+}
+
+/// Chunk 0's piece of a streamed body: `first` keeps at most one piece
+/// (`stream::piece_size`); the piece size, and the rest of `first`.
+fn first_piece(ctx: &CoreCtx, first: &mut Bytes) -> (usize, Bytes) {
+    let piece = stream::piece_size(ctx.settings.chunk_size, "0123456789abcdef", 0);
+    let rest = match first.len() > piece {
+        true => first.split_off(piece),
+        false => Bytes::new(),
+    };
+    (piece, rest)
 }
 
 /// Sends a request to a `stream` tunnel, its body piece by piece as it
@@ -746,51 +775,29 @@ struct Target {
 /// read whole first, so a slow client never holds a receiver's permit for
 /// a small body. A client that goes away mid-upload aborts the request at
 /// the receiver (`cancel`).
-#[allow(clippy::too_many_arguments)]
 async fn stream_request<S: AsyncReadRent + Movable>(
     ctx: &CoreCtx,
     io: &mut S,
     buf: &mut BytesMut,
-    head: &RequestHead,
-    head_buf: &Bytes,
-    target: &Target,
+    req: &Outbound<'_>,
     tunnel: Rc<Tunnel>,
     ex: &mut Exchange<'_>,
 ) -> ProxyOutcome {
     let s = &ctx.settings;
-    let pace = Pace::new(s.body_pace, Instant::now());
-    let mut body = BodyReader::new(&head.body, pace, s.max_body_size, buf.len());
-    // What of the body is here once the buffer size is reached decides
-    // between one message and a stream.
-    let (mut first, complete) = body
-        .gather(io, buf, s.request_buffer_size)
+    let (mut body, mut first, complete) = first_part(ctx, io, buf, req, s.request_buffer_size)
         .await
         .map_err(|e| (e, false))?;
-    let chunked = matches!(head.body, BodyKind::Chunked);
-    let meta = build_request_meta(
-        head,
-        head_buf,
-        target.peer,
-        target.tls,
-        (chunked && complete).then_some(first.len()),
-        s.trust_forwarded,
-    );
     if complete {
-        ex.bytes_in += first.len() as u64;
+        ex.bytes_in += first.body.len() as u64;
         let (_up, mut waiter) = tunnel
-            .start(ctx, meta, first, true)
+            .start(ctx, first.meta, first.body, true)
             .map_err(|e| (e, false))?;
         ex.request_id = Some(waiter.request_id());
         return wait_head(io, &mut waiter, s.timeout).await;
     }
-    let piece = stream::piece_size(s.chunk_size, "0123456789abcdef", 0);
-    let rest = if first.len() > piece {
-        first.split_off(piece)
-    } else {
-        Bytes::new()
-    };
+    let (piece, rest) = first_piece(ctx, &mut first.body);
     let (mut up, mut waiter) = tunnel
-        .start(ctx, meta, first, false)
+        .start(ctx, first.meta, first.body, false)
         .map_err(|e| (e, false))?;
     ex.request_id = Some(waiter.request_id());
     // The app may answer before the body's end (a 413 or a 401 refusing
@@ -802,13 +809,13 @@ async fn stream_request<S: AsyncReadRent + Movable>(
         r = upload(&mut body, UpSink::Tunnel(&mut up), io, buf, rest, piece) => r,
         h = waiter.head() => {
             ex.bytes_in += body.taken() as u64;
-            tracing::debug!(peer = %target.peer, "answered before the request body's end");
+            tracing::debug!(peer = %req.peer, "answered before the request body's end");
             return h.map(|h| (h, false)).map_err(|e| (e, false));
         }
     };
     ex.bytes_in += body.taken() as u64;
     if let Err(e) = sent {
-        tracing::info!(peer = %target.peer, error = %e, "upload aborted");
+        tracing::info!(peer = %req.peer, error = %e, "upload aborted");
         up.abort(&e.to_string());
         return Err((e, false));
     }

@@ -639,10 +639,9 @@ async fn forward_body(mut s: BodyStream, mut tx: futures_channel::mpsc::Sender<B
             BodyEvent::Data(d) => (d.len(), false),
             _ => (0, true),
         };
-        // Room in the channel (the client's core has taken what was in
-        // it), or an error once that core dropped its end.
-        let room = std::future::poll_fn(|cx| tx.poll_ready(cx)).await;
-        if room.is_err() || tx.start_send(ev).is_err() || last {
+        // Once there is room in the channel (the client's core has taken
+        // what was in it); an error once that core dropped its end.
+        if futures_util::SinkExt::send(&mut tx, ev).await.is_err() || last {
             return;
         }
         s.consumed(n);
@@ -698,8 +697,8 @@ pub async fn send_across(
     data: Bytes,
     last: bool,
 ) -> Result<(), ProxyError> {
-    let room = std::future::poll_fn(|cx| tx.poll_ready(cx)).await;
-    room.and_then(|()| tx.start_send(UpPiece { data, last }))
+    futures_util::SinkExt::send(tx, UpPiece { data, last })
+        .await
         .map_err(|_| ProxyError::TunnelClosed)
 }
 

@@ -184,11 +184,7 @@ async fn read_more<S: AsyncReadRent>(
     conn: &mut S,
     buf: &mut BytesMut,
 ) -> Result<bool, UpstreamError> {
-    if buf.capacity() - buf.len() < 8 * 1024 {
-        // Doubling once it holds more than that (`net::reserve_more`):
-        // a response read whole costs O(n) copies.
-        crate::net::reserve_more(buf, 64 * 1024, usize::MAX);
-    }
+    crate::net::room_for_read(buf, 8 * 1024, 64 * 1024);
     let (r, b) = crate::net::read_append(conn, std::mem::take(buf)).await;
     *buf = b;
     Ok(r? > 0)

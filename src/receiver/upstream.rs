@@ -231,11 +231,7 @@ enum Read {
 }
 
 async fn read_more<S: AsyncReadRent>(io: &mut S, buf: &mut BytesMut) -> io::Result<Read> {
-    if buf.capacity() - buf.len() < 8 * 1024 {
-        // Doubling once it holds more than that (`net::reserve_more`):
-        // a response read whole costs O(n) copies.
-        crate::net::reserve_more(buf, 64 * 1024, usize::MAX);
-    }
+    crate::net::room_for_read(buf, 8 * 1024, 64 * 1024);
     let b = std::mem::take(buf);
     let (res, b) = crate::net::read_append(io, b).await;
     *buf = b;
