@@ -60,6 +60,23 @@ fn rig(c: &GatewayConfig, bob: bool) -> Rig {
     Rig { app, gw, admin, rx }
 }
 
+impl Rig {
+    /// A request to `/alice/{name}` the app holds (`X-Test-Hold`), once
+    /// the app has it: its connection.
+    fn hold(&self, name: &str) -> Conn {
+        let mut c = Conn::connect(self.gw.addr);
+        c.send(
+            "GET",
+            &format!("/alice/{name}"),
+            &[("X-Test-Hold", name)],
+            b"",
+        )
+        .unwrap();
+        self.app.wait_arrived(name);
+        c
+    }
+}
+
 /// The value of the `/metrics` sample whose name and labels are `sample`.
 fn metric(admin: SocketAddr, sample: &str) -> u64 {
     let r = request(admin, "GET", "/metrics", &[], b"");
@@ -276,10 +293,7 @@ fn a_shed_connection_is_not_read_again_for_shed_pause() {
     let mut c = cfg(1, extra);
     c.timeout = 60.0;
     let r = rig(&c, true);
-    let mut held = Conn::connect(r.gw.addr);
-    held.send("GET", "/alice/held", &[("X-Test-Hold", "held")], b"")
-        .unwrap();
-    r.app.wait_arrived("held");
+    let _held = r.hold("held");
     let mut shed = Conn::connect(r.gw.addr);
     let resp = shed.request("GET", "/alice/shed", &[], b"");
     assert_eq!(resp.status, 503, "{}", resp.summary());
@@ -490,10 +504,7 @@ fn max_connections_per_ip_refuses_at_accept() {
 fn a_client_that_leaves_cancels_its_request_and_frees_its_place() {
     let extra = "max_inflight_per_identity = 1\nmax_queue_per_identity = 0\n";
     let mut r = rig(&cfg(1, extra), false);
-    let mut c = Conn::connect(r.gw.addr);
-    c.send("GET", "/alice/orphan", &[("X-Test-Hold", "orphan")], b"")
-        .unwrap();
-    r.app.wait_arrived("orphan");
+    let c = r.hold("orphan");
     // The place is taken: another request is shed.
     assert_eq!(request(r.gw.addr, "GET", "/alice/x", &[], b"").status, 503);
     drop(c);
@@ -515,11 +526,7 @@ fn a_client_that_leaves_cancels_its_request_and_frees_its_place() {
 fn a_client_that_leaves_the_queue_is_never_forwarded() {
     let extra = "max_inflight_per_identity = 1\nqueue_timeout = 60\n";
     let r = rig(&cfg(1, extra), false);
-    let mut first = Conn::connect(r.gw.addr);
-    first
-        .send("GET", "/alice/first", &[("X-Test-Hold", "first")], b"")
-        .unwrap();
-    r.app.wait_arrived("first");
+    let mut first = r.hold("first");
     let mut queued = Conn::connect(r.gw.addr);
     queued
         .send("GET", "/alice/queued", &[("X-Test-Hold", "queued")], b"")
@@ -684,11 +691,7 @@ fn a_client_that_leaves_an_upgrade_cancels_it() {
 fn a_queued_request_gives_up_after_queue_timeout() {
     let extra = "max_inflight_per_identity = 1\nmax_queue_per_identity = 8\nqueue_timeout = 0.5\n";
     let r = rig(&cfg(1, extra), false);
-    let mut holder = Conn::connect(r.gw.addr);
-    holder
-        .send("GET", "/alice/holder", &[("X-Test-Hold", "holder")], b"")
-        .unwrap();
-    r.app.wait_arrived("holder");
+    let mut holder = r.hold("holder");
     let queued = request(r.gw.addr, "GET", "/alice/queued", &[], b"");
     assert_eq!(queued.status, 503, "{}", queued.summary());
     assert!(

@@ -363,10 +363,7 @@ fn client_leaving_mid_upload_aborts_the_app_request() {
         while let Some(b) = src.next_block() {
             if chunked {
                 for piece in b.chunks(64 * 1024) {
-                    c.write(format!("{:x}\r\n", piece.len()).as_bytes())
-                        .unwrap();
-                    c.write(piece).unwrap();
-                    c.write(b"\r\n").unwrap();
+                    c.write_chunk(piece).unwrap();
                 }
             } else {
                 c.write(b).unwrap();
@@ -796,16 +793,14 @@ fn an_upload_streams_across_cores() {
                 );
             }
             if chunked {
-                c.write(format!("{:x}\r\n", b.len()).as_bytes()).unwrap();
-                c.write(b).unwrap();
-                c.write(b"\r\n").unwrap();
+                c.write_chunk(b).unwrap();
             } else {
                 c.write(b).unwrap();
             }
             sent += b.len() as u64;
         }
         if chunked {
-            c.write(b"0\r\n\r\n").unwrap();
+            c.write_chunk(b"").unwrap();
         }
         let head = c.read_head("POST").expect("upload answered");
         assert_eq!(head.status, 200, "{id}: answered {}", head.status);
@@ -917,6 +912,12 @@ fn plain_v1_receiver_works_through_the_whole_message_fallback() {
         );
         served += 1;
     }
+    plain_peer_served(peer, served);
+}
+
+/// The plain v1 peer, stopped, flagged nothing a reference peer could not
+/// take and served `served` requests.
+fn plain_peer_served(peer: Proc, served: usize) {
     let lines = peer.finish();
     let violations: Vec<_> = lines
         .iter()
@@ -956,12 +957,9 @@ fn a_chunked_upload_crossing_to_a_plain_v1_peer_arrives_whole_and_sized() {
         let mut c = HttpConn::connect(gw.addr);
         c.send_head("POST", "/alice/echo", &[("Transfer-Encoding", "chunked")]);
         for piece in body.chunks(20_000) {
-            c.write(format!("{:x}\r\n", piece.len()).as_bytes())
-                .unwrap();
-            c.write(piece).unwrap();
-            c.write(b"\r\n").unwrap();
+            c.write_chunk(piece).unwrap();
         }
-        c.write(b"0\r\n\r\n").unwrap();
+        c.write_chunk(b"").unwrap();
         let head = c.read_head("POST").expect("echo answered");
         let echoed = c.body_bytes().expect("echo body");
         assert_eq!(head.status, 200, "upload {i}");
@@ -975,15 +973,5 @@ fn a_chunked_upload_crossing_to_a_plain_v1_peer_arrives_whole_and_sized() {
             break;
         }
     }
-    let lines = peer.finish();
-    let violations: Vec<_> = lines
-        .iter()
-        .filter(|l| l.starts_with("VIOLATION"))
-        .collect();
-    assert!(violations.is_empty(), "{violations:?}");
-    let served_lines = lines.iter().filter(|l| l.starts_with("SERVED ")).count();
-    assert_eq!(
-        served_lines, served,
-        "the plain peer served every upload: {lines:?}"
-    );
+    plain_peer_served(peer, served);
 }

@@ -154,6 +154,13 @@ impl HttpConn {
         self.writer.write_all(bytes)
     }
 
+    /// Writes `data` as one chunk of a chunked body (`0`-length: the end).
+    pub fn write_chunk(&mut self, data: &[u8]) -> io::Result<()> {
+        self.write(format!("{:x}\r\n", data.len()).as_bytes())?;
+        self.write(data)?;
+        self.write(b"\r\n")
+    }
+
     /// Writes a request head (`Host` added).
     pub fn send_head(&mut self, method: &str, target: &str, headers: &[(&str, &str)]) {
         let mut h = format!("{method} {target} HTTP/1.1\r\nHost: test.local\r\n");
