@@ -875,26 +875,63 @@ impl Rhythm {
 /// 5 ms, 2,048 closed-loop connections answered in ~60 ms armed one per
 /// request), short beside any client timeout: a client that left is seen
 /// this much later at most.
-pub(super) const WATCH_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
+const WATCH_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A whole request sent through `CoreCtx::dispatch` (a plain v1 tunnel,
 /// or one on another core), watched as `wait_head` watches the streaming
-/// path's: once it is late by `WATCH_AFTER`, a client that closes its
-/// connection drops the call, which aborts it at the receiver (through
-/// the other core when it crossed), so no work goes on for nobody.
+/// path's (`watch_when_late`): a client that closes its connection drops
+/// the call, which aborts it at the receiver (through the other core when
+/// it crossed), so no work goes on for nobody.
 pub(super) async fn dispatch_unless_gone<S: Movable>(
     io: &S,
     call: impl std::future::Future<Output = super::core::ProxyResult>,
 ) -> super::core::ProxyResult {
-    let mut call = std::pin::pin!(call);
-    if let Ok(r) = monoio::time::timeout(WATCH_AFTER, call.as_mut()).await {
-        return r;
+    match watch_when_late(io, call, None).await {
+        Late::Done(r) => r,
+        // Bounded where it runs (`Tunnel::call`'s wait for the head).
+        Late::TimedOut => Err(ProxyError::Timeout),
+        Late::Gone => Err(ProxyError::ClientGone("before the response head arrived")),
     }
-    monoio::select! {
-        r = call => r,
-        () = io.closed_by_peer() => {
-            Err(ProxyError::ClientGone("before the response head arrived"))
+}
+
+/// How a wait that watches its client once late ended.
+pub(super) enum Late<T> {
+    Done(T),
+    /// Its limit passed.
+    TimedOut,
+    /// The client closed its connection meanwhile.
+    Gone,
+}
+
+/// `wait`, within `limit` if there is one, watching the client for a
+/// close only once it has taken `WATCH_AFTER`: the watch is an io_uring
+/// PollAdd and, when the wait ends, its cancel (two submissions) that a
+/// wait over sooner never needs, and a client that leaves is seen
+/// `WATCH_AFTER` later at most. Until then one timer runs, not two (each
+/// is a clock read, a wheel entry and its removal). The wait for a
+/// response head (`wait_head`), for a whole request's answer
+/// (`dispatch_unless_gone`) and for a streamed body's next piece
+/// (`respond.rs`, where an event stream pauses between events) all go
+/// through here.
+pub(super) async fn watch_when_late<S: crate::net::Readable, T>(
+    io: &S,
+    wait: impl std::future::Future<Output = T>,
+    limit: Option<std::time::Duration>,
+) -> Late<T> {
+    let mut wait = std::pin::pin!(wait);
+    let first = limit.map_or(WATCH_AFTER, |l| WATCH_AFTER.min(l));
+    if let Ok(r) = monoio::time::timeout(first, wait.as_mut()).await {
+        return Late::Done(r);
+    }
+    let rest = async {
+        match limit {
+            Some(l) => monoio::time::timeout(l - first, wait).await.ok(),
+            None => Some(wait.await),
         }
+    };
+    monoio::select! {
+        r = rest => r.map_or(Late::TimedOut, Late::Done),
+        () = io.closed_by_peer() => Late::Gone,
     }
 }
 
@@ -967,27 +1004,10 @@ pub(super) async fn wait_head<S: Movable>(
     waiter: &mut super::tunnel::Waiter,
     timeout: std::time::Duration,
 ) -> ProxyOutcome {
-    enum Got {
-        Head(Result<RespHead, ProxyError>),
-        Gone,
-    }
-    // The client is watched only once the head is late: the watch is an
-    // io_uring PollAdd and, when the head comes, its cancel (two
-    // submissions) that a request answered sooner never needs. A client
-    // that leaves is then seen WATCH_AFTER later at most. Until then one
-    // timer runs, not two (each is a clock read, a wheel entry and its
-    // removal).
-    let first = WATCH_AFTER.min(timeout);
-    if let Some(r) = waiter.wait_within(first).await {
-        return r.map(|h| (h, true)).map_err(|e| (e, true));
-    }
-    let got = monoio::select! {
-        r = waiter.wait(timeout.saturating_sub(first)) => Got::Head(r),
-        () = io.closed_by_peer() => Got::Gone,
-    };
-    match got {
-        Got::Head(r) => r.map(|h| (h, true)).map_err(|e| (e, true)),
-        Got::Gone => {
+    match watch_when_late(io, waiter.head(), Some(timeout)).await {
+        Late::Done(r) => r.map(|h| (h, true)).map_err(|e| (e, true)),
+        Late::TimedOut => Err((waiter.time_out(), true)),
+        Late::Gone => {
             waiter.abandon();
             Err((
                 ProxyError::ClientGone("before the response head arrived"),

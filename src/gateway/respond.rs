@@ -6,6 +6,7 @@
 use bytes::Bytes;
 use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
 
+use super::conn::{watch_when_late, Late};
 use super::error::{error_reply, ProxyError};
 use super::forward::{write_response_head, Framing};
 use super::tunnel::{BodyEvent, BodyStream, RespBody, RespHead};
@@ -114,7 +115,7 @@ pub(super) async fn write_response<S: AsyncWriteRent + crate::net::Readable>(
     let idle = settings.stream_idle_timeout;
     write_stream(io, out, stream, framing, idle, sent_total)
         .await
-        .map(|()| framing != Framing::Close && !persist.closes())
+        .map(|()| !persist.closes())
 }
 
 /// Writes `out`, then `body`, then `tail`, in one write
@@ -209,13 +210,17 @@ async fn stream_pieces<S: AsyncWriteRent + crate::net::Readable>(
                 stream.consumed(std::mem::take(&mut held));
                 continue;
             }
-            None => match next_piece(io, &mut stream, idle).await {
-                Next::Piece(ev) => ev,
-                Next::Idle => {
+            // A pause longer than `WATCH_AFTER` (an app between two
+            // events of a stream) also watches the client: one that
+            // leaves ends the response at once and its request is
+            // cancelled at the receiver, not at the app's next piece.
+            None => match watch_when_late(io, stream.next(), Some(idle)).await {
+                Late::Done(ev) => ev,
+                Late::TimedOut => {
                     tracing::info!("response stream idle too long; closing");
                     return (Err(Cut::Idle), w);
                 }
-                Next::Gone => {
+                Late::Gone => {
                     // Dropping the stream unfinished cancels the request
                     // at the receiver (`BodyStream`'s drop).
                     tracing::debug!("client went away while the response body paused");
@@ -272,40 +277,6 @@ async fn stream_pieces<S: AsyncWriteRent + crate::net::Readable>(
             }
             stream.consumed(std::mem::take(&mut held));
         }
-    }
-}
-
-/// What a wait for the next body piece ended with.
-enum Next {
-    Piece(BodyEvent),
-    /// None came within `stream_idle_timeout`.
-    Idle,
-    /// The client closed its connection meanwhile.
-    Gone,
-}
-
-/// The next body piece, at most `idle` away. A pause longer than
-/// `conn::WATCH_AFTER` (an app between two events of a stream) also
-/// watches the client, as the wait for the response head does: a client
-/// that leaves then ends the response at once and its request is
-/// cancelled at the receiver, instead of at the app's next piece. A
-/// shorter pause, between the pieces of a body on its way, arms one timer
-/// as before and no watch.
-async fn next_piece<S: crate::net::Readable>(
-    io: &S,
-    stream: &mut BodyStream,
-    idle: std::time::Duration,
-) -> Next {
-    let first = super::conn::WATCH_AFTER.min(idle);
-    if let Ok(ev) = monoio::time::timeout(first, stream.next()).await {
-        return Next::Piece(ev);
-    }
-    monoio::select! {
-        r = monoio::time::timeout(idle - first, stream.next()) => match r {
-            Ok(ev) => Next::Piece(ev),
-            Err(_) => Next::Idle,
-        },
-        () = io.closed_by_peer() => Next::Gone,
     }
 }
 

@@ -512,19 +512,24 @@ impl Waiter {
     /// Waits for the response head, at most `timeout`; past it the
     /// request is cancelled at the receiver.
     pub async fn wait(&mut self, timeout: Duration) -> Result<RespHead, ProxyError> {
-        match self.wait_within(timeout).await {
-            Some(r) => r,
-            None => {
-                self.tunnel.cancel(self.id, "gateway timeout");
-                Err(ProxyError::Timeout)
-            }
+        match monoio::time::timeout(timeout, self.head()).await {
+            Ok(r) => r,
+            Err(_) => Err(self.time_out()),
         }
+    }
+
+    /// `timeout` passed without the head: the request is cancelled at the
+    /// receiver; the error to answer with.
+    pub fn time_out(&self) -> ProxyError {
+        self.tunnel.cancel(self.id, "gateway timeout");
+        ProxyError::Timeout
     }
 
     /// The response head, however long it takes: raced against the
     /// upload of the request body (`conn.rs::stream_request`), which has
-    /// its own bounds. Dropped before the head comes, the request is still
-    /// in flight and `wait` takes over.
+    /// its own bounds, or bounded by the caller (`wait`,
+    /// `conn.rs::wait_head`). Dropped before the head comes, the request
+    /// is still in flight.
     pub async fn head(&mut self) -> Result<RespHead, ProxyError> {
         let Some(rx) = self.rx.as_mut() else {
             return Err(ProxyError::TunnelClosed);
@@ -532,12 +537,6 @@ impl Waiter {
         let r = rx.recv().await.unwrap_or(Err(ProxyError::TunnelClosed));
         self.rx = None;
         r
-    }
-
-    /// Waits for the response head at most `d`. `None`: not yet, and the
-    /// request is still in flight (`wait` may go on waiting).
-    pub async fn wait_within(&mut self, d: Duration) -> Option<Result<RespHead, ProxyError>> {
-        monoio::time::timeout(d, self.head()).await.ok()
     }
 }
 
