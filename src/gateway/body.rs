@@ -13,7 +13,7 @@ use monoio::io::AsyncReadRent;
 
 use super::error::ProxyError;
 use super::pace::{Pace, Stall};
-use super::tunnel::{CrossUploadTx, Uploader};
+use super::tunnel::Upload;
 use crate::http::{BodyKind, ChunkedDecoder, ChunkedStep};
 
 pub(super) enum ReadOutcome {
@@ -204,25 +204,15 @@ impl BodyReader {
     /// slowness).
     pub(super) async fn send(
         &mut self,
-        up: &mut UpSink<'_>,
+        up: &mut Upload,
         piece: Bytes,
         last: bool,
     ) -> Result<(), ProxyError> {
         let t = Instant::now();
-        let r = match up {
-            UpSink::Tunnel(up) => up.send(piece, last).await,
-            UpSink::Across(tx) => super::tunnel::send_across(tx, piece, last).await,
-        };
+        let r = up.send(piece, last).await;
         self.pace.pause(t.elapsed());
         r
     }
-}
-
-/// Where an upload's pieces go: a tunnel on this core, or the channel to
-/// the core that has one (`Tunnel::call_streamed`).
-pub(super) enum UpSink<'a> {
-    Tunnel(&'a mut Uploader),
-    Across(CrossUploadTx),
 }
 
 #[cfg(test)]

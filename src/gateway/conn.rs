@@ -11,7 +11,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, Splitable};
 
-use super::body::{read_more, BodyReader, ReadOutcome, UpSink};
+use super::body::{read_more, BodyReader, ReadOutcome};
 use super::core::{Busy, CoreCtx, CrossRest, ProxyRequest};
 use super::error::{error_kind, error_reply, ProxyError, UpgradeError};
 use super::forward::build_request_meta;
@@ -19,7 +19,7 @@ use super::head::{HeadClock, HeadLimits, HeadTimeout};
 use super::observe::Exchange;
 use super::pace::Pace;
 use super::respond::{push_header_num, write_error, write_out, write_response};
-use super::tunnel::{RespBody, RespHead, Tunnel};
+use super::tunnel::{RespBody, RespHead, Tunnel, Upload};
 use super::tunnel_upgrade::{accept_tunnel, handshake_deadline, refuse, upgrade_slot};
 use super::upgrades::{names_tunnel_path, UpgradeSlot};
 use crate::http::headers::Persist;
@@ -680,11 +680,11 @@ async fn across_cores<S: AsyncReadRent + AsyncWriteRent + Movable>(
     let mut reply = ctx
         .hand_over(identity, req, CrossRest::Body(pieces), conn_id)
         .map_err(|e| (e, false))?;
+    let mut up = Upload::Across(tx);
     let sent = monoio::select! {
-        r = upload(&mut reader, UpSink::Across(tx), io, buf, rest, piece) => r,
+        r = upload(&mut reader, &mut up, io, buf, rest, piece) => r,
         r = &mut reply => {
             ex.bytes_in += reader.taken() as u64;
-            let r = r.unwrap_or(Err(ProxyError::TunnelClosed));
             return r.map(|r| (answer(r, ex), false)).map_err(|e| (e, false));
         }
     };
@@ -695,14 +695,14 @@ async fn across_cores<S: AsyncReadRent + AsyncWriteRent + Movable>(
         // first, or the request failed): its reply says which, and the
         // connection closes with the rest of the body unread.
         Err(ProxyError::TunnelClosed) => false,
-        // The client failed mid-body: dropping the channel unfinished
+        // The client failed mid-body: the channel, dropped unfinished,
         // aborts the request over there.
         Err(e) => {
             tracing::info!(%peer, error = %e, "upload aborted");
+            up.abort(&e.to_string());
             return Err((e, false));
         }
     };
-    let reply = async { reply.await.unwrap_or(Err(ProxyError::TunnelClosed)) };
     dispatch_unless_gone(io, reply)
         .await
         .map(|r| (answer(r, ex), whole))
@@ -796,9 +796,10 @@ async fn stream_request<S: AsyncReadRent + Movable>(
         return wait_head(io, &mut waiter, s.timeout).await;
     }
     let (piece, rest) = first_piece(ctx, &mut first.body);
-    let (mut up, mut waiter) = tunnel
+    let (up, mut waiter) = tunnel
         .start(ctx, first.meta, first.body, false)
         .map_err(|e| (e, false))?;
+    let mut up = Upload::Here(up);
     ex.request_id = Some(waiter.request_id());
     // The app may answer before the body's end (a 413 or a 401 refusing
     // an upload, often closing without reading the rest): the head is
@@ -806,7 +807,7 @@ async fn stream_request<S: AsyncReadRent + Movable>(
     // upload. The client gets that answer, and its connection closes
     // with the rest of its body unread.
     let sent = monoio::select! {
-        r = upload(&mut body, UpSink::Tunnel(&mut up), io, buf, rest, piece) => r,
+        r = upload(&mut body, &mut up, io, buf, rest, piece) => r,
         h = waiter.head() => {
             ex.bytes_in += body.taken() as u64;
             tracing::debug!(peer = %req.peer, "answered before the request body's end");
@@ -1022,7 +1023,7 @@ pub(super) async fn wait_head<S: Movable>(
 /// marked.
 async fn upload<S: AsyncReadRent>(
     body: &mut BodyReader,
-    mut up: UpSink<'_>,
+    up: &mut Upload,
     io: &mut S,
     buf: &mut BytesMut,
     mut pending: Bytes,
@@ -1031,7 +1032,7 @@ async fn upload<S: AsyncReadRent>(
     while !pending.is_empty() {
         let p = pending.split_to(pending.len().min(piece));
         let last = pending.is_empty() && body.finished();
-        body.send(&mut up, p, last).await?;
+        body.send(up, p, last).await?;
         if last {
             return Ok(());
         }
@@ -1041,12 +1042,12 @@ async fn upload<S: AsyncReadRent>(
             Some(p) => {
                 // Content-Length: the last piece is known as it is taken.
                 let last = body.finished();
-                body.send(&mut up, p, last).await?;
+                body.send(up, p, last).await?;
                 if last {
                     return Ok(());
                 }
             }
-            None => return body.send(&mut up, Bytes::new(), true).await,
+            None => return body.send(up, Bytes::new(), true).await,
         }
     }
 }

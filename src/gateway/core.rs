@@ -53,6 +53,24 @@ pub enum CrossBody {
     Stream(super::tunnel::CrossPieces),
 }
 
+/// The answer to a request handed to another core (`CoreCtx::hand_over`):
+/// that core's result, or `TunnelClosed` when it dropped the request
+/// unanswered. Polled again after a `select!` it lost, it still waits.
+pub struct CrossReply(xoneshot::Receiver<ProxyResult>);
+
+impl std::future::Future for CrossReply {
+    type Output = ProxyResult;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<ProxyResult> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(ProxyError::TunnelClosed)))
+    }
+}
+
 /// A request handed to another core because this one has no tunnel for it.
 pub struct CrossRequest {
     pub identity: IdentityName,
@@ -730,8 +748,7 @@ impl CoreCtx {
         if let Some(t) = self.local_tunnel(identity, hint) {
             return t.call(self, req).await;
         }
-        let reply = self.hand_over(identity, req, CrossRest::Whole, hint)?;
-        reply.await.unwrap_or(Err(ProxyError::TunnelClosed))
+        self.hand_over(identity, req, CrossRest::Whole, hint)?.await
     }
 
     /// Rare path: no tunnel of `identity` on this core. The request
@@ -743,7 +760,7 @@ impl CoreCtx {
         req: ProxyRequest,
         rest: CrossRest,
         hint: u64,
-    ) -> Result<xoneshot::Receiver<ProxyResult>, ProxyError> {
+    ) -> Result<CrossReply, ProxyError> {
         let Some(core) = self.shared.remote_core(identity, self.index, hint) else {
             return Err(ProxyError::NoTunnel(identity.to_string()));
         };
@@ -760,7 +777,7 @@ impl CoreCtx {
             reply: tx,
         });
         match self.shared.inboxes[core].unbounded_send(msg) {
-            Ok(()) => Ok(rx),
+            Ok(()) => Ok(CrossReply(rx)),
             Err(_) => Err(ProxyError::NoTunnel(identity.to_string())),
         }
     }

@@ -34,7 +34,7 @@ use super::error::{error_kind, error_reply, ProxyError};
 use super::forward::{build_upgrade_meta, write_upgrade_head};
 use super::respond::{write_error, write_out, write_response};
 use super::routes::IdentityName;
-use super::tunnel::{BodyEvent, BodyStream, CrossUploadTx, RespBody, RespHead, Uploader};
+use super::tunnel::{BodyEvent, BodyStream, RespBody, RespHead, Upload};
 use crate::http::headers::Persist;
 use crate::http::{BodyKind, RequestHead};
 use crate::net::Movable;
@@ -246,12 +246,9 @@ pub(super) async fn serve<S>(
             .await
             .map(|(head, _)| head)
             .map_err(|(e, _)| e),
-        Answer::Across(reply) => {
-            let reply = async { reply.await.unwrap_or(Err(ProxyError::TunnelClosed)) };
-            super::conn::dispatch_unless_gone(&io, reply)
-                .await
-                .map(|r| super::conn::answer(r, &mut rec.ex))
-        }
+        Answer::Across(reply) => super::conn::dispatch_unless_gone(&io, reply)
+            .await
+            .map(|r| super::conn::answer(r, &mut rec.ex)),
     };
     drop(place);
     let resp = match resp {
@@ -318,7 +315,7 @@ async fn declined<S: AsyncWriteRent + crate::net::Readable>(
     out: &mut Vec<u8>,
     mut rec: Record<'_, '_>,
     resp: RespHead,
-    mut up: Sending,
+    mut up: Upload,
 ) {
     let status = resp.meta.status();
     let s = &ctx.settings;
@@ -342,7 +339,7 @@ async fn relay_upgraded<S>(
     mut out: Vec<u8>,
     mut rec: Record<'_, '_>,
     resp: RespHead,
-    mut up: Sending,
+    mut up: Upload,
 ) where
     S: AsyncReadRent + AsyncWriteRent + Splitable + 'static,
     S::OwnedRead: AsyncReadRent + 'static,
@@ -409,37 +406,12 @@ async fn refuse<S: AsyncWriteRent>(
 /// The request under way: where the client's bytes go, where the app's
 /// answer comes from, its place among the identity's streams, and its
 /// place in flight (held until the answer).
-type Opened<'a> = (Sending, Answer, OpenSlot<'a>, super::admission::Place);
-
-/// Where an upgraded stream's client-to-app bytes go: the tunnel on this
-/// core, or the channel to the core that has one (a TLS client's session
-/// cannot move there, `Tunnel::call_duplex`).
-enum Sending {
-    Here(Uploader),
-    Across(CrossUploadTx),
-}
-
-impl Sending {
-    async fn send(&mut self, piece: Bytes, last: bool) -> Result<(), ProxyError> {
-        match self {
-            Sending::Here(up) => up.send(piece, last).await,
-            Sending::Across(tx) => super::tunnel::send_across(tx, piece, last).await,
-        }
-    }
-
-    /// Ends the stream at the receiver (nothing once it ended there).
-    /// Across cores, the channel dropped without its last piece does it.
-    fn abort(self, why: &str) {
-        if let Sending::Here(up) = self {
-            up.abort(why);
-        }
-    }
-}
+type Opened<'a> = (Upload, Answer, OpenSlot<'a>, super::admission::Place);
 
 /// Where the app's answer to an upgrade comes from.
 enum Answer {
     Here(super::tunnel::Waiter),
-    Across(futures_channel::oneshot::Receiver<super::core::ProxyResult>),
+    Across(super::core::CrossReply),
 }
 
 /// Everything before the app's answer: the route, its tunnel on this core
@@ -508,7 +480,7 @@ async fn open<'a, S: Movable>(
     if let Some(tunnel) = local {
         let (up, waiter) = tunnel.start_duplex(ctx, meta, wait)?;
         ex.request_id = Some(waiter.request_id());
-        return Ok((Sending::Here(up), Answer::Here(waiter), slot, place));
+        return Ok((Upload::Here(up), Answer::Here(waiter), slot, place));
     }
     let (tx, rx) = super::tunnel::cross_upload();
     let req = super::core::ProxyRequest {
@@ -517,7 +489,7 @@ async fn open<'a, S: Movable>(
     };
     let rest = super::core::CrossRest::Duplex { up: rx, wait };
     let reply = ctx.hand_over(&identity, req, rest, from.conn_id)?;
-    Ok((Sending::Across(tx), Answer::Across(reply), slot, place))
+    Ok((Upload::Across(tx), Answer::Across(reply), slot, place))
 }
 
 /// Bytes relayed each way, and when the last one moved.
@@ -543,7 +515,7 @@ async fn relay<S>(
     ctx: &CoreCtx,
     io: S,
     early: BytesMut,
-    up: &mut Sending,
+    up: &mut Upload,
     body: RespBody,
     counts: &Counts,
 ) -> End
@@ -572,7 +544,7 @@ where
 async fn client_to_app<R: AsyncReadRent>(
     mut rd: R,
     mut buf: BytesMut,
-    up: &mut Sending,
+    up: &mut Upload,
     counts: &Counts,
     piece: usize,
 ) -> Result<(), End> {

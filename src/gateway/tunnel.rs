@@ -678,6 +678,35 @@ pub struct UpPiece {
     pub last: bool,
 }
 
+/// Where a request body's pieces (or an upgraded stream's client-to-app
+/// bytes) go: the tunnel on this core, or the channel to the core that has
+/// one (`Tunnel::call_streamed`, `Tunnel::call_duplex`).
+pub enum Upload {
+    Here(Uploader),
+    Across(CrossUploadTx),
+}
+
+impl Upload {
+    /// The next piece, `last` marking the end, once there is room
+    /// (credit here; room in the channel, which the credit drains, across).
+    pub async fn send(&mut self, piece: Bytes, last: bool) -> Result<(), ProxyError> {
+        match self {
+            Upload::Here(up) => up.send(piece, last).await,
+            Upload::Across(tx) => futures_util::SinkExt::send(tx, UpPiece { data: piece, last })
+                .await
+                .map_err(|_| ProxyError::TunnelClosed),
+        }
+    }
+
+    /// Ends the request at the receiver (nothing once it ended there).
+    /// Across cores, the channel dropped without its last piece does it.
+    pub fn abort(self, why: &str) {
+        if let Upload::Here(up) = self {
+            up.abort(why);
+        }
+    }
+}
+
 /// The rest of a request body crossing cores, and its sending end.
 pub type CrossUpload = futures_channel::mpsc::Receiver<UpPiece>;
 pub type CrossUploadTx = futures_channel::mpsc::Sender<UpPiece>;
@@ -686,19 +715,6 @@ pub type CrossUploadTx = futures_channel::mpsc::Sender<UpPiece>;
 /// (`CROSS_PIECES`): the tunnel's credit reaches the client's reads.
 pub fn cross_upload() -> (CrossUploadTx, CrossUpload) {
     futures_channel::mpsc::channel(CROSS_PIECES)
-}
-
-/// Puts one piece in a crossing body's channel once there is room.
-/// `TunnelClosed`: the tunnel's core is done with the request (its
-/// answer came first, or it failed); its reply says which.
-pub async fn send_across(
-    tx: &mut CrossUploadTx,
-    data: Bytes,
-    last: bool,
-) -> Result<(), ProxyError> {
-    futures_util::SinkExt::send(tx, UpPiece { data, last })
-        .await
-        .map_err(|_| ProxyError::TunnelClosed)
 }
 
 /// Sends the pieces of a crossing body up as they come, the last one
