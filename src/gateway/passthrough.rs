@@ -246,7 +246,7 @@ pub(super) async fn serve<S>(
             .await
             .map(|(head, _)| head)
             .map_err(|(e, _)| e),
-        Answer::Across(reply) => super::conn::dispatch_unless_gone(&io, reply)
+        Answer::Across(reply) => super::conn::dispatch_unless_gone(&io, std::pin::pin!(reply))
             .await
             .map(|r| super::conn::answer(r, &mut rec.ex)),
     };

@@ -214,7 +214,7 @@ async fn stream_pieces<S: AsyncWriteRent + crate::net::Readable>(
             // events of a stream) also watches the client: one that
             // leaves ends the response at once and its request is
             // cancelled at the receiver, not at the app's next piece.
-            None => match watch_when_late(io, stream.next(), Some(idle)).await {
+            None => match watch_when_late(io, std::pin::pin!(stream.next()), Some(idle)).await {
                 Late::Done(ev) => ev,
                 Late::TimedOut => {
                     tracing::info!("response stream idle too long; closing");

@@ -863,7 +863,9 @@ async fn handle_request(ctx: &CoreRx, job: Job) {
         let mut credit = |n: usize| {
             let _ = out.send(Outgoing::Text(stream::credit_message(&request_id, n)));
         };
-        let call = ctx.upstream.call(&meta, body, &mut sink, &mut credit);
+        // Pinned here: `timeout` takes its future by value, and this one
+        // (~2 KiB) would be copied into it at every request.
+        let call = std::pin::pin!(ctx.upstream.call(&meta, body, &mut sink, &mut credit));
         match ctx.upstream_timeout {
             Some(d) => match monoio::time::timeout(d, call).await {
                 Ok(r) => r,
