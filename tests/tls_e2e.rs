@@ -8,10 +8,8 @@
 //! TLS port speaking plain TCP. A receiver whose `ca_file` is the
 //! gateway's own self-signed certificate connects; another self-signed
 //! certificate for the same names is refused; plain HTTP sent to a TLS
-//! port is answered with a 400 that says so (issue #16 item 11). A receiver whose `ca_file` is the
-//! gateway's own self-signed certificate connects; another self-signed
-//! certificate for the same names is refused; plain HTTP sent to a TLS
-//! port is answered with a 400 that says so (issue #16 item 11).
+//! port is answered with a 400 that says so (issue #16 item 11). Every TLS
+//! record the gateway sends fits one 16 KiB write.
 //!
 //! A throwaway PKI is made per test with rcgen. Ports are 0; readiness and
 //! refusals are read from the processes' stdout and stderr; no sleeps (the
@@ -252,7 +250,31 @@ fn get(agent: &ureq::Agent, url: &str) -> (u16, String) {
 /// One keep-alive HTTPS connection on rustls directly, so a test can see
 /// which certificate its session got and reuse it across a reload.
 struct TlsConn {
-    s: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    s: rustls::StreamOwned<rustls::ClientConnection, Tee>,
+}
+
+/// The client's socket, keeping every byte the server sent (its TLS
+/// records, as they crossed the wire).
+struct Tee {
+    tcp: TcpStream,
+    seen: Vec<u8>,
+}
+
+impl Read for Tee {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.tcp.read(buf)?;
+        self.seen.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+}
+
+impl Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tcp.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
 }
 
 impl TlsConn {
@@ -277,7 +299,11 @@ impl TlsConn {
         tcp.set_write_timeout(Some(WAIT)).unwrap();
         let name = ServerName::from(addr.ip());
         let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
-        let mut s = rustls::StreamOwned::new(conn, tcp);
+        let tee = Tee {
+            tcp,
+            seen: Vec::new(),
+        };
+        let mut s = rustls::StreamOwned::new(conn, tee);
         while s.conn.is_handshaking() {
             if let Err(e) = s.conn.complete_io(&mut s.sock) {
                 let what = format!("{e}");
@@ -460,6 +486,69 @@ fn https_request_through_a_wss_tunnel() {
     let _ = plain.read_to_end(&mut got);
     assert!(!got.starts_with(b"HTTP/1.1 200"), "plain HTTP was served");
     gw.proc.wait_log(&["plain HTTP on a TLS port"]);
+}
+
+/// Every TLS record the gateway sends fits the 16 KiB buffer its TLS
+/// stream copies records into and writes from (`tls::MAX_RECORD`). At
+/// rustls's default record size (16,406 bytes in all) each full record
+/// went out as two sends, its last 22 bytes alone in a TCP segment: 9.4
+/// sends for a 64 KiB HTTPS response, where one per record makes 6.4.
+#[test]
+fn https_records_each_fit_one_16k_write() {
+    let pki = pki();
+    let d = pki.dir.path();
+    let gw_cfg = write_config(
+        d,
+        "gateway.toml",
+        &gateway_config(
+            "[gateway.tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n",
+        ),
+    );
+    let gw = https_gateway(&gw_cfg);
+    let addr = gw.addr;
+    let app = app();
+    let rx_cfg = write_config(
+        d,
+        "receiver.toml",
+        &receiver_config(
+            &format!("wss://{addr}/ws"),
+            &upstream(&app),
+            &format!("ca_file = \"{}\"", toml_path(&pki.ca)),
+        ),
+    );
+    let mut rx = Receiver::start_file(&rx_cfg);
+    rx.proc.wait_stdout("connected to");
+    let mut c = TlsConn::connect(addr, &pki.ca).expect("TLS client");
+    let (status, body) = c.get("/svc/big");
+    assert_eq!(status, 200);
+    assert!(
+        body == big_body(),
+        "big response differs ({} bytes)",
+        body.len()
+    );
+    // What crossed the wire, record by record: a 5-byte header (type,
+    // version, length), then the record's length in bytes.
+    let seen = &c.s.sock.seen;
+    let mut sizes = Vec::new();
+    let mut at = 0;
+    while at + 5 <= seen.len() {
+        let len = u16::from_be_bytes([seen[at + 3], seen[at + 4]]) as usize;
+        sizes.push(5 + len);
+        at += 5 + len;
+    }
+    assert_eq!(at, seen.len(), "the server's bytes end on a record's end");
+    let biggest = *sizes.iter().max().unwrap();
+    assert!(
+        biggest <= 16 * 1024,
+        "a {biggest}-byte record does not fit one 16 KiB write ({} records)",
+        sizes.len()
+    );
+    // Full records, not small ones: 2 MB took about 16 KiB each.
+    assert!(
+        biggest > 16 * 1024 - 64 && sizes.len() < 2 * big_body().len() / (16 * 1024),
+        "records of up to {biggest} bytes, {} of them",
+        sizes.len()
+    );
 }
 
 #[test]

@@ -46,6 +46,7 @@ pub fn client_config(
             })?
     };
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.max_fragment_size = Some(super::MAX_RECORD);
     Ok(Arc::new(cfg))
 }
 
@@ -64,6 +65,7 @@ pub fn upstream_config(
     };
     let mut cfg = trusting(file, key, base_dir)?.with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.max_fragment_size = Some(super::MAX_RECORD);
     Ok(Arc::new(cfg))
 }
 

@@ -86,6 +86,7 @@ pub fn server_config(
     // Only HTTP/1.1 (and WebSocket over it) is spoken here; a client that
     // offers ALPN without it is refused in the handshake, not misparsed.
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.max_fragment_size = Some(super::MAX_RECORD);
     Ok(Arc::new(cfg))
 }
 
