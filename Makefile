@@ -54,7 +54,7 @@ ALLOC_BIN := target/release/anp-proxy-count-allocs
 # the app, nginx beside anp-proxy, interleaved by round; req/s, p99 and CPU
 # per request of each proxy process at 1 KiB, 64 KiB and 1 MiB (~3 minutes).
 # Writes bench-results/wrk-nginx.json. WRK_ARGS=--baseline-bin PATH adds an
-# A/B build.
+# A/B build; WRK_ARGS="--tls front" (or all) measures HTTPS.
 bench-wrk:
 	$(CARGO) build --release --bin anp-proxy
 	python3 benches/wrk_nginx.py $(WRK_ARGS)

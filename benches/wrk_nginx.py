@@ -7,10 +7,16 @@ process (utime + stime from /proc over the run).
 
 `bench.py` drives its own load generator and app; this one uses the
 tools an outside measurement uses, so the two can be held side by side.
-Figures are reported, never asserted. Writes bench-results/wrk-nginx.json.
+Figures are reported, never asserted. Writes bench-results/wrk-nginx.json
+(wrk-nginx-tls-MODE.json with --tls).
 
     python3 benches/wrk_nginx.py [--bodies 1024,65536,1048576] [--conns 64]
-        [--secs 5] [--rounds 3] [--baseline-bin PATH]
+        [--secs 5] [--rounds 3] [--baseline-bin PATH] [--tls front|all]
+
+`--tls front`: HTTPS to nginx and to the gateway (one self-signed
+certificate, made with openssl), nginx's upstream and the tunnel plain
+(`tunnel_port` without TLS). `--tls all`: the same with the tunnel on the
+gateway's TLS port (wss://), as a deployment across networks runs it.
 """
 import argparse
 import json
@@ -65,6 +71,17 @@ def wrk(url, conns, secs, threads):
     return int(m.group(1)), float(rps.group(1)), lat.get("50"), lat.get("99"), errors
 
 
+def self_signed(tmp):
+    """A throwaway certificate for 127.0.0.1 (P-256, openssl): (cert, key)."""
+    cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    os.chmod(key, 0o644)  # nginx's workers read it as another user
+    return cert, key
+
+
 def start_nginx(procs, name, conf_text, ndir, port):
     conf = os.path.join(ndir, f"{name}.conf")
     with open(conf, "w") as f:
@@ -85,6 +102,8 @@ def main():
     ap.add_argument("--bin", default=os.path.join(bench.BIN, "anp-proxy"))
     ap.add_argument("--baseline-bin", help="another anp-proxy, measured as anp-base in the same rounds")
     ap.add_argument("--out", default=os.path.join(bench.ROOT, "bench-results"))
+    ap.add_argument("--tls", choices=("front", "all"),
+                    help="HTTPS clients; the tunnel plain (front) or wss:// (all)")
     a = ap.parse_args()
     for tool in ("wrk", "nginx"):
         if not (shutil.which(tool) or (tool == "nginx" and bench.find_nginx())):
@@ -103,28 +122,46 @@ def main():
                 f.write(os.urandom(b))
         app_port, px_port = bench.free_port(), bench.free_port()
         start_nginx(procs, "app", APP_CONF.format(workers=a.workers, dir=tmp, port=app_port), tmp, app_port)
-        px = start_nginx(procs, "nginx", bench.NGINX_CONF.format(
+        nginx_conf = bench.NGINX_CONF.format(
             workers=a.workers, nofile=65536, dir=tmp, app_port=app_port, port=px_port, app_b_port=app_port,
-            access_log="off"), tmp, px_port)
-        targets = {"nginx": (f"http://127.0.0.1:{px_port}", {"nginx": (px.pid, True)})}
+            access_log="off")
+        scheme = "https" if a.tls else "http"
+        if a.tls:
+            cert, key = self_signed(tmp)
+            nginx_conf = nginx_conf.replace(" reuseport backlog=4096;", f""" ssl reuseport backlog=4096;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};""")
+        px = start_nginx(procs, "nginx", nginx_conf, tmp, px_port)
+        targets = {"nginx": (f"{scheme}://127.0.0.1:{px_port}", {"nginx": (px.pid, True)})}
         notes = []  # keys a baseline ran without
         for name, binary in (("anp-proxy", a.bin), ("anp-base", a.baseline_bin)):
             if not binary:
                 continue
             sfx = "" if name == "anp-proxy" else "-base"
             gw_conf, rx_conf = os.path.join(tmp, f"gateway{sfx}.toml"), os.path.join(tmp, f"receiver{sfx}.toml")
+            tunnel_port = bench.free_port() if a.tls == "front" else None
             with open(gw_conf, "w") as f:
-                f.write(bench.GATEWAY_CONF.format(workers=a.workers, token=bench.TOKEN, access_log="false",
-                                                  log_dir="", limits=""))
+                f.write(bench.GATEWAY_CONF.format(
+                    workers=a.workers, token=bench.TOKEN, access_log="false", log_dir="",
+                    limits=f"tunnel_port = {tunnel_port}\n" if tunnel_port else ""))
+                if a.tls:
+                    f.write(f'[gateway.tls]\nenabled = true\ncert_file = "{cert}"\nkey_file = "{key}"\n')
+                if tunnel_port:
+                    f.write("[gateway.tunnel_tls]\nenabled = false\n")
             base = notes if sfx else None
             gw, m = bench.start_tolerant(procs, tmp, f"gateway{sfx}", [binary, "gateway", "--config", gw_conf],
-                                         gw_conf, r"listening on http://127\.0\.0\.1:(\d+)", base)
+                                         gw_conf, r"listening on https?://127\.0\.0\.1:(\d+)", base)
             gw_port = int(m.group(1))
             with open(rx_conf, "w") as f:
-                f.write(bench.RECEIVER_CONF.format(gw_port=gw_port, app_port=app_port, token=bench.TOKEN))
+                rx_text = bench.RECEIVER_CONF.format(gw_port=tunnel_port or gw_port, app_port=app_port,
+                                                     token=bench.TOKEN)
+                if a.tls == "all":
+                    rx_text = rx_text.replace('gateway_url = "ws://', 'gateway_url = "wss://')
+                    rx_text += f'ca_file = "{cert}"\n'
+                f.write(rx_text)
             rx, _ = bench.start_tolerant(procs, tmp, f"receiver{sfx}", [binary, "receiver", "--config", rx_conf],
                                          rx_conf, r"tunnel \d+ connected", base)
-            url = f"http://127.0.0.1:{gw_port}"
+            url = f"{scheme}://127.0.0.1:{gw_port}"
             # tunnels = 0: one per gateway worker once load asks for them.
             for _ in range(10):
                 with open(rx.out_path) as f:
@@ -153,13 +190,14 @@ def main():
                     bench.log(f"  [{bench.fmt_bytes(body)} round {rnd + 1}] {name:10} {rps:9.0f} rps  "
                               f"p99 {p99 or 0:8.0f}us  errors {errors}  cpu {r.get('cpu_us_per_request')}us/req ({by})")
         report = {"method": "wrk client, nginx static-file app, targets interleaved by round",
+                  "tls": a.tls or "off",
                   "machine": bench.machine_info(a.workers), "runs": runs, "summary": summary(runs, targets, bodies),
                   "notes": notes}
         print_summary(report["summary"])
         for n in notes:
             print(f"NOTE: {n}")
         os.makedirs(a.out, exist_ok=True)
-        path = os.path.join(a.out, "wrk-nginx.json")
+        path = os.path.join(a.out, f"wrk-nginx-tls-{a.tls}.json" if a.tls else "wrk-nginx.json")
         with open(path, "w") as f:
             json.dump(report, f, indent=1)
         print(f"\nwrote {path}")
