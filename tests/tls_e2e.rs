@@ -145,6 +145,10 @@ fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
+/// HTTPS (and WSS) on the public port with the test PKI's server certificate.
+const TLS_TABLE: &str =
+    "[gateway.tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n";
+
 /// `[gateway]` with one token identity owning `/svc`, one worker, TLS as
 /// given in `extra` (whole tables).
 fn gateway_config(extra: &str) -> String {
@@ -158,6 +162,15 @@ fn receiver_config(url: &str, upstream: &str, extra: &str) -> String {
     format!(
         "[receiver]\ngateway_url = \"{url}\"\nupstream = \"{upstream}\"\ntoken = \"{TOKEN}\"\n\
          tunnels = 1\nreconnect_max_delay = 0.5\n{extra}\n"
+    )
+}
+
+/// [`receiver_config`] for `wss://TUNNEL/ws`, trusting `ca`.
+fn wss_receiver_config(tunnel: SocketAddr, upstream: &str, ca: &Path) -> String {
+    receiver_config(
+        &format!("wss://{tunnel}/ws"),
+        upstream,
+        &format!("ca_file = \"{}\"", toml_path(ca)),
     )
 }
 
@@ -389,10 +402,7 @@ fn https_request_through_a_wss_tunnel() {
     let gw_cfg = write_config(
         d,
         "gateway.toml",
-        &gateway_config(
-            "[gateway.tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n",
-        )
-        .replace("workers = 1", "workers = 2"),
+        &gateway_config(TLS_TABLE).replace("workers = 1", "workers = 2"),
     );
     let mut gw = Gateway::start_file(&gw_cfg);
     let ready = &gw.listening;
@@ -407,12 +417,7 @@ fn https_request_through_a_wss_tunnel() {
     let rx_cfg = write_config(
         d,
         "receiver.toml",
-        &receiver_config(
-            &format!("wss://{addr}/ws"),
-            &upstream(&app),
-            &format!("ca_file = \"{}\"", toml_path(&pki.ca)),
-        )
-        .replace("tunnels = 1", "tunnels = 2"),
+        &wss_receiver_config(addr, &upstream(&app), &pki.ca).replace("tunnels = 1", "tunnels = 2"),
     );
     let mut rx = Receiver::start_file(&rx_cfg);
     // Both tunnels, in whichever order they come up.
@@ -497,24 +502,14 @@ fn https_request_through_a_wss_tunnel() {
 fn https_records_each_fit_one_16k_write() {
     let pki = pki();
     let d = pki.dir.path();
-    let gw_cfg = write_config(
-        d,
-        "gateway.toml",
-        &gateway_config(
-            "[gateway.tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n",
-        ),
-    );
+    let gw_cfg = write_config(d, "gateway.toml", &gateway_config(TLS_TABLE));
     let gw = https_gateway(&gw_cfg);
     let addr = gw.addr;
     let app = app();
     let rx_cfg = write_config(
         d,
         "receiver.toml",
-        &receiver_config(
-            &format!("wss://{addr}/ws"),
-            &upstream(&app),
-            &format!("ca_file = \"{}\"", toml_path(&pki.ca)),
-        ),
+        &wss_receiver_config(addr, &upstream(&app), &pki.ca),
     );
     let mut rx = Receiver::start_file(&rx_cfg);
     rx.proc.wait_stdout("connected to");
@@ -555,13 +550,7 @@ fn https_records_each_fit_one_16k_write() {
 fn plain_http_to_a_tls_port_is_told_to_use_https() {
     let pki = pki();
     let d = pki.dir.path();
-    let gw_cfg = write_config(
-        d,
-        "gateway.toml",
-        &gateway_config(
-            "[gateway.tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n",
-        ),
-    );
+    let gw_cfg = write_config(d, "gateway.toml", &gateway_config(TLS_TABLE));
     let mut gw = Gateway::start_file(&gw_cfg);
     let addr = gw.addr;
     // `curl http://` to an HTTPS port: a plain-text answer it can read,
@@ -628,11 +617,7 @@ fn a_receiver_trusts_the_gateways_self_signed_certificate_as_its_ca_file() {
     let cfg = write_config(
         d,
         "rx-stranger.toml",
-        &receiver_config(
-            &format!("wss://{tunnel}/ws"),
-            &upstream(&app),
-            &format!("ca_file = \"{}\"", toml_path(&stranger)),
-        ),
+        &wss_receiver_config(tunnel, &upstream(&app), &stranger),
     );
     let mut wrong = Receiver::start_file(&cfg);
     wrong
@@ -649,11 +634,7 @@ fn a_receiver_trusts_the_gateways_self_signed_certificate_as_its_ca_file() {
     let cfg = write_config(
         d,
         "rx.toml",
-        &receiver_config(
-            &format!("wss://{tunnel}/ws"),
-            &upstream(&app),
-            &format!("ca_file = \"{}\"", toml_path(&gw_crt)),
-        ),
+        &wss_receiver_config(tunnel, &upstream(&app), &gw_crt),
     );
     let mut rx = Receiver::start_file(&cfg);
     let line = rx.proc.wait_stdout("connected to");
@@ -672,23 +653,13 @@ fn a_receiver_trusts_the_gateways_self_signed_certificate_as_its_ca_file() {
 fn receiver_refuses_a_gateway_certificate_it_does_not_trust() {
     let pki = pki();
     let d = pki.dir.path();
-    let gw_cfg = write_config(
-        d,
-        "gateway.toml",
-        &gateway_config(
-            "[gateway.tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n",
-        ),
-    );
+    let gw_cfg = write_config(d, "gateway.toml", &gateway_config(TLS_TABLE));
     let mut gw = https_gateway(&gw_cfg);
     let addr = gw.addr;
     let rx_cfg = write_config(
         d,
         "receiver.toml",
-        &receiver_config(
-            &format!("wss://{addr}/ws"),
-            &upstream(&app()),
-            &format!("ca_file = \"{}\"", toml_path(&pki.other_ca)),
-        ),
+        &wss_receiver_config(addr, &upstream(&app()), &pki.other_ca),
     );
     let mut rx = Receiver::start_file(&rx_cfg);
     let line = rx
@@ -881,21 +852,14 @@ fn sighup_reloads_the_certificate_without_dropping_connections() {
     let gw_cfg = write_config(
         d,
         "gateway.toml",
-        &gateway_config(
-            "[gateway.tls]\nenabled = true\ncert_file = \"server.crt\"\nkey_file = \"server.key\"\n",
-        )
-        .replace("workers = 1", "workers = 2"),
+        &gateway_config(TLS_TABLE).replace("workers = 1", "workers = 2"),
     );
     let mut gw = https_gateway(&gw_cfg);
     let addr = gw.addr;
     let rx_cfg = write_config(
         d,
         "receiver.toml",
-        &receiver_config(
-            &format!("wss://{addr}/ws"),
-            &upstream(&app()),
-            &format!("ca_file = \"{}\"", toml_path(&pki.ca)),
-        ),
+        &wss_receiver_config(addr, &upstream(&app()), &pki.ca),
     );
     let mut rx = Receiver::start_file(&rx_cfg);
     rx.proc.wait_stdout(&format!(
