@@ -215,6 +215,12 @@ pub trait Readable {
         std::future::pending()
     }
 
+    /// Whether each write becomes TLS records of its own (and a send):
+    /// then [`Writev::send_packed`] writes what a `writev` would.
+    fn writes_records(&self) -> bool {
+        false
+    }
+
     /// A read into `buf`'s spare room, as [`read_append`], that a cancel
     /// through `c` stops without losing what it read: it then ends with
     /// those bytes, or with ECANCELED and nothing read. `Err(buf)` where a
@@ -450,6 +456,8 @@ pub struct Writev {
     /// Where the current run of small pieces started in `small`.
     run: usize,
     bytes: usize,
+    /// The writes of [`Writev::send_packed`], joined here.
+    pack: Vec<u8>,
 }
 
 enum Seg {
@@ -581,6 +589,73 @@ impl Writev {
                 Err(e) => break Err(e),
             }
         };
+        w.clear();
+        (res, w)
+    }
+
+    /// [`Writev::send`] for a stream that turns every write into TLS
+    /// records of its own and a send (monoio-rustls, whose `writev` takes
+    /// only the first iovec): the pieces go in whole records of `pack`
+    /// bytes (one record's plaintext) but the last, the small ones joined
+    /// with each other and with the start of the body after them, so a
+    /// response head or a chunk line shares a record with body bytes
+    /// instead of making a record and a TCP segment alone. Whole records
+    /// of a body go uncopied (TLS copies them into its records anyway).
+    pub async fn send_packed<W: monoio::io::AsyncWriteRent>(
+        self,
+        io: &mut W,
+        pack: usize,
+    ) -> (io::Result<()>, Self) {
+        use monoio::io::AsyncWriteRentExt;
+        let mut w = self;
+        w.seal();
+        let mut buf = std::mem::take(&mut w.pack);
+        buf.clear();
+        let mut res = Ok(());
+        'segs: for k in 0..w.segs.len() {
+            let (body, end) = match w.segs[k] {
+                Seg::Small(a, b) => (None, (a, b)),
+                Seg::Body(i) => (Some(w.bodies[i].clone()), (0, w.bodies[i].len())),
+            };
+            let (mut at, end) = end;
+            while at < end {
+                if let Some(b) = body.as_ref().filter(|_| buf.is_empty() && end - at >= pack) {
+                    // Whole records only, at most four per write (rustls
+                    // takes 64 KiB of plaintext at a time: more would end
+                    // each write with a small record).
+                    let n = ((end - at) / pack).min(4) * pack;
+                    let (r, _) = io.write_all(b.slice(at..at + n)).await;
+                    if let Err(e) = r {
+                        res = Err(e);
+                        break 'segs;
+                    }
+                    at += n;
+                    continue;
+                }
+                let take = (pack - buf.len()).min(end - at);
+                match &body {
+                    Some(b) => buf.extend_from_slice(&b[at..at + take]),
+                    None => buf.extend_from_slice(&w.small[at..at + take]),
+                }
+                at += take;
+                if buf.len() == pack {
+                    let (r, b) = io.write_all(buf).await;
+                    buf = b;
+                    buf.clear();
+                    if let Err(e) = r {
+                        res = Err(e);
+                        break 'segs;
+                    }
+                }
+            }
+        }
+        if res.is_ok() && !buf.is_empty() {
+            let (r, b) = io.write_all(buf).await;
+            buf = b;
+            res = r.map(|_| ());
+        }
+        buf.clear();
+        w.pack = buf;
         w.clear();
         (res, w)
     }
@@ -876,6 +951,76 @@ pub(crate) mod tests {
             }
         }
         assert_eq!(&got[..], b"GET / HTTP/1.1\r\n\r\n");
+    }
+
+    /// A stream that keeps its writes apart, as TLS makes each write
+    /// records of its own.
+    struct Records(Vec<Vec<u8>>);
+
+    impl monoio::io::AsyncWriteRent for Records {
+        async fn write<T: monoio::buf::IoBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+            // SAFETY: an IoBuf's first `bytes_init` bytes are initialised.
+            let s = unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) };
+            self.0.push(s.to_vec());
+            (Ok(s.len()), buf)
+        }
+        async fn writev<T: monoio::buf::IoVecBuf>(&mut self, _: T) -> monoio::BufResult<usize, T> {
+            unreachable!("TLS streams take one buffer at a time")
+        }
+        async fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        async fn shutdown(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// On a TLS stream a response's pieces go in as few records as their
+    /// bytes fill: the head and the chunk lines share records with body
+    /// bytes, and only the last record is not full. One write per piece
+    /// (what `send` does there) made a record of each head, chunk line
+    /// and CRLF.
+    #[monoio::test_all(timer_enabled = true)]
+    async fn packed_writes_fill_whole_records() {
+        let pack = 1000;
+        let body: bytes::Bytes = (0..65_536u32).map(|i| (i % 251) as u8).collect();
+        // A head, a large body, a tail; then a run of chunk lines and small
+        // and middling bodies (an event stream's pieces).
+        let mut w = Writev::take();
+        w.small().extend_from_slice(&[b'h'; 200]);
+        w.body(body.clone());
+        w.small().extend_from_slice(b"\r\n0\r\n\r\n");
+        for i in 0..40 {
+            w.small().extend_from_slice(b"1f4\r\n");
+            w.body(body.slice(i * 500..i * 500 + 500 + (i % 3) * 700));
+            w.small().extend_from_slice(b"\r\n");
+        }
+        let mut want = Vec::new();
+        want.extend_from_slice(&[b'h'; 200]);
+        want.extend_from_slice(&body);
+        want.extend_from_slice(b"\r\n0\r\n\r\n");
+        for i in 0..40 {
+            want.extend_from_slice(b"1f4\r\n");
+            want.extend_from_slice(&body[i * 500..i * 500 + 500 + (i % 3) * 700]);
+            want.extend_from_slice(b"\r\n");
+        }
+        let mut io = Records(Vec::new());
+        let (r, w) = w.send_packed(&mut io, pack).await;
+        r.unwrap();
+        assert!(w.is_empty(), "emptied after the write");
+        Writev::give(w);
+        assert!(io.0.concat() == want, "bytes differ or out of order");
+        let (last, whole) = io.0.split_last().unwrap();
+        assert!(
+            whole.iter().all(|x| x.len() % pack == 0) && last.len() <= pack,
+            "writes of {:?}",
+            io.0.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        let records: usize = io.0.iter().map(|x| x.len().div_ceil(pack)).sum();
+        assert_eq!(records, want.len().div_ceil(pack));
+        // The large body's whole records went uncopied, four at most per
+        // write (rustls takes 64 KiB of plaintext at a time).
+        assert!(io.0.iter().any(|x| x.len() == 4 * pack));
     }
 
     /// Far more than a loopback socket buffer holds, read slowly: the

@@ -546,6 +546,43 @@ fn https_records_each_fit_one_16k_write() {
     );
 }
 
+/// Streamed responses over HTTPS arrive whole and in order, chunked (the
+/// app's uneven chunks, re-chunked by the gateway when large: chunk lines
+/// and CRLFs packed into records with body bytes, `net::Writev::send_packed`)
+/// and with a Content-Length, on one keep-alive session.
+#[test]
+fn streamed_responses_over_https_arrive_whole() {
+    let pki = pki();
+    let d = pki.dir.path();
+    let gw = https_gateway(&write_config(d, "gateway.toml", &gateway_config(TLS_TABLE)));
+    let addr = gw.addr;
+    let app = app();
+    let rx_cfg = write_config(
+        d,
+        "receiver.toml",
+        &wss_receiver_config(addr, &upstream(&app), &pki.ca),
+    );
+    let mut rx = Receiver::start_file(&rx_cfg);
+    rx.proc.wait_stdout("connected to");
+    let agent = https_agent(&pki.ca, None);
+    for (chunked, len) in [("1", 3_000_017), ("0", 1_000_003), ("1", 5_000), ("1", 0)] {
+        let r = agent
+            .get(&format!("https://{addr}/svc/stream"))
+            .set("x-test-chunked", chunked)
+            .set("x-test-body-len", &len.to_string())
+            .call()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let mut body = Vec::new();
+        r.into_reader().read_to_end(&mut body).unwrap();
+        assert!(
+            body == common::app::pattern_body(len),
+            "{len}-byte body, chunked {chunked}: got {} bytes",
+            body.len()
+        );
+    }
+}
+
 #[test]
 fn plain_http_to_a_tls_port_is_told_to_use_https() {
     let pki = pki();

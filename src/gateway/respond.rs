@@ -159,6 +159,18 @@ async fn write_stream<S: AsyncWriteRent + crate::net::Readable>(
     r
 }
 
+/// `w` written on `io`: packed into whole TLS records on HTTPS
+/// (`Writev::send_packed`), one `writev` otherwise.
+async fn send_on<S: AsyncWriteRent + crate::net::Readable>(
+    w: Writev,
+    io: &mut S,
+) -> (std::io::Result<()>, Writev) {
+    match io.writes_records() {
+        true => w.send_packed(io, crate::tls::RECORD_PLAINTEXT).await,
+        false => w.send(io).await,
+    }
+}
+
 /// One body piece into `w`, inside its chunk line when `chunked`: a small
 /// one (an SSE event) is cheaper copied than gathered, a larger one goes
 /// uncopied.
@@ -202,7 +214,7 @@ async fn stream_pieces<S: AsyncWriteRent + crate::net::Readable>(
             Some(ev) => ev,
             None if !w.is_empty() => {
                 *sent_total += w.len() as u64;
-                let (res, back) = w.send(io).await;
+                let (res, back) = send_on(w, io).await;
                 w = back;
                 if let Err(e) = res {
                     return (Err(Cut::Write(e.kind())), w);
@@ -242,7 +254,7 @@ async fn stream_pieces<S: AsyncWriteRent + crate::net::Readable>(
                 // What is held goes out even when the body fell short:
                 // the close then tells the client.
                 *sent_total += w.len() as u64;
-                let (res, w) = w.send(io).await;
+                let (res, w) = send_on(w, io).await;
                 let written = res.map_err(|e| Cut::Write(e.kind()));
                 return (whole.and(written), w);
             }
@@ -252,7 +264,7 @@ async fn stream_pieces<S: AsyncWriteRent + crate::net::Readable>(
                 // included); the length or the missing last chunk tells
                 // the client that the body is cut.
                 *sent_total += w.len() as u64;
-                let (_, w) = w.send(io).await;
+                let (_, w) = send_on(w, io).await;
                 return (Err(Cut::Failed(e)), w);
             }
         };
@@ -270,7 +282,7 @@ async fn stream_pieces<S: AsyncWriteRent + crate::net::Readable>(
         held += n;
         if w.len() >= GATHER_MAX || w.full() {
             *sent_total += w.len() as u64;
-            let (res, back) = w.send(io).await;
+            let (res, back) = send_on(w, io).await;
             w = back;
             if let Err(e) = res {
                 return (Err(Cut::Write(e.kind())), w);

@@ -77,6 +77,10 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 /// 22-byte ones among them, where one per record (~5) does.
 pub(crate) const MAX_RECORD: usize = 16 * 1024 - 32;
 
+/// The plaintext of one such record (`MAX_RECORD` less the 5-byte record
+/// header): what `net::Writev::send_packed` joins into one write.
+pub(crate) const RECORD_PLAINTEXT: usize = MAX_RECORD - 5;
+
 /// All certificates of a PEM file (a chain, leaf first, or a CA bundle).
 pub(crate) fn load_certs(
     key: &'static str,

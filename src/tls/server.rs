@@ -22,7 +22,11 @@ pub type ServerStream = ServerTlsStream<TcpStream>;
 
 /// rustls may hold decrypted bytes the socket no longer shows: a TLS
 /// stream is always "readable" and keeps its read buffer while idle.
-impl Readable for ServerStream {}
+impl Readable for ServerStream {
+    fn writes_records(&self) -> bool {
+        true
+    }
+}
 
 /// A TLS session's state (keys, sequence numbers, buffered records) lives
 /// in this core's memory: only the bare socket could move, and it would
