@@ -197,6 +197,22 @@ fn app() -> App {
     })
 }
 
+/// An HTTPS gateway (one worker) with [`app`] behind one receiver on a
+/// `wss://` tunnel, connected.
+fn https_with_a_wss_tunnel(pki: &Pki) -> (Gateway, Receiver, App) {
+    let d = pki.dir.path();
+    let gw = https_gateway(&write_config(d, "gateway.toml", &gateway_config(TLS_TABLE)));
+    let app = app();
+    let rx_cfg = write_config(
+        d,
+        "receiver.toml",
+        &wss_receiver_config(gw.addr, &upstream(&app), &pki.ca),
+    );
+    let mut rx = Receiver::start_file(&rx_cfg);
+    rx.proc.wait_stdout("connected to");
+    (gw, rx, app)
+}
+
 /// `http://ADDR` of `app`, for `upstream`.
 fn upstream(app: &App) -> String {
     format!("http://{}", app.addr)
@@ -501,18 +517,8 @@ fn https_request_through_a_wss_tunnel() {
 #[test]
 fn https_records_each_fit_one_16k_write() {
     let pki = pki();
-    let d = pki.dir.path();
-    let gw_cfg = write_config(d, "gateway.toml", &gateway_config(TLS_TABLE));
-    let gw = https_gateway(&gw_cfg);
+    let (gw, _rx, _app) = https_with_a_wss_tunnel(&pki);
     let addr = gw.addr;
-    let app = app();
-    let rx_cfg = write_config(
-        d,
-        "receiver.toml",
-        &wss_receiver_config(addr, &upstream(&app), &pki.ca),
-    );
-    let mut rx = Receiver::start_file(&rx_cfg);
-    rx.proc.wait_stdout("connected to");
     let mut c = TlsConn::connect(addr, &pki.ca).expect("TLS client");
     let (status, body) = c.get("/svc/big");
     assert_eq!(status, 200);
@@ -553,17 +559,8 @@ fn https_records_each_fit_one_16k_write() {
 #[test]
 fn streamed_responses_over_https_arrive_whole() {
     let pki = pki();
-    let d = pki.dir.path();
-    let gw = https_gateway(&write_config(d, "gateway.toml", &gateway_config(TLS_TABLE)));
+    let (gw, _rx, _app) = https_with_a_wss_tunnel(&pki);
     let addr = gw.addr;
-    let app = app();
-    let rx_cfg = write_config(
-        d,
-        "receiver.toml",
-        &wss_receiver_config(addr, &upstream(&app), &pki.ca),
-    );
-    let mut rx = Receiver::start_file(&rx_cfg);
-    rx.proc.wait_stdout("connected to");
     let agent = https_agent(&pki.ca, None);
     for (chunked, len) in [("1", 3_000_017), ("0", 1_000_003), ("1", 5_000), ("1", 0)] {
         let r = agent

@@ -202,47 +202,10 @@ async fn stream_pieces<S: AsyncWriteRent + crate::net::Readable>(
     // Body bytes in `w`, credited once written.
     let mut held = 0usize;
     loop {
-        // What is waiting goes into `w`; when nothing is, `w` is written
-        // (the head at once too: an event stream's head, SSE, must reach
-        // the client before its first event does).
-        let ready = if w.is_empty() {
-            None
-        } else {
-            poll_once(stream.next()).await
-        };
-        let ev = match ready {
-            Some(ev) => ev,
-            None if !w.is_empty() => {
-                *sent_total += w.len() as u64;
-                let (res, back) = send_on(w, io).await;
-                w = back;
-                if let Err(e) = res {
-                    return (Err(Cut::Write(e.kind())), w);
-                }
-                stream.consumed(std::mem::take(&mut held));
-                continue;
-            }
-            // A pause longer than `WATCH_AFTER` (an app between two
-            // events of a stream) also watches the client: one that
-            // leaves ends the response at once and its request is
-            // cancelled at the receiver, not at the app's next piece.
-            None => match watch_when_late(io, std::pin::pin!(stream.next()), Some(idle)).await {
-                Late::Done(ev) => ev,
-                Late::TimedOut => {
-                    tracing::info!("response stream idle too long; closing");
-                    return (Err(Cut::Idle), w);
-                }
-                Late::Gone => {
-                    // Dropping the stream unfinished cancels the request
-                    // at the receiver (`BodyStream`'s drop).
-                    tracing::debug!("client went away while the response body paused");
-                    return (Err(Cut::Gone), w);
-                }
-            },
-        };
+        let ev = next_event(io, &mut w, &mut stream, &mut held, idle, sent_total).await;
         let d = match ev {
-            BodyEvent::Data(d) => d,
-            BodyEvent::End => {
+            Ok(BodyEvent::Data(d)) => d,
+            Ok(BodyEvent::End) => {
                 let whole = match framing {
                     Framing::Chunked => {
                         w.small().extend_from_slice(http::LAST_CHUNK);
@@ -253,20 +216,18 @@ async fn stream_pieces<S: AsyncWriteRent + crate::net::Readable>(
                 };
                 // What is held goes out even when the body fell short:
                 // the close then tells the client.
-                *sent_total += w.len() as u64;
-                let (res, w) = send_on(w, io).await;
-                let written = res.map_err(|e| Cut::Write(e.kind()));
+                let written = flush(&mut w, io, sent_total).await;
                 return (whole.and(written), w);
             }
-            BodyEvent::Failed(e) => {
+            Ok(BodyEvent::Failed(e)) => {
                 tracing::warn!(error = %e, "response failed mid-body; closing the client connection");
                 // What came before the failure still goes (the head
                 // included); the length or the missing last chunk tells
                 // the client that the body is cut.
-                *sent_total += w.len() as u64;
-                let (_, w) = send_on(w, io).await;
+                let _ = flush(&mut w, io, sent_total).await;
                 return (Err(Cut::Failed(e)), w);
             }
+            Err(cut) => return (Err(cut), w),
         };
         let n = d.len();
         if framing == Framing::None || n == 0 {
@@ -281,15 +242,63 @@ async fn stream_pieces<S: AsyncWriteRent + crate::net::Readable>(
         add_piece(&mut w, d, chunked);
         held += n;
         if w.len() >= GATHER_MAX || w.full() {
-            *sent_total += w.len() as u64;
-            let (res, back) = send_on(w, io).await;
-            w = back;
-            if let Err(e) = res {
-                return (Err(Cut::Write(e.kind())), w);
+            if let Err(cut) = flush(&mut w, io, sent_total).await {
+                return (Err(cut), w);
             }
             stream.consumed(std::mem::take(&mut held));
         }
     }
+}
+
+/// The response stream's next event. What `w` holds goes into the same
+/// write as whatever is already waiting; when nothing is, it is written
+/// first (the head at once too: an event stream's head, SSE, must reach
+/// the client before its first event does) and its `held` body bytes are
+/// credited. A pause longer than `WATCH_AFTER` (an app between two events
+/// of a stream) also watches the client: one that leaves ends the
+/// response at once and its request is cancelled at the receiver, not at
+/// the app's next piece.
+async fn next_event<S: AsyncWriteRent + crate::net::Readable>(
+    io: &mut S,
+    w: &mut Writev,
+    stream: &mut BodyStream,
+    held: &mut usize,
+    idle: std::time::Duration,
+    sent_total: &mut u64,
+) -> Result<BodyEvent, Cut> {
+    if !w.is_empty() {
+        if let Some(ev) = poll_once(stream.next()).await {
+            return Ok(ev);
+        }
+        flush(w, io, sent_total).await?;
+        stream.consumed(std::mem::take(held));
+    }
+    match watch_when_late(io, std::pin::pin!(stream.next()), Some(idle)).await {
+        Late::Done(ev) => Ok(ev),
+        Late::TimedOut => {
+            tracing::info!("response stream idle too long; closing");
+            Err(Cut::Idle)
+        }
+        Late::Gone => {
+            // Dropping the stream unfinished cancels the request at the
+            // receiver (`BodyStream`'s drop).
+            tracing::debug!("client went away while the response body paused");
+            Err(Cut::Gone)
+        }
+    }
+}
+
+/// What `w` holds written on `io` (`send_on`) and counted in `sent_total`;
+/// `w` comes back emptied.
+async fn flush<S: AsyncWriteRent + crate::net::Readable>(
+    w: &mut Writev,
+    io: &mut S,
+    sent_total: &mut u64,
+) -> Result<(), Cut> {
+    *sent_total += w.len() as u64;
+    let (res, back) = send_on(std::mem::take(w), io).await;
+    *w = back;
+    res.map_err(|e| Cut::Write(e.kind()))
 }
 
 /// `f`'s output if it is ready at the first poll. `f` is dropped either
