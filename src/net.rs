@@ -548,13 +548,10 @@ impl Writev {
         if b.is_empty() {
             return;
         }
-        if self.small.len() > self.run {
-            self.segs.push(Seg::Small(self.run, self.small.len()));
-        }
+        self.close_run();
         self.bytes += b.len();
         self.segs.push(Seg::Body(self.bodies.len()));
         self.bodies.push(b);
-        self.run = self.small.len();
     }
 
     /// Bytes held.
@@ -608,7 +605,7 @@ impl Writev {
     ) -> (io::Result<()>, Self) {
         use monoio::io::AsyncWriteRentExt;
         let mut w = self;
-        w.seal();
+        w.close_run();
         let mut buf = std::mem::take(&mut w.pack);
         buf.clear();
         let mut res = Ok(());
@@ -660,11 +657,17 @@ impl Writev {
         (res, w)
     }
 
-    fn seal(&mut self) {
+    /// The small pieces added last made a segment of their own.
+    fn close_run(&mut self) {
         if self.small.len() > self.run {
             self.segs.push(Seg::Small(self.run, self.small.len()));
             self.run = self.small.len();
         }
+    }
+
+    /// The segments as iovecs, for `writev`.
+    fn seal(&mut self) {
+        self.close_run();
         self.iov.clear();
         self.at = 0;
         for s in &self.segs {

@@ -232,3 +232,28 @@ impl crate::net::Readable for GatewayStream {
 }
 
 crate::net::delegate_rent_io!(GatewayStream { Plain, Tls });
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The receiver's records (its `wss://` tunnel, its `https://`
+    /// upstream) fit monoio-rustls's 16 KiB write buffer as the gateway's
+    /// do, which `tls_e2e::https_records_each_fit_one_16k_write` sees on
+    /// the wire: a record one byte over it goes out as two sends.
+    #[test]
+    fn the_receivers_tls_configurations_cap_their_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["gw.test".to_string()]).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+        let r = ReceiverConfig {
+            ca_file: "ca.pem".into(),
+            ..ReceiverConfig::default()
+        };
+        let tunnel = client_config(&r, dir.path()).unwrap();
+        let upstream = upstream_config(&r, dir.path()).unwrap();
+        for cfg in [tunnel, upstream] {
+            assert_eq!(cfg.max_fragment_size, Some(super::super::MAX_RECORD));
+        }
+    }
+}
