@@ -14,6 +14,7 @@
 //! before httparse sees a byte and without re-parsing on every read.
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use super::framing::{is_valid_authority, span, tokeniser_error, Framing, STACK_HEADERS};
@@ -144,15 +145,16 @@ pub fn parse_request_head(buf: &[u8], limits: &Limits) -> Result<Option<RequestH
     };
     let head = &buf[..scan.head_end];
 
-    // Slots on the stack first; the heap only for a head with more than
-    // STACK_HEADERS headers under a limit that allows it (see
-    // `parse_response_head`). Default config on purpose: it refuses
+    // Slots on the stack first, left uninitialised (see
+    // `parse_response_head`); the heap only for a head with more than
+    // STACK_HEADERS headers under a limit that allows it. Default config on purpose: it refuses
     // obs-fold, whitespace before the colon, and repeated spaces in the
     // request-line (RFC 9112 §3, §5.1).
-    let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    let mut stack = [const { MaybeUninit::uninit() }; STACK_HEADERS];
     let mut heap;
-    let mut req = httparse::Request::new(&mut stack[..limits.max_headers.min(STACK_HEADERS)]);
-    let mut parsed = req.parse(head);
+    let mut req = httparse::Request::new(&mut []);
+    let mut parsed =
+        req.parse_with_uninit_headers(head, &mut stack[..limits.max_headers.min(STACK_HEADERS)]);
     if matches!(parsed, Err(httparse::Error::TooManyHeaders)) && limits.max_headers > STACK_HEADERS
     {
         heap = vec![httparse::EMPTY_HEADER; limits.max_headers];

@@ -11,6 +11,7 @@
 //! none of the leniency leaks downstream. Any error here means the caller
 //! answers the client with 502 (§6.3 item 5) and drops the app connection.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use super::framing::{span, tokeniser_error, Framing, STACK_HEADERS};
@@ -98,10 +99,19 @@ pub fn parse_response_head(
     // receiver) cost a 32 KB zeroed allocation per call, 8 % of the
     // receiver's CPU at 1 KiB. Only a head with more headers than the stack
     // holds pays for the heap, and only when the limit allows it.
-    let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    //
+    // The stack slots are left uninitialised: httparse writes each one it
+    // fills, and `res.headers` covers only those. Filling all 128 with
+    // EMPTY_HEADER first (4 KiB of stores) was two thirds of this
+    // function's own time, about 1.2 % of the receiver's CPU at 1 KiB.
+    let mut stack = [const { MaybeUninit::uninit() }; STACK_HEADERS];
     let mut heap;
-    let mut res = httparse::Response::new(&mut stack[..limits.max_headers.min(STACK_HEADERS)]);
-    let mut parsed = config.parse_response(&mut res, window);
+    let mut res = httparse::Response::new(&mut []);
+    let mut parsed = config.parse_response_with_uninit_headers(
+        &mut res,
+        window,
+        &mut stack[..limits.max_headers.min(STACK_HEADERS)],
+    );
     if matches!(parsed, Err(httparse::Error::TooManyHeaders)) && limits.max_headers > STACK_HEADERS
     {
         heap = vec![httparse::EMPTY_HEADER; limits.max_headers];
