@@ -71,6 +71,7 @@ pub async fn serve_conn<S>(
         clock,
         hot_cancel: None,
         rhythm: Rhythm::default(),
+        last_done: None,
     };
     loop {
         // 1. The head.
@@ -128,6 +129,10 @@ struct Client<S> {
     hot_cancel: Option<monoio::io::Canceller>,
     /// Whether the next wait for a head starts hot or cold.
     rhythm: Rhythm,
+    /// When the last request was done (`CoreObs::finish` read the clock),
+    /// taken by the next `read_head`: the hot wait's deadline runs from
+    /// it, one clock read fewer per request.
+    last_done: Option<Instant>,
 }
 
 impl<S> Client<S>
@@ -144,9 +149,10 @@ where
         let ctx = self.ctx.clone();
         // A tunnel upgrade holds a slot from its request line to its 101.
         let mut upgrade: Option<UpgradeSlot> = None;
+        let last_done = self.last_done.take();
         loop {
             if self.clock.idle(!self.buf.is_empty()) {
-                let ready = match self.hot_wait().await {
+                let ready = match self.hot_wait(last_done).await {
                     HotWait::Data => true,
                     HotWait::Over => false,
                     HotWait::Cold(limit) => {
@@ -204,7 +210,7 @@ where
     /// read cannot be cut there), or whose client paces its requests
     /// further apart than `HOT_READ` ([`Rhythm`]) goes straight to
     /// `wait_first_byte`.
-    async fn hot_wait(&mut self) -> HotWait {
+    async fn hot_wait(&mut self, last_done: Option<Instant>) -> HotWait {
         let limit = self.clock.idle_limit();
         if !self.rhythm.starts_hot() {
             return HotWait::Cold(limit);
@@ -231,8 +237,9 @@ where
         };
         drop(self.busy.take());
         let hot = limit.map_or(HOT_READ, |l| l.min(HOT_READ));
+        let since = last_done.unwrap_or_else(Instant::now);
         let mut read = std::pin::pin!(read);
-        let (res, buf) = match monoio::time::timeout(hot, read.as_mut()).await {
+        let (res, buf) = match monoio::time::timeout_at((since + hot).into(), read.as_mut()).await {
             Ok(done) => done,
             Err(_) => {
                 self.rhythm.hot_expired();
@@ -390,11 +397,12 @@ where
         // `new` copies all of it, so the waits inside take their futures
         // pinned (`watch_when_late`): by value it was 7.3 KiB.
         let (ok, status, pause) = Box::pin(self.proxy(head, head_buf, &mut ex)).await;
-        ctx.obs.finish(ex, peer, method, raw_path, status);
+        let done = ctx.obs.finish(ex, peer, method, raw_path, status);
         // Shed or rate-limited: the next request waits in the socket
         // (admission.rs; a drain ends the pause).
-        if let Some(d) = pause.filter(|_| ok && head.keep_alive) {
-            super::admission::Admission::pause(d, &ctx.draining).await;
+        match pause.filter(|_| ok && head.keep_alive) {
+            Some(d) => super::admission::Admission::pause(d, &ctx.draining).await,
+            None => self.last_done = Some(done),
         }
         ok && head.keep_alive
     }
@@ -597,6 +605,7 @@ async fn proxy_one<S: AsyncReadRent + AsyncWriteRent + Movable>(
         head_buf,
         peer,
         tls,
+        head_began: ex.started(),
     };
     // A `stream` tunnel on this core: the body goes up as it arrives.
     if let Some(t) = ctx
@@ -732,6 +741,8 @@ struct Outbound<'a> {
     head_buf: &'a Bytes,
     peer: SocketAddr,
     tls: bool,
+    /// When the head's first byte was read (`Exchange::started`).
+    head_began: Instant,
 }
 
 /// The body's first part, up to `want` bytes (the whole body when it is
@@ -746,7 +757,12 @@ async fn first_part<S: AsyncReadRent>(
     want: usize,
 ) -> Result<(BodyReader, ProxyRequest, bool), ProxyError> {
     let s = &ctx.settings;
-    let pace = Pace::new(s.body_pace, Instant::now());
+    // A request without a body has nothing to pace: no clock read.
+    let start = match req.head.body {
+        BodyKind::None | BodyKind::ContentLength(0) => req.head_began,
+        BodyKind::ContentLength(_) | BodyKind::Chunked => Instant::now(),
+    };
+    let pace = Pace::new(s.body_pace, start);
     let mut reader = BodyReader::new(&req.head.body, pace, s.max_body_size, buf.len());
     let (body, complete) = reader.gather(io, buf, want).await?;
     // A whole chunked body goes on with its length (`content-length`).

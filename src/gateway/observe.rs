@@ -127,6 +127,8 @@ impl CoreObs {
     }
 
     /// Records a finished request: metrics, then the access-log line.
+    /// Returns the instant it was done (read once here; the connection's
+    /// next wait starts from it, `Client::hot_wait`).
     pub fn finish(
         &self,
         ex: Exchange<'_>,
@@ -134,7 +136,7 @@ impl CoreObs {
         method: &str,
         path: &[u8],
         status: u16,
-    ) {
+    ) -> Instant {
         self.record(
             ex.started,
             peer,
@@ -144,7 +146,7 @@ impl CoreObs {
             status,
             (ex.bytes_in, ex.bytes_out),
             ex.error.as_deref(),
-        );
+        )
     }
 
     /// A request refused before its head could be parsed (400, 408, 414,
@@ -180,12 +182,13 @@ impl CoreObs {
         status: u16,
         (bytes_in, bytes_out): (u64, u64),
         error: Option<&str>,
-    ) {
-        let took = started.elapsed();
+    ) -> Instant {
+        let now = Instant::now();
+        let took = now.saturating_duration_since(started);
         self.metrics
             .record(route, status, bytes_in, bytes_out, took);
         let Some(log) = &self.access else {
-            return;
+            return now;
         };
         let e = Entry {
             time: SystemTime::now(),
@@ -211,5 +214,6 @@ impl CoreObs {
             }),
             None => log.log(&e),
         }
+        now
     }
 }
