@@ -423,11 +423,20 @@ pub async fn read_append<R: monoio::io::AsyncReadRent>(
     io: &mut R,
     buf: bytes::BytesMut,
 ) -> (io::Result<usize>, bytes::BytesMut) {
+    read_append_upto(io, buf, usize::MAX).await
+}
+
+/// [`read_append`], reading `max` bytes at most (`max` > 0).
+pub async fn read_append_upto<R: monoio::io::AsyncReadRent>(
+    io: &mut R,
+    buf: bytes::BytesMut,
+    max: usize,
+) -> (io::Result<usize>, bytes::BytesMut) {
     use monoio::buf::IoBufMut;
     let len = buf.len();
-    let cap = buf.capacity();
-    debug_assert!(cap > len, "read_append needs spare capacity");
-    let (res, slice) = io.read(buf.slice_mut(len..cap)).await;
+    let end = buf.capacity().min(len.saturating_add(max));
+    debug_assert!(end > len, "read_append needs spare capacity");
+    let (res, slice) = io.read(buf.slice_mut(len..end)).await;
     (res, slice.into_inner())
 }
 

@@ -464,6 +464,30 @@ impl Window {
         .await
     }
 
+    /// Waits until at least `n` bytes of window are free, and returns how
+    /// many are, taking none (a sender that sizes its next read by them).
+    pub async fn room(&self, n: usize) -> Result<usize, WindowClosed> {
+        std::future::poll_fn(|cx| {
+            if self.closed.get() {
+                return std::task::Poll::Ready(Err(WindowClosed));
+            }
+            let a = self.avail.get();
+            if a >= n {
+                return std::task::Poll::Ready(Ok(a));
+            }
+            let old = self.waker.replace(Some(cx.waker().clone()));
+            // Dropped with no borrow held (crate::sync).
+            drop(old);
+            std::task::Poll::Pending
+        })
+        .await
+    }
+
+    /// Bytes of window free now.
+    pub fn free(&self) -> usize {
+        self.avail.get()
+    }
+
     /// Takes up to `n` bytes without waiting; returns how many.
     pub fn take_now(&self, n: usize) -> usize {
         let t = self.avail.get().min(n);

@@ -177,6 +177,29 @@ impl ResponseSink {
         self.pieces(body.slice(first..), complete).await
     }
 
+    /// How much more of the body the gateway can take now: waits until
+    /// its window has `want` bytes free (at most half the window: with
+    /// less free, more than half is in flight, and its credit comes back
+    /// in quarter-window batches) and returns what is free. A plain v1
+    /// gateway takes the body whole (`held`): no limit.
+    pub async fn room(&self, want: usize) -> Result<usize, UpstreamError> {
+        if self.held.is_some() {
+            return Ok(usize::MAX);
+        }
+        self.window
+            .room(want.clamp(1, stream::DEFAULT_WINDOW / 2))
+            .await
+            .map_err(|_| UpstreamError::TunnelGone)
+    }
+
+    /// [`room`](Self::room) without waiting.
+    pub fn room_now(&self) -> usize {
+        match self.held {
+            Some(_) => usize::MAX,
+            None => self.window.free(),
+        }
+    }
+
     /// More body bytes.
     pub async fn data(&mut self, body: Bytes) -> Result<(), UpstreamError> {
         self.pieces(body, false).await
