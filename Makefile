@@ -46,7 +46,7 @@ clean:
 	$(CARGO) clean
 
 # --- Benchmarks and profiling (issue #4; benches/README.md, perf/README.md) ---
-.PHONY: bench bench-quick bench-overload bench-counts bench-bins bench-allocs-bin bench-deps bench-micro bench-storm bench-tunnels bench-fleet bench-wrk flamegraph perf-stat
+.PHONY: bench bench-slowread bench-quick bench-overload bench-counts bench-bins bench-allocs-bin bench-deps bench-micro bench-storm bench-tunnels bench-fleet bench-wrk flamegraph perf-stat
 
 ALLOC_BIN := target/release/anp-proxy-count-allocs
 
@@ -58,6 +58,13 @@ ALLOC_BIN := target/release/anp-proxy-count-allocs
 bench-wrk:
 	$(CARGO) build --release --bin anp-proxy
 	python3 benches/wrk_nginx.py $(WRK_ARGS)
+
+# Memory per slow reader (issue 12): slowhttptest -X against fresh
+# processes of each target, RSS growth per connection (~3 minutes).
+# Writes bench-results/slowread.json; SLOWREAD_ARGS=--baseline-bin PATH
+# adds an A/B build.
+bench-slowread: bench-bins
+	python3 benches/slowread.py $(SLOWREAD_ARGS)
 
 # KiB per idle tunnel (gateway and receiver) and handshakes per second, at
 # 1,000 and 10,000 tunnels; writes bench-results/tunnels.json (issue 17).
@@ -120,7 +127,7 @@ bench-counts: bench-bins bench-allocs-bin
 # nginx (comparison target), wrk and perf (syscall counts, flame graphs)
 # from Debian packages; run as root.
 bench-deps:
-	apt-get update && (apt-get install -y nginx-light wrk linux-perf || apt-get install -y nginx wrk linux-perf)
+	apt-get update && (apt-get install -y nginx-light wrk linux-perf slowhttptest || apt-get install -y nginx wrk linux-perf slowhttptest)
 
 # Criterion micro-benches: ANPX codec, WebSocket framing, route lookup and
 # registry polls at 100k rows, DID-WBA handshake verification.
