@@ -637,6 +637,12 @@ async fn write_streamed_body(
     Ok(early)
 }
 
+/// A read of a body of unknown length (chunked, or until the close) is
+/// given this much: an event stream keeps its buffer between events, and
+/// a thousand of them waiting hold 64 MiB, not the 256 MiB reads of
+/// BODY_READ would.
+const UNKNOWN_READ: usize = 64 * 1024;
+
 /// The window room a read of a response body waits for: half the window.
 /// The other half is still on its way to the client meanwhile, and a read
 /// carries two pieces. Reading at each quarter-window credit, one piece
@@ -657,7 +663,7 @@ async fn read_body_within<S: AsyncReadRent>(
     sink: &ResponseSink,
     left: Option<usize>,
 ) -> Result<Read, UpstreamError> {
-    let want = left.unwrap_or(BODY_READ).clamp(1, BODY_READ);
+    let want = left.unwrap_or(UNKNOWN_READ).clamp(1, BODY_READ);
     let mut room = sink.room_now();
     if room < want.min(READ_MIN_ROOM) {
         if buf.is_empty() {
@@ -666,7 +672,12 @@ async fn read_body_within<S: AsyncReadRent>(
         room = sink.room(want.min(READ_MIN_ROOM)).await?;
     }
     let max = room.min(want);
-    reserve_for(buf, max);
+    match left {
+        Some(_) => reserve_for(buf, max),
+        // Room only when little is left (as for a head): a stream of small
+        // events reads into what its buffer still has.
+        None => crate::net::room_for_read(buf, 8 * 1024, UNKNOWN_READ),
+    }
     let b = std::mem::take(buf);
     let (res, b) = crate::net::read_append_upto(conn, b, max).await;
     *buf = b;
@@ -1121,9 +1132,13 @@ mod split_tests {
 mod window_tests {
     use super::*;
 
-    /// An app whose body never ends: every read is filled at once. Counts
-    /// the bytes it handed out.
-    struct Endless(std::rc::Rc<Cell<usize>>);
+    /// An app whose body never ends: every read is filled at once with
+    /// `pattern`, repeated. Counts the bytes it handed out.
+    struct Endless {
+        pattern: Vec<u8>,
+        at: usize,
+        given: std::rc::Rc<Cell<usize>>,
+    }
 
     impl AsyncReadRent for Endless {
         async fn read<T: monoio::buf::IoBufMut>(
@@ -1131,12 +1146,15 @@ mod window_tests {
             mut buf: T,
         ) -> monoio::BufResult<usize, T> {
             let n = buf.bytes_total();
-            // SAFETY: `n` bytes from `write_ptr` are the buffer's own.
-            unsafe {
-                std::ptr::write_bytes(buf.write_ptr(), b'x', n);
-                buf.set_init(n);
+            for i in 0..n {
+                let b = self.pattern[self.at];
+                self.at = (self.at + 1) % self.pattern.len();
+                // SAFETY: `n` bytes from `write_ptr` are the buffer's own.
+                unsafe { buf.write_ptr().add(i).write(b) };
             }
-            self.0.set(self.0.get() + n);
+            // SAFETY: the `n` bytes were written above.
+            unsafe { buf.set_init(n) };
+            self.given.set(self.given.get() + n);
             (Ok(n), buf)
         }
 
@@ -1148,12 +1166,16 @@ mod window_tests {
         }
     }
 
-    /// A client that takes nothing keeps the rest of a large response in
-    /// the app: the receiver reads no more of the body than the gateway's
-    /// window lets it send, and each credit lets that much more through.
-    /// (Before, a whole read of BODY_READ more was taken and held.)
-    #[monoio::test]
-    async fn a_response_body_is_read_no_faster_than_the_gateway_takes_it() {
+    #[derive(Clone, Copy)]
+    enum Framing {
+        Length,
+        Chunked,
+    }
+
+    /// Relays an endless body framed as `framing` while the test credits
+    /// the window step by step; after each step, the bytes read from the
+    /// app are at most the window, what was credited, and `slack`.
+    async fn read_paced_by_the_window(framing: Framing, slack: usize) {
         use crate::protocol::stream::{SharedWindow, DEFAULT_WINDOW};
         use std::future::Future;
         use std::task::{Context, Waker};
@@ -1172,12 +1194,24 @@ mod window_tests {
             65536,
             1 << 30,
         );
+        let pattern = match framing {
+            Framing::Length => vec![b'x'; 4096],
+            Framing::Chunked => [&b"1000\r\n"[..], &[b'x'; 4096], b"\r\n"].concat(),
+        };
         let given = std::rc::Rc::new(Cell::new(0));
-        let mut app = Endless(given.clone());
+        let mut app = Endless {
+            pattern,
+            at: 0,
+            given: given.clone(),
+        };
         let mut buf = BytesMut::new();
         let meta = Builder::response(200, b"OK", 16).finish_response();
-        let relay = relay_length((&mut app, &mut buf), 64 << 20, meta, &mut sink);
-        let mut relay = std::pin::pin!(relay);
+        let io = (&mut app, &mut buf);
+        let mut relay: std::pin::Pin<Box<dyn Future<Output = Result<(), UpstreamError>> + '_>> =
+            match framing {
+                Framing::Length => Box::pin(relay_length(io, 64 << 20, meta, &mut sink)),
+                Framing::Chunked => Box::pin(relay_chunked(io, meta, &mut sink)),
+            };
         let mut cx = Context::from_waker(Waker::noop());
         let mut sent = 0;
         for credit in [0, DEFAULT_WINDOW / 2, DEFAULT_WINDOW / 2, DEFAULT_WINDOW] {
@@ -1185,7 +1219,7 @@ mod window_tests {
             sent += credit;
             // The app is always ready: the relay runs until the window stops it.
             assert!(relay.as_mut().poll(&mut cx).is_pending());
-            let allowed = DEFAULT_WINDOW + sent;
+            let allowed = DEFAULT_WINDOW + sent + slack;
             assert!(
                 given.get() <= allowed,
                 "read {} bytes from the app with {allowed} allowed",
@@ -1200,5 +1234,22 @@ mod window_tests {
             }
             assert!(framed > 0, "the credit was used");
         }
+    }
+
+    /// A client that takes nothing keeps the rest of a large response in
+    /// the app: the receiver reads no more of the body than the gateway's
+    /// window lets it send, and each credit lets that much more through.
+    /// (Before, a whole read of BODY_READ more was taken and held.)
+    #[monoio::test]
+    async fn a_response_body_is_read_no_faster_than_the_gateway_takes_it() {
+        read_paced_by_the_window(Framing::Length, 0).await;
+    }
+
+    /// The same for a chunked body, whose chunk lines are read besides
+    /// its data (8 bytes per 4 KiB chunk: at most 1 KiB more per window,
+    /// and a chunk's worth read before its line is decoded).
+    #[monoio::test]
+    async fn a_chunked_response_body_is_read_no_faster_than_the_gateway_takes_it() {
+        read_paced_by_the_window(Framing::Chunked, 8 * 1024).await;
     }
 }
