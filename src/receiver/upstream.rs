@@ -653,8 +653,9 @@ const READ_MIN_ROOM: usize = crate::protocol::stream::DEFAULT_WINDOW / 2;
 /// (None: not known), reading no more than the gateway's window has free:
 /// what a client has not taken yet waits in the app's socket, not here.
 /// Read further ahead, a client that reads slowly held a whole read
-/// (BODY_READ) here besides its window: 300 slow readers (slowhttptest
-/// -X) of 1 MiB responses cost the receiver 422 KiB each, 190 KiB now.
+/// (BODY_READ) here besides its window: 300 slow readers of 1 MiB
+/// responses (`make bench-slowread`) cost the receiver 368 KiB of RSS
+/// each, 119 KiB now.
 /// When the window is short, `buf` (emptied: its pieces went out) gives
 /// its memory back before the wait. `Read::Eof`: the app closed.
 async fn read_body_within<S: AsyncReadRent>(
