@@ -24,6 +24,7 @@ struct Counters {
     reallocations: AtomicU64,
     deallocations: AtomicU64,
     allocated_bytes: AtomicU64,
+    freed_bytes: AtomicU64,
 }
 
 static COUNTERS: Counters = Counters {
@@ -31,6 +32,7 @@ static COUNTERS: Counters = Counters {
     reallocations: AtomicU64::new(0),
     deallocations: AtomicU64::new(0),
     allocated_bytes: AtomicU64::new(0),
+    freed_bytes: AtomicU64::new(0),
 };
 
 /// The counting allocator: mimalloc underneath, every call counted.
@@ -60,6 +62,9 @@ unsafe impl GlobalAlloc for Counting {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         COUNTERS.deallocations.fetch_add(1, Relaxed);
+        COUNTERS
+            .freed_bytes
+            .fetch_add(layout.size() as u64, Relaxed);
         // SAFETY: `ptr` came from this allocator (hence from MiMalloc)
         // with `layout`, as the caller guarantees.
         unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) }
@@ -68,9 +73,12 @@ unsafe impl GlobalAlloc for Counting {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // A growing `Vec` or `BytesMut` reallocates: a call into the
         // allocator like any other, which may copy; its new size counts
-        // as allocated bytes.
+        // as allocated bytes, its old one as freed.
         COUNTERS.reallocations.fetch_add(1, Relaxed);
         COUNTERS.allocated_bytes.fetch_add(new_size as u64, Relaxed);
+        COUNTERS
+            .freed_bytes
+            .fetch_add(layout.size() as u64, Relaxed);
         // SAFETY: as in `dealloc`, and `new_size` is the caller's.
         unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
     }
@@ -90,6 +98,10 @@ pub struct Counts {
     /// Bytes asked for by `alloc`, `alloc_zeroed` (their sizes) and
     /// `realloc` (its new sizes).
     pub allocated_bytes: u64,
+    /// Bytes given back by `dealloc` and `realloc` (its old sizes): what
+    /// the heap holds live is `allocated_bytes - freed_bytes`, whatever
+    /// the allocator keeps besides (RSS counts both).
+    pub freed_bytes: u64,
 }
 
 /// The process's counts so far.
@@ -99,6 +111,7 @@ pub fn snapshot() -> Counts {
         reallocations: COUNTERS.reallocations.load(Relaxed),
         deallocations: COUNTERS.deallocations.load(Relaxed),
         allocated_bytes: COUNTERS.allocated_bytes.load(Relaxed),
+        freed_bytes: COUNTERS.freed_bytes.load(Relaxed),
     }
 }
 
@@ -106,8 +119,8 @@ pub fn snapshot() -> Counts {
 /// process printed before, so a reader can wait for the one it asked for.
 pub fn line(seq: u64, c: &Counts) -> String {
     format!(
-        "alloc-counts seq={seq} allocations={} reallocations={} deallocations={} allocated_bytes={}",
-        c.allocations, c.reallocations, c.deallocations, c.allocated_bytes
+        "alloc-counts seq={seq} allocations={} reallocations={} deallocations={} allocated_bytes={} freed_bytes={}",
+        c.allocations, c.reallocations, c.deallocations, c.allocated_bytes, c.freed_bytes
     )
 }
 
@@ -159,6 +172,7 @@ mod tests {
         assert_eq!(after.reallocations - before.reallocations, 1);
         assert_eq!(after.deallocations - before.deallocations, 2);
         assert_eq!(after.allocated_bytes - before.allocated_bytes, 500);
+        assert_eq!(after.freed_bytes - before.freed_bytes, 500);
         assert_eq!(
             line(3, &after).split_whitespace().next(),
             Some("alloc-counts")
