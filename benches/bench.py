@@ -578,6 +578,23 @@ def start_tolerant(procs, tmp, name, argv, conf, ready, notes=None):
             notes.append(f"{name}: started without `{key.group(1)}` (unknown to that build)")
 
 
+def prime_tunnels(rx, port, workers, notes, path="/bytes/16"):
+    """tunnels = 0: the receiver starts with one tunnel and the gateway
+    asks for one per worker once its cores hand requests off (`scale`,
+    docs/PROTOCOL.md 7.8); load it until they are all up, so measured runs
+    see the steady state (no request crossing cores for want of a tunnel).
+    (A gateway without `scale` asks for them all in its 101.)"""
+    pat = re.compile(r"tunnel \d+ connected")
+    for _ in range(15):
+        with open(rx.out_path) as f:
+            if sum(1 for line in f if pat.search(line)) >= workers:
+                return
+        subprocess.run([f"{BIN}/anp-loadgen", "--url", f"http://127.0.0.1:{port}{path}",
+                        "-c", "16", "-d", "1", "--warmup", "0", "-t", "1"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    notes.append(f"{rx.name}: fewer than {workers} tunnels after priming")
+
+
 class Bench:
     def __init__(self, args, tmp):
         self.args = args
@@ -661,20 +678,7 @@ class Bench:
         return start_tolerant(self.procs, self.tmp, name, argv, conf, ready, self.notes if baseline else None)
 
     def prime_tunnels(self, rx, port, workers, path="/bytes/16"):
-        """tunnels = 0: the receiver starts with one tunnel and the gateway
-        asks for one per worker once its cores hand requests off (`scale`,
-        docs/PROTOCOL.md 7.8); load it until they are all up, so measured
-        runs see the steady state. (A gateway without `scale` asks for them
-        all in its 101.)"""
-        pat = re.compile(r"tunnel \d+ connected")
-        for _ in range(15):
-            with open(rx.out_path) as f:
-                if sum(1 for line in f if pat.search(line)) >= workers:
-                    return
-            subprocess.run([f"{BIN}/anp-loadgen", "--url", f"http://127.0.0.1:{port}{path}",
-                            "-c", "16", "-d", "1", "--warmup", "0", "-t", "1"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.notes.append(f"{rx.name}: fewer than {workers} tunnels after priming")
+        prime_tunnels(rx, port, workers, self.notes, path)
 
     def add_anp(self, name, gw, rx, port):
         self.targets[name] = f"http://127.0.0.1:{port}"

@@ -147,9 +147,9 @@ pub fn parse_request_head(buf: &[u8], limits: &Limits) -> Result<Option<RequestH
 
     // Slots on the stack first, left uninitialised (see
     // `parse_response_head`); the heap only for a head with more than
-    // STACK_HEADERS headers under a limit that allows it. Default config on purpose: it refuses
-    // obs-fold, whitespace before the colon, and repeated spaces in the
-    // request-line (RFC 9112 §3, §5.1).
+    // STACK_HEADERS headers under a limit that allows it. Default config
+    // on purpose: it refuses obs-fold, whitespace before the colon, and
+    // repeated spaces in the request-line (RFC 9112 §3, §5.1).
     let mut stack = [const { MaybeUninit::uninit() }; STACK_HEADERS];
     let mut heap;
     let mut req = httparse::Request::new(&mut []);

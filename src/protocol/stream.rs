@@ -447,21 +447,10 @@ impl Window {
 
     /// Waits until `n` bytes of window are free and takes them.
     pub async fn take(&self, n: usize) -> Result<(), WindowClosed> {
-        std::future::poll_fn(|cx| {
-            if self.closed.get() {
-                return std::task::Poll::Ready(Err(WindowClosed));
-            }
-            let a = self.avail.get();
-            if a >= n {
-                self.avail.set(a - n);
-                return std::task::Poll::Ready(Ok(()));
-            }
-            let old = self.waker.replace(Some(cx.waker().clone()));
-            // Dropped with no borrow held (crate::sync).
-            drop(old);
-            std::task::Poll::Pending
-        })
-        .await
+        let free = self.room(n).await?;
+        // Nothing ran between the wait's end and this (one thread).
+        self.avail.set(free - n);
+        Ok(())
     }
 
     /// Waits until at least `n` bytes of window are free, and returns how

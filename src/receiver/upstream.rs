@@ -232,8 +232,18 @@ enum Read {
 
 async fn read_more<S: AsyncReadRent>(io: &mut S, buf: &mut BytesMut) -> io::Result<Read> {
     crate::net::room_for_read(buf, 8 * 1024, 64 * 1024);
+    read_upto(io, buf, usize::MAX).await
+}
+
+/// One read of `max` bytes at most into `buf`'s spare room (reserved by
+/// the caller), after what it holds.
+async fn read_upto<S: AsyncReadRent>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    max: usize,
+) -> io::Result<Read> {
     let b = std::mem::take(buf);
-    let (res, b) = crate::net::read_append(io, b).await;
+    let (res, b) = crate::net::read_append_upto(io, b, max).await;
     *buf = b;
     match res? {
         0 => Ok(Read::Eof),
@@ -679,13 +689,7 @@ async fn read_body_within<S: AsyncReadRent>(
         // events reads into what its buffer still has.
         None => crate::net::room_for_read(buf, 8 * 1024, UNKNOWN_READ),
     }
-    let b = std::mem::take(buf);
-    let (res, b) = crate::net::read_append_upto(conn, b, max).await;
-    *buf = b;
-    match res? {
-        0 => Ok(Read::Eof),
-        _ => Ok(Read::Data),
-    }
+    Ok(read_upto(conn, buf, max).await?)
 }
 
 /// A Content-Length body of `n` bytes, the buffered part with the head.
@@ -1132,6 +1136,9 @@ mod split_tests {
 #[cfg(test)]
 mod window_tests {
     use super::*;
+    use crate::protocol::stream::{SharedWindow, DEFAULT_WINDOW};
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
 
     /// An app whose body never ends: every read is filled at once with
     /// `pattern`, repeated. Counts the bytes it handed out.
@@ -1173,28 +1180,25 @@ mod window_tests {
         Chunked,
     }
 
-    /// Relays an endless body framed as `framing` while the test credits
-    /// the window step by step; after each step, the bytes read from the
-    /// app are at most the window, what was credited, and `slack`.
-    async fn read_paced_by_the_window(framing: Framing, slack: usize) {
-        use crate::protocol::stream::{SharedWindow, DEFAULT_WINDOW};
-        use std::future::Future;
-        use std::task::{Context, Waker};
-        let (tx, mut rx) = crate::ws::queue::channel();
+    /// A sink to a `stream` gateway under `window`, and its frames.
+    fn stream_sink(window: &SharedWindow) -> (ResponseSink, crate::ws::conn::OutRx) {
+        let (tx, rx) = crate::ws::queue::channel();
         let f = crate::protocol::features::Features {
             stream: true,
             binmeta: true,
             ..Default::default()
         };
+        let id = "0000000000000001".into();
+        let sink = ResponseSink::new(tx, id, f, window.clone(), 65536, 1 << 30);
+        (sink, rx)
+    }
+
+    /// Relays an endless body framed as `framing` while the test credits
+    /// the window step by step; after each step, the bytes read from the
+    /// app are at most the window, what was credited, and `slack`.
+    async fn read_paced_by_the_window(framing: Framing, slack: usize) {
         let window = SharedWindow::new(DEFAULT_WINDOW);
-        let mut sink = ResponseSink::new(
-            tx,
-            "0000000000000001".into(),
-            f,
-            window.clone(),
-            65536,
-            1 << 30,
-        );
+        let (mut sink, mut rx) = stream_sink(&window);
         let pattern = match framing {
             Framing::Length => vec![b'x'; 4096],
             Framing::Chunked => [&b"1000\r\n"[..], &[b'x'; 4096], b"\r\n"].concat(),
@@ -1252,5 +1256,38 @@ mod window_tests {
     #[monoio::test]
     async fn a_chunked_response_body_is_read_no_faster_than_the_gateway_takes_it() {
         read_paced_by_the_window(Framing::Chunked, 8 * 1024).await;
+    }
+
+    /// A read that must wait for the window waits holding no buffer (a
+    /// slow reader's request keeps no read buffer here), reads nothing
+    /// from the app meanwhile, and once credit comes reads no more than it.
+    #[monoio::test]
+    async fn a_read_waiting_for_the_window_holds_no_buffer() {
+        let window = SharedWindow::new(DEFAULT_WINDOW);
+        let (sink, _rx) = stream_sink(&window);
+        assert_eq!(window.take_now(DEFAULT_WINDOW), DEFAULT_WINDOW);
+        let given = std::rc::Rc::new(Cell::new(0));
+        let mut app = Endless {
+            pattern: vec![b'x'; 4096],
+            at: 0,
+            given: given.clone(),
+        };
+        let mut buf = BytesMut::with_capacity(BODY_READ);
+        let mut cx = Context::from_waker(Waker::noop());
+        {
+            let read = read_body_within(&mut app, &mut buf, &sink, Some(4 << 20));
+            let mut read = std::pin::pin!(read);
+            assert!(read.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(buf.capacity(), 0, "the buffer went back before the wait");
+        assert_eq!(given.get(), 0, "nothing read past the window");
+        window.add(DEFAULT_WINDOW / 2);
+        let read = read_body_within(&mut app, &mut buf, &sink, Some(4 << 20));
+        let mut read = std::pin::pin!(read);
+        assert!(matches!(
+            read.as_mut().poll(&mut cx),
+            Poll::Ready(Ok(Read::Data))
+        ));
+        assert_eq!(given.get(), DEFAULT_WINDOW / 2, "as much as the credit");
     }
 }
