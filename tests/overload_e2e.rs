@@ -314,13 +314,13 @@ fn a_shed_connection_is_not_read_again_for_shed_pause() {
     assert_eq!(metric(r.admin, "anp_shed_total{reason=\"queue_full\"}"), 1);
 }
 
-/// After a 429 the connection is not read again until the `Retry-After`
-/// it was told (2 s here; `shed_pause`, 30 s, only caps it): a request
-/// pipelined right behind the refused one is read once its bucket has
-/// refilled, so it is served, and the gateway refused only once. Read at
-/// once (the pause off), it would have been refused too.
+/// After a 429 the connection is not read again until its bucket has a
+/// token (2 s here, its `Retry-After`; `shed_pause`, 30 s, only caps it):
+/// a request pipelined right behind the refused one is read once its
+/// bucket has refilled, so it is served, and the gateway refused only
+/// once. Read at once (the pause off), it would have been refused too.
 #[test]
-fn a_rate_limited_connection_is_not_read_again_until_its_retry_after() {
+fn a_rate_limited_connection_is_not_read_again_until_its_bucket_has_a_token() {
     // One token every 2 s, burst 1.
     let extra =
         "rate_limits = [{ scope = \"client_ip\", rate = 0.5, burst = 1 }]\nshed_pause = 30\n";
@@ -351,7 +351,7 @@ fn a_rate_limited_connection_is_not_read_again_until_its_retry_after() {
     assert_eq!(
         third.status,
         200,
-        "the request behind a 429 was read before its Retry-After: {}",
+        "the request behind a 429 was read before its bucket had a token: {}",
         third.summary()
     );
     assert_eq!(limited(), 1, "only the second request was refused");

@@ -48,9 +48,9 @@ pub struct Limits {
     pub queue_timeout: Duration,
     /// 0: none.
     pub per_core: usize,
-    /// How long a connection just answered 503 by admission (or 429, at
-    /// most its Retry-After) is not read (`shed_pause`); None: read on at
-    /// once.
+    /// How long a connection just answered 503 by admission is not read
+    /// (`shed_pause`; a 429's pause is capped by it, `pause_after`); None:
+    /// read on at once.
     pub shed_pause: Option<Duration>,
 }
 
@@ -317,31 +317,38 @@ impl Admission {
 
     /// How long the connection of a request refused with `e` is not read
     /// again (it stays open): after a 503 of admission, `shed_pause`;
-    /// after a 429, its `Retry-After` capped by `shed_pause`; None for any
-    /// other answer, or with `shed_pause = 0`. Its next request waits in
-    /// the socket meanwhile, instead of being read, parsed and refused at
-    /// once, which under a flood that resends at once (an open loop, a
+    /// after a 429, until its bucket has a token again, doubled `backoff`
+    /// times, at most its `Retry-After` and `shed_pause`; None for
+    /// any other answer, or with `shed_pause = 0`. Its next request waits
+    /// in the socket meanwhile, instead of being read, parsed and refused
+    /// at once, which under a flood that resends at once (an open loop, a
     /// client retrying without waiting) would take the core from the
     /// requests in flight: their places turn over slower, goodput falls
     /// with every refusal (docs/OPERATIONS.md, "What overload costs").
     ///
-    /// Why a 429 waits its `Retry-After` (whole seconds, at least 1) and
-    /// not the exact time until its bucket has a token again: the client
-    /// was told that, so a client that obeys it loses nothing, and a
-    /// refused connection then costs at most one refusal per pause
-    /// whatever the rate (at `rate = 100` the exact wait is 10 ms: a
-    /// thousand connections of one address would still be refused 100,000
-    /// times a second). Capped by `shed_pause` so that a long
-    /// `Retry-After` (a slow rate: 1,000 s) never holds a connection
-    /// longer than a shed one. Uncapped, a request read after the pause
-    /// finds its bucket refilled (the `Retry-After` is rounded up), unless
-    /// another connection took the token first.
-    pub fn pause_after(&self, e: &ProxyError) -> Option<Duration> {
+    /// Why a 429 starts from the bucket's own wait and not its
+    /// `Retry-After` (whole seconds, at least 1): a client over its limit
+    /// on many connections is then served at the configured rate. Paused
+    /// for the whole `Retry-After`, its connections sat out seconds in
+    /// which the bucket refilled for nobody: `rate = 2000` served 620
+    /// requests a second to `oha -c 64` (4,064 with no pause). Why it
+    /// doubles: the connections that wake together for one token and lose
+    /// it back off. `backoff` is the connection's: one more for each 429
+    /// (here), one fewer for each other answer (the caller), so a
+    /// connection that keeps losing tokens to others settles at pauses
+    /// about as long as its share of the rate leaves between its
+    /// requests: refused about as often as served, and never more than
+    /// once per pause at the cap (1,000 connections of one address at
+    /// `rate = 100` are refused about 1,000 times a second, not 100,000).
+    pub fn pause_after(&self, e: &ProxyError, backoff: &mut u32) -> Option<Duration> {
         let cap = self.state.borrow().limits.shed_pause?;
         match e {
             ProxyError::Shed(_) => Some(cap),
             ProxyError::RateLimited(l) => {
-                Some(cap.min(Duration::from_secs(u64::from(l.retry_after))))
+                let pause = l.wait.saturating_mul(1 << (*backoff).min(20));
+                *backoff = backoff.saturating_add(1);
+                let told = Duration::from_secs(u64::from(l.retry_after));
+                Some(pause.min(told).min(cap))
             }
             _ => None,
         }
@@ -521,32 +528,61 @@ mod tests {
         assert_eq!(*order.borrow(), vec!["A1", "B1", "A2", "B2", "A3", "A4"]);
     }
 
-    fn limited(retry_after: u32) -> ProxyError {
+    fn limited(retry_after: u32, wait_ms: u64) -> ProxyError {
         ProxyError::RateLimited(Box::new(super::super::ratelimit::Limited {
             scope: crate::config::RateScope::ClientIp,
             policy_name: "p".into(),
             policy: String::new(),
             state: String::new(),
             retry_after,
+            wait: Duration::from_millis(wait_ms),
         }))
     }
 
-    /// 503 of admission: `shed_pause`; 429: its Retry-After, at most
+    /// 503 of admission: `shed_pause`; 429: until the bucket has a token,
+    /// doubled for each 429 in a row, at most its Retry-After and
     /// `shed_pause`; anything else, or `shed_pause = 0`: no pause.
     #[test]
     fn how_long_a_refused_connection_is_not_read() {
         let s = |n| Some(Duration::from_secs(n));
+        let ms = |n| Some(Duration::from_millis(n));
         let a = admission("shed_pause = 30\n");
-        assert_eq!(a.pause_after(&ProxyError::Shed(Shed::QueueFull)), s(30));
-        assert_eq!(a.pause_after(&ProxyError::Shed(Shed::QueueTimeout)), s(30));
-        assert_eq!(a.pause_after(&limited(1)), s(1));
-        assert_eq!(a.pause_after(&limited(1000)), s(30));
-        assert_eq!(a.pause_after(&ProxyError::Timeout), None);
+        let mut backoff = 0;
+        assert_eq!(
+            a.pause_after(&ProxyError::Shed(Shed::QueueFull), &mut backoff),
+            s(30)
+        );
+        assert_eq!(
+            a.pause_after(&ProxyError::Shed(Shed::QueueTimeout), &mut backoff),
+            s(30)
+        );
+        assert_eq!(backoff, 0, "a 503 does not back off");
+        assert_eq!(a.pause_after(&ProxyError::Timeout, &mut backoff), None);
+        // A bucket with a token again in 5 ms: 5, 10, 20 ... ms, the
+        // Retry-After (1 s) from the ninth refusal in a row on.
+        let pauses: Vec<_> = (0..10)
+            .map(|_| a.pause_after(&limited(1, 5), &mut backoff))
+            .collect();
+        assert_eq!(&pauses[..4], &[ms(5), ms(10), ms(20), ms(40)]);
+        assert_eq!(&pauses[7..], &[ms(640), s(1), s(1)]);
+        assert_eq!(backoff, 10);
+        // A slow rate: the bucket's wait is its Retry-After; `shed_pause`
+        // caps both.
+        let mut backoff = 0;
+        assert_eq!(a.pause_after(&limited(2, 1_900), &mut backoff), ms(1_900));
+        assert_eq!(a.pause_after(&limited(2, 1_900), &mut backoff), s(2));
+        assert_eq!(a.pause_after(&limited(1000, 999_500), &mut 0), s(30));
+        // Many refusals in a row do not overflow.
+        let mut many = u32::MAX;
+        assert_eq!(a.pause_after(&limited(1, 5), &mut many), s(1));
         let off = admission("shed_pause = 0\n");
-        assert_eq!(off.pause_after(&ProxyError::Shed(Shed::QueueFull)), None);
-        assert_eq!(off.pause_after(&limited(1)), None);
-        // The default: 1 s, the 503's Retry-After.
-        assert_eq!(admission("").pause_after(&limited(7)), s(1));
+        assert_eq!(
+            off.pause_after(&ProxyError::Shed(Shed::QueueFull), &mut 0),
+            None
+        );
+        assert_eq!(off.pause_after(&limited(1, 5), &mut 0), None);
+        // The default: at most 1 s, the 503's Retry-After.
+        assert_eq!(admission("").pause_after(&limited(7, 6_500), &mut 0), s(1));
     }
 
     /// A pause ends when the drain begins (not when its hour is over);

@@ -72,6 +72,7 @@ pub async fn serve_conn<S>(
         hot_cancel: None,
         rhythm: Rhythm::default(),
         last_done: None,
+        limited_backoff: 0,
     };
     loop {
         // 1. The head.
@@ -133,6 +134,9 @@ struct Client<S> {
     /// taken by the next `read_head`: the hot wait's deadline runs from
     /// it, one clock read fewer per request.
     last_done: Option<Instant>,
+    /// Doublings of the next 429's pause (`Admission::pause_after`): one
+    /// more per 429, one fewer per other answer.
+    limited_backoff: u32,
 }
 
 impl<S> Client<S>
@@ -486,6 +490,7 @@ where
                     ex.cut(&cut);
                     false
                 });
+                self.limited_backoff = self.limited_backoff.saturating_sub(1);
                 (ok, status, None)
             }
             Err((ProxyError::ClientGone(when), _)) => {
@@ -511,7 +516,11 @@ where
                 let persist = Persist::new(!close, head.version_minor == 0);
                 let w = write_error(&mut self.io, &mut self.out, &e, is_head, persist).await;
                 ex.bytes_out += w.bytes;
-                (w.ok && !close, w.status, ctx.admission.pause_after(&e))
+                if !matches!(e, ProxyError::RateLimited(_)) {
+                    self.limited_backoff = self.limited_backoff.saturating_sub(1);
+                }
+                let pause = ctx.admission.pause_after(&e, &mut self.limited_backoff);
+                (w.ok && !close, w.status, pause)
             }
         }
     }

@@ -444,6 +444,7 @@ mod tests {
                     policy: "\"p\";q=5;w=10".into(),
                     state: "\"p\";r=0;t=3".into(),
                     retry_after: 3,
+                    wait: std::time::Duration::from_millis(2_500),
                 })),
                 429,
                 "rate_limited",

@@ -29,7 +29,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::{GatewayConfig, RateLimitRule, RateScope};
 
@@ -73,6 +73,14 @@ impl Rule {
             RateScope::ClientIp => under_prefix(req.path, m),
             RateScope::Route => req.route.is_some() && under_prefix(req.path, m),
         }
+    }
+
+    /// How long until a bucket holding `tokens` has a whole one: rounded
+    /// up to the millisecond (the timer's grain), so that a request read
+    /// after it finds the token; at least one.
+    fn wait(&self, tokens: f64) -> Duration {
+        let ms = ((1.0 - tokens) / self.rate * 1000.0).ceil();
+        Duration::from_millis(ms.clamp(1.0, 1e12) as u64)
     }
 
     /// Whole seconds until a bucket holding `tokens` has one.
@@ -171,6 +179,9 @@ pub struct Limited {
     pub state: String,
     /// `Retry-After`, seconds.
     pub retry_after: u32,
+    /// Until the refusing bucket has a token again (what `retry_after`
+    /// rounds up to whole seconds).
+    pub wait: Duration,
 }
 
 impl std::fmt::Display for Limited {
@@ -288,6 +299,7 @@ impl RateLimiter {
                 policy: rule.policy.clone(),
                 state: format!("\"{}\";r=0;t={t}", rule.name),
                 retry_after: t,
+                wait: rule.wait(tokens),
             });
         }
         // Phase 2: take them.
@@ -413,6 +425,8 @@ mod tests {
         }
         let e = l.check(&r, t0).unwrap_err();
         assert_eq!(e.retry_after, 1);
+        // The pause behind it: until the token is back, not the whole second.
+        assert_eq!(e.wait, Duration::from_millis(500));
         assert_eq!(e.policy, "\"client_ip\";q=3;w=2");
         assert_eq!(e.state, "\"client_ip\";r=0;t=1");
         assert_eq!(l.counters().limited, [1, 0, 0]);
@@ -436,6 +450,17 @@ mod tests {
         assert_eq!(l.check(&r, t0).unwrap_err().retry_after, 10);
         let e = l.check(&r, t0 + Duration::from_secs(4)).unwrap_err();
         assert_eq!(e.retry_after, 6);
+        assert_eq!(e.wait, Duration::from_secs(6));
+        // A wait in fractions of a millisecond rounds up: a request read
+        // after it finds the token.
+        let e = l
+            .check(&r, t0 + Duration::from_micros(9_999_999))
+            .unwrap_err();
+        assert_eq!((e.retry_after, e.wait), (1, Duration::from_millis(1)));
+        assert_eq!(
+            l.check(&r, t0 + Duration::from_micros(9_999_999) + e.wait),
+            Ok(())
+        );
     }
 
     #[test]
