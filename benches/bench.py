@@ -1022,6 +1022,40 @@ class Bench:
             self.set_limits("")
         return out
 
+    def rate_limit_delivery(self, maxes, secs, warmup):
+        """One client address over its rate limit: a `client_ip` limit of
+        a tenth of anp-proxy's closed-loop max, and 64 connections from
+        127.0.0.1 in closed loop (about ten times the limit). Each core
+        keeps its own buckets and the connections spread over all cores,
+        so the limit allows `rate x workers` a second: the row gives the
+        2xx/s served against that, and the 429s/s. (A pause of the whole
+        `Retry-After` after each 429 served such a client a sixth of its
+        limit; docs/OPERATIONS.md, "Rate limits".)"""
+        if ANP not in self.targets:
+            return []
+        workers = self.args.workers
+        rate = max(1, round(maxes[ANP] / 10 / workers))
+        burst = max(1, rate // 10)
+        self.set_limits(f"rate_limits = [{{ scope = \"client_ip\", rate = {rate}, burst = {burst} }}]\n")
+        try:
+            r = self.loadgen(ANP, OVERLOAD_BODY, 64, secs, warmup)
+        finally:
+            self.set_limits("")
+        allowed = rate * workers
+        refused = (r.get("bad_statuses") or {}).get("429", 0) / r["seconds"]
+        row = {
+            "target": ANP, "mode": "ratelimit", "body_bytes": OVERLOAD_BODY, "connections": 64,
+            "closed_max_rps": round(maxes[ANP], 1), "rate_per_core": rate, "burst": burst, "workers": workers,
+            "allowed_rps": allowed, "served_rps": round(r["rps"], 1), "rps": round(r["rps"], 1),
+            "served_vs_allowed": ratio(r["rps"], allowed), "refused_rps": round(refused, 1),
+            "refused_per_served": ratio(refused, r["rps"]), "p99_us": r["p99_us"],
+            "refused_p99_us": r.get("refused_p99_us"), "errors_by_kind": error_kinds(r),
+        }
+        log(f"  [rate limit] client_ip {rate}/s per core x {workers}: served {row['served_rps']:.0f}/s of "
+            f"{allowed} allowed ({fx(row['served_vs_allowed'])}x), refused {row['refused_rps']:.0f}/s (429), "
+            f"p99 served {row['p99_us']}us")
+        return [row]
+
     # -- memory -------------------------------------------------------------
 
     def idle_connections(self, target, pids, n, measure):
@@ -1373,6 +1407,13 @@ def overload_table(report):
                      " is ~0")
         lines.append("  goal (issue 12): goodput >= 0.9x the closed-loop max at 2x and 5x, the excess refused fast"
                      " (429/503), the served p99 below `timeout`")
+    for r in (r for r in report["runs"] if r["mode"] == "ratelimit"):
+        lines.append("")
+        lines.append(f"rate limit: one address, 64 connections in closed loop, client_ip rate {r['rate_per_core']}/s"
+                     f" (burst {r['burst']}) per core x {r['workers']} workers = {r['allowed_rps']}/s allowed:"
+                     f" served {r['served_rps']:.0f}/s ({fx(r['served_vs_allowed'])}x allowed), refused"
+                     f" {r['refused_rps']:.0f}/s (429; {fx(r['refused_per_served'])} per served), p99 served"
+                     f" {r['p99_us']}us, refused {r.get('refused_p99_us') or 0}us")
     fair = [r for r in report["runs"] if r["mode"] == "fairness"]
     if fair:
         lines.append("")
@@ -1581,6 +1622,8 @@ def main():
             report["runs"] += bench.overload(maxes, (2, 5), osecs, warmup, 1 if args.quick else reps, at_cap)
             log("fairness: identity B paced, alone and during identity A's flood")
             report["runs"] += bench.fairness(maxes, 5, osecs, warmup)
+            log("rate limit: one address over its client_ip limit")
+            report["runs"] += bench.rate_limit_delivery(maxes, osecs, warmup)
             over = [r["rss_peak_kib"] for r in report["runs"] if r["mode"] == "overload" and r.get("rss_peak_kib")]
             if over:
                 mem["under_overload_peak"] = {
