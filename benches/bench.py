@@ -1029,8 +1029,8 @@ class Bench:
         keeps its own buckets and the connections spread over all cores,
         so the limit allows `rate x workers` a second: the row gives the
         2xx/s served against that, and the 429s/s. (A pause of the whole
-        `Retry-After` after each 429 served such a client a sixth of its
-        limit; docs/OPERATIONS.md, "Rate limits".)"""
+        `Retry-After` after each 429 served such a client 0.12x its limit;
+        docs/OPERATIONS.md, "Rate limits".)"""
         if ANP not in self.targets:
             return []
         workers = self.args.workers

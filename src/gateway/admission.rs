@@ -315,43 +315,45 @@ impl Admission {
         }
     }
 
-    /// How long the connection of a request refused with `e` is not read
-    /// again (it stays open): after a 503 of admission, `shed_pause`;
-    /// after a 429, until its bucket has a token again, doubled `backoff`
-    /// times, at most its `Retry-After` and `shed_pause`; None for
-    /// any other answer, or with `shed_pause = 0`. Its next request waits
-    /// in the socket meanwhile, instead of being read, parsed and refused
-    /// at once, which under a flood that resends at once (an open loop, a
-    /// client retrying without waiting) would take the core from the
-    /// requests in flight: their places turn over slower, goodput falls
-    /// with every refusal (docs/OPERATIONS.md, "What overload costs").
+    /// How long the connection of a request answered with `e` (None: not
+    /// refused, the app's answer) is not read again (it stays open): after
+    /// a 503 of admission, `shed_pause`; after a 429, until its bucket has
+    /// a token again, doubled `backoff` times, at most its `Retry-After`
+    /// and `shed_pause`; None for any other answer, or with `shed_pause =
+    /// 0`. Its next request waits in the socket meanwhile, instead of
+    /// being read, parsed and refused at once, which under a flood that
+    /// resends at once (an open loop, a client retrying without waiting)
+    /// would take the core from the requests in flight: their places turn
+    /// over slower, goodput falls with every refusal (docs/OPERATIONS.md,
+    /// "What overload costs").
     ///
     /// Why a 429 starts from the bucket's own wait and not its
     /// `Retry-After` (whole seconds, at least 1): a client over its limit
     /// on many connections is then served at the configured rate. Paused
-    /// for the whole `Retry-After`, its connections sat out seconds in
-    /// which the bucket refilled for nobody: `rate = 2000` served 620
-    /// requests a second to `oha -c 64` (4,064 with no pause). Why it
-    /// doubles: the connections that wake together for one token and lose
-    /// it back off. `backoff` is the connection's: one more for each 429
-    /// (here), one fewer for each other answer (the caller), so a
-    /// connection that keeps losing tokens to others settles at pauses
-    /// about as long as its share of the rate leaves between its
-    /// requests: refused about as often as served, and never more than
-    /// once per pause at the cap (1,000 connections of one address at
-    /// `rate = 100` are refused about 1,000 times a second, not 100,000).
-    pub fn pause_after(&self, e: &ProxyError, backoff: &mut u32) -> Option<Duration> {
+    /// for the whole `Retry-After`, its connections fell into step and sat
+    /// out seconds in which the bucket refilled for nobody: `rate = 2000`
+    /// served 620 requests a second to `oha -c 64` (4,064 with no pause).
+    /// Why it doubles: the connections that wake together for one token
+    /// and lose it back off. `backoff` is the connection's, kept here: one
+    /// more for each 429, one fewer for any other answer, so a connection
+    /// that keeps losing tokens to others settles at pauses about as long
+    /// as its share of the rate leaves between its requests: refused about
+    /// as often as served, and never more than once per pause at the cap
+    /// (1,000 connections of one address at `rate = 100` are refused about
+    /// 1,000 times a second, not 100,000).
+    pub fn pause_after(&self, e: Option<&ProxyError>, backoff: &mut u32) -> Option<Duration> {
+        let Some(ProxyError::RateLimited(l)) = e else {
+            *backoff = backoff.saturating_sub(1);
+            return match e {
+                Some(ProxyError::Shed(_)) => self.state.borrow().limits.shed_pause,
+                _ => None,
+            };
+        };
+        let pause = l.wait.saturating_mul(1 << (*backoff).min(20));
+        *backoff = backoff.saturating_add(1);
         let cap = self.state.borrow().limits.shed_pause?;
-        match e {
-            ProxyError::Shed(_) => Some(cap),
-            ProxyError::RateLimited(l) => {
-                let pause = l.wait.saturating_mul(1 << (*backoff).min(20));
-                *backoff = backoff.saturating_add(1);
-                let told = Duration::from_secs(u64::from(l.retry_after));
-                Some(pause.min(told).min(cap))
-            }
-            _ => None,
-        }
+        let told = Duration::from_secs(u64::from(l.retry_after));
+        Some(pause.min(told).min(cap))
     }
 
     /// Waits `d` ([`Admission::pause_after`]), or less: until the core's
@@ -540,49 +542,65 @@ mod tests {
     }
 
     /// 503 of admission: `shed_pause`; 429: until the bucket has a token,
-    /// doubled for each 429 in a row, at most its Retry-After and
-    /// `shed_pause`; anything else, or `shed_pause = 0`: no pause.
+    /// doubled once more for each 429 and once fewer for each other
+    /// answer, at most its Retry-After and `shed_pause`; anything else, or
+    /// `shed_pause = 0`: no pause.
     #[test]
     fn how_long_a_refused_connection_is_not_read() {
         let s = |n| Some(Duration::from_secs(n));
         let ms = |n| Some(Duration::from_millis(n));
         let a = admission("shed_pause = 30\n");
+        let shed = |why| Some(ProxyError::Shed(why));
         let mut backoff = 0;
         assert_eq!(
-            a.pause_after(&ProxyError::Shed(Shed::QueueFull), &mut backoff),
+            a.pause_after(shed(Shed::QueueFull).as_ref(), &mut backoff),
             s(30)
         );
         assert_eq!(
-            a.pause_after(&ProxyError::Shed(Shed::QueueTimeout), &mut backoff),
+            a.pause_after(shed(Shed::QueueTimeout).as_ref(), &mut backoff),
             s(30)
         );
-        assert_eq!(backoff, 0, "a 503 does not back off");
-        assert_eq!(a.pause_after(&ProxyError::Timeout, &mut backoff), None);
+        assert_eq!(
+            a.pause_after(Some(&ProxyError::Timeout), &mut backoff),
+            None
+        );
+        assert_eq!(a.pause_after(None, &mut backoff), None);
+        assert_eq!(backoff, 0);
         // A bucket with a token again in 5 ms: 5, 10, 20 ... ms, the
         // Retry-After (1 s) from the ninth refusal in a row on.
+        let l = limited(1, 5);
         let pauses: Vec<_> = (0..10)
-            .map(|_| a.pause_after(&limited(1, 5), &mut backoff))
+            .map(|_| a.pause_after(Some(&l), &mut backoff))
             .collect();
         assert_eq!(&pauses[..4], &[ms(5), ms(10), ms(20), ms(40)]);
         assert_eq!(&pauses[7..], &[ms(640), s(1), s(1)]);
-        assert_eq!(backoff, 10);
+        // Each other answer takes one doubling back: after three served
+        // and a 503, the next 429 pauses 5 ms x 2^6.
+        for e in [None, None, None, shed(Shed::QueueFull)] {
+            a.pause_after(e.as_ref(), &mut backoff);
+        }
+        assert_eq!(a.pause_after(Some(&l), &mut backoff), ms(320));
         // A slow rate: the bucket's wait is its Retry-After; `shed_pause`
         // caps both.
         let mut backoff = 0;
-        assert_eq!(a.pause_after(&limited(2, 1_900), &mut backoff), ms(1_900));
-        assert_eq!(a.pause_after(&limited(2, 1_900), &mut backoff), s(2));
-        assert_eq!(a.pause_after(&limited(1000, 999_500), &mut 0), s(30));
+        let slow = limited(2, 1_900);
+        assert_eq!(a.pause_after(Some(&slow), &mut backoff), ms(1_900));
+        assert_eq!(a.pause_after(Some(&slow), &mut backoff), s(2));
+        assert_eq!(a.pause_after(Some(&limited(1000, 999_500)), &mut 0), s(30));
         // Many refusals in a row do not overflow.
         let mut many = u32::MAX;
-        assert_eq!(a.pause_after(&limited(1, 5), &mut many), s(1));
+        assert_eq!(a.pause_after(Some(&l), &mut many), s(1));
         let off = admission("shed_pause = 0\n");
         assert_eq!(
-            off.pause_after(&ProxyError::Shed(Shed::QueueFull), &mut 0),
+            off.pause_after(shed(Shed::QueueFull).as_ref(), &mut 0),
             None
         );
-        assert_eq!(off.pause_after(&limited(1, 5), &mut 0), None);
+        assert_eq!(off.pause_after(Some(&l), &mut 0), None);
         // The default: at most 1 s, the 503's Retry-After.
-        assert_eq!(admission("").pause_after(&limited(7, 6_500), &mut 0), s(1));
+        assert_eq!(
+            admission("").pause_after(Some(&limited(7, 6_500)), &mut 0),
+            s(1)
+        );
     }
 
     /// A pause ends when the drain begins (not when its hour is over);

@@ -134,8 +134,8 @@ struct Client<S> {
     /// taken by the next `read_head`: the hot wait's deadline runs from
     /// it, one clock read fewer per request.
     last_done: Option<Instant>,
-    /// Doublings of the next 429's pause (`Admission::pause_after`): one
-    /// more per 429, one fewer per other answer.
+    /// Doublings of the next 429's pause, kept by
+    /// `Admission::pause_after`.
     limited_backoff: u32,
 }
 
@@ -490,8 +490,8 @@ where
                     ex.cut(&cut);
                     false
                 });
-                self.limited_backoff = self.limited_backoff.saturating_sub(1);
-                (ok, status, None)
+                let pause = ctx.admission.pause_after(None, &mut self.limited_backoff);
+                (ok, status, pause)
             }
             Err((ProxyError::ClientGone(when), _)) => {
                 // Nobody to answer: logged as that, not as a refusal.
@@ -516,10 +516,9 @@ where
                 let persist = Persist::new(!close, head.version_minor == 0);
                 let w = write_error(&mut self.io, &mut self.out, &e, is_head, persist).await;
                 ex.bytes_out += w.bytes;
-                if !matches!(e, ProxyError::RateLimited(_)) {
-                    self.limited_backoff = self.limited_backoff.saturating_sub(1);
-                }
-                let pause = ctx.admission.pause_after(&e, &mut self.limited_backoff);
+                let pause = ctx
+                    .admission
+                    .pause_after(Some(&e), &mut self.limited_backoff);
                 (w.ok && !close, w.status, pause)
             }
         }

@@ -83,12 +83,6 @@ impl Rule {
         Duration::from_millis(ms.clamp(1.0, 1e12) as u64)
     }
 
-    /// Whole seconds until a bucket holding `tokens` has one.
-    fn wait_secs(&self, tokens: f64) -> u32 {
-        let s = ((1.0 - tokens) / self.rate).ceil();
-        s.clamp(1.0, f64::from(u32::MAX)) as u32
-    }
-
     fn refill(&self, b: &Bucket, now: Instant) -> f64 {
         let dt = now.saturating_duration_since(b.at).as_secs_f64();
         (b.tokens + dt * self.rate).min(self.burst)
@@ -273,7 +267,7 @@ impl RateLimiter {
             return Ok(());
         }
         // Phase 1: would every bucket give a token?
-        let mut worst: Option<(usize, f64)> = None;
+        let mut worst: Option<(usize, Duration)> = None;
         for (i, rule) in self.rules.iter().enumerate() {
             if !rule.applies(req) {
                 continue;
@@ -283,23 +277,27 @@ impl RateLimiter {
                 None => rule.burst,
             };
             if tokens < 1.0 {
-                let wait = rule.wait_secs(tokens);
-                if worst.is_none_or(|(w, t)| wait > self.rules[w].wait_secs(t)) {
-                    worst = Some((i, tokens));
+                let wait = rule.wait(tokens);
+                if worst.is_none_or(|(_, w)| wait > w) {
+                    worst = Some((i, wait));
                 }
             }
         }
-        if let Some((i, tokens)) = worst {
+        if let Some((i, wait)) = worst {
             let rule = &self.rules[i];
             self.counters.limited[scope_index(rule.scope)] += 1;
-            let t = rule.wait_secs(tokens);
+            // `Retry-After` and `t`: whole seconds, rounded up, at least 1.
+            let t = wait
+                .as_millis()
+                .div_ceil(1000)
+                .clamp(1, u128::from(u32::MAX)) as u32;
             return Err(Limited {
                 scope: rule.scope,
                 policy_name: rule.name.clone(),
                 policy: rule.policy.clone(),
                 state: format!("\"{}\";r=0;t={t}", rule.name),
                 retry_after: t,
-                wait: rule.wait(tokens),
+                wait,
             });
         }
         // Phase 2: take them.
