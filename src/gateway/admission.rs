@@ -352,7 +352,7 @@ impl Admission {
         let pause = l.wait.saturating_mul(1 << (*backoff).min(20));
         *backoff = backoff.saturating_add(1);
         let cap = self.state.borrow().limits.shed_pause?;
-        let told = Duration::from_secs(u64::from(l.retry_after));
+        let told = Duration::from_secs(u64::from(l.retry_after()));
         Some(pause.min(told).min(cap))
     }
 
@@ -530,13 +530,12 @@ mod tests {
         assert_eq!(*order.borrow(), vec!["A1", "B1", "A2", "B2", "A3", "A4"]);
     }
 
-    fn limited(retry_after: u32, wait_ms: u64) -> ProxyError {
+    fn limited(wait_ms: u64) -> ProxyError {
         ProxyError::RateLimited(Box::new(super::super::ratelimit::Limited {
             scope: crate::config::RateScope::ClientIp,
             policy_name: "p".into(),
             policy: String::new(),
             state: String::new(),
-            retry_after,
             wait: Duration::from_millis(wait_ms),
         }))
     }
@@ -568,7 +567,7 @@ mod tests {
         assert_eq!(backoff, 0);
         // A bucket with a token again in 5 ms: 5, 10, 20 ... ms, the
         // Retry-After (1 s) from the ninth refusal in a row on.
-        let l = limited(1, 5);
+        let l = limited(5);
         let pauses: Vec<_> = (0..10)
             .map(|_| a.pause_after(Some(&l), &mut backoff))
             .collect();
@@ -583,10 +582,10 @@ mod tests {
         // A slow rate: the bucket's wait is its Retry-After; `shed_pause`
         // caps both.
         let mut backoff = 0;
-        let slow = limited(2, 1_900);
+        let slow = limited(1_900);
         assert_eq!(a.pause_after(Some(&slow), &mut backoff), ms(1_900));
         assert_eq!(a.pause_after(Some(&slow), &mut backoff), s(2));
-        assert_eq!(a.pause_after(Some(&limited(1000, 999_500)), &mut 0), s(30));
+        assert_eq!(a.pause_after(Some(&limited(999_500)), &mut 0), s(30));
         // Many refusals in a row do not overflow.
         let mut many = u32::MAX;
         assert_eq!(a.pause_after(Some(&l), &mut many), s(1));
@@ -598,7 +597,7 @@ mod tests {
         assert_eq!(off.pause_after(Some(&l), &mut 0), None);
         // The default: at most 1 s, the 503's Retry-After.
         assert_eq!(
-            admission("").pause_after(Some(&limited(7, 6_500)), &mut 0),
+            admission("").pause_after(Some(&limited(6_500)), &mut 0),
             s(1)
         );
     }

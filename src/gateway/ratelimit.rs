@@ -171,11 +171,22 @@ pub struct Limited {
     pub policy: String,
     /// `RateLimit` field value.
     pub state: String,
-    /// `Retry-After`, seconds.
-    pub retry_after: u32,
-    /// Until the refusing bucket has a token again (what `retry_after`
-    /// rounds up to whole seconds).
+    /// Until the refusing bucket has a token again.
     pub wait: Duration,
+}
+
+impl Limited {
+    /// `Retry-After` (and the `RateLimit` field's `t`): the wait in whole
+    /// seconds, rounded up, at least 1.
+    pub fn retry_after(&self) -> u32 {
+        retry_after_secs(self.wait)
+    }
+}
+
+fn retry_after_secs(wait: Duration) -> u32 {
+    wait.as_millis()
+        .div_ceil(1000)
+        .clamp(1, u128::from(u32::MAX)) as u32
 }
 
 impl std::fmt::Display for Limited {
@@ -286,17 +297,12 @@ impl RateLimiter {
         if let Some((i, wait)) = worst {
             let rule = &self.rules[i];
             self.counters.limited[scope_index(rule.scope)] += 1;
-            // `Retry-After` and `t`: whole seconds, rounded up, at least 1.
-            let t = wait
-                .as_millis()
-                .div_ceil(1000)
-                .clamp(1, u128::from(u32::MAX)) as u32;
+            let t = retry_after_secs(wait);
             return Err(Limited {
                 scope: rule.scope,
                 policy_name: rule.name.clone(),
                 policy: rule.policy.clone(),
                 state: format!("\"{}\";r=0;t={t}", rule.name),
-                retry_after: t,
                 wait,
             });
         }
@@ -422,7 +428,7 @@ mod tests {
             assert_eq!(l.check(&r, t0), Ok(()));
         }
         let e = l.check(&r, t0).unwrap_err();
-        assert_eq!(e.retry_after, 1);
+        assert_eq!(e.retry_after(), 1);
         // The pause behind it: until the token is back, not the whole second.
         assert_eq!(e.wait, Duration::from_millis(500));
         assert_eq!(e.policy, "\"client_ip\";q=3;w=2");
@@ -445,16 +451,16 @@ mod tests {
         let t0 = Instant::now();
         let r = req("10.0.0.1", "/", None);
         l.check(&r, t0).unwrap();
-        assert_eq!(l.check(&r, t0).unwrap_err().retry_after, 10);
+        assert_eq!(l.check(&r, t0).unwrap_err().retry_after(), 10);
         let e = l.check(&r, t0 + Duration::from_secs(4)).unwrap_err();
-        assert_eq!(e.retry_after, 6);
+        assert_eq!(e.retry_after(), 6);
         assert_eq!(e.wait, Duration::from_secs(6));
         // A wait in fractions of a millisecond rounds up: a request read
         // after it finds the token.
         let e = l
             .check(&r, t0 + Duration::from_micros(9_999_999))
             .unwrap_err();
-        assert_eq!((e.retry_after, e.wait), (1, Duration::from_millis(1)));
+        assert_eq!((e.retry_after(), e.wait), (1, Duration::from_millis(1)));
         assert_eq!(
             l.check(&r, t0 + Duration::from_micros(9_999_999) + e.wait),
             Ok(())

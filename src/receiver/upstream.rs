@@ -653,12 +653,6 @@ async fn write_streamed_body(
 /// BODY_READ would.
 const UNKNOWN_READ: usize = 64 * 1024;
 
-/// The window room a read of a response body waits for: half the window.
-/// The other half is still on its way to the client meanwhile, and a read
-/// carries two pieces. Reading at each quarter-window credit, one piece
-/// per read, cost 1.06x the CPU at 1 MiB responses.
-const READ_MIN_ROOM: usize = crate::protocol::stream::DEFAULT_WINDOW / 2;
-
 /// The next read of a response body, `left` bytes of it still to come
 /// (None: not known), reading no more than the gateway's window has free:
 /// what a client has not taken yet waits in the app's socket, not here.
@@ -675,13 +669,15 @@ async fn read_body_within<S: AsyncReadRent>(
     left: Option<usize>,
 ) -> Result<Read, UpstreamError> {
     let want = left.unwrap_or(UNKNOWN_READ).clamp(1, BODY_READ);
-    let mut room = sink.room_now();
-    if room < want.min(READ_MIN_ROOM) {
-        if buf.is_empty() {
-            *buf = BytesMut::new();
+    let room = match sink.room_now(want) {
+        Some(room) => room,
+        None => {
+            if buf.is_empty() {
+                *buf = BytesMut::new();
+            }
+            sink.room(want).await?
         }
-        room = sink.room(want.min(READ_MIN_ROOM)).await?;
-    }
+    };
     let max = room.min(want);
     match left {
         Some(_) => reserve_for(buf, max),
