@@ -4,9 +4,10 @@
 //! identities, connections per client address.
 //!
 //! Every test counts and orders, never times: a rate limit uses a refill
-//! rate so low (0.001/s) that no token comes back during the test, a
-//! stuck app holds its requests until released, and queues are observed
-//! through `/metrics` with `wait_until`.
+//! rate so low (0.001/s) that no token comes back during the test (or,
+//! where refills are the point, two refills are ordered against each
+//! other), a stuck app holds its requests until released, and queues are
+//! observed through `/metrics` with `wait_until`.
 
 mod common;
 
@@ -356,6 +357,85 @@ fn a_rate_limited_connection_is_not_read_again_until_its_bucket_has_a_token() {
     );
     assert_eq!(limited(), 1, "only the second request was refused");
     assert_eq!(r.app.requests().len(), 2);
+}
+
+/// A 429's pause ends when its bucket has a token, not after the whole
+/// `Retry-After` (whole seconds, rounded up). Two routes refill at
+/// different rates and both answer `Retry-After: 1`: `/bob/limited` has a
+/// token again 0.5 s after its 429, `/alice/limited` 0.2 s after. Bob's
+/// connection is refused first; alice's a few round trips later. The
+/// request pipelined behind each 429 is then answered alice's first. Had
+/// each paused for its `Retry-After`, both would wait the same second
+/// and bob's, refused first, would be answered first.
+#[test]
+fn a_rate_limited_connection_is_read_again_when_its_token_comes_not_after_retry_after() {
+    let extra = "rate_limits = [\
+        { name = \"alice\", scope = \"route\", match = \"/alice/limited\", rate = 5, burst = 1 },\
+        { name = \"bob\", scope = \"route\", match = \"/bob/limited\", rate = 2, burst = 1 }]\n\
+        shed_pause = 30\n";
+    let r = rig(&cfg(1, extra), true);
+    // Three requests in one write: served, refused, then the one behind.
+    let pipelined = |prefix: &str| {
+        let mut c = Conn::connect(r.gw.addr);
+        let mut three = Vec::new();
+        for i in 0..3 {
+            three.extend(build_request(
+                "GET",
+                format!("{prefix}/{i}").as_bytes(),
+                &[],
+                b"",
+            ));
+        }
+        c.write_raw(&three, &["GET"; 3]).unwrap();
+        let first = c.read().unwrap();
+        assert_eq!(first.status, 200, "{}", first.summary());
+        let refused = c.read().unwrap();
+        assert_eq!(refused.status, 429, "{}", refused.summary());
+        assert_eq!(
+            refused.header("retry-after"),
+            Some("1"),
+            "{}",
+            refused.summary()
+        );
+        c
+    };
+    let bob = pipelined("/bob/limited");
+    // A few served round trips between the two refusals: with pauses of
+    // the whole `Retry-After`, bob's would surely end first.
+    let mut free = Conn::connect(r.gw.addr);
+    for i in 0..5 {
+        assert_eq!(
+            free.request("GET", &format!("/alice/free{i}"), &[], b"")
+                .status,
+            200
+        );
+    }
+    let alice = pipelined("/alice/limited");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let readers: Vec<_> = [("bob", bob), ("alice", alice)]
+        .into_iter()
+        .map(|(name, mut c)| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let third = c.read().unwrap();
+                assert_eq!(third.status, 200, "{name}: {}", third.summary());
+                tx.send(name).unwrap();
+            })
+        })
+        .collect();
+    let order: Vec<&str> = (0..2).map(|_| rx.recv().unwrap()).collect();
+    for t in readers {
+        t.join().unwrap();
+    }
+    assert_eq!(
+        order,
+        ["alice", "bob"],
+        "the request behind alice's 429 (token in 0.2 s) was answered after bob's (0.5 s)"
+    );
+    assert_eq!(
+        metric(r.admin, "anp_rate_limited_total{scope=\"route\"}"),
+        2
+    );
 }
 
 /// A drain ends a pause at once. With `shed_pause = 30` (a 429 whose
