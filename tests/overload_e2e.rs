@@ -315,6 +315,34 @@ fn a_shed_connection_is_not_read_again_for_shed_pause() {
     assert_eq!(metric(r.admin, "anp_shed_total{reason=\"queue_full\"}"), 1);
 }
 
+/// Three requests to `{prefix}/0..2` in one write on a new connection:
+/// the first served, the second refused 429 with `Retry-After:
+/// {retry_after}`; the connection, the third still to be read.
+fn served_then_refused(gw: SocketAddr, prefix: &str, retry_after: &str) -> Conn {
+    let mut c = Conn::connect(gw);
+    let mut three = Vec::new();
+    for i in 0..3 {
+        three.extend(build_request(
+            "GET",
+            format!("{prefix}/{i}").as_bytes(),
+            &[],
+            b"",
+        ));
+    }
+    c.write_raw(&three, &["GET"; 3]).unwrap();
+    let first = c.read().unwrap();
+    assert_eq!(first.status, 200, "{}", first.summary());
+    let refused = c.read().unwrap();
+    assert_eq!(refused.status, 429, "{}", refused.summary());
+    assert_eq!(
+        refused.header("retry-after"),
+        Some(retry_after),
+        "{}",
+        refused.summary()
+    );
+    c
+}
+
 /// After a 429 the connection is not read again until its bucket has a
 /// token (2 s here, its `Retry-After`; `shed_pause`, 30 s, only caps it):
 /// a request pipelined right behind the refused one is read once its
@@ -326,24 +354,9 @@ fn a_rate_limited_connection_is_not_read_again_until_its_bucket_has_a_token() {
     let extra =
         "rate_limits = [{ scope = \"client_ip\", rate = 0.5, burst = 1 }]\nshed_pause = 30\n";
     let r = rig(&cfg(1, extra), false);
-    let mut c = Conn::connect(r.gw.addr);
-    // Three requests in one write: the second is looked at right after
-    // the first is answered, well within the 2 s a token takes.
-    let mut three = Vec::new();
-    for i in 0..3 {
-        three.extend(build_request(
-            "GET",
-            format!("/alice/{i}").as_bytes(),
-            &[],
-            b"",
-        ));
-    }
-    c.write_raw(&three, &["GET"; 3]).unwrap();
-    let first = c.read().unwrap();
-    assert_eq!(first.status, 200, "{}", first.summary());
-    let refused = c.read().unwrap();
-    assert_eq!(refused.status, 429, "{}", refused.summary());
-    assert_eq!(refused.header("retry-after"), Some("2"));
+    // The second is looked at right after the first is answered, well
+    // within the 2 s a token takes.
+    let mut c = served_then_refused(r.gw.addr, "/alice", "2");
     let limited = || metric(r.admin, "anp_rate_limited_total{scope=\"client_ip\"}");
     // The third waits in the socket: not read, so not refused...
     assert_eq!(limited(), 1);
@@ -374,32 +387,7 @@ fn a_rate_limited_connection_is_read_again_when_its_token_comes_not_after_retry_
         { name = \"bob\", scope = \"route\", match = \"/bob/limited\", rate = 2, burst = 1 }]\n\
         shed_pause = 30\n";
     let r = rig(&cfg(1, extra), true);
-    // Three requests in one write: served, refused, then the one behind.
-    let pipelined = |prefix: &str| {
-        let mut c = Conn::connect(r.gw.addr);
-        let mut three = Vec::new();
-        for i in 0..3 {
-            three.extend(build_request(
-                "GET",
-                format!("{prefix}/{i}").as_bytes(),
-                &[],
-                b"",
-            ));
-        }
-        c.write_raw(&three, &["GET"; 3]).unwrap();
-        let first = c.read().unwrap();
-        assert_eq!(first.status, 200, "{}", first.summary());
-        let refused = c.read().unwrap();
-        assert_eq!(refused.status, 429, "{}", refused.summary());
-        assert_eq!(
-            refused.header("retry-after"),
-            Some("1"),
-            "{}",
-            refused.summary()
-        );
-        c
-    };
-    let bob = pipelined("/bob/limited");
+    let bob = served_then_refused(r.gw.addr, "/bob/limited", "1");
     // A few served round trips between the two refusals: with pauses of
     // the whole `Retry-After`, bob's would surely end first.
     let mut free = Conn::connect(r.gw.addr);
@@ -410,7 +398,7 @@ fn a_rate_limited_connection_is_read_again_when_its_token_comes_not_after_retry_
             200
         );
     }
-    let alice = pipelined("/alice/limited");
+    let alice = served_then_refused(r.gw.addr, "/alice/limited", "1");
     let (tx, rx) = std::sync::mpsc::channel();
     let readers: Vec<_> = [("bob", bob), ("alice", alice)]
         .into_iter()
