@@ -375,7 +375,7 @@ fn a_rate_limited_connection_is_not_read_again_until_its_bucket_has_a_token() {
 /// A 429's pause ends when its bucket has a token, not after the whole
 /// `Retry-After` (whole seconds, rounded up). Two routes refill at
 /// different rates and both answer `Retry-After: 1`: `/bob/limited` has a
-/// token again 0.5 s after its 429, `/alice/limited` 0.2 s after. Bob's
+/// token again 0.8 s after its 429, `/alice/limited` 0.2 s after. Bob's
 /// connection is refused first; alice's a few round trips later. The
 /// request pipelined behind each 429 is then answered alice's first. Had
 /// each paused for its `Retry-After`, both would wait the same second
@@ -384,7 +384,7 @@ fn a_rate_limited_connection_is_not_read_again_until_its_bucket_has_a_token() {
 fn a_rate_limited_connection_is_read_again_when_its_token_comes_not_after_retry_after() {
     let extra = "rate_limits = [\
         { name = \"alice\", scope = \"route\", match = \"/alice/limited\", rate = 5, burst = 1 },\
-        { name = \"bob\", scope = \"route\", match = \"/bob/limited\", rate = 2, burst = 1 }]\n\
+        { name = \"bob\", scope = \"route\", match = \"/bob/limited\", rate = 1.25, burst = 1 }]\n\
         shed_pause = 30\n";
     let r = rig(&cfg(1, extra), true);
     let bob = served_then_refused(r.gw.addr, "/bob/limited", "1");
@@ -418,7 +418,7 @@ fn a_rate_limited_connection_is_read_again_when_its_token_comes_not_after_retry_
     assert_eq!(
         order,
         ["alice", "bob"],
-        "the request behind alice's 429 (token in 0.2 s) was answered after bob's (0.5 s)"
+        "the request behind alice's 429 (token in 0.2 s) was answered after bob's (0.8 s)"
     );
     assert_eq!(
         metric(r.admin, "anp_rate_limited_total{scope=\"route\"}"),
